@@ -1,0 +1,116 @@
+"""Static model configuration.
+
+A frozen dataclass so it can be a static argument of `jax.jit` (hashable) and so the
+same object describes a Hugging Face checkpoint, a GGUF file or a random test model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+_DTYPES = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+}
+
+
+def as_dtype(name_or_dtype: Any):
+    """Accept 'bfloat16' or jnp.bfloat16 alike (configs hold strings)."""
+    if isinstance(name_or_dtype, str):
+        if name_or_dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {name_or_dtype!r}; expected one of {sorted(_DTYPES)}")
+        return _DTYPES[name_or_dtype]
+    return jnp.dtype(name_or_dtype).type
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    family: str  # 'qwen2' | 'llama'
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: bool = False  # rematerialise each layer in the backward pass (saves activation memory)
+
+    def __post_init__(self):
+        if self.family not in ("qwen2", "llama"):
+            raise ValueError(f"unknown model family {self.family!r}; expected 'qwen2' or 'llama'")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        as_dtype(self.param_dtype)
+        as_dtype(self.dtype)
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def module_dims(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(d_in, d_out) of every adaptable linear map, keyed by (block, name)."""
+        d, f = self.hidden_size, self.intermediate_size
+        return {
+            ("attn", "q"): (d, self.q_dim),
+            ("attn", "k"): (d, self.kv_dim),
+            ("attn", "v"): (d, self.kv_dim),
+            ("attn", "o"): (self.q_dim, d),
+            ("mlp", "gate"): (d, f),
+            ("mlp", "up"): (d, f),
+            ("mlp", "down"): (f, d),
+        }
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
+        """Build from a Hugging Face `config.json` dict (Qwen2ForCausalLM or LlamaForCausalLM)."""
+        archs = hf.get("architectures") or []
+        model_type = hf.get("model_type", "")
+        if model_type == "qwen2" or "Qwen2ForCausalLM" in archs:
+            family = "qwen2"
+        elif model_type == "llama" or "LlamaForCausalLM" in archs:
+            family = "llama"
+        else:
+            raise ValueError(
+                f"unsupported architecture (model_type={model_type!r}, architectures={archs}); "
+                "supported: Qwen2ForCausalLM (qwen2), LlamaForCausalLM (llama)")
+        scaling = hf.get("rope_scaling")
+        if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
+            raise ValueError(f"rope_scaling {scaling} is not supported (only default RoPE)")
+        heads = hf["num_attention_heads"]
+        hidden = hf["hidden_size"]
+        kw = dict(
+            family=family,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hidden // heads,
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            qkv_bias=bool(hf.get("attention_bias", family == "qwen2")) if family == "llama" else True,
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+        )
+        kw.update(overrides)
+        return cls(**kw)

@@ -1,0 +1,249 @@
+"""The dual-level objective (SPEC section 3): L = L_lm + lambda_sent L_sent + lambda_macro L_macro.
+
+Every term is returned as a (sum, count) pair before it is turned into a mean. The sums are
+over the GLOBAL batch, so under `jit` with a batch sharded over ('data', 'fsdp') XLA inserts
+the cross-device reductions and the value is the same however the batch is split. The
+per-event grouping of the macro term uses only global-batch quantities (first occurrence of
+an event id in batch order), never a per-shard quantity, for the same reason.
+
+All maths is float32 whatever the compute dtype of the logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+LN2 = math.log(2.0)
+_F32 = jnp.float32
+
+
+# ---------------------------------------------------------------------------- micro level
+
+
+def _token_nll(logits, labels):
+    """-log softmax(logits)[label] without a one-hot: logsumexp minus the gathered logit.
+
+    logits [..., V] (any float dtype), labels [...] int -> [...] float32.
+    """
+    logits = logits.astype(_F32)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [...]
+    picked = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return lse - picked
+
+
+def response_ce(logits, input_ids, loss_mask):
+    """Summed next-token NLL over response tokens, and the number of those tokens.
+
+    logits [B, S, V]; input_ids [B, S]; loss_mask [B, S] marks LABEL positions (DESIGN.md
+    "Batch"): the label input_ids[:, t] is predicted from logits[:, t-1], so position 0 can
+    never be a label and loss_mask[:, 0] is ignored (the data pipeline never sets it: the
+    response always follows a prompt). Returns (sum_nll, num_tokens), both float32 scalars;
+    the mean is sum_nll / num_tokens over the global batch.
+
+    For a large vocabulary this materialises [B, S, V] float32 logits; use
+    `response_ce_chunked` on the final hidden states to avoid that.
+    """
+    pred = logits[:, :-1]  # [B, S-1, V] predicts input_ids[:, 1:]
+    labels = input_ids[:, 1:]  # [B, S-1]
+    mask = loss_mask[:, 1:].astype(_F32)  # [B, S-1]
+    nll = _token_nll(pred, labels)  # [B, S-1]
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def response_ce_chunked(hidden, kernel, input_ids, loss_mask, *, chunk: int = 128):
+    """`response_ce` computed from final hidden states, `chunk` positions at a time.
+
+    hidden [B, S, D] (after the final norm); kernel [D, V] (lm_head kernel, or the
+    embedding transposed when tied). Only [B, chunk, V] logits exist at any time and each
+    chunk is rematerialised in the backward pass, so peak memory for V = 152k stays small.
+    S-1 is padded up to a multiple of `chunk` with masked positions.
+    """
+    b, s, d = hidden.shape
+    n = s - 1
+    if n <= 0:
+        zero = jnp.zeros((), _F32)
+        return zero, zero
+    chunk = max(1, min(chunk, n))
+    pad = (-n) % chunk
+    h = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))  # [B, n+pad, D]
+    labels = jnp.pad(input_ids[:, 1:], ((0, 0), (0, pad)))  # [B, n+pad]
+    mask = jnp.pad(loss_mask[:, 1:].astype(_F32), ((0, 0), (0, pad)))  # [B, n+pad]
+    c = (n + pad) // chunk
+    # [c, B, chunk, ...]: scan over chunks of positions
+    h = h.reshape(b, c, chunk, d).swapaxes(0, 1)
+    labels = labels.reshape(b, c, chunk).swapaxes(0, 1)
+    mask = mask.reshape(b, c, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(hc, lc, mc):
+        logits = jnp.einsum("bcd,dv->bcv", hc.astype(_F32), kernel.astype(_F32))
+        return jnp.sum(_token_nll(logits, lc) * mc)
+
+    def body(acc, xs):
+        return acc + one(*xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), _F32), (h, labels, mask))
+    return total, jnp.sum(mask)
+
+
+def sentiment_ce(logits_k, label, example_mask):
+    """Summed cross-entropy of the sentiment head over labelled real examples, and their count.
+
+    logits_k [B, K]; label [B] int (-1 = unlabelled); example_mask [B] (0 = padding row).
+    """
+    valid = (label >= 0) & (example_mask > 0)  # [B]
+    nll = _token_nll(logits_k, jnp.where(valid, label, 0))  # [B]
+    w = valid.astype(_F32)
+    return jnp.sum(nll * w), jnp.sum(w)
+
+
+# ---------------------------------------------------------------------------- divergence
+
+
+def _xlogy_ratio(x, y):
+    """x * log(x / y) with 0 * log 0 = 0 and finite gradients where x = 0.
+
+    Both logs see a safe argument (1 where the value is 0) so that neither branch of the
+    `where` produces inf/nan, which would otherwise leak into the gradient as 0 * inf.
+    """
+    pos = x > 0
+    safe_x = jnp.where(pos, x, 1.0)
+    safe_y = jnp.where(pos, y, 1.0)  # y >= x/2 > 0 whenever x > 0 (y is the mixture)
+    return jnp.where(pos, x * (jnp.log(safe_x) - jnp.log(safe_y)), 0.0)
+
+
+def jsd(p, q, axis: int = -1):
+    """Jensen-Shannon divergence in nats: 1/2 KL(P||M) + 1/2 KL(Q||M), M = (P+Q)/2.
+
+    Exactly 0 for P = Q and at most ln 2; inputs are assumed to be distributions along
+    `axis` (zeros allowed). Clipped to [0, ln 2] against float rounding only.
+    """
+    p = jnp.asarray(p, _F32)
+    q = jnp.asarray(q, _F32)
+    m = 0.5 * (p + q)
+    out = 0.5 * jnp.sum(_xlogy_ratio(p, m), axis=axis) + 0.5 * jnp.sum(_xlogy_ratio(q, m), axis=axis)
+    return jnp.clip(out, 0.0, LN2)
+
+
+# ---------------------------------------------------------------------------- macro level
+
+
+class EventDists(NamedTuple):
+    dist: jax.Array  # [G', K] P_g per slot (0 rows for empty slots)
+    counts: jax.Array  # [G'] number of real examples per slot
+    slot: jax.Array  # [B] int32 slot of each example (meaningless where not valid)
+    first: jax.Array  # [B] bool: the example is its event's first real example in the batch
+    valid: jax.Array  # [B] bool: real example with an event id
+
+
+def event_slots(event_id, example_mask):
+    """Map event ids to compact slots 0..G-1 by first occurrence in GLOBAL batch order.
+
+    Returns (slot [B] int32, first [B] bool, valid [B] bool). O(B^2) compares, which is
+    negligible next to the model for the batch sizes used, and needs no sorting nor any
+    knowledge of the dataset's id range. Invalid rows (padding, event_id < 0) get slot 0
+    and must be weighted out by the caller via `valid`.
+    """
+    eid = jnp.asarray(event_id)
+    valid = (jnp.asarray(example_mask) > 0) & (eid >= 0)  # [B]
+    same = (eid[:, None] == eid[None, :]) & valid[None, :]  # [B, B] i, j: j valid and same event
+    idx = jnp.arange(eid.shape[0])
+    first_idx = jnp.argmax(same, axis=1)  # [B] first valid j with i's event
+    first = valid & (first_idx == idx)  # [B]
+    rank = jnp.cumsum(first.astype(jnp.int32)) - 1  # [B] slot number at each first occurrence
+    slot = jnp.where(valid, rank[first_idx], 0).astype(jnp.int32)
+    return slot, first, valid
+
+
+def gumbel_st_samples(probs, rng, tau: float = 1.0):
+    """Straight-through Gumbel-softmax samples of Categorical(probs): one-hot forward,
+    gradient of the tempered soft sample backward. probs [B, K] -> [B, K] float32."""
+    probs = jnp.asarray(probs, _F32)
+    logp = jnp.log(jnp.maximum(probs, jnp.finfo(_F32).tiny))
+    g = jax.random.gumbel(rng, probs.shape, _F32)
+    soft = jax.nn.softmax((logp + g) / tau, axis=-1)
+    hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), probs.shape[-1], dtype=_F32)
+    return hard + soft - jax.lax.stop_gradient(soft)
+
+
+def event_distributions(probs, event_id, example_mask, num_segments: int | None = None,
+                        estimator: str = "mean", rng=None, tau: float = 1.0) -> EventDists:
+    """Per-event batch distribution P_g of the head's predictions.
+
+    probs [B, K] (rows are distributions); event_id [B] (-1 = padding); example_mask [B].
+    num_segments: static number of slots G' (default B, the most distinct events a batch
+    can hold; smaller values are refused since events would be dropped). estimator:
+    'mean' (P_g = mean of p_i) or 'gumbel' (mean of straight-through samples; needs rng).
+    """
+    b, _ = probs.shape
+    num_segments = b if num_segments is None else int(num_segments)
+    if num_segments < b:
+        raise ValueError(f"event_distributions: num_segments={num_segments} < batch size {b}; "
+                         "a batch of B examples can hold B events, none may be dropped")
+    if estimator == "mean":
+        x = jnp.asarray(probs, _F32)
+    elif estimator == "gumbel":
+        if rng is None:
+            raise ValueError("event_distributions: estimator='gumbel' needs an rng key")
+        x = gumbel_st_samples(probs, rng, tau)
+    else:
+        raise ValueError(f"event_distributions: unknown estimator {estimator!r}; expected 'mean' or 'gumbel'")
+    slot, first, valid = event_slots(event_id, example_mask)
+    w = valid.astype(_F32)  # [B]
+    sums = jax.ops.segment_sum(x * w[:, None], slot, num_segments)  # [G', K]
+    counts = jax.ops.segment_sum(w, slot, num_segments)  # [G']
+    dist = sums / jnp.maximum(counts, 1.0)[:, None]
+    return EventDists(dist, counts, slot, first, valid)
+
+
+def macro_loss(probs, event_id, example_mask, target_dist, *, estimator: str = "mean",
+               rng=None, tau: float = 1.0, num_segments: int | None = None):
+    """Count-weighted sum over events of JSD(P_g, Q_g), and the total count.
+
+    Q_g is the target_dist row of the event's first real example (the pipeline repeats
+    the same row for every case of an event). L_macro = weighted_sum / total_count.
+    """
+    ev = event_distributions(probs, event_id, example_mask, num_segments, estimator, rng, tau)
+    g = ev.dist.shape[0]
+    q = jax.ops.segment_sum(jnp.asarray(target_dist, _F32) * ev.first[:, None].astype(_F32),
+                            ev.slot, g)  # [G', K], one first row per non-empty slot
+    per_event = jsd(ev.dist, q)  # [G']
+    return jnp.sum(per_event * ev.counts), jnp.sum(ev.counts)
+
+
+# ---------------------------------------------------------------------------- total
+
+
+def _mean(total, count):
+    return total / jnp.maximum(count, 1.0)
+
+
+def total_loss(lm_logits, sent_logits, batch: Mapping[str, jax.Array], *,
+               lambda_sent: float = 1.0, lambda_macro: float = 1.0, estimator: str = "mean",
+               rng=None, tau: float = 1.0, lm_nll=None):
+    """L = L_lm + lambda_sent L_sent + lambda_macro L_macro over one global batch.
+
+    lm_logits [B, S, V], or None with lm_nll = (sum, count) from `response_ce_chunked`;
+    sent_logits [B, K] from the sentiment head; batch as in DESIGN.md "Batch". A term with
+    no contributing element (no labels, no response tokens) is 0. Returns (loss, terms).
+    """
+    if lm_logits is None:
+        if lm_nll is None:
+            raise ValueError("total_loss: pass lm_logits or lm_nll=(sum, count)")
+        lm_sum, lm_cnt = lm_nll
+    else:
+        lm_sum, lm_cnt = response_ce(lm_logits, batch["input_ids"], batch["loss_mask"])
+    mask = batch["example_mask"]
+    s_sum, s_cnt = sentiment_ce(sent_logits, batch["label"], mask)
+    probs = jax.nn.softmax(jnp.asarray(sent_logits, _F32), axis=-1)
+    m_sum, m_cnt = macro_loss(probs, batch["event_id"], mask, batch["target_dist"],
+                              estimator=estimator, rng=rng, tau=tau)
+    l_lm, l_sent, l_macro = _mean(lm_sum, lm_cnt), _mean(s_sum, s_cnt), _mean(m_sum, m_cnt)
+    loss = l_lm + lambda_sent * l_sent + lambda_macro * l_macro
+    terms = {"loss": loss, "lm": l_lm, "sent": l_sent, "macro": l_macro,
+             "lm_tokens": lm_cnt, "sent_count": s_cnt, "macro_count": m_cnt}
+    return loss, terms

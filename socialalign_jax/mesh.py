@@ -1,0 +1,49 @@
+"""The device mesh: three named axes ('data', 'fsdp', 'tensor'), all of type Auto.
+
+Auto axes let XLA's sharding propagation place intermediates from the shardings of the
+inputs plus a few `with_sharding_constraint`s; jax 0.10's make_mesh would otherwise make
+them Explicit, which changes the typing rules of every op in the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1, tensor: int = 1) -> tuple[int, int, int]:
+    """Resolve at most one -1 so that data * fsdp * tensor == num_devices, or say why not."""
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    free = [k for k, v in sizes.items() if v == -1]
+    bad = {k: v for k, v in sizes.items() if v != -1 and (not isinstance(v, int) or v < 1)}
+    if bad:
+        raise ValueError(f"mesh: axis sizes must be positive integers or -1, got {bad}")
+    if len(free) > 1:
+        raise ValueError(f"mesh: only one axis may be -1 (fill the rest), got {free}")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if num_devices % fixed:
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by "
+                             f"{' x '.join(f'{k}={v}' for k, v in sizes.items() if v != -1)} = {fixed}")
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(f"mesh: data={data} x fsdp={fsdp} x tensor={tensor} = {fixed} "
+                         f"but there are {num_devices} devices")
+    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all global devices).
+
+    Multi-host: call after jax.distributed.initialize(); jax.devices() is then global and
+    make_mesh orders devices so that 'tensor' (the innermost axis) stays within a host.
+    """
+    devs = list(devices) if devices is not None else jax.devices()
+    shape = mesh_shape(len(devs), data, fsdp, tensor)
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devs)

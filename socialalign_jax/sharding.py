@@ -1,0 +1,203 @@
+"""Logical axis names for every array the trainer holds, and their mapping to the mesh.
+
+Arrays are annotated with logical names ('embed', 'heads', ...) that say what a dimension
+IS; a rules table (maxtext style) says where each name lives on the mesh. Changing the
+parallelism layout then means editing the rules, not the model. The base model follows
+FSDP on 'embed' + tensor parallelism on heads / MLP / vocab; adapters are tiny, so they
+are replicated over experts and rank and sharded like their base kernel on D only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+# logical name -> mesh axis, tuple of mesh axes, or None (replicated)
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("experts", None),
+    ("rank", None),
+    ("gate", None),
+    ("classes", None),
+    ("norm", None),
+)
+
+BATCH_AXES = ("data", "fsdp")
+
+# (logical d_in, logical d_out) of each adaptable linear map (DESIGN.md "Base parameter tree").
+_MODULE_IO = {
+    "q": ("embed", "heads"), "k": ("embed", "kv_heads"), "v": ("embed", "kv_heads"),
+    "o": ("heads", "embed"),
+    "gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed"),
+}
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _path_str(path) -> str:
+    return "/".join(_key_name(k) for k in path)
+
+
+def _axes_for_path(names: Sequence[str], ndim: int):
+    """Logical axes of one leaf from the trailing names of its path, or None if unknown.
+
+    Matching on the tail lets the same function annotate optimizer states (adam mu/nu,
+    MultiSteps accumulators), whose leaves sit under extra prefixes.
+    """
+    n = list(names)
+    leaf = n[-1] if n else ""
+    parent = n[-2] if len(n) >= 2 else ""
+    grand = n[-3] if len(n) >= 3 else ""
+    stacked = "layers" in n  # leaves under 'layers' carry a leading L axis
+    lead = ("layers",) if stacked else ()
+
+    if leaf == "embedding":
+        return ("vocab", "embed")
+    if leaf == "scale":  # RMSNorm scales: small, replicated
+        return lead + ("norm",)
+    if parent == "lm_head" and leaf == "kernel":
+        return ("embed", "vocab")
+    if parent == "head" and leaf == "kernel":
+        return ("embed", "classes")
+    if parent == "head" and leaf == "bias":
+        return ("classes",)
+    # PAC-LoRA adapters: A [L, Ea, D_in, r], B [L, Eb, r, D_out]
+    if leaf in ("A", "B") and parent in _MODULE_IO:
+        d_in, d_out = _MODULE_IO[parent]
+        if leaf == "A":
+            return lead + ("experts", d_in, "rank")
+        return lead + ("experts", "rank", d_out)
+    # gates: w1 [L, D_in, G], w2 [L, G, E]
+    if parent in ("gate_a", "gate_b") and grand in _MODULE_IO:
+        if leaf == "w1":
+            return lead + (_MODULE_IO[grand][0], "gate")
+        if leaf == "w2":
+            return lead + ("gate", "experts")
+    # frozen base linear maps: kernel [L, D_in, D_out], bias [L, D_out]
+    if parent in _MODULE_IO and grand in ("attn", "mlp"):
+        d_in, d_out = _MODULE_IO[parent]
+        if leaf == "kernel":
+            return lead + (d_in, d_out)
+        if leaf == "bias":
+            return lead + (d_out,)
+    return None
+
+
+def logical_axes_for_params(tree, *, strict: bool = True):
+    """Tree of logical-axis tuples, one per leaf, for the base tree, the adapter tree, or
+    anything that nests them (optimizer states). Scalars get (). A leaf that is not in
+    DESIGN.md's trees raises (strict) or is replicated with a debug log (strict=False),
+    as is a known name whose rank does not match its expected layout.
+    """
+    def one(path, leaf):
+        ndim = np.ndim(leaf) if not hasattr(leaf, "ndim") else leaf.ndim
+        if ndim == 0:
+            return ()
+        axes = _axes_for_path([_key_name(k) for k in path], ndim)
+        where = _path_str(path)
+        if axes is not None and len(axes) != ndim:
+            raise ValueError(f"sharding: leaf {where} has shape {tuple(np.shape(leaf))} but its layout "
+                             f"{axes} has {len(axes)} axes")
+        if axes is None:
+            if strict:
+                raise ValueError(f"sharding: no logical axes known for leaf {where} "
+                                 f"(shape {tuple(np.shape(leaf))}); see docs/DESIGN.md for the param trees")
+            log.debug("sharding: %s (shape %s) is not a known param; replicating", where, np.shape(leaf))
+            return (None,) * ndim
+        return axes
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _rules_dict(rules) -> dict:
+    return dict(rules if rules is not None else LOGICAL_RULES)
+
+
+def _as_tuple(x) -> tuple[str, ...]:
+    if x is None:
+        return ()
+    return (x,) if isinstance(x, str) else tuple(x)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=None,
+                    where: str = "") -> P:
+    """PartitionSpec for one array. A dimension whose size is not divisible by the product
+    of its mesh axes falls back to the longest divisible prefix of those axes (finally
+    replication), logged at debug level; a mesh axis already used by an earlier dimension
+    is not reused."""
+    table = _rules_dict(rules)
+    used: set[str] = set()
+    spec = []
+    for dim, (name, size) in enumerate(zip(axes, shape)):
+        if name is not None and name not in table:
+            raise ValueError(f"sharding: logical axis {name!r} of {where or 'array'} has no rule; "
+                             f"known: {sorted(table)}")
+        want = tuple(a for a in _as_tuple(table.get(name)) if a not in used)
+        got = want
+        while got and size % int(np.prod([mesh.shape[a] for a in got])):
+            got = got[:-1]
+        if got != want:
+            log.debug("sharding: %s dim %d (%s, size %d) is not divisible by mesh axes %s; using %s",
+                      where or "array", dim, name, size, want, got or "replication")
+        used.update(got)
+        spec.append(None if not got else (got[0] if len(got) == 1 else got))
+    return P(*spec)
+
+
+def shardings_for(tree, mesh: Mesh, rules=None, *, logical=None, strict: bool = True):
+    """NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs).
+
+    `logical`: a matching tree of logical-axis tuples; default `logical_axes_for_params`.
+    """
+    if logical is None:
+        logical = logical_axes_for_params(tree, strict=strict)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    axes_leaves = treedef.flatten_up_to(logical)
+    out = [NamedSharding(mesh, logical_to_spec(ax, np.shape(x) if not hasattr(x, "shape") else x.shape,
+                                               mesh, rules, _path_str(path)))
+           for (path, x), ax in zip(leaves, axes_leaves)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension over ('data', 'fsdp'), everything else replicated.
+    The global batch size must be divisible by data * fsdp (see `check_batch_divisible`)."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
+    n = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if batch_size % n:
+        raise ValueError(f"sharding: global batch size {batch_size} is not divisible by "
+                         f"data x fsdp = {n}; pad the batch with example_mask = 0 rows")
+
+
+def logical_constraint(x, axes: Sequence[str | None], mesh: Mesh, rules=None):
+    """with_sharding_constraint by logical names (for activations inside jit)."""
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
+
+
+def rules_from_mapping(mapping: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """Default rules with some entries overridden, e.g. {'embed': None} for pure DP."""
+    table = _rules_dict(None)
+    table.update(mapping)
+    return tuple(table.items())

@@ -1,0 +1,151 @@
+"""Mesh construction and logical-axis sharding on 8 fake CPU devices."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, PartitionSpec as P
+
+from socialalign_jax import mesh as mesh_lib
+from socialalign_jax import sharding
+
+L, D, F, HQ, HKV, DH, V, E, R, G, K = 2, 16, 32, 4, 2, 4, 64, 3, 2, 4, 3
+DIMS = {"q": (D, HQ * DH), "k": (D, HKV * DH), "v": (D, HKV * DH), "o": (HQ * DH, D),
+        "gate": (D, F), "up": (D, F), "down": (F, D)}
+BLOCK = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
+
+
+def base_tree(d=D, tied=False):
+    dims = {m: tuple(d if x == D else x for x in io) for m, io in DIMS.items()}
+    layers = {"input_norm": {"scale": np.zeros((L, d))}, "post_attn_norm": {"scale": np.zeros((L, d))},
+              "attn": {}, "mlp": {}}
+    for m, (i, o) in dims.items():
+        layers[BLOCK[m]][m] = {"kernel": np.zeros((L, i, o), np.float32)}
+        if m in ("q", "k", "v"):
+            layers[BLOCK[m]][m]["bias"] = np.zeros((L, o), np.float32)
+    tree = {"embed": {"embedding": np.zeros((V, d))}, "layers": layers, "final_norm": {"scale": np.zeros((d,))}}
+    if not tied:
+        tree["lm_head"] = {"kernel": np.zeros((d, V))}
+    return tree
+
+
+def adapter_tree():
+    layers = {"attn": {}, "mlp": {}}
+    for m, (i, o) in DIMS.items():
+        layers[BLOCK[m]][m] = {"A": np.zeros((L, E, i, R), np.float32), "B": np.zeros((L, E, R, o), np.float32),
+                               "gate_a": {"w1": np.zeros((L, i, G)), "w2": np.zeros((L, G, E))},
+                               "gate_b": {"w1": np.zeros((L, i, G)), "w2": np.zeros((L, G, E))}}
+    return {"layers": layers, "head": {"kernel": np.zeros((D, K)), "bias": np.zeros((K,))}}
+
+
+def _check_valid(tree, shardings, mesh):
+    """Every leaf can be placed and each sharded dim is divisible by its mesh axes."""
+    for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(
+            shardings, is_leaf=lambda n: isinstance(n, jax.sharding.NamedSharding))):
+        assert s.mesh is mesh
+        for size, ax in zip(np.shape(x), s.spec):
+            axes = () if ax is None else ((ax,) if isinstance(ax, str) else ax)
+            assert size % int(np.prod([mesh.shape[a] for a in axes])) == 0, (path, s.spec)
+        arr = jax.device_put(x, s)
+        assert arr.sharding == s and len(arr.sharding.device_set) == 8
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 4, 2)])
+def test_param_shardings_valid(shape):
+    mesh = mesh_lib.make_mesh(*shape)
+    assert mesh.axis_names == ("data", "fsdp", "tensor") and tuple(mesh.devices.shape) == shape
+    assert all(t == AxisType.Auto for t in mesh.axis_types)
+    for tree in (base_tree(), base_tree(tied=True), adapter_tree()):
+        _check_valid(tree, sharding.shardings_for(tree, mesh), mesh)
+
+
+def test_expected_specs():
+    mesh = mesh_lib.make_mesh(1, 4, 2)
+    base = sharding.shardings_for(base_tree(), mesh)
+    ad = sharding.shardings_for(adapter_tree(), mesh)
+    spec = lambda t, *ks: _get(t, ks).spec
+    assert spec(base, "layers", "attn", "q", "kernel") == P(None, "fsdp", "tensor")
+    assert spec(base, "layers", "attn", "q", "bias") == P(None, "tensor")
+    assert spec(base, "layers", "attn", "k", "kernel") == P(None, "fsdp", "tensor")
+    assert spec(base, "layers", "attn", "o", "kernel") == P(None, "tensor", "fsdp")
+    assert spec(base, "layers", "mlp", "down", "kernel") == P(None, "tensor", "fsdp")
+    assert spec(base, "embed", "embedding") == P("tensor", "fsdp")
+    assert spec(base, "lm_head", "kernel") == P("fsdp", "tensor")
+    assert spec(base, "layers", "input_norm", "scale") == P(None, None)
+    # adapters: replicated over L, E, r; like their base kernel on d
+    assert spec(ad, "layers", "attn", "q", "A") == P(None, None, "fsdp", None)
+    assert spec(ad, "layers", "attn", "q", "B") == P(None, None, None, "tensor")
+    assert spec(ad, "layers", "attn", "o", "A") == P(None, None, "tensor", None)
+    assert spec(ad, "layers", "mlp", "down", "B") == P(None, None, None, "fsdp")
+    assert spec(ad, "layers", "mlp", "down", "gate_b", "w1") == P(None, "tensor", None)
+    assert spec(ad, "layers", "attn", "v", "gate_a", "w2") == P(None, None, None)
+    assert spec(ad, "head", "kernel") == P("fsdp", None)
+    # on the 2x2x2 mesh the q kernel keeps the same layout
+    q = _get(sharding.shardings_for(base_tree(), mesh_lib.make_mesh(2, 2, 2)), ("layers", "attn", "q", "kernel"))
+    assert q.spec == P(None, "fsdp", "tensor")
+
+
+def _get(tree, keys):
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def test_divisibility_fallback(caplog):
+    mesh = mesh_lib.make_mesh(1, 4, 2)
+    tree = base_tree(d=6)  # 6 is not divisible by fsdp = 4
+    with caplog.at_level(logging.DEBUG, logger="socialalign_jax.sharding"):
+        sh = sharding.shardings_for(tree, mesh)
+    _check_valid(tree, sh, mesh)
+    assert _get(sh, ("layers", "attn", "q", "kernel")).spec == P(None, None, "tensor")
+    assert _get(sh, ("embed", "embedding")).spec == P("tensor", None)
+    assert any("layers/attn/q/kernel" in r.getMessage() and "not divisible" in r.getMessage()
+               for r in caplog.records)
+    # batch over ('data', 'fsdp') falls back to the divisible prefix
+    m222 = mesh_lib.make_mesh(2, 2, 2)
+    assert sharding.logical_to_spec(("batch", "length"), (2, 5), m222) == P("data", None)
+    assert sharding.logical_to_spec(("batch", "length"), (8, 5), m222) == P(("data", "fsdp"), None)
+    assert sharding.logical_to_spec(("batch",), (3,), m222) == P(None)
+
+
+def test_optimizer_state_and_batch_shardings():
+    mesh = mesh_lib.make_mesh(2, 2, 2)
+    ad = jax.tree.map(jnp.asarray, adapter_tree())
+    state = optax.MultiSteps(optax.adamw(1e-3), every_k_schedule=2).init(ad)
+    sh = sharding.shardings_for(state, mesh)
+    _check_valid(state, sh, mesh)
+    mu_q = sh.inner_opt_state[0].mu["layers"]["attn"]["q"]["A"]
+    assert mu_q.spec == P(None, None, "fsdp", None)
+    bs = sharding.batch_sharding(mesh)
+    x = jax.device_put(np.zeros((8, 5), np.int32), bs)
+    assert x.sharding.spec == P(("data", "fsdp")) and x.addressable_shards[0].data.shape == (2, 5)
+    sharding.check_batch_divisible(8, mesh)
+    with pytest.raises(ValueError, match="not divisible by data x fsdp = 4"):
+        sharding.check_batch_divisible(6, mesh)
+
+
+def test_unknown_leaf_and_bad_rank():
+    with pytest.raises(ValueError, match="layers/attn/qq/kernel"):
+        sharding.logical_axes_for_params({"layers": {"attn": {"qq": {"kernel": np.zeros((2, 3, 4))}}}})
+    assert sharding.logical_axes_for_params({"extra": np.zeros((3, 4))}, strict=False) == {"extra": (None, None)}
+    with pytest.raises(ValueError, match="embed/embedding"):
+        sharding.logical_axes_for_params({"embed": {"embedding": np.zeros((3,))}})
+    with pytest.raises(ValueError, match="no rule"):
+        sharding.logical_to_spec(("nonsense",), (8,), mesh_lib.make_mesh(8))
+
+
+def test_make_mesh_validation():
+    assert tuple(mesh_lib.make_mesh().devices.shape) == (8, 1, 1)
+    assert tuple(mesh_lib.make_mesh(data=2, fsdp=-1, tensor=2).devices.shape) == (2, 2, 2)
+    assert tuple(mesh_lib.make_mesh(data=1, fsdp=2, tensor=1, devices=jax.devices()[:2]).devices.shape) == (1, 2, 1)
+    with pytest.raises(ValueError, match="data=2 x fsdp=2 x tensor=1 = 4 but there are 8 devices"):
+        mesh_lib.make_mesh(2, 2, 1)
+    with pytest.raises(ValueError, match="not divisible"):
+        mesh_lib.make_mesh(-1, 3, 1)
+    with pytest.raises(ValueError, match="only one axis"):
+        mesh_lib.make_mesh(-1, -1, 1)
+    with pytest.raises(ValueError, match="positive"):
+        mesh_lib.make_mesh(0, 8, 1)

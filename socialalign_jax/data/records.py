@@ -1,0 +1,288 @@
+"""Readers for the raw event files and the authors' Alpaca list, with strict validation.
+
+Every problem is reported as one ``DataError`` line naming the file, the record (case
+index) and the field, so a bad file in a large corpus can be fixed without a debugger.
+Nothing is dropped or truncated here: cleaning (hashtag-only history posts, the target
+post in its own history) is the job of ``bm25.select_history``, and length limits the
+job of the prompt builder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+DEFAULT_LABELS = ("negative", "neutral", "positive")
+
+
+class DataError(ValueError):
+    """One-line description of bad input: ``{file}: record {i}: field '{field}': {what}``."""
+
+    def __init__(self, file: str | os.PathLike, what: str, record: int | None = None, field: str | None = None):
+        self.file, self.record, self.field = str(file), record, field
+        self.what = " ".join(str(what).split())  # keep the message on one line
+        parts = [self.file]
+        if record is not None:
+            parts.append(f"record {record}")
+        if field is not None:
+            parts.append(f"field '{field}'")
+        super().__init__(": ".join(parts + [self.what]))
+
+
+@dataclass(frozen=True)
+class HistoryPost:
+    text: str
+    retweet: str | None = None  # text of the post this one retweets, if any
+    topics: tuple[str, ...] = ()
+
+
+@dataclass
+class Case:
+    user_name: str
+    weibo: str  # the user's real post about the event: the training target
+    history: list[HistoryPost]
+    persona: str | None = None
+    sentiment: str | None = None
+    user_level: str | None = None
+    gender: str | None = None
+    ip: str | None = None
+    # True when `history` is already the selected top-k (Alpaca data); False when it is
+    # the user's whole timeline and BM25 selection still has to run.
+    history_is_selected: bool = False
+    # The verbatim user turn, kept only for Alpaca prompts that do not re-render exactly.
+    raw_prompt: str | None = None
+
+
+@dataclass
+class Event:
+    event_id: str
+    topic: str
+    news: str
+    cases: list[Case] = field(default_factory=list)
+    source: str = ""  # the file the event came from
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as e:
+        raise DataError(path, "file not found") from e
+    except OSError as e:
+        raise DataError(path, f"cannot read ({e.strerror})") from e
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+
+
+class _Fields:
+    """Typed field access on one JSON object, raising DataError with full context."""
+
+    def __init__(self, path: Path, obj: Any, record: int | None, prefix: str = ""):
+        self.path, self.record, self.prefix = path, record, prefix
+        if not isinstance(obj, dict):
+            raise DataError(path, f"expected a JSON object, got {type(obj).__name__}", record, prefix.rstrip(".") or None)
+        self.obj = obj
+
+    def err(self, name: str, what: str) -> DataError:
+        return DataError(self.path, what, self.record, self.prefix + name)
+
+    def text(self, name: str, *, required: bool = True, nonempty: bool = True) -> str | None:
+        if name not in self.obj or self.obj[name] is None:
+            if required:
+                raise self.err(name, "missing")
+            return None
+        v = self.obj[name]
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not required:
+            v = str(v)  # user_level etc. are sometimes numbers
+        if not isinstance(v, str):
+            raise self.err(name, f"expected a string, got {type(v).__name__}")
+        if nonempty and not v.strip():
+            raise self.err(name, "empty string")
+        return v
+
+    def list(self, name: str) -> list:
+        if name not in self.obj:
+            raise self.err(name, "missing")
+        v = self.obj[name]
+        if not isinstance(v, list):
+            raise self.err(name, f"expected a list, got {type(v).__name__}")
+        return v
+
+
+def _read_history(path: Path, i: int, items: list) -> list[HistoryPost]:
+    posts = []
+    for j, item in enumerate(items):
+        f = _Fields(path, item, i, f"history[{j}].")
+        text = f.text("text", nonempty=False)
+        retweet = None
+        rt = f.obj.get("retweet")
+        if isinstance(rt, dict):
+            retweet = _Fields(path, rt, i, f"history[{j}].retweet.").text("text", nonempty=False)
+        elif isinstance(rt, str):
+            retweet = rt
+        elif rt is not None:
+            raise f.err("retweet", f"expected {{'text': str}}, got {type(rt).__name__}")
+        topics = f.obj.get("topics") or []
+        if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
+            raise f.err("topics", "expected a list of strings")
+        posts.append(HistoryPost(text=text, retweet=retweet, topics=tuple(topics)))
+    return posts
+
+
+def _check_label(path: Path, i: int, value: str | None, labels: Sequence[str]) -> None:
+    if value is not None and value not in labels:
+        raise DataError(path, f"unknown label {value!r} (expected one of {', '.join(labels)})", i, "sentiment")
+
+
+def _check_history_len(path: Path, i: int, n: int, min_history: int, allow_short: bool) -> None:
+    if n < min_history and not allow_short:
+        raise DataError(
+            path, f"{n} history posts, need at least {min_history} (set allow_short_history=True to accept)", i, "history"
+        )
+
+
+# --------------------------------------------------------------------------- event files
+
+
+def read_event_file(
+    path: str | os.PathLike,
+    labels: Sequence[str] = DEFAULT_LABELS,
+    min_history: int = 5,
+    allow_short_history: bool = False,
+) -> Event:
+    """Read one raw event JSON (SPEC section 4); the event id is the file's stem."""
+    path = Path(path)
+    f = _Fields(path, _load_json(path), None)
+    topic, news = f.text("topic"), f.text("news")
+    event_id = f.text("event_id", required=False) or path.stem
+    raw_cases = f.list("cases")
+    if not raw_cases:
+        raise f.err("cases", "empty list")
+    cases = []
+    for i, rc in enumerate(raw_cases):
+        c = _Fields(path, rc, i)
+        history = _read_history(path, i, c.list("history"))
+        _check_history_len(path, i, len(history), min_history, allow_short_history)
+        weibo = c.text("weibo", nonempty=False)
+        if not weibo.strip():
+            raise c.err("weibo", "empty response")
+        sentiment = c.text("sentiment", required=False)
+        _check_label(path, i, sentiment, labels)
+        selected = c.obj.get("history_is_selected", False)
+        if not isinstance(selected, bool):
+            raise c.err("history_is_selected", "expected true or false")
+        cases.append(
+            Case(
+                user_name=c.text("user_name"),
+                weibo=weibo,
+                history=history,
+                persona=c.text("user_persona", required=False, nonempty=False) or None,
+                sentiment=sentiment,
+                user_level=c.text("user_level", required=False, nonempty=False),
+                gender=c.text("gender", required=False, nonempty=False),
+                ip=c.text("ip", required=False, nonempty=False),
+                history_is_selected=selected,
+            )
+        )
+    return Event(event_id=event_id, topic=topic, news=news, cases=cases, source=str(path))
+
+
+def read_event_dir(
+    directory: str | os.PathLike,
+    labels: Sequence[str] = DEFAULT_LABELS,
+    min_history: int = 5,
+    allow_short_history: bool = False,
+) -> list[Event]:
+    """Read every ``*.json`` under ``directory`` in sorted file-name order."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(directory, "not a directory")
+    files = sorted(directory.glob("*.json"))
+    if not files:
+        raise DataError(directory, "no *.json event files")
+    events, seen = [], {}
+    for p in files:
+        ev = read_event_file(p, labels, min_history, allow_short_history)
+        if ev.event_id in seen:
+            raise DataError(p, f"duplicate event id {ev.event_id!r} (also in {seen[ev.event_id]})", None, "event_id")
+        seen[ev.event_id] = p.name
+        events.append(ev)
+    return events
+
+
+# --------------------------------------------------------------------------- Alpaca
+
+
+def read_alpaca(
+    path: str | os.PathLike,
+    labels: Sequence[str] = DEFAULT_LABELS,
+    min_history: int = 5,
+    allow_short_history: bool = False,
+) -> list[Event]:
+    """Read the authors' Alpaca list ``[{instruction, input, output}]`` into events.
+
+    The user turn is ``instruction`` (plus ``"\\n" + input`` when input is non-empty). It
+    must contain both span markers. Where it parses back into the template's fields and
+    re-renders to the identical string, the case gets those fields (so ablations work);
+    otherwise the verbatim text is kept in ``Case.raw_prompt``. Records are grouped into
+    events by news text, in first-appearance order; ids are ``{stem}-{k:04d}``. An optional
+    per-record ``sentiment`` key is validated against ``labels``.
+    """
+    from socialalign_jax.data import prompt as _prompt  # prompt imports this module
+
+    path = Path(path)
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise DataError(path, f"expected a JSON list of records, got {type(data).__name__}")
+    events: dict[str, Event] = {}
+    for i, rec in enumerate(data):
+        f = _Fields(path, rec, i)
+        instruction = f.text("instruction")
+        extra = f.text("input", required=False, nonempty=False) or ""
+        output = f.text("output", nonempty=False)
+        if output is None or not output.strip():
+            raise f.err("output", "empty response")
+        user_text = instruction + ("\n" + extra if extra else "")
+        for marker in (_prompt.USER_MARKER, _prompt.NEWS_MARKER):
+            if marker not in user_text:
+                raise f.err("instruction", f"missing marker {marker!r}")
+        if user_text.index(_prompt.USER_MARKER) >= user_text.index(_prompt.NEWS_MARKER):
+            raise f.err("instruction", "news marker precedes the user marker")
+        sentiment = f.text("sentiment", required=False)
+        _check_label(path, i, sentiment, labels)
+
+        parsed = _prompt.parse_user_prompt(user_text)
+        if parsed is not None:
+            _check_history_len(path, i, len(parsed.history), min_history, allow_short_history)
+            news, topic = parsed.news, parsed.topic
+            case = Case(
+                user_name=parsed.user_name,
+                weibo=output,
+                history=list(parsed.history),
+                persona=parsed.persona,
+                sentiment=sentiment,
+                history_is_selected=True,
+            )
+        else:
+            news = _prompt.news_text_between_markers(user_text)
+            topic = ""
+            case = Case(user_name="", weibo=output, history=[], sentiment=sentiment, history_is_selected=True,
+                        raw_prompt=user_text)
+        ev = events.get(news)
+        if ev is None:
+            ev = events[news] = Event(event_id=f"{path.stem}-{len(events):04d}", topic=topic, news=news, source=str(path))
+        ev.cases.append(case)
+    if not events:
+        raise DataError(path, "no records")
+    return list(events.values())

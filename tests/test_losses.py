@@ -97,12 +97,12 @@ def test_response_ce_chunked_equals_full():
     mask = jnp.asarray((rng.random((b, s)) < 0.6).astype(np.int32))
     full = losses.response_ce(jnp.einsum("bsd,dv->bsv", h, w), ids, mask)
     f = lambda h, w: losses.response_ce_chunked(h, w, ids, mask, chunk=3)  # 8 positions -> pad to 9
-    got = f(h, w)
+    got = jax.jit(f)(h, w)
     np.testing.assert_allclose(float(got[0]), float(full[0]), rtol=1e-5)
     assert float(got[1]) == float(full[1])
-    g1 = jax.grad(lambda h, w: f(h, w)[0], argnums=(0, 1))(h, w)
-    g2 = jax.grad(lambda h, w: losses.response_ce(jnp.einsum("bsd,dv->bsv", h, w), ids, mask)[0],
-                  argnums=(0, 1))(h, w)
+    g1 = jax.jit(jax.grad(lambda h, w: f(h, w)[0], argnums=(0, 1)))(h, w)
+    g2 = jax.jit(jax.grad(lambda h, w: losses.response_ce(jnp.einsum("bsd,dv->bsv", h, w), ids, mask)[0],
+                          argnums=(0, 1)))(h, w)
     for a, c in zip(g1, g2):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5)
 
@@ -200,8 +200,8 @@ def test_gumbel_estimator():
     assert np.all(np.isfinite(np.asarray(g))) and np.any(np.asarray(g) != 0)
     # unbiased: the mean over many samples approaches P_g of the 'mean' estimator
     keys = jax.random.split(jax.random.key(2), 4000)
-    samples = jax.vmap(lambda k: losses.event_distributions(probs, event_id, emask, estimator="gumbel",
-                                                            rng=k).dist)(keys)
+    samples = jax.jit(jax.vmap(lambda k: losses.event_distributions(probs, event_id, emask, estimator="gumbel",
+                                                                    rng=k).dist))(keys)
     mean_est = losses.event_distributions(probs, event_id, emask).dist
     np.testing.assert_allclose(np.asarray(samples.mean(0))[:3], np.asarray(mean_est)[:3], atol=0.03)
     with pytest.raises(ValueError, match="rng"):

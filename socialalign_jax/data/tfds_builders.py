@@ -1,0 +1,372 @@
+"""tensorflow-datasets builders (array_record, no TensorFlow) for Weibo events and LaMP.
+
+tfds' GeneratorBasedBuilder writes array_record shards from plain Python/numpy when
+`file_format='array_record'`, and `as_data_source()` reads them back as a random-access
+source for grain; neither path imports TensorFlow (`as_dataset` and `tfds build` do, so
+they are not used). Everything a training run needs beside the examples is stored in the
+dataset's metadata.json: the event table, per-split index (event id and length of every
+example, so the pipeline can plan batches without reading records), the macro targets,
+the build config (source, tokenizer, prompt) and the build statistics.
+
+Layout: DATA_DIR/<builder name>/<config name>/<version>/ (tfds' usual one), plus
+DATA_DIR/.../targets.json written beside it for people; `open_dataset(DATA_DIR)` finds it.
+
+Sources: SOURCES maps a name to `reader(path) -> list[Event]`; converters for further
+corpora register there (`register_source`). LaMP has its own builder because its unit is
+a question with a profile rather than an event with cases.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from socialalign_jax.data import targets as T
+from socialalign_jax.data.records import DataError, Event, read_alpaca, read_event_dir
+
+VERSION = "1.0.0"
+NUM_CLASSES = len(T.SENTIMENTS)
+
+
+# ----------------------------------------------------------------------------- sources
+
+def _read_socialweibo(path: str) -> list[Event]:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(p, "no such directory")
+    return read_event_dir(p)
+
+
+def _read_alpaca(path: str) -> list[Event]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.json"))
+        if not files:
+            raise DataError(p, "no *.json Alpaca files")
+        events = [e for f in files for e in read_alpaca(f)]
+        names = [e.event_id for e in events]
+        if len(set(names)) != len(names):
+            raise DataError(p, "two Alpaca files give the same event id")
+        return events
+    return read_alpaca(p)
+
+
+SOURCES: dict[str, Callable[[str], list[Event]]] = {
+    "socialweibo": _read_socialweibo,
+    "alpaca": _read_alpaca,
+}
+
+
+def register_source(name: str, reader: Callable[[str], list[Event]]) -> None:
+    """Add a converter (e.g. ced, zs_csd, nlpcc2016) usable as `--source name`."""
+    if name in SOURCES or name == "lamp":
+        raise ValueError(f"source {name!r} is already registered")
+    SOURCES[name] = reader
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclasses.dataclass(eq=False)
+class SocialConfig(tfds.core.BuilderConfig):
+    """What to build and how; recorded in the dataset metadata."""
+
+    source: str = "socialweibo"
+    input: str = ""
+    tokenizer: str | None = None  # tokenizer dir/file; None = the bundled Qwen2 vocabulary
+    max_length: int = 1024
+    mode: str = "full"
+    on_overflow: str = "skip"
+    num_history: int = 5
+    test_fraction: float = 0.1
+    split_by: str = "event"  # 'event' (held-out events) | 'user' (held-out users)
+    seed: int = 0
+    lamp_outputs: str | None = None  # LaMP: outputs file (else taken from the input dir)
+    lamp_task: str | None = None  # LaMP: 'LaMP-4' | 'LaMP-5' | 'LaMP-7'
+
+    def record(self) -> dict:
+        skip = {"name", "version", "release_notes", "supported_versions", "description", "tags"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+
+
+def _features() -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict({
+        "input_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+        "loss_mask": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
+        "user_end": np.int32, "news_end": np.int32, "prompt_len": np.int32,
+        "label": np.int32, "event_id": np.int32, "case_index": np.int32,
+        "n_truncated_history_chars": np.int32,
+        "target_dist": tfds.features.Tensor(shape=(NUM_CLASSES,), dtype=np.float32),
+        "event": tfds.features.Text(), "user": tfds.features.Text(), "response": tfds.features.Text(),
+    })
+
+
+# ----------------------------------------------------------------------------- splitting
+
+@dataclasses.dataclass
+class Unit:
+    """One case to encode: where it sits and how to tokenise it."""
+
+    event_id: int
+    case_index: int
+    user: str
+    response: str
+    label: int
+    encode: Callable[[Any], dict | None]  # stats -> example fields or None (skipped)
+
+
+def _held_out(names: Sequence[str], fraction: float, seed: int) -> set[str]:
+    """A seeded random `fraction` of the (sorted, unique) names; at least 1, never all."""
+    names = sorted(set(names))
+    if fraction <= 0 or len(names) < 2:
+        return set()
+    n = min(max(1, int(round(fraction * len(names)))), len(names) - 1)
+    perm = np.random.default_rng(seed).permutation(len(names))
+    return {names[i] for i in perm[:n]}
+
+
+def assign_splits(units: Sequence[Unit], event_names: Sequence[str], cfg: SocialConfig) -> list[str]:
+    if not 0 <= cfg.test_fraction < 1:
+        raise ValueError(f"test_fraction must be in [0, 1), got {cfg.test_fraction}")
+    if cfg.split_by == "event":
+        test = _held_out([event_names[u.event_id] for u in units], cfg.test_fraction, cfg.seed)
+        return ["test" if event_names[u.event_id] in test else "train" for u in units]
+    if cfg.split_by == "user":
+        test = _held_out([u.user for u in units], cfg.test_fraction, cfg.seed)
+        return ["test" if u.user in test else "train" for u in units]
+    raise ValueError(f"split_by must be 'event' or 'user', got {cfg.split_by!r}")
+
+
+# ----------------------------------------------------------------------------- preparation
+
+def prepare(units: Sequence[Unit], event_names: Sequence[str], cfg: SocialConfig) -> tuple[dict, dict]:
+    """Encode every unit, split, and attach targets -> ({split: [example]}, metadata)."""
+    from socialalign_jax.data.prompt import BuildStats
+
+    splits = assign_splits(units, event_names, cfg)
+    names = sorted(set(splits), key=["train", "test"].index)
+    # Targets come from every labelled response (also those later rejected for length):
+    # the crowd's reaction does not depend on our context window.
+    lab = {s: (np.array([u.event_id for u, t in zip(units, splits) if t == s], np.int64),
+               np.array([u.label for u, t in zip(units, splits) if t == s], np.int64)) for s in names}
+    targets = T.macro_targets(lab, NUM_CLASSES)
+    stats = BuildStats()
+    out: dict[str, list[dict]] = {s: [] for s in names}
+    for u, s in zip(units, splits):
+        ex = u.encode(stats)
+        if ex is None:
+            continue
+        out[s].append({
+            "input_ids": np.asarray(ex["input_ids"], np.int32),
+            "loss_mask": np.asarray(ex["loss_mask"], np.uint8),
+            "user_end": int(ex["user_end"]), "news_end": int(ex["news_end"]),
+            "prompt_len": int(ex["prompt_len"]), "label": u.label, "event_id": u.event_id,
+            "case_index": u.case_index, "n_truncated_history_chars": int(ex["n_truncated_history_chars"]),
+            "target_dist": np.asarray(targets[s][u.event_id]["dist"], np.float32),
+            "event": event_names[u.event_id], "user": u.user, "response": u.response,
+        })
+    meta = {
+        "config": cfg.record(),
+        "classes": list(T.SENTIMENTS),
+        "events": list(event_names),
+        "targets": T.to_json(targets, event_names),
+        "index": {s: {"event_id": [int(e["event_id"]) for e in exs],
+                      "length": [int(len(e["input_ids"])) for e in exs]} for s, exs in out.items()},
+        "stats": {"units": len(units), "built": stats.built, "skipped_too_long": stats.skipped_too_long,
+                  "history_truncated": stats.history_truncated, "history_chars_cut": stats.history_chars_cut,
+                  "persona_truncated": stats.persona_truncated, "persona_chars_cut": stats.persona_chars_cut,
+                  "skipped": stats.skipped},
+    }
+    return out, meta
+
+
+def _prompt_config(cfg: SocialConfig):
+    from socialalign_jax.data.prompt import PromptConfig
+
+    return PromptConfig(mode=cfg.mode, max_length=cfg.max_length, on_overflow=cfg.on_overflow,
+                        num_history=cfg.num_history)
+
+
+def event_units(events: Sequence[Event], tokenizer, cfg: SocialConfig) -> tuple[list[Unit], list[str]]:
+    from socialalign_jax.data.prompt import build_example
+
+    pcfg = _prompt_config(cfg)
+    units, names = [], []
+    for ev in events:
+        eid = len(names)
+        names.append(ev.event_id)
+        for ci, case in enumerate(ev.cases):
+            try:
+                label = T.label_id(case.sentiment)
+            except ValueError as e:
+                raise DataError(ev.source, str(e), ci, "sentiment") from None
+            units.append(Unit(eid, ci, case.user_name, case.weibo, label,
+                              lambda st, c=case, e=ev: build_example(c, e, tokenizer, pcfg, st)))
+    return units, names
+
+
+def lamp_units(cfg: SocialConfig, tokenizer) -> tuple[list[Unit], list[str]]:
+    """Each question is its own event (named by its id), unlabelled."""
+    from socialalign_jax.data import lamp
+
+    questions, outputs = lamp_files(cfg.input, cfg.lamp_outputs)
+    task, qs = lamp.read_lamp(questions, outputs, cfg.lamp_task)
+    pcfg = _prompt_config(cfg)
+    units = [Unit(i, 0, q.id, q.output or "", -1,
+                  lambda st, q=q: lamp.build_lamp_example(q, task, tokenizer, pcfg, st))
+             for i, q in enumerate(qs)]
+    return units, [q.id for q in qs]
+
+
+def lamp_files(path: str, outputs: str | None) -> tuple[Path, Path | None]:
+    """A questions file, or a directory holding one *questions*.json (and *outputs*.json)."""
+    p = Path(path)
+    if p.is_file():
+        return p, Path(outputs) if outputs else None
+    if not p.is_dir():
+        raise DataError(p, "no such file or directory")
+
+    def one(pattern: str, required: bool) -> Path | None:
+        hits = sorted(p.glob(pattern))
+        if len(hits) > 1:
+            raise DataError(p, f"several {pattern} files: {', '.join(h.name for h in hits)}; pass the file")
+        if not hits and required:
+            raise DataError(p, f"no {pattern} file")
+        return hits[0] if hits else None
+
+    return one("*questions*.json", True), Path(outputs) if outputs else one("*outputs*.json", False)
+
+
+def _tokenizer(cfg: SocialConfig):
+    from socialalign_jax.tokenizer import TokenizerFileError, load_tokenizer
+
+    try:
+        return load_tokenizer(cfg.tokenizer)
+    except TokenizerFileError as e:
+        raise DataError(cfg.tokenizer, str(e)) from None
+
+
+# ----------------------------------------------------------------------------- builders
+
+class _Base(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version(VERSION)
+    # Nothing is downloaded. tfds would otherwise look for a checksums file beside this
+    # module, a lookup that needs the importlib_resources backport for package modules.
+    url_infos: dict = {}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, features=_features(), disable_shuffling=True,
+                                     metadata=tfds.core.MetadataDict(),
+                                     description=(self.__class__.__doc__ or "").strip())
+
+    @abc.abstractmethod
+    def _units(self, tokenizer) -> tuple[list[Unit], list[str]]:
+        """(units to encode, event names) of this source."""
+
+    def _split_generators(self, dl_manager):
+        cfg: SocialConfig = self.builder_config
+        tok = _tokenizer(cfg)
+        units, names = self._units(tok)
+        examples, meta = prepare(units, names, cfg)
+        meta["config"]["tokenizer_name"] = getattr(tok, "name_or_path", None) or "bundled qwen2"
+        meta["config"]["pad_id"] = int(tok.pad_token_id)
+        self.info.metadata.update(meta)
+        return {s: self._generate_examples(exs) for s, exs in examples.items()}
+
+    def _generate_examples(self, examples: Iterable[dict] = ()):
+        for i, ex in enumerate(examples):
+            yield i, ex
+
+
+class Socialweibo(_Base):
+    """Weibo public-response events (raw event files or the authors' Alpaca list)."""
+
+    name = "socialweibo"
+
+    def _units(self, tokenizer):
+        cfg = self.builder_config
+        if cfg.source not in SOURCES:
+            raise ValueError(f"unknown source {cfg.source!r}; expected one of {sorted(SOURCES)}")
+        return event_units(SOURCES[cfg.source](cfg.input), tokenizer, cfg)
+
+
+class Lamp(_Base):
+    """LaMP-4/5/7 personalised generation, one question per event, profile = user span."""
+
+    name = "lamp"
+
+    def _units(self, tokenizer):
+        return lamp_units(self.builder_config, tokenizer)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def build(out_dir: str | os.PathLike, cfg: SocialConfig, *, overwrite: bool = False) -> Path:
+    """Build into out_dir (tfds layout); returns the dataset directory. Refuses to reuse."""
+    tfds.disable_progress_bar()
+    cls = Lamp if cfg.source == "lamp" else Socialweibo
+    builder = cls(data_dir=str(out_dir), config=cfg)
+    target = Path(builder.data_dir)
+    if target.exists() and not overwrite:
+        raise DataError(target, "a dataset is already there; pass --overwrite or choose another --out")
+    mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else None
+    dl = tfds.download.DownloadConfig(**({"download_mode": mode} if mode else {}))
+    builder.download_and_prepare(file_format="array_record", download_config=dl)
+    (target / "targets.json").write_text(
+        json.dumps(builder.info.metadata["targets"], ensure_ascii=False, indent=1), encoding="utf-8")
+    return target
+
+
+@dataclasses.dataclass
+class Dataset:
+    """A built dataset: random-access sources per split plus its metadata."""
+
+    path: Path
+    metadata: dict
+    sources: dict
+
+    def source(self, split: str):
+        if split not in self.sources:
+            raise KeyError(f"{self.path}: no split {split!r} (have {sorted(self.sources)})")
+        return self.sources[split]
+
+    def index(self, split: str) -> dict[str, np.ndarray]:
+        ix = self.metadata["index"][split]
+        return {k: np.asarray(v, np.int64) for k, v in ix.items()}
+
+    def targets(self, split: str) -> dict[int, dict]:
+        return T.from_json(self.metadata["targets"])[split]
+
+    @property
+    def max_length(self) -> int:
+        return int(self.metadata["config"]["max_length"])
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.metadata["config"]["pad_id"])
+
+
+def find_dataset_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if (p / "dataset_info.json").exists():
+        return p
+    hits = sorted(q.parent for q in p.glob("**/dataset_info.json") if "incomplete" not in str(q))
+    if not hits:
+        raise DataError(p, "no built dataset (dataset_info.json) found")
+    if len(hits) > 1:
+        raise DataError(p, f"several datasets: {', '.join(str(h) for h in hits)}; pass one of them")
+    return hits[0]
+
+
+def open_dataset(path: str | os.PathLike) -> Dataset:
+    """Open a built dataset by its directory (or a parent holding exactly one)."""
+    d = find_dataset_dir(path)
+    builder = tfds.builder_from_directory(str(d))
+    meta = dict(builder.info.metadata or {})
+    return Dataset(d, meta, dict(builder.as_data_source()))

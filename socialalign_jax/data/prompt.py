@@ -187,11 +187,13 @@ def parse_user_prompt(text: str) -> ParsedPrompt | None:
     return parsed if again.text == text else None
 
 
-def news_text_between_markers(text: str) -> str:
-    """Best-effort news text of a prompt that does not parse (used to group Alpaca records)."""
-    a = text.rfind(USER_MARKER, 0, text.rfind(NEWS_MARKER)) + len(USER_MARKER)
-    seg = text[a : text.rfind(NEWS_MARKER)]
-    return seg[2:] if seg.startswith(": ") else seg
+def news_and_topic_from_markers(text: str) -> tuple[str, str]:
+    """Best-effort (news, topic) of a prompt that does not parse (groups Alpaca records)."""
+    end = text.rfind(NEWS_MARKER)
+    seg = text[text.rfind(USER_MARKER, 0, end) + len(USER_MARKER) : end]
+    seg = seg[2:] if seg.startswith(": ") else seg
+    m = re.search(r"\n新闻的话题标签是#([^\n]*)#。", seg)
+    return (seg[: m.start()], m[1]) if m else (seg, "")
 
 
 def chat_prompt(user_content: str) -> str:

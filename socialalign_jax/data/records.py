@@ -275,8 +275,7 @@ def read_alpaca(
                 history_is_selected=True,
             )
         else:
-            news = _prompt.news_text_between_markers(user_text)
-            topic = ""
+            news, topic = _prompt.news_and_topic_from_markers(user_text)
             case = Case(user_name="", weibo=output, history=[], sentiment=sentiment, history_is_selected=True,
                         raw_prompt=user_text)
         ev = events.get(news)

@@ -231,3 +231,18 @@ def test_total_loss_combines_terms():
     np.testing.assert_allclose(float(loss), expect, rtol=1e-5)
     assert float(terms["sent_count"]) == 6  # labelled real rows 0, 1, 4, 5, 7, 8 (3 and 9 are padding)
     np.testing.assert_allclose(float(terms["macro"]), ms / mc, rtol=1e-5)
+
+
+def test_accumulation_overestimates_macro_for_split_events():
+    """docs/training_math.md section 3: splitting an event over micro-batches gives a count-
+    weighted JSD at least the pooled one (convexity), strictly larger when halves differ."""
+    probs = jnp.array([[0.9, 0.05, 0.05], [0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.2, 0.1, 0.7]])
+    eid, m = jnp.zeros(4, jnp.int32), jnp.ones(4)
+    tgt = jnp.tile(jnp.array([[0.5, 0.2, 0.3]]), (4, 1))
+    full = losses.macro_loss(probs, eid, m, tgt)
+    halves = [losses.macro_loss(probs[s], eid[s], m[s], tgt[s]) for s in (slice(0, 2), slice(2, 4))]
+    pooled = float(full[0] / full[1])
+    split = sum(float(h[0]) for h in halves) / sum(float(h[1]) for h in halves)
+    pg = np.asarray(probs).mean(0)
+    np.testing.assert_allclose(pooled, jensenshannon(pg, [0.5, 0.2, 0.3]) ** 2, rtol=1e-5)
+    assert split > pooled + 0.05

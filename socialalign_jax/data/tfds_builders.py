@@ -178,6 +178,7 @@ def prepare(units: Sequence[Unit], event_names: Sequence[str], cfg: SocialConfig
         "targets": T.to_json(targets, event_names),
         "index": {s: {"event_id": [int(e["event_id"]) for e in exs],
                       "length": [int(len(e["input_ids"])) for e in exs]} for s, exs in out.items()},
+        "labels": {s: [int(e["label"]) for e in exs] for s, exs in out.items()},
         "stats": {"units": len(units), "built": stats.built, "skipped_too_long": stats.skipped_too_long,
                   "history_truncated": stats.history_truncated, "history_chars_cut": stats.history_chars_cut,
                   "persona_truncated": stats.persona_truncated, "persona_chars_cut": stats.persona_chars_cut,

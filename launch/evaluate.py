@@ -274,13 +274,17 @@ def main(argv=None) -> int:
         return 2
     from socialalign_jax.evaluation import plots  # matplotlib only after the input is known good
 
-    os.makedirs(args.out, exist_ok=True)
-    with_real = [e for e in result["per_event"] if e["real"] is not None]
-    figures = plots.plot_event_distributions(with_real, result["labels"], args.out) if with_real else []
-    if gates is not None:
-        figures += plots.plot_gate_heatmaps(gates, args.out, args.gate_stat)
-    result["figures"] = [os.path.basename(f) for f in figures]
-    table = report.write_report(result, args.out, baseline)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        with_real = [e for e in result["per_event"] if e["real"] is not None]
+        figures = plots.plot_event_distributions(with_real, result["labels"], args.out) if with_real else []
+        if gates is not None:
+            figures += plots.plot_gate_heatmaps(gates, args.out, args.gate_stat)
+        result["figures"] = [os.path.basename(f) for f in figures]
+        table = report.write_report(result, args.out, baseline)
+    except OSError as e:
+        print(f"error: {args.out}: cannot write output: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(table)
     for n in result["notes"]:
         print(f"note: {n}")

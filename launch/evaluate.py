@@ -21,12 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from socialalign_jax.errors import EXIT_USER_ERROR, UserError, one_line  # noqa: E402
 from socialalign_jax.evaluation import distributions, metrics, report  # noqa: E402
 
 SUM_TOLERANCE = 1e-3  # probability vectors written as float32 text need not sum to exactly 1
 
 
-class InputError(Exception):
+class InputError(UserError):
     """A problem with a user-supplied file; its message is the one line the CLI prints."""
 
 
@@ -270,8 +271,8 @@ def main(argv=None) -> int:
             labeller = LexiconLabeller()
         result = evaluate(records, labeller)
     except (InputError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     from socialalign_jax.evaluation import plots  # matplotlib only after the input is known good
 
     try:
@@ -283,8 +284,8 @@ def main(argv=None) -> int:
         result["figures"] = [os.path.basename(f) for f in figures]
         table = report.write_report(result, args.out, baseline)
     except OSError as e:
-        print(f"error: {args.out}: cannot write output: {e.strerror or e}", file=sys.stderr)
-        return 2
+        print(f"error: {args.out}: cannot write output: {one_line(e.strerror or e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     print(table)
     for n in result["notes"]:
         print(f"note: {n}")

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
                          on_overflow=args.on_overflow, num_history=args.num_history,
                          test_fraction=args.test_fraction, split_by=args.split_by, seed=args.seed,
                          lamp_outputs=args.lamp_outputs, lamp_task=args.lamp_task)
-    with contextlib.redirect_stdout(sys.stderr):  # tfds' progress chatter stays off stdout
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # tfds' progress chatter
         path = B.build(args.out, cfg, overwrite=args.overwrite)
     s = summary.summarize(B.open_dataset(path).metadata)
     if args.json:

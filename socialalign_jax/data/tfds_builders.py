@@ -22,6 +22,7 @@ import abc
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -270,13 +271,18 @@ class _Base(tfds.core.GeneratorBasedBuilder):
     def _units(self, tokenizer) -> tuple[list[Unit], list[str]]:
         """(units to encode, event names) of this source."""
 
-    def _split_generators(self, dl_manager):
+    def prepared(self) -> tuple[dict, dict]:
+        """Read, encode and split everything (all input errors surface here)."""
         cfg: SocialConfig = self.builder_config
         tok = _tokenizer(cfg)
         units, names = self._units(tok)
         examples, meta = prepare(units, names, cfg)
         meta["config"]["tokenizer_name"] = getattr(tok, "name_or_path", None) or "bundled qwen2"
         meta["config"]["pad_id"] = int(tok.pad_token_id)
+        return examples, meta
+
+    def _split_generators(self, dl_manager):
+        examples, meta = getattr(self, "_prepared", None) or self.prepared()
         self.info.metadata.update(meta)
         return {s: self._generate_examples(exs) for s, exs in examples.items()}
 
@@ -309,16 +315,23 @@ class Lamp(_Base):
 # ----------------------------------------------------------------------------- entry points
 
 def build(out_dir: str | os.PathLike, cfg: SocialConfig, *, overwrite: bool = False) -> Path:
-    """Build into out_dir (tfds layout); returns the dataset directory. Refuses to reuse."""
+    """Build into out_dir (tfds layout); returns the dataset directory.
+
+    The input is read and encoded before tfds creates any directory, so bad input leaves
+    nothing behind. An existing dataset at the target is an error unless `overwrite`.
+    """
     tfds.disable_progress_bar()
     cls = Lamp if cfg.source == "lamp" else Socialweibo
     builder = cls(data_dir=str(out_dir), config=cfg)
     target = Path(builder.data_dir)
     if target.exists() and not overwrite:
         raise DataError(target, "a dataset is already there; pass --overwrite or choose another --out")
-    mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite else None
-    dl = tfds.download.DownloadConfig(**({"download_mode": mode} if mode else {}))
-    builder.download_and_prepare(file_format="array_record", download_config=dl)
+    prepared = builder.prepared()
+    if target.exists():
+        shutil.rmtree(target)
+        builder = cls(data_dir=str(out_dir), config=cfg)  # forget the old dataset_info
+    builder._prepared = prepared
+    builder.download_and_prepare(file_format="array_record", download_config=tfds.download.DownloadConfig())
     (target / "targets.json").write_text(
         json.dumps(builder.info.metadata["targets"], ensure_ascii=False, indent=1), encoding="utf-8")
     return target

@@ -1,0 +1,230 @@
+"""Autoregressive sampling with the model's KV cache, as one jitted function.
+
+Prefill and the whole decode loop run inside one `jit` (a `lax.while_loop`), so no token
+makes a host round trip and the loop exits as soon as every row has emitted a stop token.
+Params and adapters are arguments of the jitted function (never closed over), so one
+compilation serves every checkpoint of the same shapes.
+
+Prompts are LEFT-padded: every row's last prompt token sits at column P-1, so the first new
+token of every row is read from the same column and new tokens are appended in lockstep.
+Positions come from the mask (real tokens count from 0), so `spans` are absolute positions in
+the unpadded prompt and routing matches a full forward over the unpadded sequence.
+
+Logit processing follows Hugging Face's order: repetition penalty, then temperature, top-k
+and top-p. Greedy mode applies the repetition penalty too (as HF does) and then argmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from socialalign_jax import model
+from socialalign_jax.config import ModelConfig
+from socialalign_jax.pac_lora import LoraConfig
+
+_NEG_INF = -jnp.inf
+
+# Qwen2 ChatML: <|im_end|> ends an assistant turn, <|endoftext|> ends a document (and pads).
+QWEN_IM_END, QWEN_ENDOFTEXT = 151645, 151643
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Decoding settings; the defaults are the paper's (SPEC section 1).
+
+    Hashable, so it is a static argument of the jitted `generate`. `pad_id` fills the output
+    after a row has stopped; stop tokens outside the vocabulary are simply never emitted.
+    `seed` is for callers that build the PRNG key (`generate` itself takes the key).
+    """
+    temperature: float = 0.7
+    top_k: int = 20
+    top_p: float = 0.9
+    repetition_penalty: float = 1.2
+    max_new_tokens: int = 256
+    greedy: bool = False
+    stop_tokens: tuple[int, ...] = (QWEN_IM_END, QWEN_ENDOFTEXT)
+    pad_id: int = QWEN_ENDOFTEXT
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature} (use greedy=True)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    def replace(self, **kw) -> "SamplingConfig":
+        return dataclasses.replace(self, **kw)
+
+
+class GenerateOutput(NamedTuple):
+    tokens: Any  # [B, max_new] int32; pad_id after a row's stop token (the stop token itself is kept)
+    lengths: Any  # [B] int32: tokens up to and including the first stop token (max_new if none)
+    last_hidden: Any  # [B, D]: final-norm hidden state at the last prompt token (sentiment head input)
+
+
+# ------------------------------------------------------------------ logit processors
+# All take logits [B, V] (any float dtype) and return [B, V] float32; removed tokens are -inf.
+
+
+def apply_repetition_penalty(logits, seen_mask, penalty: float):
+    """CTRL / HF penalty on tokens already seen (prompt or generated): positive logits are
+    divided by `penalty`, the others multiplied, so a seen token always becomes less likely."""
+    logits = logits.astype(jnp.float32)
+    if penalty == 1.0:
+        return logits
+    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen_mask, penalised, logits)
+
+
+def apply_temperature(logits, temperature: float):
+    return logits.astype(jnp.float32) / temperature
+
+
+def top_k_filter(logits, k: int):
+    """Keep the k largest logits of each row (ties with the k-th are kept, as in HF); k=0 is off."""
+    logits = logits.astype(jnp.float32)
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]  # [B, 1]
+    return jnp.where(logits < kth, _NEG_INF, logits)
+
+
+def top_p_filter(logits, p: float):
+    """Nucleus filter: keep the smallest set of most probable tokens whose mass reaches p.
+
+    A token is kept when the mass of the tokens ranked strictly above it is < p, so the token
+    that crosses p is kept and at least one token always survives.
+    """
+    logits = logits.astype(jnp.float32)
+    if p >= 1.0:
+        return logits
+    order = jnp.argsort(-logits, axis=-1)  # [B, V] descending (stable)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_above = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumsum
+    keep_sorted = mass_above < p
+    inverse = jnp.argsort(order, axis=-1)
+    keep = jnp.take_along_axis(keep_sorted, inverse, axis=-1)
+    return jnp.where(keep, logits, _NEG_INF)
+
+
+def process_logits(logits, seen_mask, scfg: SamplingConfig):
+    """The full processing chain over the whole vocabulary: [B, V] -> [B, V] float32."""
+    x = apply_repetition_penalty(logits, seen_mask, scfg.repetition_penalty)
+    if scfg.greedy:
+        return x
+    x = apply_temperature(x, scfg.temperature)
+    x = top_k_filter(x, scfg.top_k)
+    return top_p_filter(x, scfg.top_p)
+
+
+def candidates(logits, seen_mask, scfg: SamplingConfig):
+    """Sampling candidates without sorting the vocabulary: (cand_logits [B, C], cand_ids [B, C]).
+
+    With top_k > 0 only the k best tokens can survive, so top-p runs on those k (the softmax
+    over them equals the softmax of the top-k-filtered vocabulary). This is `process_logits`
+    restricted to its support, except that ties with the k-th logit are cut at exactly k.
+    """
+    x = apply_repetition_penalty(logits, seen_mask, scfg.repetition_penalty)
+    x = apply_temperature(x, scfg.temperature)
+    v = x.shape[-1]
+    if 0 < scfg.top_k < v:
+        vals, ids = jax.lax.top_k(x, scfg.top_k)  # [B, k], descending
+    else:
+        ids = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), x.shape)
+        vals = x
+    return top_p_filter(vals, scfg.top_p), ids.astype(jnp.int32)
+
+
+def next_token(logits, seen_mask, scfg: SamplingConfig, key):
+    """One token per row: logits [B, V] -> [B] int32."""
+    if scfg.greedy:
+        return jnp.argmax(process_logits(logits, seen_mask, scfg), axis=-1).astype(jnp.int32)
+    cand_logits, cand_ids = candidates(logits, seen_mask, scfg)
+    choice = jax.random.categorical(key, cand_logits, axis=-1)  # [B]
+    return jnp.take_along_axis(cand_ids, choice[:, None], axis=-1)[:, 0]
+
+
+def seen_from_prompt(prompt_ids, prompt_mask, vocab_size: int):
+    """[B, V] bool: which tokens occur among the real (unpadded) prompt tokens."""
+    b = prompt_ids.shape[0]
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], prompt_ids.shape)
+    ids = jnp.clip(prompt_ids, 0, vocab_size - 1)
+    return jnp.zeros((b, vocab_size), bool).at[rows, ids].max(prompt_mask > 0)
+
+
+# ------------------------------------------------------------------ the decode loop
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "scfg"))
+def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_cfg: LoraConfig | None,
+             scfg: SamplingConfig, spans, rng) -> GenerateOutput:
+    """Sample up to scfg.max_new_tokens tokens after LEFT-padded prompts.
+
+    prompt_ids, prompt_mask [B, P] (left padding; every row needs >= 1 real token);
+    spans = (user_end [B], news_end [B]) absolute positions in the unpadded prompt; rng a
+    PRNG key (unused when greedy). adapters may be None (base model).
+    """
+    b, p = prompt_ids.shape
+    max_new = scfg.max_new_tokens
+    prompt_mask = prompt_mask.astype(jnp.int32)
+    cache = model.init_cache(cfg, b, p + max_new, lora_cfg if adapters is not None else None)
+    out = model.forward(params, prompt_ids, cfg, attention_mask=prompt_mask, adapters=adapters,
+                        lora_cfg=lora_cfg, spans=spans, cache=cache, compute_logits=False)
+    last_hidden = out.hidden[:, -1]  # [B, D]: column P-1 is every row's last prompt token
+    logits = model.lm_logits(params, out.hidden[:, -1:], cfg)[:, 0]  # [B, V]
+    seen = seen_from_prompt(prompt_ids, prompt_mask, cfg.vocab_size)
+    stops = jnp.asarray(scfg.stop_tokens or (-1,), jnp.int32)
+
+    state = dict(step=jnp.zeros((), jnp.int32), cache=out.cache, logits=logits, seen=seen,
+                 tokens=jnp.full((b, max_new), scfg.pad_id, jnp.int32),
+                 done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32))
+
+    def cond(s):
+        return (s["step"] < max_new) & ~jnp.all(s["done"])
+
+    def body(s):
+        tok = next_token(s["logits"], s["seen"], scfg, jax.random.fold_in(rng, s["step"]))  # [B]
+        live = ~s["done"]
+        tokens = jax.lax.dynamic_update_slice(
+            s["tokens"], jnp.where(live, tok, scfg.pad_id)[:, None], (0, s["step"]))
+        done = s["done"] | jnp.isin(tok, stops)
+        seen = s["seen"].at[jnp.arange(b), tok].set(True)
+        # Finished rows keep decoding (lockstep) but their output is padding.
+        step_out = model.forward(params, tok[:, None], cfg, adapters=adapters, lora_cfg=lora_cfg,
+                                 cache=s["cache"], compute_logits=True)
+        return dict(step=s["step"] + 1, cache=step_out.cache, logits=step_out.logits[:, 0], seen=seen,
+                    tokens=tokens, done=done, lengths=s["lengths"] + live.astype(jnp.int32))
+
+    final = jax.lax.while_loop(cond, body, state)
+    return GenerateOutput(final["tokens"], final["lengths"], last_hidden)
+
+
+def left_pad(rows, pad_id: int, length: int | None = None):
+    """List of 1-D int sequences -> (ids [B, P], mask [B, P]) numpy, LEFT-padded (host side)."""
+    import numpy as np
+
+    n = max(len(r) for r in rows)
+    length = n if length is None else length
+    if n > length:
+        raise ValueError(f"prompt of {n} tokens does not fit the padded length {length}")
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        if len(r) == 0:
+            raise ValueError(f"prompt {i} is empty; generation needs at least one prompt token")
+        ids[i, length - len(r):] = np.asarray(r, np.int32)
+        mask[i, length - len(r):] = 1
+    return ids, mask

@@ -157,3 +157,18 @@ def test_rebuilding_into_a_used_dir_is_refused(built):
 
 def test_build_runs_without_tensorflow(built):
     assert "tensorflow" not in sys.modules
+
+
+def test_bundled_sample_builds_in_under_a_minute(tmp_path):
+    import time
+
+    from socialalign_jax.data.sample import load_sample_dir
+
+    d = load_sample_dir()
+    n_raw = sum(len(json.loads(f.read_text(encoding="utf-8"))["cases"]) for f in sorted(d.glob("*.json")))
+    t = time.perf_counter()
+    path = B.build(tmp_path / "out", B.SocialConfig(name="sample", input=str(d), max_length=1024))
+    elapsed = time.perf_counter() - t
+    ds = B.open_dataset(path)
+    assert sum(len(ds.source(s)) for s in ds.sources) == n_raw == ds.metadata["stats"]["built"]
+    assert elapsed < 60, f"sample build took {elapsed:.1f}s"

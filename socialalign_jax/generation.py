@@ -1,0 +1,281 @@
+"""Batch generation over a dataset split: the predictions JSONL that launch/evaluate.py scores.
+
+Per batch, two jitted passes:
+
+1. `sampling.generate` on the LEFT-padded prompts: the sampled post and, from the same
+   prefill, the sentiment head's probabilities at the last prompt token (so the head and the
+   generated text describe one and the same forward pass);
+2. a teacher-forced forward over prompt + real response (right padding, as in training): the
+   log-probability of the real response (for perplexity) and the PAC-LoRA gate statistics.
+
+Batch and length are bucketed (fixed batch, lengths rounded up) so a split compiles a few
+times, not once per batch. Every example is validated first: a bad one stops the run with
+one line naming the source, the example index and the field; nothing is skipped or truncated.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from socialalign_jax import losses, model, pac_lora, sampling
+from socialalign_jax.config import ModelConfig
+from socialalign_jax.errors import UserError
+from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.sampling import SamplingConfig
+
+SENTIMENTS = ("negative", "neutral", "positive")
+LENGTH_BUCKET = 32  # prompt and sequence lengths are rounded up to a multiple of this
+
+
+class GenerationError(UserError, ValueError):
+    """A malformed example handed to generation (message names source, index and field)."""
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _text(x) -> str:
+    if isinstance(x, (bytes, np.bytes_)):
+        return bytes(x).decode("utf-8")
+    if isinstance(x, np.ndarray) and x.ndim == 0:
+        return _text(x.item())
+    return str(x)
+
+
+def check_example(ex: Mapping[str, Any], where: str, vocab_size: int) -> dict:
+    """Validate one example and return it as plain numpy/python fields."""
+    def bad(field, what):
+        return GenerationError(f"{where}: field '{field}': {what}")
+
+    for field in ("input_ids", "prompt_len", "user_end", "news_end"):
+        if field not in ex:
+            raise bad(field, "missing")
+    ids = np.asarray(ex["input_ids"])
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise bad("input_ids", f"expected a non-empty 1-D integer array, got shape {list(ids.shape)} {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise bad("input_ids", f"token ids must be in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
+    n = ids.size
+    p, ue, ne = (int(np.asarray(ex[k])) for k in ("prompt_len", "user_end", "news_end"))
+    if not 1 <= p <= n:
+        raise bad("prompt_len", f"{p} is outside [1, {n}] (the example has {n} tokens)")
+    if not 0 <= ue <= ne <= p:
+        raise bad("user_end" if ue > ne or ue < 0 else "news_end",
+                  f"spans must satisfy 0 <= user_end ({ue}) <= news_end ({ne}) <= prompt_len ({p})")
+    # Without a loss_mask, every token after the prompt is the response.
+    loss_mask = np.asarray(ex["loss_mask"]) if "loss_mask" in ex else (np.arange(n) >= p).astype(np.int32)
+    if loss_mask.shape != (n,):
+        raise bad("loss_mask", f"shape {list(loss_mask.shape)} differs from input_ids [{n}]")
+    if loss_mask[:p].any():
+        raise bad("loss_mask", f"marks prompt tokens (before prompt_len {p})")
+    return {"input_ids": ids.astype(np.int32), "loss_mask": loss_mask.astype(np.int32), "prompt_len": p,
+            "user_end": ue, "news_end": ne}
+
+
+# ----------------------------------------------------------------------------- jitted passes
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "scfg"))
+def _sample_batch(params, adapters, prompt_ids, prompt_mask, user_end, news_end, rng, *, cfg: ModelConfig,
+                  lora_cfg: LoraConfig | None, scfg: SamplingConfig):
+    """Generate, and read the sentiment head off the same prefill: tokens, lengths, probs [B, K] | None."""
+    out = sampling.generate(params, adapters, prompt_ids, prompt_mask, cfg, lora_cfg, scfg,
+                            (user_end, news_end), rng)
+    probs = None
+    if adapters is not None and "head" in adapters:
+        ones = jnp.ones(prompt_ids.shape[:1], jnp.int32)
+        probs = jax.nn.softmax(model.sentiment_logits(out.last_hidden[:, None], ones, adapters["head"]), axis=-1)
+    return out.tokens, out.lengths, probs
+
+
+def _lm_kernel(params, cfg: ModelConfig):
+    if cfg.tie_embeddings:
+        return params["embed"]["embedding"].T  # [D, V]
+    return params["lm_head"]["kernel"]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg"))
+def _score_batch(params, adapters, input_ids, attention_mask, loss_mask, user_end, news_end, *,
+                 cfg: ModelConfig, lora_cfg: LoraConfig | None):
+    """Teacher-forced pass: per-row response NLL sum and token count [B], and gate-stat sums."""
+    out = model.forward(params, input_ids, cfg, attention_mask=attention_mask, adapters=adapters,
+                        lora_cfg=lora_cfg, spans=(user_end, news_end), compute_logits=False)
+    kernel = _lm_kernel(params, cfg)
+
+    def row(h, ids, m):  # one sequence at a time: per-example sums without [B, S, V] logits
+        return losses.response_ce_chunked(h[None], kernel, ids[None], m[None])
+
+    nll, count = jax.vmap(row)(out.hidden, input_ids, loss_mask)
+    return nll, count, out.gate_stats
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _round_up(n: int, m: int) -> int:
+    return max(m, int(math.ceil(n / m)) * m)
+
+
+def _right_pad(rows: Sequence[np.ndarray], length: int, fill: int) -> np.ndarray:
+    out = np.full((len(rows), length), fill, np.int32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def _decode(tokenizer, tokens: np.ndarray, n: int, stop_tokens: Sequence[int]) -> str:
+    ids = [int(t) for t in tokens[:n]]
+    if ids and ids[-1] in stop_tokens:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _reference_text(tokenizer, ex: Mapping[str, Any], clean: dict) -> str:
+    if "response" in ex:
+        return _text(ex["response"])
+    resp = clean["input_ids"][clean["loss_mask"] > 0]
+    return tokenizer.decode([int(t) for t in resp], skip_special_tokens=True)
+
+
+class GateAccumulator:
+    """Sums of per-segment gate weights over a split; `summary()` is launch/evaluate.py's --gates JSON."""
+
+    def __init__(self):
+        self.sums: dict | None = None
+
+    def add(self, stats) -> None:
+        if stats is None:
+            return
+        stats = jax.tree.map(np.asarray, stats)
+        self.sums = stats if self.sums is None else jax.tree.map(np.add, self.sums, stats)
+
+    def summary(self) -> dict | None:
+        if not self.sums:
+            return None
+        mean = jax.tree.map(np.asarray, pac_lora.summarize_gate_stats(self.sums))
+        modules = [m for m in pac_lora.ALL_TARGETS if m in mean]
+        return {"layers": int(mean[modules[0]]["a"].shape[0]), "modules": modules,
+                "segments": list(pac_lora.SEGMENTS),
+                "gate_a": np.stack([mean[m]["a"] for m in modules], axis=1).tolist(),  # [L, M, 3, Ea]
+                "gate_b": np.stack([mean[m]["b"] for m in modules], axis=1).tolist(),  # [L, M, 3, Eb]
+                "tokens": np.stack([mean[m]["count"] for m in modules], axis=1).tolist()}  # [L, M, 3]
+
+
+def generate_predictions(params, adapters, model_cfg: ModelConfig, lora_cfg: LoraConfig | None,
+                         scfg: SamplingConfig, examples: Iterable[Mapping[str, Any]], tokenizer, batch_size: int,
+                         *, labels: Sequence[str] = SENTIMENTS, source_name: str = "examples",
+                         total: int | None = None, progress: bool = True, score_reference: bool = True,
+                         gates: GateAccumulator | None = None) -> Iterator[dict]:
+    """Yield one prediction dict per example, in input order.
+
+    examples: dicts with input_ids (prompt + response, unpadded), loss_mask, prompt_len, user_end,
+    news_end, and optionally label (class id, -1 = none), event, event_id, user, response,
+    case_index, target_dist. The PRNG key of batch k is fold_in(PRNGKey(scfg.seed), k), so a run
+    is reproducible. `gates`, when given, accumulates the teacher-forced pass's gate statistics.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pad_id = int(scfg.pad_id)
+    base_key = jax.random.PRNGKey(int(scfg.seed))
+    labels = list(labels)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, desc="generate", unit="ex", dynamic_ncols=True)
+
+    def run(batch: list[tuple[int, Mapping[str, Any], dict]], k: int) -> list[dict]:
+        n_real = len(batch)
+        rows = [c for _, _, c in batch] + [batch[0][2]] * (batch_size - n_real)  # fixed batch shape
+        prompts = [c["input_ids"][:c["prompt_len"]] for c in rows]
+        p_len = _round_up(max(len(p) for p in prompts), LENGTH_BUCKET)
+        ids, mask = sampling.left_pad(prompts, pad_id, p_len)
+        ue = np.array([c["user_end"] for c in rows], np.int32)
+        ne = np.array([c["news_end"] for c in rows], np.int32)
+        tokens, lengths, probs = jax.device_get(_sample_batch(
+            params, adapters, ids, mask, ue, ne, jax.random.fold_in(base_key, k),
+            cfg=model_cfg, lora_cfg=lora_cfg, scfg=scfg))
+        nll = count = None
+        if score_reference:
+            s_len = _round_up(max(len(c["input_ids"]) for c in rows), LENGTH_BUCKET)
+            full = _right_pad([c["input_ids"] for c in rows], s_len, pad_id)
+            att = _right_pad([np.ones(len(c["input_ids"]), np.int32) for c in rows], s_len, 0)
+            lm = _right_pad([c["loss_mask"] for c in rows], s_len, 0)
+            att[n_real:] = 0  # filler rows: no valid token, so no loss and no gate statistics
+            lm[n_real:] = 0
+            nll, count, stats = _score_batch(params, adapters, full, att, lm, ue, ne, cfg=model_cfg,
+                                             lora_cfg=lora_cfg)
+            nll, count = np.asarray(nll), np.asarray(count)
+            if gates is not None:
+                gates.add(stats)
+        out = []
+        for r, (index, ex, clean) in enumerate(batch):
+            label = int(np.asarray(ex.get("label", -1)))
+            event_id = int(np.asarray(ex.get("event_id", -1)))
+            case = ex.get("case_index")
+            rec = {
+                "event": _text(ex.get("event", "")),
+                "event_id": event_id,
+                "user": _text(ex.get("user", "")),
+                "prompt_id": f"{event_id}:{int(np.asarray(case))}" if case is not None else index,
+                "generated": _decode(tokenizer, tokens[r], int(lengths[r]), scfg.stop_tokens),
+                "reference": _reference_text(tokenizer, ex, clean),
+                "label": labels[label] if 0 <= label < len(labels) else None,
+                "probs": None if probs is None else [float(x) for x in probs[r]],
+                "labels": labels,
+                "ref_logprob_sum": None, "ref_num_tokens": None,
+                "generated_tokens": int(lengths[r]),
+            }
+            if nll is not None and count[r] > 0:
+                rec["ref_logprob_sum"] = -float(nll[r])
+                rec["ref_num_tokens"] = int(round(float(count[r])))
+            if "target_dist" in ex:
+                td = np.asarray(ex["target_dist"], np.float64)
+                if td.sum() > 0:  # events without labelled responses carry zeros: no target
+                    rec["target_dist"] = [float(x) for x in td]
+            out.append(rec)
+        return out
+
+    batch: list = []
+    k = 0
+    try:
+        for index, ex in enumerate(examples):
+            clean = check_example(ex, f"{source_name}: example {index}", model_cfg.vocab_size)
+            batch.append((index, ex, clean))
+            if len(batch) == batch_size:
+                yield from run(batch, k)
+                if bar is not None:
+                    bar.update(len(batch))
+                batch, k = [], k + 1
+        if batch:
+            yield from run(batch, k)
+            if bar is not None:
+                bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> int:
+    """Write records as UTF-8 JSONL (atomically: a .tmp file renamed at the end); returns the count."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        n = 0
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    except OSError as e:
+        raise GenerationError(f"{path}: cannot write predictions: {e.strerror or e}") from None
+    return n

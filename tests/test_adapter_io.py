@@ -291,3 +291,22 @@ def test_score_cli_applies_adapters(hf_checkpoint, tmp_path):
     np.testing.assert_allclose(results["peft"], results["ours"], rtol=0, atol=1e-6)
     assert np.abs(results["none"] - ref).max() > 1e-2  # the adapters really change the scores
     assert math.isfinite(ref.sum())
+
+
+def test_score_cli_bad_adapters_is_one_line_error(hf_checkpoint, tmp_path, capsys):
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "launch"))
+    import score as score_cli
+
+    _, ck = hf_checkpoint
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"text": "hello there, world"}) + "\n", encoding="utf-8")
+    small = LoraConfig(rank=4, targets=("q",), num_classes=0)
+    wrong = save_adapters(_trained_adapters(CFG, small), small, CFG, tmp_path / "wrong.safetensors")  # hidden 16
+    with pytest.raises(SystemExit) as e:
+        score_cli.cli_main(score_cli.main, ["--checkpoint", str(ck), "--input", str(inp),
+                                            "--out", str(tmp_path / "o.jsonl"), "--adapters", str(wrong)])
+    assert e.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "wrong.safetensors" in lines[0], lines
+    assert "hidden_size" in lines[0] and not (tmp_path / "o.jsonl").exists()

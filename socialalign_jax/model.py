@@ -182,6 +182,9 @@ def forward(params, input_ids, cfg: ModelConfig, *, attention_mask=None, positio
         kv_xs = None
 
     pooled_xs = None
+    if use_adapters and lc.routing == "pooled" and lc.targets and cache is not None and "pooled" not in cache:
+        # Without the stored prefill summaries every decoded token would silently get uniform gates.
+        raise ValueError("pooled routing with a KV cache needs init_cache(cfg, batch, max_len, lora_cfg)")
     if use_adapters and lc.routing == "pooled" and cache is not None and "pooled" in cache:
         # Prefill (slot index 0) computes the span summaries; later chunks reuse what prefill stored.
         pooled_xs = cache["pooled"]

@@ -176,3 +176,13 @@ def test_chunk_local_segments_break_decode(monkeypatch):
     stat_gap = max(np.abs(d["q"]["b"] - f["q"]["b"]).max() for d, f in zip(dec_tok, full_tok))
     assert logit_gap > 1e-3, logit_gap
     assert stat_gap > 1e-3, stat_gap
+
+
+def test_pooled_decode_without_stored_summaries_is_refused():
+    """A cache made without lora_cfg has no pooled slot: decoding would silently use uniform gates."""
+    lc = LoraConfig(num_analyze=3, num_compose=2, rank=4, routing="pooled", num_classes=0)
+    cache = model_lib.init_cache(CFG, 1, 8)  # lora_cfg forgotten
+    ids = jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="init_cache"):
+        model_lib.forward(CFG_PARAMS, ids, CFG, adapters=_adapters(lc), lora_cfg=lc, cache=cache,
+                          spans=(jnp.array([1]), jnp.array([3])))

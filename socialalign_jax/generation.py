@@ -279,3 +279,94 @@ def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> int:
     except OSError as e:
         raise GenerationError(f"{path}: cannot write predictions: {e.strerror or e}") from None
     return n
+
+
+# ----------------------------------------------------------------------------- the CLI job
+
+
+def stop_tokens_for(tokenizer) -> tuple[int, ...]:
+    """The ids that end a reply: the tokenizer's eos plus ChatML's <|im_end|>/<|endoftext|> when known."""
+    ids = {tokenizer.eos_token_id}
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for name in ("<|im_end|>", "<|endoftext|>"):
+        t = tokenizer.convert_tokens_to_ids(name)
+        if t is not None and t != unk:
+            ids.add(t)
+    return tuple(sorted(int(t) for t in ids if t is not None))
+
+
+def sampling_config(cfg, tokenizer, pad_id: int, *, greedy: bool | None = None) -> SamplingConfig:
+    """SamplingConfig from the config's `sample` section (the --greedy flag overrides sample.greedy)."""
+    s = cfg.sample
+    return SamplingConfig(temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p),
+                          repetition_penalty=float(s.repetition_penalty), max_new_tokens=int(s.max_new_tokens),
+                          greedy=bool(s.greedy) if greedy is None else greedy,
+                          stop_tokens=stop_tokens_for(tokenizer), pad_id=int(pad_id), seed=int(s.seed))
+
+
+def restore_adapters(job, workdir: str, step: int | None = None):
+    """The adapter tree of `workdir`'s latest (or given) Orbax checkpoint, and that checkpoint's step number."""
+    from socialalign_jax import optim, sharding
+    from socialalign_jax.train import checkpoint, loop, step as step_lib
+
+    manager = checkpoint.make_manager(workdir, save_every=1, keep=1, async_save=False)
+    if manager.latest_step() is None:
+        raise GenerationError(f"{os.path.join(workdir, 'checkpoints')}: no checkpoint; train first "
+                              "(python launch/train.py --config ... --workdir DIR)")
+    optimizer, _ = optim.make_optimizer(dict(job.cfg.optim.to_dict(), total_steps=1))  # only the tree shape matters
+    shapes = jax.eval_shape(lambda: step_lib.init_train_state(
+        pac_lora.init_adapters(jax.random.PRNGKey(0), job.model_cfg, job.lora_cfg), optimizer))
+    shard = sharding.shardings_for(shapes, job.mesh, strict=False)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shard)
+    step = manager.latest_step() if step is None else step
+    if step not in manager.all_steps():
+        raise GenerationError(f"{os.path.join(workdir, 'checkpoints')}: no checkpoint at step {step} "
+                              f"(have {sorted(manager.all_steps())})")
+    restored = checkpoint.restore(manager, abstract, loop.config_to_dict(job.cfg), step=step)
+    return restored[0]["adapters"], int(step)
+
+
+def run_generate(cfg, workdir: str, *, split: str = "test", out: str, max_examples: int = 0,
+                 greedy: bool | None = None, gates_out: str | None = None, step: int | None = None,
+                 progress: bool = True) -> int:
+    """launch/generate.py: restore a run, generate for one split, write the predictions JSONL."""
+    import itertools
+
+    from socialalign_jax.train import data_setup, loop
+
+    job = loop.build_job(cfg, workdir, need_data=False)
+    data = data_setup.prepare(cfg, job.tokenizer, workdir, build_if_missing=False)
+    if split not in data.dataset.sources:
+        raise GenerationError(f"{data.dataset.path}: no split {split!r} (have {sorted(data.dataset.sources)})")
+    source = data.dataset.sources[split]
+    adapters, at_step = restore_adapters(job, workdir, step)
+    scfg = sampling_config(cfg, job.tokenizer, data.pad_id, greedy=greedy)
+    n = len(source) if max_examples <= 0 else min(max_examples, len(source))
+    # The class names live under 'classes' in the dataset metadata ('labels' there is the per-split label index).
+    labels = tuple(data.dataset.metadata.get("classes") or SENTIMENTS)
+    gates = GateAccumulator() if gates_out else None
+    examples = (source[i] for i in itertools.islice(range(len(source)), n))
+    records = generate_predictions(
+        job.params, adapters, job.model_cfg, job.lora_cfg, scfg, examples, job.tokenizer,
+        int(cfg.sample.batch_size), labels=labels, source_name=f"{data.dataset.path} split {split}",
+        total=n, progress=progress, gates=gates)
+    count = write_jsonl(records, out)
+    if gates_out and gates is not None:
+        summary = gates.summary()
+        if summary is not None:
+            write_json(summary, gates_out)
+    print(f"wrote {count} predictions ({split} split, checkpoint step {at_step}, "
+          f"{'greedy' if scfg.greedy else 'sampled'}) to {out}")
+    return 0
+
+
+def write_json(obj: dict, path: str) -> None:
+    """One JSON document (the gate summary), written atomically."""
+    tmp = path + ".tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise GenerationError(f"{path}: cannot write gate statistics: {e.strerror or e}") from None

@@ -144,3 +144,83 @@ def test_bad_example_names_index_and_field(setup, tok, field, value, message):
     with pytest.raises(generation.GenerationError, match=rf"^test\.jsonl: example 1: {message}"):
         list(generation.generate_predictions(params, ad, CFG, LC, _greedy(2), bad, tok, batch_size=4,
                                              progress=False, source_name="test.jsonl"))
+
+
+# ---------------------------------------------------------------------------------- the CLI
+
+
+def _tiny_run_config(events_dir):
+    import importlib.util as iu
+    spec = iu.spec_from_file_location("weibo_config", os.path.join(ROOT, "configs", "weibo.py"))
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    cfg.model.weights = "random:tiny-qwen2"
+    cfg.data.input = str(events_dir)
+    cfg.data.test_fraction = 0.5
+    cfg.lora.rank, cfg.lora.gate_width, cfg.lora.targets = 2, 4, "q,v"
+    return cfg
+
+
+def _cli(args, tmp_path):
+    import subprocess
+    import sys
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "generate.py"), *args],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+
+def test_cli_restores_the_checkpoint_and_writes_predictions(tmp_path):
+    """Build a 2-event dataset, fail cleanly without a checkpoint, then generate from a saved one."""
+    from socialalign_jax import optim
+    from socialalign_jax.train import checkpoint, loop, step as step_lib
+
+    sample = os.path.join(ROOT, "socialalign_jax", "data", "sample", "events")
+    events = tmp_path / "events"
+    events.mkdir()
+    for name in sorted(os.listdir(sample))[:2]:
+        ev = json.load(open(os.path.join(sample, name), encoding="utf-8"))
+        ev["cases"] = ev["cases"][:3]
+        (events / name).write_text(json.dumps(ev, ensure_ascii=False), encoding="utf-8")
+    cfg = _tiny_run_config(events)
+    work = tmp_path / "run"
+    job = loop.build_job(cfg, str(work))  # builds the dataset into run/data
+    overrides = ["--config", os.path.join(ROOT, "configs", "weibo.py"), "--workdir", str(work),
+                 "--config.model.weights=random:tiny-qwen2", f"--config.data.input={events}",
+                 "--config.data.test_fraction=0.5", "--config.lora.rank=2", "--config.lora.gate_width=4",
+                 "--config.lora.targets=q,v", "--config.sample.max_new_tokens=3", "--config.sample.batch_size=2",
+                 "--no_progress"]
+
+    res = _cli(overrides + ["--out", str(tmp_path / "p.jsonl")], tmp_path)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no checkpoint" in lines[0] and "Traceback" not in res.stderr
+
+    # A checkpoint whose head strongly prefers 'negative', so the CLI must really use it.
+    ad = pac_lora.init_adapters(jax.random.PRNGKey(0), job.model_cfg, job.lora_cfg)
+    ad["head"]["bias"] = jax.numpy.array([4.0, 0.0, -4.0])
+    optimizer, _ = optim.make_optimizer(dict(cfg.optim.to_dict(), total_steps=10))
+    manager = checkpoint.make_manager(str(work), save_every=1, keep=1, async_save=False)
+    checkpoint.save(manager, 3, step_lib.init_train_state(ad, optimizer), {}, loop.config_to_dict(cfg), force=True)
+    manager.wait_until_finished()
+
+    out = tmp_path / "preds.jsonl"
+    res = _cli(overrides + ["--out", str(out), "--greedy", "--gates_out", str(tmp_path / "g.json")], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "checkpoint step 3" in res.stdout
+    recs = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    test = job.data.test if job.data is not None else None
+    assert test is not None and len(recs) == len(test) == 3
+    for rec, i in zip(recs, range(len(test))):
+        ex = test[i]
+        p = int(ex["prompt_len"])
+        full = model.forward(job.params, np.asarray(ex["input_ids"])[None, :p], job.model_cfg, adapters=ad,
+                             lora_cfg=job.lora_cfg, spans=(np.array([ex["user_end"]]), np.array([ex["news_end"]])))
+        head = np.asarray(model.sentiment_logits(full.hidden, np.array([p]), ad["head"]))[0]
+        np.testing.assert_allclose(rec["probs"], np.exp(head) / np.exp(head).sum(), atol=1e-5)
+        assert rec["labels"] == ["negative", "neutral", "positive"]
+        assert rec["label"] == rec["labels"][int(ex["label"])]
+        assert rec["reference"] == bytes(ex["response"]).decode("utf-8")
+        assert rec["generated_tokens"] <= 3
+    gates = json.load(open(tmp_path / "g.json"))
+    assert gates["modules"] == ["q", "v"] and np.array(gates["gate_a"]).shape == (2, 2, 3, 3)

@@ -1,0 +1,55 @@
+"""Generate posts (and sentiment-head probabilities) for a split with a trained run's adapters.
+
+    python launch/generate.py --config configs/weibo.py --workdir DIR --split test --out preds.jsonl \
+        [--max_examples N] [--greedy] [--gates_out gates.json] [--config.sample.temperature=0.7 ...]
+
+Reads the base weights named by the config, the dataset built in DIR (by launch/train.py) and
+the latest Orbax checkpoint in DIR/checkpoints; writes the JSONL that launch/evaluate.py scores.
+A bad input stops with one line naming the file, the example and the field (exit status 2).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from socialalign_jax.cli_setup import quiet_startup  # noqa: E402
+
+quiet_startup()
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/weibo.py", "The run's config (file[:preset]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (checkpoints, built dataset).")
+_SPLIT = flags.DEFINE_string("split", "test", "Dataset split to generate for.")
+_OUT = flags.DEFINE_string("out", None, "Predictions JSONL to write.")
+_MAX = flags.DEFINE_integer("max_examples", 0, "Generate for the first N examples only (0 = all).")
+_GREEDY = flags.DEFINE_bool("greedy", None, "Greedy decoding (default: config sample.greedy).")
+_GATES = flags.DEFINE_string("gates_out", None, "Also write per-layer gate statistics (launch/evaluate.py --gates).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar.")
+
+
+def main(argv):
+    from socialalign_jax.errors import UserError, cli_main
+    from socialalign_jax.generation import run_generate
+
+    def go():
+        if len(argv) > 1:
+            raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+        cfg = _CONFIG.value
+        workdir = _WORKDIR.value or os.path.join("runs", f"weibo-{cfg.preset}")
+        if not _OUT.value:
+            raise UserError("--out FILE.jsonl is required")
+        return run_generate(cfg, workdir, split=_SPLIT.value, out=_OUT.value, max_examples=_MAX.value,
+                            greedy=_GREEDY.value, gates_out=_GATES.value, step=_STEP.value,
+                            progress=not _NO_PROGRESS.value)
+
+    cli_main(go)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -4,6 +4,7 @@ a PyTorch re-implementation of the original PAC-LoRA module as the numerical ref
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -189,11 +190,10 @@ def test_original_layout_errors(tmp_path):
 
 
 def _trained_adapters(cfg, lc, seed=0):
-    """init_adapters with every leaf randomised (B and head bias included), as after training."""
-    ad = pac_lora.init_adapters(jax.random.PRNGKey(seed), cfg, lc)
-    leaves, tree = jax.tree_util.tree_flatten(ad)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+    """An adapter tree of the right shapes with every leaf random (B and head bias included), as after training."""
+    rng = np.random.default_rng(seed)
+    shapes = adapter_io.expected_shapes(cfg, lc)
+    return adapter_io.unflatten({k: rng.normal(0, 0.2, s).astype(np.float32) for k, s in shapes.items()})
 
 
 def test_our_layout_round_trip_exact(tmp_path):
@@ -256,6 +256,7 @@ def test_score_cli_applies_adapters(hf_checkpoint, tmp_path):
     from socialalign_jax.hf_import import read_config
     from socialalign_jax.tokenizer import load_tokenizer
     model, ck = hf_checkpoint
+    model = copy.deepcopy(model)  # patched below; the fixture stays the plain model
     cfg, _ = read_config(ck)
     lc = LoraConfig(rank=4, alpha=8.0, num_classes=3)
     ad = _trained_adapters(cfg, lc, seed=9)
@@ -267,29 +268,36 @@ def test_score_cli_applies_adapters(hf_checkpoint, tmp_path):
     text = "今天的新闻让人很难过。#地震# 希望大家平安"
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps({"text": text}, ensure_ascii=False) + "\n", encoding="utf-8")
-    results = {}
-    for name, path in (("ours", ours), ("peft", tmp_path / "peft"), ("none", None)):
-        out = tmp_path / f"{name}.jsonl"
-        argv = ["--checkpoint", str(ck), "--input", str(inp), "--out", str(out), "--batch_size", "1"]
-        argv += ["--adapters", str(path)] if path else []
-        with pytest.raises(SystemExit) as e:
-            score_cli.cli_main(score_cli.main, argv)
-        assert e.value.code == 0
-        results[name] = np.array(json.loads(out.read_text(encoding="utf-8"))["token_logprobs"])
+    # Both layouts load to the same tree, so one CLI run (on the PEFT directory) covers both.
+    a, a_lc = load_adapters(ours, cfg)
+    b, b_lc = load_adapters(tmp_path / "peft", cfg)
+    assert a_lc == b_lc == lc
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+    out = tmp_path / "out.jsonl"
+    argv = ["--checkpoint", str(ck), "--input", str(inp), "--out", str(out), "--batch_size", "1",
+            "--adapters", str(tmp_path / "peft")]
+    with pytest.raises(SystemExit) as e:
+        score_cli.cli_main(score_cli.main, argv)
+    assert e.value.code == 0
+    got = np.array(json.loads(out.read_text(encoding="utf-8"))["token_logprobs"])
 
     # Reference: HF model with every adapted Linear replaced by the torch PAC-LoRA module.
     ids = load_tokenizer(ck).encode(text, add_special_tokens=False)
+
+    def hf_logprobs():
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        return np.array([lp[t - 1, ids[t]].item() for t in range(1, len(ids))])
+
+    plain = hf_logprobs()
     for i, layer in enumerate(model.model.layers):
         for t, (block, proj) in PROJ.items():
             parent = getattr(layer, block)
             pre = f"base_model.model.model.layers.{i}.{block}.{proj}."
             setattr(parent, proj, OrigPacLora(getattr(parent, proj), sd, pre, ".default.weight", lc.scale))
-    with torch.no_grad():
-        lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
-    ref = np.array([lp[t - 1, ids[t]].item() for t in range(1, len(ids))])
-    np.testing.assert_allclose(results["ours"], ref, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(results["peft"], results["ours"], rtol=0, atol=1e-6)
-    assert np.abs(results["none"] - ref).max() > 1e-2  # the adapters really change the scores
+    ref = hf_logprobs()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
+    assert np.abs(plain - ref).max() > 1e-2  # the adapters really change the scores
     assert math.isfinite(ref.sum())
 
 

@@ -262,20 +262,17 @@ def test_no_per_expert_output_tensor_in_forward_or_backward(mode):
     assert _expert_output_shapes(jax.grad(naive, argnums=(0, 1)), x, adapter) != []
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_model_at_init_equals_base_exactly(family):
-    cfg = ModelConfig(family, 97, 32, 48, 2, 4, 2, 8, qkv_bias=family == "qwen2",
-                      tie_embeddings=family == "qwen2")
+def test_model_at_init_equals_base_exactly():
+    cfg = ModelConfig("qwen2", 97, 32, 48, 2, 4, 2, 8, qkv_bias=True, tie_embeddings=True)
     params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
     lc = LoraConfig(routing="token", dropout=0.1)
     adapters = pac_lora.init_adapters(jax.random.PRNGKey(1), cfg, lc)
     ids = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, cfg.vocab_size)
     spans = (jnp.array([3, 2]), jnp.array([6, 5]))
-    base = model_lib.forward(params, ids, cfg).logits
-    adapted = model_lib.forward(params, ids, cfg, adapters=adapters, lora_cfg=lc, spans=spans).logits
-    np.testing.assert_array_equal(np.asarray(adapted), np.asarray(base))
+    adapted_fwd = jax.jit(lambda p, a: model_lib.forward(p, ids, cfg, adapters=a, lora_cfg=lc, spans=spans).logits)
+    base = jax.jit(lambda p: model_lib.forward(p, ids, cfg).logits)(params)
+    np.testing.assert_array_equal(np.asarray(adapted_fwd(params, adapters)), np.asarray(base))
     # Non-zero B must change the output (the comparison above is not vacuous).
     adapters = jax.tree_util.tree_map_with_path(
         lambda path, a: a + 0.1 if any(getattr(k, "key", None) == "B" for k in path) else a, adapters)
-    moved = model_lib.forward(params, ids, cfg, adapters=adapters, lora_cfg=lc, spans=spans).logits
-    assert np.abs(np.asarray(moved) - np.asarray(base)).max() > 1e-4
+    assert np.abs(np.asarray(adapted_fwd(params, adapters)) - np.asarray(base)).max() > 1e-4

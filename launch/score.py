@@ -47,10 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from socialalign_jax import scoring
-    from socialalign_jax.hf_import import load_hf_checkpoint, read_config
+    from socialalign_jax.hf_import import check_hf_checkpoint, load_hf_checkpoint
     from socialalign_jax.tokenizer import load_tokenizer
 
-    real_cfg, _ = read_config(args.checkpoint)  # cheap, and fails fast before the tokenizer/weights
+    real_cfg = check_hf_checkpoint(args.checkpoint)  # headers only: fails fast before tokenizer/weights
     try:
         tokenizer = load_tokenizer(None if args.tokenizer == "builtin" else (args.tokenizer or args.checkpoint))
     except ValueError as e:  # TokenizerFileError: already names the file

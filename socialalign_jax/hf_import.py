@@ -305,6 +305,20 @@ def _check_tensors(refs: Mapping[str, TensorRef], source: Path, cfg: ModelConfig
 
 # --------------------------------------------------------------------------- loading
 
+def check_hf_checkpoint(path: str | os.PathLike) -> ModelConfig:
+    """Validate config.json and every tensor's name/shape/dtype from the headers alone (no
+    weights are read except a tied lm_head to compare): lets a CLI fail in a second, before it
+    loads a tokenizer or gigabytes of weights. Returns the real-vocab ModelConfig."""
+    cfg, _ = read_config(path)
+    refs, source = _index_checkpoint(Path(path))
+    files = _MappedFiles()
+    try:
+        _check_tensors(refs, source, cfg, files)
+    finally:
+        files.close()
+    return cfg
+
+
 def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
     for k in path:
         tree = tree[k]

@@ -172,8 +172,8 @@ def encode_file(tokenizer, path: str | os.PathLike, *, chat: bool, vocab_size: i
         where = f"{path}: line {lineno}"
         e = encode_record(tokenizer, obj, chat=chat, where=where)
         if max_length is not None and len(e.ids) > max_length:
-            raise UserError(f"{where}: {len(e.ids)} tokens exceed --max_length {max_length} "
-                            "(records are never truncated)")
+            raise UserError(f"{where}: {len(e.ids)} tokens exceed max_length {max_length} "
+                            "(--max_length, default max_position_embeddings; records are never truncated)")
         bad = [t for t in e.ids if not 0 <= t < vocab_size]
         if bad:
             raise UserError(f"{where}: token id {bad[0]} is outside the model vocabulary ({vocab_size}); "

@@ -40,6 +40,12 @@ def checkpoint(tmp_path_factory):
     return model, d
 
 
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint):
+    from socialalign_jax.tokenizer import load_tokenizer
+    return load_tokenizer(checkpoint[1])
+
+
 def _hf_reference(model, tok, prompt_text, response_text):
     """Log-probs of the response tokens by transformers on the unpadded sequence (or of all
     tokens after the first when prompt_text is None)."""
@@ -56,8 +62,7 @@ def _hf_reference(model, tok, prompt_text, response_text):
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
-def test_logprobs_match_hf(checkpoint, tmp_path, chat):
-    from socialalign_jax.tokenizer import load_tokenizer
+def test_logprobs_match_hf(checkpoint, tokenizer, tmp_path, chat):
     model, ck = checkpoint
     records = RECORDS[1:] if chat else RECORDS
     inp = tmp_path / "in.jsonl"
@@ -69,7 +74,7 @@ def test_logprobs_match_hf(checkpoint, tmp_path, chat):
     assert e.value.code == 0
     got = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert len(got) == len(records)
-    tok = load_tokenizer(ck)
+    tok = tokenizer
     for rec, res in zip(records, got):
         assert {k: res[k] for k in rec} == rec  # input fields carried through unchanged
         if "text" in rec:
@@ -133,33 +138,58 @@ def test_checkpoint_errors_are_one_line(checkpoint, tmp_path, how):
     assert not (tmp_path / "out.jsonl").exists()
 
 
-@pytest.mark.parametrize("line,needles", [
+BAD_LINES = [
     ('{"text": "ok"', ["line 2", "invalid JSON"]),
     ('["text"]', ["line 2", "expected a JSON object"]),
     ('{"prompt": "p"}', ["line 2", "missing field 'response'"]),
     ('{"text": "a", "prompt": "b", "response": "c"}', ["line 2", "not both"]),
     ('{"prompt": "p", "response": 3}', ["line 2", "field 'response' must be a string"]),
     ('{"prompt": "p", "response": ""}', ["line 2", "field 'response' is empty"]),
-])
-def test_input_errors_name_file_and_line(checkpoint, tmp_path, line, needles):
+    ('{"text": "x"}', ["line 2", "fewer than 2 tokens"]),
+]
+
+
+def test_input_errors_name_file_and_line(tokenizer, tmp_path):
     from socialalign_jax.errors import UserError
     from socialalign_jax.scoring import encode_file
-    from socialalign_jax.tokenizer import load_tokenizer
     inp = tmp_path / "in.jsonl"
-    inp.write_text(json.dumps(RECORDS[0]) + "\n" + line + "\n", encoding="utf-8")
-    with pytest.raises(UserError) as e:
-        encode_file(load_tokenizer(checkpoint[1]), inp, chat=False, vocab_size=QWEN_VOCAB, max_length=None)
-    assert str(e.value).startswith(f"{inp}: ")
-    for n in needles:
-        assert n in str(e.value)
+    for line, needles in BAD_LINES:
+        inp.write_text(json.dumps(RECORDS[0]) + "\n" + line + "\n", encoding="utf-8")
+        with pytest.raises(UserError) as e:
+            encode_file(tokenizer, inp, chat=False, vocab_size=QWEN_VOCAB, max_length=None)
+        assert str(e.value).startswith(f"{inp}: "), line
+        for n in needles:
+            assert n in str(e.value), (line, str(e.value))
+    # too long: an error, never a silent truncation
+    inp.write_text(json.dumps(RECORDS[0], ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match="line 1: .* exceed max_length 3 .*never truncated"):
+        encode_file(tokenizer, inp, chat=False, vocab_size=QWEN_VOCAB, max_length=3)
+    # a tokenizer id beyond the model's vocabulary (mismatched checkpoint) is named
+    with pytest.raises(UserError, match="line 1: token id .* outside the model vocabulary"):
+        encode_file(tokenizer, inp, chat=False, vocab_size=1000, max_length=None)
 
 
-def test_malformed_input_via_cli_and_no_truncation(checkpoint, tmp_path):
+def test_malformed_input_via_cli(checkpoint, tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps(RECORDS[0], ensure_ascii=False) + "\n{oops\n", encoding="utf-8")
     proc = _run_cli("--checkpoint", checkpoint[1], "--input", inp, "--out", tmp_path / "o.jsonl")
     _assert_one_line_error(proc, f"{inp}: line 2", "invalid JSON")
-    inp.write_text(json.dumps(RECORDS[0], ensure_ascii=False) + "\n", encoding="utf-8")
-    proc = _run_cli("--checkpoint", checkpoint[1], "--input", inp, "--out", tmp_path / "o.jsonl",
-                    "--max_length", "3")
-    _assert_one_line_error(proc, f"{inp}: line 1", "exceed", "never truncated")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_padded_vocab_is_masked_out_of_the_softmax(checkpoint, tokenizer, tmp_path):
+    """V padded 151936 -> 152064 (Qwen2.5-7B's padding): zero rows would otherwise add mass."""
+    from socialalign_jax.hf_import import load_hf_checkpoint
+    from socialalign_jax.scoring import encode_file, score_examples
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in RECORDS), encoding="utf-8")
+    ex = encode_file(tokenizer, inp, chat=False, vocab_size=QWEN_VOCAB, max_length=None)
+    cfg, params = load_hf_checkpoint(checkpoint[1])
+    cfgp, paramsp = load_hf_checkpoint(checkpoint[1], vocab_multiple=256)
+    assert cfgp.vocab_size == 152064
+    ref = list(score_examples(params, cfg, ex, batch_size=4))
+    got = list(score_examples(paramsp, cfgp, ex, batch_size=4, real_vocab=QWEN_VOCAB))
+    unmasked = list(score_examples(paramsp, cfgp, ex, batch_size=4))
+    for r, g, u in zip(ref, got, unmasked):
+        np.testing.assert_allclose(g["token_logprobs"], r["token_logprobs"], rtol=0, atol=1e-5)
+        assert u["sum_logprob"] < r["sum_logprob"] - 1e-4  # the masking is what makes them agree

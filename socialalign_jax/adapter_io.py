@@ -402,7 +402,8 @@ def import_peft(path, model_cfg: ModelConfig, lora_cfg: LoraConfig | None = None
         _check_shapes(head, want, head_path)
         tree["head"] = {n.split("/")[1]: _as_f32(v, head_path, n) for n, v in head.items()}
         if lora_cfg.num_classes not in (0, k.shape[1]):
-            raise AdapterError(f"{head_path}: head has {k.shape[1]} classes, lora_cfg.num_classes = {lora_cfg.num_classes}")
+            raise AdapterError(f"{head_path}: head has {k.shape[1]} classes, "
+                               f"lora_cfg.num_classes = {lora_cfg.num_classes}")
         lora_cfg = dataclasses.replace(lora_cfg, num_classes=int(k.shape[1]))
     elif lora_cfg.num_classes:
         lora_cfg = dataclasses.replace(lora_cfg, num_classes=0)  # the original layout carries no head

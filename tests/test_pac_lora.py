@@ -266,13 +266,13 @@ def test_model_at_init_equals_base_exactly():
     cfg = ModelConfig("qwen2", 97, 32, 48, 2, 4, 2, 8, qkv_bias=True, tie_embeddings=True)
     params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
     lc = LoraConfig(routing="token", dropout=0.1)
-    adapters = pac_lora.init_adapters(jax.random.PRNGKey(1), cfg, lc)
-    ids = jax.random.randint(jax.random.PRNGKey(2), (2, 9), 0, cfg.vocab_size)
+    adapters = jax.jit(pac_lora.init_adapters, static_argnums=(1, 2))(jax.random.PRNGKey(1), cfg, lc)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
     spans = (jnp.array([3, 2]), jnp.array([6, 5]))
     adapted_fwd = jax.jit(lambda p, a: model_lib.forward(p, ids, cfg, adapters=a, lora_cfg=lc, spans=spans).logits)
     base = jax.jit(lambda p: model_lib.forward(p, ids, cfg).logits)(params)
     np.testing.assert_array_equal(np.asarray(adapted_fwd(params, adapters)), np.asarray(base))
     # Non-zero B must change the output (the comparison above is not vacuous).
     adapters = jax.tree_util.tree_map_with_path(
-        lambda path, a: a + 0.1 if any(getattr(k, "key", None) == "B" for k in path) else a, adapters)
+        lambda path, a: np.asarray(a) + 0.1 if any(getattr(k, "key", None) == "B" for k in path) else a, adapters)
     assert np.abs(np.asarray(adapted_fwd(params, adapters)) - np.asarray(base)).max() > 1e-4

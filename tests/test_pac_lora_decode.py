@@ -83,7 +83,7 @@ def _run(mode, chunk_local=False):
     per-token stats from full passes, per-token stats from decode steps, full-sequence stats,
     prefill + decode stat sums)."""
     lc = LoraConfig(num_analyze=3, num_compose=2, rank=4, alpha=8.0, dropout=0.1, gate_width=16,
-                    routing=mode, num_classes=0)
+                    routing=mode, num_classes=0, targets=("q", "v", "o", "down"))
     adapters = _adapters(lc)
     p_ids, p_mask, f_ids, gen, real_cols = _inputs()
     spans = (jnp.asarray(USER_END), jnp.asarray(NEWS_END))

@@ -21,6 +21,9 @@ PRESETS: dict[str, ModelConfig] = {
     # Test and quickstart shapes: Qwen2 vocabulary so the real tokenizer applies.
     "tiny-qwen2": ModelConfig("qwen2", _QWEN_VOCAB, 64, 128, 2, 4, 2, 16, rope_theta=1e6,
                               tie_embeddings=True),
+    # The embedded quickstart default: small enough to train in minutes on 2 CPU cores.
+    "small-qwen2": ModelConfig("qwen2", _QWEN_VOCAB, 128, 384, 2, 4, 2, 32, rope_theta=1e6,
+                               tie_embeddings=True),
     "tiny-llama": ModelConfig("llama", 512, 64, 128, 2, 4, 2, 16, rope_theta=10000.0,
                               rms_norm_eps=1e-5, qkv_bias=False, tie_embeddings=False),
 }

@@ -1,0 +1,309 @@
+"""The training job: config -> base model, adapters, mesh, data, jitted step, checkpoints, logs.
+
+Runs unchanged from one CPU to a multi-host TPU slice: every process builds the same mesh
+over the global devices, reads only its rows of each global batch, and assembles global
+arrays with `jax.make_array_from_process_local_data`. Only process 0 logs and prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from socialalign_jax import optim, pac_lora, sharding
+from socialalign_jax.config import ModelConfig
+from socialalign_jax.errors import UserError
+from socialalign_jax.mesh import make_mesh
+from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.train import checkpoint, flops, step as step_lib
+from socialalign_jax.train.metrics_log import MetricLogger
+
+log = logging.getLogger("socialalign_jax.train")
+
+
+# ----------------------------------------------------------------------------- config readers
+
+def lora_config(cfg) -> LoraConfig:
+    targets = tuple(t.strip() for t in str(cfg.lora.targets).split(",") if t.strip())
+    return LoraConfig(num_analyze=cfg.lora.num_analyze, num_compose=cfg.lora.num_compose, rank=cfg.lora.rank,
+                      alpha=float(cfg.lora.alpha), rslora=bool(cfg.lora.rslora), dropout=float(cfg.lora.dropout),
+                      gate_width=cfg.lora.gate_width, targets=targets, routing=cfg.lora.routing,
+                      num_classes=cfg.lora.num_classes)
+
+
+def loss_config(cfg) -> step_lib.LossConfig:
+    return step_lib.LossConfig(lambda_sent=float(cfg.loss.lambda_sent), lambda_macro=float(cfg.loss.lambda_macro),
+                               estimator=cfg.loss.estimator, gumbel_tau=float(cfg.loss.gumbel_tau),
+                               max_response_tokens=int(cfg.loss.max_response_tokens))
+
+
+def config_to_dict(cfg) -> dict:
+    d = cfg.to_dict()
+    d["lora"]["targets"] = ",".join(lora_config(cfg).targets)
+    return d
+
+
+def setup_distributed(cfg) -> None:
+    """jax.distributed.initialize from the config/flags, or from the environment on a pod."""
+    mode = cfg.distributed.initialize
+    addr = cfg.distributed.coordinator_address
+    if mode == "no" or (mode == "auto" and not addr and not _pod_environment()):
+        return
+    kw = {}
+    if addr:
+        kw = dict(coordinator_address=addr, num_processes=int(cfg.distributed.num_processes),
+                  process_id=int(cfg.distributed.process_id))
+    if jax.config.read("jax_platforms") in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kw)
+
+
+def _pod_environment() -> bool:
+    return any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+                                         "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE"))
+
+
+# ----------------------------------------------------------------------------- the job
+
+@dataclasses.dataclass
+class Job:
+    """Everything a run holds; built by `build_job`, consumed by `train` and the generate CLI."""
+    cfg: Any
+    model_cfg: ModelConfig
+    lora_cfg: LoraConfig
+    loss_cfg: step_lib.LossConfig
+    params: Any
+    tokenizer: Any
+    mesh: Any
+    data: Any  # train/data_setup.Datasets
+    workdir: str
+
+
+def build_job(cfg, workdir: str, *, need_data: bool = True) -> Job:
+    from socialalign_jax.train import data_setup
+    from socialalign_jax.weights import resolve_weights
+
+    if not str(cfg.model.weights) or str(cfg.model.weights) in ("hf:", "gguf:"):
+        raise UserError(f"config preset {cfg.preset!r} needs the base weights: pass "
+                        "--config.model.weights=hf:/path/to/checkpoint (a local Hugging Face directory)")
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    weights = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
+    model_cfg = weights.cfg.replace(remat=bool(cfg.model.remat))
+    params = jax.device_put(weights.params, sharding.shardings_for(weights.params, mesh))
+    tokenizer = weights.tokenizer
+    if cfg.data.tokenizer:
+        from socialalign_jax.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer is None:
+        raise UserError(f"weights {cfg.model.weights!r} come without a tokenizer: pass --config.data.tokenizer=DIR")
+    data = data_setup.prepare(cfg, tokenizer, workdir) if need_data else None
+    return Job(cfg, model_cfg, lora_config(cfg), loss_config(cfg), params, tokenizer, mesh, data, workdir)
+
+
+def _global_batch(local: dict, mesh) -> dict:
+    sh = sharding.batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in local.items()}
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):  # noqa: ARG002
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def total_steps(cfg, batches_per_epoch: int) -> int:
+    if int(cfg.train.num_steps) > 0:
+        return int(cfg.train.num_steps)
+    return max(1, int(cfg.train.num_epochs) * batches_per_epoch)
+
+
+def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[str, Any]:
+    """Held-out response CE, sentiment accuracy / majority baseline, and mean event JSD."""
+    from socialalign_jax.data.pipeline import eval_batches
+    from socialalign_jax.losses import jsd
+
+    eval_step = jax.jit(step_lib.make_eval_step(job.model_cfg, job.lora_cfg, job.loss_cfg))
+    bs = int(job.cfg.data.eval_batch_size)
+    n_dev = int(np.prod([job.mesh.shape[a] for a in sharding.BATCH_AXES]))
+    bs = int(math.ceil(bs / n_dev) * n_dev)
+    lm_sum = lm_cnt = 0.0
+    probs, labels, events, masks = [], [], [], []
+    targets = {}
+    for local in eval_batches(source, bs, job.data.seq_len, job.data.pad_id, job.lora_cfg.num_classes,
+                              process_index=jax.process_index(), process_count=jax.process_count()):
+        step_lib.check_response_lengths(local, job.loss_cfg.max_response_tokens, desc)
+        batch = _global_batch(local, job.mesh)
+        out = eval_step(job.params, adapters, batch)
+        lm_sum += float(out["lm_sum"])
+        lm_cnt += float(out["lm_count"])
+        g = {k: np.asarray(jax.experimental.multihost_utils.process_allgather(batch[k], tiled=True))
+             for k in ("label", "event_id", "example_mask", "target_dist")}
+        if "probs" in out:
+            probs.append(np.asarray(jax.experimental.multihost_utils.process_allgather(out["probs"], tiled=True)))
+        labels.append(g["label"]), events.append(g["event_id"]), masks.append(g["example_mask"])
+        for e, t in zip(g["event_id"], g["target_dist"]):
+            targets.setdefault(int(e), t)
+    res: dict[str, Any] = {"response_ce": lm_sum / max(lm_cnt, 1.0), "response_tokens": lm_cnt}
+    labels, events, masks = np.concatenate(labels), np.concatenate(events), np.concatenate(masks)
+    real = (masks > 0) & (labels >= 0)
+    if probs and real.any():
+        p = np.concatenate(probs)
+        pred = p.argmax(-1)
+        res["sentiment_accuracy"] = float((pred[real] == labels[real]).mean())
+        counts = np.bincount(labels[real], minlength=p.shape[1])
+        res["majority_baseline_accuracy"] = float(counts.max() / counts.sum())
+        per_event = []
+        for e in sorted(set(events[masks > 0].tolist())):
+            sel = (events == e) & (masks > 0)
+            per_event.append(float(jsd(jnp.asarray(p[sel].mean(0)), jnp.asarray(targets[e]))))
+        res["macro_jsd"] = float(np.mean(per_event))
+        res["num_events"] = len(per_event)
+    res["num_examples"] = int((masks > 0).sum())
+    return res
+
+
+def train(cfg, workdir: str, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) training; returns the final metrics dict."""
+    setup_distributed(cfg)
+    os.makedirs(workdir, exist_ok=True)
+    job = build_job(cfg, workdir)
+    is_main = jax.process_index() == 0
+    logger = MetricLogger(workdir, enabled=is_main, tensorboard=bool(cfg.train.tensorboard))
+    from socialalign_jax.data.pipeline import BatchConfig, TrainIterator
+
+    bcfg = BatchConfig(events_per_batch=int(cfg.data.events_per_batch), cases_per_event=int(cfg.data.cases_per_event),
+                       seq_len=job.data.seq_len, pad_id=job.data.pad_id, num_classes=job.lora_cfg.num_classes,
+                       seed=int(cfg.data.seed), read_threads=2, prefetch=2)
+    sharding.check_batch_divisible(bcfg.global_batch_size, job.mesh)
+    it = TrainIterator(job.data.train, bcfg, process_index=jax.process_index(), process_count=jax.process_count())
+    n_steps = total_steps(cfg, len(it.plan(0)))
+    opt_cfg = dict(cfg.optim.to_dict(), total_steps=n_steps)
+    optimizer, schedule = optim.make_optimizer(opt_cfg)
+
+    adapters = pac_lora.init_adapters(jax.random.PRNGKey(int(cfg.train.seed)), job.model_cfg, job.lora_cfg)
+    state = step_lib.init_train_state(adapters, optimizer)
+    state_sh = sharding.shardings_for(state, job.mesh, strict=False)
+    param_sh = sharding.shardings_for(job.params, job.mesh)
+    batch_sh = sharding.batch_sharding(job.mesh)
+    repl = jax.sharding.NamedSharding(job.mesh, jax.sharding.PartitionSpec())
+    state = jax.device_put(state, state_sh)
+
+    cfg_dict = config_to_dict(cfg)
+    manager = checkpoint.make_manager(workdir, save_every=int(cfg.train.checkpoint_every),
+                                      keep=int(cfg.train.keep_checkpoints), async_save=bool(cfg.train.async_checkpoint))
+    restored = checkpoint.restore(manager, jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh), cfg_dict)
+    if restored is not None:
+        state, data_state, _ = restored
+        it.set_state(data_state)
+        if is_main:
+            print(f"resumed from {manager.directory} at step {int(state['step'])}")
+    elif is_main:
+        checkpoint.write_json(os.path.join(workdir, "config.json"), cfg_dict)
+
+    train_step = jax.jit(
+        step_lib.make_train_step(job.model_cfg, job.lora_cfg, job.loss_cfg, optimizer, schedule),
+        in_shardings=(param_sh, state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=(1,))
+    rng = jax.random.PRNGKey(int(cfg.train.seed) + 1)
+
+    peak = float(cfg.hardware.peak_flops_per_device) or (flops.peak_flops_for(jax.devices()[0].device_kind) or 0.0)
+    step_flops = flops.train_step_flops(job.model_cfg, job.lora_cfg, bcfg.global_batch_size, bcfg.seq_len,
+                                        job.loss_cfg.max_response_tokens or None, job.lora_cfg.num_classes)
+
+    baseline = None
+    if cfg.train.eval_at_end and int(state["step"]) == 0 and job.data.test is not None and len(job.data.test):
+        baseline = evaluate_split(job, state["adapters"], job.data.test, desc="test split (step 0)")
+        if is_main:
+            logger.write(0, baseline, prefix="eval/")
+            checkpoint.write_json(os.path.join(workdir, "eval_step0.json"), baseline)
+
+    stop = _StopFlag()
+    start_step = int(state["step"])
+    bar = None
+    if is_main and progress:
+        from tqdm import tqdm
+        bar = tqdm(total=n_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    last = {}
+    t_last, tok_last = time.perf_counter(), 0.0
+    try:
+        for step in range(start_step, n_steps):
+            try:
+                local = next(it)
+            except StopIteration:
+                break
+            step_lib.check_response_lengths(local, job.loss_cfg.max_response_tokens, f"train batch {step}")
+            batch = _global_batch(local, job.mesh)
+            state, metrics = train_step(job.params, state, batch, rng)
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                manager.wait_until_finished()
+                raise UserError(
+                    f"step {step}: loss is {loss} (terms: " + ", ".join(
+                        f"{k}={float(metrics[k]):.4g}" for k in ("lm", "sent", "macro"))
+                    + f"); stopped; the last good checkpoint is step {manager.latest_step()} in {manager.directory}")
+            tok_last += float(np.asarray(local["attention_mask"]).sum()) * jax.process_count()
+            done = step + 1
+            if done % int(cfg.train.log_every) == 0 or done == n_steps:
+                dt = time.perf_counter() - t_last
+                m = jax.device_get(metrics)
+                m["tokens_per_s"] = tok_last / max(dt, 1e-9)
+                steps_done = done - (start_step if not last else last.get("_step", start_step))
+                m["step_time_s"] = dt / max(steps_done, 1)
+                m["tflops_per_s"] = step_flops / max(m["step_time_s"], 1e-9) / 1e12
+                if peak > 0:
+                    m["mfu"] = step_flops / m["step_time_s"] / (peak * jax.device_count())
+                last = logger.write(done, m, prefix="train/")
+                last["_step"] = done
+                t_last, tok_last = time.perf_counter(), 0.0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", lm=f"{m['lm']:.3f}", macro=f"{m['macro']:.3f}")
+            if bar is not None:
+                bar.update(1)
+            checkpoint.save(manager, done, state, it.get_state(), cfg_dict)
+            if stop.signum is not None:
+                checkpoint.save(manager, done, state, it.get_state(), cfg_dict, force=True)
+                manager.wait_until_finished()
+                if is_main:
+                    print(f"\nreceived signal {stop.signum}: saved checkpoint at step {done} in {manager.directory}; exiting")
+                return {"stopped_at": done}
+        final_step = int(state["step"])
+        if manager.latest_step() != final_step:
+            checkpoint.save(manager, final_step, state, it.get_state(), cfg_dict, force=True)
+        manager.wait_until_finished()
+    finally:
+        stop.restore()
+        if bar is not None:
+            bar.close()
+    result = {"step": int(state["step"]), "train": {k: v for k, v in last.items() if not k.startswith("_")}}
+    if cfg.train.eval_at_end and job.data.test is not None and len(job.data.test):
+        final = evaluate_split(job, state["adapters"], job.data.test, desc="test split")
+        result["eval"] = final
+        if baseline is None and os.path.exists(os.path.join(workdir, "eval_step0.json")):
+            import json
+            baseline = json.load(open(os.path.join(workdir, "eval_step0.json")))
+        result["eval_step0"] = baseline
+        if is_main:
+            logger.write(result["step"], final, prefix="eval/")
+            checkpoint.write_json(os.path.join(workdir, "eval_final.json"), result)
+    logger.close()
+    return result

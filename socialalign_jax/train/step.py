@@ -1,0 +1,163 @@
+"""The training and evaluation steps: pure functions of (frozen base, trainable state, batch, rng).
+
+Gradients and optimizer state exist only for the adapter tree (which holds the sentiment
+head): the base params enter as a non-differentiated argument, so XLA never allocates a
+base-sized gradient or Adam moment.
+
+LM logits are computed only at response positions (gathered, at most `max_response_tokens`
+per row): the prompt is never scored, and for a 152k vocabulary the [B, S, V] logits of a
+full sequence would dominate memory and FLOPs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from socialalign_jax import losses, model
+from socialalign_jax.config import ModelConfig
+from socialalign_jax.pac_lora import LoraConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    lambda_sent: float = 1.0
+    lambda_macro: float = 1.0
+    estimator: str = "mean"  # 'mean' | 'gumbel'
+    gumbel_tau: float = 1.0
+    max_response_tokens: int = 64  # R: response positions scored per row (0 = every position)
+
+
+def response_positions(loss_mask, max_tokens: int):
+    """Indices of the label positions of each row, padded: loss_mask [B, S] -> idx [B, R], valid [B, R].
+
+    Rows with more than R response tokens must be caught on the host before the step
+    (`check_response_lengths`); inside jit nothing can be dropped silently, so we also return
+    the true count and the caller asserts on it in the metrics.
+    """
+    def one(row):
+        (idx,) = jnp.nonzero(row, size=max_tokens, fill_value=0)
+        return idx
+    idx = jax.vmap(one)(loss_mask)
+    valid = jnp.arange(max_tokens)[None, :] < jnp.sum(loss_mask, axis=1, keepdims=True)
+    return idx.astype(jnp.int32), valid
+
+
+def response_nll(params, hidden, input_ids, loss_mask, cfg: ModelConfig, max_tokens: int):
+    """Summed next-token NLL over response tokens and their count, from final hidden states."""
+    if max_tokens <= 0:
+        logits = model.lm_logits(params, hidden, cfg)
+        return losses.response_ce(logits, input_ids, loss_mask)
+    idx, valid = response_positions(loss_mask, max_tokens)  # label positions t
+    src = jnp.maximum(idx - 1, 0)  # predicted from t - 1
+    h = jnp.take_along_axis(hidden, src[..., None], axis=1)  # [B, R, D]
+    labels = jnp.take_along_axis(input_ids, idx, axis=1)  # [B, R]
+    logits = model.lm_logits(params, h, cfg)  # [B, R, V] float32
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    w = valid.astype(jnp.float32)
+    return jnp.sum(nll * w), jnp.sum(w)
+
+
+def compute_loss(adapters, params, batch, rng, *, model_cfg: ModelConfig, lora_cfg: LoraConfig,
+                 loss_cfg: LossConfig, deterministic: bool):
+    """The dual-level objective for one global batch. Returns (loss, (terms, gate_stats))."""
+    drop_rng, gumbel_rng = jax.random.split(rng)
+    out = model.forward(
+        params, batch["input_ids"], model_cfg, attention_mask=batch["attention_mask"],
+        adapters=adapters, lora_cfg=lora_cfg, spans=(batch["user_end"], batch["news_end"]),
+        rng=drop_rng, deterministic=deterministic, compute_logits=False)
+    lm = response_nll(params, out.hidden, batch["input_ids"], batch["loss_mask"], model_cfg,
+                      loss_cfg.max_response_tokens)
+    if "head" in adapters:
+        sent_logits = model.sentiment_logits(out.hidden, batch["prompt_len"], adapters["head"])
+    else:  # no head: the sentiment and macro terms vanish
+        sent_logits = jnp.zeros((batch["input_ids"].shape[0], batch["target_dist"].shape[-1]), jnp.float32)
+    loss, terms = losses.total_loss(
+        None, sent_logits, batch, lambda_sent=loss_cfg.lambda_sent if "head" in adapters else 0.0,
+        lambda_macro=loss_cfg.lambda_macro if "head" in adapters else 0.0, estimator=loss_cfg.estimator,
+        rng=gumbel_rng, tau=loss_cfg.gumbel_tau, lm_nll=lm)
+    terms["response_tokens_total"] = jnp.sum(batch["loss_mask"]).astype(jnp.float32)
+    return loss, (terms, out.gate_stats)
+
+
+def gate_summary(stats) -> dict[str, Any]:
+    """Token-weighted mean gate entropy per segment and mean expert weights [3, E], over layers and modules."""
+    if not stats:
+        return {}
+    summ = {"a_weights": 0.0, "b_weights": 0.0, "a_entropy": 0.0, "b_entropy": 0.0, "count": 0.0}
+    for st in stats.values():
+        summ["a_weights"] = summ["a_weights"] + jnp.sum(st["a"], axis=0)
+        summ["b_weights"] = summ["b_weights"] + jnp.sum(st["b"], axis=0)
+        summ["a_entropy"] = summ["a_entropy"] + jnp.sum(st["a_entropy"], axis=0)
+        summ["b_entropy"] = summ["b_entropy"] + jnp.sum(st["b_entropy"], axis=0)
+        summ["count"] = summ["count"] + jnp.sum(st["count"], axis=0)
+    cnt = jnp.maximum(summ.pop("count"), 1.0)
+    return {"gate_a_weights": summ["a_weights"] / cnt[:, None], "gate_b_weights": summ["b_weights"] / cnt[:, None],
+            "gate_a_entropy": summ["a_entropy"] / cnt, "gate_b_entropy": summ["b_entropy"] / cnt}
+
+
+def init_train_state(adapters, optimizer: optax.GradientTransformation) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "adapters": adapters, "opt_state": optimizer.init(adapters)}
+
+
+def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg: LossConfig,
+                    optimizer: optax.GradientTransformation, schedule=None):
+    """train_step(params, state, batch, rng) -> (state, metrics); jit it with the state donated."""
+
+    def train_step(params, state, batch, rng):
+        rng = jax.random.fold_in(rng, state["step"])
+        grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+        (loss, (terms, stats)), grads = grad_fn(
+            state["adapters"], params, batch, rng, model_cfg=model_cfg, lora_cfg=lora_cfg,
+            loss_cfg=loss_cfg, deterministic=False)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["adapters"])
+        adapters = optax.apply_updates(state["adapters"], updates)
+        metrics = dict(terms)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        if schedule is not None:
+            metrics["lr"] = schedule(state["step"])
+        metrics.update(gate_summary(stats))
+        new_state = {"step": state["step"] + 1, "adapters": adapters, "opt_state": opt_state}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg: LossConfig):
+    """eval_step(params, adapters, batch) -> sums for held-out metrics (deterministic, no dropout)."""
+
+    def eval_step(params, adapters, batch):
+        out = model.forward(
+            params, batch["input_ids"], model_cfg, attention_mask=batch["attention_mask"],
+            adapters=adapters, lora_cfg=lora_cfg, spans=(batch["user_end"], batch["news_end"]),
+            deterministic=True, compute_logits=False)
+        lm_sum, lm_cnt = response_nll(params, out.hidden, batch["input_ids"], batch["loss_mask"], model_cfg,
+                                      loss_cfg.max_response_tokens)
+        res = {"lm_sum": lm_sum, "lm_count": lm_cnt}
+        if "head" in adapters:
+            logits = model.sentiment_logits(out.hidden, batch["prompt_len"], adapters["head"])
+            res["probs"] = jax.nn.softmax(logits, axis=-1)
+        if out.gate_stats:
+            res["gate_stats"] = out.gate_stats
+        return res
+
+    return eval_step
+
+
+def check_response_lengths(batch, max_tokens: int, where: str = "batch") -> None:
+    """Host-side guard: refuse (never truncate) a response longer than the scored window."""
+    if max_tokens <= 0:
+        return
+    longest = int(batch["loss_mask"].sum(axis=1).max())
+    if longest > max_tokens:
+        raise ValueError(
+            f"{where}: a response has {longest} tokens but loss.max_response_tokens={max_tokens}; "
+            f"raise --config.loss.max_response_tokens (responses are never truncated)")
+
+
+__all__ = ["LossConfig", "compute_loss", "make_train_step", "make_eval_step", "init_train_state",
+           "check_response_lengths", "gate_summary"]

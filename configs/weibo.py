@@ -57,7 +57,7 @@ def base_config() -> config_dict.ConfigDict:
     c.loss.lambda_macro = 1.0
     c.loss.estimator = "mean"  # mean | gumbel
     c.loss.gumbel_tau = 1.0
-    c.loss.max_response_tokens = 64
+    c.loss.max_response_tokens = 48
 
     c.optim = config_dict.ConfigDict()
     c.optim.lr = 2e-3
@@ -80,6 +80,8 @@ def base_config() -> config_dict.ConfigDict:
     c.train.async_checkpoint = True
     c.train.eval_at_end = True
     c.train.tensorboard = True
+    c.train.generate_at_end = True  # then generate for the held-out events and evaluate (quickstart)
+    c.train.labeller = "lexicon"  # lexicon | none: labels generated posts for the macro comparison
 
     c.mesh = config_dict.ConfigDict()
     c.mesh.data = -1
@@ -129,6 +131,7 @@ def get_config(preset: str = "default") -> config_dict.ConfigDict:
         c.train.log_every = 10
         c.train.checkpoint_every = 200
         c.sample.max_new_tokens = 256
+        c.train.generate_at_end = False  # run launch/generate.py and launch/evaluate.py separately
         return c
     if c.preset == "smollm2":
         c.model.weights = "gguf:smollm2"

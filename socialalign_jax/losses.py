@@ -212,7 +212,10 @@ def macro_loss(probs, event_id, example_mask, target_dist, *, estimator: str = "
     q = jax.ops.segment_sum(jnp.asarray(target_dist, _F32) * ev.first[:, None].astype(_F32),
                             ev.slot, g)  # [G', K], one first row per non-empty slot
     per_event = jsd(ev.dist, q)  # [G']
-    return jnp.sum(per_event * ev.counts), jnp.sum(ev.counts)
+    # An event with no labelled response anywhere has an all-zero target: it has no Q_g to
+    # align with, so it carries no weight (rather than a spurious JSD against zeros).
+    w = ev.counts * (jnp.sum(q, axis=-1) > 0).astype(_F32)
+    return jnp.sum(per_event * w), jnp.sum(w)
 
 
 # ---------------------------------------------------------------------------- total

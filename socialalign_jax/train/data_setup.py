@@ -64,4 +64,4 @@ def prepare(cfg, tokenizer, workdir: str, *, build_if_missing: bool = True) -> D
     ds = B.open_dataset(data_dir)
     test = ds.sources.get("test")
     return Datasets(ds, ds.source("train"), test, ds.max_length, ds.pad_id,
-                    tuple(ds.metadata.get("labels", B.T.SENTIMENTS)))
+                    tuple(ds.metadata.get("classes") or B.T.SENTIMENTS))

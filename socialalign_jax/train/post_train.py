@@ -1,0 +1,37 @@
+"""After training: generate posts for the held-out events and evaluate them (the quickstart's last step)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def generate_and_evaluate(cfg, workdir: str, *, progress: bool = True, split: str = "test") -> dict | None:
+    from socialalign_jax import generation
+    from socialalign_jax.evaluation import plots, report
+    from socialalign_jax.evaluation.predictions import evaluate, load_predictions
+
+    preds = os.path.join(workdir, f"predictions_{split}.jsonl")
+    gates = os.path.join(workdir, f"gates_{split}.json")
+    generation.run_generate(cfg, workdir, split=split, out=preds, gates_out=gates, progress=progress)
+    if jax.process_index() != 0:
+        return None
+    labeller = None
+    if cfg.train.get("labeller", "lexicon") == "lexicon":
+        from socialalign_jax.evaluation.labellers import LexiconLabeller
+        labeller = LexiconLabeller()
+    result = evaluate(load_predictions(preds), labeller)
+    out = os.path.join(workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    with_real = [e for e in result["per_event"] if e["real"] is not None]
+    figures = plots.plot_event_distributions(with_real, result["labels"], out) if with_real else []
+    if os.path.exists(gates):
+        from socialalign_jax.evaluation.predictions import load_gates
+        figures += plots.plot_gate_heatmaps(load_gates(gates), out, "max")
+    result["figures"] = [os.path.basename(f) for f in figures]
+    table = report.write_report(result, out, None)
+    print("\n" + table)
+    print(f"\npredictions: {preds}\nreport: {os.path.join(out, 'metrics.md')}   plots: "
+          + ", ".join(os.path.join(out, f) for f in result["figures"]))
+    return result

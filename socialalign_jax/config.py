@@ -92,7 +92,8 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported architecture (model_type={model_type!r}, architectures={archs}); "
                 "supported: Qwen2ForCausalLM (qwen2), LlamaForCausalLM (llama)")
-        scaling = hf.get("rope_scaling")
+        rope = hf.get("rope_parameters") or {}  # transformers >= 5 nests RoPE settings here
+        scaling = hf.get("rope_scaling") or ({"rope_type": rope["rope_type"]} if rope.get("rope_type") else None)
         if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
             raise ValueError(f"rope_scaling {scaling} is not supported (only default RoPE)")
         heads = hf["num_attention_heads"]
@@ -106,7 +107,7 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hidden // heads,
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             qkv_bias=bool(hf.get("attention_bias", family == "qwen2")) if family == "llama" else True,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),

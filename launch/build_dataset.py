@@ -1,6 +1,8 @@
 """Build a SocialAlign dataset (tfds array_record) and print its summary table.
 
     python launch/build_dataset.py --source socialweibo --input events/ --out data/
+    python launch/build_dataset.py --source zs_csd --input ../shared/data/zs_csd --out data/   # labels favor,against,neutral
+    python launch/build_dataset.py --source ced --input /tmp/ced/CED_Dataset --out data/ --max_events 200
 
 Bad input ends in one line naming the file, record and field, and exit status 2.
 """
@@ -27,7 +29,12 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--source", required=True, choices=sorted(SOURCES) + ["lamp"])
     ap.add_argument("--input", required=True,
-                    help="event dir (socialweibo), Alpaca file or dir, LaMP questions file or dir")
+                    help="event dir (socialweibo), Alpaca file or dir, LaMP questions file or dir, "
+                         "CED_Dataset dir (ced), ZS-CSD data file or dir (zs_csd), NLPCC 2016 TSV (nlpcc2016)")
+    ap.add_argument("--labels", default=None,
+                    help="comma-separated class names in id order (default: the source's own, "
+                         "negative,neutral,positive or favor,against,neutral for zs_csd/nlpcc2016)")
+    ap.add_argument("--max_events", type=int, default=0, help="converters: read only the first N events (0 = all)")
     ap.add_argument("--out", required=True, help="data dir (tfds layout is created below it)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir or tokenizer.json (default: bundled Qwen2)")
     ap.add_argument("--max_length", type=int, default=1024)
@@ -53,15 +60,23 @@ def main(argv=None) -> int:
         raise UserError(f"--max_length: {args.max_length} is too small")
     if not Path(args.input).exists():
         raise UserError(f"{args.input}: no such file or directory (--input)")
+    if args.max_events < 0:
+        raise UserError(f"--max_events: {args.max_events} is negative")
     logging.getLogger("absl").setLevel(logging.ERROR)
 
     from socialalign_jax.data import summary, tfds_builders as B
+
+    labels = (tuple(x.strip() for x in args.labels.split(",")) if args.labels is not None
+              else B.default_labels(args.source))
+    if len(labels) < 2 or len(set(labels)) != len(labels) or not all(labels):
+        raise UserError(f"--labels: {args.labels!r} must name at least 2 distinct classes")
 
     cfg = B.SocialConfig(name=args.name, source=args.source, input=str(Path(args.input).resolve()),
                          tokenizer=args.tokenizer, max_length=args.max_length, mode=args.mode,
                          on_overflow=args.on_overflow, num_history=args.num_history,
                          test_fraction=args.test_fraction, split_by=args.split_by, seed=args.seed,
-                         lamp_outputs=args.lamp_outputs, lamp_task=args.lamp_task)
+                         lamp_outputs=args.lamp_outputs, lamp_task=args.lamp_task, labels=labels,
+                         max_events=args.max_events)
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # tfds' progress chatter
         path = B.build(args.out, cfg, overwrite=args.overwrite)
     s = summary.summarize(B.open_dataset(path).metadata)

@@ -12,7 +12,10 @@ Layout: DATA_DIR/<builder name>/<config name>/<version>/ (tfds' usual one), plus
 DATA_DIR/.../targets.json written beside it for people; `open_dataset(DATA_DIR)` finds it.
 
 Sources: SOURCES maps a name to `reader(path) -> list[Event]`; converters for further
-corpora register there (`register_source`). LaMP has its own builder because its unit is
+corpora register there (`register_source`, see socialalign_jax/data/converters). A reader
+may return a list carrying a `source_info` dict (conversion counts, whether its labels are
+silver); it is stored in the metadata. Class names are configurable (`SocialConfig.labels`,
+metadata 'classes'), so stance corpora (favor/against/neutral) fit the same pipeline. LaMP has its own builder because its unit is
 a question with a profile rather than an event with cases.
 """
 
@@ -33,7 +36,7 @@ from socialalign_jax.data import targets as T
 from socialalign_jax.data.records import DataError, Event, read_alpaca, read_event_dir
 
 VERSION = "1.0.0"
-NUM_CLASSES = len(T.SENTIMENTS)
+NUM_CLASSES = len(T.SENTIMENTS)  # the default label set's size
 
 
 # ----------------------------------------------------------------------------- sources
@@ -59,17 +62,43 @@ def _read_alpaca(path: str) -> list[Event]:
     return read_alpaca(p)
 
 
-SOURCES: dict[str, Callable[[str], list[Event]]] = {
+SOURCES: dict[str, Callable[..., list[Event]]] = {
     "socialweibo": _read_socialweibo,
     "alpaca": _read_alpaca,
 }
+# The label set a source's readers emit, when it is not negative/neutral/positive.
+SOURCE_LABELS: dict[str, tuple[str, ...]] = {}
 
 
-def register_source(name: str, reader: Callable[[str], list[Event]]) -> None:
-    """Add a converter (e.g. ced, zs_csd, nlpcc2016) usable as `--source name`."""
+def register_source(name: str, reader: Callable[..., list[Event]], labels: Sequence[str] | None = None) -> None:
+    """Add a converter (e.g. ced, zs_csd, nlpcc2016) usable as `--source name`.
+
+    A reader that accepts `max_events=` supports `SocialConfig.max_events` (development
+    builds on the first N events); `labels` is the class set its cases use.
+    """
     if name in SOURCES or name == "lamp":
         raise ValueError(f"source {name!r} is already registered")
     SOURCES[name] = reader
+    if labels is not None:
+        SOURCE_LABELS[name] = tuple(labels)
+
+
+def default_labels(source: str) -> tuple[str, ...]:
+    return SOURCE_LABELS.get(source, tuple(T.SENTIMENTS))
+
+
+def read_source(cfg: "SocialConfig") -> list[Event]:
+    """Run the configured reader (passing max_events only to readers that take it)."""
+    import inspect
+
+    if cfg.source not in SOURCES:
+        raise ValueError(f"unknown source {cfg.source!r}; expected one of {sorted(SOURCES)}")
+    reader = SOURCES[cfg.source]
+    if cfg.max_events:
+        if "max_events" not in inspect.signature(reader).parameters:
+            raise ValueError(f"source {cfg.source!r} does not support max_events")
+        return reader(cfg.input, max_events=int(cfg.max_events))
+    return reader(cfg.input)
 
 
 # ----------------------------------------------------------------------------- config
@@ -90,20 +119,27 @@ class SocialConfig(tfds.core.BuilderConfig):
     seed: int = 0
     lamp_outputs: str | None = None  # LaMP: outputs file (else taken from the input dir)
     lamp_task: str | None = None  # LaMP: 'LaMP-4' | 'LaMP-5' | 'LaMP-7'
+    labels: tuple[str, ...] = T.SENTIMENTS  # class names, in class-id order
+    max_events: int = 0  # converters: read only the first N events (0 = all)
+
+    def __post_init__(self):
+        self.labels = tuple(str(x).strip() for x in self.labels)
+        if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels) or not all(self.labels):
+            raise ValueError(f"labels must be at least 2 distinct non-empty names, got {list(self.labels)}")
 
     def record(self) -> dict:
         skip = {"name", "version", "release_notes", "supported_versions", "description", "tags"}
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
 
-def _features() -> tfds.features.FeaturesDict:
+def _features(num_classes: int = NUM_CLASSES) -> tfds.features.FeaturesDict:
     return tfds.features.FeaturesDict({
         "input_ids": tfds.features.Tensor(shape=(None,), dtype=np.int32),
         "loss_mask": tfds.features.Tensor(shape=(None,), dtype=np.uint8),
         "user_end": np.int32, "news_end": np.int32, "prompt_len": np.int32,
         "label": np.int32, "event_id": np.int32, "case_index": np.int32,
         "n_truncated_history_chars": np.int32,
-        "target_dist": tfds.features.Tensor(shape=(NUM_CLASSES,), dtype=np.float32),
+        "target_dist": tfds.features.Tensor(shape=(num_classes,), dtype=np.float32),
         "event": tfds.features.Text(), "user": tfds.features.Text(), "response": tfds.features.Text(),
     })
 
@@ -146,8 +182,13 @@ def assign_splits(units: Sequence[Unit], event_names: Sequence[str], cfg: Social
 
 # ----------------------------------------------------------------------------- preparation
 
-def prepare(units: Sequence[Unit], event_names: Sequence[str], cfg: SocialConfig) -> tuple[dict, dict]:
-    """Encode every unit, split, and attach targets -> ({split: [example]}, metadata)."""
+def prepare(units: Sequence[Unit], event_names: Sequence[str], cfg: SocialConfig,
+            source_info: dict | None = None) -> tuple[dict, dict]:
+    """Encode every unit, split, and attach targets -> ({split: [example]}, metadata).
+
+    `source_info`: what the reader reported (conversion counts, `silver_labels`), kept in
+    the metadata as 'source_info'; 'silver_labels' is also a top-level metadata flag.
+    """
     from socialalign_jax.data.prompt import BuildStats
 
     splits = assign_splits(units, event_names, cfg)
@@ -156,7 +197,7 @@ def prepare(units: Sequence[Unit], event_names: Sequence[str], cfg: SocialConfig
     # the crowd's reaction does not depend on our context window.
     lab = {s: (np.array([u.event_id for u, t in zip(units, splits) if t == s], np.int64),
                np.array([u.label for u, t in zip(units, splits) if t == s], np.int64)) for s in names}
-    targets = T.macro_targets(lab, NUM_CLASSES)
+    targets = T.macro_targets(lab, len(cfg.labels))
     stats = BuildStats()
     out: dict[str, list[dict]] = {s: [] for s in names}
     for u, s in zip(units, splits):
@@ -174,7 +215,9 @@ def prepare(units: Sequence[Unit], event_names: Sequence[str], cfg: SocialConfig
         })
     meta = {
         "config": cfg.record(),
-        "classes": list(T.SENTIMENTS),
+        "classes": list(cfg.labels),
+        "silver_labels": bool((source_info or {}).get("silver_labels", False)),
+        "source_info": dict(source_info or {}),
         "events": list(event_names),
         "targets": T.to_json(targets, event_names),
         "index": {s: {"event_id": [int(e["event_id"]) for e in exs],
@@ -205,9 +248,12 @@ def event_units(events: Sequence[Event], tokenizer, cfg: SocialConfig) -> tuple[
         names.append(ev.event_id)
         for ci, case in enumerate(ev.cases):
             try:
-                label = T.label_id(case.sentiment)
+                label = T.label_id(case.sentiment, cfg.labels)
             except ValueError as e:
-                raise DataError(ev.source, str(e), ci, "sentiment") from None
+                hint = ""
+                if cfg.source in SOURCE_LABELS and tuple(cfg.labels) != SOURCE_LABELS[cfg.source]:
+                    hint = f" (source {cfg.source!r} uses labels {','.join(SOURCE_LABELS[cfg.source])})"
+                raise DataError(ev.source, str(e) + hint, ci, "sentiment") from None
             units.append(Unit(eid, ci, case.user_name, case.weibo, label,
                               lambda st, c=case, e=ev: build_example(c, e, tokenizer, pcfg, st)))
     return units, names
@@ -263,7 +309,8 @@ class _Base(tfds.core.GeneratorBasedBuilder):
     url_infos: dict = {}
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, features=_features(), disable_shuffling=True,
+        return tfds.core.DatasetInfo(builder=self, features=_features(len(self.builder_config.labels)),
+                                     disable_shuffling=True,
                                      metadata=tfds.core.MetadataDict(),
                                      description=(self.__class__.__doc__ or "").strip())
 
@@ -271,12 +318,14 @@ class _Base(tfds.core.GeneratorBasedBuilder):
     def _units(self, tokenizer) -> tuple[list[Unit], list[str]]:
         """(units to encode, event names) of this source."""
 
+    source_info: dict | None = None
+
     def prepared(self) -> tuple[dict, dict]:
         """Read, encode and split everything (all input errors surface here)."""
         cfg: SocialConfig = self.builder_config
         tok = _tokenizer(cfg)
         units, names = self._units(tok)
-        examples, meta = prepare(units, names, cfg)
+        examples, meta = prepare(units, names, cfg, self.source_info)
         meta["config"]["tokenizer_name"] = getattr(tok, "name_or_path", None) or "bundled qwen2"
         meta["config"]["pad_id"] = int(tok.pad_token_id)
         return examples, meta
@@ -298,9 +347,9 @@ class Socialweibo(_Base):
 
     def _units(self, tokenizer):
         cfg = self.builder_config
-        if cfg.source not in SOURCES:
-            raise ValueError(f"unknown source {cfg.source!r}; expected one of {sorted(SOURCES)}")
-        return event_units(SOURCES[cfg.source](cfg.input), tokenizer, cfg)
+        events = read_source(cfg)
+        self.source_info = getattr(events, "source_info", None)
+        return event_units(events, tokenizer, cfg)
 
 
 class Lamp(_Base):
@@ -384,3 +433,7 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
     builder = tfds.builder_from_directory(str(d))
     meta = dict(builder.info.metadata or {})
     return Dataset(d, meta, dict(builder.as_data_source()))
+
+
+# Register the bundled converters (ced, zs_csd, nlpcc2016); they import this module's register_source.
+from socialalign_jax.data import converters as _converters  # noqa: E402,F401

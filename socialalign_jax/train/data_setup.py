@@ -59,7 +59,8 @@ def prepare(cfg, tokenizer, workdir: str, *, build_if_missing: bool = True) -> D
             name="default", source=cfg.data.source, input=cfg.data.input or default_input(cfg.data.source),
             tokenizer=_tokenizer_dir(tokenizer, workdir), max_length=int(cfg.data.max_length), mode=cfg.data.mode,
             on_overflow=cfg.data.on_overflow, test_fraction=float(cfg.data.test_fraction),
-            split_by=cfg.data.split_by, seed=int(cfg.data.seed))
+            split_by=cfg.data.split_by, seed=int(cfg.data.seed), labels=labels,
+            max_events=int(cfg.data.get("max_events", 0) or 0))
         B.build(data_dir, bcfg)
     ds = B.open_dataset(data_dir)
     test = ds.sources.get("test")

@@ -182,20 +182,18 @@ def forward(params, input_ids, cfg: ModelConfig, *, attention_mask=None, positio
         kv_xs = None
 
     pooled_xs = None
-    if use_adapters and lc.routing == "pooled" and lc.targets and cache is not None and "pooled" not in cache:
-        # Without the stored prefill summaries every decoded token would silently get uniform gates.
-        raise ValueError("pooled routing with a KV cache needs init_cache(cfg, batch, max_len, lora_cfg)")
-    if use_adapters and lc.routing == "pooled" and cache is not None and "pooled" in cache:
+    if use_adapters and lc.routing == "pooled" and lc.targets and cache is not None:
+        if "pooled" not in cache:
+            # Without the stored prefill summaries every decoded token would silently get uniform gates.
+            raise ValueError("pooled routing with a KV cache needs init_cache(cfg, batch, max_len, lora_cfg)")
         # Prefill (slot index 0) computes the span summaries; later chunks reuse what prefill stored.
         pooled_xs = cache["pooled"]
+        route["use_stored"] = index > 0
     layer_rngs = None
     if use_adapters and not deterministic and lc.dropout > 0.0:
         if rng is None:
             raise ValueError("forward(deterministic=False) with adapter dropout needs an rng")
         layer_rngs = jax.random.split(rng, cfg.num_layers)
-
-    if pooled_xs is not None:
-        route["use_stored"] = index > 0
 
     def body(x, xs):
         lp, ad, kv, pooled, lrng = xs

@@ -96,7 +96,7 @@ def read_source(cfg: "SocialConfig") -> list[Event]:
     reader = SOURCES[cfg.source]
     if cfg.max_events:
         if "max_events" not in inspect.signature(reader).parameters:
-            raise ValueError(f"source {cfg.source!r} does not support max_events")
+            raise DataError(cfg.input, f"source {cfg.source!r} does not support max_events")
         return reader(cfg.input, max_events=int(cfg.max_events))
     return reader(cfg.input)
 

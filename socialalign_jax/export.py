@@ -1,0 +1,176 @@
+"""Export a training run's adapters: Orbax (adapters only), our safetensors, the original PEFT
+layout, or base weights with the adapters merged in.
+
+Merging folds the adapter into W0 only where the result is the same function of the input:
+with gate weights that do not depend on the input, delta = x (sum_i gA_i A_i)(sum_j gB_j B_j) s,
+one rank-r product. That holds when each side has one expert (plain LoRA: its softmax is 1)
+or is ungated (`uniform` routing: 1/E each). `token` and `pooled` gates read the user and
+news spans, so no fixed W' reproduces them; those exports are refused with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from socialalign_jax.config import ModelConfig
+from socialalign_jax.errors import UserError
+from socialalign_jax.pac_lora import MODULE_BLOCK, LoraConfig
+
+FORMATS = ("orbax", "safetensors", "peft", "merged")
+ORBAX_DIR = "adapters"
+ORBAX_META = "adapter_config.json"
+
+
+class ExportError(UserError):
+    """A run or adapter that cannot be exported in the requested format (the message says why)."""
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished (or running) training run: its config, base params and the adapters at `step`."""
+    cfg: Any
+    model_cfg: ModelConfig
+    lora_cfg: LoraConfig
+    params: Any
+    adapters: Any
+    tokenizer: Any
+    step: int
+
+
+def load_run_config(workdir: str):
+    """The config a run was started with (workdir/config.json), as a ConfigDict."""
+    from ml_collections import config_dict
+
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise ExportError(f"{path}: not found; --workdir must be a training run's directory")
+    try:
+        return config_dict.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
+    except ValueError as e:
+        raise ExportError(f"{path}: malformed JSON ({e})") from None
+
+
+def restore_run(workdir: str, step: int | None = None) -> Run:
+    """Base weights from the run's own config and the adapters of its latest (or given) checkpoint."""
+    from socialalign_jax.generation import restore_adapters
+    from socialalign_jax.train import loop
+
+    cfg = load_run_config(workdir)
+    job = loop.build_job(cfg, workdir, need_data=False)
+    adapters, at = restore_adapters(job, workdir, step)
+    return Run(cfg, job.model_cfg, job.lora_cfg, job.params, jax.device_get(adapters), job.tokenizer, at)
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def merge_refusal(lc: LoraConfig) -> str | None:
+    """Why these adapters cannot be merged into fixed weights, or None if they can."""
+    gated = []
+    if lc.gated_a and lc.num_analyze > 1:
+        gated.append(f"gate_a mixes {lc.num_analyze} analyze experts")
+    if lc.gated_b and lc.num_compose > 1:
+        gated.append(f"gate_b mixes {lc.num_compose} compose experts")
+    if not gated or not lc.targets:
+        return None
+    return (f"routing {lc.routing!r}: " + " and ".join(gated) + " with weights that depend on the input "
+            "(the user/news spans), so no fixed merged weight reproduces it; merging is exact only for plain "
+            "LoRA (num_analyze = num_compose = 1) or routing 'uniform'; export --format safetensors or peft instead")
+
+
+def merge_adapters(params, adapters, lc: LoraConfig, model_cfg: ModelConfig):
+    """Base params with W' = W0 + s mean_i(A_i) mean_j(B_j) per layer and target (float32 sum, base dtype out).
+
+    The mean is the fixed gate weight: 1/E for an ungated side, and 1 (E = 1) for a gated
+    single expert whose softmax is constant.
+    """
+    why = merge_refusal(lc)
+    if why:
+        raise ExportError(f"cannot merge: {why}")
+    out = jax.tree.map(lambda x: x, params)  # new dict containers; untouched leaves are shared
+    for target in lc.targets:
+        block = MODULE_BLOCK[target]
+        ad = adapters["layers"][block][target]
+        a = jnp.mean(jnp.asarray(ad["A"], jnp.float32), axis=1)  # [L, d_in, r]
+        b = jnp.mean(jnp.asarray(ad["B"], jnp.float32), axis=1)  # [L, r, d_out]
+        kernel = out["layers"][block][target]["kernel"]
+        delta = jnp.einsum("ldr,lre->lde", a, b, precision=jax.lax.Precision.HIGHEST) * lc.scale
+        out["layers"][block][target]["kernel"] = (jnp.asarray(kernel, jnp.float32) + delta).astype(kernel.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def save_orbax_adapters(adapters, lc: LoraConfig, model_cfg: ModelConfig, out: str | os.PathLike) -> Path:
+    """Adapter tree only (no optimizer state) as an Orbax checkpoint, plus its LoraConfig as JSON."""
+    import orbax.checkpoint as ocp
+
+    from socialalign_jax.adapter_io import _lora_to_json, _model_dims
+
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / ORBAX_DIR
+    if target.exists():
+        raise ExportError(f"{target}: already exists; choose an empty --out")
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(target, jax.tree.map(np.asarray, adapters))
+    ckpt.wait_until_finished()
+    meta = {"format": "socialalign-orbax-adapters/1", "lora_config": json.loads(_lora_to_json(lc)),
+            "model_dims": _model_dims(model_cfg)}
+    (out / ORBAX_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return target
+
+
+def load_orbax_adapters(path: str | os.PathLike) -> tuple[dict, LoraConfig]:
+    """Read what `save_orbax_adapters` wrote -> (adapter tree of numpy arrays, LoraConfig)."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    meta_path = path / ORBAX_META
+    if not meta_path.is_file():
+        raise ExportError(f"{meta_path}: not found; not an adapter export made with --format orbax")
+    meta = json.loads(meta_path.read_text())
+    d = dict(meta["lora_config"], targets=tuple(meta["lora_config"]["targets"]))
+    tree = ocp.StandardCheckpointer().restore(path / ORBAX_DIR)
+    return jax.tree.map(np.asarray, tree), LoraConfig(**d)
+
+
+def export_run(run: Run, fmt: str, out: str | os.PathLike) -> list[Path]:
+    """Write `run`'s adapters to `out` in one of FORMATS; returns the main files written."""
+    from socialalign_jax import adapter_io, hf_import
+
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown --format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    out = Path(out)
+    lc, mc = run.lora_cfg, run.model_cfg
+    if fmt == "orbax":
+        return [save_orbax_adapters(run.adapters, lc, mc, out)]
+    if fmt == "safetensors":
+        return [adapter_io.save_adapters(run.adapters, lc, mc, out)]
+    if fmt == "peft":
+        return [adapter_io.export_peft(run.adapters, lc, mc, out)]
+    why = merge_refusal(lc)
+    if why:
+        raise ExportError(f"--format merged: {why}")
+    merged = merge_adapters(run.params, run.adapters, lc, mc)
+    hf_import.save_hf_checkpoint(merged, mc, out)
+    written = [out / hf_import.SINGLE_FILE if (out / hf_import.SINGLE_FILE).exists() else out]
+    if "head" in run.adapters:  # the sentiment head is not part of an HF causal LM: keep it beside
+        adapter_io.save_adapters_head(run.adapters["head"], out / adapter_io.HEAD_FILE)
+        written.append(out / adapter_io.HEAD_FILE)
+    if run.tokenizer is not None:
+        run.tokenizer.save_pretrained(str(out))
+    return written
+
+
+__all__ = ["FORMATS", "ExportError", "Run", "restore_run", "load_run_config", "merge_refusal", "merge_adapters",
+           "save_orbax_adapters", "load_orbax_adapters", "export_run"]

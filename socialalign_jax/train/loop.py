@@ -281,7 +281,8 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict[str, Any]:
                 bar.update(1)
             checkpoint.save(manager, done, state, it.get_state(), cfg_dict)
             if stop.signum is not None:
-                checkpoint.save(manager, done, state, it.get_state(), cfg_dict, force=True)
+                if manager.latest_step() != done:  # the periodic save above may already hold this step
+                    checkpoint.save(manager, done, state, it.get_state(), cfg_dict, force=True)
                 manager.wait_until_finished()
                 if is_main:
                     print(f"\nreceived signal {stop.signum}: saved checkpoint at step {done} in {manager.directory}; exiting")

@@ -158,6 +158,7 @@ def read_ced(path: str, max_events: int | None = None, salt: str = DEFAULT_SALT,
         for _, uid, own, date in rows:
             by_user[uid].append((e, date, own))
 
+    in_event = Counter((uid, e) for e, rows in enumerate(usable) for _, uid, _, _ in rows)
     picked: list[list[tuple[int, str, list[HistoryPost]]]] = []
     for e, rows in enumerate(usable):
         seen, cases = set(), []
@@ -166,6 +167,9 @@ def read_ced(path: str, max_events: int | None = None, salt: str = DEFAULT_SALT,
                 skipped["duplicate_author_in_event"] += 1
                 continue
             seen.add(uid)
+            if len(by_user[uid]) - in_event[uid, e] < MIN_OTHER:  # cheap necessary condition first
+                skipped["author_history_under_5"] += 1
+                continue
             others = sorted((d, t) for ev, d, t in by_user[uid] if ev != e)
             hist = [HistoryPost(text=t) for _, t in others]
             if sum(1 for h in hist if not is_hashtag_only(h) and h.text.strip() != own) < MIN_OTHER:

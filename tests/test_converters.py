@@ -248,5 +248,5 @@ def test_build_ced_silver_and_wrong_label_set_is_one_line(tmp_path):
             "--labels", "negative,neutral,positive")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "record 0: field 'sentiment'" in r.stderr and "favor,against,neutral" in r.stderr
-    r = cli("--source", "socialweibo", "--input", tmp_path, "--out", tmp_path / "o3", "--max_events", "2")
-    assert r.returncode == 2 and "does not support max_events" in r.stderr
+    with pytest.raises(DataError, match="does not support max_events"):
+        B.read_source(B.SocialConfig(name="t", source="socialweibo", input=str(tmp_path), max_events=2))

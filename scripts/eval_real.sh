@@ -20,7 +20,7 @@ mkdir -p "$RUNS"
 
 # One dataset for every row: built with SmolLM2's own tokenizer, held-out events fixed by SEED.
 if [ ! -d "$DATA" ]; then
-  python -c "from socialalign_jax.weights import resolve_weights as r; r('gguf:smollm2').tokenizer.save_pretrained('$RUNS/tokenizer')"
+  [ -f "$RUNS/tokenizer/tokenizer.json" ] || python -c "from socialalign_jax.weights import resolve_weights as r; r('gguf:smollm2').tokenizer.save_pretrained('$RUNS/tokenizer')"
   python launch/build_dataset.py --source zs_csd --input "$INPUT" --out "$DATA" --tokenizer "$RUNS/tokenizer" \
     --max_length 384 --test_fraction 0.05 --on_overflow skip --seed "$SEED" | tee "$RUNS/data_seed$SEED.txt"
 fi
@@ -29,7 +29,8 @@ COMMON=(--config configs/weibo.py:smollm2 --config.data.source=zs_csd "--config.
   --config.data.labels=favor,against,neutral "--config.data.data_dir=$DATA" --config.data.max_length=384
   --config.data.events_per_batch=2 --config.data.cases_per_event=4 "--config.train.num_steps=$STEPS"
   "--config.train.seed=$SEED" "--config.sample.seed=$SEED" --config.sample.max_new_tokens=32
-  --config.train.labeller=none --config.loss.max_response_tokens=256)
+  --config.train.labeller=none --config.loss.max_response_tokens=256 --config.train.eval_at_end=false
+  --config.train.checkpoint_every=1000)
 
 row_flags() {
   case "$1" in

@@ -38,6 +38,7 @@ def tiny_config(data_dir: str | None = None, preset: str = "default", config: st
     c.data.events_per_batch = 2
     c.data.cases_per_event = 4
     c.data.eval_batch_size = 8
+    c.loss.max_response_tokens = 24  # the sample's responses have at most 18 tokens
     c.train.num_steps = 3
     c.train.log_every = 1
     c.train.checkpoint_every = 1
@@ -123,3 +124,15 @@ def _main(argv: list[str]) -> int:
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     sys.exit(_main(sys.argv[1:]))
+
+
+def reference_run(num_steps: int) -> tuple[str, dict[int, float]]:
+    """An uninterrupted single-process (8 device) run of tiny_config on the built sample, once per session."""
+    key = f"ref{num_steps}"
+    if key not in _BUILT:
+        from socialalign_jax.train import loop
+
+        wd = tempfile.mkdtemp(prefix="sa_ref_")
+        loop.train(tiny_config(built_sample(), **{"train.num_steps": num_steps}), wd, progress=False)
+        _BUILT[key] = wd
+    return _BUILT[key], read_metrics(_BUILT[key])

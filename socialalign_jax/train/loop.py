@@ -62,7 +62,7 @@ def setup_distributed(cfg) -> None:
     if addr:
         kw = dict(coordinator_address=addr, num_processes=int(cfg.distributed.num_processes),
                   process_id=int(cfg.distributed.process_id))
-    if jax.config.read("jax_platforms") in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
+    if (jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS") or "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kw)
 
@@ -138,7 +138,7 @@ def total_steps(cfg, batches_per_epoch: int) -> int:
 
 
 def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[str, Any]:
-    """Held-out response CE, sentiment accuracy / majority baseline, and mean event JSD."""
+    """Held-out response CE, sentiment accuracy and cross-entropy / majority baseline, and mean event JSD."""
     from socialalign_jax.data.pipeline import eval_batches
     from socialalign_jax.losses import jsd
 
@@ -170,6 +170,7 @@ def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[st
         p = np.concatenate(probs)
         pred = p.argmax(-1)
         res["sentiment_accuracy"] = float((pred[real] == labels[real]).mean())
+        res["sentiment_ce"] = float(-np.log(np.clip(p[real, labels[real]], 1e-30, None)).mean())
         counts = np.bincount(labels[real], minlength=p.shape[1])
         res["majority_baseline_accuracy"] = float(counts.max() / counts.sum())
         per_event = []

@@ -6,7 +6,7 @@
         --config.data.input=/data/LaMP_4/train
 
 Each question is its own event (one case per event), and LaMP has no sentiment labels, so the
-run trains the response loss only: no sentiment head (lora.num_classes = 0), lambda_sent =
+run trains the response loss only: lambda_sent =
 lambda_macro = 0. The user span holds the retrieved profile items, the news span the input,
 so PAC-LoRA's gates read them as they read the Weibo user and news.
 """
@@ -30,7 +30,7 @@ def get_config(preset: str = "default"):
     c.data.cases_per_event = 1  # each question is its own event
     c.data.events_per_batch = 16
     c.data.max_length = 512 if c.preset == "default" else 1024
-    c.lora.num_classes = 0  # no sentiment head
+    c.lora.num_classes = 3  # the head exists (the pipeline stores 3-way targets) but gets no loss: lambdas are 0
     c.loss.lambda_sent = 0.0
     c.loss.lambda_macro = 0.0
     c.loss.max_response_tokens = 64

@@ -36,7 +36,7 @@ def tiny_config(data_dir: str | None = None, preset: str = "default", config: st
     c.model.weights = "random:tiny-qwen2"
     c.data.max_length = MAX_LENGTH
     c.data.events_per_batch = 2
-    c.data.cases_per_event = 4
+    c.data.cases_per_event = min(4, c.data.cases_per_event)  # LaMP keeps its 1
     c.data.eval_batch_size = 8
     c.loss.max_response_tokens = 24  # the sample's responses have at most 18 tokens
     c.train.num_steps = 3

@@ -330,7 +330,6 @@ def run_generate(cfg, workdir: str, *, split: str = "test", out: str, max_exampl
                  greedy: bool | None = None, gates_out: str | None = None, step: int | None = None,
                  progress: bool = True) -> int:
     """launch/generate.py: restore a run, generate for one split, write the predictions JSONL."""
-    import itertools
 
     from socialalign_jax.train import data_setup, loop
 
@@ -341,11 +340,12 @@ def run_generate(cfg, workdir: str, *, split: str = "test", out: str, max_exampl
     source = data.dataset.sources[split]
     adapters, at_step = restore_adapters(job, workdir, step)
     scfg = sampling_config(cfg, job.tokenizer, data.pad_id, greedy=greedy)
-    n = len(source) if max_examples <= 0 else min(max_examples, len(source))
+    source = loop.Subset(source, max_examples)  # evenly spaced over the split, as in training's eval
+    n = len(source)
     # The class names live under 'classes' in the dataset metadata ('labels' there is the per-split label index).
     labels = tuple(data.dataset.metadata.get("classes") or SENTIMENTS)
     gates = GateAccumulator() if gates_out else None
-    examples = (source[i] for i in itertools.islice(range(len(source)), n))
+    examples = (source[i] for i in range(n))
     records = generate_predictions(
         job.params, adapters, job.model_cfg, job.lora_cfg, scfg, examples, job.tokenizer,
         int(cfg.sample.batch_size), labels=labels, source_name=f"{data.dataset.path} split {split}",

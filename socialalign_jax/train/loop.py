@@ -137,6 +137,28 @@ def total_steps(cfg, batches_per_epoch: int) -> int:
     return max(1, int(cfg.train.num_epochs) * batches_per_epoch)
 
 
+class Subset:
+    """Evenly spaced examples of a split (every event keeps its share): a cheap, fixed evaluation
+    set for CPU budgets. Deterministic, so step-0 and final evaluations see the same examples."""
+
+    def __init__(self, source, max_examples: int):
+        n = len(source)
+        self.source = source
+        self.idx = (np.unique(np.linspace(0, n - 1, max_examples).round().astype(int))
+                    if 0 < max_examples < n else np.arange(n))
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return self.source[int(self.idx[i])]
+
+
+def eval_source(cfg, source):
+    limit = int(cfg.train.get("eval_max_examples", 0) or 0)
+    return source if limit <= 0 else Subset(source, limit)
+
+
 def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[str, Any]:
     """Held-out response CE, sentiment accuracy and cross-entropy / majority baseline, and mean event JSD."""
     from socialalign_jax.data.pipeline import eval_batches
@@ -233,7 +255,8 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict[str, Any]:
 
     baseline = None
     if cfg.train.eval_at_end and int(state["step"]) == 0 and job.data.test is not None and len(job.data.test):
-        baseline = evaluate_split(job, state["adapters"], job.data.test, desc="test split (step 0)")
+        baseline = evaluate_split(job, state["adapters"], eval_source(cfg, job.data.test),
+                                  desc="test split (step 0)")
         if is_main:
             logger.write(0, baseline, prefix="eval/")
             checkpoint.write_json(os.path.join(workdir, "eval_step0.json"), baseline)
@@ -298,7 +321,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict[str, Any]:
             bar.close()
     result = {"step": int(state["step"]), "train": {k: v for k, v in last.items() if not k.startswith("_")}}
     if cfg.train.eval_at_end and job.data.test is not None and len(job.data.test):
-        final = evaluate_split(job, state["adapters"], job.data.test, desc="test split")
+        final = evaluate_split(job, state["adapters"], eval_source(cfg, job.data.test), desc="test split")
         result["eval"] = final
         if baseline is None and os.path.exists(os.path.join(workdir, "eval_step0.json")):
             import json

@@ -14,7 +14,8 @@ def generate_and_evaluate(cfg, workdir: str, *, progress: bool = True, split: st
 
     preds = os.path.join(workdir, f"predictions_{split}.jsonl")
     gates = os.path.join(workdir, f"gates_{split}.json")
-    generation.run_generate(cfg, workdir, split=split, out=preds, gates_out=gates, progress=progress)
+    generation.run_generate(cfg, workdir, split=split, out=preds, gates_out=gates, progress=progress,
+                            max_examples=int(cfg.train.get("eval_max_examples", 0) or 0))
     if jax.process_index() != 0:
         return None
     labeller = None

@@ -238,7 +238,11 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict[str, Any]:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh), cfg_dict)
     if restored is not None:
         state, data_state, _ = restored
-        it.set_state(data_state)
+        try:
+            it.set_state(data_state)
+        except ValueError as e:
+            raise UserError(f"{manager.directory}: cannot resume the data pipeline: {e} "
+                            "(use a new --workdir, or the checkpoint's data settings)") from None
         if is_main:
             print(f"resumed from {manager.directory} at step {int(state['step'])}")
     elif is_main:

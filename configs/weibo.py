@@ -48,6 +48,7 @@ def base_config() -> config_dict.ConfigDict:
     c.data.test_fraction = 0.25
     c.data.split_by = "event"  # event | user
     c.data.seed = 0
+    c.data.max_events = 0  # converters that support it (ced): read only the first N events; 0 = all
     c.data.events_per_batch = 4  # G
     c.data.cases_per_event = 4  # M: global batch = G x M
     c.data.eval_batch_size = 16

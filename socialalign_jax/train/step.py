@@ -20,6 +20,7 @@ import optax
 
 from socialalign_jax import losses, model
 from socialalign_jax.config import ModelConfig
+from socialalign_jax.errors import UserError
 from socialalign_jax.pac_lora import LoraConfig
 
 
@@ -154,7 +155,7 @@ def check_response_lengths(batch, max_tokens: int, where: str = "batch") -> None
         return
     longest = int(batch["loss_mask"].sum(axis=1).max())
     if longest > max_tokens:
-        raise ValueError(
+        raise UserError(
             f"{where}: a response has {longest} tokens but loss.max_response_tokens={max_tokens}; "
             f"raise --config.loss.max_response_tokens (responses are never truncated)")
 

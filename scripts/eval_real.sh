@@ -30,7 +30,8 @@ COMMON=(--config configs/weibo.py:smollm2 --config.data.source=zs_csd "--config.
   --config.data.events_per_batch=2 --config.data.cases_per_event=4 "--config.train.num_steps=$STEPS"
   "--config.train.seed=$SEED" "--config.sample.seed=$SEED" --config.sample.max_new_tokens=32
   --config.train.labeller=none --config.loss.max_response_tokens=256 --config.train.eval_at_end=false
-  --config.train.checkpoint_every=1000)
+  --config.train.checkpoint_every=1000 --config.optim.lr=2e-4 --config.train.eval_max_examples=0
+  --config.model.remat=true)
 
 row_flags() {
   case "$1" in

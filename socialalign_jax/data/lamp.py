@@ -31,14 +31,13 @@ long without any, on_overflow decides (skip or raise).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from socialalign_jax.data.records import DataError
+from socialalign_jax.data.records import DataError, load_json
 
 TASKS = {
     "LaMP-4": ("title", "text"),
@@ -77,21 +76,6 @@ def normalize_task(task: str) -> str:
     return name
 
 
-def _load(path: Path) -> Any:
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError as e:
-        raise DataError(path, "file not found") from e
-    except UnicodeDecodeError as e:
-        raise DataError(path, f"not valid UTF-8 (byte {e.start})") from e
-    except OSError as e:
-        raise DataError(path, f"cannot read ({e.strerror})") from e
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
-
-
 def _str(path, rec, obj, key, *, allow_int=False) -> str:
     if not isinstance(obj, dict):
         raise DataError(path, f"expected a JSON object, got {type(obj).__name__}", rec)
@@ -108,7 +92,7 @@ def _str(path, rec, obj, key, *, allow_int=False) -> str:
 def read_outputs(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
     """Outputs file -> (task, {id: output}); duplicate ids are an error."""
     path = Path(path)
-    blob = _load(path)
+    blob = load_json(path)
     if not isinstance(blob, dict):
         raise DataError(path, f"expected a JSON object {{task, golds}}, got {type(blob).__name__}")
     task = _str(path, None, blob, "task")
@@ -127,7 +111,7 @@ def read_outputs(path: str | os.PathLike) -> tuple[str, dict[str, str]]:
 def read_questions(path: str | os.PathLike, task: str) -> list[LampQuestion]:
     """Questions file -> questions with validated profile items (fields per task)."""
     path, task = Path(path), normalize_task(task)
-    blob = _load(path)
+    blob = load_json(path)
     if not isinstance(blob, list):
         raise DataError(path, f"expected a JSON list of questions, got {type(blob).__name__}")
     need = TASKS[task]

@@ -68,7 +68,8 @@ class Event:
 # --------------------------------------------------------------------------- helpers
 
 
-def _load_json(path: Path) -> Any:
+def load_json(path: Path) -> Any:
+    """Parse a UTF-8 JSON file (BOM allowed); any problem is one DataError line naming the file."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError as e:
@@ -163,7 +164,7 @@ def read_event_file(
 ) -> Event:
     """Read one raw event JSON (SPEC section 4); the event id is the file's stem."""
     path = Path(path)
-    f = _Fields(path, _load_json(path), None)
+    f = _Fields(path, load_json(path), None)
     topic, news = f.text("topic"), f.text("news")
     event_id = f.text("event_id", required=False) or path.stem
     raw_cases = f.list("cases")
@@ -242,7 +243,7 @@ def read_alpaca(
     from socialalign_jax.data import prompt as _prompt  # prompt imports this module
 
     path = Path(path)
-    data = _load_json(path)
+    data = load_json(path)
     if not isinstance(data, list):
         raise DataError(path, f"expected a JSON list of records, got {type(data).__name__}")
     events: dict[str, Event] = {}

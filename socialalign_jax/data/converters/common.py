@@ -9,12 +9,11 @@ except the built dataset itself.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from socialalign_jax.data.records import DataError, Event
+from socialalign_jax.data.records import DataError, Event, load_json  # noqa: F401 (re-exported for the converters)
 
 DEFAULT_SALT = "socialalign-jax"
 PSEUDONYM_HEX = 8  # 16^8 names: collisions among ~1M CED uids stay rare (about 1 in 4k users)
@@ -36,22 +35,6 @@ def pseudonym(key: str, salt: str = DEFAULT_SALT) -> str:
     """A stable display name for a user id: real ids and screen names never reach a prompt."""
     h = hashlib.sha256(f"{salt}\x00{key}".encode("utf-8")).hexdigest()[:PSEUDONYM_HEX]
     return f"用户{h}"
-
-
-def load_json(path: Path) -> Any:
-    """Parse a UTF-8 JSON file; any problem is one DataError line naming the file."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(path, f"cannot read ({e.strerror or e})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(path, f"not valid UTF-8 (byte {e.start})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(path, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
 def check_max_events(max_events: int | None) -> int | None:

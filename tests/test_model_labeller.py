@@ -1,0 +1,69 @@
+"""Model-backed zero-shot labeller: scores against a numpy log-softmax of model.forward's logits."""
+
+import numpy as np
+import pytest
+
+from socialalign_jax import model
+from socialalign_jax.evaluation.labellers import ZERO_SHOT_PROMPT, ZERO_SHOT_WORDS
+from socialalign_jax.evaluation.model_labeller import model_score_fn, zero_shot_labeller
+from socialalign_jax.tokenizer import chat_template
+from socialalign_jax.weights import WeightsError, resolve_weights
+
+SPEC = "random:tiny-qwen2"
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return resolve_weights(SPEC)
+
+
+def reference_score(w, prompt: str, continuation: str, chat: bool) -> float:
+    """Unpadded forward of one pair; log-softmax in float64; gather at the continuation tokens."""
+    if chat:
+        prompt = chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    p = w.tokenizer.encode(prompt, add_special_tokens=False)
+    c = w.tokenizer.encode(continuation, add_special_tokens=False)
+    ids = np.asarray(p + c, np.int32)
+    logits = np.asarray(model.forward(w.params, ids[None], w.cfg).logits[0], np.float64)  # [n, V]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    return float(sum(logp[t - 1, ids[t]] for t in range(len(p), len(ids))))
+
+
+def test_score_fn_matches_forward_logits(weights):
+    prompts = ["今天天气很好", "情感倾向：", "a much longer English prompt to force different lengths in one batch"]
+    conts = ["积极", "消极的", "neutral"]
+    for chat, n in ((True, 3), (False, 1)):
+        fn = model_score_fn(weights.params, weights.cfg, weights.tokenizer, batch_size=2, chat=chat)  # 2 batches
+        got = fn(prompts[:n], conts[:n])
+        want = [reference_score(weights, p, c, chat) for p, c in zip(prompts[:n], conts[:n])]
+        assert got.shape == (n,)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    # The continuation is scored given its prompt: another prompt gives another score.
+    assert not np.isclose(fn(["甲"], ["积极"])[0], fn(["乙乙乙"], ["积极"])[0])
+    assert fn([], []).shape == (0,)
+
+
+def test_labeller_probs_are_softmax_of_label_word_scores(weights, monkeypatch):
+    from socialalign_jax import weights as weights_mod
+
+    seen = []
+    monkeypatch.setattr(weights_mod, "resolve_weights", lambda spec, dtype=None: seen.append(spec) or weights)
+    zs = zero_shot_labeller(SPEC, batch_size=2)  # 3 label words -> 2 batches, one with a filler row
+    texts = ["这部电影太好看了"]
+    probs = zs.probs(texts)
+    assert seen == [SPEC] and zs.labels == tuple(ZERO_SHOT_WORDS) and probs.shape == (1, 3)
+    for i, t in enumerate(texts):
+        s = np.array([reference_score(weights, ZERO_SHOT_PROMPT.format(text=t), ZERO_SHOT_WORDS[k], True)
+                      for k in zs.labels])
+        e = np.exp(s - s.max())
+        np.testing.assert_allclose(probs[i], e / e.sum(), rtol=1e-3, atol=1e-5)
+    assert zs.label(texts) == [zs.labels[j] for j in probs.argmax(-1)]
+
+
+def test_errors_are_one_line(weights):
+    fn = model_score_fn(weights.params, weights.cfg, weights.tokenizer)
+    with pytest.raises(Exception, match=r"pair 1: field 'continuation' is empty"):
+        fn(["a", "b"], ["x", ""])
+    with pytest.raises(WeightsError, match="no tokenizer"):
+        zero_shot_labeller("random:tiny-llama")

@@ -1,7 +1,8 @@
 """Scores a predictions JSONL (from the generation CLI): micro and macro metrics, tables and figures.
 
     python launch/evaluate.py --predictions preds.jsonl --out eval/ [--gates gates.json]
-        [--labeller lexicon|none] [--baseline old/metrics.json] [--gate-stat max|entropy]
+        [--labeller lexicon|zeroshot|none] [--weights SPEC] [--baseline old/metrics.json]
+        [--gate-stat max|entropy]
 
 Writes DIR/metrics.json, DIR/metrics.md and PNGs, prints the metrics table. Bad input stops
 with one line naming the file, the line and the field (exit status 2), never a traceback.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from socialalign_jax.errors import EXIT_USER_ERROR, one_line  # noqa: E402
+from socialalign_jax.errors import EXIT_USER_ERROR, UserError, one_line  # noqa: E402
 from socialalign_jax.evaluation import report  # noqa: E402
 from socialalign_jax.evaluation.predictions import (  # noqa: E402,F401
     InputError, evaluate, load_baseline, load_gates, load_predictions)
@@ -26,8 +27,10 @@ def parse_args(argv):
     p.add_argument("--predictions", required=True, help="predictions JSONL from the generation CLI")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--gates", help="gate statistics JSON for heatmaps")
-    p.add_argument("--labeller", choices=("lexicon", "none"), default="lexicon",
+    p.add_argument("--labeller", choices=("lexicon", "zeroshot", "none"), default="lexicon",
                    help="labels generated posts for the generated-vs-real macro metric")
+    p.add_argument("--weights", help="base model for --labeller zeroshot (gguf:smollm2, gguf:FILE, hf:DIR, "
+                                     "random:PRESET)")
     p.add_argument("--baseline", help="an earlier metrics.json to compare against")
     p.add_argument("--gate-stat", choices=("max", "entropy"), default="max",
                    help="per-cell gate summary: weight of the top expert, or routing entropy")
@@ -44,8 +47,13 @@ def main(argv=None) -> int:
         if args.labeller == "lexicon":
             from socialalign_jax.evaluation.labellers import LexiconLabeller
             labeller = LexiconLabeller()
+        elif args.labeller == "zeroshot":
+            if not args.weights:
+                raise UserError("--labeller zeroshot needs --weights SPEC (e.g. gguf:smollm2)")
+            from socialalign_jax.evaluation.model_labeller import zero_shot_labeller
+            labeller = zero_shot_labeller(args.weights)
         result = evaluate(records, labeller)
-    except (InputError, RuntimeError) as e:
+    except (InputError, RuntimeError, UserError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     from socialalign_jax.evaluation import plots  # matplotlib only after the input is known good

@@ -67,3 +67,44 @@ def test_errors_are_one_line(weights):
         fn(["a", "b"], ["x", ""])
     with pytest.raises(WeightsError, match="no tokenizer"):
         zero_shot_labeller("random:tiny-llama")
+
+
+def _evaluate_cli():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "launch" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("evaluate_cli_zs", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_evaluate_cli_zeroshot(tmp_path, capsys, weights, monkeypatch):
+    import json
+
+    from socialalign_jax import weights as weights_mod
+
+    cli = _evaluate_cli()
+    labels = ["negative", "neutral", "positive"]
+    recs = [{"event": "事件", "event_id": 0, "user": "u", "prompt_id": i, "generated": t, "reference": t,
+             "label": lab, "probs": [0.2, 0.3, 0.5], "labels": labels}
+            for i, (t, lab) in enumerate([("好开心", "positive"), ("真糟糕", "negative")])]
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    # Without --weights: one line, exit 2, nothing loaded.
+    rc = cli.main(["--predictions", str(preds), "--out", str(tmp_path / "o"), "--labeller", "zeroshot"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == "error: --labeller zeroshot needs --weights SPEC (e.g. gguf:smollm2)"
+    # A bad spec is one line too.
+    rc = cli.main(["--predictions", str(preds), "--out", str(tmp_path / "o"), "--labeller", "zeroshot",
+                   "--weights", "random:no-such-preset"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "no-such-preset" in err
+    monkeypatch.setattr(weights_mod, "resolve_weights", lambda spec, dtype=None: weights)
+    rc = cli.main(["--predictions", str(preds), "--out", str(tmp_path / "o"), "--labeller", "zeroshot",
+                   "--weights", SPEC])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text(encoding="utf-8"))
+    assert m["labeller"] == "zeroshot"
+    assert sum(m["per_event"][0]["generated"]) == pytest.approx(1.0)

@@ -104,6 +104,15 @@ def test_cli_end_to_end(tmp_path, weights, monkeypatch, capsys):
     raw0 = json.loads((out / "a.json").read_text(encoding="utf-8"))
     assert raw0["extra_field"] == 1 and raw0["cases"][0]["history"] == ev0["cases"][0]["history"]
     assert [c.weibo for c in cases] == [c["weibo"] for c in ev0["cases"] + ev1["cases"]]
+    # --overwrite_existing regenerates the kept one too.
+    from socialalign_jax.personas import build_personas
+    from socialalign_jax.sampling import SamplingConfig
+
+    scfg = SamplingConfig(max_new_tokens=4, greedy=True, stop_tokens=(151645, 151643), pad_id=151643)
+    s = build_personas(weights.params, weights.cfg, weights.tokenizer, tmp_path / "in", tmp_path / "out2",
+                       scfg=scfg, batch_size=2, overwrite_existing=True, progress=False)
+    assert (s.generated, s.kept, s.no_history) == (3, 0, 1)
+    assert read_event_file(tmp_path / "out2" / "a.json", allow_short_history=True).cases[1].persona.count("\n") == 4
 
 
 def test_cli_bad_input_is_one_line(tmp_path, weights, monkeypatch, capsys):

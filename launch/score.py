@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from socialalign_jax import scoring
+    from socialalign_jax.atomic_io import write_jsonl
     from socialalign_jax.hf_import import check_hf_checkpoint, load_hf_checkpoint
     from socialalign_jax.tokenizer import load_tokenizer
 
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     records = scoring.score_examples(params, cfg, examples, batch_size=args.batch_size, pad_id=pad_id,
                                      real_vocab=real_cfg.vocab_size, adapters=adapters, lora_cfg=lora_cfg)
-    n = scoring.write_jsonl(records, args.out)
+    n = write_jsonl(records, args.out)
     print(f"scored {n} records -> {args.out}", file=sys.stderr)
     return 0
 

@@ -16,7 +16,6 @@ one line naming the source, the example index and the field; nothing is skipped 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from socialalign_jax.atomic_io import write_json, write_jsonl  # noqa: F401 (part of this module's API)
 from socialalign_jax import losses, model, pac_lora, sampling
 from socialalign_jax.config import ModelConfig
 from socialalign_jax.errors import UserError
@@ -263,24 +263,6 @@ def generate_predictions(params, adapters, model_cfg: ModelConfig, lora_cfg: Lor
             bar.close()
 
 
-def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> int:
-    """Write records as UTF-8 JSONL (atomically: a .tmp file renamed at the end); returns the count."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    parent = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(parent, exist_ok=True)
-        n = 0
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except OSError as e:
-        raise GenerationError(f"{path}: cannot write predictions: {e.strerror or e}") from None
-    return n
-
-
 # ----------------------------------------------------------------------------- the CLI job
 
 
@@ -358,15 +340,3 @@ def run_generate(cfg, workdir: str, *, split: str = "test", out: str, max_exampl
     print(f"wrote {count} predictions ({split} split, checkpoint step {at_step}, "
           f"{'greedy' if scfg.greedy else 'sampled'}) to {out}")
     return 0
-
-
-def write_json(obj: dict, path: str) -> None:
-    """One JSON document (the gate summary), written atomically."""
-    tmp = path + ".tmp"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise GenerationError(f"{path}: cannot write gate statistics: {e.strerror or e}") from None

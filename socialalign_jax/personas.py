@@ -13,7 +13,6 @@ to that length and counted); an item the model did not give is `未知` and coun
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from socialalign_jax.atomic_io import write_json
 from socialalign_jax import sampling
 from socialalign_jax.data.prompt import format_post
 from socialalign_jax.data.records import Case, DataError, load_json, read_event_file
@@ -148,20 +148,6 @@ def generate_answers(params, cfg, tokenizer, prompts: Sequence[str], scfg: Sampl
     return answers
 
 
-def _write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write output ({e.strerror or e})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def build_personas(params, cfg, tokenizer, input_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                    scfg: SamplingConfig, batch_size: int = 8, seed: int = 0, overwrite_existing: bool = False,
                    max_history: int = DEFAULT_MAX_HISTORY, progress: bool = True) -> PersonaSummary:
@@ -218,5 +204,5 @@ def build_personas(params, cfg, tokenizer, input_dir: str | os.PathLike, out_dir
     except OSError as e:
         raise UserError(f"{out_dir}: cannot create output directory ({e.strerror or e})") from None
     for path, raw in zip(files, raws):
-        _write_json(raw, out_dir / path.name)
+        write_json(raw, out_dir / path.name)
     return summary

@@ -19,7 +19,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -182,25 +182,6 @@ def encode_file(tokenizer, path: str | os.PathLike, *, chat: bool, vocab_size: i
     if not examples:
         raise UserError(f"{path}: no records")
     return examples
-
-
-def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> int:
-    """Write atomically (temp file + rename) so a failure never leaves half an output file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    n = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write output ({e.strerror or e})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return n
 
 
 def load_adapters_for_scoring(path: str, cfg: ModelConfig) -> tuple[Any, Any]:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from socialalign_jax import adapter_io, export, hf_import, model, optim, pac_lora
+from socialalign_jax.atomic_io import write_json
 from socialalign_jax.presets import get_preset
 from socialalign_jax.train import checkpoint, loop, step as step_lib
 
@@ -33,7 +34,7 @@ def make_run(workdir, **lora):
     optimizer, _ = optim.make_optimizer(dict(cfg.optim.to_dict(), total_steps=2))
     cfg_dict = loop.config_to_dict(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_json(str(workdir / "config.json"), cfg_dict)
+    write_json(cfg_dict, str(workdir / "config.json"))
     manager = checkpoint.make_manager(str(workdir), save_every=1, keep=3, async_save=False)
     trees = {}
     for step in (1, 2):

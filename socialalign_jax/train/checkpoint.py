@@ -8,7 +8,6 @@ same workdir picks the latest complete step.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping
 
@@ -77,10 +76,3 @@ def restore(manager: ocp.CheckpointManager, abstract_state, current_config: Mapp
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"], saved_cfg
-
-
-def write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-    os.replace(tmp, path)

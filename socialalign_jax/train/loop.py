@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from socialalign_jax import optim, pac_lora, sharding
+from socialalign_jax.atomic_io import write_json
 from socialalign_jax.config import ModelConfig
 from socialalign_jax.errors import UserError
 from socialalign_jax.mesh import make_mesh
@@ -246,7 +247,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict[str, Any]:
         if is_main:
             print(f"resumed from {manager.directory} at step {int(state['step'])}")
     elif is_main:
-        checkpoint.write_json(os.path.join(workdir, "config.json"), cfg_dict)
+        write_json(cfg_dict, os.path.join(workdir, "config.json"))
 
     train_step = jax.jit(
         step_lib.make_train_step(job.model_cfg, job.lora_cfg, job.loss_cfg, optimizer, schedule),
@@ -263,7 +264,7 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict[str, Any]:
                                   desc="test split (step 0)")
         if is_main:
             logger.write(0, baseline, prefix="eval/")
-            checkpoint.write_json(os.path.join(workdir, "eval_step0.json"), baseline)
+            write_json(baseline, os.path.join(workdir, "eval_step0.json"))
 
     stop = _StopFlag()
     start_step = int(state["step"])
@@ -333,6 +334,6 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict[str, Any]:
         result["eval_step0"] = baseline
         if is_main:
             logger.write(result["step"], final, prefix="eval/")
-            checkpoint.write_json(os.path.join(workdir, "eval_final.json"), result)
+            write_json(result, os.path.join(workdir, "eval_final.json"))
     logger.close()
     return result

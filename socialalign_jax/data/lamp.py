@@ -219,7 +219,7 @@ def build_lamp_example(q: LampQuestion, task: str, tokenizer, cfg, stats=None) -
     'without_history' shows none ('without_persona' = 'full': LaMP has no persona).
     A question without a gold output gives a prompt-only example (loss_mask all 0).
     """
-    from socialalign_jax.data.prompt import PromptTooLong
+    from socialalign_jax.data.prompt import PromptTooLong, overflow
     from socialalign_jax.tokenizer import IM_END
 
     profile = [] if cfg.mode == "without_history" else select_profile(q, task, cfg.num_history)
@@ -233,12 +233,7 @@ def build_lamp_example(q: LampQuestion, task: str, tokenizer, cfg, stats=None) -
     else:
         err = PromptTooLong(q.source, f"{len(enc['input_ids'])} prompt + {len(resp)} response tokens exceed "
                             f"max_length {cfg.max_length} even without profile items", q.index, "input")
-        if cfg.on_overflow == "raise":
-            raise err
-        if stats is not None:
-            stats.skipped_too_long += 1
-            stats.skipped.append(str(err))
-        return None
+        return overflow(err, cfg, stats)
     cut = sum(len(p) for p in profile[keep:])
     if stats is not None:
         stats.built += 1

@@ -308,12 +308,7 @@ def build_example(
             record,
             "weibo" if include_response else "news",
         )
-        if cfg.on_overflow == "raise":
-            raise err
-        if stats is not None:
-            stats.skipped_too_long += 1
-            stats.skipped.append(str(err))
-        return None
+        return overflow(err, cfg, stats)
 
     h_cut = sum(max(0, n - h_cap) for n in pieces) if h_cap is not None else 0
     p_cut = max(0, p_len - p_cap) if p_cap is not None else 0
@@ -333,3 +328,14 @@ def build_example(
         prompt_len=n_prompt,
         n_truncated_history_chars=h_cut,
     )
+
+
+def overflow(err: "PromptTooLong", cfg: PromptConfig, stats: "BuildStats | None"):
+    """An example that cannot fit even after cutting what may be cut: raise it, or count the skip
+    (on_overflow='skip') so the build summary reports it; returns None for the caller to return."""
+    if cfg.on_overflow == "raise":
+        raise err
+    if stats is not None:
+        stats.skipped_too_long += 1
+        stats.skipped.append(str(err))
+    return None

@@ -35,6 +35,7 @@ def base_config() -> config_dict.ConfigDict:
     c.lora.targets = ALL_TARGETS  # comma-separated; '' trains only the sentiment head
     c.lora.routing = "token"  # token | pooled | uniform_a | uniform_b | uniform
     c.lora.num_classes = 3
+    c.lora.fuse_base = "auto"  # [x | u] @ [W0; B] as one matmul: auto = on the CPU backend (docs/pac_lora.md)
 
     c.data = config_dict.ConfigDict()
     c.data.source = "socialweibo"  # socialweibo | alpaca | lamp | ced | zs_csd | nlpcc2016

@@ -1,12 +1,14 @@
 """PAC-LoRA: analyze/compose LoRA experts mixed by two span gates (SPEC section 2).
 
-delta(x) = s * sum_j gB_j ((sum_i gA_i (x' A_i)) B_j), computed as two matmuls against the
-concatenated experts so that no [batch, seq, E, d_out] tensor exists in forward or backward:
+delta(x) = s * sum_j gB_j ((sum_i gA_i (x' A_i)) B_j), computed so that no [batch, seq, E,
+d_out] tensor exists in forward or backward, and so that x' is read by ONE skinny matmul:
 
-    z = x' @ A_cat            [B, S, Ea*r]      (A_cat = [d_in, Ea*r])
-    h = sum_i gA_i z_i        [B, S, r]
-    u = gB (outer) h          [B, S, Eb*r]
-    delta = u @ B_cat         [B, S, d_out]     (B_cat = [Eb*r, d_out])
+    p = x' @ [A_cat | Wa1 | Wb1]  [B, S, Ea*r + 2G]  (experts and both gates' first layers)
+    z, pre_a, pre_b = split(p)    gate pre-activations masked to their span afterwards, which
+                                  equals masking x' first because the gates have no bias
+    h = sum_i gA_i z_i            [B, S, r]
+    u = s * (gB outer h)          [B, S, Eb*r]   (the scale lives on this small tensor)
+    y = x W0 + u @ B_cat          [B, S, d_out]  (on the CPU: ONE matmul [x | u] @ [W0; B_cat])
 
 Gate weights depend on segment ids derived from absolute positions, so a KV-cached decode
 routes every token exactly as the full forward does (the original code does not).
@@ -46,6 +48,7 @@ class LoraConfig:
     targets: tuple[str, ...] = ALL_TARGETS
     routing: str = "token"
     num_classes: int = 3
+    fuse_base: str = "auto"  # 'auto' (fuse on the CPU backend only) | 'always' | 'never'
 
     def __post_init__(self):
         if self.routing not in ROUTING_MODES:
@@ -53,6 +56,8 @@ class LoraConfig:
         bad = [t for t in self.targets if t not in MODULE_BLOCK]
         if bad:
             raise ValueError(f"unknown adapter targets {bad}; known: {ALL_TARGETS}")
+        if self.fuse_base not in ("auto", "always", "never"):
+            raise ValueError(f"fuse_base must be 'auto', 'always' or 'never', got {self.fuse_base!r}")
         if min(self.num_analyze, self.num_compose, self.rank) < 1:
             raise ValueError("num_analyze, num_compose and rank must be >= 1")
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -92,12 +97,16 @@ def init_module_adapter(key, num_layers: int, d_in: int, d_out: int, lc: LoraCon
     }
 
 
+def gate_probs_from_pre(pre, gate) -> jax.Array:
+    """The gate after its first Dense: exact GELU -> Dense(G->E, no bias) -> float32 softmax.  pre [..., G]."""
+    hdn = jax.nn.gelu(pre, approximate=False)
+    logits = jnp.einsum("...g,ge->...e", hdn, gate["w2"].astype(pre.dtype))
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
 def gate_probs(x, gate) -> jax.Array:
     """Dense(d_in->G, no bias) -> exact GELU -> Dense(G->E, no bias) -> float32 softmax.  x [..., d_in]."""
-    hdn = jnp.einsum("...d,dg->...g", x, gate["w1"].astype(x.dtype))
-    hdn = jax.nn.gelu(hdn, approximate=False)
-    logits = jnp.einsum("...g,ge->...e", hdn, gate["w2"].astype(x.dtype))
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return gate_probs_from_pre(jnp.einsum("...d,dg->...g", x, gate["w1"].astype(x.dtype)), gate)
 
 
 def segment_ids(positions, user_end, news_end, valid):
@@ -107,30 +116,40 @@ def segment_ids(positions, user_end, news_end, valid):
     return jnp.where(valid, seg, OTHER).astype(jnp.int32)
 
 
+def span_mean(x, seg, segment: int):
+    """Mean of x [B, S, F] over the tokens of one segment of each sequence -> [B, F] (0 for an empty span)."""
+    m = (seg == segment).astype(x.dtype)[..., None]
+    return jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1)
+
+
 def span_means(x, seg):
-    """Mean of x over the news span and over the user span of each sequence: 2 x [B, d_in]."""
-    def mean_over(s):
-        m = (seg == s).astype(x.dtype)[..., None]
-        total = jnp.sum(x * m, axis=1)
-        count = jnp.maximum(jnp.sum(m, axis=1), 1)
-        return total / count  # an empty span gives 0 -> uniform gate weights
-    return mean_over(NEWS), mean_over(USER)
+    """Mean of x over the news span and over the user span of each sequence: 2 x [B, F]."""
+    return span_mean(x, seg, NEWS), span_mean(x, seg, USER)
 
 
-def routing_weights(xd, seg, adapter, lc: LoraConfig, pooled_state=None, use_stored=False):
+def routing_weights(xd, seg, adapter, lc: LoraConfig, pooled_state=None, use_stored=False, pre=None):
     """Gate weights gA [B, S, Ea], gB [B, S, Eb] (float32) for one module.
+
+    pre: the gates' first-layer outputs (xd @ gate_a.w1, xd @ gate_b.w1), [B, S, G] each, when
+    the caller has them from its fused matmul; otherwise they are computed here from xd. Token
+    gates see only their span: pre-activations outside it are zeroed, which equals zeroing xd
+    there (no bias). Pooled gates read the span mean of the pre-activations, which equals the
+    first layer applied to the span mean of xd (linearity).
 
     pooled_state: in `pooled` decoding, the per-sequence weights stored at prefill
     ({'a': [B, Ea], 'b': [B, Eb]}), used instead of this chunk's span means where `use_stored`
     (a traced bool: false at prefill, true for later chunks). Also returns the pooled weights
     to carry in the cache (pooled mode) or None.
     """
-    b, s, _ = xd.shape
+    b, s = seg.shape
     ea, eb = lc.num_analyze, lc.num_compose
+    if pre is None:
+        pre = (jnp.einsum("bsd,dg->bsg", xd, adapter["gate_a"]["w1"].astype(xd.dtype)) if lc.gated_a else None,
+               jnp.einsum("bsd,dg->bsg", xd, adapter["gate_b"]["w1"].astype(xd.dtype)) if lc.gated_b else None)
+    pre_a, pre_b = pre
     if lc.routing == "pooled":
-        news_mean, user_mean = span_means(xd, seg)
-        pa = gate_probs(news_mean, adapter["gate_a"])  # [B, Ea]
-        pb = gate_probs(user_mean, adapter["gate_b"])  # [B, Eb]
+        pa = gate_probs_from_pre(span_mean(pre_a, seg, NEWS), adapter["gate_a"])  # [B, Ea]
+        pb = gate_probs_from_pre(span_mean(pre_b, seg, USER), adapter["gate_b"])  # [B, Eb]
         if pooled_state is not None:
             pa = jnp.where(use_stored, pooled_state["a"], pa)
             pb = jnp.where(use_stored, pooled_state["b"], pb)
@@ -138,27 +157,89 @@ def routing_weights(xd, seg, adapter, lc: LoraConfig, pooled_state=None, use_sto
         gb = jnp.broadcast_to(pb[:, None], (b, s, eb))
         return ga, gb, {"a": pa, "b": pb}
     if lc.gated_a:
-        ga = gate_probs(xd * (seg == NEWS)[..., None].astype(xd.dtype), adapter["gate_a"])
+        ga = gate_probs_from_pre(pre_a * (seg == NEWS)[..., None].astype(pre_a.dtype), adapter["gate_a"])
     else:
         ga = jnp.full((b, s, ea), 1.0 / ea, jnp.float32)
     if lc.gated_b:
-        gb = gate_probs(xd * (seg == USER)[..., None].astype(xd.dtype), adapter["gate_b"])
+        gb = gate_probs_from_pre(pre_b * (seg == USER)[..., None].astype(pre_b.dtype), adapter["gate_b"])
     else:
         gb = jnp.full((b, s, eb), 1.0 / eb, jnp.float32)
     return ga, gb, None
 
 
-def lora_delta(xd, ga, gb, adapter, lc: LoraConfig):
-    """The two-matmul PAC-LoRA delta. xd [B, S, d_in] (dropout applied) -> [B, S, d_out]."""
-    dt = xd.dtype
-    ea, d_in, r = adapter["A"].shape
-    eb, _, d_out = adapter["B"].shape
-    a_cat = jnp.transpose(adapter["A"], (1, 0, 2)).reshape(d_in, ea * r).astype(dt)
-    b_cat = adapter["B"].reshape(eb * r, d_out).astype(dt)
-    z = jnp.einsum("bsd,dk->bsk", xd, a_cat).reshape(*xd.shape[:2], ea, r)
-    h = jnp.einsum("bser,bse->bsr", z, ga.astype(dt))
-    u = (gb.astype(dt)[..., :, None] * h[..., None, :]).reshape(*xd.shape[:2], eb * r)
-    return jnp.einsum("bsk,kd->bsd", u, b_cat) * jnp.asarray(lc.scale, dt)
+def mix_experts(z, ga, gb, lc: LoraConfig):
+    """z [B, S, Ea*r] (x' A_cat) -> u = s * (gB outer sum_i gA_i z_i)  [B, S, Eb*r].
+
+    Elementwise products and a sum over the (tiny) expert axis: a batched dot over B*S rows of
+    [E] x [E, r] would run as thousands of tiny matmuls on the CPU.
+    """
+    dt = z.dtype
+    ea, eb = ga.shape[-1], gb.shape[-1]
+    zr = z.reshape(*z.shape[:-1], ea, -1)  # [B, S, Ea, r]
+    h = jnp.sum(zr * ga.astype(dt)[..., None], axis=-2)  # [B, S, r]
+    u = (gb.astype(dt) * jnp.asarray(lc.scale, dt))[..., :, None] * h[..., None, :]  # [B, S, Eb, r]
+    return u.reshape(*z.shape[:-1], eb * h.shape[-1])
+
+
+def _a_cat(a, dt):
+    """A [Ea, d_in, r] -> [d_in, Ea*r] (expert-major columns)."""
+    ea, d_in, r = a.shape
+    return jnp.transpose(a, (1, 0, 2)).reshape(d_in, ea * r).astype(dt)
+
+
+def _b_cat(b, dt):
+    """B [Eb, r, d_out] -> [Eb*r, d_out]."""
+    eb, r, d_out = b.shape
+    return b.reshape(eb * r, d_out).astype(dt)
+
+
+@jax.custom_vjp
+def base_plus_lora(x, u, w, b_cat):
+    """x @ w + u @ b_cat as ONE matmul [x | u] @ [w; b_cat]: x [B, S, d_in], u [B, S, k] -> [B, S, d_out].
+
+    XLA:CPU does not fuse the add of two matmul outputs, so the separate form writes and
+    re-reads a [B, S, d_out] delta; concatenating along the contraction axis costs one copy
+    of w instead. The backward is written out so the concatenation is not differentiated
+    (which would compute a [d_in + k, d_out] weight gradient and slice it).
+    """
+    return jnp.einsum("bsk,ke->bse", jnp.concatenate([x, u], axis=-1), jnp.concatenate([w, b_cat], axis=0))
+
+
+def _base_plus_lora_fwd(x, u, w, b_cat):
+    return base_plus_lora(x, u, w, b_cat), (x, u, w, b_cat)
+
+
+def _base_plus_lora_bwd(res, dy):
+    x, u, w, b_cat = res
+    dx = jnp.einsum("bse,de->bsd", dy, w)
+    du = jnp.einsum("bse,ke->bsk", dy, b_cat)
+    dw = jnp.einsum("bsd,bse->de", x, dy)  # dead code (removed by XLA) unless the base is trained
+    db = jnp.einsum("bsk,bse->ke", u, dy)
+    return dx, du, dw, db
+
+
+base_plus_lora.defvjp(_base_plus_lora_fwd, _base_plus_lora_bwd)
+
+
+def _fuse_base(lc: LoraConfig) -> bool:
+    if lc.fuse_base == "auto":
+        return jax.default_backend() == "cpu"  # GPU and TPU fuse the add into the matmul themselves
+    return lc.fuse_base == "always"
+
+
+def dropout(x, rate: float, rng):
+    """Inverted dropout with the drop probability rounded to a multiple of 2^-16.
+
+    16-bit random draws need half the threefry work of the 32-bit floats `bernoulli` draws,
+    and dropout's random bits are a visible share of a CPU step; 0.1 becomes 6554/65536
+    (0.100006), and the kept values are scaled by the exact inverse keep probability.
+    """
+    threshold = int(round(rate * 65536))
+    if threshold <= 0:
+        return x
+    keep_prob = 1.0 - threshold / 65536
+    bits = jax.random.bits(rng, x.shape, jnp.uint16)
+    return jnp.where(bits >= threshold, x * jnp.asarray(1.0 / keep_prob, x.dtype), jnp.zeros((), x.dtype))
 
 
 def gate_stats(ga, gb, seg, valid):
@@ -201,18 +282,36 @@ def adapted_linear(x, base: dict, adapter: dict | None, lc: LoraConfig | None, r
     route: {'seg': [B, S] segment ids, 'valid': [B, S] bool, 'deterministic': bool,
             'use_stored': traced bool, pooled decoding only}.
     """
-    y = jnp.einsum("bsd,de->bse", x, base["kernel"].astype(x.dtype))
-    if "bias" in base:
-        y = y + base["bias"].astype(x.dtype)
+    w = base["kernel"].astype(x.dtype)
     if adapter is None:
-        return y, None, None
+        y = jnp.einsum("bsd,de->bse", x, w)
+        return (y + base["bias"].astype(x.dtype) if "bias" in base else y), None, None
+    dt = x.dtype
     xd = x
     if lc.dropout > 0.0 and not route["deterministic"]:
-        keep = jax.random.bernoulli(rng, 1.0 - lc.dropout, x.shape)
-        xd = jnp.where(keep, x / (1.0 - lc.dropout), 0).astype(x.dtype)
+        xd = dropout(x, lc.dropout, rng)
+    # One read of x' for the experts and both gates' first layers.
+    cols = [_a_cat(adapter["A"], dt)]
+    if lc.gated_a:
+        cols.append(adapter["gate_a"]["w1"].astype(dt))
+    if lc.gated_b:
+        cols.append(adapter["gate_b"]["w1"].astype(dt))
+    proj = jnp.einsum("bsd,dk->bsk", xd, jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0])
+    k = lc.num_analyze * lc.rank
+    g = lc.gate_width
+    z = proj[..., :k]
+    pre_a = proj[..., k:k + g] if lc.gated_a else None
+    pre_b = proj[..., proj.shape[-1] - g:] if lc.gated_b else None
     ga, gb, new_pooled = routing_weights(xd, route["seg"], adapter, lc, pooled_state,
-                                         route.get("use_stored", False))
-    y = y + lora_delta(xd, ga, gb, adapter, lc)
+                                         route.get("use_stored", False), pre=(pre_a, pre_b))
+    u = mix_experts(z, ga, gb, lc)  # [B, S, Eb*r], scale included
+    b_cat = _b_cat(adapter["B"], dt)
+    if _fuse_base(lc):
+        y = base_plus_lora(x, u, w, b_cat)
+    else:
+        y = jnp.einsum("bsd,de->bse", x, w) + jnp.einsum("bsk,ke->bse", u, b_cat)
+    if "bias" in base:
+        y = y + base["bias"].astype(dt)
     return y, gate_stats(ga, gb, route["seg"], route["valid"]), new_pooled
 
 

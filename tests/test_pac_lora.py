@@ -127,9 +127,9 @@ def _route():
     return seg, valid
 
 
-def _lc(mode, ea=EA, eb=EB, r=RANK):
+def _lc(mode, ea=EA, eb=EB, r=RANK, fuse_base="auto"):
     return LoraConfig(num_analyze=ea, num_compose=eb, rank=r, alpha=5.0, dropout=0.1, gate_width=GW,
-                      routing=mode)
+                      routing=mode, fuse_base=fuse_base)
 
 
 def _jax_layer(x, base, adapter, seg, valid, lc):
@@ -141,14 +141,15 @@ def _jax_layer(x, base, adapter, seg, valid, lc):
 # ----------------------------------------------------------------------------- tests
 
 
+@pytest.mark.parametrize("fuse_base", ["always", "never"])  # [x|u]@[W0;B] (CPU) and two matmuls (GPU/TPU)
 @pytest.mark.parametrize("mode", pac_lora.ROUTING_MODES)
-def test_layer_output_and_gradients_match_numpy_reference(mode):
+def test_layer_output_and_gradients_match_numpy_reference(mode, fuse_base):
     rng = np.random.default_rng(sum(map(ord, mode)))
     p = _params(rng)
     x = rng.normal(0, 1.0, (BATCH, SEQ, D_IN))
     cot = rng.normal(0, 1.0, (BATCH, SEQ, D_OUT))  # random cotangent: grads of <y, cot>
     seg, valid = _route()
-    lc = _lc(mode)
+    lc = _lc(mode, fuse_base=fuse_base)
     assert lc.scale == 5.0 / RANK
 
     want = ref_layer(x, p, seg, mode, lc.scale)
@@ -157,12 +158,14 @@ def test_layer_output_and_gradients_match_numpy_reference(mode):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
     # Gradients w.r.t. x, A, B and all four gate kernels.
-    def loss(xj, adj):
-        return jnp.sum(_jax_layer(xj, base, adj, seg, valid, lc) * jnp.asarray(cot, jnp.float32))
+    # Gradients also w.r.t. the base kernel and bias: the fused path writes its own backward.
+    def loss(xj, adj, bj):
+        return jnp.sum(_jax_layer(xj, bj, adj, seg, valid, lc) * jnp.asarray(cot, jnp.float32))
 
-    gx, gad = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x, jnp.float32), adapter)
+    gx, gad, gbase = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(jnp.asarray(x, jnp.float32), adapter, base)
     got_grads = {"x": gx, "A": gad["A"], "B": gad["B"], "a_w1": gad["gate_a"]["w1"],
-                 "a_w2": gad["gate_a"]["w2"], "b_w1": gad["gate_b"]["w1"], "b_w2": gad["gate_b"]["w2"]}
+                 "a_w2": gad["gate_a"]["w2"], "b_w1": gad["gate_b"]["w1"], "b_w2": gad["gate_b"]["w2"],
+                 "W0": gbase["kernel"], "b0": gbase["bias"]}
 
     def ref_loss(name, value):
         q = dict(p)
@@ -276,3 +279,20 @@ def test_model_at_init_equals_base_exactly():
     adapters = jax.tree_util.tree_map_with_path(
         lambda path, a: np.asarray(a) + 0.1 if any(getattr(k, "key", None) == "B" for k in path) else a, adapters)
     assert np.abs(np.asarray(adapted_fwd(params, adapters)) - np.asarray(base)).max() > 1e-4
+
+
+def test_dropout_rate_scale_and_determinism():
+    """16-bit dropout: drops ~rate of the entries, scales the rest by the exact inverse keep
+    probability (so E[dropout(x)] = x), and depends only on the key."""
+    x = jnp.ones((1 << 20,), jnp.float32)
+    key = jax.random.PRNGKey(3)
+    y = np.asarray(pac_lora.dropout(x, 0.1, key))
+    keep_prob = 1.0 - 6554 / 65536
+    dropped = np.mean(y == 0)
+    sigma = np.sqrt(0.1 * 0.9 / y.size)
+    assert abs(dropped - 0.1) < 5 * sigma
+    np.testing.assert_allclose(np.unique(y[y != 0]), [1.0 / keep_prob], rtol=1e-6)
+    assert abs(y.mean() - 1.0) < 5 * sigma / keep_prob
+    np.testing.assert_array_equal(y, np.asarray(pac_lora.dropout(x, 0.1, key)))
+    assert not np.array_equal(y, np.asarray(pac_lora.dropout(x, 0.1, jax.random.PRNGKey(4))))
+    np.testing.assert_array_equal(np.asarray(pac_lora.dropout(x, 0.0, key)), np.asarray(x))

@@ -38,7 +38,8 @@ def lora_config(cfg) -> LoraConfig:
     return LoraConfig(num_analyze=cfg.lora.num_analyze, num_compose=cfg.lora.num_compose, rank=cfg.lora.rank,
                       alpha=float(cfg.lora.alpha), rslora=bool(cfg.lora.rslora), dropout=float(cfg.lora.dropout),
                       gate_width=cfg.lora.gate_width, targets=targets, routing=cfg.lora.routing,
-                      num_classes=cfg.lora.num_classes)
+                      num_classes=cfg.lora.num_classes,
+                      fuse_base=cfg.lora.get("fuse_base", "auto"))
 
 
 def loss_config(cfg) -> step_lib.LossConfig:

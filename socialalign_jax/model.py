@@ -92,7 +92,11 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig 
 
 def _layer(cfg: ModelConfig, lc: LoraConfig | None, route: dict, x, lp, ad, kv, pooled, rng, cos, sin,
            q_pos, k_pos, cache_index):
-    """One decoder layer. Returns (x, (new_k, new_v), stats, new_pooled)."""
+    """One decoder layer. Returns (x, new_kv, stats, new_pooled).
+
+    kv: None (no cache), or a function (k, v) -> (k_all, v_all, new_kv) that writes this
+    chunk's keys and values into the cache and returns every slot of this layer.
+    """
     stats, new_pooled = {}, {}
 
     def lin(h, name, mod_idx):
@@ -115,9 +119,7 @@ def _layer(cfg: ModelConfig, lc: LoraConfig | None, route: dict, x, lp, ad, kv, 
     q = layers.apply_rope(q, cos, sin)
     k = layers.apply_rope(k, cos, sin)
     if kv is not None:  # write this chunk into the cache, attend over every slot
-        k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, cache_index, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, cache_index, 0, 0))
-        new_kv = (k_all, v_all)
+        k_all, v_all, new_kv = kv(k, v)
         attn = layers.attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), q_pos, k_pos)
     else:
         new_kv = None
@@ -195,16 +197,27 @@ def forward(params, input_ids, cfg: ModelConfig, *, attention_mask=None, positio
             raise ValueError("forward(deterministic=False) with adapter dropout needs an rng")
         layer_rngs = jax.random.split(rng, cfg.num_layers)
 
-    def body(x, xs):
-        lp, ad, kv, pooled, lrng = xs
-        x, kv_out, st, pst = _layer(cfg, lc, route, x, lp, ad, kv, pooled, lrng, cos, sin, q_pos, k_pos, index)
-        return x, (kv_out, st, pst if pst else None)
-
-    if cfg.remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     ad_layers = adapters["layers"] if use_adapters else None
-    x, (kv_out, stats, pooled_out) = jax.lax.scan(
-        body, x, (params["layers"], ad_layers, kv_xs, pooled_xs, layer_rngs))
+    if isinstance(params["layers"], (list, tuple)):
+        x, kv_out, stats, pooled_out = _unrolled_layers(cfg, lc, route, x, params["layers"], ad_layers, cache,
+                                                        pooled_xs, layer_rngs, cos, sin, q_pos, k_pos, index)
+    else:
+        def body(x, xs):
+            lp, ad, kv, pooled, lrng = xs
+            write = None
+            if kv is not None:
+                def write(k, v, kv=kv):
+                    k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+                    v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+                    return k_all, v_all, (k_all, v_all)
+            x, kv_out, st, pst = _layer(cfg, lc, route, x, lp, ad, write, pooled, lrng, cos, sin, q_pos, k_pos,
+                                        index)
+            return x, (kv_out, st, pst if pst else None)
+
+        if cfg.remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+        x, (kv_out, stats, pooled_out) = jax.lax.scan(
+            body, x, (params["layers"], ad_layers, kv_xs, pooled_xs, layer_rngs))
 
     hidden = layers.rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
     logits = None
@@ -221,6 +234,46 @@ def forward(params, input_ids, cfg: ModelConfig, *, attention_mask=None, positio
         if pooled_xs is not None:
             new_cache["pooled"] = pooled_out
     return ModelOutput(logits, hidden, new_cache, stats if use_adapters else None)
+
+
+def _unrolled_layers(cfg, lc, route, x, layer_list, ad_layers, cache, pooled_xs, layer_rngs, cos, sin, q_pos,
+                     k_pos, index):
+    """The layers as a Python loop over per-layer parameter trees (see `unstack_layers`).
+
+    XLA:CPU copies each layer's weights out of the stacked arrays whenever a scan slices them;
+    for a one-token decode step that copy costs more than the matmul it feeds. The KV cache
+    stays stacked and is updated in place.
+    """
+    take = lambda tree, i: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+    k_stack = v_stack = None
+    if cache is not None:
+        k_stack, v_stack = cache["k"], cache["v"]
+    stats, pooled = [], []
+    for i, lp in enumerate(layer_list):
+        write = None
+        if cache is not None:
+            def write(k, v, i=i):
+                nonlocal k_stack, v_stack
+                k_stack = jax.lax.dynamic_update_slice(k_stack, k.astype(k_stack.dtype)[None], (i, 0, index, 0, 0))
+                v_stack = jax.lax.dynamic_update_slice(v_stack, v.astype(v_stack.dtype)[None], (i, 0, index, 0, 0))
+                return k_stack[i], v_stack[i], None
+        x, _, st, pst = _layer(cfg, lc, route, x, lp, take(ad_layers, i), write, take(pooled_xs, i),
+                               take(layer_rngs, i), cos, sin, q_pos, k_pos, index)
+        stats.append(st)
+        pooled.append(pst if pst else None)
+    stack = lambda trees: None if trees[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
+    kv_out = None if cache is None else (k_stack, v_stack)
+    return x, kv_out, stack(stats) if stats and stats[0] else {}, stack(pooled)
+
+
+def unstack_layers(params: dict) -> dict:
+    """params with 'layers' as a list of per-layer trees: the form `forward` runs as a Python loop.
+
+    Do it once, outside the decode loop (`sampling.generate` does on the CPU): the slices are
+    copies, made once instead of once per generated token.
+    """
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    return dict(params, layers=[jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(n)])
 
 
 def lm_logits(params, hidden, cfg: ModelConfig):

@@ -50,6 +50,7 @@ class SamplingConfig:
     stop_tokens: tuple[int, ...] = (QWEN_IM_END, QWEN_ENDOFTEXT)
     pad_id: int = QWEN_ENDOFTEXT
     seed: int = 0
+    layer_loop: str = "auto"  # decode steps: 'scan' | 'unrolled' | 'auto' (unrolled on the CPU backend)
 
     def __post_init__(self):
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
@@ -61,6 +62,8 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.layer_loop not in ("auto", "scan", "unrolled"):
+            raise ValueError(f"layer_loop must be 'auto', 'scan' or 'unrolled', got {self.layer_loop!r}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
@@ -188,6 +191,10 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
     seen = seen_from_prompt(prompt_ids, prompt_mask, cfg.vocab_size)
     stops = jnp.asarray(scfg.stop_tokens or (-1,), jnp.int32)
 
+    # Decode steps on the CPU run the layers as a Python loop over weights sliced once here:
+    # a scan would copy every layer's weights out of the stack for every generated token.
+    unrolled = scfg.layer_loop == "unrolled" or (scfg.layer_loop == "auto" and jax.default_backend() == "cpu")
+    step_params = model.unstack_layers(params) if unrolled else params
     state = dict(step=jnp.zeros((), jnp.int32), cache=out.cache, logits=logits, seen=seen,
                  tokens=jnp.full((b, max_new), scfg.pad_id, jnp.int32),
                  done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32))
@@ -203,7 +210,7 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
         done = s["done"] | jnp.isin(tok, stops)
         seen = s["seen"].at[jnp.arange(b), tok].set(True)
         # Finished rows keep decoding (lockstep) but their output is padding.
-        step_out = model.forward(params, tok[:, None], cfg, adapters=adapters, lora_cfg=lora_cfg,
+        step_out = model.forward(step_params, tok[:, None], cfg, adapters=adapters, lora_cfg=lora_cfg,
                                  cache=s["cache"], compute_logits=True)
         return dict(step=s["step"] + 1, cache=step_out.cache, logits=step_out.logits[:, 0], seen=seen,
                     tokens=tokens, done=done, lengths=s["lengths"] + live.astype(jnp.int32))

@@ -78,10 +78,13 @@ def _batch(rng, vocab, padding=PADDING):
     return p_ids, p_mask, f_ids, f_mask, gen, col0
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_cached_decode_equals_full_forward(family):
+@pytest.mark.parametrize("family,layout", [("qwen2", "stacked"), ("llama", "stacked"), ("qwen2", "unstacked")])
+def test_cached_decode_equals_full_forward(family, layout):
+    """`unstacked`: the decode steps run the layers as a Python loop (model.unstack_layers, what
+    sampling.generate does on the CPU) and update the stacked cache in place."""
     cfg = CONFIGS[family]
     params = random_params(cfg, seed=3)
+    step_params = model_lib.unstack_layers(params) if layout == "unstacked" else params
     rng = np.random.default_rng(7)
     p_ids, p_mask, f_ids, f_mask, gen, col0 = _batch(rng, cfg.vocab_size)
     assert {"left", "right"} <= {pad for pad, n in zip(PADDING, PROMPT_LENS) if n < MAX_PROMPT}
@@ -102,7 +105,7 @@ def test_cached_decode_equals_full_forward(family):
 
     # Decode: the logits after feeding generated token i sit at column col0 + i of the full pass.
     for i in range(N_GEN):
-        out = fwd(params, jnp.asarray(gen[:, i:i + 1]), cache=cache)
+        out = fwd(step_params, jnp.asarray(gen[:, i:i + 1]), cache=cache)
         cache = out.cache
         want = full[np.arange(len(PROMPT_LENS)), col0 + i]
         got = np.asarray(out.logits)[:, 0]

@@ -87,8 +87,9 @@ def _left(rows):
 PARAMS = model.init_params(CFG, jax.random.PRNGKey(0))
 
 
-@pytest.mark.parametrize("routing", ["token", "pooled", "uniform_a", "uniform_b", "uniform"])
-def test_greedy_matches_full_forward_argmax(routing):
+@pytest.mark.parametrize("routing,layer_loop", [(r, "auto") for r in ("token", "pooled", "uniform_a", "uniform_b", "uniform")]
+                         + [("token", "scan"), ("pooled", "scan"), ("token", "unrolled"), ("pooled", "unrolled")])
+def test_greedy_matches_full_forward_argmax(routing, layer_loop):
     lc = LoraConfig(rank=4, gate_width=8, routing=routing, dropout=0.1)
     ad = _adapters(lc)
     rows, ue, ne = _prompts()
@@ -99,7 +100,8 @@ def test_greedy_matches_full_forward_argmax(routing):
     assert not np.array_equal(ref, base)
 
     ids, mask = _left(rows)
-    scfg = SamplingConfig(greedy=True, repetition_penalty=1.0, max_new_tokens=max_new, stop_tokens=(), pad_id=PAD)
+    scfg = SamplingConfig(greedy=True, repetition_penalty=1.0, max_new_tokens=max_new, stop_tokens=(), pad_id=PAD,
+                          layer_loop=layer_loop)
     out = sampling.generate(PARAMS, ad, ids, mask, CFG, lc, scfg, (ue, ne), jax.random.PRNGKey(0))
     np.testing.assert_array_equal(np.asarray(out.tokens), ref)
     np.testing.assert_array_equal(np.asarray(out.lengths), [max_new] * 3)

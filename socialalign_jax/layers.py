@@ -51,7 +51,10 @@ def attention(q, k, v, q_pos, k_pos):
     scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(dh)))
     allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, S, T]
-    scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
+    # An additive bias rather than a select: its backward is the identity, where a select's
+    # materialises a zero tensor of the scores' size. -1e30 + score rounds to -1e30, so the
+    # probabilities are the same as with the select.
+    scores = scores + jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)[:, None, None]
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
     return out.reshape(b, s, hq, dh)

@@ -67,7 +67,8 @@ def _model_config(cfg, name: str):
             mc = presets.get_preset(name)
         except ValueError as exc:
             raise UserError(f"--model: {exc}") from None
-    return mc.replace(param_dtype=cfg.model.dtype, dtype=cfg.model.dtype, remat=bool(cfg.model.remat))
+    return mc.replace(param_dtype=cfg.model.dtype, dtype=cfg.model.dtype, remat=bool(cfg.model.remat),
+                      scan_layers=bool(cfg.model.get("scan_layers", True)))
 
 
 def main(argv=None) -> int:

@@ -198,8 +198,11 @@ def forward(params, input_ids, cfg: ModelConfig, *, attention_mask=None, positio
         layer_rngs = jax.random.split(rng, cfg.num_layers)
 
     ad_layers = adapters["layers"] if use_adapters else None
-    if isinstance(params["layers"], (list, tuple)):
-        x, kv_out, stats, pooled_out = _unrolled_layers(cfg, lc, route, x, params["layers"], ad_layers, cache,
+    layer_params = params["layers"]
+    if not cfg.scan_layers and not isinstance(layer_params, (list, tuple)):
+        layer_params = unstack_layers(params)["layers"]
+    if isinstance(layer_params, (list, tuple)):
+        x, kv_out, stats, pooled_out = _unrolled_layers(cfg, lc, route, x, layer_params, ad_layers, cache,
                                                         pooled_xs, layer_rngs, cos, sin, q_pos, k_pos, index)
     else:
         def body(x, xs):
@@ -241,8 +244,9 @@ def _unrolled_layers(cfg, lc, route, x, layer_list, ad_layers, cache, pooled_xs,
     """The layers as a Python loop over per-layer parameter trees (see `unstack_layers`).
 
     XLA:CPU copies each layer's weights out of the stacked arrays whenever a scan slices them;
-    for a one-token decode step that copy costs more than the matmul it feeds. The KV cache
-    stays stacked and is updated in place.
+    for a one-token decode step that copy costs more than the matmul it feeds. In training
+    (cfg.scan_layers=False) the loop also avoids stacking every layer's saved activations.
+    The KV cache stays stacked and is updated in place. Same maths as the scan, layer by layer.
     """
     take = lambda tree, i: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # noqa: E731
     k_stack = v_stack = None
@@ -257,8 +261,13 @@ def _unrolled_layers(cfg, lc, route, x, layer_list, ad_layers, cache, pooled_xs,
                 k_stack = jax.lax.dynamic_update_slice(k_stack, k.astype(k_stack.dtype)[None], (i, 0, index, 0, 0))
                 v_stack = jax.lax.dynamic_update_slice(v_stack, v.astype(v_stack.dtype)[None], (i, 0, index, 0, 0))
                 return k_stack[i], v_stack[i], None
-        x, _, st, pst = _layer(cfg, lc, route, x, lp, take(ad_layers, i), write, take(pooled_xs, i),
-                               take(layer_rngs, i), cos, sin, q_pos, k_pos, index)
+
+        def run(x, lp, ad, pooled, rng, write=write):
+            return _layer(cfg, lc, route, x, lp, ad, write, pooled, rng, cos, sin, q_pos, k_pos, index)
+
+        if cfg.remat and cache is None:
+            run = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
+        x, _, st, pst = run(x, lp, take(ad_layers, i), take(pooled_xs, i), take(layer_rngs, i))
         stats.append(st)
         pooled.append(pst if pst else None)
     stack = lambda trees: None if trees[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731

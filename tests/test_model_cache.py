@@ -128,3 +128,34 @@ def test_cache_is_sensitive_to_positions():
     got = np.asarray(fwd(params, jnp.asarray(gen[:, :1]), positions=wrong, cache=cache).logits)[:, 0]
     want = full[np.arange(len(PROMPT_LENS)), col0]
     assert np.abs(got - want).max() > 1e-3
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_unrolled_layers_equal_scan_forward_and_gradients(remat):
+    """cfg.scan_layers=False (a Python loop over layers) computes the scan's function: logits,
+    gate statistics and adapter gradients, with dropout on (the same per-layer keys)."""
+    from socialalign_jax import pac_lora
+
+    cfg = CONFIGS["qwen2"].replace(remat=remat)
+    params = random_params(cfg, seed=5)
+    lc = pac_lora.LoraConfig(num_analyze=2, num_compose=3, rank=4, gate_width=8, dropout=0.1)
+    ad = pac_lora.init_adapters(jax.random.PRNGKey(2), cfg, lc)
+    ad = jax.tree_util.tree_map_with_path(  # B = 0 at init would hide the adapters
+        lambda p, a: a + 0.1 if p[-1].key == "B" else a, ad)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (2, 9)), jnp.int32)
+    spans = (jnp.array([2, 3]), jnp.array([5, 6]))
+
+    def loss(ad, c):
+        out = model_lib.forward(params, ids, c, adapters=ad, lora_cfg=lc, spans=spans,
+                                rng=jax.random.PRNGKey(4), deterministic=False)
+        return jnp.sum(out.logits ** 2) * 1e-3, (out.logits, out.gate_stats)
+
+    results = {}
+    for scan in (True, False):
+        c = cfg.replace(scan_layers=scan)
+        (val, aux), grads = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(ad, c)
+        results[scan] = (val, aux, grads)
+    np.testing.assert_allclose(results[False][0], results[True][0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(results[False][1:]), jax.tree.leaves(results[True][1:])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)  # f32 op order
+    assert float(jnp.abs(results[True][2]["layers"]["mlp"]["down"]["A"]).max()) > 0

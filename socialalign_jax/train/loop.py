@@ -99,7 +99,7 @@ def build_job(cfg, workdir: str, *, need_data: bool = True) -> Job:
                         "--config.model.weights=hf:/path/to/checkpoint (a local Hugging Face directory)")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     weights = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
-    model_cfg = weights.cfg.replace(remat=bool(cfg.model.remat))
+    model_cfg = weights.cfg.replace(remat=bool(cfg.model.remat), scan_layers=bool(cfg.model.get("scan_layers", True)))
     params = jax.device_put(weights.params, sharding.shardings_for(weights.params, mesh))
     tokenizer = weights.tokenizer
     if cfg.data.tokenizer:

@@ -141,6 +141,8 @@ def run(quick: bool, repeats: int) -> dict:
 
     t_torch = common.median_time(torch_step, repeats)[0]
     t_ours = _ours(cfg, lc, loss_cfg, params, adapters, jbatch, repeats)
+    # The same step with the layers as a Python loop (--config.model.scan_layers=false).
+    t_unrolled = _ours(cfg.replace(scan_layers=False), lc, loss_cfg, params, adapters, jbatch, repeats)
     lc_lora = pac_lora.LoraConfig(num_analyze=1, num_compose=1)
     t_lora = _ours(cfg, lc_lora, loss_cfg, params, common.random_adapters(cfg, lc_lora), jbatch, repeats)
     t_base = _ours(cfg, lc, loss_cfg, params, adapters, jbatch, repeats, diff_norms=True)
@@ -150,7 +152,8 @@ def run(quick: bool, repeats: int) -> dict:
         "shape": f"Qwen2.5-0.5B layers x {layers_n}, vocab {cfg.vocab_size}, batch {b} x {s}, {resp} response tokens/row",
         "check": check, "ours_s": t_ours, "torch_s": t_torch,
         "ours_tok_s": tokens / t_ours, "torch_tok_s": tokens / t_torch, "speedup": t_torch / t_ours,
+        "unrolled_s": t_unrolled, "unrolled_tok_s": tokens / t_unrolled, "speedup_unrolled": t_torch / t_unrolled,
         "lora_s": t_lora, "base_fwd_bwd_s": t_base, "pac_over_lora": t_ours / t_lora,
-        "pac_over_base": t_ours / t_base, "step_flops": step_flops, "ours_flop_s": step_flops / t_ours,
+        "pac_over_base": t_ours / t_base, "step_flops": step_flops, "ours_flop_s": step_flops / min(t_ours, t_unrolled),
         "cfg": cfg, "lc": lc, "batch": (b, s, resp),
     }

@@ -5,7 +5,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from socialalign_jax.data.sample import DEFAULT_SEED, SAMPLE_DIR, write_sample
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
+
+from socialalign_jax.data.sample import DEFAULT_SEED, SAMPLE_DIR, write_sample  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -112,9 +112,10 @@ def render(res: dict, info: dict, argv: list[str], quick: bool, repeats: int, se
             L.append(f"| {x['devices']} | {x['compile_s']:.1f} s | {_mib(x['params'])} | {_mib(x['adapters'])} | "
                      f"{_mib(x['opt_state'])} | {_mib(x['argument'])} | {_mib(x['temp'])} |")
         L.append("")
-    L += ["## GPU", "", "`benchmarks/gpu.sh` runs the same comparisons in bfloat16 at Qwen2.5-0.5B and 1.5B shapes "
-          "on one GPU (MFU against the card's dense bf16 peak). **It has not been run yet** (no GPU in the session "
-          "that wrote it).", ""]
+    L += ["## GPU", "", "`bash benchmarks/gpu.sh OUT_DIR` runs sections 1-4 in bfloat16 at Qwen2.5-0.5B and 1.5B shapes "
+          "on one GPU, ours vs PyTorch on the same card, each comparison checked for agreement before timing, and "
+          "the step's MFU against the card's dense bf16 peak (`--smoke` runs it at tiny shapes on the CPU). "
+          "**It has not been run on a GPU yet**: no GPU was lent to the sessions that wrote it.", ""]
     L += ["## Goals", "", "See docs/benchmarks.md for the goals, the analysis of misses and what would close them.", ""]
     return "\n".join(L)
 

@@ -28,6 +28,46 @@ def fmt(x, nd=4) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
+def label_counts(summary: Path) -> dict[str, list[int]] | None:
+    """Per-split (favor, against, neutral) counts from build_dataset's printed summary (data_seed*.txt)."""
+    if not summary.exists():
+        return None
+    counts = {}
+    for line in summary.read_text("utf-8").splitlines():
+        parts = line.split()
+        if len(parts) >= 7 and parts[0] in ("train", "test") and parts[1].isdigit():
+            counts[parts[0]] = [int(x) for x in parts[4:7]]
+    return counts if {"train", "test"} <= set(counts) else None
+
+
+def _jsd(p, q) -> float:
+    def kl(a, b):
+        return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
+    m = [(x + y) / 2 for x, y in zip(p, q)]
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def reference_rows(runs: Path, seed: str) -> list[str]:
+    """Model-free references on the same held-out events: always the training majority class
+    (accuracy, macro-F1) and the training-label prior / uniform as every event's distribution (JSD)."""
+    counts = label_counts(runs / f"data_{seed}.txt")
+    done = [f for f in sorted((runs / seed).glob("*/eval/metrics.json"))]
+    if counts is None or not done:
+        return []
+    events = json.loads(done[0].read_text("utf-8"))["per_event"]
+    train, test = counts["train"], counts["test"]
+    prior = [c / sum(train) for c in train]
+    major = max(range(3), key=lambda i: train[i])
+    acc = test[major] / sum(test)
+    f1_major = 2 * acc / (1 + acc)  # precision = acc, recall = 1; the other classes score 0
+    mean_jsd = lambda dist: sum(_jsd(e["real"], dist) for e in events) / len(events)  # noqa: E731
+    n = f"{len(events)} / {sum(test)}"
+    return [f"| reference: training majority class / training-label prior for every case (no model) | | {seed[4:]} |"
+            f" | {fmt(f1_major / 3)} | {fmt(acc)} | {fmt(mean_jsd(prior))} | {n} |",
+            f"| reference: uniform distribution for every event (no model) | | {seed[4:]} | | | | "
+            f"{fmt(mean_jsd([1 / 3] * 3))} | {n} |"]
+
+
 def table(runs: Path, steps: int) -> str:
     seeds = sorted(p.name for p in runs.glob("seed*") if p.is_dir()) or ["seed0"]
     lines = [f"Budget: {steps} training steps of 2 events x 4 cases, 32 new tokens per generated post.", "",
@@ -45,6 +85,7 @@ def table(runs: Path, steps: int) -> str:
             lines.append(f"| {name} | {'yes' if macro else 'no (lambda_macro=0)'} | {seed[4:]} | {fmt(mi['rougeL'])} | "
                          f"{fmt(mi['sentiment_macro_f1'])} | {fmt(mi['sentiment_accuracy'])} | "
                          f"{fmt(ma['jsd_mean'])} | {m['num_events']} / {m['num_records']} |")
+        lines += reference_rows(runs, seed)
     return "\n".join(lines)
 
 

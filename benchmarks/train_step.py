@@ -13,7 +13,6 @@ both deterministically.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 

@@ -207,12 +207,12 @@ def forward(params, input_ids, cfg: ModelConfig, *, attention_mask=None, positio
     else:
         def body(x, xs):
             lp, ad, kv, pooled, lrng = xs
-            write = None
-            if kv is not None:
-                def write(k, v, kv=kv):
-                    k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-                    v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-                    return k_all, v_all, (k_all, v_all)
+            def write_layer(k, v):
+                k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+                v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+                return k_all, v_all, (k_all, v_all)
+
+            write = write_layer if kv is not None else None
             x, kv_out, st, pst = _layer(cfg, lc, route, x, lp, ad, write, pooled, lrng, cos, sin, q_pos, k_pos,
                                         index)
             return x, (kv_out, st, pst if pst else None)
@@ -254,13 +254,13 @@ def _unrolled_layers(cfg, lc, route, x, layer_list, ad_layers, cache, pooled_xs,
         k_stack, v_stack = cache["k"], cache["v"]
     stats, pooled = [], []
     for i, lp in enumerate(layer_list):
-        write = None
-        if cache is not None:
-            def write(k, v, i=i):
-                nonlocal k_stack, v_stack
-                k_stack = jax.lax.dynamic_update_slice(k_stack, k.astype(k_stack.dtype)[None], (i, 0, index, 0, 0))
-                v_stack = jax.lax.dynamic_update_slice(v_stack, v.astype(v_stack.dtype)[None], (i, 0, index, 0, 0))
-                return k_stack[i], v_stack[i], None
+        def write_stack(k, v, i=i):
+            nonlocal k_stack, v_stack
+            k_stack = jax.lax.dynamic_update_slice(k_stack, k.astype(k_stack.dtype)[None], (i, 0, index, 0, 0))
+            v_stack = jax.lax.dynamic_update_slice(v_stack, v.astype(v_stack.dtype)[None], (i, 0, index, 0, 0))
+            return k_stack[i], v_stack[i], None
+
+        write = write_stack if cache is not None else None
 
         def run(x, lp, ad, pooled, rng, write=write):
             return _layer(cfg, lc, route, x, lp, ad, write, pooled, rng, cos, sin, q_pos, k_pos, index)

@@ -270,40 +270,6 @@ def bench_layer(torch, dev, d_in: int, d_out: int, b: int, s: int, repeats: int)
 # ------------------------------------------------------------------ 2. training step
 
 
-def _torch_loss_on(torch, hf, head, t, p: int, routing):
-    """benchmarks/train_step.torch_loss on tensors already on the device (that one builds host tensors).
-
-    The same objective as step.compute_loss: LM CE on the response tokens, sentiment CE at the
-    last prompt token, macro JSD between each event's mean prediction and its target.
-    t: train_step.make_batch's arrays as tensors on the device (placed once, as ours is);
-    p: the prompt length, common to all rows.
-    """
-    from benchmarks.torch_ref import pac_lora as tref
-
-    ids = t["input_ids"].long()  # [b, s]
-    b, s = ids.shape
-    pos = torch.arange(s, device=ids.device)[None].expand(b, s)
-    routing.seg = tref.segment_ids(pos, t["user_end"], t["news_end"])
-    hidden = hf.model(input_ids=ids).last_hidden_state  # [b, s, d] after the final norm
-    logits = hf.lm_head(hidden[:, p - 1:s - 1]).float()  # [b, s - p, V]: predicts tokens p .. s-1
-    lm = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, p:].reshape(-1))
-    sl = head(hidden[:, p - 1].float())  # [b, K]
-    sent = torch.nn.functional.cross_entropy(sl.float(), t["label"].long())
-    probs = torch.softmax(sl.float(), -1)
-    ev = t["event_id"].long()
-    jsds, counts = [], []
-    for g in torch.unique(ev):
-        sel = ev == g
-        P, Q = probs[sel].mean(0), t["target_dist"][sel][0]
-        M = (P + Q) / 2
-        kl = lambda a, c: torch.sum(torch.where(a > 0, a * (torch.log(a.clamp_min(1e-30)) - torch.log(c)), 0.0))  # noqa: E731
-        jsds.append(0.5 * kl(P, M) + 0.5 * kl(Q, M))
-        counts.append(sel.sum())
-    cnt = torch.stack(counts).float()
-    macro = torch.sum(torch.stack(jsds) * cnt) / cnt.sum()
-    return lm + sent + macro, (lm, sent, macro)
-
-
 def bench_train_step(torch, dev, cfg, b: int, s: int, resp: int, repeats: int) -> dict:
     """run.py sections 2, 3 and 5 in bf16: ours vs PyTorch step time, PAC-LoRA over LoRA, MFU.
 
@@ -355,7 +321,8 @@ def _torch_train_step(torch, dev, cfg, lc, params, adapters, batch, ours: dict, 
     optimizer state and activations are freed when it returns, before ours is timed.
     """
     import numpy as np
-    from benchmarks import common
+    from benchmarks import common, train_step as ts
+    from benchmarks.torch_ref import pac_lora as tref
 
     hf, mods, routing = _hf_bf16(torch, dev, params, cfg, adapters, lc)
     head = torch.nn.Linear(cfg.hidden_size, lc.num_classes)
@@ -370,7 +337,7 @@ def _torch_train_step(torch, dev, cfg, lc, params, adapters, batch, ours: dict, 
 
     def loss_fn():
         with torch.autocast(dev, dtype=torch.bfloat16):
-            return _torch_loss_on(torch, hf, head, tbatch, prompt_len, routing)
+            return ts.torch_objective(torch, hf, head, tbatch, prompt_len, routing, tref.segment_ids)
 
     hf.eval()  # dropout off for the check
     loss, (lm, sent, macro) = loss_fn()

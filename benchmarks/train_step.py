@@ -38,20 +38,27 @@ def make_batch(b: int, s: int, resp: int, k: int = 3, seed: int = 0) -> dict:
 
 
 def torch_loss(torch, hf, head, batch, routing, seg_fn):
-    """The same objective as step.compute_loss, written directly in PyTorch."""
-    ids = torch.from_numpy(batch["input_ids"]).long()
+    """The same objective as step.compute_loss, written directly in PyTorch (numpy batch, host tensors)."""
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}
+    return torch_objective(torch, hf, head, t, int(batch["prompt_len"][0]), routing, seg_fn)
+
+
+def torch_objective(torch, hf, head, t, p: int, routing, seg_fn):
+    """LM CE on the response tokens, sentiment CE at the last prompt token, macro JSD between each
+    event's mean prediction and its target. t: make_batch's arrays as tensors on any device;
+    p: the prompt length, common to all rows."""
+    ids = t["input_ids"].long()  # [b, s]
     b, s = ids.shape
-    pos = torch.arange(s)[None].expand(b, s)
-    routing.seg = seg_fn(pos, torch.from_numpy(batch["user_end"]), torch.from_numpy(batch["news_end"]))
+    pos = torch.arange(s, device=ids.device)[None].expand(b, s)
+    routing.seg = seg_fn(pos, t["user_end"], t["news_end"])
     hidden = hf.model(input_ids=ids).last_hidden_state  # [b, s, d] after the final norm
-    p = int(batch["prompt_len"][0])
     logits = hf.lm_head(hidden[:, p - 1:s - 1]).float()  # predicts tokens p .. s-1
     lm = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, p:].reshape(-1))
-    sl = head(hidden[:, p - 1].float())
-    sent = torch.nn.functional.cross_entropy(sl, torch.from_numpy(batch["label"]).long())
+    sl = head(hidden[:, p - 1].float()).float()  # [b, K]
+    sent = torch.nn.functional.cross_entropy(sl, t["label"].long())
     probs = torch.softmax(sl, -1)
-    ev = torch.from_numpy(batch["event_id"]).long()
-    tgt = torch.from_numpy(batch["target_dist"])
+    ev = t["event_id"].long()
+    tgt = t["target_dist"]
     jsds, counts = [], []
     for g in torch.unique(ev):
         sel = ev == g

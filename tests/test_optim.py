@@ -109,3 +109,19 @@ def test_accepts_configdict():
     cfg = ml_collections.ConfigDict(dataclasses.asdict(Cfg(lr=0.5)))
     _, sched = optim.make_optimizer(cfg)
     np.testing.assert_allclose(float(sched(10)), 0.5, rtol=1e-6)
+
+
+def test_bad_lora_config_value_is_one_user_error():
+    """A mistyped config.lora value reaches the user as one line naming the field, not a traceback."""
+    import pytest
+
+    from configs import weibo
+    from socialalign_jax.errors import UserError
+    from socialalign_jax.train import loop
+
+    for field, value, word in (("fuse_base", "sometimes", "fuse_base"), ("routing", "bogus", "routing")):
+        cfg = weibo.get_config()
+        cfg.lora[field] = value
+        with pytest.raises(UserError, match=f"config.lora: .*{word}.*{value}"):
+            loop.lora_config(cfg)
+    assert loop.lora_config(weibo.get_config()).fuse_base == "auto"

@@ -34,12 +34,16 @@ log = logging.getLogger("socialalign_jax.train")
 # ----------------------------------------------------------------------------- config readers
 
 def lora_config(cfg) -> LoraConfig:
+    """config.lora -> LoraConfig; a bad value (routing, targets, fuse_base, ...) is one UserError line."""
     targets = tuple(t.strip() for t in str(cfg.lora.targets).split(",") if t.strip())
-    return LoraConfig(num_analyze=cfg.lora.num_analyze, num_compose=cfg.lora.num_compose, rank=cfg.lora.rank,
-                      alpha=float(cfg.lora.alpha), rslora=bool(cfg.lora.rslora), dropout=float(cfg.lora.dropout),
-                      gate_width=cfg.lora.gate_width, targets=targets, routing=cfg.lora.routing,
-                      num_classes=cfg.lora.num_classes,
-                      fuse_base=cfg.lora.get("fuse_base", "auto"))
+    try:
+        return LoraConfig(num_analyze=cfg.lora.num_analyze, num_compose=cfg.lora.num_compose, rank=cfg.lora.rank,
+                          alpha=float(cfg.lora.alpha), rslora=bool(cfg.lora.rslora),
+                          dropout=float(cfg.lora.dropout), gate_width=cfg.lora.gate_width, targets=targets,
+                          routing=cfg.lora.routing, num_classes=cfg.lora.num_classes,
+                          fuse_base=cfg.lora.get("fuse_base", "auto"))
+    except ValueError as e:
+        raise UserError(f"config.lora: {e}") from None
 
 
 def loss_config(cfg) -> step_lib.LossConfig:

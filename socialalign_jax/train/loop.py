@@ -101,6 +101,7 @@ def build_job(cfg, workdir: str, *, need_data: bool = True) -> Job:
     if not str(cfg.model.weights) or str(cfg.model.weights) in ("hf:", "gguf:"):
         raise UserError(f"config preset {cfg.preset!r} needs the base weights: pass "
                         "--config.model.weights=hf:/path/to/checkpoint (a local Hugging Face directory)")
+    lora_cfg = lora_config(cfg)  # checked before any weights or data are loaded
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     weights = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
     model_cfg = weights.cfg.replace(remat=bool(cfg.model.remat), scan_layers=bool(cfg.model.get("scan_layers", True)))
@@ -112,7 +113,7 @@ def build_job(cfg, workdir: str, *, need_data: bool = True) -> Job:
     if tokenizer is None:
         raise UserError(f"weights {cfg.model.weights!r} come without a tokenizer: pass --config.data.tokenizer=DIR")
     data = data_setup.prepare(cfg, tokenizer, workdir) if need_data else None
-    return Job(cfg, model_cfg, lora_config(cfg), loss_config(cfg), params, tokenizer, mesh, data, workdir)
+    return Job(cfg, model_cfg, lora_cfg, loss_config(cfg), params, tokenizer, mesh, data, workdir)
 
 
 def _global_batch(local: dict, mesh) -> dict:

@@ -6,6 +6,8 @@ import pytest
 
 from socialalign_jax.data.records import DataError, HistoryPost, read_alpaca, read_event_dir, read_event_file
 
+from authors_prompt import authors_instruction  # the independent reference
+
 
 def _case(name="u1", n_hist=5, **kw):
     c = {"user_name": name, "weibo": f"{name}的微博", "history": [{"text": f"帖子{i}"} for i in range(n_hist)]}
@@ -96,16 +98,12 @@ def _empty(tmp_path):
     return d
 
 
-# The authors' Alpaca prompt, written out literally.
-ALPACA_PROMPT = (
-    "你是微博用户小红。以下是你最近发布的几条微博：\n"
-    "1. 今天好开心\n"
-    "2. 你转发了微博: 原微博内容, 并评论说: 说得对\n"
-    "你的用户画像：喜欢猫的大学生\n"
-    "现在你看到了一则新闻: 猫咪救主的故事\n"
-    "新闻的话题标签是#猫咪#。\n"
-    "现在，请发一条关于hashtag#猫咪#的微博，表达你对这则新闻的看法。"
-)
+# An Alpaca record as the authors' organize_alphca_dataset.py writes it (their format string,
+# their .format().strip()), from tests/authors_prompt.py.
+ALPACA_CASE = {"user_name": "小红", "user_persona": "喜欢猫的大学生",
+               "history": [{"text": "今天好开心"}, {"text": "说得对", "retweet": {"text": "原微博内容"}},
+                           {"text": "三"}, {"text": "四"}, {"text": "五"}]}
+ALPACA_PROMPT = authors_instruction(ALPACA_CASE, "猫咪", "猫咪救主的故事", "full")
 
 
 def test_alpaca_parses_fields(tmp_path):
@@ -114,20 +112,26 @@ def test_alpaca_parses_fields(tmp_path):
         {"instruction": ALPACA_PROMPT.replace("小红", "小蓝"), "input": "", "output": "真的假的"},
         {"instruction": ALPACA_PROMPT.replace("猫咪救主的故事", "别的新闻"), "input": "", "output": "嗯"},
     ]
-    events = read_alpaca(_write(tmp_path / "train.json", recs), min_history=2)
+    events = read_alpaca(_write(tmp_path / "train.json", recs))
     assert [e.event_id for e in events] == ["train-0000", "train-0001"]
     assert [len(e.cases) for e in events] == [2, 1]
     ev, c = events[0], events[0].cases[0]
     assert (ev.news, ev.topic) == ("猫咪救主的故事", "猫咪")
     assert (c.user_name, c.persona, c.weibo, c.sentiment) == ("小红", "喜欢猫的大学生", "太感人了", "positive")
-    assert c.history == [HistoryPost("今天好开心"), HistoryPost("说得对", retweet="原微博内容")]
-    assert c.history_is_selected and c.raw_prompt is None
+    assert c.history == [HistoryPost("今天好开心"), HistoryPost("说得对", retweet="原微博内容"),
+                         HistoryPost("三"), HistoryPost("四"), HistoryPost("五")]
+    assert c.history_is_selected and c.raw_prompt is None and c.prompt_mode == "full"
+    short = ALPACA_PROMPT.replace("3. 三\n4. 四\n5. 五\n", "")
+    _write(tmp_path / "short.json", [{"instruction": short, "input": "", "output": "x"}])
     with pytest.raises(DataError, match="record 0: field 'history': 2 history posts, need at least 5"):
-        read_alpaca(tmp_path / "train.json")
+        read_alpaca(tmp_path / "short.json")
+    assert len(read_alpaca(tmp_path / "short.json", min_history=2)[0].cases[0].history) == 2
 
 
 def test_alpaca_unparsed_prompt_kept_verbatim(tmp_path):
     text = "自由格式的前言。" + ALPACA_PROMPT[ALPACA_PROMPT.index("现在你看到了"):]
+    assert read_alpaca(_write(tmp_path / "b.json", [{"instruction": text, "input": "", "output": "好"}]))[0].news \
+        == "猫咪救主的故事"
     ev = read_alpaca(_write(tmp_path / "a.json", [{"instruction": text, "input": "补充", "output": "好"}]))[0]
     assert ev.cases[0].raw_prompt == text + "\n补充"
     assert (ev.news, ev.topic) == ("猫咪救主的故事", "猫咪")
@@ -148,3 +152,34 @@ def test_alpaca_unparsed_prompt_kept_verbatim(tmp_path):
 def test_alpaca_bad_records(tmp_path, rec, pattern):
     with pytest.raises(DataError, match=pattern):
         read_alpaca(_write(tmp_path / "a.json", [rec]), min_history=2)
+
+
+@pytest.mark.parametrize("mode", ["full", "without_persona", "without_history"])
+def test_alpaca_builds_exactly_as_the_raw_event(tmp_path, mode):
+    """The authors' released record (their template, applied by the test's own copy) read with
+    --source alpaca gives the same token ids, spans and loss mask as the raw event it came from."""
+    from socialalign_jax.data.prompt import PromptConfig, build_example
+    from socialalign_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    raw_case = dict(ALPACA_CASE, weibo="太感人了！", user_persona="喜欢猫\n\n的大学生",
+                    history=[{"text": " 今天好开心"}, {"text": "说得对", "retweet": {"text": "原微博内容"}},
+                             {"text": "三\n行"}, {"text": "四"}, {"text": "五"}, {"text": "第六条不会显示"}])
+    news = "猫咪救主的故事\\n后续"  # a literal backslash-n, as in the authors' scraped news
+    # history_is_selected: the authors' intermediate format already holds the five posts to show.
+    event = {"topic": "猫咪", "news": news, "cases": [dict(raw_case, history_is_selected=True)]}
+    raw = read_event_file(_write(tmp_path / "e.json", event))
+    record = {"instruction": authors_instruction(raw_case, "猫咪", news, mode), "input": "", "output": "太感人了！"}
+    ev = read_alpaca(_write(tmp_path / "alpaca.json", [record]), allow_short_history=True)[0]
+    cfg = PromptConfig(mode=mode)
+    want = build_example(raw.cases[0], raw, tok, cfg)
+    got = build_example(ev.cases[0], ev, tok, cfg)
+    assert ev.cases[0].raw_prompt is None and ev.cases[0].prompt_mode == mode
+    assert got["input_ids"].tolist() == want["input_ids"].tolist()
+    assert got["loss_mask"].tolist() == want["loss_mask"].tolist()
+    for k in ("user_end", "news_end", "prompt_len"):
+        assert got[k] == want[k], k
+    # A record in an ablation mode cannot be rendered with the block it lacks.
+    if mode != "full":
+        with pytest.raises(DataError, match=r"alpaca\.json: record 0: field 'instruction': .*mode 'full'"):
+            build_example(ev.cases[0], ev, tok, PromptConfig(mode="full"))

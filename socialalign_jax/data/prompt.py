@@ -1,24 +1,38 @@
-"""The authors' Chinese prompt, its span boundaries, and length-limited tokenisation.
+"""The authors' prompt, its span boundaries, and length-limited tokenisation.
 
-The user turn (mode ``full``) is, character for character::
+The user turn is the authors' template (``dataset_construction/organize_alphca_dataset.py``
+in Znull-1220/SocialAlign, the format of every released Alpaca record and of every adapter
+they trained), character for character, after their ``.format(...).strip()``. Mode
+``full``::
 
-    你是微博用户{user_name}。以下是你最近发布的几条微博：
-    1. {post}
-    ...
-    你的用户画像：{persona}
-    现在你看到了一则新闻: {news}
-    新闻的话题标签是#{topic}#。
-    现在，请发一条关于hashtag#{topic}#的微博，表达你对这则新闻的看法。
+    你的用户名为{user_name}, 以下是你的五条历史博文: ⏎1. {h1}⏎2. {h2}⏎...5. {h5}⏎
+    以下是你的用户画像：⏎{user_persona}⏎
+    现在你看到了一则新闻: ⏎{news}⏎
+    关于这个新闻的hashtag #{topic}# 登上了微博热搜，请发一条关于hashtag #{topic}# 的微博，请注意：⏎
+        - 可以参考你的个人信息、历史博文、用户画像和这则新闻，用自己的风格和立场发表观点⏎
+        - 这条微博的长度应与你的历史博文相似⏎
+        - 不要强行参考历史信息⏎
+        - 仅输出你发表的微博内容
 
-wrapped in ChatML with the system turn ``你是一个微博用户。``. PAC-LoRA's routing needs two
-token boundaries: ``user_end`` = the token holding the first character of
-``USER_MARKER`` and ``news_end`` = the token holding the first character of
-``NEWS_MARKER``. They are read off the tokenizer's character offsets of the *whole*
-prompt, so they are exactly the tokens the model sees; re-tokenising prefixes would
-disagree whenever BPE merges across the boundary. When BPE merges the marker's first
-character with the character before it (e.g. a space before 现在), the boundary token is
-that merged token: the span then starts one or two characters early but still covers
-the whole marker.
+(⏎ = newline; the pieces join with nothing between them; note the space after the colons
+before a newline and the four leading spaces of the rule lines). ``without_persona`` drops
+the persona line and reads 历史博文和这则新闻 in the first rule; ``without_history`` drops
+the history lines and reads 用户画像和这则新闻. As in the authors' code, a history item is
+its text stripped, a retweet ``你转发了微博: {retweet}, 并评论说: {text}`` stripped, runs of
+newlines in the persona collapse to one, a literal backslash-n in the news becomes a
+newline, and the mode (not the data) decides which blocks appear: a case without a persona
+renders an empty persona line in ``full``. Where the authors' code needs exactly five
+history posts, fewer are rendered as fewer numbered lines.
+
+The turn is wrapped in ChatML with the system turn ``你是一个微博用户。``; the training text
+ends with the post's closing ``<|im_end|>``. PAC-LoRA's routing needs two token
+boundaries: ``user_end`` = the token holding the first character of ``USER_MARKER`` and
+``news_end`` = the token holding the first character of ``NEWS_MARKER``. They are read off
+the tokenizer's character offsets of the *whole* rendered text, so they are exactly the
+tokens the model sees; re-tokenising prefixes would disagree whenever BPE merges across the
+boundary. When BPE merges the marker's first character with the character before it, the
+boundary token is that merged token: the span then starts a character early but still
+covers the whole marker.
 """
 
 from __future__ import annotations
@@ -37,14 +51,26 @@ SYSTEM_PROMPT = "你是一个微博用户。"
 USER_MARKER = "现在你看到了一则新闻"
 NEWS_MARKER = "，请发一条关于hashtag"
 
-HEADER = "你是微博用户{user_name}。"
-HISTORY_BLOCK = "以下是你最近发布的几条微博：\n{history}\n"
-HISTORY_LINE = "{n}. {post}"
+# The authors' template, cut at its optional blocks (joined with nothing between them).
+HEADER = "你的用户名为{user_name}, "
+HISTORY_HEADER = "以下是你的五条历史博文: \n"
+HISTORY_LINE = "{n}. {post}\n"
+PERSONA_BLOCK = "以下是你的用户画像：\n{user_persona}\n"
+NEWS_BLOCK = USER_MARKER + ": \n{news}\n"
+HASHTAG_HEAD = "关于这个新闻的hashtag #{topic}# 登上了微博热搜"  # NEWS_MARKER starts right after it
+HASHTAG_TAIL = NEWS_MARKER + " #{topic}# 的微博，请注意：\n"
+RULES = (
+    "    - 可以参考{sources}，用自己的风格和立场发表观点\n"
+    "    - 这条微博的长度应与你的历史博文相似\n"
+    "    - 不要强行参考历史信息\n"
+    "    - 仅输出你发表的微博内容"
+)
+RULE_SOURCES = {
+    "full": "你的个人信息、历史博文、用户画像和这则新闻",
+    "without_persona": "你的个人信息、历史博文和这则新闻",
+    "without_history": "你的个人信息、用户画像和这则新闻",
+}
 RETWEET = "你转发了微博: {retweet}, 并评论说: {text}"
-PERSONA_BLOCK = "你的用户画像：{persona}\n"
-NEWS_BLOCK = USER_MARKER + ": {news}\n新闻的话题标签是#{topic}#。\n"
-INSTRUCTION = "现在" + NEWS_MARKER + "#{topic}#的微博，表达你对这则新闻的看法。"
-FULL_TEMPLATE = HEADER + HISTORY_BLOCK + PERSONA_BLOCK + NEWS_BLOCK + INSTRUCTION
 
 MODES = ("full", "without_persona", "without_history")
 TRUNCATION_MARK = "…"
@@ -93,9 +119,14 @@ class BuildStats:
 # --------------------------------------------------------------------------- rendering
 
 
-def _one_line(s: str) -> str:
-    """History posts and the persona are one line each in the template."""
-    return " ".join(s.splitlines()) if ("\n" in s or "\r" in s) else s
+def clean_persona(persona: str | None) -> str:
+    """The authors' persona cleaning: runs of newlines become one (a missing persona is '')."""
+    return re.sub(r"\n{2,}", "\n", persona or "")
+
+
+def clean_news(news: str) -> str:
+    """The authors' news cleaning: a literal backslash-n (escaped in scraped text) is a newline."""
+    return news.replace("\\n", "\n")
 
 
 def _cap(s: str, cap: int | None) -> str:
@@ -103,10 +134,11 @@ def _cap(s: str, cap: int | None) -> str:
 
 
 def format_post(post: HistoryPost, cap: int | None = None) -> str:
-    text = _cap(_one_line(post.text), cap)
+    """One history item as the authors render it (stripped), each piece capped at ``cap`` chars."""
+    text = _cap(post.text, cap)
     if post.retweet:
-        return RETWEET.format(retweet=_cap(_one_line(post.retweet), cap), text=text)
-    return text
+        return RETWEET.format(retweet=_cap(post.retweet, cap), text=text).strip()
+    return text.strip()
 
 
 @dataclass(frozen=True)
@@ -126,7 +158,7 @@ def render_user_prompt(
     history_cap: int | None = None,
     persona_cap: int | None = None,
 ) -> RenderedPrompt:
-    """The user turn. Empty history or a missing persona drop their block, as in ablations.
+    """The user turn in ``mode``; the mode alone decides which blocks appear.
 
     Marker offsets are computed structurally, so a news text or post that happens to
     contain a marker string cannot move the span boundaries.
@@ -134,15 +166,15 @@ def render_user_prompt(
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     out = HEADER.format(user_name=user_name)
-    if mode != "without_history" and history:
-        lines = "\n".join(HISTORY_LINE.format(n=i + 1, post=format_post(p, history_cap)) for i, p in enumerate(history))
-        out += HISTORY_BLOCK.format(history=lines)
-    if mode != "without_persona" and persona:
-        out += PERSONA_BLOCK.format(persona=_cap(_one_line(persona), persona_cap))
+    if mode != "without_history":
+        out += HISTORY_HEADER + "".join(
+            HISTORY_LINE.format(n=i + 1, post=format_post(p, history_cap)) for i, p in enumerate(history))
+    if mode != "without_persona":
+        out += PERSONA_BLOCK.format(user_persona=_cap(clean_persona(persona), persona_cap))
     user_char = len(out)
-    out += NEWS_BLOCK.format(news=news, topic=topic)
-    news_char = len(out) + len("现在")
-    out += INSTRUCTION.format(topic=topic)
+    out += NEWS_BLOCK.format(news=clean_news(news)) + HASHTAG_HEAD.format(topic=topic)
+    news_char = len(out)
+    out += HASHTAG_TAIL.format(topic=topic) + RULES.format(sources=RULE_SOURCES[mode])
     return RenderedPrompt(out, user_char, news_char)
 
 
@@ -150,58 +182,92 @@ def render_user_prompt(
 class ParsedPrompt:
     user_name: str
     history: tuple[HistoryPost, ...]
-    persona: str | None
+    persona: str | None  # None in mode without_persona
     news: str
     topic: str
+    mode: str
 
 
 _PARSE = re.compile(
-    r"^你是微博用户(?P<user_name>.*?)。"
-    r"(?:以下是你最近发布的几条微博：\n(?P<history>.*?)\n)?"
-    r"(?:你的用户画像：(?P<persona>[^\n]*)\n)?"
+    r"^你的用户名为(?P<user_name>.*?), "
+    r"(?P<history_block>以下是你的五条历史博文: \n(?P<history>.*?))?"
+    r"(?:以下是你的用户画像：\n(?P<persona>.*?)\n)?"
     + re.escape(USER_MARKER)
-    + r": (?P<news>.*)\n新闻的话题标签是#(?P<topic>[^\n]*)#。\n现在"
+    + r": \n(?P<news>.*)\n关于这个新闻的hashtag #(?P<topic>.*)# 登上了微博热搜"
     + re.escape(NEWS_MARKER)
-    + r"#(?P=topic)#的微博，表达你对这则新闻的看法。$",
+    + r" #(?P=topic)# 的微博，请注意：\n    - 可以参考(?P<sources>[^\n]*)，用自己的风格和立场发表观点\n"
+    r"    - 这条微博的长度应与你的历史博文相似\n    - 不要强行参考历史信息\n    - 仅输出你发表的微博内容$",
     re.DOTALL,
 )
-_LINE = re.compile(r"^(\d+)\. (.*)$")
-_RT = re.compile(r"^你转发了微博: (.*), 并评论说: (.*)$", re.DOTALL)
+_RT = re.compile(r"^你转发了微博: (.*), 并评论说:(?: (.*))?$", re.DOTALL)
+
+
+def _parse_history(block: str) -> list[HistoryPost] | None:
+    """Items of the numbered history lines (an item may hold newlines); None if the numbering breaks."""
+    if not block:
+        return []
+    if not block.startswith("1. ") or not block.endswith("\n"):
+        return None
+    body, starts, n = block[:-1], [0], 2
+    while (at := body.find(f"\n{n}. ", starts[-1])) >= 0:
+        starts.append(at + 1)
+        n += 1
+    posts = []
+    for k, (a, b) in enumerate(zip(starts, starts[1:] + [len(body) + 1])):
+        item = body[a + len(f"{k + 1}. ") : b - 1]
+        rt = _RT.match(item)
+        posts.append(HistoryPost(text=rt[2] or "", retweet=rt[1]) if rt else HistoryPost(text=item))
+    return posts
 
 
 def parse_user_prompt(text: str) -> ParsedPrompt | None:
-    """Invert render_user_prompt; None unless re-rendering gives back ``text`` exactly."""
+    """Invert render_user_prompt (any mode); None unless re-rendering gives back ``text`` exactly."""
     m = _PARSE.match(text)
     if m is None:
         return None
-    posts = []
-    if m["history"] is not None:
-        for n, line in enumerate(m["history"].split("\n"), 1):
-            lm = _LINE.match(line)
-            if lm is None or int(lm[1]) != n:
-                return None
-            rt = _RT.match(lm[2])
-            posts.append(HistoryPost(text=rt[2], retweet=rt[1]) if rt else HistoryPost(text=lm[2]))
-    parsed = ParsedPrompt(m["user_name"], tuple(posts), m["persona"], m["news"], m["topic"])
-    again = render_user_prompt(parsed.user_name, parsed.history, parsed.persona, parsed.news, parsed.topic)
+    mode = next((k for k, v in RULE_SOURCES.items() if v == m["sources"]), None)
+    has_history, has_persona = m["history_block"] is not None, m["persona"] is not None
+    if mode is None or (has_history, has_persona) != (mode != "without_history", mode != "without_persona"):
+        return None
+    posts = _parse_history(m["history"] or "")
+    if posts is None:
+        return None
+    parsed = ParsedPrompt(m["user_name"], tuple(posts), m["persona"], m["news"], m["topic"], mode)
+    again = render_user_prompt(parsed.user_name, parsed.history, parsed.persona, parsed.news, parsed.topic, mode)
     return parsed if again.text == text else None
+
+
+def marker_offsets(text: str) -> tuple[int, int] | None:
+    """(user_char, news_char): character offsets of the two markers in a rendered prompt.
+
+    The one rule every consumer of a rendered SocialAlign prompt uses (training on Alpaca
+    records, scoring, generation, prediction): the news marker is its last occurrence and
+    the user marker the last occurrence before it (the template's own text follows the
+    user-written fields, so text inside a post cannot win). None if either is missing or
+    they are out of order. ``text`` may be the user turn or the whole ChatML rendering.
+    """
+    nc = text.rfind(NEWS_MARKER)
+    if nc < 0:
+        return None
+    uc = text.rfind(USER_MARKER, 0, nc)
+    return None if uc < 0 else (uc, nc)
 
 
 def news_and_topic_from_markers(text: str) -> tuple[str, str]:
     """Best-effort (news, topic) of a prompt that does not parse (groups Alpaca records)."""
-    end = text.rfind(NEWS_MARKER)
-    seg = text[text.rfind(USER_MARKER, 0, end) + len(USER_MARKER) : end]
-    seg = seg[2:] if seg.startswith(": ") else seg
-    m = re.search(r"\n新闻的话题标签是#([^\n]*)#。", seg)
+    offsets = marker_offsets(text)
+    if offsets is None:
+        return "", ""
+    seg = text[offsets[0] + len(USER_MARKER) : offsets[1]]
+    seg = seg[3:] if seg.startswith(": \n") else seg
+    m = re.search(r"\n关于这个新闻的hashtag #(.*)# 登上了微博热搜$", seg, re.DOTALL)
     return (seg[: m.start()], m[1]) if m else (seg, "")
 
 
-def chat_prompt(user_content: str) -> str:
-    """System + user turns and the assistant generation prompt, in ChatML."""
-    return chat_template(
-        [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user_content}],
-        add_generation_prompt=True,
-    )
+def chat_prompt(user_content: str, system: str | None = SYSTEM_PROMPT) -> str:
+    """System (if any) + user turns and the assistant generation prompt, in ChatML."""
+    turns = [] if system is None else [{"role": "system", "content": system}]
+    return chat_template(turns + [{"role": "user", "content": user_content}], add_generation_prompt=True)
 
 
 # --------------------------------------------------------------------------- tokenising
@@ -213,6 +279,10 @@ def _token_at(offsets: Sequence[tuple[int, int]], char: int) -> int:
         if a <= char < b:
             return i
     raise ValueError(f"no token covers character {char}")
+
+
+# The modes a case parsed from a prompt in mode k can be rendered in (it holds what they show).
+_RENDERABLE_FROM = {"full": MODES, "without_persona": ("without_persona",), "without_history": ("without_history",)}
 
 
 def _case_index(case: Case, event: Event) -> int | None:
@@ -248,6 +318,9 @@ def build_example(
             raise DataError(event.source, f"mode {cfg.mode!r} needs a prompt that parses into fields", record, "instruction")
         posts, persona = [], None
     else:
+        if case.prompt_mode is not None and cfg.mode not in _RENDERABLE_FROM[case.prompt_mode]:
+            raise DataError(event.source, f"the record's prompt is in mode {case.prompt_mode!r}, which lacks what mode "
+                            f"{cfg.mode!r} shows", record, "instruction")
         posts = [] if cfg.mode == "without_history" else select_case_history(case, event, cfg.num_history)
         persona = None if cfg.mode == "without_persona" else case.persona
 
@@ -258,9 +331,8 @@ def build_example(
 
     def encode(h_cap: int | None, p_cap: int | None):
         if case.raw_prompt is not None:
-            content = case.raw_prompt
-            nc = content.rfind(NEWS_MARKER)
-            r = RenderedPrompt(content, content.rfind(USER_MARKER, 0, nc), nc)
+            uc, nc = marker_offsets(case.raw_prompt)
+            r = RenderedPrompt(case.raw_prompt, uc, nc)
         else:
             r = render_user_prompt(case.user_name, posts, persona, event.news, event.topic, cfg.mode, h_cap, p_cap)
         full = chat_prompt(r.text)
@@ -269,8 +341,8 @@ def build_example(
         return enc["input_ids"], enc["offset_mapping"], base + r.user_char, base + r.news_char
 
     ids, offsets, uc, nc = encode(None, None)
-    pieces = [len(_one_line(s)) for p in posts for s in (p.text, p.retweet) if s]
-    p_len = len(_one_line(persona)) if persona else 0
+    pieces = [len(s) for p in posts for s in (p.text, p.retweet) if s]
+    p_len = len(clean_persona(persona)) if cfg.mode != "without_persona" else 0
     h_cap = p_cap = None
 
     def fits(h, p) -> bool:

@@ -42,8 +42,10 @@ class HistoryPost:
 @dataclass
 class Case:
     user_name: str
-    weibo: str  # the user's real post about the event: the training target
-    history: list[HistoryPost]
+    # The user's real post about the event: the training target ('' when only the prompt is
+    # needed: generation and prediction build prompt-only examples).
+    weibo: str = ""
+    history: list[HistoryPost] = field(default_factory=list)
     persona: str | None = None
     sentiment: str | None = None
     user_level: str | None = None
@@ -54,6 +56,9 @@ class Case:
     history_is_selected: bool = False
     # The verbatim user turn, kept only for Alpaca prompts that do not re-render exactly.
     raw_prompt: str | None = None
+    # The template mode an Alpaca prompt was rendered in (None for raw events): a case read
+    # from a 'without_persona' prompt cannot be rendered in 'full'.
+    prompt_mode: str | None = None
 
 
 @dataclass
@@ -234,9 +239,11 @@ def read_alpaca(
     """Read the authors' Alpaca list ``[{instruction, input, output}]`` into events.
 
     The user turn is ``instruction`` (plus ``"\\n" + input`` when input is non-empty). It
-    must contain both span markers. Where it parses back into the template's fields and
-    re-renders to the identical string, the case gets those fields (so ablations work);
-    otherwise the verbatim text is kept in ``Case.raw_prompt``. Records are grouped into
+    must contain both span markers. Where it parses back into the template's fields (in any
+    of the three modes) and re-renders to the identical string, the case gets those fields
+    and the mode (so it builds exactly as the raw event would, and ablations that drop a
+    block work); otherwise the verbatim text is kept in ``Case.raw_prompt`` and the spans
+    come from the markers (``prompt.marker_offsets``). Records are grouped into
     events by news text, in first-appearance order; ids are ``{stem}-{k:04d}``. An optional
     per-record ``sentiment`` key is validated against ``labels``.
     """
@@ -258,14 +265,15 @@ def read_alpaca(
         for marker in (_prompt.USER_MARKER, _prompt.NEWS_MARKER):
             if marker not in user_text:
                 raise f.err("instruction", f"missing marker {marker!r}")
-        if user_text.index(_prompt.USER_MARKER) >= user_text.index(_prompt.NEWS_MARKER):
+        if _prompt.marker_offsets(user_text) is None:
             raise f.err("instruction", "news marker precedes the user marker")
         sentiment = f.text("sentiment", required=False)
         _check_label(path, i, sentiment, labels)
 
         parsed = _prompt.parse_user_prompt(user_text)
         if parsed is not None:
-            _check_history_len(path, i, len(parsed.history), min_history, allow_short_history)
+            if parsed.mode != "without_history":
+                _check_history_len(path, i, len(parsed.history), min_history, allow_short_history)
             news, topic = parsed.news, parsed.topic
             case = Case(
                 user_name=parsed.user_name,
@@ -274,6 +282,7 @@ def read_alpaca(
                 persona=parsed.persona,
                 sentiment=sentiment,
                 history_is_selected=True,
+                prompt_mode=parsed.mode,
             )
         else:
             news, topic = _prompt.news_and_topic_from_markers(user_text)

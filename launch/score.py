@@ -1,12 +1,20 @@
 """Score texts or responses with a local HF checkpoint: per-token log-probs and perplexity.
 
     python launch/score.py --checkpoint DIR --input in.jsonl --out out.jsonl
-        [--chat] [--batch_size 8] [--max_length N] [--dtype bfloat16] [--tokenizer DIR|builtin]
-        [--adapters PATH]
+        [--chat | --socialalign] [--batch_size 8] [--max_length N] [--dtype bfloat16]
+        [--tokenizer DIR|builtin] [--adapters PATH [--routing MODE]]
 
 Each input line is {"text": ...} or {"prompt": ..., "response": ...} (optional "system" with
 --chat); each output line is the input plus "token_logprobs", "sum_logprob", "num_tokens"
 and "perplexity". Bad input stops with one line naming the file and line (exit status 2).
+
+PAC-LoRA adapters (ours, or the original's layout) route by the user/news spans as in
+training: a record may give them as character offsets into its "prompt" (or "text"),
+"user_end_char" and "news_end_char"; otherwise they are found from the SocialAlign markers
+(现在你看到了一则新闻 / ，请发一条关于hashtag) exactly as the dataset builder finds them.
+--socialalign = --chat with the SocialAlign system turn 你是一个微博用户。 for records without
+"system", i.e. the prompt is a user turn as the authors' Alpaca records hold it. Records
+without spans are an error for adapters whose gates read them, unless --routing uniform.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input", required=True, help="JSONL of {'text'} or {'prompt','response'} records")
     p.add_argument("--out", required=True, help="output JSONL (written atomically)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in ChatML, close responses with <|im_end|>")
+    p.add_argument("--socialalign", action="store_true",
+                   help="--chat with the SocialAlign system turn (你是一个微博用户。) for records without 'system'")
     p.add_argument("--batch_size", type=_positive, default=8)
     p.add_argument("--max_length", type=_positive, default=None,
                    help="reject (never truncate) records longer than this many tokens")
@@ -41,13 +51,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer dir or tokenizer.json (default: the checkpoint dir); 'builtin' = offline Qwen2")
     p.add_argument("--adapters", default=None, help="PAC-LoRA adapter file/dir to apply")
-    return p.parse_args(argv)
+    p.add_argument("--routing", default=None, choices=("token", "pooled", "uniform_a", "uniform_b", "uniform"),
+                   help="override the adapters' routing mode (uniform: gates read no spans)")
+    args = p.parse_args(argv)
+    if args.routing and not args.adapters:
+        p.error("--routing needs --adapters")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from socialalign_jax import scoring
     from socialalign_jax.atomic_io import write_jsonl
+    from socialalign_jax.data.prompt import SYSTEM_PROMPT
     from socialalign_jax.hf_import import check_hf_checkpoint, load_hf_checkpoint
     from socialalign_jax.tokenizer import load_tokenizer
 
@@ -56,12 +72,15 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(None if args.tokenizer == "builtin" else (args.tokenizer or args.checkpoint))
     except ValueError as e:  # TokenizerFileError: already names the file
         raise UserError(str(e)) from None
-    examples = scoring.encode_file(tokenizer, args.input, chat=args.chat, vocab_size=real_cfg.vocab_size,
-                                   max_length=args.max_length or real_cfg.max_position_embeddings)
-    cfg, params = load_hf_checkpoint(args.checkpoint, dtype=args.dtype)
     adapters = lora_cfg = None
-    if args.adapters:
-        adapters, lora_cfg = scoring.load_adapters_for_scoring(args.adapters, cfg)
+    if args.adapters:  # read (and checked against the checkpoint's shapes) before any weights load
+        adapters, lora_cfg = scoring.load_adapters_for_scoring(args.adapters, real_cfg, args.routing)
+    examples = scoring.encode_file(tokenizer, args.input, chat=args.chat or args.socialalign,
+                                   vocab_size=real_cfg.vocab_size,
+                                   max_length=args.max_length or real_cfg.max_position_embeddings,
+                                   system=SYSTEM_PROMPT if args.socialalign else None,
+                                   need_spans=scoring.span_requirement(lora_cfg, args.adapters))
+    cfg, params = load_hf_checkpoint(args.checkpoint, dtype=args.dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     records = scoring.score_examples(params, cfg, examples, batch_size=args.batch_size, pad_id=pad_id,
                                      real_vocab=real_cfg.vocab_size, adapters=adapters, lora_cfg=lora_cfg)

@@ -2,8 +2,16 @@
 
 Input records are JSON lines, either {"text": ...} (every token after the first is scored)
 or {"prompt": ..., "response": ...} (only the response tokens are scored; with chat=True the
-prompt becomes a ChatML user turn plus the generation prompt, and the response is closed
-with <|im_end|>, exactly as the SFT data renders it).
+prompt becomes a ChatML user turn plus the generation prompt, after the record's "system"
+turn or the default system turn given by the caller, and the response is closed with
+<|im_end|>, exactly as the SFT data renders it).
+
+PAC-LoRA adapters whose gates read the user and news spans route every token by them, as in
+training: the spans are the tokens holding two character offsets of the rendered text,
+either given by the record ("user_end_char", "news_end_char": offsets into its "prompt" or
+"text") or found from the SocialAlign markers exactly as the dataset builder finds them
+(prompt.marker_offsets, prompt.encode_with_spans). A record with neither is an error for
+such adapters unless the caller picks a routing mode that reads no spans.
 
 Sequences are right-padded into fixed [batch_size, bucket] shapes so one jitted function
 compiles once per length bucket. Log-probabilities are computed from the final hidden
@@ -26,19 +34,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from socialalign_jax.config import ModelConfig
+from socialalign_jax.data.prompt import NEWS_MARKER, USER_MARKER, encode_with_spans, marker_offsets
 from socialalign_jax.errors import UserError
+from socialalign_jax.pac_lora import LoraConfig
 from socialalign_jax.tokenizer import IM_END, chat_template
 
 BUCKET = 64        # sequence lengths are padded up to a multiple of this (few recompiles)
 LOGIT_CHUNK = 64   # positions per log-softmax chunk (bounds the [B, chunk, V] logits)
 
 
+SPAN_FIELDS = ("user_end_char", "news_end_char")
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One record, tokenised: ids [n] and the index of the first scored token."""
+    """One record, tokenised: ids [n], the index of the first scored token, and its spans."""
     record: dict
     ids: list[int]
     first_scored: int  # tokens ids[first_scored:] are scored, each given everything before it
+    spans: tuple[int, int] | None = None  # (user_end, news_end) token indices; None: the text has none
+
+
+def routes_by_spans(lc: LoraConfig | None) -> bool:
+    """Whether these adapters' gates read the user/news spans (a single expert's softmax is constant)."""
+    return lc is not None and bool(lc.targets) and (
+        (lc.gated_a and lc.num_analyze > 1) or (lc.gated_b and lc.num_compose > 1))
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
@@ -71,8 +91,29 @@ def _field(obj: dict, key: str, where: str) -> str:
     return value
 
 
-def encode_record(tokenizer, obj: dict, *, chat: bool, where: str) -> Example:
-    """Tokenise one input record; `where` ('file: line N') prefixes every error."""
+def _char_spans(obj: dict, scored_text: str, where: str) -> tuple[int, int] | None:
+    """Explicit (user_end_char, news_end_char) of a record, checked against its text; None if absent."""
+    given = [k for k in SPAN_FIELDS if k in obj]
+    if not given:
+        return None
+    if len(given) == 1:
+        raise UserError(f"{where}: field '{given[0]}' needs field '{(set(SPAN_FIELDS) - set(given)).pop()}' too")
+    u, n = obj["user_end_char"], obj["news_end_char"]
+    for key, v in zip(SPAN_FIELDS, (u, n)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise UserError(f"{where}: field '{key}' must be an integer character offset, got {type(v).__name__}")
+    if not 0 <= u <= n < len(scored_text):
+        raise UserError(f"{where}: fields 'user_end_char' = {u}, 'news_end_char' = {n}: need "
+                        f"0 <= user_end_char <= news_end_char < {len(scored_text)} (the length of the text)")
+    return u, n
+
+
+def encode_record(tokenizer, obj: dict, *, chat: bool, where: str, system: str | None = None) -> Example:
+    """Tokenise one input record; `where` ('file: line N') prefixes every error.
+
+    With chat, the record's own "system" wins over `system` (the default system turn, e.g.
+    the SocialAlign one). Spans: the record's character offsets if given, else the markers.
+    """
     has_text, has_pair = "text" in obj, ("prompt" in obj or "response" in obj)
     if has_text == has_pair:
         raise UserError(f"{where}: expected either field 'text' or fields 'prompt' and 'response'"
@@ -82,39 +123,55 @@ def encode_record(tokenizer, obj: dict, *, chat: bool, where: str) -> Example:
         text = _field(obj, "text", where)
         if chat:
             raise UserError(f"{where}: --chat needs 'prompt'/'response' records, got field 'text'")
-        ids, first = enc(text), 1
+        content, rendered, response = text, text, None
     else:
         for key in ("prompt", "response"):
             if key not in obj:
                 raise UserError(f"{where}: missing field '{key}'")
-        prompt, response = _field(obj, "prompt", where), _field(obj, "response", where)
+        content, response = _field(obj, "prompt", where), _field(obj, "response", where)
+        rendered = content
         if chat:
-            system = _field(obj, "system", where) if "system" in obj else None
+            system = _field(obj, "system", where) if "system" in obj else system
             turns = ([{"role": "system", "content": system}] if system is not None else [])
-            prompt = chat_template(turns + [{"role": "user", "content": prompt}], add_generation_prompt=True)
+            rendered = chat_template(turns + [{"role": "user", "content": content}], add_generation_prompt=True)
             response = response + IM_END
-        p_ids = enc(prompt)
+    # Character offsets in `content` (explicit, or the markers' as the dataset builder finds them),
+    # then tokens of the whole rendered prompt (the text record: of the whole text).
+    chars = _char_spans(obj, content, where)
+    if chars is None:
+        chars = marker_offsets(content)
+    spans = None
+    if chars is not None:
+        base = rendered.index(content) if chat else 0
+        p_ids, u, n = encode_with_spans(tokenizer, rendered, base + chars[0], base + chars[1])
+        spans = (u, n)
+    else:
+        p_ids = enc(rendered)
+    if has_text:
+        ids, first = p_ids, 1
+    else:
         if not p_ids:
             raise UserError(f"{where}: field 'prompt' is empty (the first response token needs context)")
         ids, first = p_ids + enc(response), len(p_ids)
     if len(ids) <= first:
         raise UserError(f"{where}: nothing to score (field 'text' has fewer than 2 tokens)" if has_text
                         else f"{where}: nothing to score (field 'response' is empty)")
-    return Example(obj, ids, first)
+    return Example(obj, ids, first, spans)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "real_vocab"))
-def token_logprobs(params, input_ids, attention_mask, adapters=None, *, cfg: ModelConfig,
+def token_logprobs(params, input_ids, attention_mask, adapters=None, spans=None, *, cfg: ModelConfig,
                    lora_cfg=None, real_vocab: int | None = None):
     """log p(ids[t] | ids[<t]) at every t >= 1: [B, S] float32, 0 at t = 0 and on padding.
 
-    input_ids/attention_mask [B, S] with S a multiple of LOGIT_CHUNK; real_vocab masks
-    padded vocabulary rows out of the softmax.
+    input_ids/attention_mask [B, S] with S a multiple of LOGIT_CHUNK; spans = (user_end [B],
+    news_end [B]) token indices for PAC-LoRA routing (None: every token is 'other');
+    real_vocab masks padded vocabulary rows out of the softmax.
     """
     from socialalign_jax.model import forward, lm_logits
 
     out = forward(params, input_ids, cfg, attention_mask=attention_mask, adapters=adapters,
-                  lora_cfg=lora_cfg, compute_logits=False)
+                  lora_cfg=lora_cfg, spans=spans, compute_logits=False)
     b, s = input_ids.shape
     hidden = out.hidden[:, :-1]                               # [B, S-1, D] predicts ids[:, 1:]
     targets = input_ids[:, 1:]                                # [B, S-1]
@@ -152,10 +209,14 @@ def score_examples(params, cfg: ModelConfig, examples: Sequence[Example], *, bat
         s = _bucket(max(len(e.ids) for e in chunk))
         ids = np.full((batch_size, s), pad_id, np.int32)  # fixed batch: dummy rows keep shapes static
         mask = np.zeros((batch_size, s), np.int32)
+        spans = np.zeros((2, batch_size), np.int32)  # (user_end, news_end); 0, 0 = no user/news span
         for i, e in enumerate(chunk):
             ids[i, :len(e.ids)] = e.ids
             mask[i, :len(e.ids)] = 1
-        lp = np.asarray(token_logprobs(params, jnp.asarray(ids), jnp.asarray(mask), adapters, cfg=cfg,
+            if e.spans is not None:
+                spans[:, i] = e.spans
+        lp = np.asarray(token_logprobs(params, jnp.asarray(ids), jnp.asarray(mask), adapters,
+                                       (jnp.asarray(spans[0]), jnp.asarray(spans[1])), cfg=cfg,
                                        lora_cfg=lora_cfg, real_vocab=real_vocab))
         for i, e in enumerate(chunk):
             tok = lp[i, e.first_scored:len(e.ids)].astype(np.float64)
@@ -165,12 +226,20 @@ def score_examples(params, cfg: ModelConfig, examples: Sequence[Example], *, bat
 
 
 def encode_file(tokenizer, path: str | os.PathLike, *, chat: bool, vocab_size: int,
-                max_length: int | None) -> list[Example]:
-    """Read and tokenise every record first, so a bad line fails before any compute."""
+                max_length: int | None, system: str | None = None,
+                need_spans: str | None = None) -> list[Example]:
+    """Read and tokenise every record first, so a bad line fails before any compute.
+
+    need_spans: the reason spans are required (the adapters route by them), or None.
+    """
     examples = []
     for lineno, obj in read_jsonl(path):
         where = f"{path}: line {lineno}"
-        e = encode_record(tokenizer, obj, chat=chat, where=where)
+        e = encode_record(tokenizer, obj, chat=chat, where=where, system=system)
+        if need_spans and e.spans is None:
+            raise UserError(f"{where}: {need_spans}, but the prompt has neither the markers {USER_MARKER!r} and "
+                            f"{NEWS_MARKER!r} (in that order) nor fields 'user_end_char'/'news_end_char'; "
+                            "pass --routing uniform to score without spans")
         if max_length is not None and len(e.ids) > max_length:
             raise UserError(f"{where}: {len(e.ids)} tokens exceed max_length {max_length} "
                             "(--max_length, default max_position_embeddings; records are never truncated)")
@@ -184,11 +253,18 @@ def encode_file(tokenizer, path: str | os.PathLike, *, chat: bool, vocab_size: i
     return examples
 
 
-def load_adapters_for_scoring(path: str, cfg: ModelConfig) -> tuple[Any, Any]:
-    """(adapters, lora_cfg) from socialalign_jax.adapter_io, once that module exists."""
-    try:
-        from socialalign_jax.adapter_io import load_adapters
-    except ImportError:
-        raise UserError(f"{path}: --adapters is not supported yet (socialalign_jax.adapter_io is missing)") from None
-    out = load_adapters(path, cfg)
-    return out if isinstance(out, tuple) else (out, None)
+def load_adapters_for_scoring(path: str, cfg: ModelConfig, routing: str | None = None) -> tuple[Any, LoraConfig]:
+    """(adapters, lora_cfg) in any layout adapter_io reads; `routing` overrides the file's routing mode."""
+    from socialalign_jax.adapter_io import load_adapters
+
+    adapters, lc = load_adapters(path, cfg)
+    if routing is not None and routing != lc.routing:
+        lc = dataclasses.replace(lc, routing=routing)
+    return adapters, lc
+
+
+def span_requirement(lc: LoraConfig | None, adapters_path: str | None) -> str | None:
+    """Why records need spans under these adapters (for the one-line error), or None."""
+    if not routes_by_spans(lc):
+        return None
+    return f"adapters {adapters_path} route by the user/news spans (routing {lc.routing!r})"

@@ -247,8 +247,9 @@ def hf_checkpoint(tmp_path_factory):
 
 
 def test_score_cli_applies_adapters(hf_checkpoint, tmp_path):
-    """score.py --adapters equals transformers with the torch reference PAC-LoRA modules patched in
-    (no spans in scoring input: every token is 'other', so token routing gives uniform gates)."""
+    """score.py --adapters --routing uniform equals transformers with the torch reference PAC-LoRA
+    modules patched in and no spans (every gate input 0: uniform gates). Routing by the spans
+    is tested in test_score_spans.py."""
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root / "launch"))
     import score as score_cli
@@ -275,7 +276,7 @@ def test_score_cli_applies_adapters(hf_checkpoint, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
     out = tmp_path / "out.jsonl"
     argv = ["--checkpoint", str(ck), "--input", str(inp), "--out", str(out), "--batch_size", "1",
-            "--adapters", str(tmp_path / "peft")]
+            "--adapters", str(tmp_path / "peft"), "--routing", "uniform"]
     with pytest.raises(SystemExit) as e:
         score_cli.cli_main(score_cli.main, argv)
     assert e.value.code == 0

@@ -220,8 +220,7 @@ def _parse_history(block: str) -> list[HistoryPost] | None:
     return posts
 
 
-def parse_user_prompt(text: str) -> ParsedPrompt | None:
-    """Invert render_user_prompt (any mode); None unless re-rendering gives back ``text`` exactly."""
+def _parse(text: str) -> tuple[ParsedPrompt, RenderedPrompt] | None:
     m = _PARSE.match(text)
     if m is None:
         return None
@@ -234,18 +233,28 @@ def parse_user_prompt(text: str) -> ParsedPrompt | None:
         return None
     parsed = ParsedPrompt(m["user_name"], tuple(posts), m["persona"], m["news"], m["topic"], mode)
     again = render_user_prompt(parsed.user_name, parsed.history, parsed.persona, parsed.news, parsed.topic, mode)
-    return parsed if again.text == text else None
+    return (parsed, again) if again.text == text else None
+
+
+def parse_user_prompt(text: str) -> ParsedPrompt | None:
+    """Invert render_user_prompt (any mode); None unless re-rendering gives back ``text`` exactly."""
+    got = _parse(text)
+    return None if got is None else got[0]
 
 
 def marker_offsets(text: str) -> tuple[int, int] | None:
-    """(user_char, news_char): character offsets of the two markers in a rendered prompt.
+    """(user_char, news_char): character offsets of the two markers in a user turn.
 
     The one rule every consumer of a rendered SocialAlign prompt uses (training on Alpaca
-    records, scoring, generation, prediction): the news marker is its last occurrence and
-    the user marker the last occurrence before it (the template's own text follows the
-    user-written fields, so text inside a post cannot win). None if either is missing or
-    they are out of order. ``text`` may be the user turn or the whole ChatML rendering.
+    records, scoring, generation, prediction). A user turn in the authors' template (any
+    mode) gets the offsets of its structure, so a marker string quoted inside a post or the
+    news cannot move them; any other text gets the news marker's last occurrence and the user
+    marker's last occurrence before it (the template's own text follows the user-written
+    fields). None if either marker is missing or they are out of order.
     """
+    got = _parse(text)
+    if got is not None:
+        return got[1].user_char, got[1].news_char
     nc = text.rfind(NEWS_MARKER)
     if nc < 0:
         return None
@@ -273,12 +282,23 @@ def chat_prompt(user_content: str, system: str | None = SYSTEM_PROMPT) -> str:
 # --------------------------------------------------------------------------- tokenising
 
 
-def _token_at(offsets: Sequence[tuple[int, int]], char: int) -> int:
+def token_at(offsets: Sequence[tuple[int, int]], char: int) -> int:
     """Index of the first token whose character span contains ``char``."""
     for i, (a, b) in enumerate(offsets):
         if a <= char < b:
             return i
     raise ValueError(f"no token covers character {char}")
+
+
+def encode_with_spans(tokenizer, text: str, user_char: int, news_char: int) -> tuple[list[int], int, int]:
+    """(token ids of ``text``, user_end, news_end): the tokens holding the two character offsets.
+
+    One tokenisation of the whole text (never of prefixes), so the spans index exactly the
+    tokens the model sees. Shared by the dataset builder and the scorer.
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    return list(enc["input_ids"]), token_at(offsets, user_char), token_at(offsets, news_char)
 
 
 # The modes a case parsed from a prompt in mode k can be rendered in (it holds what they show).
@@ -337,10 +357,9 @@ def build_example(
             r = render_user_prompt(case.user_name, posts, persona, event.news, event.topic, cfg.mode, h_cap, p_cap)
         full = chat_prompt(r.text)
         base = full.index(r.text)
-        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        return enc["input_ids"], enc["offset_mapping"], base + r.user_char, base + r.news_char
+        return encode_with_spans(tokenizer, full, base + r.user_char, base + r.news_char)
 
-    ids, offsets, uc, nc = encode(None, None)
+    ids, user_end, news_end = encode(None, None)
     pieces = [len(s) for p in posts for s in (p.text, p.retweet) if s]
     p_len = len(clean_persona(persona)) if cfg.mode != "without_persona" else 0
     h_cap = p_cap = None
@@ -370,7 +389,7 @@ def build_example(
         p_cap = largest_fitting(p_len, lambda c: fits(h_cap, c))
         p_cap = 0 if p_cap is None else p_cap
     if h_cap is not None or p_cap is not None:
-        ids, offsets, uc, nc = encode(h_cap, p_cap)
+        ids, user_end, news_end = encode(h_cap, p_cap)
 
     if len(ids) > budget:
         err = PromptTooLong(
@@ -395,8 +414,8 @@ def build_example(
     return dict(
         input_ids=np.asarray(list(ids) + list(resp_ids), dtype=np.int32),  # [n]
         loss_mask=np.asarray([0] * n_prompt + [1] * len(resp_ids), dtype=np.int32),  # [n]
-        user_end=_token_at(offsets, uc),
-        news_end=_token_at(offsets, nc),
+        user_end=user_end,
+        news_end=news_end,
         prompt_len=n_prompt,
         n_truncated_history_chars=h_cut,
     )

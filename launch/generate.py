@@ -15,14 +15,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from socialalign_jax.cli_setup import quiet_startup  # noqa: E402
+from socialalign_jax.cli_setup import define_config_flag, quiet_startup, run_absl  # noqa: E402
 
 quiet_startup()
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/weibo.py", "The run's config (file[:preset]).")
+_CONFIG = define_config_flag("config", "configs/weibo.py", "The run's config (file[:preset]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (checkpoints, built dataset).")
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split to generate for.")
 _OUT = flags.DEFINE_string("out", None, "Predictions JSONL to write.")
@@ -52,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_absl(main)

@@ -13,28 +13,32 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from socialalign_jax.cli_setup import quiet_startup  # noqa: E402
+from socialalign_jax.cli_setup import define_config_flag, quiet_startup, run_absl, usage_error  # noqa: E402
 
 quiet_startup()
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/weibo.py", "Training config (file[:preset]).")
+_CONFIG = define_config_flag("config", "configs/weibo.py", "Training config (file[:preset]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the built dataset go "
                                "(default: runs/<config name>-<preset>).")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar.")
+_ACCEPT = flags.DEFINE_bool("accept_config_change", False,
+                            "Resume even though the config differs from the run's config.json in keys that change "
+                            "the training (lr, loss weights, data, ...); config.json is updated to the new values.")
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        usage_error(f"unexpected arguments: {' '.join(argv[1:])}", argv)
     from socialalign_jax.errors import cli_main
     from socialalign_jax.train.run import run_training
 
     cfg = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", f"weibo-{cfg.preset}")
-    cli_main(lambda: run_training(cfg, workdir, progress=not _NO_PROGRESS.value))
+    cli_main(lambda: run_training(cfg, workdir, progress=not _NO_PROGRESS.value,
+                                  accept_config_change=_ACCEPT.value))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_absl(main)

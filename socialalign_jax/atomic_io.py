@@ -1,32 +1,127 @@
-"""Atomic output files: written to `<path>.tmp` and renamed, so a failure never leaves half a file.
+"""Atomic output files: a unique temporary file in the target directory, fsync, rename.
 
-One implementation for every CLI (predictions, scores, personas, run summaries); a write that
-fails is one UserError line naming the path.
+A crash, a kill or a full disk never leaves a half-written file under the final name: readers
+see the old file or the new one. The temporary name is unique (two writers of one path never
+share it), lives in the target directory (so the rename never crosses a filesystem), and the
+result gets the mode a plain `open(path, "w")` would give (0666 minus the user's umask), not
+mkstemp's 0600. A write that fails is one UserError line naming the path; a full disk also
+says how much space the file needed.
+
+One implementation for every CLI (predictions, scores, personas, run summaries, reports,
+metric logs, the saved tokenizer); `atomic_dir` publishes a directory the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
-from typing import Any, Iterable
+import shutil
+import tempfile
+from typing import Any, Callable, Iterable, Iterator
 
 from socialalign_jax.errors import UserError
 
 
-def _atomic(path: str | os.PathLike, write) -> Any:
-    path = os.fspath(path)
-    tmp = path + ".tmp"
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """What open(path, 'w') would create: 0666 minus the process umask."""
+    return 0o666 & ~_umask()
+
+
+def _fsync_dir(path: str) -> None:
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            out = write(f)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def write_error(path: str | os.PathLike, e: OSError, needed: int | None = None) -> UserError:
+    """The one-line UserError for a failed write of `path` (ENOSPC: with the space it needed)."""
+    path = os.fspath(path)
+    if e.errno == errno.ENOSPC:
+        size = f"; it needs about {_human(needed)}" if needed else ""
+        return UserError(f"{path}: no space left on device{size}; free some space and rerun "
+                         "(nothing partial was left under that name)")
+    return UserError(f"{path}: cannot write output ({e.strerror or e})")
+
+
+class _CountingWriter:
+    """Text file wrapper that counts encoded bytes, so a full disk can say how much was needed."""
+
+    def __init__(self, f):
+        self._f = f
+        self.bytes = 0
+
+    def write(self, s: str) -> int:
+        self.bytes += len(s.encode("utf-8", "surrogatepass"))
+        return self._f.write(s)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], Any], *, binary: bool = False,
+                 expected_size: int | None = None) -> Any:
+    """Run `write(f)` on a temporary file beside `path`, then fsync and rename it to `path`.
+
+    Returns what `write` returns. Any OSError (including one raised by `write`) becomes one
+    UserError line naming `path`; the temporary file is removed and `path` is left as it was.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory; expected a file name")
+    tmp = None
+    counter = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
+            counter = f if binary else _CountingWriter(f)
+            out = write(counter)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(directory)
         return out
     except OSError as e:
-        raise UserError(f"{path}: cannot write output ({e.strerror or e})") from None
+        written = getattr(counter, "bytes", None)
+        raise write_error(path, e, expected_size or written) from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text), expected_size=len(text.encode("utf-8", "surrogatepass")))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data), binary=True, expected_size=len(data))
 
 
 def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> int:
@@ -37,11 +132,95 @@ def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> int:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             n += 1
         return n
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def write_json(obj: Any, path: str | os.PathLike, indent: int | None = 1) -> None:
-    def write(f):
-        json.dump(obj, f, ensure_ascii=False, indent=indent)
-        f.write("\n")
-    _atomic(path, write)
+    text = json.dumps(obj, ensure_ascii=False, indent=indent, default=_json_default) + "\n"
+    write_text(path, text)
+
+
+def _json_default(o):
+    """numpy scalars and arrays (metrics dicts) as plain JSON numbers and lists."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary directory beside `path`; on success it is renamed to `path` (which must not exist).
+
+    For writers that produce several files (a tokenizer's save_pretrained): either the whole
+    directory appears under its name or nothing does. On failure the temporary is removed.
+    """
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        for name in os.listdir(tmp):
+            f = os.path.join(tmp, name)
+            if os.path.isfile(f):
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        os.rename(tmp, path)
+        tmp = None
+        _fsync_dir(parent)
+    except OSError as e:
+        raise write_error(path, e) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class AppendLog:
+    """An append-only JSONL log that survives crashes: a run that resumes at step S keeps only
+    the rows of steps <= S (a killed run may have logged steps it never checkpointed) and never
+    appends onto a truncated last line. Rows are flushed as written; a full disk is one line."""
+
+    def __init__(self, path: str | os.PathLike, *, keep_through_step: int | None):
+        self.path = os.fspath(path)
+        if os.path.exists(self.path):
+            self._repair(keep_through_step)
+        try:
+            self._f = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise write_error(self.path, e) from None
+
+    def _repair(self, keep_through_step: int | None) -> None:
+        """Drop a partial last line and rows after `keep_through_step` (None: keep every complete row)."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise write_error(self.path, e) from None
+        lines = data.split(b"\n")
+        complete, tail = lines[:-1], lines[-1]  # tail: b"" when the file ends with a newline
+        kept = []
+        for ln in complete:
+            if not ln.strip():
+                continue
+            try:
+                row = json.loads(ln)
+            except ValueError:
+                continue  # an older crash's damaged row
+            if keep_through_step is not None and int(row.get("step", 0)) > keep_through_step:
+                continue
+            kept.append(ln)
+        if tail or len(kept) != len([ln for ln in complete if ln.strip()]):
+            write_bytes(self.path, b"".join(ln + b"\n" for ln in kept))
+
+    def append(self, row: dict) -> None:
+        line = json.dumps(row, ensure_ascii=False) + "\n"
+        try:
+            self._f.write(line)
+            self._f.flush()
+        except OSError as e:
+            raise write_error(self.path, e, len(line.encode("utf-8"))) from None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._f.close()

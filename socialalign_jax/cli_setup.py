@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 
 
@@ -27,3 +28,84 @@ def quiet_startup() -> None:
         absl_logging.set_verbosity(absl_logging.ERROR)
     except ImportError:
         pass
+
+
+_HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "--helpfull", "-helpfull", "-?",
+               "--helpxml", "-helpxml")
+EXIT_USAGE = 2  # usage errors: argparse's convention, shared by the absl launchers
+
+
+def usage_error(message: str, argv) -> None:
+    import sys
+
+    from socialalign_jax.errors import one_line
+
+    prog = os.path.basename(argv[0]) if argv else "launcher"
+    print(f"error: {one_line(message)} (python {prog} --help)", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def _config_problem(e: BaseException, argv) -> str:
+    """One line for what ml_collections raised while loading a config file or applying `--config.a.b=v`."""
+    if isinstance(e, (AttributeError, KeyError)):  # an override that names no key
+        key = str(e).strip("'\" ")
+        bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
+               and key in a.split("=", 1)[0].split(".")]
+        return f"{bad[0] if bad else '--config'}: unknown config key {key!r}"
+    text = str(e)
+    # config_flags wraps get_config's own error in a traceback text: keep its last line only.
+    last = [ln.strip() for ln in text.splitlines() if re.match(r"\s*\w+(Error|Exception): ", ln)]
+    if last:
+        text = last[-1].split(": ", 1)[1]
+    elif "No such file" in text:
+        path = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "the config file")
+        text = f"{path}: no such file"
+    return f"--config: {text}"
+
+
+def define_config_flag(name: str = "config", default: str = "configs/weibo.py", help_text: str = "Config file[:preset]."):
+    """config_flags.DEFINE_config_file, whose overrides are parsed at definition time: a bad one is a usage error."""
+    import sys
+
+    from ml_collections import config_flags
+
+    try:
+        return config_flags.DEFINE_config_file(name, default, help_text)
+    except Exception as e:  # noqa: BLE001 - every failure here is in the user's command line
+        usage_error(_config_problem(e, sys.argv), sys.argv)
+
+
+def absl_flags_parser(argv):
+    """absl's flag parsing with the argparse convention: --help exits 0, a usage error exits 2 in one line.
+
+    absl alone exits 1 for both, and an unknown or mistyped `--config.a.b=v` override (ml_collections)
+    escapes as a 50-line AttributeError; here every one of them is `error: <what> (python X --help)`.
+    """
+    import sys
+
+    from absl import flags
+
+    help_wanted = any(a in _HELP_FLAGS for a in argv[1:])
+    try:
+        rest = flags.FLAGS(argv)
+    except SystemExit:  # absl's help flags print the usage and exit 1
+        if help_wanted:
+            sys.exit(0)
+        raise
+    except flags.Error as e:
+        usage_error(_config_problem(e.__cause__ or e, argv), argv)
+    except Exception as e:  # noqa: BLE001 - ml_collections: a bad override, preset or config file
+        usage_error(_config_problem(e, argv), argv)
+    if "config" in flags.FLAGS:
+        try:
+            flags.FLAGS["config"].value.keys()  # loaded lazily: a missing file surfaces here
+        except Exception as e:  # noqa: BLE001
+            usage_error(_config_problem(e, argv), argv)
+    return rest
+
+
+def run_absl(main) -> None:
+    """`absl.app.run(main)` with `absl_flags_parser` (one CLI convention for absl and argparse launchers)."""
+    from absl import app
+
+    app.run(main, flags_parser=absl_flags_parser)

@@ -223,6 +223,12 @@ def prepare(units: Sequence[Unit], event_names: Sequence[str], cfg: SocialConfig
         "index": {s: {"event_id": [int(e["event_id"]) for e in exs],
                       "length": [int(len(e["input_ids"])) for e in exs]} for s, exs in out.items()},
         "labels": {s: [int(e["label"]) for e in exs] for s, exs in out.items()},
+        # Checked by the trainer before step 1 (train/data_setup.check_against_model): the longest
+        # response (scored tokens) per split vs loss.max_response_tokens, the largest id vs the vocabulary.
+        "response_tokens_max": {s: max((int(e["loss_mask"].sum()) for e in exs), default=0)
+                                for s, exs in out.items()},
+        "max_token_id": max((int(e["input_ids"].max()) for exs in out.values() for e in exs if len(e["input_ids"])),
+                            default=-1),
         "stats": {"units": len(units), "built": stats.built, "skipped_too_long": stats.skipped_too_long,
                   "history_truncated": stats.history_truncated, "history_chars_cut": stats.history_chars_cut,
                   "persona_truncated": stats.persona_truncated, "persona_chars_cut": stats.persona_chars_cut,

@@ -4,18 +4,63 @@ Only the adapter tree, its optimizer state and the step are saved: the frozen ba
 re-read from its own weights file, so a 7B run's checkpoints stay megabytes. Saves are
 asynchronous (training continues while the previous one is written); a restart with the
 same workdir picks the latest complete step.
+
+Faults (docs/checkpoints.md): a latest checkpoint that does not restore (truncated array
+files, a damaged manifest or metadata, a garbage data-iterator state) is moved to
+`<workdir>/checkpoints-set-aside/` (renamed, never deleted) with one line naming it, and the
+run resumes from the newest step that does restore; when none does, one line says what to
+do. A failed save (a full disk) is one line with the path and the space it needed, and
+`close` ends in-flight asynchronous saves before the process exits, so an error never ends
+in Orbax's executor tracebacks.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-from typing import Any, Mapping
+import shutil
+import sys
+import time
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from socialalign_jax.errors import UserError
+from socialalign_jax.errors import UserError, one_line
+
+SET_ASIDE_DIR = "checkpoints-set-aside"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be written or restored; the message says which and what to do."""
+
+
+def _enospc(exc: BaseException | None) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _tree_bytes(tree) -> int:
+    return int(sum(np.prod(np.shape(x)) * np.dtype(getattr(x, "dtype", np.float32)).itemsize
+                   for x in jax.tree.leaves(tree)))
+
+
+def _save_failed(manager, step: int, exc: BaseException, needed: int | None) -> CheckpointError:
+    where = f"{manager.directory}/{step}"
+    if _enospc(exc):
+        size = f"; a checkpoint needs about {needed / 2**20:.1f} MB" if needed else ""
+        return CheckpointError(f"{where}: no space left on device while saving the checkpoint{size}; "
+                               "free some space and rerun the same command (it resumes from the last complete step)")
+    return CheckpointError(f"{where}: saving the checkpoint failed: {one_line(exc)[:300]}; "
+                           "rerun the same command to resume from the last complete step")
 
 
 def make_manager(workdir: str, *, save_every: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -32,7 +77,34 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_state: Mapping[s
         data=ocp.args.JsonSave(dict(data_state or {})),
         config=ocp.args.JsonSave(dict(config)),
     )
-    return manager.save(step, args=args, force=force)
+    try:
+        return manager.save(step, args=args, force=force)
+    except Exception as e:  # noqa: BLE001 - also the previous async save's error, surfaced here
+        raise _save_failed(manager, step, e, _tree_bytes(state)) from None
+
+
+def close(manager: ocp.CheckpointManager, *, failing: bool = False) -> None:
+    """Finish (or give up on) in-flight async saves and stop Orbax's threads.
+
+    `failing`: the run is already ending in an error; a save error is then reported in one
+    line on stderr instead of raised, so the original error stays the one the user sees.
+    """
+    if getattr(manager, "_socialalign_closed", False):
+        return
+    manager._socialalign_closed = True
+    err = None
+    try:
+        manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+        err = _save_failed(manager, manager.latest_step() or 0, e, None)
+    try:
+        manager.close()
+    except Exception:  # noqa: BLE001 - closing after a failed save may complain again; nothing to add
+        pass
+    if err is not None:
+        if not failing:
+            raise err
+        print(f"warning: {err}", file=sys.stderr)
 
 
 def describe_tree(tree) -> dict[str, list[int]]:
@@ -49,18 +121,25 @@ def _diff_lora(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str
     return out
 
 
-def restore(manager: ocp.CheckpointManager, abstract_state, current_config: Mapping[str, Any],
-            step: int | None = None):
-    """Restore (state, data_state, saved_config) at `step` (default: latest).
+def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+    """Move checkpoint `step` out of the manager's directory (kept for inspection, never deleted)."""
+    src = os.path.join(str(manager.directory), str(step))
+    dest_root = os.path.join(os.path.dirname(str(manager.directory)), SET_ASIDE_DIR)
+    os.makedirs(dest_root, exist_ok=True)
+    dest = os.path.join(dest_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 0
+    while os.path.exists(dest + (f".{n}" if n else "")):
+        n += 1
+    dest += f".{n}" if n else ""
+    shutil.move(src, dest)
+    return dest
 
-    The adapter shape (rank, experts, targets, head) must match the current config: a
-    mismatch raises a UserError listing what differs, before Orbax sees any array.
-    """
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        return None
+
+def _restore_step(manager, step, abstract_state, current_config, check):
     meta = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     saved_cfg = meta["config"]
+    if not isinstance(saved_cfg, Mapping):
+        raise ValueError(f"config item is {type(saved_cfg).__name__}, not a mapping")
     saved_lora = saved_cfg.get("lora", {})
     cur_lora = current_config.get("lora", {})
     shape_keys = ("num_analyze", "num_compose", "rank", "targets", "num_classes", "gate_width")
@@ -75,4 +154,154 @@ def restore(manager: ocp.CheckpointManager, abstract_state, current_config: Mapp
             + " (use a new --workdir, or the checkpoint's settings)")
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return restored["state"], restored["data"], saved_cfg
+    state, data = restored["state"], restored["data"]
+    if not isinstance(data, Mapping):
+        raise ValueError(f"data-iterator state is {type(data).__name__}, not a mapping")
+    if int(np.asarray(jax.device_get(state["step"]))) != int(step):
+        raise ValueError(f"state holds step {int(np.asarray(jax.device_get(state['step'])))}")
+    if check is not None:
+        check(state, data)
+    return state, data, saved_cfg
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state, current_config: Mapping[str, Any],
+            step: int | None = None, *, check: Callable[[Any, Mapping], None] | None = None,
+            fallback: bool = True, move_bad: bool = True, report: Callable[[str], None] | None = None):
+    """Restore (state, data_state, saved_config) at `step` (default: the newest that restores).
+
+    The adapter shape (rank, experts, targets, head) must match the current config: a
+    mismatch raises a UserError listing what differs, before Orbax sees any array.
+    `check(state, data_state)` may raise to reject a step (e.g. an iterator state the data
+    pipeline cannot take). Without an explicit `step`, a step that fails to restore is set
+    aside (`move_bad`; read-only callers such as export pass False) and the next older one
+    is tried; each is reported in one line through `report` (default: stderr).
+    """
+    report = report or (lambda msg: print(msg, file=sys.stderr))
+    if step is not None or not fallback:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            return None
+        try:
+            return _restore_step(manager, step, abstract_state, current_config, check)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint: say which, not how Orbax failed inside
+            raise CheckpointError(f"{manager.directory}/{step}: checkpoint does not restore "
+                                  f"({one_line(e)[:200]}); pick another --step or retrain") from None
+    steps = sorted(manager.all_steps(), reverse=True)
+    bad: list[tuple[int, str]] = []
+    for s in steps:
+        try:
+            out = _restore_step(manager, s, abstract_state, current_config, check)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            bad.append((s, one_line(f"{type(e).__name__}: {e}")[:200]))
+            continue
+        for b, why in bad:
+            where = set_aside(manager, b) if move_bad else None
+            moved = f"; moved to {where}" if where else ""
+            report(f"warning: checkpoint step {b} in {manager.directory} does not restore ({why}){moved}; "
+                   f"using step {s}")
+        if bad and move_bad:
+            manager.reload()
+        return out
+    if bad:
+        listed = "; ".join(f"step {b}: {why}" for b, why in bad)
+        raise CheckpointError(
+            f"{manager.directory}: no checkpoint restores ({listed}); to start over, move that directory "
+            "aside (or use a new --workdir); nothing was changed")
+    return None
+
+
+# ----------------------------------------------------------------------------- one trainer per workdir
+
+LOCK_FILE = "train.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+class WorkdirLock:
+    """`<workdir>/train.lock` holding {"pid", "host", "started"}: one trainer per workdir.
+
+    A second trainer refuses in one line naming the holder. A lock whose process is gone
+    (same host, PID not running: a killed run) is stale and taken over, with one line saying
+    so. A lock from another host cannot be checked from here; the message says to delete the
+    file if that run is known to be dead. The lock file is created complete (written to a
+    temporary file, then hard-linked into place, which fails if a lock exists).
+    """
+
+    def __init__(self, workdir: str):
+        import json
+        import socket
+        import tempfile
+
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        os.makedirs(workdir, exist_ok=True)
+        mine = {"pid": self.pid, "host": self.host, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".train.lock.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(mine, f)
+        try:
+            for _ in range(3):
+                try:
+                    os.link(tmp, self.path)
+                    return
+                except FileExistsError:
+                    pass
+                holder = self._read()
+                if holder is None:
+                    continue  # removed between our link and our read: try again
+                pid, host = holder.get("pid"), holder.get("host")
+                if host == self.host and isinstance(pid, int) and pid != self.pid and not _pid_alive(pid):
+                    os.replace(tmp, self.path)  # take over the stale lock (tmp is consumed)
+                    tmp = None
+                    print(f"note: {self.path}: took over a stale lock from PID {pid} on {host} (not running)",
+                          file=sys.stderr)
+                    return
+                if host == self.host and pid == self.pid:
+                    return
+                where = f"PID {pid} on host {host}" + (f", started {holder['started']}" if holder.get("started") else "")
+                hint = ("wait for it or stop it" if host == self.host else
+                        f"if that run is dead, delete {self.path}")
+                raise CheckpointError(f"{workdir}: another trainer holds this workdir ({where}); {hint}, "
+                                      "or use another --workdir")
+            raise CheckpointError(f"{self.path}: cannot take the workdir lock (it keeps changing)")
+        finally:
+            if tmp is not None:
+                with _suppress():
+                    os.unlink(tmp)
+
+    def _read(self) -> dict | None:
+        import json
+
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # unreadable: treated as held by an unknown process
+
+    def release(self) -> None:
+        holder = self._read()
+        if holder and holder.get("pid") == self.pid and holder.get("host") == self.host:
+            with _suppress():
+                os.unlink(self.path)
+
+
+def _suppress():
+    import contextlib
+
+    return contextlib.suppress(OSError)

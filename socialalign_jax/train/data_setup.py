@@ -25,11 +25,37 @@ class Datasets:
 
 
 def _tokenizer_dir(tokenizer, workdir: str) -> str | None:
-    """The builder reads a tokenizer from disk: save the model's own (e.g. rebuilt from GGUF) there."""
+    """The builder reads a tokenizer from disk: save the model's own (e.g. rebuilt from GGUF) there.
+
+    Saved atomically (a temporary directory renamed into place), so a crash or a full disk
+    never leaves a partial tokenizer.json that later runs would trust; one left by an older
+    version (unparseable) is replaced.
+    """
+    import json
+    import shutil
+
+    from socialalign_jax.atomic_io import atomic_dir
+
     path = os.path.join(workdir, "tokenizer")
-    if not os.path.exists(os.path.join(path, "tokenizer.json")):
-        tokenizer.save_pretrained(path)
+    tok_json = os.path.join(path, "tokenizer.json")
+    if os.path.exists(tok_json):
+        try:
+            with open(tok_json, encoding="utf-8") as f:
+                json.load(f)
+            return path
+        except (OSError, ValueError):
+            shutil.rmtree(path, ignore_errors=True)  # derived from the weights: rebuilt below
+    elif os.path.isdir(path) and not os.listdir(path):
+        os.rmdir(path)
+    with atomic_dir(path) as tmp:
+        tokenizer.save_pretrained(tmp)
     return path
+
+
+def _is_main() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def default_input(source: str) -> str:
@@ -63,6 +89,109 @@ def prepare(cfg, tokenizer, workdir: str, *, build_if_missing: bool = True) -> D
             max_events=int(cfg.data.get("max_events", 0) or 0))
         B.build(data_dir, bcfg)
     ds = B.open_dataset(data_dir)
+    if found is not None:
+        ignored = check_build_settings(cfg, ds, explicit_dir=bool(cfg.data.data_dir))
+        if ignored and _is_main():
+            print(f"note: using the dataset in {ds.path} as built; ignored: {'; '.join(ignored)}")
     test = ds.sources.get("test")
     return Datasets(ds, ds.source("train"), test, ds.max_length, ds.pad_id,
                     tuple(ds.metadata.get("classes") or B.T.SENTIMENTS))
+
+
+# The data.* keys that decide what a built dataset holds (data.seed also orders batches; it is
+# compared only through the split it produced, so it may change over one built dataset).
+BUILD_KEYS = ("source", "input", "max_length", "mode", "on_overflow", "test_fraction", "split_by",
+               "labels", "max_events")
+
+
+def check_build_settings(cfg, ds, *, explicit_dir: bool) -> list[str]:
+    """data.* settings that differ from what the existing dataset was built with.
+
+    Without this the dataset on disk was used as it is while config.json recorded the
+    override as if it had applied. In the run's own `<workdir>/data` a difference is an
+    error (the run's data settings changed). A dataset named by data.data_dir is used as
+    built: its settings replace the differing data.* values in `cfg` (so config.json records
+    what was used) and the returned strings are printed as one note. on_overflow counts as
+    different only if the build skipped examples; the input is compared as a resolved path.
+    """
+    built = ds.metadata.get("config") or {}
+    classes = list(ds.metadata.get("classes") or built.get("labels") or [])
+    diffs, adopt = [], {}
+    for key in BUILD_KEYS:
+        want, have = cfg.data.get(key), built.get(key)
+        if key == "input":
+            want = want or (default_input(cfg.data.source) if cfg.data.source == "socialweibo" else "")
+            same = bool(want) and bool(have) and os.path.realpath(str(want)) == os.path.realpath(str(have))
+        elif key == "labels":
+            have = ",".join(classes)
+            same = [x.strip() for x in str(want).split(",")] == classes
+        elif key == "on_overflow":
+            skipped = int((ds.metadata.get("stats") or {}).get("skipped_too_long", 0))
+            same = want == have or skipped == 0
+        elif key == "test_fraction":
+            same = have is not None and abs(float(want) - float(have)) < 1e-12
+        elif key == "max_events":
+            same = int(want or 0) == int(have or 0)
+        else:
+            same = want == have or have is None
+        if not same:
+            diffs.append(f"data.{key}={want!r} (built with {have!r})")
+            adopt[key] = have
+    if diffs and not explicit_dir:
+        raise UserError(f"{ds.path}: the dataset there was built with other settings: {'; '.join(diffs)}; "
+                        "set them to the built values, or pass --config.data.data_dir=NEW_DIR to build another "
+                        "(or delete that directory to rebuild it)")
+    for key, have in adopt.items():
+        cur = cfg.data.get(key)
+        cfg.data[key] = type(cur)(have) if isinstance(cur, (int, float)) and not isinstance(cur, bool) else have
+    return diffs
+
+
+def _split_scan(source, field: str, reduce) -> int:
+    """Fallback for datasets built before the metadata held it: read every example once."""
+    out = 0
+    for i in range(len(source)):
+        out = max(out, int(reduce(source[i][field])))
+    return out
+
+
+def check_against_model(data: Datasets, cfg, model_cfg, tokenizer) -> None:
+    """Before anything compiles: the built dataset fits the model and the loss.
+
+    - every response fits loss.max_response_tokens (else step N would refuse it after compiling),
+    - the dataset's classes are the config's data.labels and fit lora.num_classes,
+    - every token id is inside the model's vocabulary (a dataset built with another tokenizer).
+    Read from the dataset metadata (response_tokens_max, max_token_id); older datasets are scanned.
+    """
+    import numpy as np
+
+    meta = data.dataset.metadata
+    where = str(data.dataset.path)
+    splits = {"train": data.train, **({"test": data.test} if data.test is not None else {})}
+    limit = int(cfg.loss.max_response_tokens)
+    if limit > 0:
+        stored = meta.get("response_tokens_max") or {}
+        for name, src in splits.items():
+            longest = stored.get(name)
+            if longest is None:
+                longest = _split_scan(src, "loss_mask", lambda m: np.asarray(m).sum())
+            if int(longest) > limit:
+                raise UserError(
+                    f"{where}: the {name} split has a response of {int(longest)} tokens but "
+                    f"loss.max_response_tokens={limit}; pass --config.loss.max_response_tokens={int(longest)} "
+                    "or more (responses are never truncated)")
+    classes = list(meta.get("classes") or data.labels)
+    want = [x.strip() for x in str(cfg.data.labels).split(",")]
+    if classes != want:
+        raise UserError(f"{where}: the dataset's classes are {','.join(classes)} but data.labels={','.join(want)}")
+    n_cls = int(cfg.lora.num_classes)
+    if n_cls and n_cls != len(classes):
+        raise UserError(f"{where}: the dataset has {len(classes)} classes but lora.num_classes={n_cls}")
+    top = meta.get("max_token_id")
+    if top is None:
+        top = max(_split_scan(src, "input_ids", lambda x: np.max(x) if len(x) else -1) for src in splits.values())
+    if int(top) >= int(model_cfg.vocab_size):
+        raise UserError(
+            f"{where}: token id {int(top)} is outside the model's vocabulary ({model_cfg.vocab_size} ids); the dataset "
+            f"was built with another tokenizer ({(meta.get('config') or {}).get('tokenizer_name')!r}): rebuild it with "
+            "the model's tokenizer (a new --config.data.data_dir)")

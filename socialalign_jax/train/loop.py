@@ -21,7 +21,7 @@ import numpy as np
 
 from socialalign_jax import optim, pac_lora, sharding
 from socialalign_jax.atomic_io import write_json
-from socialalign_jax.config import ModelConfig
+from socialalign_jax.config import ModelConfig, validate_run_config
 from socialalign_jax.errors import UserError
 from socialalign_jax.mesh import make_mesh
 from socialalign_jax.pac_lora import LoraConfig
@@ -101,7 +101,9 @@ def build_job(cfg, workdir: str, *, need_data: bool = True) -> Job:
     if not str(cfg.model.weights) or str(cfg.model.weights) in ("hf:", "gguf:"):
         raise UserError(f"config preset {cfg.preset!r} needs the base weights: pass "
                         "--config.model.weights=hf:/path/to/checkpoint (a local Hugging Face directory)")
-    lora_cfg = lora_config(cfg)  # checked before any weights or data are loaded
+    # One validation pass before any weights or data are loaded (the trainer also checks the batch).
+    validate_run_config(cfg, device_count=jax.device_count(), training=False)
+    lora_cfg = lora_config(cfg)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     weights = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
     model_cfg = weights.cfg.replace(remat=bool(cfg.model.remat), scan_layers=bool(cfg.model.get("scan_layers", True)))
@@ -113,6 +115,8 @@ def build_job(cfg, workdir: str, *, need_data: bool = True) -> Job:
     if tokenizer is None:
         raise UserError(f"weights {cfg.model.weights!r} come without a tokenizer: pass --config.data.tokenizer=DIR")
     data = data_setup.prepare(cfg, tokenizer, workdir) if need_data else None
+    if data is not None:  # what the built dataset's metadata says, before anything compiles
+        data_setup.check_against_model(data, cfg, model_cfg, tokenizer)
     return Job(cfg, model_cfg, lora_cfg, loss_config(cfg), params, tokenizer, mesh, data, workdir)
 
 
@@ -212,13 +216,91 @@ def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[st
     return res
 
 
-def train(cfg, workdir: str, *, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) training; returns the final metrics dict."""
+# Keys that may change when a run resumes: they do not change what the steps already taken
+# meant (logging, checkpoint cadence, the length of the run, evaluation, decoding, layout).
+# Any other difference from the run's config.json is refused unless accept_config_change.
+RESUME_FREE = ("train.num_steps", "train.num_epochs", "train.log_every", "train.checkpoint_every",
+               "train.keep_checkpoints", "train.async_checkpoint", "train.eval_at_end", "train.eval_max_examples",
+               "train.tensorboard", "train.generate_at_end", "train.labeller", "data.eval_batch_size",
+               "model.remat", "model.scan_layers", "lora.fuse_base", "mesh.", "distributed.", "sample.", "hardware.")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """'key: checkpoint X vs config Y' for every key that differs and may not change on resume."""
+    import json
+
+    from socialalign_jax.train.data_setup import BUILD_KEYS
+
+    saved_f, cur_f = _flat(saved), _flat(json.loads(json.dumps(current, default=str)))
+    # data.* build settings are checked against the built dataset itself (data_setup.check_build_settings)
+    dataset_keys = tuple(f"data.{k}" for k in BUILD_KEYS)
+    out = []
+    for key in sorted(set(saved_f) & set(cur_f)):
+        if key.startswith(RESUME_FREE) or key in dataset_keys or saved_f[key] == cur_f[key]:
+            continue
+        out.append(f"{key}: checkpoint {saved_f[key]!r} vs config {cur_f[key]!r}")
+    return out
+
+
+def _has_checkpoint(workdir: str) -> bool:
+    d = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def _check_resume(cfg, workdir: str, accept: bool) -> None:
+    """Before any weights are read: a resume must not silently change what the run is."""
+    import json
+
+    path = os.path.join(workdir, "config.json")
+    if not (_has_checkpoint(workdir) and os.path.isfile(path)):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return  # config.json is rewritten below; the checkpoint's own config is checked on restore
+    diffs = resume_conflicts(saved, config_to_dict(cfg))
+    if not diffs:
+        return
+    if not accept:
+        raise UserError(f"{workdir}: resuming with a config that contradicts the run's config.json: "
+                        + "; ".join(diffs) + " (use a new --workdir, the run's values, or pass "
+                        "--accept_config_change to continue with the new values)")
+    if jax.process_index() == 0:
+        print("note: resuming with changed settings (config.json updated): " + "; ".join(diffs))
+
+
+def train(cfg, workdir: str, *, progress: bool = True, accept_config_change: bool = False) -> dict[str, Any]:
+    """Run (or resume) training; returns the final metrics dict.
+
+    Startup order: distributed init, one config validation, the workdir lock, the resume
+    check against config.json, then weights, data and its metadata checks; nothing has
+    compiled when any of those refuses.
+    """
     setup_distributed(cfg)
+    validate_run_config(cfg, device_count=jax.device_count())
     os.makedirs(workdir, exist_ok=True)
+    lock = checkpoint.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    try:
+        _check_resume(cfg, workdir, accept_config_change)
+        return _train(cfg, workdir, progress=progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
     job = build_job(cfg, workdir)
     is_main = jax.process_index() == 0
-    logger = MetricLogger(workdir, enabled=is_main, tensorboard=bool(cfg.train.tensorboard))
     from socialalign_jax.data.pipeline import BatchConfig, TrainIterator
 
     bcfg = BatchConfig(events_per_batch=int(cfg.data.events_per_batch), cases_per_event=int(cfg.data.cases_per_event),
@@ -241,105 +323,114 @@ def train(cfg, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     cfg_dict = config_to_dict(cfg)
     manager = checkpoint.make_manager(workdir, save_every=int(cfg.train.checkpoint_every),
                                       keep=int(cfg.train.keep_checkpoints), async_save=bool(cfg.train.async_checkpoint))
-    restored = checkpoint.restore(manager, jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh), cfg_dict)
-    if restored is not None:
-        state, data_state, _ = restored
-        try:
-            it.set_state(data_state)
-        except ValueError as e:
-            raise UserError(f"{manager.directory}: cannot resume the data pipeline: {e} "
-                            "(use a new --workdir, or the checkpoint's data settings)") from None
-        if is_main:
-            print(f"resumed from {manager.directory} at step {int(state['step'])}")
-    elif is_main:
-        write_json(cfg_dict, os.path.join(workdir, "config.json"))
-
-    train_step = jax.jit(
-        step_lib.make_train_step(job.model_cfg, job.lora_cfg, job.loss_cfg, optimizer, schedule),
-        in_shardings=(param_sh, state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=(1,))
-    rng = jax.random.PRNGKey(int(cfg.train.seed) + 1)
-
-    peak = float(cfg.hardware.peak_flops_per_device) or (flops.peak_flops_for(jax.devices()[0].device_kind) or 0.0)
-    step_flops = flops.train_step_flops(job.model_cfg, job.lora_cfg, bcfg.global_batch_size, bcfg.seq_len,
-                                        job.loss_cfg.max_response_tokens or None, job.lora_cfg.num_classes)
-
-    baseline = None
-    if cfg.train.eval_at_end and int(state["step"]) == 0 and job.data.test is not None and len(job.data.test):
-        baseline = evaluate_split(job, state["adapters"], eval_source(cfg, job.data.test),
-                                  desc="test split (step 0)")
-        if is_main:
-            logger.write(0, baseline, prefix="eval/")
-            write_json(baseline, os.path.join(workdir, "eval_step0.json"))
-
-    stop = _StopFlag()
-    start_step = int(state["step"])
-    bar = None
-    if is_main and progress:
-        from tqdm import tqdm
-        bar = tqdm(total=n_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-    last = {}
-    t_last, tok_last = time.perf_counter(), 0.0
+    logger = None
     try:
-        for step in range(start_step, n_steps):
-            try:
-                local = next(it)
-            except StopIteration:
-                break
-            step_lib.check_response_lengths(local, job.loss_cfg.max_response_tokens, f"train batch {step}")
-            batch = _global_batch(local, job.mesh)
-            state, metrics = train_step(job.params, state, batch, rng)
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                manager.wait_until_finished()
-                raise UserError(
-                    f"step {step}: loss is {loss} (terms: " + ", ".join(
-                        f"{k}={float(metrics[k]):.4g}" for k in ("lm", "sent", "macro"))
-                    + f"); stopped; the last good checkpoint is step {manager.latest_step()} in {manager.directory}")
-            tok_last += float(np.asarray(local["attention_mask"]).sum()) * jax.process_count()
-            done = step + 1
-            if done % int(cfg.train.log_every) == 0 or done == n_steps:
-                dt = time.perf_counter() - t_last
-                m = jax.device_get(metrics)
-                m["tokens_per_s"] = tok_last / max(dt, 1e-9)
-                steps_done = done - (start_step if not last else last.get("_step", start_step))
-                m["step_time_s"] = dt / max(steps_done, 1)
-                m["tflops_per_s"] = step_flops / max(m["step_time_s"], 1e-9) / 1e12
-                if peak > 0:
-                    m["mfu"] = step_flops / m["step_time_s"] / (peak * jax.device_count())
-                last = logger.write(done, m, prefix="train/")
-                last["_step"] = done
-                t_last, tok_last = time.perf_counter(), 0.0
+        def check_data(_, data_state):
+            it.set_state(data_state)  # a garbage iterator state rejects the step (ValueError)
+
+        # The newest checkpoint that restores; damaged newer ones are set aside with one line each.
+        restored = checkpoint.restore(manager, jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh), cfg_dict,
+            check=check_data, move_bad=jax.process_count() == 1)
+        if restored is not None:
+            state, _, _ = restored
+            if is_main:
+                print(f"resumed from {manager.directory} at step {int(state['step'])}")
+        if is_main:  # what this run uses (a resume may have changed the free keys, see RESUME_FREE)
+            write_json(cfg_dict, os.path.join(workdir, "config.json"))
+        logger = MetricLogger(workdir, enabled=is_main, tensorboard=bool(cfg.train.tensorboard),
+                              resume_step=int(state["step"]))
+
+        train_step = jax.jit(
+            step_lib.make_train_step(job.model_cfg, job.lora_cfg, job.loss_cfg, optimizer, schedule),
+            in_shardings=(param_sh, state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=(1,))
+        rng = jax.random.PRNGKey(int(cfg.train.seed) + 1)
+
+        peak = float(cfg.hardware.peak_flops_per_device) or (flops.peak_flops_for(jax.devices()[0].device_kind) or 0.0)
+        step_flops = flops.train_step_flops(job.model_cfg, job.lora_cfg, bcfg.global_batch_size, bcfg.seq_len,
+                                            job.loss_cfg.max_response_tokens or None, job.lora_cfg.num_classes)
+
+        baseline = None
+        if cfg.train.eval_at_end and int(state["step"]) == 0 and job.data.test is not None and len(job.data.test):
+            baseline = evaluate_split(job, state["adapters"], eval_source(cfg, job.data.test),
+                                      desc="test split (step 0)")
+            if is_main:
+                logger.write(0, baseline, prefix="eval/")
+                write_json(baseline, os.path.join(workdir, "eval_step0.json"))
+
+        stop = _StopFlag()
+        start_step = int(state["step"])
+        bar = None
+        if is_main and progress:
+            from tqdm import tqdm
+            bar = tqdm(total=n_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        last = {}
+        t_last, tok_last = time.perf_counter(), 0.0
+        try:
+            for step in range(start_step, n_steps):
+                try:
+                    local = next(it)
+                except StopIteration:
+                    break
+                step_lib.check_response_lengths(local, job.loss_cfg.max_response_tokens, f"train batch {step}")
+                batch = _global_batch(local, job.mesh)
+                state, metrics = train_step(job.params, state, batch, rng)
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    manager.wait_until_finished()
+                    raise UserError(
+                        f"step {step}: loss is {loss} (terms: " + ", ".join(
+                            f"{k}={float(metrics[k]):.4g}" for k in ("lm", "sent", "macro"))
+                        + f"); stopped; the last good checkpoint is step {manager.latest_step()} in {manager.directory}")
+                tok_last += float(np.asarray(local["attention_mask"]).sum()) * jax.process_count()
+                done = step + 1
+                if done % int(cfg.train.log_every) == 0 or done == n_steps:
+                    dt = time.perf_counter() - t_last
+                    m = jax.device_get(metrics)
+                    m["tokens_per_s"] = tok_last / max(dt, 1e-9)
+                    steps_done = done - (start_step if not last else last.get("_step", start_step))
+                    m["step_time_s"] = dt / max(steps_done, 1)
+                    m["tflops_per_s"] = step_flops / max(m["step_time_s"], 1e-9) / 1e12
+                    if peak > 0:
+                        m["mfu"] = step_flops / m["step_time_s"] / (peak * jax.device_count())
+                    last = logger.write(done, m, prefix="train/")
+                    last["_step"] = done
+                    t_last, tok_last = time.perf_counter(), 0.0
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{m['loss']:.3f}", lm=f"{m['lm']:.3f}", macro=f"{m['macro']:.3f}")
                 if bar is not None:
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", lm=f"{m['lm']:.3f}", macro=f"{m['macro']:.3f}")
+                    bar.update(1)
+                checkpoint.save(manager, done, state, it.get_state(), cfg_dict)
+                if stop.signum is not None:
+                    if manager.latest_step() != done:  # the periodic save above may already hold this step
+                        checkpoint.save(manager, done, state, it.get_state(), cfg_dict, force=True)
+                    checkpoint.close(manager)
+                    if is_main:
+                        print(f"\nreceived signal {stop.signum}: saved checkpoint at step {done} in {manager.directory}; exiting")
+                    return {"stopped_at": done}
+            final_step = int(state["step"])
+            if manager.latest_step() != final_step:
+                checkpoint.save(manager, final_step, state, it.get_state(), cfg_dict, force=True)
+            checkpoint.close(manager)
+        finally:
+            stop.restore()
             if bar is not None:
-                bar.update(1)
-            checkpoint.save(manager, done, state, it.get_state(), cfg_dict)
-            if stop.signum is not None:
-                if manager.latest_step() != done:  # the periodic save above may already hold this step
-                    checkpoint.save(manager, done, state, it.get_state(), cfg_dict, force=True)
-                manager.wait_until_finished()
-                if is_main:
-                    print(f"\nreceived signal {stop.signum}: saved checkpoint at step {done} in {manager.directory}; exiting")
-                return {"stopped_at": done}
-        final_step = int(state["step"])
-        if manager.latest_step() != final_step:
-            checkpoint.save(manager, final_step, state, it.get_state(), cfg_dict, force=True)
-        manager.wait_until_finished()
-    finally:
-        stop.restore()
-        if bar is not None:
-            bar.close()
-    result = {"step": int(state["step"]), "train": {k: v for k, v in last.items() if not k.startswith("_")}}
-    if cfg.train.eval_at_end and job.data.test is not None and len(job.data.test):
-        final = evaluate_split(job, state["adapters"], eval_source(cfg, job.data.test), desc="test split")
-        result["eval"] = final
-        if baseline is None and os.path.exists(os.path.join(workdir, "eval_step0.json")):
-            import json
-            baseline = json.load(open(os.path.join(workdir, "eval_step0.json")))
-        result["eval_step0"] = baseline
-        if is_main:
-            logger.write(result["step"], final, prefix="eval/")
-            write_json(result, os.path.join(workdir, "eval_final.json"))
-    logger.close()
-    return result
+                bar.close()
+        result = {"step": int(state["step"]), "train": {k: v for k, v in last.items() if not k.startswith("_")}}
+        if cfg.train.eval_at_end and job.data.test is not None and len(job.data.test):
+            final = evaluate_split(job, state["adapters"], eval_source(cfg, job.data.test), desc="test split")
+            result["eval"] = final
+            if baseline is None and os.path.exists(os.path.join(workdir, "eval_step0.json")):
+                import json
+                baseline = json.load(open(os.path.join(workdir, "eval_step0.json")))
+            result["eval_step0"] = baseline
+            if is_main:
+                logger.write(result["step"], final, prefix="eval/")
+                write_json(result, os.path.join(workdir, "eval_final.json"))
+        logger.close()
+        return result
+    except BaseException:
+        checkpoint.close(manager, failing=True)  # in-flight async saves end before the error is reported
+        if logger is not None:
+            logger.close()
+        raise

@@ -2,11 +2,14 @@
 
 TensorBoard files are written with tensorboardX, which needs no TensorFlow. Only process 0
 writes; the other processes get a sink that drops everything.
+
+The JSONL survives crashes (atomic_io.AppendLog): a run resumed from the checkpoint of step S
+keeps the rows of steps <= S only, so the steps it trains again are not logged twice, and a
+truncated last line (kill -9, full disk) is dropped instead of appended onto.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping
 
@@ -37,14 +40,20 @@ def _scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 class MetricLogger:
-    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None):
+        """resume_step: the step the run restored (0 = a fresh start, which drops an older run's rows);
+        None keeps every complete row."""
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        from socialalign_jax.atomic_io import AppendLog
+
+        keep = None if resume_step is None else (resume_step if resume_step > 0 else -1)
+        self._jsonl = AppendLog(os.path.join(workdir, "metrics.jsonl"), keep_through_step=keep)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -56,8 +65,7 @@ class MetricLogger:
         flat = _scalars(metrics, prefix)
         if not self.enabled:
             return flat
-        self._jsonl.write(json.dumps({"step": int(step), **flat}) + "\n")
-        self._jsonl.flush()
+        self._jsonl.append({"step": int(step), **flat})
         if self._tb is not None:
             for k, v in flat.items():
                 self._tb.add_scalar(k, v, int(step))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
+
+from socialalign_jax.atomic_io import write_json
 
 from socialalign_jax.train import loop
 
@@ -23,8 +24,8 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_training(cfg, workdir: str, *, progress: bool = True) -> int:
-    result = loop.train(cfg, workdir, progress=progress)
+def run_training(cfg, workdir: str, *, progress: bool = True, accept_config_change: bool = False) -> int:
+    result = loop.train(cfg, workdir, progress=progress, accept_config_change=accept_config_change)
     if "stopped_at" in result:
         return 0
     is_main = jax.process_index() == 0
@@ -35,6 +36,5 @@ def run_training(cfg, workdir: str, *, progress: bool = True) -> int:
         from socialalign_jax.train import post_train
         post_train.generate_and_evaluate(cfg, workdir, progress=progress)
     if is_main:
-        with open(os.path.join(workdir, "result.json"), "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2, default=float)
+        write_json(result, os.path.join(workdir, "result.json"), indent=2)
     return 0

@@ -1,11 +1,16 @@
 """Export a training run's adapters.
 
-    python launch/export.py --workdir DIR --format orbax|safetensors|peft|merged --out DIR [--step N]
+    python launch/export.py --workdir DIR --format orbax|safetensors|peft|socialalign|merged --out DIR
+        [--step N] [--base_model HF_DIR]
 
 orbax: the adapter tree alone (no optimizer state) as an Orbax checkpoint + adapter_config.json;
-safetensors: our layout (launch/score.py --adapters reads it); peft: the original SocialAlign
-PEFT layout; merged: a full Hugging Face checkpoint with the adapters folded into the weights
-(only for plain LoRA or routing 'uniform'; refused otherwise, with the reason).
+safetensors: our layout (launch/score.py --adapters reads it); peft: stock PEFT LoRA
+(PeftModel.from_pretrained / AutoPeftModelForCausalLM read it; only for adapters whose gates do
+not depend on the input: plain LoRA or routing 'uniform'); socialalign: the original SocialAlign
+layout with experts and gates (the authors' patched PEFT reads it); merged: a full Hugging Face
+checkpoint with the adapters folded into the weights, tokenizer and generation config included
+(plain LoRA or routing 'uniform'). A format that cannot hold the run's adapters is refused with
+one line saying which one can.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ quiet_startup()
 from absl import flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (config.json, checkpoints/).")
-_FORMAT = flags.DEFINE_enum("format", None, ["orbax", "safetensors", "peft", "merged"], "Export format.")
+_FORMAT = flags.DEFINE_enum("format", None, ["orbax", "safetensors", "peft", "socialalign", "merged"],
+                            "Export format.")
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_BASE = flags.DEFINE_string("base_model", None, "base_model_name_or_path written into a peft export's "
+                            "adapter_config.json (default: the run's hf: weights directory).")
 
 
 def main(argv):
@@ -39,13 +47,14 @@ def main(argv):
         from socialalign_jax import export
 
         cfg = export.load_run_config(_WORKDIR.value)  # fail fast (before loading weights) on what cannot work
-        if _FORMAT.value == "merged":
+        if _FORMAT.value in ("merged", "peft"):
             from socialalign_jax.train.loop import lora_config
-            why = export.merge_refusal(lora_config(cfg))
+            refusal = export.merge_refusal if _FORMAT.value == "merged" else export.peft_refusal
+            why = refusal(lora_config(cfg))
             if why:
-                raise export.ExportError(f"--format merged: {why}")
+                raise export.ExportError(f"--format {_FORMAT.value}: {why}")
         run = export.restore_run(_WORKDIR.value, _STEP.value)
-        files = export.export_run(run, _FORMAT.value, _OUT.value)
+        files = export.export_run(run, _FORMAT.value, _OUT.value, base_model=_BASE.value)
         print(f"exported step {run.step} of {_WORKDIR.value} as {_FORMAT.value}: " + ", ".join(map(str, files)))
         return 0
 

@@ -1,17 +1,25 @@
-"""Adapter files: our safetensors layout and the original PyTorch (PEFT-style) layout.
+"""Adapter files: our safetensors layout, the original SocialAlign layout, and stock PEFT LoRA.
 
-Two layouts, both safetensors only (no pickle is ever read):
+Three layouts, all safetensors only (no pickle is ever read):
 
 - ours: the adapter tree of docs/DESIGN.md flattened with '/'-joined keys
   ('layers/attn/q/A' -> [L, Ea, d_in, r], 'head/kernel' -> [D, K], ...), with a JSON header
   holding the LoraConfig and the model dimensions, so a file is self-describing and is
   checked against the model it is applied to;
-- original (SPEC section 2): one tensor per layer, module and expert,
-  'base_model.model.model.layers.{i}.{self_attn|mlp}.{q_proj|...}.{lora_A|lora_A1|...}.default.weight'
-  in PyTorch [out, in] layout, plus a PEFT adapter_config.json beside it. The sentiment head
-  is not part of that layout; it travels beside it as our-layout 'sentiment_head.safetensors'.
+- socialalign, the original fork's layout (SPEC section 2): one tensor per layer, module and
+  expert, 'base_model.model.model.layers.{i}.{self_attn|mlp}.{q_proj|...}.{lora_A|lora_A1|...
+  |lora_A_gate_dense1|...}.default.weight' in PyTorch [out, in] layout, plus an
+  adapter_config.json. Only the authors' patched PEFT reads it; stock PEFT would silently load
+  expert 0 alone, so it is never called 'peft' here;
+- peft, the stock PEFT LoRA layout: '...{q_proj|...}.lora_A.weight' [r, d_in] and
+  '...lora_B.weight' [d_out, r], a stock adapter_config.json (base_model_name_or_path included,
+  no custom entries), loadable by stock `peft` under any adapter name. It holds a fixed rank-r
+  LoRA, so it is written only for adapters whose gate weights do not depend on the input
+  (plain LoRA, or 'uniform' routing, whose experts average into one pair).
 
-Every problem with a file raises AdapterError naming the file, the key and expected vs found.
+The sentiment head is part of neither PyTorch layout; it travels beside them as our-layout
+'sentiment_head.safetensors'. Every problem with a file raises AdapterError naming the file,
+the key and expected vs found.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from socialalign_jax.atomic_io import write_json
 from socialalign_jax.config import ModelConfig
 from socialalign_jax.errors import UserError
 from socialalign_jax.pac_lora import ALL_TARGETS, MODULE_BLOCK, LoraConfig, init_adapters
@@ -49,6 +58,36 @@ _DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.
 
 class AdapterError(UserError):
     """An adapter file that does not match its format or the model it is applied to."""
+
+
+def input_dependent_gates(lc: LoraConfig) -> list[str]:
+    """The gates whose mixing weights depend on the input (they read the user/news spans).
+
+    Empty when the adapter is one fixed rank-r LoRA per module: a side with one expert (its
+    softmax is 1) or an ungated side (1/E each). The one rule behind 'can be merged', 'can be
+    written as stock PEFT' and 'needs spans to be scored'.
+    """
+    if not lc.targets:
+        return []
+    out = []
+    if lc.gated_a and lc.num_analyze > 1:
+        out.append(f"gate_a mixes {lc.num_analyze} analyze experts")
+    if lc.gated_b and lc.num_compose > 1:
+        out.append(f"gate_b mixes {lc.num_compose} compose experts")
+    return out
+
+
+def fixed_lora(module_adapter: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(A [L, d_in, r], B [L, r, d_out]) float32 of a module whose gates are input-independent.
+
+    The gate weight is 1/E on an ungated side and 1 on a single-expert side, so the mix is the
+    expert mean either way: delta = s x mean_i(A_i) mean_j(B_j). Callers check
+    input_dependent_gates first.
+    """
+    a = np.asarray(module_adapter["A"], np.float32)
+    b = np.asarray(module_adapter["B"], np.float32)
+    return (a[:, 0] if a.shape[1] == 1 else a.mean(axis=1, dtype=np.float32),
+            b[:, 0] if b.shape[1] == 1 else b.mean(axis=1, dtype=np.float32))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -217,12 +256,13 @@ def _resolve_peft(path: Path) -> tuple[Path, Path]:
     return path / PEFT_FILE, path
 
 
-def export_peft(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelConfig, path, *,
-                suffix: str = ".default.weight", dtype: str = "float32") -> Path:
-    """Write the original layout: PEFT tensor file + adapter_config.json (+ sentiment_head.safetensors).
+def export_socialalign(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelConfig, path, *,
+                       suffix: str = ".default.weight", dtype: str = "float32") -> Path:
+    """Write the original SocialAlign layout (experts and gates): tensor file + adapter_config.json
+    (+ sentiment_head.safetensors). Not stock PEFT: see export_peft for that.
 
     path: a directory (gets adapter_model.safetensors) or a .safetensors file name.
-    Transposes are exact, so import_peft(export_peft(x)) == x bit for bit in float32.
+    Transposes are exact, so import_peft(export_socialalign(x)) == x bit for bit in float32.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -261,6 +301,55 @@ def export_peft(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelConfig, pa
     if "head" in adapters:
         save_adapters_head(adapters["head"], path.parent / HEAD_FILE)
     return path
+
+
+def export_peft(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelConfig, path, *,
+                base_model_name_or_path: str | None = None, dtype: str = "float32") -> Path:
+    """Write the stock PEFT LoRA layout (+ sentiment_head.safetensors beside it).
+
+    Keys '{prefix}{i}.{self_attn|mlp}.{proj}.lora_A.weight' [r, d_in] and '.lora_B.weight'
+    [d_out, r] (what stock PEFT saves: no adapter name, no gates), and a stock
+    adapter_config.json. Refused, naming the 'socialalign' format, when a gate's weights
+    depend on the input: stock LoRA has no experts or gates to hold them.
+    """
+    gated = input_dependent_gates(lora_cfg)
+    if gated:
+        raise AdapterError(
+            f"stock PEFT LoRA cannot hold these adapters: routing {lora_cfg.routing!r}, "
+            + " and ".join(gated) + " with weights that depend on the user/news spans; export them in the "
+            "original SocialAlign layout (--format socialalign) instead, or train plain LoRA "
+            "(num_analyze = num_compose = 1) or routing 'uniform' for a stock PEFT adapter")
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / PEFT_FILE
+    if dtype not in _DTYPES:
+        raise AdapterError(f"unknown export dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    _check_shapes({k: np.asarray(v) for k, v in flatten(adapters).items()}, expected_shapes(model_cfg, lora_cfg),
+                  path, " (adapters do not match lora_cfg/model_cfg)")
+    out: dict[str, np.ndarray] = {}
+    for target in lora_cfg.targets:
+        a, b = fixed_lora(adapters["layers"][MODULE_BLOCK[target]][target])  # [L, d_in, r], [L, r, d_out]
+        for layer in range(model_cfg.num_layers):
+            for name, arr in (("lora_A", a[layer]), ("lora_B", b[layer])):  # PyTorch [out, in]
+                out[peft_key(layer, target, name, ".weight")] = np.ascontiguousarray(arr.T).astype(_DTYPES[dtype])
+    save_file(out, str(path), metadata={"format": "pt"})
+    write_json(stock_peft_config(lora_cfg, base_model_name_or_path), str(path.parent / PEFT_CONFIG))
+    if "head" in adapters:
+        save_adapters_head(adapters["head"], path.parent / HEAD_FILE)
+    return path
+
+
+def stock_peft_config(lc: LoraConfig, base_model_name_or_path: str | None) -> dict:
+    """adapter_config.json as stock PEFT's LoraConfig.save_pretrained writes it, for a LoRA on lc's targets."""
+    return {
+        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": base_model_name_or_path,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "layers_pattern": None, "layers_to_transform": None, "lora_alpha": lc.alpha, "lora_dropout": lc.dropout,
+        "modules_to_save": None, "peft_type": "LORA", "r": lc.rank, "rank_pattern": {}, "revision": None,
+        "target_modules": sorted(PEFT_MODULE[t][1] for t in lc.targets), "task_type": "CAUSAL_LM",
+        "use_dora": False, "use_rslora": lc.rslora,
+    }
 
 
 def save_adapters_head(head: dict, path) -> None:
@@ -314,9 +403,9 @@ def _read_peft_config(cfg_dir: Path) -> dict | None:
 
 
 def import_peft(path, model_cfg: ModelConfig, lora_cfg: LoraConfig | None = None) -> tuple[dict, LoraConfig]:
-    """Read the original layout -> (adapter tree of float32 numpy arrays, LoraConfig).
+    """Read the original SocialAlign layout or a stock PEFT LoRA -> (adapter tree of float32 numpy arrays, LoraConfig).
 
-    Infers E_a, E_b, r and the gate width from the tensors; alpha/dropout/rsLoRA come from
+    Infers E_a, E_b, r and the gate width from the tensors (stock LoRA: E = 1, zero gates); alpha/dropout/rsLoRA come from
     lora_cfg if given, else from adapter_config.json beside the file (required then).
     A given lora_cfg must agree with what the file holds.
     """
@@ -332,9 +421,15 @@ def import_peft(path, model_cfg: ModelConfig, lora_cfg: LoraConfig | None = None
     eb = _count_experts(names0, "B", file, hint0)
     r = names0["lora_A"][1].shape[0]
     gw_key = "lora_A_gate_dense1"
-    if gw_key not in names0:
+    # Stock PEFT LoRA: one lora_A / lora_B pair and no gates (a single expert's gate is constant,
+    # so the gate tensors are filled with zeros of the configured width).
+    stock = ea == eb == 1 and not any("gate" in n for n in names0)
+    if stock:
+        gw = lora_cfg.gate_width if lora_cfg is not None else LoraConfig().gate_width
+    elif gw_key not in names0:
         raise AdapterError(f"{file}: missing key '{hint0}.{gw_key}.default.weight'")
-    gw = names0[gw_key][1].shape[0]
+    else:
+        gw = names0[gw_key][1].shape[0]
 
     pcfg = _read_peft_config(cfg_dir)
     inferred = dict(num_analyze=ea, num_compose=eb, rank=r, gate_width=gw, targets=targets)
@@ -365,8 +460,10 @@ def import_peft(path, model_cfg: ModelConfig, lora_cfg: LoraConfig | None = None
         d_in, d_out = dims[(MODULE_BLOCK[target], target)]
         want = {_expert_name("A", i): (r, d_in) for i in range(ea)}
         want.update({_expert_name("B", j): (d_out, r) for j in range(eb)})
-        want.update({"lora_A_gate_dense1": (gw, d_in), "lora_A_gate_dense2": (ea, gw),
-                     "lora_B_gate_dense1": (gw, d_in), "lora_B_gate_dense2": (eb, gw)})
+        gates = {"lora_A_gate_dense1": (gw, d_in), "lora_A_gate_dense2": (ea, gw),
+                 "lora_B_gate_dense1": (gw, d_in), "lora_B_gate_dense2": (eb, gw)}
+        if not stock:
+            want.update(gates)
         per_layer = []
         for layer in range(model_cfg.num_layers):
             have = found[target].get(layer, {})
@@ -382,6 +479,8 @@ def import_peft(path, model_cfg: ModelConfig, lora_cfg: LoraConfig | None = None
                 raise AdapterError(f"{file}: unexpected key '{have[extra[0]][0]}' "
                                    f"(other modules have {ea} analyze / {eb} compose experts)")
             per_layer.append({n: _as_f32(have[n][1], file, have[n][0]).T for n in want})
+            if stock:
+                per_layer[-1].update({n: np.zeros(shape[::-1], np.float32) for n, shape in gates.items()})
         layers_tree.setdefault(MODULE_BLOCK[target], {})[target] = {
             "A": np.stack([np.stack([p[_expert_name("A", i)] for i in range(ea)]) for p in per_layer]),
             "B": np.stack([np.stack([p[_expert_name("B", j)] for j in range(eb)]) for p in per_layer]),
@@ -410,5 +509,6 @@ def import_peft(path, model_cfg: ModelConfig, lora_cfg: LoraConfig | None = None
     return tree, lora_cfg
 
 
-__all__ = ["AdapterError", "save_adapters", "load_adapters", "export_peft", "import_peft", "expected_shapes",
-           "flatten", "unflatten", "peft_key"]
+__all__ = ["AdapterError", "save_adapters", "load_adapters", "export_peft", "export_socialalign", "import_peft",
+           "stock_peft_config", "input_dependent_gates", "fixed_lora", "expected_shapes", "flatten", "unflatten",
+           "peft_key"]

@@ -1,5 +1,5 @@
-"""Export a training run's adapters: Orbax (adapters only), our safetensors, the original PEFT
-layout, or base weights with the adapters merged in.
+"""Export a training run's adapters: Orbax (adapters only), our safetensors, stock PEFT LoRA,
+the original SocialAlign layout (experts and gates), or base weights with the adapters merged in.
 
 Merging folds the adapter into W0 only where the result is the same function of the input:
 with gate weights that do not depend on the input, delta = x (sum_i gA_i A_i)(sum_j gB_j B_j) s,
@@ -24,7 +24,7 @@ from socialalign_jax.config import ModelConfig
 from socialalign_jax.errors import UserError
 from socialalign_jax.pac_lora import MODULE_BLOCK, LoraConfig
 
-FORMATS = ("orbax", "safetensors", "peft", "merged")
+FORMATS = ("orbax", "safetensors", "peft", "socialalign", "merged")
 ORBAX_DIR = "adapters"
 ORBAX_META = "adapter_config.json"
 
@@ -74,33 +74,44 @@ def restore_run(workdir: str, step: int | None = None) -> Run:
 
 def merge_refusal(lc: LoraConfig) -> str | None:
     """Why these adapters cannot be merged into fixed weights, or None if they can."""
-    gated = []
-    if lc.gated_a and lc.num_analyze > 1:
-        gated.append(f"gate_a mixes {lc.num_analyze} analyze experts")
-    if lc.gated_b and lc.num_compose > 1:
-        gated.append(f"gate_b mixes {lc.num_compose} compose experts")
-    if not gated or not lc.targets:
+    from socialalign_jax.adapter_io import input_dependent_gates
+
+    gated = input_dependent_gates(lc)
+    if not gated:
         return None
     return (f"routing {lc.routing!r}: " + " and ".join(gated) + " with weights that depend on the input "
             "(the user/news spans), so no fixed merged weight reproduces it; merging is exact only for plain "
-            "LoRA (num_analyze = num_compose = 1) or routing 'uniform'; export --format safetensors or peft instead")
+            "LoRA (num_analyze = num_compose = 1) or routing 'uniform'; export --format safetensors or "
+            "socialalign instead")
+
+
+def peft_refusal(lc: LoraConfig) -> str | None:
+    """Why these adapters cannot be written as stock PEFT LoRA (naming the format that holds them), or None."""
+    from socialalign_jax.adapter_io import input_dependent_gates
+
+    gated = input_dependent_gates(lc)
+    if not gated:
+        return None
+    return (f"routing {lc.routing!r}: " + " and ".join(gated) + " with weights that depend on the user/news "
+            "spans, which stock PEFT LoRA cannot hold (it would load expert 0 alone); export --format "
+            "socialalign (the original SocialAlign layout with experts and gates) instead")
 
 
 def merge_adapters(params, adapters, lc: LoraConfig, model_cfg: ModelConfig):
     """Base params with W' = W0 + s mean_i(A_i) mean_j(B_j) per layer and target (float32 sum, base dtype out).
 
     The mean is the fixed gate weight: 1/E for an ungated side, and 1 (E = 1) for a gated
-    single expert whose softmax is constant.
+    single expert whose softmax is constant (adapter_io.fixed_lora).
     """
+    from socialalign_jax.adapter_io import fixed_lora
+
     why = merge_refusal(lc)
     if why:
         raise ExportError(f"cannot merge: {why}")
     out = jax.tree.map(lambda x: x, params)  # new dict containers; untouched leaves are shared
     for target in lc.targets:
         block = MODULE_BLOCK[target]
-        ad = adapters["layers"][block][target]
-        a = jnp.mean(jnp.asarray(ad["A"], jnp.float32), axis=1)  # [L, d_in, r]
-        b = jnp.mean(jnp.asarray(ad["B"], jnp.float32), axis=1)  # [L, r, d_out]
+        a, b = fixed_lora(adapters["layers"][block][target])  # [L, d_in, r], [L, r, d_out]
         kernel = out["layers"][block][target]["kernel"]
         delta = jnp.einsum("ldr,lre->lde", a, b, precision=jax.lax.Precision.HIGHEST) * lc.scale
         out["layers"][block][target]["kernel"] = (jnp.asarray(kernel, jnp.float32) + delta).astype(kernel.dtype)
@@ -144,8 +155,17 @@ def load_orbax_adapters(path: str | os.PathLike) -> tuple[dict, LoraConfig]:
     return jax.tree.map(np.asarray, tree), LoraConfig(**d)
 
 
-def export_run(run: Run, fmt: str, out: str | os.PathLike) -> list[Path]:
-    """Write `run`'s adapters to `out` in one of FORMATS; returns the main files written."""
+def base_model_path(cfg) -> str | None:
+    """The run's base weights as a local HF directory (model.weights 'hf:DIR'), else None."""
+    weights = str(cfg.model.weights)
+    return str(Path(weights[3:]).absolute()) if weights.startswith("hf:") else None
+
+
+def export_run(run: Run, fmt: str, out: str | os.PathLike, *, base_model: str | None = None) -> list[Path]:
+    """Write `run`'s adapters to `out` in one of FORMATS; returns the main files written.
+
+    base_model: base_model_name_or_path for the stock PEFT config (default: the run's hf: directory).
+    """
     from socialalign_jax import adapter_io, hf_import
 
     if fmt not in FORMATS:
@@ -156,8 +176,14 @@ def export_run(run: Run, fmt: str, out: str | os.PathLike) -> list[Path]:
         return [save_orbax_adapters(run.adapters, lc, mc, out)]
     if fmt == "safetensors":
         return [adapter_io.save_adapters(run.adapters, lc, mc, out)]
+    if fmt == "socialalign":
+        return [adapter_io.export_socialalign(run.adapters, lc, mc, out)]
     if fmt == "peft":
-        return [adapter_io.export_peft(run.adapters, lc, mc, out)]
+        why = peft_refusal(lc)
+        if why:
+            raise ExportError(f"--format peft: {why}")
+        return [adapter_io.export_peft(run.adapters, lc, mc, out,
+                                       base_model_name_or_path=base_model or base_model_path(run.cfg))]
     why = merge_refusal(lc)
     if why:
         raise ExportError(f"--format merged: {why}")
@@ -172,5 +198,6 @@ def export_run(run: Run, fmt: str, out: str | os.PathLike) -> list[Path]:
     return written
 
 
-__all__ = ["FORMATS", "ExportError", "Run", "restore_run", "load_run_config", "merge_refusal", "merge_adapters",
+__all__ = ["FORMATS", "ExportError", "Run", "restore_run", "load_run_config", "merge_refusal", "peft_refusal",
+           "merge_adapters", "base_model_path",
            "save_orbax_adapters", "load_orbax_adapters", "export_run"]

@@ -57,8 +57,9 @@ class Example:
 
 def routes_by_spans(lc: LoraConfig | None) -> bool:
     """Whether these adapters' gates read the user/news spans (a single expert's softmax is constant)."""
-    return lc is not None and bool(lc.targets) and (
-        (lc.gated_a and lc.num_analyze > 1) or (lc.gated_b and lc.num_compose > 1))
+    from socialalign_jax.adapter_io import input_dependent_gates
+
+    return lc is not None and bool(input_dependent_gates(lc))
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:

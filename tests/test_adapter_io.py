@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from socialalign_jax import adapter_io, pac_lora
-from socialalign_jax.adapter_io import AdapterError, export_peft, import_peft, load_adapters, save_adapters
+from socialalign_jax.adapter_io import AdapterError, export_socialalign, import_peft, load_adapters, save_adapters
 from socialalign_jax.config import ModelConfig
 from socialalign_jax.errors import is_user_error
 from socialalign_jax.pac_lora import LoraConfig
@@ -103,7 +103,7 @@ def test_original_layout_round_trip_is_bitwise(tmp_path):
     assert (lc.num_analyze, lc.num_compose, lc.rank, lc.gate_width, lc.alpha) == (3, 3, R, G, 16.0)
     assert lc.targets == pac_lora.ALL_TARGETS and lc.scale == 16.0 / R
     assert adapters["layers"]["mlp"]["down"]["A"].shape == (CFG.num_layers, EA, 24, R)
-    out = export_peft(adapters, lc, CFG, tmp_path / "again")
+    out = export_socialalign(adapters, lc, CFG, tmp_path / "again")
     a = (src / "adapter_model.safetensors").read_bytes()
     assert out.read_bytes() == a  # same keys, same order, same bytes
     cfg = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
@@ -120,7 +120,7 @@ def test_weight_suffix_and_bf16_are_read(tmp_path):
     src = write_original(tmp_path / "bf", bf)
     c, lc = import_peft(src, CFG)
     assert c["layers"]["attn"]["q"]["A"].dtype == np.float32
-    out = export_peft(c, lc, CFG, tmp_path / "bf_again", dtype="bfloat16")
+    out = export_socialalign(c, lc, CFG, tmp_path / "bf_again", dtype="bfloat16")
     assert out.read_bytes() == (src / "adapter_model.safetensors").read_bytes()
 
 
@@ -209,7 +209,7 @@ def test_our_layout_round_trip_exact(tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, got2, got)
 
     # PEFT export carries the head beside it; importing gives back the same tree.
-    export_peft(ad, lc, CFG, tmp_path / "peft")
+    export_socialalign(ad, lc, CFG, tmp_path / "peft")
     back, back_lc = import_peft(tmp_path / "peft", CFG)
     assert (back_lc.routing, back_lc.rslora, back_lc.num_classes, back_lc.targets) == ("pooled", True, 3, lc.targets)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), back, ad)
@@ -262,7 +262,7 @@ def test_score_cli_applies_adapters(hf_checkpoint, tmp_path):
     lc = LoraConfig(rank=4, alpha=8.0, num_classes=3)
     ad = _trained_adapters(cfg, lc, seed=9)
     ours = save_adapters(ad, lc, cfg, tmp_path / "ours")
-    export_peft(ad, lc, cfg, tmp_path / "peft")
+    export_socialalign(ad, lc, cfg, tmp_path / "peft")
     from safetensors.numpy import load_file
     sd = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
 

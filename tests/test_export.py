@@ -81,15 +81,19 @@ def test_restore_exports_and_reimports_give_the_same_logits(token_run, tmp_path)
     assert lc2 == lc
     np.testing.assert_array_equal(logits(run.params, ad, lc2), ref)
 
-    export.export_run(run, "peft", tmp_path / "peft")
-    ad, lc3 = adapter_io.import_peft(tmp_path / "peft", MCFG)
+    export.export_run(run, "socialalign", tmp_path / "orig")
+    ad, lc3 = adapter_io.import_peft(tmp_path / "orig", MCFG)
     np.testing.assert_array_equal(logits(run.params, ad, lc3), ref)
-    assert adapter_io.load_adapters(tmp_path / "peft", MCFG)[0]["head"]["kernel"].shape == (MCFG.hidden_size, 3)
+    assert adapter_io.load_adapters(tmp_path / "orig", MCFG)[0]["head"]["kernel"].shape == (MCFG.hidden_size, 3)
+    # Stock PEFT LoRA cannot hold gated experts: refused, naming the format that can.
+    with pytest.raises(export.ExportError, match=r"--format peft: routing 'token'.*--format socialalign"):
+        export.export_run(run, "peft", tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
 
 
-def test_peft_export_has_the_original_key_layout(token_run, tmp_path):
+def test_socialalign_export_has_the_original_key_layout(token_run, tmp_path):
     wd, trees, lc, run = token_run
-    export.export_run(run, "peft", tmp_path)
+    export.export_run(run, "socialalign", tmp_path)
     from safetensors.numpy import load_file
     got = {k: v.shape for k, v in load_file(str(tmp_path / "adapter_model.safetensors")).items()}
     D, F, kv, r = MCFG.hidden_size, MCFG.intermediate_size, MCFG.num_kv_heads * MCFG.head_dim, 8
@@ -134,6 +138,12 @@ def test_cli_step_flag_and_merge_refusal(token_run, tmp_path):
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "routing 'token'" in err[0] and "depend on the input" in err[0], r.stderr
     assert not (tmp_path / "m" / "model.safetensors").exists()
+    r = subprocess.run(cmd + ["--format", "peft", "--out", str(tmp_path / "p")], capture_output=True, text=True,
+                       env=script_env(1), timeout=300)
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "--format socialalign" in err[0], r.stderr
+    assert not (tmp_path / "p").exists()
 
     r = subprocess.run(cmd + ["--format", "safetensors", "--out", str(tmp_path / "s"), "--step", "1"],
                        capture_output=True, text=True, env=script_env(1), timeout=300)

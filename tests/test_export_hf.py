@@ -1,0 +1,109 @@
+"""Exports read by the stock tools: `peft` (PeftModel / AutoPeftModelForCausalLM) and
+transformers (AutoModelForCausalLM + AutoTokenizer + generate).
+
+The references are the stock libraries themselves: whatever they load from our files must
+compute what our forward computes, with no missing or unexpected keys, under any adapter name.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+from socialalign_jax import adapter_io, hf_import, model, pac_lora
+from socialalign_jax.pac_lora import LoraConfig
+
+torch = pytest.importorskip("torch", reason="torch (CPU) is needed for the stock-tool references")
+transformers = pytest.importorskip("transformers")
+from helpers_hf import make_hf_model, save_hf_model  # noqa: E402
+
+ALL = ("q", "k", "v", "o", "gate", "up", "down")
+_forward = jax.jit(model.forward, static_argnames=("cfg", "lora_cfg"))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("base")
+    ck = save_hf_model(make_hf_model("qwen2", seed=6, vocab=512, hidden=32, inter=64), d / "ck")
+    cfg, params = hf_import.load_hf_checkpoint(ck)
+    return ck, cfg, params
+
+
+def random_adapters(cfg, lc, seed=0):
+    rs = np.random.default_rng(seed)
+    shapes = jax.eval_shape(lambda: pac_lora.init_adapters(jax.random.PRNGKey(0), cfg, lc))
+    return jax.tree.map(lambda x: rs.normal(0, 0.2, x.shape).astype(np.float32), shapes)
+
+
+IDS = np.array([[5, 17, 300, 42, 7, 99, 250, 3, 11, 480]], np.int32)
+
+
+def ours(cfg, params, adapters=None, lc=None, spans=None):
+    out = _forward(params, IDS, cfg, attention_mask=np.ones_like(IDS), adapters=adapters, lora_cfg=lc, spans=spans)
+    return np.asarray(out.logits)[0, :, :512]
+
+
+def hf_logits(m):
+    with torch.no_grad():
+        return m(input_ids=torch.tensor(IDS.astype(np.int64))).logits[0].double().numpy()
+
+
+# ----------------------------------------------------------------------------- stock peft
+
+
+@pytest.mark.parametrize("lora", [dict(num_analyze=1, num_compose=1, routing="token", rank=4, alpha=8.0),
+                                  dict(num_analyze=3, num_compose=2, routing="uniform", rank=4, alpha=8.0,
+                                       rslora=True)],
+                         ids=["plain_lora", "uniform_3x2_rslora"])
+def test_stock_peft_loads_the_peft_export_under_any_name(base, tmp_path, lora):
+    peft = pytest.importorskip("peft")
+    ck, cfg, params = base
+    lc = LoraConfig(targets=ALL, num_classes=3, **lora)
+    ad = random_adapters(cfg, lc)
+    want = ours(cfg, params, ad, lc)
+    assert np.abs(want - ours(cfg, params)).max() > 1e-2  # the adapter changes the logits
+
+    out = tmp_path / "peft"
+    adapter_io.export_peft(ad, lc, cfg, out, base_model_name_or_path=str(ck))
+    conf = json.loads((out / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str(ck) and "socialalign" not in conf
+    # Exactly the fields of stock PEFT's own LoraConfig, no custom entries.
+    stock_fields = set(peft.LoraConfig.__dataclass_fields__)
+    assert set(conf) <= stock_fields, set(conf) - stock_fields
+    from safetensors.numpy import load_file
+    keys = set(load_file(str(out / "adapter_model.safetensors")))
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys) and len(keys) == 2 * 7 * 2
+
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(str(ck))
+    plain = hf_logits(hf_base)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(hf_base, str(out), adapter_name="first_name")
+    assert not [w for w in caught if "key" in str(w.message).lower()], [str(w.message) for w in caught]
+    res = pm.load_adapter(str(out), adapter_name="another")
+    assert list(res.unexpected_keys) == [] and [k for k in res.missing_keys if "lora_" in k] == []
+    for name in ("first_name", "another"):
+        pm.set_adapter(name)
+        got = hf_logits(pm.eval())
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert np.abs(got - plain).max() > 1e-2
+
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
+    np.testing.assert_allclose(hf_logits(auto), want, rtol=0, atol=1e-4)
+
+    # Our own loader reads stock PEFT back (one expert, constant gates): the same function.
+    back, lc2 = adapter_io.load_adapters(out, cfg)
+    assert (lc2.num_analyze, lc2.num_compose, lc2.rank, lc2.rslora) == (1, 1, lc.rank, lc.rslora)
+    np.testing.assert_allclose(ours(cfg, params, back, lc2), want, rtol=0, atol=1e-5)
+
+
+def test_peft_export_refuses_gated_experts(base, tmp_path):
+    ck, cfg, params = base
+    lc = LoraConfig(targets=("q",), num_classes=0, rank=4)  # PAC-LoRA 3x3, token routing
+    with pytest.raises(adapter_io.AdapterError, match=r"--format socialalign") as e:
+        adapter_io.export_peft(random_adapters(cfg, lc), lc, cfg, tmp_path / "p")
+    assert "\n" not in str(e.value) and not (tmp_path / "p").exists()

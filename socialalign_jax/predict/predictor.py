@@ -1,0 +1,455 @@
+"""`Predictor`: how will the public respond to THIS news, per user and as a crowd.
+
+The same code as training and evaluation, end to end: the prompt is the prompt builder's
+(`data.prompt.build_example(..., include_response=False)`, BM25 history against the new news,
+the span boundaries user_end/news_end that PAC-LoRA routes by), posts come from the KV-cache
+sampler (`generation`'s jitted prefill + `while_loop`) and the sentiment probabilities are the
+head's, read off that same prefill at the last prompt token, exactly as `launch/generate.py`
+does for a test split.
+
+Speed: every (wording, user, sample) is one row; rows are sorted by prompt length and cut
+into batches whose shape is bucketed (rows: a power of two up to `batch_size`; length: a
+multiple of 32), so a prediction compiles at most a few shapes and a long-lived process
+(the web server, a notebook) compiles each shape once: the jitted sampler takes params and
+adapters as arguments and keeps the sampling settings fixed (the request's seed only
+changes the PRNG key, never a static argument). One prediction runs at a time per
+Predictor (a lock), so two requests never race to compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import threading
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from socialalign_jax import generation, sampling as sampling_lib
+from socialalign_jax.data.prompt import PromptConfig, PromptTooLong, build_example
+from socialalign_jax.data.records import DataError, Event
+from socialalign_jax.errors import UserError
+from socialalign_jax.predict import crowd as crowd_lib
+from socialalign_jax.predict.users import User, as_users, prompt_case
+from socialalign_jax.sampling import SamplingConfig
+
+DEFAULT_MAX_USERS = 10_000
+DEFAULT_LABELS = ("negative", "neutral", "positive")
+
+
+class PredictError(UserError, ValueError):
+    """Bad input to a prediction (news, topic, users, settings): one line naming what is wrong."""
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _dist(labels: Sequence[str], values) -> dict[str, float]:
+    return {name: float(v) for name, v in zip(labels, values)}
+
+
+def _interval(labels: Sequence[str], values) -> dict[str, tuple[float, float]]:
+    return {name: (float(v[0]), float(v[1])) for name, v in zip(labels, values)}
+
+
+@dataclasses.dataclass(frozen=True)
+class UserResult:
+    """One user under one wording: K sampled posts and the head's sentiment {label: p}."""
+
+    user_name: str
+    posts: tuple[str, ...]
+    sentiment: dict[str, float]
+    post_labels: tuple[str, ...] | None = None  # the labeller's label of each post, when one was chosen
+    prompt_tokens: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CrowdResult:
+    """The crowd under one wording: mean head distribution with its bootstrap interval."""
+
+    news: str
+    topic: str
+    distribution: dict[str, float]
+    interval: dict[str, tuple[float, float]]
+    users: tuple[UserResult, ...]
+    generated_distribution: dict[str, float] | None = None  # labeller's classes of the generated posts
+    generated_interval: dict[str, tuple[float, float]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Difference:
+    """Wording a minus wording b (head distributions), with a paired bootstrap interval."""
+
+    a: int
+    b: int
+    difference: dict[str, float]
+    interval: dict[str, tuple[float, float]]
+    generated_difference: dict[str, float] | None = None
+    generated_interval: dict[str, tuple[float, float]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """Everything one `Predictor.predict` call found; `to_json()` is crowd.json."""
+
+    labels: tuple[str, ...]
+    num_users: int
+    samples: int
+    seed: int
+    level: float
+    num_resamples: int
+    labeller: str | None
+    run: dict[str, Any]
+    variants: tuple[CrowdResult, ...]
+    differences: tuple[Difference, ...] = ()
+
+    # The first wording is "the" prediction; the others are framing variants of it.
+    @property
+    def crowd(self) -> CrowdResult:
+        return self.variants[0]
+
+    @property
+    def distribution(self) -> dict[str, float]:
+        return self.variants[0].distribution
+
+    @property
+    def interval(self) -> dict[str, tuple[float, float]]:
+        return self.variants[0].interval
+
+    @property
+    def users(self) -> tuple[UserResult, ...]:
+        return self.variants[0].users
+
+    def to_json(self) -> dict[str, Any]:
+        """crowd.json: the first wording's crowd at the top level, every wording under 'variants'."""
+        def crowd_json(c: CrowdResult) -> dict:
+            d = {"news": c.news, "topic": c.topic, "distribution": c.distribution,
+                 "interval": {k: list(v) for k, v in c.interval.items()}}
+            if c.generated_distribution is not None:
+                d["generated"] = {"distribution": c.generated_distribution,
+                                  "interval": {k: list(v) for k, v in c.generated_interval.items()}}
+            return d
+
+        first = crowd_json(self.crowd)
+        out: dict[str, Any] = {"labels": list(self.labels), "num_users": self.num_users, **first,
+                               "samples": self.samples, "seed": self.seed,
+                               "bootstrap": {"method": "percentile", "over": "users", "level": self.level,
+                                             "resamples": self.num_resamples, "paired_across_variants": True},
+                               "labeller": self.labeller, "run": self.run,
+                               "variants": [crowd_json(c) for c in self.variants], "differences": []}
+        for d in self.differences:
+            row = {"a": d.a, "b": d.b, "news_a": self.variants[d.a].news, "news_b": self.variants[d.b].news,
+                   "difference": d.difference, "interval": {k: list(v) for k, v in d.interval.items()}}
+            if d.generated_difference is not None:
+                row["generated"] = {"difference": d.generated_difference,
+                                    "interval": {k: list(v) for k, v in d.generated_interval.items()}}
+            out["differences"].append(row)
+        return out
+
+    def records(self) -> Iterable[dict[str, Any]]:
+        """predictions.jsonl: one line per wording, user and sample."""
+        for v, c in enumerate(self.variants):
+            for u in c.users:
+                for k, post in enumerate(u.posts):
+                    rec = {"variant": v, "user_name": u.user_name, "sample": k, "post": post,
+                           "sentiment": u.sentiment}
+                    if u.post_labels is not None:
+                        rec["post_label"] = u.post_labels[k]
+                    yield rec
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def default_topic(news: str) -> str:
+    """The hashtag when none is given: the news's own #hashtag# if it has one, else its first clause.
+
+    The template needs a topic (the post is "about hashtag #topic#"); Weibo hashtags are short
+    phrases, so the first clause, at most 20 characters, stands in for one.
+    """
+    m = re.search(r"#([^#\n]{1,40})#", news)
+    if m and m.group(1).strip():
+        return m.group(1).strip()
+    first = re.split(r"[，。！？；：,.!?;:\n]", news.strip(), maxsplit=1)[0].strip()
+    return (first or news.strip())[:20]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def _check_text(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise PredictError(f"{field}: expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise PredictError(f"{field}: empty; give the news text to predict the response to")
+    return value
+
+
+def resolve_labeller(labeller: Any, labels: Sequence[str]):
+    """None | 'none' | 'lexicon' | a Labeller object -> (labeller or None, its name)."""
+    if labeller is None or labeller == "none":
+        return None, None
+    if labeller == "lexicon":
+        from socialalign_jax.evaluation.labellers import LexiconLabeller
+        labeller = LexiconLabeller()
+    elif isinstance(labeller, str):
+        raise PredictError(f"labeller: {labeller!r} is not 'lexicon' or 'none' (or pass a Labeller object; "
+                           "'zeroshot' needs weights: evaluation.model_labeller.zero_shot_labeller(SPEC))")
+    have = tuple(getattr(labeller, "labels", ()))
+    if set(have) != set(labels):
+        raise PredictError(f"labeller: its classes {list(have)} differ from the model's {list(labels)}")
+    return labeller, str(getattr(labeller, "name", type(labeller).__name__))
+
+
+# ----------------------------------------------------------------------------- the predictor
+
+
+class Predictor:
+    """A base model + trained adapters and head, ready to predict crowds.
+
+    Build one with `Predictor.from_run(run_dir)` (a training run: its saved config, base
+    weights and latest checkpoint) or `Predictor.from_adapters(path, weights=SPEC)` (an export).
+    """
+
+    def __init__(self, params, adapters, model_cfg, lora_cfg, tokenizer, *, labels: Sequence[str] = DEFAULT_LABELS,
+                 prompt: PromptConfig = PromptConfig(on_overflow="raise"), sampling: SamplingConfig | None = None,
+                 batch_size: int = 16, max_users: int = DEFAULT_MAX_USERS, run: Mapping[str, Any] | None = None):
+        if adapters is None or "head" not in adapters:
+            raise PredictError("these adapters have no sentiment head (lora.num_classes = 0): the crowd's "
+                               "distribution is read off the head; train with lora.num_classes > 0")
+        k = int(np.shape(adapters["head"]["kernel"])[-1])
+        if len(labels) != k:
+            raise PredictError(f"labels: {len(labels)} names {list(labels)} for a head with {k} classes")
+        if batch_size < 1 or max_users < 1:
+            raise PredictError(f"batch_size and max_users must be >= 1, got {batch_size} and {max_users}")
+        self.params, self.adapters = params, adapters
+        self.model_cfg, self.lora_cfg, self.tokenizer = model_cfg, lora_cfg, tokenizer
+        self.labels = tuple(labels)
+        # Prediction never skips a user silently: a prompt that cannot fit is an error.
+        self.prompt_cfg = dataclasses.replace(prompt, on_overflow="raise")
+        if sampling is None:
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            sampling = SamplingConfig(stop_tokens=generation.stop_tokens_for(tokenizer), pad_id=int(pad))
+        self.sampling = sampling
+        self.batch_size = int(batch_size)
+        self.max_users = int(max_users)
+        self.run = dict(run or {})
+        self.compiled_shapes: set[tuple[int, int]] = set()  # (rows, prompt length) buckets seen so far
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, step: int | None = None, **kw) -> "Predictor":
+        """A training run directory: its saved config.json (nothing to repeat), base weights, latest checkpoint."""
+        from socialalign_jax.export import restore_run
+
+        run_dir = os.fspath(run_dir)
+        run = restore_run(run_dir, step)
+        cfg = run.cfg
+        labels = tuple(x.strip() for x in str(cfg.data.labels).split(","))
+        num_history, pad_id = 5, None
+        meta = _run_dataset_metadata(cfg, run_dir)
+        if meta:
+            labels = tuple(meta.get("classes") or labels)
+            num_history = int(meta.get("config", {}).get("num_history", num_history))
+            pad_id = meta.get("config", {}).get("pad_id")
+        if pad_id is None:
+            pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+        prompt = PromptConfig(mode=cfg.data.mode, max_length=int(cfg.data.max_length), on_overflow="raise",
+                              num_history=num_history)
+        sampling = generation.sampling_config(cfg, run.tokenizer, int(pad_id))
+        kw.setdefault("batch_size", int(cfg.sample.batch_size))
+        info = {"workdir": os.path.abspath(run_dir), "step": run.step, "weights": str(cfg.model.weights)}
+        return cls(run.params, run.adapters, run.model_cfg, run.lora_cfg, run.tokenizer, labels=labels,
+                   prompt=prompt, sampling=sampling, run=info, **kw)
+
+    @classmethod
+    def from_adapters(cls, adapters: str | os.PathLike, weights: str, *, tokenizer: str | None = None,
+                      labels: Sequence[str] = DEFAULT_LABELS, mode: str = "full", max_length: int = 1024,
+                      num_history: int = 5, sampling: SamplingConfig | None = None, dtype: str | None = None,
+                      **kw) -> "Predictor":
+        """Exported adapters (launch/export.py: safetensors, peft or orbax) on the base model `weights` names."""
+        from socialalign_jax import adapter_io, export
+        from socialalign_jax.weights import resolve_weights
+
+        w = resolve_weights(weights, dtype=dtype)
+        tok = w.tokenizer
+        if tokenizer:
+            from socialalign_jax.tokenizer import load_tokenizer
+            tok = load_tokenizer(tokenizer)
+        if tok is None:
+            raise PredictError(f"weights {weights!r} come without a tokenizer: pass tokenizer=DIR")
+        path = os.fspath(adapters)
+        if os.path.isfile(os.path.join(path, export.ORBAX_META)):
+            tree, lc = export.load_orbax_adapters(path)
+        else:
+            tree, lc = adapter_io.load_adapters(path, w.cfg)
+        if sampling is None:
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            sampling = SamplingConfig(stop_tokens=generation.stop_tokens_for(tok), pad_id=int(pad))
+        prompt = PromptConfig(mode=mode, max_length=int(max_length), on_overflow="raise", num_history=num_history)
+        info = {"adapters": os.path.abspath(path), "weights": weights}
+        return cls(jax.device_put(w.params), jax.device_put(tree), w.cfg, lc, tok, labels=labels, prompt=prompt,
+                   sampling=sampling, run=info, **kw)
+
+    # ------------------------------------------------------------------ prompts
+
+    def check_request(self, news: Sequence[str], users: Sequence[User], samples: int) -> None:
+        """The cheap checks, before any model work: wordings, crowd size, samples."""
+        for i, text in enumerate(news):
+            _check_text(text, "news" if i == 0 else f"variants[{i - 1}]")
+        if not users:
+            raise PredictError("users: the crowd is empty; give at least one user")
+        if len(users) > self.max_users:
+            raise PredictError(f"users: {len(users)} users, more than this predictor's limit of {self.max_users} "
+                               "(split the crowd, or raise max_users / --max_users)")
+        if not isinstance(samples, int) or samples < 1:
+            raise PredictError(f"samples: must be an integer >= 1, got {samples!r}")
+
+    def build_prompts(self, news: str, topic: str, users: Sequence[User], variant: int = 0) -> list[dict]:
+        """One prompt-only example per user (token ids, prompt_len, user_end, news_end)."""
+        event = Event(event_id="predict", topic=topic, news=news, source="news" if variant == 0 else f"variants[{variant - 1}]")
+        out = []
+        limit = int(self.model_cfg.max_position_embeddings)
+        for u in users:
+            case = prompt_case(u)
+            event.cases = [case]
+            try:
+                ex = build_example(case, event, self.tokenizer, self.prompt_cfg, include_response=False)
+            except PromptTooLong:
+                raise PredictError(f"{event.source} for user {u.user_name!r}: the prompt does not fit: its tokens "
+                                   f"exceed max_length {self.prompt_cfg.max_length} (the model's context for prompts) "
+                                   "even with the history and persona cut; shorten the news") from None
+            except DataError as e:
+                raise PredictError(f"{event.source} for user {u.user_name!r}: {e.what}") from None
+            n = int(ex["prompt_len"])
+            if n + self.sampling.max_new_tokens > limit:
+                raise PredictError(f"{event.source} for user {u.user_name!r}: {n} prompt + "
+                                   f"{self.sampling.max_new_tokens} new tokens exceed the model's "
+                                   f"{limit} positions; shorten the news")
+            out.append(ex)
+        return out
+
+    # ------------------------------------------------------------------ predicting
+
+    def predict(self, news: str, users: Sequence[User | Mapping[str, Any]], *, topic: str | None = None,
+                samples: int = 1, seed: int = 0, variants: Sequence[str] = (), labeller: Any = None,
+                level: float = crowd_lib.DEFAULT_LEVEL, num_resamples: int = crowd_lib.DEFAULT_RESAMPLES,
+                progress: bool = False) -> Prediction:
+        """Predict the crowd's response to `news` (and to each wording in `variants`, on the same users).
+
+        users: `User`s or dicts in the USERS.jsonl schema. samples: posts per user (K). seed:
+        the sampling PRNG and the bootstrap. labeller: None, 'lexicon' or a Labeller, to also
+        report the distribution of the generated posts' labels. Returns frozen dataclasses.
+        """
+        users = as_users(users)
+        wordings = [news, *variants]
+        self.check_request(wordings, users, samples)
+        if topic is not None:
+            _check_text(topic, "topic")
+        topics = [topic.strip() if topic is not None else default_topic(w) for w in wordings]
+        labeller, labeller_name = resolve_labeller(labeller, self.labels)
+        examples = [self.build_prompts(w, t, users, v) for v, (w, t) in enumerate(zip(wordings, topics))]
+        with self._lock:  # one prediction at a time: no two compilations racing, no interleaved batches
+            posts, probs = self._generate(examples, samples, seed, progress)
+        # probs [V, U, C]; posts [V][U][K]
+        v_n, u_n = len(wordings), len(users)
+        post_labels = None
+        gen_user = None
+        if labeller is not None:
+            flat = [p for pv in posts for pu in pv for p in pu]
+            names = list(labeller.label(flat))
+            post_labels = np.asarray(names, object).reshape(v_n, u_n, samples)
+            onehot = np.stack([(post_labels == name) for name in self.labels], axis=-1).astype(np.float64)
+            gen_user = onehot.mean(axis=2)  # [V, U, C]: fraction of each user's posts per class
+        idx = crowd_lib.resample_indices(u_n, seed, num_resamples)
+        head = crowd_lib.summarise(probs, idx, level)
+        gen = crowd_lib.summarise(gen_user, idx, level) if gen_user is not None else None
+
+        crowds = []
+        for v in range(v_n):
+            results = tuple(UserResult(
+                user_name=users[u].user_name, posts=tuple(posts[v][u]), sentiment=_dist(self.labels, probs[v, u]),
+                post_labels=None if post_labels is None else tuple(post_labels[v, u]),
+                prompt_tokens=int(examples[v][u]["prompt_len"])) for u in range(u_n))
+            crowds.append(CrowdResult(
+                news=wordings[v], topic=topics[v], distribution=_dist(self.labels, head.mean[v]),
+                interval=_interval(self.labels, head.interval[v]), users=results,
+                generated_distribution=None if gen is None else _dist(self.labels, gen.mean[v]),
+                generated_interval=None if gen is None else _interval(self.labels, gen.interval[v])))
+        diffs = tuple(Difference(
+            a=i, b=j, difference=_dist(self.labels, head.diff[p]), interval=_interval(self.labels, head.diff_interval[p]),
+            generated_difference=None if gen is None else _dist(self.labels, gen.diff[p]),
+            generated_interval=None if gen is None else _interval(self.labels, gen.diff_interval[p]))
+            for p, (i, j) in enumerate(head.pairs))
+        return Prediction(labels=self.labels, num_users=u_n, samples=samples, seed=int(seed), level=float(level),
+                          num_resamples=int(num_resamples), labeller=labeller_name, run=dict(self.run),
+                          variants=tuple(crowds), differences=diffs)
+
+    def _generate(self, examples: list[list[dict]], samples: int, seed: int, progress: bool):
+        """Sample every (wording, user, sample) row in length-sorted, shape-bucketed batches.
+
+        Returns posts [V][U][K] (str) and head probabilities [V, U, C] (float64).
+        """
+        v_n, u_n = len(examples), len(examples[0])
+        rows = [(v, u, k) for v in range(v_n) for u in range(u_n) for k in range(samples)]
+        lens = [int(examples[v][u]["prompt_len"]) for v, u, _ in rows]
+        order = sorted(range(len(rows)), key=lambda r: (lens[r], r))
+        bs = min(self.batch_size, _next_pow2(len(rows)))
+        pad_id = int(self.sampling.pad_id)
+        key = jax.random.PRNGKey(int(seed))
+        posts = [[[""] * samples for _ in range(u_n)] for _ in range(v_n)]
+        probs = np.zeros((v_n, u_n, len(self.labels)), np.float64)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(rows), desc="predict", unit="post", dynamic_ncols=True)
+        try:
+            for b, start in enumerate(range(0, len(order), bs)):
+                chunk = order[start:start + bs]
+                n_rows = bs if len(chunk) == bs else _next_pow2(len(chunk))
+                exs = [examples[rows[r][0]][rows[r][1]] for r in chunk]
+                exs += [exs[0]] * (n_rows - len(exs))  # filler rows keep the shape bucket; discarded
+                prompts = [ex["input_ids"][:ex["prompt_len"]] for ex in exs]
+                p_len = generation._round_up(max(len(p) for p in prompts), generation.LENGTH_BUCKET)
+                ids, mask = sampling_lib.left_pad(prompts, pad_id, p_len)
+                ue = np.array([ex["user_end"] for ex in exs], np.int32)
+                ne = np.array([ex["news_end"] for ex in exs], np.int32)
+                tokens, lengths, p = jax.device_get(generation._sample_batch(
+                    self.params, self.adapters, ids, mask, ue, ne, jax.random.fold_in(key, b),
+                    cfg=self.model_cfg, lora_cfg=self.lora_cfg, scfg=self.sampling))
+                self.compiled_shapes.add((n_rows, p_len))
+                for i, r in enumerate(chunk):
+                    v, u, k = rows[r]
+                    posts[v][u][k] = generation._decode(self.tokenizer, tokens[i], int(lengths[i]),
+                                                            self.sampling.stop_tokens)
+                    if k == 0:  # every sample of a user shares the prompt, hence the head's reading
+                        probs[v, u] = np.asarray(p[i], np.float64)
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+        return posts, probs
+
+
+def _run_dataset_metadata(cfg, run_dir: str) -> dict | None:
+    """The run's built dataset's metadata (class names, num_history, pad id), when it is still there."""
+    import json
+
+    from socialalign_jax.data import tfds_builders as B
+
+    data_dir = cfg.data.data_dir or os.path.join(run_dir, "data")
+    try:
+        d = B.find_dataset_dir(data_dir)
+        return json.loads((d / "metadata.json").read_text(encoding="utf-8"))
+    except (DataError, OSError, ValueError):
+        return None
+
+
+__all__ = ["Predictor", "Prediction", "CrowdResult", "UserResult", "Difference", "PredictError", "default_topic",
+           "resolve_labeller", "DEFAULT_MAX_USERS"]

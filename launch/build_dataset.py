@@ -9,7 +9,6 @@ Bad input ends in one line naming the file, record and field, and exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -20,13 +19,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from socialalign_jax.cli_setup import argument_parser  # noqa: E402
 from socialalign_jax.errors import UserError, cli_main  # noqa: E402
 
 
 def parse_args(argv):
     from socialalign_jax.data.tfds_builders import SOURCES
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argument_parser(description=__doc__.split("\n")[0])
     ap.add_argument("--source", required=True, choices=sorted(SOURCES) + ["lamp"])
     ap.add_argument("--input", required=True,
                     help="event dir (socialweibo), Alpaca file or dir, LaMP questions file or dir, "

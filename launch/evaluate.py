@@ -10,20 +10,20 @@ with one line naming the file, the line and the field (exit status 2), never a t
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from socialalign_jax.cli_setup import argument_parser  # noqa: E402
 from socialalign_jax.errors import EXIT_USER_ERROR, UserError, one_line  # noqa: E402
 from socialalign_jax.evaluation import report  # noqa: E402
 from socialalign_jax.evaluation.predictions import (  # noqa: E402,F401
     InputError, evaluate, load_baseline, load_gates, load_predictions)
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argument_parser(description=__doc__.split("\n")[0])
     p.add_argument("--predictions", required=True, help="predictions JSONL from the generation CLI")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--gates", help="gate statistics JSON for heatmaps")

@@ -109,3 +109,14 @@ def run_absl(main) -> None:
     from absl import app
 
     app.run(main, flags_parser=absl_flags_parser)
+
+
+def argument_parser(**kwargs):
+    """argparse.ArgumentParser whose usage errors are one `error: ...` line, exit 2 (as absl_flags_parser)."""
+    import argparse
+
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):  # argparse prints a multi-line usage block first
+            usage_error(message, [self.prog])
+
+    return _Parser(**kwargs)

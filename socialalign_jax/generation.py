@@ -300,12 +300,12 @@ def restore_adapters(job, workdir: str, step: int | None = None):
         pac_lora.init_adapters(jax.random.PRNGKey(0), job.model_cfg, job.lora_cfg), optimizer))
     shard = sharding.shardings_for(shapes, job.mesh, strict=False)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shard)
-    step = manager.latest_step() if step is None else step
-    if step not in manager.all_steps():
+    if step is not None and step not in manager.all_steps():
         raise GenerationError(f"{os.path.join(workdir, 'checkpoints')}: no checkpoint at step {step} "
                               f"(have {sorted(manager.all_steps())})")
-    restored = checkpoint.restore(manager, abstract, loop.config_to_dict(job.cfg), step=step)
-    return restored[0]["adapters"], int(step)
+    # No --step: the newest checkpoint that restores (a damaged newer one is named in one line, left in place).
+    restored = checkpoint.restore(manager, abstract, loop.config_to_dict(job.cfg), step=step, move_bad=False)
+    return restored[0]["adapters"], int(jax.device_get(restored[0]["step"]))
 
 
 def run_generate(cfg, workdir: str, *, split: str = "test", out: str, max_examples: int = 0,

@@ -121,9 +121,13 @@ class SocialConfig(tfds.core.BuilderConfig):
     lamp_task: str | None = None  # LaMP: 'LaMP-4' | 'LaMP-5' | 'LaMP-7'
     labels: tuple[str, ...] = T.SENTIMENTS  # class names, in class-id order
     max_events: int = 0  # converters: read only the first N events (0 = all)
+    # Names of the events to hold out (k-fold cross-validation, socialalign_jax/experiments):
+    # when given, they are the test split and test_fraction is not used.
+    test_events: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.labels = tuple(str(x).strip() for x in self.labels)
+        self.test_events = tuple(str(x) for x in self.test_events)
         if len(self.labels) < 2 or len(set(self.labels)) != len(self.labels) or not all(self.labels):
             raise ValueError(f"labels must be at least 2 distinct non-empty names, got {list(self.labels)}")
 
@@ -171,6 +175,12 @@ def _held_out(names: Sequence[str], fraction: float, seed: int) -> set[str]:
 def assign_splits(units: Sequence[Unit], event_names: Sequence[str], cfg: SocialConfig) -> list[str]:
     if not 0 <= cfg.test_fraction < 1:
         raise ValueError(f"test_fraction must be in [0, 1), got {cfg.test_fraction}")
+    if cfg.test_events:
+        unknown = sorted(set(cfg.test_events) - set(event_names))
+        if unknown:
+            raise ValueError(f"test_events: {len(unknown)} name(s) are not events of the input, e.g. {unknown[0]!r}")
+        test = set(cfg.test_events)
+        return ["test" if event_names[u.event_id] in test else "train" for u in units]
     if cfg.split_by == "event":
         test = _held_out([event_names[u.event_id] for u in units], cfg.test_fraction, cfg.seed)
         return ["test" if event_names[u.event_id] in test else "train" for u in units]

@@ -13,7 +13,7 @@ from typing import Sequence
 
 __all__ = [
     "chars", "ngrams", "rouge_n", "rouge_l", "corpus_rouge", "corpus_bleu", "distinct_n",
-    "accuracy", "macro_f1", "perplexity",
+    "accuracy", "macro_f1", "macro_f1_confusion", "perplexity",
 ]
 
 
@@ -116,6 +116,23 @@ def macro_f1(gold: Sequence[str], pred: Sequence[str]) -> tuple[float, list[str]
         fn = sum(g == c and p != c for g, p in zip(gold, pred))
         f1s.append(2 * tp / (2 * tp + fp + fn))
     return sum(f1s) / len(f1s), classes
+
+
+def macro_f1_confusion(conf):
+    """`macro_f1` from (possibly weighted) confusion matrices conf [..., K, K] (rows gold, columns
+    predicted), vectorised over the leading axes: the bootstrap evaluates thousands of resamples
+    at once. Same definition: the mean per-class F1 over classes present in gold or predictions."""
+    import numpy as np
+
+    conf = np.asarray(conf, np.float64)
+    tp = np.diagonal(conf, axis1=-2, axis2=-1)  # [..., K]
+    gold, pred = conf.sum(-1), conf.sum(-2)  # [..., K]
+    present = (gold + pred) > 0
+    denom = gold + pred  # 2tp + fp + fn
+    f1 = np.where(present, 2 * tp / np.where(present, denom, 1.0), 0.0)
+    n = present.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, f1.sum(-1) / np.maximum(n, 1), np.nan)
 
 
 def perplexity(logprob_sums: Sequence[float], num_tokens: Sequence[int]) -> float:

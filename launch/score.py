@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_length", type=_positive, default=None,
                    help="reject (never truncate) records longer than this many tokens")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="param/compute dtype (default: the checkpoint's torch_dtype)")
+                   help="param/compute dtype (default: the checkpoint's config.json dtype)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer dir or tokenizer.json (default: the checkpoint dir); 'builtin' = offline Qwen2")
     p.add_argument("--adapters", default=None, help="PAC-LoRA adapter file/dir to apply")

@@ -10,6 +10,7 @@ news spans, so no fixed W' reproduces them; those exports are refused with the r
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -27,6 +28,7 @@ from socialalign_jax.pac_lora import MODULE_BLOCK, LoraConfig
 FORMATS = ("orbax", "safetensors", "peft", "socialalign", "merged")
 ORBAX_DIR = "adapters"
 ORBAX_META = "adapter_config.json"
+GENERATION_CONFIG = "generation_config.json"
 
 
 class ExportError(UserError):
@@ -188,14 +190,52 @@ def export_run(run: Run, fmt: str, out: str | os.PathLike, *, base_model: str | 
     if why:
         raise ExportError(f"--format merged: {why}")
     merged = merge_adapters(run.params, run.adapters, lc, mc)
-    hf_import.save_hf_checkpoint(merged, mc, out)
+    tok = run.tokenizer
+    token_ids, gen = ({}, None) if tok is None else hf_generation_settings(run.cfg, tok, mc.vocab_size)
+    hf_import.save_hf_checkpoint(merged, mc, out, token_ids=token_ids)
     written = [out / hf_import.SINGLE_FILE if (out / hf_import.SINGLE_FILE).exists() else out]
     if "head" in run.adapters:  # the sentiment head is not part of an HF causal LM: keep it beside
         adapter_io.save_adapters_head(run.adapters["head"], out / adapter_io.HEAD_FILE)
         written.append(out / adapter_io.HEAD_FILE)
-    if run.tokenizer is not None:
-        run.tokenizer.save_pretrained(str(out))
+    if tok is not None:
+        from socialalign_jax.atomic_io import write_json
+        from socialalign_jax.tokenizer import CHATML_TEMPLATE
+
+        if not getattr(tok, "chat_template", None):  # the ChatML every prompt here was trained with
+            tok = copy.copy(tok)
+            tok.chat_template = CHATML_TEMPLATE
+        tok.save_pretrained(str(out))
+        write_json(gen, str(out / GENERATION_CONFIG), indent=2)
+        written.append(out / GENERATION_CONFIG)
     return written
+
+
+def hf_generation_settings(cfg, tokenizer, vocab_size: int) -> tuple[dict, dict]:
+    """(bos/eos/pad ids for config.json, generation_config.json) of a merged export.
+
+    eos stops a reply where our sampler stops it (generation.stop_tokens_for: <|im_end|> first,
+    then the tokenizer's eos and <|endoftext|>); pad is the tokenizer's; the sampling defaults
+    are the run's `sample` section, so `model.generate(**inputs)` decodes as launch/generate.py.
+    """
+    from socialalign_jax.generation import sampling_config, stop_tokens_for
+    from socialalign_jax.tokenizer import ENDOFTEXT, IM_END
+
+    def known(name):
+        t = tokenizer.convert_tokens_to_ids(name)
+        return t if t is not None and t != getattr(tokenizer, "unk_token_id", None) and t < vocab_size else None
+
+    im_end = known(IM_END)
+    stops = [t for t in stop_tokens_for(tokenizer) if t < vocab_size]
+    stops = sorted(stops, key=lambda t: t != im_end)  # <|im_end|> first: config.json's single eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else known(ENDOFTEXT)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else known(ENDOFTEXT)
+    ids = {"bos_token_id": bos, "eos_token_id": stops[0] if stops else None, "pad_token_id": pad}
+    s = sampling_config(cfg, tokenizer, pad if pad is not None else 0)
+    gen = {"bos_token_id": bos, "eos_token_id": stops, "pad_token_id": pad, "do_sample": not s.greedy,
+           "max_new_tokens": s.max_new_tokens, "repetition_penalty": s.repetition_penalty}
+    if not s.greedy:
+        gen.update(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    return {k: v for k, v in ids.items() if v is not None}, gen
 
 
 __all__ = ["FORMATS", "ExportError", "Run", "restore_run", "load_run_config", "merge_refusal", "peft_refusal",

@@ -225,7 +225,7 @@ def read_config(path: str | os.PathLike, **overrides) -> tuple[ModelConfig, dict
     if family == "llama" and hf.get("attention_bias"):
         raise UserError(f"{cfile}: Llama attention_bias=true is not supported (it adds an o_proj bias "
                         "the param tree does not have)")
-    name = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     name = name if name in ("float32", "bfloat16", "float16") else "float32"
     kw = {"param_dtype": name, "dtype": name, **overrides}
     try:
@@ -349,7 +349,8 @@ def load_hf_checkpoint(path: str | os.PathLike, *, dtype: Any = None, mesh=None,
                        vocab_multiple: int | None = None) -> tuple[ModelConfig, dict]:
     """Load a local HF Qwen2/Llama checkpoint directory into (ModelConfig, params).
 
-    dtype: parameter (and compute) dtype; None keeps config.json's torch_dtype (float32 if absent).
+    dtype: parameter (and compute) dtype; None keeps config.json's dtype (or the older torch_dtype;
+    float32 if absent).
     mesh / shardings: a pytree of Shardings shaped like params places every tensor as soon as
       it is read (a mesh alone replicates); neither puts everything on the default device.
     vocab_multiple: pad V up to a multiple (zero rows); the returned cfg has the padded
@@ -406,8 +407,12 @@ def mask_padded_vocab(logits, real_vocab_size: int):
 
 # --------------------------------------------------------------------------- export
 
-def to_hf_config(cfg: ModelConfig, vocab_size: int | None = None) -> dict:
-    """A config.json dict that transformers' Qwen2/Llama classes (and our from_hf) read back."""
+def to_hf_config(cfg: ModelConfig, vocab_size: int | None = None, token_ids: Mapping[str, int] | None = None) -> dict:
+    """A config.json dict that transformers' Qwen2/Llama classes (and our from_hf) read back.
+
+    Current key names ("dtype", not the deprecated "torch_dtype"); token_ids adds
+    bos_token_id / eos_token_id / pad_token_id (from the tokenizer, when the caller has one).
+    """
     arch = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[cfg.family]
     hf = {
         "architectures": [arch], "model_type": cfg.family,
@@ -417,7 +422,7 @@ def to_hf_config(cfg: ModelConfig, vocab_size: int | None = None) -> dict:
         "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         "max_position_embeddings": cfg.max_position_embeddings,
-        "hidden_act": "silu", "torch_dtype": cfg.param_dtype,
+        "hidden_act": "silu", "dtype": cfg.param_dtype, **(token_ids or {}),
     }
     if cfg.family == "llama":
         if cfg.qkv_bias:
@@ -440,9 +445,11 @@ def hf_state_dict(params: Mapping, cfg: ModelConfig, vocab_size: int | None = No
 
 
 def save_hf_checkpoint(params: Mapping, cfg: ModelConfig, path: str | os.PathLike, *,
-                       vocab_size: int | None = None, max_shard_bytes: int | None = None) -> None:
+                       vocab_size: int | None = None, max_shard_bytes: int | None = None,
+                       token_ids: Mapping[str, int] | None = None) -> None:
     """Write params as an HF checkpoint (config.json + safetensors, sharded with an index if
-    `max_shard_bytes` is set). vocab_size: the real vocab when params carry padding rows.
+    `max_shard_bytes` is set). vocab_size: the real vocab when params carry padding rows;
+    token_ids: bos/eos/pad ids for config.json.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -476,4 +483,4 @@ def save_hf_checkpoint(params: Mapping, cfg: ModelConfig, path: str | os.PathLik
         total = sum(b for _, _, b in written)
         (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
                                                    "weight_map": weight_map}, indent=2))
-    (path / CONFIG_NAME).write_text(json.dumps(to_hf_config(cfg, vocab_size), indent=2))
+    (path / CONFIG_NAME).write_text(json.dumps(to_hf_config(cfg, vocab_size, token_ids), indent=2))

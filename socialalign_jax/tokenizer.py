@@ -11,7 +11,10 @@ Two sources, neither touches the network:
   first load pays for it.
 
 The chat template is rendered by a plain function rather than a jinja template so that
-prompts are identical whichever tokenizer source is used.
+prompts are identical whichever tokenizer source is used. The built-in tokenizer also
+carries the same ChatML as a jinja ``chat_template`` (``CHATML_TEMPLATE``), and a checkpoint
+directory's own template (``tokenizer_config.json`` or ``chat_template.jinja``) is kept, so a
+tokenizer saved with ``save_pretrained`` renders chats in transformers exactly as we do.
 """
 
 from __future__ import annotations
@@ -66,6 +69,16 @@ QWEN2_ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = (
     (151664, "<|file_sep|>", False),
 )
 QWEN2_NUM_RANKS = 151643
+
+# `chat_template` below as jinja: what transformers' apply_chat_template renders from a saved
+# tokenizer (no default system turn is injected, unlike Qwen2.5's own template).
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 CACHE_DIR = Path(os.environ.get("SOCIALALIGN_CACHE", Path.home() / ".cache" / "socialalign_jax"))
 
@@ -256,6 +269,7 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> transformers.PreTra
             },
         )
         tok.padding_side = "right"
+        tok.chat_template = CHATML_TEMPLATE
         return tok
 
     path = Path(path)
@@ -283,6 +297,21 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> transformers.PreTra
         extra = cfg.get("additional_special_tokens", cfg.get("extra_special_tokens"))
         if isinstance(extra, list):
             special["extra_special_tokens"] = [c for c in map(_token_content, extra) if c is not None]
+        template = cfg.get("chat_template")
+        if template is not None:
+            if not (isinstance(template, str) or (isinstance(template, list) and all(
+                    isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                    for t in template))):
+                raise TokenizerFileError(f"{cfg_file}: field 'chat_template': expected a string or a list of "
+                                         "{'name': str, 'template': str}")
+            special["chat_template"] = (template if isinstance(template, str)
+                                        else {t["name"]: t["template"] for t in template})
+    jinja = tok_file.parent / CHAT_TEMPLATE_FILE  # transformers >= 4.43 saves the template here
+    if jinja.is_file():
+        try:
+            special["chat_template"] = jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise TokenizerFileError(f"{jinja}: cannot read ({e})") from None
     tok = _from_tokenizer_file(tok_file, special)
     if tok.pad_token is None and tok.convert_tokens_to_ids(ENDOFTEXT) not in (None, tok.unk_token_id):
         tok.pad_token = ENDOFTEXT

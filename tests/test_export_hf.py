@@ -107,3 +107,80 @@ def test_peft_export_refuses_gated_experts(base, tmp_path):
     with pytest.raises(adapter_io.AdapterError, match=r"--format socialalign") as e:
         adapter_io.export_peft(random_adapters(cfg, lc), lc, cfg, tmp_path / "p")
     assert "\n" not in str(e.value) and not (tmp_path / "p").exists()
+
+
+# ----------------------------------------------------------------------------- merged + generate
+
+
+def test_merged_export_generates_out_of_the_box(tmp_path):
+    """AutoModelForCausalLM + AutoTokenizer on --format merged: the chat template renders our prompt,
+    and greedy `generate` (eos/pad from generation_config.json) stops at <|im_end|> exactly where
+    our sampler does, with the same tokens."""
+    from socialalign_jax import export, sampling
+    from socialalign_jax.data.prompt import SYSTEM_PROMPT, chat_prompt
+    from socialalign_jax.generation import sampling_config
+    from socialalign_jax.tokenizer import load_tokenizer
+    from train_helpers import tiny_config
+
+    tok = load_tokenizer()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    hf = make_hf_model("qwen2", seed=8, vocab=151936, tied=False, hidden=32, inter=64)
+    ck = save_hf_model(hf, tmp_path / "ck")
+    mc, params = hf_import.load_hf_checkpoint(ck)
+    lc = LoraConfig(num_analyze=1, num_compose=1, rank=4, alpha=8.0, targets=ALL, num_classes=3)
+    ad = random_adapters(mc, lc, seed=1)
+    cfg = tiny_config()
+    cfg.model.weights = f"hf:{ck}"
+    user = "你的用户名为小红, 现在你看到了一则新闻: \n猫咪救主"
+    prompt_ids = tok(chat_prompt(user), add_special_tokens=False)["input_ids"]
+    scfg = sampling_config(cfg, tok, tok.pad_token_id, greedy=True).replace(max_new_tokens=16)
+
+    def ours_greedy(p):
+        ids, mask = sampling.left_pad([prompt_ids], tok.pad_token_id)
+        zero = np.zeros((1,), np.int32)
+        out = sampling.generate(p, None, ids, mask, mc, None, scfg, (zero, zero), jax.random.PRNGKey(0))
+        return np.asarray(out.tokens)[0, : int(out.lengths[0])].tolist()
+
+    def export_merged(p, where):
+        run = export.Run(cfg, mc, lc, p, ad, tok, step=0)
+        export.export_run(run, "merged", where)
+        return hf_import.load_hf_checkpoint(where)[1]
+
+    # A random model never says <|im_end|> by itself: make its lm_head row for <|im_end|> a copy
+    # (x 1.3) of the row of a token greedy decoding emits at step k, so it stops there instead
+    # (x 1.3: <|im_end|> is in the prompt, so the repetition penalty divides its logit by 1.2).
+    g = ours_greedy(export_merged(params, tmp_path / "m0"))
+    assert im_end not in g and len(g) == 16
+    for k in range(2, 10):
+        if g[k] in g[:k] or g[k] in prompt_ids:
+            continue
+        p2 = jax.tree.map(lambda x: x, params)
+        head = np.array(p2["lm_head"]["kernel"])
+        head[:, im_end] = 1.3 * head[:, g[k]]
+        p2["lm_head"]["kernel"] = head
+        merged = export_merged(p2, tmp_path / "merged")
+        want = ours_greedy(merged)
+        if want == g[:k] + [im_end]:
+            break
+    else:
+        pytest.fail("no step k at which the relabelled model stops")
+
+    out = tmp_path / "merged"
+    conf = json.loads((out / "config.json").read_text())
+    assert "torch_dtype" not in conf and conf["dtype"] == "float32"
+    assert conf["eos_token_id"] == im_end and conf["pad_token_id"] == tok.pad_token_id and "bos_token_id" in conf
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"][0] == im_end and gen["pad_token_id"] == tok.pad_token_id
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    model_hf = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert model_hf.generation_config.eos_token_id == gen["eos_token_id"]
+    msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+    text = hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == chat_prompt(user)
+    enc = hf_tok(text, return_tensors="pt", add_special_tokens=False)
+    assert enc["input_ids"][0].tolist() == prompt_ids
+    with torch.no_grad():
+        seq = model_hf.generate(**enc, do_sample=False, max_new_tokens=16)[0, len(prompt_ids):].tolist()
+    assert seq == want  # the same tokens, ending at <|im_end|> (k + 1 < 16 tokens)
+    assert seq[-1] == im_end and len(seq) < 16

@@ -93,6 +93,28 @@ def test_load_from_checkpoint_dir(tok, tmp_path):
     assert t2.eos_token_id == 151643 and t2.pad_token_id == 151643 and t2.bos_token is None
 
 
+def test_chat_template_kept_and_rendered_by_transformers(tok, tmp_path):
+    """The built-in tokenizer carries ChatML as jinja; save_pretrained + (our | transformers') loader keep
+    it, and transformers' apply_chat_template gives exactly the text of our chat_template()."""
+    transformers = pytest.importorskip("transformers")
+    msgs = [{"role": "system", "content": "你是一个微博用户。"}, {"role": "user", "content": "第一行\n第二行"},
+            {"role": "assistant", "content": "好"}, {"role": "user", "content": "再来"}]
+    tok.save_pretrained(str(tmp_path / "saved"))
+    for t in (load_tokenizer(tmp_path / "saved"), transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))):
+        for gen in (True, False):
+            assert t.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == chat_template(msgs, gen)
+    # A checkpoint's own template (tokenizer_config.json, the pre-4.43 place) is kept as is.
+    d = tmp_path / "cfg"
+    d.mkdir()
+    tok.backend_tokenizer.save(str(d / "tokenizer.json"))
+    own = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": own}), encoding="utf-8")
+    assert load_tokenizer(d).apply_chat_template(msgs[:2], tokenize=False) == "[system]你是一个微博用户。[user]第一行\n第二行"
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": 7}), encoding="utf-8")
+    with pytest.raises(TokenizerFileError, match=r"tokenizer_config\.json: field 'chat_template'"):
+        load_tokenizer(d)
+
+
 def test_missing_and_broken_files(tmp_path):
     with pytest.raises(TokenizerFileError, match="nope"):
         load_tokenizer(tmp_path / "nope")

@@ -172,3 +172,38 @@ def test_bundled_sample_builds_in_under_a_minute(tmp_path):
     ds = B.open_dataset(path)
     assert sum(len(ds.source(s)) for s in ds.sources) == n_raw == ds.metadata["stats"]["built"]
     assert elapsed < 60, f"sample build took {elapsed:.1f}s"
+
+
+def test_stock_tfds_reads_and_builds_by_name(tmp_path, capfd):
+    """tfds.data_source / tfds.builder by name (the registered 'default' config, or 'name/config'
+    for another config name) give exactly what open_dataset gives; building prints no download
+    banner and leaves no downloads/ folder."""
+    import tensorflow_datasets as tfds
+
+    from socialalign_jax.data.sample import load_sample_dir
+
+    write_events(tmp_path / "events")
+    for name, by_name in (("default", "socialweibo"), ("mine", "socialweibo/mine")):
+        d = tmp_path / name
+        B.build(d, B.SocialConfig(name=name, input=str(tmp_path / "events"), max_length=512, test_fraction=0.34,
+                                  labels=("negative", "neutral", "positive", "other")))
+        ours = B.open_dataset(d)
+        src = tfds.data_source(by_name, data_dir=str(d))
+        assert sorted(src) == sorted(ours.sources)
+        for split in src:
+            assert len(src[split]) == len(ours.source(split)) > 0
+            for i in range(len(src[split])):
+                a, b = src[split][i], ours.source(split)[i]
+                assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+            assert a["target_dist"].shape == (4,)  # the built dataset's own features, not the config's
+        info = tfds.builder(by_name, data_dir=str(d)).info
+        assert {s: info.splits[s].num_examples for s in src} == {s: len(src[s]) for s in src}
+        assert info.metadata["classes"] == ["negative", "neutral", "positive", "other"]
+        assert not (d / "downloads").exists()
+    # An empty data_dir: tfds builds the 'default' config itself, the bundled sample.
+    src = tfds.data_source("socialweibo", data_dir=str(tmp_path / "fresh"))
+    n_raw = sum(len(json.loads(f.read_text(encoding="utf-8"))["cases"]) for f in load_sample_dir().glob("*.json"))
+    assert sum(len(v) for v in src.values()) == n_raw
+    assert not (tmp_path / "fresh" / "downloads").exists()
+    out = capfd.readouterr()
+    assert "Downloading and preparing" not in out.out + out.err and "downloaded and prepared" not in out.out + out.err

@@ -10,6 +10,10 @@ the build config (source, tokenizer, prompt) and the build statistics.
 
 Layout: DATA_DIR/<builder name>/<config name>/<version>/ (tfds' usual one), plus
 DATA_DIR/.../targets.json written beside it for people; `open_dataset(DATA_DIR)` finds it.
+Stock tfds reads it by name once this module is imported: `tfds.data_source("socialweibo",
+data_dir=DATA_DIR)` / `tfds.builder(...)` (config 'default', the one registered config; on an
+empty DATA_DIR it builds the bundled sample), or "socialweibo/<config>" for a dataset built
+under another config name (tfds then reads it from its files).
 
 Sources: SOURCES maps a name to `reader(path) -> list[Event]`; converters for further
 corpora register there (`register_source`, see socialalign_jax/data/converters). A reader
@@ -24,8 +28,10 @@ from __future__ import annotations
 import abc
 import dataclasses
 import json
+import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -34,6 +40,7 @@ import tensorflow_datasets as tfds
 
 from socialalign_jax.data import targets as T
 from socialalign_jax.data.records import DataError, Event, read_alpaca, read_event_dir
+from socialalign_jax.data.sample import SAMPLE_DIR
 
 VERSION = "1.0.0"
 NUM_CLASSES = len(T.SENTIMENTS)  # the default label set's size
@@ -324,8 +331,20 @@ class _Base(tfds.core.GeneratorBasedBuilder):
     # module, a lookup that needs the importlib_resources backport for package modules.
     url_infos: dict = {}
 
+    def _create_builder_config(self, builder_config, version):
+        """A SocialConfig object is used as given, also under a registered name: 'default' is both
+        the config `tfds.builder(name)` reads and the name the trainer builds its dataset under."""
+        if isinstance(builder_config, SocialConfig):
+            return builder_config
+        return super()._create_builder_config(builder_config, version)
+
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(builder=self, features=_features(len(self.builder_config.labels)),
+        features = _features(len(self.builder_config.labels))
+        if (Path(self.data_dir) / "features.json").is_file():
+            # A dataset already built under this config name (e.g. 'default' with another label
+            # set): its own features, so tfds.builder(name) reads it as it was written.
+            features = tfds.features.FeatureConnector.from_config(self.data_dir)
+        return tfds.core.DatasetInfo(builder=self, features=features,
                                      disable_shuffling=True,
                                      metadata=tfds.core.MetadataDict(),
                                      description=(self.__class__.__doc__ or "").strip())
@@ -351,6 +370,21 @@ class _Base(tfds.core.GeneratorBasedBuilder):
         self.info.metadata.update(meta)
         return {s: self._generate_examples(exs) for s, exs in examples.items()}
 
+    def download_and_prepare(self, *, download_dir=None, download_config=None, file_format=None):
+        """tfds' download_and_prepare with nothing to download: the download manager's folders
+        live in a temporary directory (no empty downloads/extracted left in data_dir), and the
+        'Downloading and preparing dataset Unknown size' banner is not printed. Also what
+        `tfds.data_source(name, data_dir=...)` calls when the dataset is not built yet."""
+        with tempfile.TemporaryDirectory(prefix="socialalign-tfds-") as tmp:
+            super().download_and_prepare(download_dir=download_dir or tmp, download_config=download_config,
+                                         file_format=file_format or "array_record")
+
+    def _log_download_bytes(self) -> None:  # tfds' banner about download sizes: nothing is downloaded
+        pass
+
+    def _log_download_done(self) -> None:
+        logging.info("built %s in %s", self.name, self.data_dir)
+
     def _generate_examples(self, examples: Iterable[dict] = ()):
         for i, ex in enumerate(examples):
             yield i, ex
@@ -360,6 +394,11 @@ class Socialweibo(_Base):
     """Weibo public-response events (raw event files or the authors' Alpaca list)."""
 
     name = "socialweibo"
+    # tfds.builder / tfds.data_source by name need a registered config: 'default' (the name the
+    # trainer and launch/build_dataset.py build under) reads what is there, or builds the bundled
+    # synthetic sample when nothing is. Other configs are SocialConfig(name=..., ...) passed to build().
+    BUILDER_CONFIGS = [SocialConfig(name="default", input=str(SAMPLE_DIR / "events"),
+                                    description="the bundled synthetic sample, or what was built under 'default'")]
 
     def _units(self, tokenizer):
         cfg = self.builder_config
@@ -372,6 +411,8 @@ class Lamp(_Base):
     """LaMP-4/5/7 personalised generation, one question per event, profile = user span."""
 
     name = "lamp"
+    BUILDER_CONFIGS = [SocialConfig(name="default", source="lamp",
+                                    description="what was built under 'default' (LaMP is not bundled)")]
 
     def _units(self, tokenizer):
         return lamp_units(self.builder_config, tokenizer)

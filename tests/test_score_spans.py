@@ -131,6 +131,7 @@ def reference(setup, prompt_text, response_text, spans="markers"):
 
 
 def _score(setup, tmp_path, records, *flags):
+    """token_logprobs per record from launch/score.py --adapters (the original-layout adapter)."""
     _, _, _, ck, adapter = setup
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
@@ -142,33 +143,41 @@ def _score(setup, tmp_path, records, *flags):
     return [np.array(json.loads(line)["token_logprobs"]) for line in out.read_text(encoding="utf-8").splitlines()]
 
 
-def test_socialalign_prompt_routes_by_the_markers(setup, tmp_path):
+FREE_PROMPT = "用户小红的历史：喜欢猫。新闻：猫咪救主的故事。请写一条微博："
+RECORDS = [
+    {"prompt": INSTRUCTION, "response": RESPONSE},  # --socialalign adds the system turn
+    {"system": "你是一个微博用户。", "prompt": INSTRUCTION, "response": RESPONSE},  # its own system turn
+    # A free-form prompt without the markers: the record gives the spans as character offsets.
+    {"prompt": FREE_PROMPT, "response": RESPONSE, "user_end_char": FREE_PROMPT.index("新闻"),
+     "news_end_char": FREE_PROMPT.index("请写")},
+]
+
+
+@pytest.fixture(scope="module")
+def scored(setup, tmp_path_factory):
+    """One CLI run over RECORDS (one compile), as a user would run it."""
+    return _score(setup, tmp_path_factory.mktemp("scored"), RECORDS, "--socialalign")
+
+
+def test_socialalign_prompt_routes_by_the_markers(setup, scored):
     rendered = authors_chat(INSTRUCTION)  # system turn 你是一个微博用户。 + the authors' instruction
     ref, spans = reference(setup, rendered, RESPONSE + "<|im_end|>")
     assert 0 < spans[0] < spans[1]
     unrouted, _ = reference(setup, rendered, RESPONSE + "<|im_end|>", spans=(0, 0))
     assert np.abs(unrouted - ref).max() > 1e-3  # the spans matter: a scorer ignoring them fails here
-    # --socialalign adds the system turn; a record's own "system" with --chat is the same text.
-    got_flag, = _score(setup, tmp_path, [{"prompt": INSTRUCTION, "response": RESPONSE}], "--socialalign")
-    got_sys, = _score(setup, tmp_path, [{"system": "你是一个微博用户。", "prompt": INSTRUCTION,
-                                         "response": RESPONSE}], "--chat")
-    for got in (got_flag, got_sys):
+    for got in scored[:2]:
         np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
 
 
-def test_explicit_character_spans(setup, tmp_path):
-    # A free-form prompt without the markers: the record gives the spans as character offsets.
-    prompt = "用户小红的历史：喜欢猫。新闻：猫咪救主的故事。请写一条微博："
-    u, n = prompt.index("新闻"), prompt.index("请写")
-    rendered = f"<|im_start|>system\n你是一个微博用户。<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+def test_explicit_character_spans(setup, scored):
+    u, n = RECORDS[2]["user_end_char"], RECORDS[2]["news_end_char"]
+    rendered = f"<|im_start|>system\n你是一个微博用户。<|im_end|>\n<|im_start|>user\n{FREE_PROMPT}<|im_end|>\n<|im_start|>assistant\n"
     _, _, hf_tok, _, _ = setup
     enc = hf_tok(rendered, add_special_tokens=False, return_offsets_mapping=True)
-    base = rendered.index(prompt)
+    base = rendered.index(FREE_PROMPT)
     tok_at = lambda c: next(i for i, (a, b) in enumerate(enc["offset_mapping"]) if a <= c < b)  # noqa: E731
     ref, _ = reference(setup, rendered, RESPONSE + "<|im_end|>", spans=(tok_at(base + u), tok_at(base + n)))
-    got, = _score(setup, tmp_path, [{"prompt": prompt, "response": RESPONSE, "user_end_char": u,
-                                     "news_end_char": n}], "--socialalign")
-    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(scored[2], ref, rtol=0, atol=1e-4)
 
 
 def test_no_spans_is_one_line_error_unless_uniform(setup, tmp_path, capsys):

@@ -40,6 +40,9 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise UserError(f"--out {args.out}: is a file; expected a directory (metrics.json, metrics.md and "
+                            "figures are written into it)")
         records = load_predictions(args.predictions)
         gates = load_gates(args.gates) if args.gates else None
         baseline = load_baseline(args.baseline) if args.baseline else None
@@ -68,6 +71,9 @@ def main(argv=None) -> int:
         table = report.write_report(result, args.out, baseline)
     except OSError as e:
         print(f"error: {args.out}: cannot write output: {one_line(e.strerror or e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except UserError as e:  # atomic_io: a full disk names the file and the space it needed
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     print(table)
     for n in result["notes"]:

@@ -4,10 +4,18 @@ Okapi BM25 over jieba words with the non-negative idf
 ``ln((N - df + 0.5) / (df + 0.5) + 1)``, so a term present in every post still counts a
 little instead of pushing scores negative. Query terms are counted with multiplicity
 (each occurrence in the news adds its term's score), as rank_bm25 does.
+
+Bounded work per text (issue 19: a 1 MB news text once stalled a build for minutes):
+retrieval reads at most the first `MAX_QUERY_CHARS` characters of the news and
+`MAX_DOC_CHARS` of each post (far above a Weibo post's 2,000 and typical news lengths, so
+real data is unaffected), each distinct text is tokenised once (an LRU cache: the news
+is shared by every case of its event, a post by every case of its user), and scoring is
+linear in the number of distinct query terms.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -21,16 +29,24 @@ from socialalign_jax.data.records import HistoryPost
 K1 = 1.5
 B = 0.75
 
+MAX_QUERY_CHARS = 20_000  # of the news: retrieval reads no further
+MAX_DOC_CHARS = 5_000  # of each history post (with what it retweets)
+
 _HASHTAG_ONLY = re.compile(r"^\s*(#[^#]*#\s*)+$")
 _HAS_WORD = re.compile(r"\w")
 
 
 def tokenize(text: str) -> list[str]:
     """jieba words (accurate mode), keeping only tokens with a letter or digit."""
+    return list(_tokenize_cached(text))
+
+
+@functools.lru_cache(maxsize=8192)
+def _tokenize_cached(text: str) -> tuple[str, ...]:
     import jieba
 
     jieba.setLogLevel(logging.WARNING)
-    return [w for w in jieba.lcut(text) if _HAS_WORD.search(w)]
+    return tuple(w for w in jieba.lcut(text) if _HAS_WORD.search(w))
 
 
 class BM25:
@@ -46,14 +62,15 @@ class BM25:
         self.idf = {t: math.log((self.n - c + 0.5) / (c + 0.5) + 1.0) for t, c in df.items()}
 
     def scores(self, query: Sequence[str]) -> np.ndarray:
+        """Sum over query occurrences of the term's score: each distinct term once, times its count."""
         out = np.zeros(self.n, dtype=np.float64)  # [N]
         norm = self.k1 * (1.0 - self.b + self.b * self.len / self.avgdl)  # [N]
-        for t in query:
+        for t, count in Counter(query).items():
             idf = self.idf.get(t)
             if idf is None:
                 continue
             f = np.array([tf.get(t, 0) for tf in self.tf], dtype=np.float64)
-            out += idf * f * (self.k1 + 1.0) / (f + norm)
+            out += count * (idf * f * (self.k1 + 1.0) / (f + norm))
         return out
 
 
@@ -86,12 +103,14 @@ def select_history(
 
     Dropped before ranking: hashtag-only posts, and every post whose text equals
     ``exclude_text`` (the target post must never appear in its own history). Fewer than
-    ``k`` survivors are all returned.
+    ``k`` survivors are all returned. Reads at most MAX_QUERY_CHARS of the news and
+    MAX_DOC_CHARS of each post (see the module docstring).
     """
     target = exclude_text.strip() if exclude_text is not None else None
     kept = [p for p in posts if not is_hashtag_only(p) and (target is None or p.text.strip() != target)]
     if not kept:
         return []
-    scores = BM25([tokenize(post_document(p)) for p in kept], k1, b).scores(tokenize(news))
+    docs = [_tokenize_cached(post_document(p)[:MAX_DOC_CHARS]) for p in kept]
+    scores = BM25(docs, k1, b).scores(_tokenize_cached(news[:MAX_QUERY_CHARS]))
     order = sorted(range(len(kept)), key=lambda i: (-scores[i], i))
     return [kept[i] for i in order[:k]]

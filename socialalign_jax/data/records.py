@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -86,9 +87,34 @@ def load_json(path: Path) -> Any:
     except UnicodeDecodeError as e:
         raise DataError(path, f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from e
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(path, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    if _SURROGATE_ESCAPE.search(text):  # "\ud800" escapes decode to text no tokenizer can encode
+        _check_unicode(path, data)
+    return data
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _check_unicode(path: Path, obj: Any, where: str = "") -> None:
+    """DataError naming the record and field of the first string holding a lone surrogate."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:
+            m = re.match(r"^(?:cases)?\[(\d+)\]\.?(.*)$", where)  # a list of records (or an event's cases)
+            record, field = (int(m.group(1)), m.group(2) or None) if m else (None, where or None)
+            raise DataError(path, f"not valid Unicode text (lone surrogate {obj[e.start]!r} at character "
+                                  f"{e.start})", record, field) from None
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_unicode(path, k, where)
+            _check_unicode(path, v, f"{where}.{k}" if where else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _check_unicode(path, v, f"{where}[{i}]")
 
 
 class _Fields:
@@ -110,10 +136,12 @@ class _Fields:
             return None
         v = self.obj[name]
         if isinstance(v, (int, float)) and not isinstance(v, bool) and not required:
+            if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
+                raise self.err(name, f"expected a string or a finite number, got {v}")
             v = str(v)  # user_level etc. are sometimes numbers
         if not isinstance(v, str):
             raise self.err(name, f"expected a string, got {type(v).__name__}")
-        if nonempty and not v.strip():
+        if nonempty and not visible(v):
             raise self.err(name, "empty string")
         return v
 
@@ -124,6 +152,14 @@ class _Fields:
         if not isinstance(v, list):
             raise self.err(name, f"expected a list, got {type(v).__name__}")
         return v
+
+
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e"), None)
+
+
+def visible(text: str) -> bool:
+    """True if text has something besides whitespace and zero-width characters (ZWSP, ZWJ, BOM, ...)."""
+    return bool(text.translate(_INVISIBLE).strip())
 
 
 def _read_history(path: Path, i: int, items: list) -> list[HistoryPost]:
@@ -181,7 +217,7 @@ def read_event_file(
         history = _read_history(path, i, c.list("history"))
         _check_history_len(path, i, len(history), min_history, allow_short_history)
         weibo = c.text("weibo", nonempty=False)
-        if not weibo.strip():
+        if not visible(weibo):
             raise c.err("weibo", "empty response")
         sentiment = c.text("sentiment", required=False)
         _check_label(path, i, sentiment, labels)

@@ -11,10 +11,22 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["DEFAULT_LABELS", "Labeller", "LexiconLabeller", "ZeroShotLabeller", "ZERO_SHOT_PROMPT",
-           "ZERO_SHOT_WORDS"]
+from socialalign_jax.data.records import visible
+
+__all__ = ["DEFAULT_LABELS", "Labeller", "LexiconLabeller", "MAX_LABEL_CHARS", "ZeroShotLabeller",
+           "ZERO_SHOT_PROMPT", "ZERO_SHOT_WORDS", "clip_text"]
 
 DEFAULT_LABELS = ("negative", "neutral", "positive")
+
+# Bounded work per text: a labeller reads at most this many characters of each post (SnowNLP's
+# cost grows faster than linearly: an 80k-character post once took minutes). A Weibo post is at
+# most 2,000 characters and a generated one a few hundred, so real posts are read whole.
+MAX_LABEL_CHARS = 2_000
+
+
+def clip_text(text: str) -> str:
+    """The part of a post a labeller reads (the first MAX_LABEL_CHARS characters)."""
+    return text[:MAX_LABEL_CHARS]
 
 
 class Labeller:
@@ -38,7 +50,9 @@ class LexiconLabeller(Labeller):
     cast with probability s: p = [(1-s)^2, 2 s (1-s), s^2]. The argmax of that is
     negative for s < 1/3, neutral for 1/3 <= s <= 2/3, positive for s > 2/3; those are the
     thresholds `label` applies (override with `thresholds=(lo, hi)`).
-    Empty or whitespace-only texts carry no sentiment and are labelled neutral (s = 0.5).
+    Empty texts, and texts of only whitespace and invisible characters (zero-width spaces,
+    joiners, BOMs), carry no sentiment and are labelled neutral (s = 0.5). Only the first
+    MAX_LABEL_CHARS characters of a text are read.
     SnowNLP reads its model from `marshal` files inside the package: no pickle, no network.
     """
 
@@ -57,7 +71,7 @@ class LexiconLabeller(Labeller):
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         """SnowNLP's P(positive) per text, [N]."""
-        return np.asarray([self._snow(t).sentiments if t.strip() else 0.5 for t in texts],
+        return np.asarray([self._snow(clip_text(t)).sentiments if visible(t) else 0.5 for t in texts],
                           dtype=np.float64)
 
     def probs(self, texts: Sequence[str]) -> np.ndarray:
@@ -78,6 +92,8 @@ ZERO_SHOT_PROMPT = (
 ZERO_SHOT_WORDS = {"negative": "消极", "neutral": "中性", "positive": "积极"}
 
 ScoreFn = Callable[[list[str], list[str]], np.ndarray]
+
+
 
 
 class ZeroShotLabeller(Labeller):
@@ -103,7 +119,8 @@ class ZeroShotLabeller(Labeller):
         self.score_fn = score_fn
 
     def prompts(self, texts: Sequence[str]) -> list[str]:
-        return [self.template.format(text=t) for t in texts]
+        """One prompt per text, holding its first MAX_LABEL_CHARS characters."""
+        return [self.template.format(text=clip_text(t)) for t in texts]
 
     def probs(self, texts: Sequence[str]) -> np.ndarray:
         k = len(self.words)

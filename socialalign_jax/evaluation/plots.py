@@ -15,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from socialalign_jax import atomic_io  # noqa: E402
+
 __all__ = ["EVENTS_PER_PAGE", "plot_event_distributions", "gate_statistic", "plot_gate_heatmaps"]
 
 EVENTS_PER_PAGE = 24
@@ -71,7 +73,7 @@ def plot_event_distributions(events: Sequence[Mapping], labels: Sequence[str], o
         fig.tight_layout()
         name = f"{prefix}.png" if len(events) <= EVENTS_PER_PAGE else f"{prefix}_{page + 1:02d}.png"
         path = os.path.join(out_dir, name)
-        fig.savefig(path, dpi=100)
+        atomic_io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
         plt.close(fig)
         paths.append(path)
     return paths
@@ -125,7 +127,7 @@ def plot_gate_heatmaps(gates: Mapping, out_dir: str, stat: str = "max") -> list[
                 ax.set_ylabel("layer", fontsize=8)
         fig.colorbar(im, ax=list(axes[0]), label="max expert weight" if stat == "max" else "entropy (nats)")
         path = os.path.join(out_dir, f"{key}_{stat}.png")
-        fig.savefig(path, dpi=100)
+        atomic_io.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100), binary=True)
         plt.close(fig)
         paths.append(path)
     return paths

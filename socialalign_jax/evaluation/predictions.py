@@ -51,6 +51,7 @@ def load_predictions(path: str) -> list[dict]:
     labels: list[str] | None = None
     event_names: dict[int, tuple[str, int]] = {}
     targets: dict[int, tuple[list[float], int]] = {}
+    seen_records: dict[str, int] = {}
     for lineno, raw in enumerate(raw_lines, 1):
         if not raw.strip():
             continue
@@ -61,6 +62,11 @@ def load_predictions(path: str) -> list[dict]:
             raise InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(rec, dict):
             raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        key = json.dumps(rec, sort_keys=True, ensure_ascii=False)
+        if key in seen_records:  # the same record twice would weigh twice in every metric
+            raise InputError(f"{where}: duplicate record (the same as line {seen_records[key]}; prompt_id "
+                             f"{json.dumps(rec.get('prompt_id'), ensure_ascii=False)}): remove one copy")
+        seen_records[key] = lineno
 
         def need(field, ok, what):
             if field not in rec:
@@ -163,6 +169,21 @@ def _label_dist(names: list[str], labels: list[str]) -> list[float]:
     return [c[l] / len(names) for l in labels]
 
 
+def _label_with_progress(labeller, texts: list[str], chunk: int = 64) -> list[str]:
+    """labeller.label in chunks, with a progress bar on an interactive terminal (labelling is the slow part)."""
+    import sys
+
+    from tqdm import tqdm
+
+    out: list[str] = []
+    with tqdm(total=len(texts), desc=f"labelling ({getattr(labeller, 'name', 'labeller')})", unit="post",
+              disable=None, file=sys.stderr, leave=False) as bar:
+        for i in range(0, len(texts), chunk):
+            out += labeller.label(texts[i:i + chunk])
+            bar.update(len(texts[i:i + chunk]))
+    return out
+
+
 def evaluate(records: list[dict], labeller=None, eps: float = distributions.KL_EPSILON) -> dict:
     """All metrics for validated records (see docs/evaluation.md for the definitions)."""
     labels = records[0]["labels"]
@@ -191,7 +212,7 @@ def evaluate(records: list[dict], labeller=None, eps: float = distributions.KL_E
         if set(labeller.labels) != set(labels):
             raise InputError(f"labeller '{labeller.name}' uses labels {list(labeller.labels)} but the predictions "
                              f"use {labels}: pass --labeller none")
-        gen_labels = labeller.label(hyps)
+        gen_labels = _label_with_progress(labeller, hyps)
 
     by_event: dict[int, list[int]] = {}
     for i, r in enumerate(records):

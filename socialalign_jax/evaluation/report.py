@@ -11,6 +11,8 @@ import math
 import os
 from typing import Any, Mapping
 
+from socialalign_jax import atomic_io
+
 __all__ = ["SECTIONS", "json_clean", "flatten", "format_table", "format_event_table", "write_report"]
 
 SECTIONS = ("micro", "macro")  # the scalar parts of the metrics dict that make up the main table
@@ -70,6 +72,11 @@ def format_table(metrics: Mapping, baseline: Mapping | None = None) -> str:
     return "\n".join(lines)
 
 
+def md_cell(text) -> str:
+    """Text as one Markdown table cell: line breaks (which would end the row) become spaces, '|' is escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def format_event_table(per_event: list[Mapping], labels: list[str]) -> str:
     """One row per event: size, real / head / generated distributions and their JSDs."""
     has_gen = any(e.get("generated") is not None for e in per_event)
@@ -79,7 +86,7 @@ def format_event_table(per_event: list[Mapping], labels: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     dist = lambda d: "n/a" if d is None else " / ".join(f"{x:.2f}" for x in d)  # noqa: E731
     for e in per_event:
-        row = [str(e["event_id"]), str(e["event"]).replace("|", "\\|"), str(e["n"]), dist(e.get("real")),
+        row = [str(e["event_id"]), md_cell(e["event"]), str(e["n"]), dist(e.get("real")),
                dist(e["head"]), _fmt(e.get("head_jsd"))]
         if has_gen:
             row += [dist(e.get("generated")), _fmt(e.get("generated_jsd"))]
@@ -89,17 +96,14 @@ def format_event_table(per_event: list[Mapping], labels: list[str]) -> str:
 
 def write_report(metrics: Mapping, out_dir: str, baseline: Mapping | None = None) -> str:
     """Writes out_dir/metrics.json and out_dir/metrics.md; returns the main table (for stdout)."""
-    os.makedirs(out_dir, exist_ok=True)
     clean = json_clean(metrics)
-    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-        json.dump(clean, f, ensure_ascii=False, indent=2, allow_nan=False)
-        f.write("\n")
+    atomic_io.write_text(os.path.join(out_dir, "metrics.json"),
+                         json.dumps(clean, ensure_ascii=False, indent=2, allow_nan=False) + "\n")
     table = format_table(clean, baseline)
     md = ["# Evaluation", "", table]
     if clean.get("per_event"):
         md += ["", "## Per event", "", format_event_table(clean["per_event"], clean.get("labels", []))]
     if clean.get("notes"):
         md += ["", "## Notes", ""] + [f"- {n}" for n in clean["notes"]]
-    with open(os.path.join(out_dir, "metrics.md"), "w", encoding="utf-8") as f:
-        f.write("\n".join(md) + "\n")
+    atomic_io.write_text(os.path.join(out_dir, "metrics.md"), "\n".join(md) + "\n")
     return table

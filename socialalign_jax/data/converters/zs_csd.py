@@ -19,12 +19,13 @@ Label set: favor, against, neutral.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
 from socialalign_jax.data.converters.common import (SourceEvents, check_max_events, counts, finish, load_json,
                                                     pseudonym)
-from socialalign_jax.data.records import Case, DataError, Event, HistoryPost
+from socialalign_jax.data.records import Case, DataError, Event, HistoryPost, visible
 
 LABELS = ("favor", "against", "neutral")
 PUBLISHED_LABEL_IDS = {"favor": 0, "against": 1, "neutral": 2}
@@ -74,6 +75,7 @@ def read_zs_csd(path: str, max_events: int | None = None) -> list[Event]:
     events: dict[str, Event] = {}
     skipped: Counter = Counter()
     records = long_threads = 0
+    seen_ids: dict[str, tuple[Path, int]] = {}
     for file in _files(root):
         data = load_json(file)
         if not isinstance(data, list):
@@ -85,6 +87,14 @@ def read_zs_csd(path: str, max_events: int | None = None) -> list[Event]:
             for key in ("target", "sentences", "speakers", "label"):
                 if key not in rec:
                     raise DataError(file, "missing", i, key)
+            rid = rec.get("id")
+            if rid is not None:  # a record read twice would count twice in the event's distribution
+                key = json.dumps(rid)
+                if key in seen_ids:
+                    first_file, first_i = seen_ids[key]
+                    raise DataError(file, f"duplicate record id {rid!r} (also {first_file.name} record {first_i})",
+                                    i, "id")
+                seen_ids[key] = (file, i)
             target, sents, spk = rec["target"], rec["sentences"], rec["speakers"]
             if not isinstance(target, str) or not target.strip():
                 raise DataError(file, "expected a non-empty string", i, "target")
@@ -101,10 +111,10 @@ def read_zs_csd(path: str, max_events: int | None = None) -> list[Event]:
                     skipped["beyond_max_events"] += 1
                     continue
                 ev = events[target] = Event(event_id=target, topic=target, news=target, source=str(file))
-            if not sents[-1].strip():
+            if not visible(sents[-1]):  # only whitespace / zero-width characters: no response to learn
                 skipped["empty_response"] += 1
                 continue
-            context = [s for s in sents[:-1] if s.strip()]
+            context = [s for s in sents[:-1] if visible(s)]
             skipped["empty_context_sentences"] += len(sents) - 1 - len(context)
             long_threads += len(context) > 5
             ev.cases.append(Case(

@@ -325,8 +325,11 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
                                       keep=int(cfg.train.keep_checkpoints), async_save=bool(cfg.train.async_checkpoint))
     logger = None
     try:
-        def check_data(_, data_state):
-            it.set_state(data_state)  # a garbage iterator state rejects the step (ValueError)
+        def check_data(_, data_state):  # a garbage iterator state rejects the step
+            pos = {k: data_state.get(k) for k in ("epoch", "batch")}
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pos.values()):
+                raise ValueError(f"data-iterator position {pos} is not two counts")
+            it.set_state(data_state)
 
         # The newest checkpoint that restores; damaged newer ones are set aside with one line each.
         restored = checkpoint.restore(manager, jax.tree.map(

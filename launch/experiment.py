@@ -94,6 +94,12 @@ def main(argv=None) -> int:
     from socialalign_jax.experiments import runner
 
     plan = runner.load_plan(a.plan, a.set)
+    import signal
+
+    def _stop(signum, frame):  # SIGTERM: unwind (close the log, stop training processes), then exit
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _stop)
     if a.summary_only:
         summ = runner.write_summary(plan, Path(a.out), list(runner._done_cells(Path(a.out) / runner.CELLS).values()))
     else:

@@ -152,6 +152,26 @@ def make_feature_fn(model_cfg):
     return jax.jit(features)
 
 
+def example_order(selection: dict, kind: str, chunk_size: int) -> np.ndarray:
+    """The positions in computation order. 'events': events in a fixed random order (seed 0 over
+    the event table), each chunk sorted by prompt length; 'length' (caches written before the
+    event order existed): all examples by prompt length."""
+    lens = np.asarray([len(p) for p in selection["prompts"]])
+    if kind == "length":
+        return np.argsort(lens, kind="stable")
+    if kind != "events":
+        raise UserError(f"feature cache: unknown example order {kind!r}")
+    ev = np.asarray(selection["examples"]["event"])
+    perm = np.random.default_rng(0).permutation(len(selection["events"]))
+    rank = np.empty_like(perm)
+    rank[perm] = np.arange(perm.size)
+    order = np.lexsort((np.arange(ev.size), rank[ev]))  # by event rank, then stored order
+    for c in range(0, order.size, chunk_size):
+        part = order[c:c + chunk_size]
+        order[c:c + chunk_size] = part[np.argsort(lens[part], kind="stable")]
+    return order
+
+
 def _bucket(n: int, step: int = 32) -> int:
     return max(step, -(-n // step) * step)
 
@@ -161,9 +181,11 @@ def compute(out_dir: str | os.PathLike, selection: dict, params, model_cfg, *, m
             progress: bool = True, log=print) -> Path:
     """Featurise `selection` into out_dir, resuming from the chunks already there.
 
-    Examples are processed in order of prompt length (less padding, few compiled shapes:
-    lengths are padded to multiples of 32); chunk c holds positions [c*chunk_size, ...) of
-    that order. Returns the directory.
+    Chunks follow a seeded random order of the EVENTS (an event's examples stay together), so
+    the chunks done at any moment cover a random sample of the events: a cache still being
+    computed can be used, as such a sample, with `FeatureSet(path, allow_partial=True)`.
+    Within a chunk examples run in order of prompt length (less padding; lengths are padded
+    to multiples of 32, so few shapes compile). Returns the directory.
     """
     import jax
 
@@ -172,7 +194,6 @@ def compute(out_dir: str | os.PathLike, selection: dict, params, model_cfg, *, m
     prompts = selection["prompts"]
     key = cache_key(model_digest, tok_digest, prompts_digest(prompts))
     n = len(prompts)
-    order = np.argsort([len(p) for p in prompts], kind="stable")
     n_chunks = -(-n // chunk_size)
     man_path = out / MANIFEST
     manifest = None
@@ -188,11 +209,13 @@ def compute(out_dir: str | os.PathLike, selection: dict, params, model_cfg, *, m
                     "prompts_digest": prompts_digest(prompts), "num_examples": n, "chunk_size": chunk_size,
                     "num_chunks": n_chunks, "hidden_size": int(model_cfg.hidden_size), "done": [],
                     "complete": False, "seconds": 0.0, "prompt_tokens": int(sum(len(p) for p in prompts)),
+                    "order": "events",
                     "info": dict(info or {})}
         buf = {k: v for k, v in selection["examples"].items()}
         atomic_io.atomic_write(out / EXAMPLES, lambda f: np.savez(f, **buf), binary=True)
         atomic_io.write_json({"events": selection["events"], "classes": selection["classes"]}, out / EVENTS)
         atomic_io.write_json(manifest, man_path)
+    order = example_order(selection, manifest.get("order", "length"), chunk_size)
     done = set(manifest["done"])
     todo = [c for c in range(n_chunks) if c not in done]
     if not todo:
@@ -239,14 +262,15 @@ def compute(out_dir: str | os.PathLike, selection: dict, params, model_cfg, *, m
 class FeatureSet:
     """A complete cache, loaded: features [N, D], per-example arrays, the event table."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, allow_partial: bool = False):
         self.path = Path(path)
         man = self.path / MANIFEST
         if not man.exists():
             raise UserError(f"{self.path}: no feature cache ({MANIFEST} missing); compute it first "
                             "(python launch/experiment.py features ...)")
         self.manifest = json.loads(man.read_text("utf-8"))
-        if not self.manifest.get("complete"):
+        self.partial = not self.manifest.get("complete")
+        if self.partial and not (allow_partial and self.manifest.get("order") == "events"):
             raise UserError(f"{self.path}: feature cache incomplete ({len(self.manifest['done'])} of "
                             f"{self.manifest['num_chunks']} chunks); rerun the feature command to resume")
         with np.load(self.path / EXAMPLES) as z:
@@ -256,12 +280,24 @@ class FeatureSet:
         n = int(self.manifest["num_examples"])
         self.features = np.zeros((n, int(self.manifest["hidden_size"])), np.float32)
         seen = np.zeros(n, bool)
-        for c in range(int(self.manifest["num_chunks"])):
+        for c in sorted(self.manifest["done"]):
             with np.load(self.path / f"chunk_{c:05d}.npz") as z:
                 self.features[z["positions"]] = z["features"]
                 seen[z["positions"]] = True
-        if not seen.all():
+        if not self.partial and not seen.all():
             raise UserError(f"{self.path}: {int((~seen).sum())} examples have no features; delete the cache and rerun")
+        if self.partial:  # keep the events whose every selected example is done (a random sample of events)
+            ev = self.examples["event"]
+            missing = np.zeros(len(self.events), bool)
+            missing[ev[~seen]] = True
+            keep_ev = np.flatnonzero(~missing)
+            remap = -np.ones(len(self.events), np.int64)
+            remap[keep_ev] = np.arange(keep_ev.size)
+            keep = ~missing[ev]
+            self.examples = {k: v[keep] for k, v in self.examples.items()}
+            self.examples["event"] = remap[self.examples["event"]]
+            self.features = self.features[keep]
+            self.events = [self.events[i] for i in keep_ev]
 
     @property
     def key(self) -> str:

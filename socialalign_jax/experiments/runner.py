@@ -97,6 +97,10 @@ def load_plan(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
     plan.setdefault("defaults", {})
     plan.setdefault("compare", [])
     plan.setdefault("bootstrap", {})
+    plan.setdefault("parallel", 1)  # train kind: cells run as concurrent launch/train.py processes
+    plan.setdefault("cell_timeout_s", 0)  # train kind: a cell still running after this is stopped (0 = none)
+    plan.setdefault("deadline_s", 0)  # train kind: no cell starts after this many seconds (0 = none)
+    plan.setdefault("rouge", True)  # train kind: ROUGE-L of the generated posts (off when max_new_tokens is tiny)
     rows = need("rows", lambda v: isinstance(v, list) and v, "a list of [[rows]] tables")
     seen = set()
     for i, r in enumerate(rows):
@@ -148,10 +152,12 @@ class HeadContext:
     def __init__(self, plan: dict):
         from socialalign_jax.experiments.features import FeatureSet
 
-        self.fs = FeatureSet(plan["features"])
+        self.fs = FeatureSet(plan["features"], allow_partial=bool(plan.get("allow_partial", False)))
         self.folds = FO.event_folds(self.fs.event_names, plan["folds"], plan["fold_seed"])
         self.fold_of = FO.fold_of(self.folds)
         self.identity = {"features": self.fs.key}
+        if self.fs.partial:  # a cell on a partial cache is a different cell from one on the complete cache
+            self.identity["events"] = self.fs.event_names
 
     def run(self, plan: dict, row: dict, fold: int, seed: int) -> dict:
         from socialalign_jax.experiments import heads
@@ -199,6 +205,10 @@ def _curve_record(curve: np.ndarray, points: int = 100) -> dict:
             "final_loss": float(last), "last_tenth_change": float((prev - last) / abs(prev)) if prev else math.nan}
 
 
+class CellFailed(UserError):
+    """A cell that could not finish; the runner records nothing for it and carries on."""
+
+
 class TrainContext:
     """Design B: per-fold datasets cut from one dataset of every event, and launch/train.py per cell."""
 
@@ -214,6 +224,12 @@ class TrainContext:
             built |= {names[int(e)] for e in self.base.index(s)["event_id"]}
         self.folds = FO.event_folds(sorted(built), plan["folds"], plan["fold_seed"])
         self.identity = {"data": str(self.base.path), "data_config": self.base.metadata.get("config")}
+        self.procs: set = set()
+
+    def stop(self) -> None:
+        """Terminate the training processes still running (the runner was interrupted)."""
+        for p in list(self.procs):
+            p.terminate()
 
     def fold_data(self, fold: int) -> Path:
         """<out>/data/fold<f>: the base dataset's settings with this fold's events as the test split."""
@@ -249,9 +265,19 @@ class TrainContext:
             with open(wd.with_suffix(".log"), "w", encoding="utf-8") as log:
                 log.write(" ".join(cmd) + "\n")
                 log.flush()
-                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+                env = {**os.environ, **{str(k): str(v) for k, v in plan.get("env", {}).items()}}
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                self.procs.add(proc)
+                try:
+                    rc = proc.wait(timeout=plan["cell_timeout_s"] or None)
+                except subprocess.TimeoutExpired:
+                    proc.terminate()
+                    proc.wait()
+                    raise CellFailed(f"{wd}: stopped after cell_timeout_s={plan['cell_timeout_s']}") from None
+                finally:
+                    self.procs.discard(proc)
             if rc != 0:
-                raise UserError(f"{wd}: launch/train.py failed (exit {rc}); see {wd.with_suffix('.log')}")
+                raise CellFailed(f"{wd}: launch/train.py failed (exit {rc}); see {wd.with_suffix('.log')}")
         recs = load_predictions(str(preds))
         ds = self.B.open_dataset(data)
         classes = list(ds.metadata.get("classes"))
@@ -262,7 +288,7 @@ class TrainContext:
         probs = np.asarray([r["probs"] for r in recs], np.float64)
         labels = np.asarray([classes.index(r["label"]) if r.get("label") is not None else -1 for r in recs])
         ev = np.asarray([pos[int(r["event_id"])] for r in recs])
-        rouge = C.rouge_l_f([r["reference"] for r in recs], [r["generated"] for r in recs])
+        rouge = C.rouge_l_f([r["reference"] for r in recs], [r["generated"] for r in recs]) if plan["rouge"] else None
         real = np.asarray([targets[e]["dist"] for e in test_ids], np.float64)
         events = C.event_records([names[e] for e in test_ids], real, probs, labels, ev, rouge=rouge)
         return {"events": events, "metrics": C.cell_metrics(events, classes), "workdir": str(wd)}
@@ -302,21 +328,60 @@ def run_plan(plan: dict, out: str | os.PathLike, *, log: Callable[[str], None] =
     log(f"{plan['name']}: {len(cell_list(plan))} cells, {len(cell_list(plan)) - len(todo)} already done, "
         f"{len(todo)} to run -> {log_path}")
     writer = atomic_io.AppendLog(log_path, keep_through_step=None)
+    start = time.time()
+    finished = [0]
+
+    def one(row, fold, seed, key):
+        if plan["kind"] == "train" and plan["deadline_s"] and time.time() - start > plan["deadline_s"]:
+            raise CellFailed(f"{row['name']} fold {fold} seed {seed}: not started, deadline_s={plan['deadline_s']} passed")
+        t0 = time.time()
+        res = ctx.run(plan, row, fold, seed)
+        return {"key": key, "row": row["name"], "fold": fold, "seed": seed, "seconds": round(time.time() - t0, 3),
+                **res}
+
+    def record(rec):
+        writer.append(rec)
+        done[rec["key"]] = rec
+        finished[0] += 1
+        m = rec["metrics"]
+        log(f"[{finished[0]}/{len(todo)}] {rec['row']} fold {rec['fold']} seed {rec['seed']}: "
+            f"JSD {m.get('jsd_mean', math.nan):.4f} F1 {m.get('macro_f1', math.nan):.4f} "
+            f"acc {m.get('accuracy', math.nan):.4f} ({rec['seconds']:.1f}s)")
+
+    failed = []
     try:
-        for i, (row, fold, seed, key) in enumerate(todo):
-            t0 = time.time()
-            res = ctx.run(plan, row, fold, seed)
-            rec = {"key": key, "row": row["name"], "fold": fold, "seed": seed, "seconds": round(time.time() - t0, 3),
-                   **res}
-            writer.append(rec)
-            done[key] = rec
-            m = res["metrics"]
-            log(f"[{i + 1}/{len(todo)}] {row['name']} fold {fold} seed {seed}: JSD {m.get('jsd_mean', math.nan):.4f}"
-                f" F1 {m.get('macro_f1', math.nan):.4f} acc {m.get('accuracy', math.nan):.4f}"
-                f" ({rec['seconds']:.1f}s)")
+        if plan["kind"] == "train":
+            for f in sorted({fold for _, fold, _, _ in todo}):  # every fold's dataset before any cell starts
+                ctx.fold_data(f)
+        if plan["kind"] == "train" and int(plan["parallel"]) > 1:
+            from concurrent.futures import ThreadPoolExecutor, as_completed
+
+            with ThreadPoolExecutor(int(plan["parallel"])) as pool:
+                futs = {pool.submit(one, *t): t for t in todo}
+                try:
+                    for fut in as_completed(futs):
+                        try:
+                            record(fut.result())
+                        except CellFailed as e:
+                            failed.append(str(e))
+                            log(f"cell failed: {e}")
+                except BaseException:
+                    for fut in futs:
+                        fut.cancel()
+                    ctx.stop()
+                    raise
+        else:
+            for t in todo:
+                try:
+                    record(one(*t))
+                except CellFailed as e:
+                    failed.append(str(e))
+                    log(f"cell failed: {e}")
     finally:
         writer.close()
-    return write_summary(plan, out, list(done.values()))
+    summ = write_summary(plan, out, list(done.values()))
+    summ["failed"] = failed
+    return summ
 
 
 def write_summary(plan: dict, out: Path, records: list[dict]) -> dict:
@@ -335,6 +400,8 @@ def write_summary(plan: dict, out: Path, records: list[dict]) -> dict:
                        n_resamples=int(bs.get("n_resamples", 2000)), seed=int(bs.get("seed", 0)),
                        confidence=float(bs.get("confidence", 0.95)))
     summ["plan"] = plan["name"]
+    if plan.get("allow_partial"):
+        summ["partial_note"] = "allow_partial: the events whose features were computed so far (a random sample)"
     summ["convergence"] = {r: [c["curve"]["last_tenth_change"] for c in cs if "curve" in c] for r, cs in by_row.items()}
     summ["convergence"] = {r: v for r, v in summ["convergence"].items() if v}
     labels = {r["name"]: r.get("label", r["name"]) for r in plan["rows"]}

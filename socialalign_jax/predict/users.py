@@ -164,7 +164,7 @@ def dataset_users(dataset_dir: str | os.PathLike) -> list[User]:
     from socialalign_jax.data import tfds_builders as B
 
     try:
-        ds = B.open_dataset(dataset_dir)
+        ds = B.open_dataset(_dataset_dir(dataset_dir))
     except DataError as e:
         raise UsersError(f"--users_from {dataset_dir}: {e}") from None
     conf = dict(ds.metadata.get("config") or {})
@@ -186,6 +186,16 @@ def dataset_users(dataset_dir: str | os.PathLike) -> list[User]:
     if not users:
         raise UsersError(f"{ds.path}: no users with a name in {raw}")
     return list(users.values())
+
+
+def _dataset_dir(path: str | os.PathLike) -> str:
+    """A built dataset directory, or a training run's directory (its config names the dataset it used)."""
+    if (Path(path) / "config.json").is_file() and (Path(path) / "checkpoints").is_dir():
+        from socialalign_jax.export import load_run_config
+
+        data_dir = load_run_config(os.fspath(path)).data.data_dir
+        return data_dir or os.path.join(os.fspath(path), "data")
+    return os.fspath(path)
 
 
 def _user_of(case: Case) -> User:

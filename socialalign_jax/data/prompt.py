@@ -37,6 +37,7 @@ covers the whole marker.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
@@ -305,6 +306,15 @@ def encode_with_spans(tokenizer, text: str, user_char: int, news_char: int) -> t
 _RENDERABLE_FROM = {"full": MODES, "without_persona": ("without_persona",), "without_history": ("without_history",)}
 
 
+NEWS_BOUNDARY_SLACK = 8  # tokens the news may lose to merges across its boundaries inside the prompt
+
+
+@functools.lru_cache(maxsize=16)
+def news_token_count(tokenizer, news: str) -> int:
+    """Tokens of the news text on its own (cached: every case of an event shares its news)."""
+    return len(tokenizer(news, add_special_tokens=False)["input_ids"])
+
+
 def _case_index(case: Case, event: Event) -> int | None:
     return next((i for i, c in enumerate(event.cases) if c is case), None)
 
@@ -348,6 +358,15 @@ def build_example(
     if include_response:
         resp_ids = tokenizer(case.weibo + IM_END, add_special_tokens=False)["input_ids"]
     budget = cfg.max_length - len(resp_ids)
+    # Bounded work (issue 19): the news is never cut, so a news text whose tokens alone exceed the
+    # budget overflows at once (tokenised once per event), without the cap searches below, each of
+    # which re-tokenises the whole prompt (minutes for a 1 MB news text over an event's cases).
+    if case.raw_prompt is None and news_token_count(tokenizer, event.news) > budget + NEWS_BOUNDARY_SLACK:
+        return overflow(PromptTooLong(
+            event.source, f"the news alone has {news_token_count(tokenizer, event.news)} tokens; with the "
+            f"{len(resp_ids)} response tokens it exceeds max_length {cfg.max_length} (the news is never cut)",
+            record, "news"), cfg, stats)
+
 
     def encode(h_cap: int | None, p_cap: int | None):
         if case.raw_prompt is not None:

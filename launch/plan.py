@@ -1,13 +1,17 @@
-"""Per-device memory of the training step on a mesh, before renting the mesh.
+"""Per-device memory of the training step (and the decode loop) on a mesh, before renting the mesh.
 
-    python launch/plan.py --config configs/weibo.py:7b --mesh fsdp=8
-    python launch/plan.py --config configs/weibo.py:7b --mesh data=2,fsdp=2,tensor=2 [--batch 16 --seq 1024]
+    python launch/plan.py --config configs/weibo.py:7b --mesh fsdp=8                 # fake CPU devices
+    python launch/plan.py --config configs/weibo.py:7b --topology v5p-128            # the TPU compiler
+    python launch/plan.py --config configs/weibo.py:7b --topology v5e-256 --mesh tensor=2,fsdp=-1 --batch 256
+    python launch/plan.py --config configs/weibo.py:1.5b --topology v5e-8 --sweep    # largest batch per layout
+    python launch/plan.py --config configs/weibo.py:7b --topology v5e-8 --step decode --batch 8
 
-Compiles the step ahead of time for data x fsdp x tensor fake CPU devices on abstract
-shapes (no weights are read, nothing is allocated) and prints per-device bytes of the
-frozen params, adapters, optimizer state and batch (exact, from the shardings) and the
-compiled step's argument / output / temp sizes (XLA's buffer assignment on CPU: an
-estimate of the accelerator's activation peak).
+No weights are read and nothing is allocated: the step is compiled ahead of time on abstract
+shapes. Without --topology it compiles for data x fsdp x tensor fake CPU devices (XLA:CPU's
+buffer assignment: an estimate of the accelerator's activation peak). With --topology NAME
+libtpu describes that TPU slice on this host and the TPU compiler itself compiles the step for
+it (as maxtext's train_compile.py does): its memory_analysis() is what each chip would hold,
+printed against the chip's HBM with whether it fits. Needs `pip install -e ".[tpu]"`.
 """
 
 from __future__ import annotations
@@ -27,10 +31,18 @@ _PRESET_MODELS = {"7b": "qwen2.5-7b", "1.5b": "qwen2.5-1.5b", "0.5b": "qwen2.5-0
 def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/weibo.py:7b", help="config file[:preset]")
-    p.add_argument("--mesh", default="fsdp=8", help="data=N,fsdp=N,tensor=N (device count = product)")
+    p.add_argument("--mesh", default="", help="data=N,fsdp=N,tensor=N; one axis may be -1 (default: fsdp=8 on "
+                   "fake CPU devices, fsdp=<all chips> with --topology)")
+    p.add_argument("--topology", default="", help="a TPU slice (v5e-8, v5e-256, v4-32, v5p-128, v6e-64, ...): "
+                   "compile with the TPU compiler for it (needs libtpu)")
+    p.add_argument("--step", choices=("train", "decode", "both"), default="train",
+                   help="what to compile: the train step, the decode loop (sampling.generate), or both")
+    p.add_argument("--sweep", action="store_true", help="with --topology: try mesh layouts and batch sizes and "
+                   "report the largest global batch that fits per layout")
     p.add_argument("--model", default="", help="model preset (presets.py) instead of the config's weights")
     p.add_argument("--batch", type=int, default=0, help="global batch (default: the config's G x M)")
-    p.add_argument("--seq", type=int, default=0, help="sequence length (default: data.max_length)")
+    p.add_argument("--seq", type=int, default=0, help="sequence length (default: data.max_length); decode: prompt")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="decode: tokens generated after the prompt")
     p.add_argument("--no_compile", action="store_true", help="only the exact per-tree figures")
     return p.parse_args(argv)
 
@@ -78,37 +90,76 @@ def main(argv=None) -> int:
 
     def run():
         try:
-            sizes = plan_lib.parse_mesh(args.mesh)
+            sizes = plan_lib.parse_mesh(args.mesh or ("fsdp=-1" if args.topology else "fsdp=8"))
+            tpu = plan_lib.tpu_slice(args.topology) if args.topology else None
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        n = math.prod(sizes.values())
-        # Fake CPU devices must be requested before jax initialises its backend.
-        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-        os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
-        os.environ["JAX_PLATFORMS"] = "cpu"
+        if args.sweep and tpu is None:
+            raise UserError("--sweep needs --topology (fake CPU devices have no memory limit to fit)")
+        os.environ["JAX_PLATFORMS"] = "cpu"  # the host runs nothing; a TPU slice is only a compile target
+        if tpu is not None:
+            if not plan_lib.libtpu_available():
+                raise UserError(plan_lib.LIBTPU_HINT)
+            plan_lib.quiet_libtpu_env(tpu)  # before jax starts: see its docstring
+        else:
+            if -1 in sizes.values():
+                raise UserError("--mesh: -1 needs --topology (on fake CPU devices give every axis a size)")
+            n = math.prod(sizes.values())
+            # Fake CPU devices must be requested before jax initialises its backend.
+            flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+            os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
         import jax
 
         from socialalign_jax import optim
         from socialalign_jax.mesh import make_mesh
         from socialalign_jax.train.loop import lora_config, loss_config
 
-        if jax.device_count() != n:
-            raise UserError(f"--mesh {args.mesh} needs {n} devices but jax has {jax.device_count()} "
-                            "(was jax imported before XLA_FLAGS was set?)")
+        if tpu is not None:
+            devices = plan_lib.tpu_devices(tpu)
+        else:
+            devices = jax.devices()
+            if len(devices) != n:
+                raise UserError(f"--mesh {args.mesh} needs {n} devices but jax has {len(devices)} "
+                                "(was jax imported before XLA_FLAGS was set?)")
         cfg = _load_config(args.config)
         mc = _model_config(cfg, args.model)
+        lc = lora_config(cfg)
         batch = args.batch or int(cfg.data.events_per_batch) * int(cfg.data.cases_per_event)
         seq = args.seq or int(cfg.data.max_length)
         optimizer, _ = optim.make_optimizer(dict(cfg.optim.to_dict(), total_steps=1000))
-        mesh = make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"])
-        try:
-            result = plan_lib.plan_train_step(mc, lora_config(cfg), loss_config(cfg), optimizer, mesh, batch, seq,
-                                              compile_step=not args.no_compile)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
+        target = f"{tpu.name} ({tpu.topology}, {len(devices)} x {devices[0].device_kind})" if tpu else "fake CPU devices"
         print(f"model {mc.family} L={mc.num_layers} D={mc.hidden_size} F={mc.intermediate_size} "
-              f"V={mc.vocab_size} dtype={mc.dtype} remat={mc.remat}; config {args.config}")
-        print(result.format())
+              f"V={mc.vocab_size} dtype={mc.dtype} remat={mc.remat}; config {args.config}; target {target}", flush=True)
+
+        def mesh_for(data, fsdp, tensor):
+            try:
+                return make_mesh(data, fsdp, tensor, devices=devices)
+            except ValueError as exc:
+                raise UserError(f"--mesh: {exc}") from None
+
+        def one(mesh, b, step):
+            try:
+                if step == "train":
+                    return plan_lib.plan_train_step(mc, lc, loss_config(cfg), optimizer, mesh, b, seq,
+                                                    compile_step=not args.no_compile)
+                return plan_lib.plan_decode(mc, lc if lc.targets else None, mesh, b, seq, args.max_new_tokens,
+                                            compile_step=not args.no_compile)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+
+        steps = ("train", "decode") if args.step == "both" else (args.step,)
+        if args.sweep:
+            for step in steps:
+                rows = plan_lib.sweep(lambda m, b: one(m, b, step), plan_lib.sweep_layouts(len(devices), mc.num_heads),
+                                      mesh_for, log=lambda text: print(text, flush=True))
+                print(f"sweep ({step}, seq {seq}): largest global batch that fits per layout")
+                for r in rows:
+                    layout = ",".join(f"{k}={v}" for k, v in r["layout"].items())
+                    print(f"  {layout:<28} max batch {r['max_batch']:>5}   peak {r['peak_gib']} GiB")
+            return 0
+        mesh = mesh_for(sizes["data"], sizes["fsdp"], sizes["tensor"])
+        for step in steps:
+            print(one(mesh, batch, step).format(), flush=True)
         return 0
 
     cli_main(run)

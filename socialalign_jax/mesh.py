@@ -11,6 +11,7 @@ import math
 from typing import Sequence
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 AXES = ("data", "fsdp", "tensor")
@@ -46,4 +47,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     """
     devs = list(devices) if devices is not None else jax.devices()
     shape = mesh_shape(len(devs), data, fsdp, tensor)
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devs)
+    # What jax.make_mesh does, plus allow_split_physical_axes: on a TPU torus (e.g. v5p 4x4x4) a
+    # logical axis of 2 or 32 must be allowed to split a physical axis of 4.
+    grid = mesh_utils.create_device_mesh(shape, devices=devs, allow_split_physical_axes=True)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))

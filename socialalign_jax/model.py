@@ -17,9 +17,22 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from socialalign_jax import layers, pac_lora
+from socialalign_jax import layers, pac_lora, sharding
 from socialalign_jax.config import ModelConfig, as_dtype
 from socialalign_jax.pac_lora import LoraConfig, MODULE_BLOCK
+
+
+# Logical axes of the activations at layer boundaries (sharding.LOGICAL_RULES maps them to the
+# mesh). Inside `sharding.activation_sharding(mesh)` each becomes a sharding constraint, so on
+# a (data, fsdp, tensor) mesh activations are split over the batch (and heads / mlp / vocab
+# over 'tensor') instead of being left to propagation, which replicates them on large slices;
+# outside that context they are no-ops.
+_ACT = ("batch", "length", "embed")  # residual stream [B, S, D]
+_ACT_HEADS = ("batch", "length", "heads", None)  # q, attention output [B, S, H, Dh]
+_ACT_KV = ("batch", "length", "kv_heads", None)  # k, v (and a layer's cache) [B, S|T, Hkv, Dh]
+_ACT_MLP = ("batch", "length", "mlp")  # gate, up [B, S, F]
+_ACT_VOCAB = ("batch", "length", "vocab")  # logits [B, S, V]
+_constrain = sharding.logical_constraint
 
 
 class ModelOutput(NamedTuple):
@@ -74,8 +87,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig 
     dt = as_dtype(dtype or cfg.dtype)
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     cache = {
-        "k": jnp.zeros(shape, dt),
-        "v": jnp.zeros(shape, dt),
+        "k": _constrain(jnp.zeros(shape, dt), ("layers",) + _ACT_KV),
+        "v": _constrain(jnp.zeros(shape, dt), ("layers",) + _ACT_KV),
         "key_pos": jnp.full((batch, max_len), -1, jnp.int32),
         "index": jnp.zeros((), jnp.int32),
         "next_pos": jnp.zeros((batch,), jnp.int32),
@@ -112,23 +125,26 @@ def _layer(cfg: ModelConfig, lc: LoraConfig | None, route: dict, x, lp, ad, kv, 
         return y
 
     b, s, _ = x.shape
+    x = _constrain(x, _ACT)
     h = layers.rms_norm(x, lp["input_norm"]["scale"], cfg.rms_norm_eps)
-    q = lin(h, "q", 0).reshape(b, s, cfg.num_heads, cfg.head_dim)
-    k = lin(h, "k", 1).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
-    v = lin(h, "v", 2).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+    q = _constrain(lin(h, "q", 0).reshape(b, s, cfg.num_heads, cfg.head_dim), _ACT_HEADS)
+    k = _constrain(lin(h, "k", 1).reshape(b, s, cfg.num_kv_heads, cfg.head_dim), _ACT_KV)
+    v = _constrain(lin(h, "v", 2).reshape(b, s, cfg.num_kv_heads, cfg.head_dim), _ACT_KV)
     q = layers.apply_rope(q, cos, sin)
     k = layers.apply_rope(k, cos, sin)
     if kv is not None:  # write this chunk into the cache, attend over every slot
         k_all, v_all, new_kv = kv(k, v)
+        k_all, v_all = _constrain(k_all, _ACT_KV), _constrain(v_all, _ACT_KV)
         attn = layers.attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), q_pos, k_pos)
     else:
         new_kv = None
         attn = layers.attention(q, k, v, q_pos, k_pos)
-    x = x + lin(attn.reshape(b, s, cfg.q_dim), "o", 3)
+    attn = _constrain(attn, _ACT_HEADS)
+    x = _constrain(x + lin(attn.reshape(b, s, cfg.q_dim), "o", 3), _ACT)
     h = layers.rms_norm(x, lp["post_attn_norm"]["scale"], cfg.rms_norm_eps)
-    gate = lin(h, "gate", 4)
-    up = lin(h, "up", 5)
-    x = x + lin(jax.nn.silu(gate) * up, "down", 6)
+    gate = _constrain(lin(h, "gate", 4), _ACT_MLP)
+    up = _constrain(lin(h, "up", 5), _ACT_MLP)
+    x = _constrain(x + lin(jax.nn.silu(gate) * up, "down", 6), _ACT)
     return x, new_kv, stats, new_pooled
 
 
@@ -170,7 +186,7 @@ def forward(params, input_ids, cfg: ModelConfig, *, attention_mask=None, positio
              "deterministic": deterministic}
     lc = lora_cfg if use_adapters else None
 
-    x = params["embed"]["embedding"][input_ids].astype(dt)
+    x = _constrain(params["embed"]["embedding"][input_ids].astype(dt), _ACT)
     cos, sin = layers.rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     q_pos = positions
     new_pos = jnp.where(valid, positions, -1)
@@ -205,24 +221,33 @@ def forward(params, input_ids, cfg: ModelConfig, *, attention_mask=None, positio
         x, kv_out, stats, pooled_out = _unrolled_layers(cfg, lc, route, x, layer_params, ad_layers, cache,
                                                         pooled_xs, layer_rngs, cos, sin, q_pos, k_pos, index)
     else:
-        def body(x, xs):
-            lp, ad, kv, pooled, lrng = xs
+        # The stacked KV cache [L, B, T, Hkv, Dh] rides in the scan's carry and each layer writes its
+        # chunk in place (dynamic_update_slice at [i, :, index]). As a scanned input and output it
+        # would be copied twice per decode step (sliced per layer in, stacked per layer out): the
+        # whole cache, 1.2 GB per token at 7B and batch 16.
+        def body(carry, xs):
+            x, kv = carry
+            lp, ad, pooled, lrng, i = xs
+
             def write_layer(k, v):
-                k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-                v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-                return k_all, v_all, (k_all, v_all)
+                k_c = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype)[None], (i, 0, index, 0, 0))
+                v_c = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype)[None], (i, 0, index, 0, 0))
+                k_all = jax.lax.dynamic_index_in_dim(k_c, i, 0, keepdims=False)  # this layer's slots [B, T, Hkv, Dh]
+                v_all = jax.lax.dynamic_index_in_dim(v_c, i, 0, keepdims=False)
+                return k_all, v_all, (k_c, v_c)
 
             write = write_layer if kv is not None else None
             x, kv_out, st, pst = _layer(cfg, lc, route, x, lp, ad, write, pooled, lrng, cos, sin, q_pos, k_pos,
                                         index)
-            return x, (kv_out, st, pst if pst else None)
+            return (x, kv_out), (st, pst if pst else None)
 
         if cfg.remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        x, (kv_out, stats, pooled_out) = jax.lax.scan(
-            body, x, (params["layers"], ad_layers, kv_xs, pooled_xs, layer_rngs))
+        (x, kv_out), (stats, pooled_out) = jax.lax.scan(
+            body, (x, kv_xs), (params["layers"], ad_layers, pooled_xs, layer_rngs,
+                               jnp.arange(cfg.num_layers, dtype=jnp.int32)))
 
-    hidden = layers.rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
+    hidden = _constrain(layers.rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps), _ACT)
     logits = None
     if compute_logits:
         logits = lm_logits(params, hidden, cfg)
@@ -289,9 +314,11 @@ def lm_logits(params, hidden, cfg: ModelConfig):
     """hidden [B, S, D] -> logits [B, S, V] in float32 (tied: the embedding's transpose)."""
     if cfg.tie_embeddings:
         w = params["embed"]["embedding"]
-        return jnp.einsum("bsd,vd->bsv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    w = params["lm_head"]["kernel"]
-    return jnp.einsum("bsd,dv->bsv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bsd,vd->bsv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    else:
+        w = params["lm_head"]["kernel"]
+        logits = jnp.einsum("bsd,dv->bsv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return _constrain(logits, _ACT_VOCAB)
 
 
 def sentiment_logits(hidden, prompt_len, head):

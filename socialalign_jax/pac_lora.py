@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from socialalign_jax import sharding
+
 USER, NEWS, OTHER = 0, 1, 2
 SEGMENTS = ("user", "news", "other")
 ROUTING_MODES = ("token", "pooled", "uniform_a", "uniform_b", "uniform")
@@ -48,7 +50,7 @@ class LoraConfig:
     targets: tuple[str, ...] = ALL_TARGETS
     routing: str = "token"
     num_classes: int = 3
-    fuse_base: str = "auto"  # 'auto' (fuse on the CPU backend only) | 'always' | 'never'
+    fuse_base: str = "auto"  # 'auto' (fuse when the target devices are CPUs) | 'always' | 'never'
 
     def __post_init__(self):
         if self.routing not in ROUTING_MODES:
@@ -222,8 +224,12 @@ base_plus_lora.defvjp(_base_plus_lora_fwd, _base_plus_lora_bwd)
 
 
 def _fuse_base(lc: LoraConfig) -> bool:
+    """'auto' fuses only when the traced program targets the CPU: GPU and TPU fuse the add into
+    the matmul themselves. The target is the mesh the step is traced for
+    (`sharding.target_platform`), not the host's backend, so a TPU plan compiled on a CPU host
+    takes the TPU path."""
     if lc.fuse_base == "auto":
-        return jax.default_backend() == "cpu"  # GPU and TPU fuse the add into the matmul themselves
+        return sharding.target_platform() == "cpu"
     return lc.fuse_base == "always"
 
 

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from socialalign_jax import model
+from socialalign_jax import model, sharding
 from socialalign_jax.config import ModelConfig
 from socialalign_jax.pac_lora import LoraConfig
 
@@ -50,7 +50,7 @@ class SamplingConfig:
     stop_tokens: tuple[int, ...] = (QWEN_IM_END, QWEN_ENDOFTEXT)
     pad_id: int = QWEN_ENDOFTEXT
     seed: int = 0
-    layer_loop: str = "auto"  # decode steps: 'scan' | 'unrolled' | 'auto' (unrolled on the CPU backend)
+    layer_loop: str = "auto"  # decode steps: 'scan' | 'unrolled' | 'auto' (unrolled when targeting CPUs)
 
     def __post_init__(self):
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
@@ -171,6 +171,15 @@ def seen_from_prompt(prompt_ids, prompt_mask, vocab_size: int):
 # ------------------------------------------------------------------ the decode loop
 
 
+def use_layer_loop(scfg: SamplingConfig) -> bool:
+    """Whether decode steps run the layers as a Python loop ('auto': when the traced program
+    targets the CPU, read from the mesh it is traced for by `sharding.target_platform`, not from
+    the host's backend; accelerators keep the scan)."""
+    if scfg.layer_loop == "auto":
+        return sharding.target_platform() == "cpu"
+    return scfg.layer_loop == "unrolled"
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "scfg"))
 def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_cfg: LoraConfig | None,
              scfg: SamplingConfig, spans, rng) -> GenerateOutput:
@@ -193,7 +202,7 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
 
     # Decode steps on the CPU run the layers as a Python loop over weights sliced once here:
     # a scan would copy every layer's weights out of the stack for every generated token.
-    unrolled = scfg.layer_loop == "unrolled" or (scfg.layer_loop == "auto" and jax.default_backend() == "cpu")
+    unrolled = use_layer_loop(scfg)
     step_params = model.unstack_layers(params) if unrolled else params
     state = dict(step=jnp.zeros((), jnp.int32), cache=out.cache, logits=logits, seen=seen,
                  tokens=jnp.full((b, max_new), scfg.pad_id, jnp.int32),

@@ -9,6 +9,9 @@ are replicated over experts and rank and sharded like their base kernel on D onl
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import logging
 from typing import Any, Mapping, Sequence
 
@@ -190,8 +193,79 @@ def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
                          f"data x fsdp = {n}; pad the batch with example_mask = 0 rows")
 
 
-def logical_constraint(x, axes: Sequence[str | None], mesh: Mesh, rules=None):
-    """with_sharding_constraint by logical names (for activations inside jit)."""
+# The mesh (and rules) that activations are constrained to while a step is traced; None
+# outside `activation_sharding`. A context rather than an argument threaded through the model,
+# as Flax's `nn.with_logical_constraint` reads the mesh and `nn.logical_axis_rules` from context:
+# the call sites in model.py name logical axes only, and carry over to Flax unchanged.
+_ACTIVATION_MESH: contextvars.ContextVar = contextvars.ContextVar("socialalign_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules=None):
+    """Within this block (at trace time), `logical_constraint` pins activations to `mesh`."""
+    token = _ACTIVATION_MESH.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def under_mesh(fn, mesh: Mesh, rules=None):
+    """fn traced inside `activation_sharding(mesh, rules)`: wrap a step before jax.jit.
+
+    The context is read while jit traces `fn`, so the constraints (and the backend choices of
+    `target_platform`) are baked into the compiled program for this mesh.
+    """
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with activation_sharding(mesh, rules):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def current_mesh() -> Mesh | None:
+    ctx = _ACTIVATION_MESH.get()
+    return None if ctx is None else ctx[0]
+
+
+def platform_of(mesh_or_devices) -> str:
+    """'cpu' | 'gpu' | 'tpu' of a mesh, a sharding or a device list (CUDA/ROCm devices report 'gpu')."""
+    if isinstance(mesh_or_devices, Mesh):
+        dev = mesh_or_devices.devices.flat[0]
+    elif isinstance(mesh_or_devices, jax.sharding.Sharding):
+        dev = next(iter(mesh_or_devices.device_set))
+    else:
+        dev = list(mesh_or_devices)[0]
+    plat = str(dev.platform).lower()
+    return "gpu" if plat in ("gpu", "cuda", "rocm") else plat
+
+
+def target_platform() -> str:
+    """The platform the code being traced will run on: the activation mesh's devices if a step is
+    being traced for a mesh (possibly a TPU slice described on a CPU host by `launch/plan.py`),
+    else the default backend. Backend-dependent choices (PAC-LoRA's fused base matmul, the
+    decode layer loop) read this, never `jax.default_backend()` directly."""
+    mesh = current_mesh()
+    if mesh is not None:
+        return platform_of(mesh)
+    return platform_of(jax.devices())
+
+
+def logical_constraint(x, axes: Sequence[str | None], mesh: Mesh | None = None, rules=None):
+    """with_sharding_constraint by logical names (for activations inside jit).
+
+    mesh/rules default to the enclosing `activation_sharding` context; with neither, x is
+    returned unchanged (single-device code paths carry no constraint). Dimensions not
+    divisible by their mesh axes fall back as in `logical_to_spec`.
+    """
+    if mesh is None:
+        ctx = _ACTIVATION_MESH.get()
+        if ctx is None:
+            return x
+        mesh, ctx_rules = ctx
+        rules = ctx_rules if rules is None else rules
+    if len(axes) != x.ndim:
+        raise ValueError(f"sharding: constraint axes {tuple(axes)} do not match an array of shape {x.shape}")
     return jax.lax.with_sharding_constraint(
         x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
 

@@ -62,6 +62,10 @@ def main(argv=None) -> int:
         raise UserError(f"{args.input}: no such file or directory (--input)")
     if args.max_events < 0:
         raise UserError(f"--max_events: {args.max_events} is negative")
+    out = Path(args.out).absolute()
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UserError(f"--out {args.out}: {blocker} is a file; --out must be a directory (the dataset is built below it)")
     logging.getLogger("absl").setLevel(logging.ERROR)
 
     from socialalign_jax.data import summary, tfds_builders as B
@@ -77,8 +81,12 @@ def main(argv=None) -> int:
                          test_fraction=args.test_fraction, split_by=args.split_by, seed=args.seed,
                          lamp_outputs=args.lamp_outputs, lamp_task=args.lamp_task, labels=labels,
                          max_events=args.max_events)
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # tfds' progress chatter
-        path = B.build(args.out, cfg, overwrite=args.overwrite)
+    try:
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # tfds' progress chatter
+            path = B.build(args.out, cfg, overwrite=args.overwrite)
+    except OSError as e:  # a full disk or an unwritable --out: one line (tfds leaves only its *.incomplete* dir)
+        from socialalign_jax.atomic_io import write_error
+        raise write_error(e.filename or args.out, e) from None
     s = summary.summarize(B.open_dataset(path).metadata)
     if args.json:
         print(json.dumps({"path": str(path), **s}, ensure_ascii=False))

@@ -43,6 +43,8 @@ def main(argv):
         workdir = _WORKDIR.value or os.path.join("runs", f"weibo-{cfg.preset}")
         if not _OUT.value:
             raise UserError("--out FILE.jsonl is required")
+        if os.path.isdir(_OUT.value):
+            raise UserError(f"--out {_OUT.value}: is a directory; expected a file name (predictions JSONL)")
         return run_generate(cfg, workdir, split=_SPLIT.value, out=_OUT.value, max_examples=_MAX.value,
                             greedy=_GREEDY.value, gates_out=_GATES.value, step=_STEP.value,
                             progress=not _NO_PROGRESS.value)

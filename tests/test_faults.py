@@ -406,3 +406,112 @@ def test_tokenizer_save_is_atomic_and_a_truncated_one_is_replaced(tmp_path):
     (tmp_path / "tokenizer" / "tokenizer.json").write_text('{"trunc')  # left by an older version
     path = data_setup._tokenizer_dir(tok, str(tmp_path))
     json.load(open(os.path.join(path, "tokenizer.json")))
+
+
+# ----------------------------------------------------------------------------- pathological inputs
+
+def _cli(script, *args, timeout=900):
+    r = subprocess.run([sys.executable, str(REPO / "launch" / script), *map(str, args)], cwd=REPO, env=script_env(1),
+                       capture_output=True, text=True, timeout=timeout)
+    return r.returncode, r.stdout, [ln for ln in r.stderr.splitlines() if ln.strip()]
+
+
+def test_megabyte_texts_do_not_hang_the_build(tmp_path):
+    """1 MB news, a 1 MB history post and an 80k-character response: bounded work, a generous no-hang guard."""
+    from socialalign_jax.data.sample import load_sample_dir
+
+    rs = np.random.default_rng(0)
+    alphabet = np.array(list("我们今天的新闻是关于天气和经济发展人民生活水平提高了很多"))
+    text = lambda n: "".join(rs.choice(alphabet, n))  # noqa: E731 - no punctuation: jieba's slowest case
+    events = tmp_path / "events"
+    events.mkdir()
+    src = sorted(load_sample_dir().glob("*.json"))[:3]
+    for f in src:
+        shutil.copy(f, events / f.name)
+    ev = json.loads(src[0].read_text(encoding="utf-8"))
+    ev["news"] = text(1_000_000)
+    ev["cases"][0]["history"][0]["text"] = text(1_000_000)
+    ev["cases"][1]["weibo"] = text(80_000)
+    (events / src[0].name).write_text(json.dumps(ev, ensure_ascii=False), encoding="utf-8")
+    rc, out, err = _cli("build_dataset.py", "--source", "socialweibo", "--input", events, "--out", tmp_path / "d",
+                        "--max_length", 320, "--json", timeout=600)  # minutes before the fix; seconds now
+    assert rc == 0, err
+    summary = json.loads(out)
+    assert summary["stats"]["skipped_too_long"] == len(ev["cases"])  # the 1 MB event's cases overflow, counted
+
+
+def test_a_long_generated_post_does_not_hang_the_labeller(tmp_path):
+    from socialalign_jax.evaluation.labellers import MAX_LABEL_CHARS, LexiconLabeller
+
+    labels = ["negative", "neutral", "positive"]
+    recs = [{"event": "e", "event_id": 0, "user": "u", "prompt_id": i, "generated": g, "reference": "好",
+             "label": "positive", "probs": [0.2, 0.2, 0.6], "labels": labels}
+            for i, g in enumerate(["太好了" * 27_000, "\u200b \u200d\ufeff"])]
+    preds = tmp_path / "p.jsonl"
+    atomic_io.write_jsonl(recs, preds)
+    rc, out, err = _cli("evaluate.py", "--predictions", preds, "--out", tmp_path / "ev", timeout=600)
+    assert rc == 0 and err == [], err
+    # what the labeller reads is documented: the first MAX_LABEL_CHARS characters
+    lab = LexiconLabeller()
+    assert lab.label([recs[0]["generated"]]) == lab.label([recs[0]["generated"][:MAX_LABEL_CHARS]])
+    assert lab.label([recs[1]["generated"]]) == ["neutral"]  # whitespace and zero-width only: no sentiment
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    rc, _, err = _cli("evaluate.py", "--predictions", f, "--out", f)
+    assert rc == 2 and len(err) == 1 and "is a file; expected a directory" in err[0], err
+    rc, _, err = _cli("build_dataset.py", "--source", "socialweibo", "--input", tmp_path, "--out", f / "sub")
+    assert rc == 2 and len(err) == 1 and f"{f} is a file" in err[0], err
+    assert f.read_text() == "x"
+
+
+def test_bad_text_fields_name_file_record_and_field(tmp_path):
+    from socialalign_jax.data.records import DataError, read_event_file
+    from socialalign_jax.data.sample import load_sample_dir
+
+    src = sorted(load_sample_dir().glob("*.json"))[0]
+    good = json.loads(src.read_text(encoding="utf-8"))
+
+    def bad(mutate):
+        ev = json.loads(json.dumps(good))
+        mutate(ev)
+        p = tmp_path / "event.json"
+        p.write_text(json.dumps(ev, ensure_ascii=True), encoding="utf-8")  # "\ud800" stays an escape
+        with pytest.raises(DataError) as e:
+            read_event_file(p)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    msg = bad(lambda ev: ev["cases"][2]["history"][1].update(text="ok \ud800 no"))
+    assert "record 2: field 'history[1].text': not valid Unicode text (lone surrogate" in msg
+    assert "record 1: field 'user_level': expected a string or a finite number, got nan" in bad(
+        lambda ev: ev["cases"][1].update(user_level=float("nan")))
+    assert "record 0: field 'weibo': empty response" in bad(lambda ev: ev["cases"][0].update(weibo=" \u200b\u200d\t"))
+
+
+def test_duplicate_records_are_refused(tmp_path):
+    from socialalign_jax.data.converters import zs_csd
+    from socialalign_jax.data.records import DataError
+    from socialalign_jax.evaluation.predictions import InputError, load_predictions
+    from socialalign_jax.evaluation.report import format_event_table
+
+    recs = [{"id": 7, "target": "t", "sentences": ["a", "b"], "speakers": [0, 1], "label": 0},
+            {"id": 8, "target": "t", "sentences": ["a", "c"], "speakers": [0, 2], "label": 1},
+            {"id": 7, "target": "t", "sentences": ["a", "d"], "speakers": [0, 3], "label": 2}]
+    (tmp_path / "dev_data.json").write_text(json.dumps(recs), encoding="utf-8")
+    with pytest.raises(DataError, match=r"dev_data.json: record 2: field 'id': duplicate record id 7 "
+                                        r"\(also dev_data.json record 0\)"):
+        zs_csd.read_zs_csd(str(tmp_path / "dev_data.json"))
+
+    labels = ["negative", "neutral", "positive"]
+    row = {"event": "line one\nline two", "event_id": 0, "user": "u", "prompt_id": "0:1", "generated": "g",
+           "reference": "r", "label": None, "probs": [0.2, 0.2, 0.6], "labels": labels}
+    preds = tmp_path / "p.jsonl"
+    atomic_io.write_jsonl([row, dict(row, prompt_id="0:2"), row], preds)
+    with pytest.raises(InputError, match=r"p.jsonl:3: duplicate record \(the same as line 1; prompt_id \"0:1\"\)"):
+        load_predictions(str(preds))
+    table = format_event_table([{"event_id": 0, "event": row["event"], "n": 1, "real": None, "head": [0.2, 0.2, 0.6],
+                                 "head_jsd": None}], labels)
+    assert len(table.splitlines()) == 3 and "line one line two" in table  # the newline does not break the row

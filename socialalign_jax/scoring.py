@@ -143,7 +143,7 @@ def encode_record(tokenizer, obj: dict, *, chat: bool, where: str, system: str |
         chars = marker_offsets(content)
     spans = None
     if chars is not None:
-        base = rendered.index(content) if chat else 0
+        base = rendered.rindex(content + IM_END) if chat else 0  # the user turn: the last one
         p_ids, u, n = encode_with_spans(tokenizer, rendered, base + chars[0], base + chars[1])
         spans = (u, n)
     else:

@@ -117,6 +117,9 @@ def test_merged_marker_boundary(tok):
     assert tok.decode(ids[u:v]) == " 现在你看到了一则新闻: 猫咪救主的故事\n现在"
     with pytest.raises(DataError, match=r"a\.json: record 0: field 'instruction': mode 'without_history'"):
         build_example(case, ev, tok, PromptConfig(mode="without_history"))
+    case.raw_prompt = "没有标记的提示"
+    with pytest.raises(DataError, match=r"a\.json: record 0: field 'instruction': prompt lacks the markers"):
+        build_example(case, ev, tok, PromptConfig())
 
 
 def test_truncation_longest_history_first(tok):

@@ -367,15 +367,17 @@ def build_example(
             f"{len(resp_ids)} response tokens it exceeds max_length {cfg.max_length} (the news is never cut)",
             record, "news"), cfg, stats)
 
-
     def encode(h_cap: int | None, p_cap: int | None):
         if case.raw_prompt is not None:
-            uc, nc = marker_offsets(case.raw_prompt)
-            r = RenderedPrompt(case.raw_prompt, uc, nc)
+            chars = marker_offsets(case.raw_prompt)
+            if chars is None:
+                raise DataError(event.source, f"prompt lacks the markers {USER_MARKER!r} and {NEWS_MARKER!r} "
+                                "(in that order)", record, "instruction")
+            r = RenderedPrompt(case.raw_prompt, *chars)
         else:
             r = render_user_prompt(case.user_name, posts, persona, event.news, event.topic, cfg.mode, h_cap, p_cap)
         full = chat_prompt(r.text)
-        base = full.index(r.text)
+        base = full.rindex(r.text + IM_END)  # where the user turn starts (not a copy in the system turn)
         return encode_with_spans(tokenizer, full, base + r.user_char, base + r.news_char)
 
     ids, user_end, news_end = encode(None, None)

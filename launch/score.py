@@ -61,6 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import os
+
+    if os.path.exists(args.out) and os.path.exists(args.input) and os.path.samefile(args.out, args.input):
+        raise UserError(f"--out {args.out} is the --input file; choose another output (the input would be replaced)")
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out}: is a directory; expected a file name")
     from socialalign_jax import scoring
     from socialalign_jax.atomic_io import write_jsonl
     from socialalign_jax.data.prompt import SYSTEM_PROMPT

@@ -24,7 +24,6 @@ import hashlib
 import importlib.resources
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -208,11 +207,15 @@ def _cached_qwen2_tokenizer_file() -> Path:
         return target
     text = build_qwen2_tokenizer_json(src)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Atomic publish: concurrent first loads each write a temp file, one wins.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, target)
+    # Atomic publish (unique temp file, fsync, rename, umask mode): concurrent first loads each
+    # write a temp file, one wins; a full disk leaves no partial cache file behind.
+    from socialalign_jax.atomic_io import write_text
+    from socialalign_jax.errors import UserError
+
+    try:
+        write_text(target, text)
+    except UserError as e:  # one line naming the file (and, on a full disk, the space needed)
+        raise TokenizerFileError(str(e)) from None
     return target
 
 

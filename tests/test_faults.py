@@ -515,3 +515,11 @@ def test_duplicate_records_are_refused(tmp_path):
     table = format_event_table([{"event_id": 0, "event": row["event"], "n": 1, "real": None, "head": [0.2, 0.2, 0.6],
                                  "head_jsd": None}], labels)
     assert len(table.splitlines()) == 3 and "line one line two" in table  # the newline does not break the row
+
+
+def test_score_refuses_to_overwrite_its_input(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"text": "hello"}\n')
+    rc, _, err = _cli("score.py", "--checkpoint", tmp_path, "--input", inp, "--out", inp)
+    assert rc == 2 and len(err) == 1 and "is the --input file" in err[0], err
+    assert inp.read_text() == '{"text": "hello"}\n'

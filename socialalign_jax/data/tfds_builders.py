@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -217,7 +218,11 @@ def prepare(units: Sequence[Unit], event_names: Sequence[str], cfg: SocialConfig
     targets = T.macro_targets(lab, len(cfg.labels))
     stats = BuildStats()
     out: dict[str, list[dict]] = {s: [] for s in names}
-    for u, s in zip(units, splits):
+    from tqdm import tqdm
+
+    # Progress on an interactive terminal only (disable=None): encoding is the slow part of a build.
+    for u, s in tqdm(list(zip(units, splits)), desc="encoding cases", unit="case", disable=None, leave=False,
+                     file=sys.stderr):
         ex = u.encode(stats)
         if ex is None:
             continue

@@ -266,6 +266,22 @@ def test_users_given_as_dicts_or_objects_predict_the_same(predictor):
     assert isinstance(users[0], User)
 
 
+def test_exported_adapters_on_a_weights_spec_predict_as_the_run_does(predictor, tmp_path):
+    from socialalign_jax import adapter_io
+
+    path = adapter_io.save_adapters(jax.device_get(predictor.adapters), predictor.lora_cfg, predictor.model_cfg,
+                                    tmp_path / "export")
+    exported = Predictor.from_adapters(tmp_path / "export", "random:tiny-qwen2", max_length=224,
+                                       sampling=predictor.sampling, batch_size=predictor.batch_size)
+    assert exported.run["adapters"] == os.path.abspath(path.parent) and exported.labels == predictor.labels
+    users = read_users(USERS)
+    a = predictor.predict(NEWS, users, samples=2, seed=3)
+    b = exported.predict(NEWS, users, samples=2, seed=3)
+    for ua, ub in zip(a.users, b.users):
+        np.testing.assert_allclose(list(ua.sentiment.values()), list(ub.sentiment.values()), atol=1e-6)
+        assert ua.posts == ub.posts
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 

@@ -272,7 +272,8 @@ class Predictor:
                       labels: Sequence[str] = DEFAULT_LABELS, mode: str = "full", max_length: int = 1024,
                       num_history: int = 5, sampling: SamplingConfig | None = None, dtype: str | None = None,
                       **kw) -> "Predictor":
-        """Exported adapters (launch/export.py: safetensors, peft or orbax) on the base model `weights` names."""
+        """Exported adapters on the base model `weights` names (any layout `adapter_io.load_adapters` reads,
+        or an `launch/export.py --format orbax` directory); the prompt settings are the training run's."""
         from socialalign_jax import adapter_io, export
         from socialalign_jax.weights import resolve_weights
 
@@ -320,10 +321,10 @@ class Predictor:
             event.cases = [case]
             try:
                 ex = build_example(case, event, self.tokenizer, self.prompt_cfg, include_response=False)
-            except PromptTooLong:
-                raise PredictError(f"{event.source} for user {u.user_name!r}: the prompt does not fit: its tokens "
-                                   f"exceed max_length {self.prompt_cfg.max_length} (the model's context for prompts) "
-                                   "even with the history and persona cut; shorten the news") from None
+            except PromptTooLong as e:
+                raise PredictError(f"{event.source} for user {u.user_name!r}: the prompt does not fit ({e.what}); "
+                                   f"prompts must not exceed max_length {self.prompt_cfg.max_length} tokens (the run's "
+                                   "context for prompts): shorten the news") from None
             except DataError as e:
                 raise PredictError(f"{event.source} for user {u.user_name!r}: {e.what}") from None
             n = int(ex["prompt_len"])

@@ -94,13 +94,13 @@ def test_load_from_checkpoint_dir(tok, tmp_path):
 
 
 def test_chat_template_kept_and_rendered_by_transformers(tok, tmp_path):
-    """The built-in tokenizer carries ChatML as jinja; save_pretrained + (our | transformers') loader keep
-    it, and transformers' apply_chat_template gives exactly the text of our chat_template()."""
-    transformers = pytest.importorskip("transformers")
+    """The built-in tokenizer carries ChatML as jinja; save_pretrained + our loader keep it, and
+    transformers' apply_chat_template gives exactly the text of our chat_template() (AutoTokenizer on
+    a saved directory: tests/test_export_hf.py)."""
     msgs = [{"role": "system", "content": "你是一个微博用户。"}, {"role": "user", "content": "第一行\n第二行"},
             {"role": "assistant", "content": "好"}, {"role": "user", "content": "再来"}]
     tok.save_pretrained(str(tmp_path / "saved"))
-    for t in (load_tokenizer(tmp_path / "saved"), transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))):
+    for t in (tok, load_tokenizer(tmp_path / "saved")):
         for gen in (True, False):
             assert t.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == chat_template(msgs, gen)
     # A checkpoint's own template (tokenizer_config.json, the pre-4.43 place) is kept as is.

@@ -18,11 +18,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from socialalign_jax.cli_setup import quiet_startup  # noqa: E402
+from socialalign_jax.cli_setup import quiet_startup, run_absl  # noqa: E402
 
 quiet_startup()
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (saved config + checkpoints).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
@@ -73,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_absl(main)

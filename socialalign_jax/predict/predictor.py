@@ -184,7 +184,7 @@ def _check_text(value: Any, field: str) -> str:
     if not isinstance(value, str):
         raise PredictError(f"{field}: expected a string, got {type(value).__name__}")
     if not value.strip():
-        raise PredictError(f"{field}: empty; give the news text to predict the response to")
+        raise PredictError(f"{field}: empty" + ("" if field == "topic" else "; give the news text to predict the response to"))
     return value
 
 

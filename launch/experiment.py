@@ -87,6 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a top-level plan key (TOML value), e.g. --set features=/tmp/f --set 'seeds=[0]'")
     ap.add_argument("--summary_only", action="store_true", help="rewrite the summary from cells.jsonl, run nothing")
+    ap.add_argument("--eval_md", default=None,
+                    help="also write the tables into this markdown file, between the lines "
+                         "<!-- EXPERIMENT:<plan name>:BEGIN --> and <!-- EXPERIMENT:<plan name>:END -->")
     a = ap.parse_args(argv)
     import logging
 
@@ -105,7 +108,26 @@ def main(argv=None) -> int:
     else:
         summ = runner.run_plan(plan, a.out)
     print((Path(a.out) / "summary.md").read_text("utf-8") if summ["rows"] else "no finished cells")
+    if a.eval_md and summ["rows"]:
+        fill_markdown(Path(a.eval_md), plan["name"], summ["markdown"], " ".join(["python launch/experiment.py", *argv]))
     return 0
+
+
+def fill_markdown(path: Path, name: str, block: str, command: str) -> None:
+    """Replace the text between this plan's markers in `path` (atomically); the markers must exist."""
+    import re
+
+    from socialalign_jax import atomic_io
+
+    begin, end = f"<!-- EXPERIMENT:{name}:BEGIN -->", f"<!-- EXPERIMENT:{name}:END -->"
+    try:
+        text = path.read_text("utf-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read (--eval_md): {e.strerror}") from None
+    if begin not in text or end not in text:
+        raise UserError(f"{path}: no {begin} ... {end} block to fill (--eval_md)")
+    body = f"{begin}\n_Written by `{command}`._\n\n{block}\n{end}"
+    atomic_io.write_text(path, re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: body, text, flags=re.S))
 
 
 if __name__ == "__main__":

@@ -217,6 +217,14 @@ def test_feature_cache_is_what_the_head_reads_and_resumes(tiny, tmp_path):
     (out / F.MANIFEST).write_text(json.dumps(man))
     with pytest.raises(Exception, match="incomplete"):
         F.FeatureSet(out)
+    # a partial cache as a sample of events: only events whose every example is done, same features
+    part = F.FeatureSet(out, allow_partial=True)
+    names = [e["name"] for e in part.events]
+    assert part.partial and 0 < len(names) < 6
+    full_rows = [i for i in range(30) if fs.event_names[fs.examples["event"][i]] in names]
+    np.testing.assert_array_equal(part.features, fs.features[full_rows])
+    assert [part.event_names[e] for e in part.examples["event"]] == [fs.event_names[fs.examples["event"][i]]
+                                                                     for i in full_rows]
     before = (out / "chunk_00000.npz").stat().st_mtime_ns
     F.compute(out, sel, params, tiny.cfg, model_digest=digest, tok_digest="t", chunk_size=8, progress=False)
     assert (out / "chunk_00000.npz").stat().st_mtime_ns == before

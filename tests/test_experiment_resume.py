@@ -99,10 +99,6 @@ def test_sigterm_then_resume_reruns_nothing_finished(plan_file, tmp_path):
     cells = {(r["row"], r["fold"], r["seed"]) for r in map(json.loads, after)}
     assert len(cells) == 18
 
-    # a third run has nothing to do
-    res = subprocess.run(_cmd(plan_file, out), env=_env(), capture_output=True, text=True, timeout=600)
-    assert "18 already done, 0 to run" in res.stdout
-
     ref_out = tmp_path / "straight"
     res = subprocess.run(_cmd(plan_file, ref_out), env=_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr

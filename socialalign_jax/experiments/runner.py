@@ -283,7 +283,8 @@ class TrainContext:
         classes = list(ds.metadata.get("classes"))
         targets = ds.targets("test")
         names = list(ds.metadata["events"])
-        test_ids = sorted(targets)
+        test_ids = sorted({int(r["event_id"]) for r in recs})  # held-out events with predictions (all, unless
+        # train.eval_max_examples scored a subset)
         pos = {e: i for i, e in enumerate(test_ids)}
         probs = np.asarray([r["probs"] for r in recs], np.float64)
         labels = np.asarray([classes.index(r["label"]) if r.get("label") is not None else -1 for r in recs])
@@ -401,13 +402,23 @@ def write_summary(plan: dict, out: Path, records: list[dict]) -> dict:
                        confidence=float(bs.get("confidence", 0.95)))
     summ["plan"] = plan["name"]
     if plan.get("allow_partial"):
-        summ["partial_note"] = "allow_partial: the events whose features were computed so far (a random sample)"
+        summ["partial_note"] = "the events whose features were computed so far (a random sample of the plan's events)"
     summ["convergence"] = {r: [c["curve"]["last_tenth_change"] for c in cs if "curve" in c] for r, cs in by_row.items()}
     summ["convergence"] = {r: v for r, v in summ["convergence"].items() if v}
+    summ["num_events"] = summ.get("num_events", 0)
     labels = {r["name"]: r.get("label", r["name"]) for r in plan["rows"]}
     summ["labels"] = labels
     atomic_io.write_json(summ, out / "summary.json")
-    atomic_io.write_text(out / "summary.md", S.markdown(summ, labels, plan.get("title", plan["name"])) + "\n")
+    md = S.markdown(summ, labels, plan.get("title", plan["name"]))
+    conv = [abs(x) for v in summ["convergence"].values() for x in v if math.isfinite(x)]
+    if conv:
+        md += (f"\n\nConvergence: over the last 10% of steps the training loss moved by a median "
+               f"{100 * float(np.median(conv)):.2f}% (at most {100 * max(conv):.2f}%) of its value over the 10% before "
+               f"({len(conv)} trained cells; curves: curves.png beside summary.md).")
+    if summ.get("partial_note"):
+        md += f"\n\nPartial feature cache: {summ['num_events']} held-out events, {summ['partial_note']}."
+    summ["markdown"] = md
+    atomic_io.write_text(out / "summary.md", md + "\n")
     curves = {r: [c["curve"] for c in cs if "curve" in c] for r, cs in by_row.items()}
     curves = {r: v for r, v in curves.items() if v}
     if curves:

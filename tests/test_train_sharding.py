@@ -1,5 +1,8 @@
 """The train step does not depend on the mesh: 2x2x2 and 8x1x1 match one device.
 
+The step is traced under `sharding.under_mesh`, so the activation sharding constraints of
+model.py are in the compiled program (test_activation_constraints_in_the_program checks that).
+
 Three steps of the real jitted step (dropout on, same rng, event-grouped batches from the
 built sample) on each mesh; the losses and the updated adapters (and Adam moments) must
 equal the single-device run to 1e-5. A sharding-dependent random stream (dropout bits
@@ -54,7 +57,9 @@ def run_on(mesh, s):
     param_sh = sharding.shardings_for(s["params"], mesh)
     batch_sh = sharding.batch_sharding(mesh)
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step = jax.jit(s["fn"], in_shardings=(param_sh, state_sh, batch_sh, repl), out_shardings=(state_sh, repl))
+    # Traced under the mesh as train.loop does: model.py's activation constraints are live here.
+    step = jax.jit(sharding.under_mesh(s["fn"], mesh), in_shardings=(param_sh, state_sh, batch_sh, repl),
+                   out_shardings=(state_sh, repl))
     params = jax.device_put(s["params"], param_sh)
     state = jax.device_put(state, state_sh)
     rng = jax.device_put(jax.random.PRNGKey(7), repl)
@@ -87,3 +92,21 @@ def test_mesh_matches_single_device(setup, single, shape):
     # the adapters did move (the comparison is not between two initial states)
     moved = np.abs(np.asarray(state["adapters"]["layers"]["attn"]["q"]["A"]) - setup["adapters"]["layers"]["attn"]["q"]["A"])
     assert moved.max() > 1e-4
+
+
+def test_activation_constraints_in_the_program(setup):
+    """The lowered 2x2x2 step pins activations: batch over (data, fsdp), heads/mlp/vocab over tensor."""
+    mesh = make_mesh(2, 2, 2)
+    _, _, step = run_on(mesh, setup)
+    state = step_lib.init_train_state(setup["adapters"], setup["optimizer"])
+    b = setup["batches"][0]
+    text = step.lower(setup["params"], state, b, jax.random.PRNGKey(7)).as_text()
+    constraints = [ln for ln in text.splitlines() if "sharding_constraint" in ln]
+    assert len(constraints) >= 10
+    joined = "\n".join(constraints)
+    assert '[{"data", "fsdp"}, {}, {}]' in joined  # residual stream [B, S, D]
+    assert '[{"data", "fsdp"}, {}, {"tensor"}]' in joined  # mlp activations [B, S, F], logits [B, R, V]
+    assert '[{"data", "fsdp"}, {}, {"tensor"}, {}]' in joined  # q [B, S, H, Dh]
+    # outside the mesh context the same function carries none (single-device paths are untouched)
+    plain = jax.jit(setup["fn"]).lower(setup["params"], state, b, jax.random.PRNGKey(7)).as_text()
+    assert "sharding_constraint" not in plain

@@ -200,3 +200,33 @@ def test_stock_tfds_reads_and_builds_by_name(tmp_path, capfd):
         assert not (d / "downloads").exists()
     out = capfd.readouterr()
     assert "Downloading and preparing" not in out.out + out.err and "downloaded and prepared" not in out.out + out.err
+
+
+def test_source_alpaca_builds_the_same_examples_as_the_raw_events(tmp_path):
+    """--source alpaca on records in the authors' format (their template applied by the test's own
+    copy, tests/authors_prompt.py) gives the same token ids, spans and loss masks as --source
+    socialweibo on the raw events they were made from."""
+    from authors_prompt import authors_instruction
+
+    (tmp_path / "raw").mkdir()
+    records = []
+    for e in range(2):
+        cases = [{"user_name": f"用户{e}{c}", "weibo": f"回复{e}{c}，" + "好" * (c + 1), "history_is_selected": True,
+                  "history": [{"text": f"帖子{k}"} if k != 2 else {"text": "转发评论", "retweet": {"text": f"原文{e}"}}
+                              for k in range(5)],
+                  "user_persona": f"画像{c}\n\n喜欢新闻"} for c in range(3)]
+        ev = {"topic": f"话题{e}", "news": f"第{e}条新闻：某市发生了一件大事。", "cases": cases}
+        (tmp_path / "raw" / f"ev{e}.json").write_text(json.dumps(ev, ensure_ascii=False), encoding="utf-8")
+        records += [{"instruction": authors_instruction(c, ev["topic"], ev["news"], "full"), "input": "",
+                     "output": c["weibo"]} for c in cases]
+    (tmp_path / "alpaca.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    built = {}
+    for source, inp in (("socialweibo", tmp_path / "raw"), ("alpaca", tmp_path / "alpaca.json")):
+        B.build(tmp_path / source, B.SocialConfig(name="t", source=source, input=str(inp), max_length=512,
+                                                  test_fraction=0.0))
+        src = B.open_dataset(tmp_path / source).source("train")
+        built[source] = [src[i] for i in range(len(src))]
+    assert len(built["alpaca"]) == len(built["socialweibo"]) == 6
+    for a, b in zip(built["alpaca"], built["socialweibo"]):
+        for k in ("input_ids", "loss_mask", "user_end", "news_end", "prompt_len"):
+            assert np.array_equal(a[k], b[k]), k

@@ -167,10 +167,17 @@ def _hf_bf16(torch, dev, params, cfg, adapters=None, lc=None):
         routing = tref.Routing()
         mods = tref.inject(hf, routing, dropout=lc.dropout)
         tref.load_adapters(hf, adapters)
+    hf.requires_grad_(False)  # the base is frozen with or without adapters (decode has none)
+    for m in mods:  # ... and only the adapters train
+        for name, prm in m.named_parameters():
+            if not name.startswith("base."):
+                prm.requires_grad_(True)
     hf = hf.to(dev)
     for prm in hf.parameters():  # the frozen base in bf16; adapters (the trainable ones) stay float32
         if not prm.requires_grad:
             prm.data = prm.data.to(torch.bfloat16)
+    if adapters is None:  # a float32 baseline would make our bf16 decode look ~2x faster than it is
+        assert {prm.dtype for prm in hf.parameters()} == {torch.bfloat16}
     return hf, mods, routing
 
 
@@ -287,7 +294,7 @@ def bench_train_step(torch, dev, cfg, b: int, s: int, resp: int, repeats: int) -
     loss_cfg = step_lib.LossConfig(max_response_tokens=resp)
     params = common.init_params(cfg)  # bf16
     adapters = common.random_adapters(cfg, lc)  # float32, B != 0
-    batch = ts.make_batch(b, s, resp)
+    batch = ts.make_batch(b, s, resp, vocab=min(cfg.vocab_size, 150000))
     jbatch = jax.device_put(batch)
 
     # ---- ours, deterministic, for the agreement check: loss terms and the gradient of layer 0's q B
@@ -399,7 +406,8 @@ def bench_decode(torch, dev, cfg, prompt: int, new: int, repeats: int) -> dict:
     hf.eval()
     scfg = sampling.SamplingConfig(greedy=True, repetition_penalty=1.0, max_new_tokens=new, stop_tokens=())
     out = {"shape": f"{cfg.hidden_size}/{cfg.intermediate_size} layers x {cfg.num_layers}, vocab {cfg.vocab_size}, "
-                    f"prompt {prompt}, {new} new tokens, bf16"}
+                    f"prompt {prompt}, {new} new tokens, bf16",
+           "hf_param_dtypes": sorted({str(prm.dtype) for prm in hf.parameters()})}
     for b in (1, 8):
         ids = np.random.default_rng(b).integers(0, min(150000, cfg.vocab_size), (b, prompt)).astype(np.int32)
         mask = np.ones_like(ids)

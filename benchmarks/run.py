@@ -21,6 +21,9 @@ sys.path.insert(0, ROOT)
 NAMES = ("layer", "train_step", "decode", "mfu", "scaling")
 
 
+GPU_SECTION = ('`bash benchmarks/device_check.sh OUT_DIR` is one call of at most 8 minutes (a 450 s budget) on an H100/H200. In order, each section a process under `timeout -k` that appends one JSON line to `OUT_DIR/device_check.jsonl` as it ends (so a timeout keeps what finished): `env` (versions; the card from `nvidia-smi` and its dense bf16 peak); `agree` (a tiny model in bf16 on the card against float32 on the host CPU: forward logits with both fused-base branches, loss and adapter gradients, one train step, greedy decoding with both layer loops with every token certified by the float32 forward; each bound is in the JSON; seconds, and nothing else runs if it fails); then `benchmarks/gpu_bench.py`\'s sections at Qwen2.5-0.5B layer shapes, ours vs PyTorch in bf16 on the same card, each checked for agreement before timing (PAC-LoRA layer fwd+bwd; train step with plain LoRA and MFU; greedy decode at batch 1 and 8 against HF `generate` with bf16 weights), and the 1.5B train step if time is left. With the run tool: `run(command="bash benchmarks/device_check.sh $OUT/dc", timeout_s=480, carry=[".whl"])` after `bash benchmarks/device_wheels.sh` here (small wheels the image lacks, installed with `--no-index` only if an import is missing; the check itself needs none). `--smoke` runs every section at tiny shapes on the CPU (tests/test_device_check.py). `benchmarks/gpu.sh` now wraps it. **It has not been run on a GPU yet**: no GPU was lent to the sessions that wrote it.')
+
+
 def _args(argv):
     p = argparse.ArgumentParser(description="socialalign-jax benchmarks (CPU)")
     p.add_argument("--quick", action="store_true", help="small shapes and repeats (< 10 min on 2 cores)")
@@ -112,10 +115,7 @@ def render(res: dict, info: dict, argv: list[str], quick: bool, repeats: int, se
             L.append(f"| {x['devices']} | {x['compile_s']:.1f} s | {_mib(x['params'])} | {_mib(x['adapters'])} | "
                      f"{_mib(x['opt_state'])} | {_mib(x['argument'])} | {_mib(x['temp'])} |")
         L.append("")
-    L += ["## GPU", "", "`bash benchmarks/gpu.sh OUT_DIR` runs sections 1-4 in bfloat16 at Qwen2.5-0.5B and 1.5B shapes "
-          "on one GPU, ours vs PyTorch on the same card, each comparison checked for agreement before timing, and "
-          "the step's MFU against the card's dense bf16 peak (`--smoke` runs it at tiny shapes on the CPU). "
-          "**It has not been run on a GPU yet**: no GPU was lent to the sessions that wrote it.", ""]
+    L += ['## GPU: the first thing to run when a GPU is lent', "", GPU_SECTION, ""]
     L += goals_section(headline(res), res)
     return "\n".join(L)
 

@@ -305,7 +305,7 @@ def restore_adapters(job, workdir: str, step: int | None = None):
                               f"(have {sorted(manager.all_steps())})")
     # No --step: the newest checkpoint that restores (a damaged newer one is named in one line, left in place).
     restored = checkpoint.restore(manager, abstract, loop.config_to_dict(job.cfg), step=step, move_bad=False)
-    return restored[0]["adapters"], int(jax.device_get(restored[0]["step"]))
+    return restored[0]["adapters"], restored.step
 
 
 def run_generate(cfg, workdir: str, *, split: str = "test", out: str, max_examples: int = 0,

@@ -157,11 +157,18 @@ def _restore_step(manager, step, abstract_state, current_config, check):
     state, data = restored["state"], restored["data"]
     if not isinstance(data, Mapping):
         raise ValueError(f"data-iterator state is {type(data).__name__}, not a mapping")
-    if int(np.asarray(jax.device_get(state["step"]))) != int(step):
-        raise ValueError(f"state holds step {int(np.asarray(jax.device_get(state['step'])))}")
     if check is not None:
         check(state, data)
-    return state, data, saved_cfg
+    return Restored(state, data, saved_cfg, step)
+
+
+class Restored(tuple):
+    """(state, data_state, saved_config) as restored, plus `.step`: the checkpoint step it came from."""
+
+    def __new__(cls, state, data, config, step: int):
+        out = super().__new__(cls, (state, data, config))
+        out.step = int(step)
+        return out
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state, current_config: Mapping[str, Any],
@@ -263,6 +270,9 @@ class WorkdirLock:
                 if holder is None:
                     continue  # removed between our link and our read: try again
                 pid, host = holder.get("pid"), holder.get("host")
+                if not isinstance(pid, int) or not host:
+                    raise CheckpointError(f"{self.path}: unreadable workdir lock; if no trainer runs on {workdir}, "
+                                          "delete it and rerun")
                 if host == self.host and isinstance(pid, int) and pid != self.pid and not _pid_alive(pid):
                     os.replace(tmp, self.path)  # take over the stale lock (tmp is consumed)
                     tmp = None

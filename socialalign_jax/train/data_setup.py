@@ -90,7 +90,9 @@ def prepare(cfg, tokenizer, workdir: str, *, build_if_missing: bool = True) -> D
         B.build(data_dir, bcfg)
     ds = B.open_dataset(data_dir)
     if found is not None:
-        ignored = check_build_settings(cfg, ds, explicit_dir=bool(cfg.data.data_dir))
+        # Readers of a finished run (generate, predict) use its dataset as built; a trainer that
+        # would build into its own <workdir>/data must not silently train on other settings.
+        ignored = check_build_settings(cfg, ds, explicit_dir=bool(cfg.data.data_dir) or not build_if_missing)
         if ignored and _is_main():
             print(f"note: using the dataset in {ds.path} as built; ignored: {'; '.join(ignored)}")
     test = ds.sources.get("test")

@@ -8,6 +8,7 @@ arrays with `jax.make_array_from_process_local_data`. Only process 0 logs and pr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -170,12 +171,19 @@ def eval_source(cfg, source):
     return source if limit <= 0 else Subset(source, limit)
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_eval_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg, mesh):
+    """One jitted eval step per (model, adapters, loss, mesh): evaluations after the first (step 0,
+    the end, every split) reuse its compilation instead of building a new jax.jit each call."""
+    return jax.jit(sharding.under_mesh(step_lib.make_eval_step(model_cfg, lora_cfg, loss_cfg), mesh))
+
+
 def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[str, Any]:
     """Held-out response CE, sentiment accuracy and cross-entropy / majority baseline, and mean event JSD."""
     from socialalign_jax.data.pipeline import eval_batches
     from socialalign_jax.losses import jsd
 
-    eval_step = jax.jit(step_lib.make_eval_step(job.model_cfg, job.lora_cfg, job.loss_cfg))
+    eval_step = _jitted_eval_step(job.model_cfg, job.lora_cfg, job.loss_cfg, job.mesh)
     bs = int(job.cfg.data.eval_batch_size)
     n_dev = int(np.prod([job.mesh.shape[a] for a in sharding.BATCH_AXES]))
     bs = int(math.ceil(bs / n_dev) * n_dev)
@@ -344,8 +352,10 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
         logger = MetricLogger(workdir, enabled=is_main, tensorboard=bool(cfg.train.tensorboard),
                               resume_step=int(state["step"]))
 
+        # Traced under the mesh: model.py's activation sharding constraints apply (sharding.under_mesh).
         train_step = jax.jit(
-            step_lib.make_train_step(job.model_cfg, job.lora_cfg, job.loss_cfg, optimizer, schedule),
+            sharding.under_mesh(step_lib.make_train_step(job.model_cfg, job.lora_cfg, job.loss_cfg, optimizer,
+                                                         schedule), job.mesh),
             in_shardings=(param_sh, state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=(1,))
         rng = jax.random.PRNGKey(int(cfg.train.seed) + 1)
 
@@ -369,6 +379,16 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
             bar = tqdm(total=n_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         last = {}
         t_last, tok_last = time.perf_counter(), 0.0
+        pending = None  # (step, metrics) whose loss the host has not looked at yet
+
+        def check_loss(step_i, mets):
+            loss = float(mets["loss"])
+            if not math.isfinite(loss):
+                manager.wait_until_finished()
+                raise UserError(
+                    f"step {step_i}: loss is {loss} (terms: " + ", ".join(
+                        f"{k}={float(mets[k]):.4g}" for k in ("lm", "sent", "macro"))
+                    + f"); stopped; the last good checkpoint is step {manager.latest_step()} in {manager.directory}")
         try:
             for step in range(start_step, n_steps):
                 try:
@@ -378,16 +398,15 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
                 step_lib.check_response_lengths(local, job.loss_cfg.max_response_tokens, f"train batch {step}")
                 batch = _global_batch(local, job.mesh)
                 state, metrics = train_step(job.params, state, batch, rng)
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    manager.wait_until_finished()
-                    raise UserError(
-                        f"step {step}: loss is {loss} (terms: " + ", ".join(
-                            f"{k}={float(metrics[k]):.4g}" for k in ("lm", "sent", "macro"))
-                        + f"); stopped; the last good checkpoint is step {manager.latest_step()} in {manager.directory}")
+                # The previous step's loss is ready by now: reading it here keeps the host one step
+                # ahead of the device (a float() of this step's loss would stall every dispatch).
+                if pending is not None:
+                    check_loss(*pending)
+                pending = (step, metrics)
                 tok_last += float(np.asarray(local["attention_mask"]).sum()) * jax.process_count()
                 done = step + 1
                 if done % int(cfg.train.log_every) == 0 or done == n_steps:
+                    check_loss(*pending)  # synced here anyway: a non-finite step is never logged
                     dt = time.perf_counter() - t_last
                     m = jax.device_get(metrics)
                     m["tokens_per_s"] = tok_last / max(dt, 1e-9)
@@ -403,6 +422,8 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
                         bar.set_postfix(loss=f"{m['loss']:.3f}", lm=f"{m['lm']:.3f}", macro=f"{m['macro']:.3f}")
                 if bar is not None:
                     bar.update(1)
+                if stop.signum is not None or done == n_steps or manager.should_save(done):
+                    check_loss(*pending)  # a state is saved only after its loss was seen to be finite
                 checkpoint.save(manager, done, state, it.get_state(), cfg_dict)
                 if stop.signum is not None:
                     if manager.latest_step() != done:  # the periodic save above may already hold this step
@@ -411,6 +432,8 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
                     if is_main:
                         print(f"\nreceived signal {stop.signum}: saved checkpoint at step {done} in {manager.directory}; exiting")
                     return {"stopped_at": done}
+            if pending is not None:
+                check_loss(*pending)
             final_step = int(state["step"])
             if manager.latest_step() != final_step:
                 checkpoint.save(manager, final_step, state, it.get_state(), cfg_dict, force=True)

@@ -159,12 +159,13 @@ sys.argv = ["launch/train.py"] + sys.argv[1:]
 runpy.run_path("launch/train.py", run_name="__main__")
 """
 
-# Save of step 5 fails with a full disk (in the manager, where Orbax writes), as a small tmpfs would.
-ENOSPC_AT_STEP_5 = """
+# Save of step 6 fails with a full disk (in the manager, where Orbax writes), as a small tmpfs would,
+# while the asynchronous save of step 5 may still be in flight.
+ENOSPC_AT_STEP_6 = """
 import errno, orbax.checkpoint as ocp
 _save = ocp.CheckpointManager.save
 def save(self, step, *a, **k):
-    if step == 5:
+    if step == 6:
         raise OSError(errno.ENOSPC, "No space left on device", str(self.directory))
     return _save(self, step, *a, **k)
 ocp.CheckpointManager.save = save
@@ -209,18 +210,20 @@ def test_rerun_after_a_corrupt_latest_checkpoint_completes(ref, tmp_path):
 
 def test_full_disk_while_checkpointing_is_one_line_and_a_rerun_completes(ref, tmp_path):
     wd = copy_run(ref, tmp_path)
-    args = tiny_args(wd, N + 2, "--config.train.async_checkpoint=true")  # step 4's save may be in flight
-    rc, _, err = train_cli(args, inject=ENOSPC_AT_STEP_5)
+    args = tiny_args(wd, N + 3, "--config.train.async_checkpoint=true")
+    rc, _, err = train_cli(args, inject=ENOSPC_AT_STEP_6)
     assert rc == 2, err
-    assert len(err) == 1 and err[0].startswith("error: ") and "checkpoints/5: no space left on device" in err[0], err
-    assert "MB" in err[0] and "rerun" in err[0]
-    assert metric_steps(wd) == list(range(1, N + 2))  # step 5 was logged, then its save failed
+    assert len(err) == 1 and err[0].startswith("error: ") and "checkpoints/6: no space left on device" in err[0], err
+    assert "MB" in err[0] and "rerun" in err[0]  # and no Orbax executor tracebacks after it
+    assert checkpoint.make_manager(wd, save_every=1, keep=3).latest_step() == N + 1  # the in-flight save finished
+    assert metric_steps(wd) == list(range(1, N + 3))  # step 6 was logged, then its save failed
     with open(os.path.join(wd, "metrics.jsonl"), "a") as f:  # and a crash cut a row in half
-        f.write('{"step": 6, "train/lo')
-    rc, _, err = train_cli(args)
+        f.write('{"step": 7, "train/lo')
+    rc, out, err = train_cli(args)
     assert rc == 0 and err == [], err
-    assert metric_steps(wd) == list(range(1, N + 3))  # rows after the restored step 4 not duplicated
-    assert checkpoint.make_manager(wd, save_every=1, keep=3).latest_step() == N + 2
+    assert f"at step {N + 1}" in out
+    assert metric_steps(wd) == list(range(1, N + 4))  # rows after the restored step 5 are not duplicated
+    assert checkpoint.make_manager(wd, save_every=1, keep=3).latest_step() == N + 3
 
 
 def test_second_trainer_refused_and_a_stale_lock_taken_over(ref, tmp_path):

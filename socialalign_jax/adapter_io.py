@@ -256,6 +256,17 @@ def _resolve_peft(path: Path) -> tuple[Path, Path]:
     return path / PEFT_FILE, path
 
 
+
+def _export_target(path, dtype: str) -> Path:
+    """The .safetensors file an export writes (a directory gets PEFT_FILE), after checking dtype."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / PEFT_FILE
+    if dtype not in _DTYPES:
+        raise AdapterError(f"unknown export dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    return path
+
 def export_socialalign(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelConfig, path, *,
                        suffix: str = ".default.weight", dtype: str = "float32") -> Path:
     """Write the original SocialAlign layout (experts and gates): tensor file + adapter_config.json
@@ -264,12 +275,7 @@ def export_socialalign(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelCon
     path: a directory (gets adapter_model.safetensors) or a .safetensors file name.
     Transposes are exact, so import_peft(export_socialalign(x)) == x bit for bit in float32.
     """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path.mkdir(parents=True, exist_ok=True)
-        path = path / PEFT_FILE
-    if dtype not in _DTYPES:
-        raise AdapterError(f"unknown export dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    path = _export_target(path, dtype)
     np_dt = _DTYPES[dtype]
     lc = lora_cfg
     _check_shapes({k: np.asarray(v) for k, v in flatten(adapters).items()}, expected_shapes(model_cfg, lc),
@@ -319,12 +325,7 @@ def export_peft(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelConfig, pa
             + " and ".join(gated) + " with weights that depend on the user/news spans; export them in the "
             "original SocialAlign layout (--format socialalign) instead, or train plain LoRA "
             "(num_analyze = num_compose = 1) or routing 'uniform' for a stock PEFT adapter")
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path.mkdir(parents=True, exist_ok=True)
-        path = path / PEFT_FILE
-    if dtype not in _DTYPES:
-        raise AdapterError(f"unknown export dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    path = _export_target(path, dtype)
     _check_shapes({k: np.asarray(v) for k, v in flatten(adapters).items()}, expected_shapes(model_cfg, lora_cfg),
                   path, " (adapters do not match lora_cfg/model_cfg)")
     out: dict[str, np.ndarray] = {}

@@ -526,3 +526,17 @@ def test_score_refuses_to_overwrite_its_input(tmp_path):
     rc, _, err = _cli("score.py", "--checkpoint", tmp_path, "--input", inp, "--out", inp)
     assert rc == 2 and len(err) == 1 and "is the --input file" in err[0], err
     assert inp.read_text() == '{"text": "hello"}\n'
+
+
+def test_orphaned_read_filter_drops_only_closed_loop_errors(monkeypatch):
+    """The hook a restore installs hides the closed-loop tracebacks of a failed restore's
+    sibling reads, and passes every other unraisable exception through."""
+    import types
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    checkpoint._silence_orphaned_reads()
+    checkpoint._silence_orphaned_reads()  # installed once
+    for exc in (RuntimeError("Event loop is closed"), RuntimeError("other"), ValueError("Event loop is closed")):
+        sys.unraisablehook(types.SimpleNamespace(exc_value=exc))
+    assert [(type(u.exc_value).__name__, str(u.exc_value)) for u in seen] == [
+        ("RuntimeError", "other"), ("ValueError", "Event loop is closed")]

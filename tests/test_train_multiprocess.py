@@ -73,3 +73,43 @@ def test_tpu_pod_script_runs_the_command_on_every_worker(tmp_path):
     env.pop("TPU_NAME")
     r = subprocess.run([script, "--", "ls"], env=env, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip() == "error: tpu_pod.sh: no TPU name (--name or TPU_NAME)"
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, False),
+    ({"SLURM_JOB_ID": "17"}, False),  # a batch job with one task is one process
+    ({"SLURM_JOB_ID": "17", "SLURM_NTASKS": "1"}, False),
+    ({"SLURM_JOB_ID": "17", "SLURM_NTASKS": "4"}, True),
+    ({"SLURM_JOB_ID": "17", "SLURM_NPROCS": "2(x3)"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "1"}, False),
+    ({"OMPI_COMM_WORLD_SIZE": "8"}, True),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, False),  # a single-host TPU VM
+    ({"TPU_WORKER_HOSTNAMES": "t1k-w-0,t1k-w-1"}, True),
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2:8080"}, True),
+])
+def test_auto_initialize_only_when_the_launcher_says_more_than_one_process(monkeypatch, env, expected):
+    from socialalign_jax.train import loop
+    for k in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NPROCS", "OMPI_COMM_WORLD_SIZE",
+              "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert loop._multi_process_environment() is expected
+
+
+def test_auto_initialize_after_jax_started_runs_single_process_and_yes_is_a_one_line_error(monkeypatch, capsys):
+    """In-process callers (notebooks, these tests) have started JAX; a late initialize would raise
+    JAX's multi-paragraph RuntimeError. auto warns and goes on; yes is a UserError."""
+    import jax
+    from ml_collections import config_dict
+    from socialalign_jax.errors import UserError
+    from socialalign_jax.train import loop
+    jax.devices()  # the backend is started
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    cfg = config_dict.ConfigDict({"distributed": {"initialize": "auto", "coordinator_address": "",
+                                                  "num_processes": 0, "process_id": -1}})
+    loop.setup_distributed(cfg)
+    assert "already started" in capsys.readouterr().err
+    cfg.distributed.initialize = "yes"
+    with pytest.raises(UserError, match="before any JAX computation"):
+        loop.setup_distributed(cfg)

@@ -184,6 +184,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, current_config: Mapp
     is tried; each is reported in one line through `report` (default: stderr).
     """
     report = report or (lambda msg: print(msg, file=sys.stderr))
+    _silence_orphaned_reads()  # before any read: a failing one's siblings complete during and after it
     if step is not None or not fallback:
         step = manager.latest_step() if step is None else step
         if step is None:
@@ -219,6 +220,31 @@ def restore(manager: ocp.CheckpointManager, abstract_state, current_config: Mapp
             f"{manager.directory}: no checkpoint restores ({listed}); to start over, move that directory "
             "aside (or use a new --workdir); nothing was changed")
     return None
+
+
+def _silence_orphaned_reads() -> None:
+    """Drop the "Event loop is closed" noise a failed Orbax restore leaves behind.
+
+    Orbax reads a checkpoint's chunks concurrently through TensorStore inside one asyncio
+    loop. When one chunk fails (a truncated file), the restore raises and closes that loop
+    while the other reads are still in flight; each of them later completes and tries to
+    post its result to the closed loop, and Python prints a traceback per read (hundreds)
+    through sys.unraisablehook. The reads' results are discarded either way, so after a
+    restore (installed once, before the first) exactly those tracebacks are dropped; any
+    other unraisable exception is printed as before.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_socialalign_orphaned_reads", False):
+        return
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._socialalign_orphaned_reads = True
+    sys.unraisablehook = hook
 
 
 # ----------------------------------------------------------------------------- one trainer per workdir

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -60,11 +61,25 @@ def config_to_dict(cfg) -> dict:
 
 
 def setup_distributed(cfg) -> None:
-    """jax.distributed.initialize from the config/flags, or from the environment on a pod."""
+    """jax.distributed.initialize from the config/flags, or from the environment on a pod.
+
+    "auto" initializes only when the environment describes more than one process (a bare
+    SLURM_JOB_ID or a one-task MPI launch is a single process and needs no coordinator), and
+    never after this process has already started a JAX backend (a notebook or a test that
+    calls `train` in-process): JAX refuses a late initialize, so auto skips it and warns.
+    """
     mode = cfg.distributed.initialize
     addr = cfg.distributed.coordinator_address
-    if mode == "no" or (mode == "auto" and not addr and not _pod_environment()):
+    if mode == "no" or (mode == "auto" and not addr and not _multi_process_environment()):
         return
+    from jax._src import xla_bridge  # no public query for "has a backend started?"
+    if xla_bridge.backends_are_initialized():
+        if mode == "auto" and not addr:
+            print("warning: distributed.initialize=auto: JAX was already started in this process, "
+                  "so it runs single-process; launch train.py as its own process on a pod", file=sys.stderr)
+            return
+        raise UserError("distributed: jax.distributed.initialize must run before any JAX computation; "
+                        "launch train.py as its own process (JAX was already started in this one)")
     kw = {}
     if addr:
         kw = dict(coordinator_address=addr, num_processes=int(cfg.distributed.num_processes),
@@ -74,9 +89,23 @@ def setup_distributed(cfg) -> None:
     jax.distributed.initialize(**kw)
 
 
-def _pod_environment() -> bool:
-    return any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-                                         "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE"))
+def _multi_process_environment() -> bool:
+    """True when a cluster launcher says this job has more than one process."""
+    env = os.environ
+
+    def count(name: str) -> int:
+        try:
+            return int(env.get(name, "1").split("(")[0])  # SLURM writes "2(x3)" in some fields
+        except ValueError:
+            return 1
+
+    if "MEGASCALE_COORDINATOR_ADDRESS" in env:  # multi-slice TPU
+        return True
+    if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1:
+        return True
+    if "SLURM_JOB_ID" in env and max(count("SLURM_NTASKS"), count("SLURM_NPROCS")) > 1:
+        return True
+    return count("OMPI_COMM_WORLD_SIZE") > 1
 
 
 # ----------------------------------------------------------------------------- the job

@@ -303,7 +303,7 @@ def export_socialalign(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelCon
         "socialalign": {"num_analyze": lc.num_analyze, "num_compose": lc.num_compose,
                         "gate_width": lc.gate_width, "routing": lc.routing},
     }
-    (path.parent / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json(config, str(path.parent / PEFT_CONFIG), indent=2, sort_keys=True)
     if "head" in adapters:
         save_adapters_head(adapters["head"], path.parent / HEAD_FILE)
     return path

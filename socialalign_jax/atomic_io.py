@@ -135,8 +135,8 @@ def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> int:
     return atomic_write(path, write)
 
 
-def write_json(obj: Any, path: str | os.PathLike, indent: int | None = 1) -> None:
-    text = json.dumps(obj, ensure_ascii=False, indent=indent, default=_json_default) + "\n"
+def write_json(obj: Any, path: str | os.PathLike, indent: int | None = 1, *, sort_keys: bool = False) -> None:
+    text = json.dumps(obj, ensure_ascii=False, indent=indent, sort_keys=sort_keys, default=_json_default) + "\n"
     write_text(path, text)
 
 
@@ -171,6 +171,36 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
         _fsync_dir(parent)
     except OSError as e:
         raise write_error(path, e) from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_files_into(directory: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary directory inside `directory`; on success each file written there is
+    fsynced and renamed into `directory` (replacing a file of that name).
+
+    For multi-file writers into a directory that already holds other outputs (a tokenizer's
+    save_pretrained beside merged weights): a crash or a full disk leaves each file either
+    whole or as it was, never truncated. On failure the temporary is removed.
+    """
+    directory = os.fspath(directory)
+    tmp = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=directory, prefix=".partial.", suffix=".tmp")
+        yield tmp
+        names = sorted(os.listdir(tmp))
+        for name in names:
+            with open(os.path.join(tmp, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        for name in names:
+            os.chmod(os.path.join(tmp, name), default_file_mode())
+            os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+        _fsync_dir(directory)
+    except OSError as e:
+        raise write_error(directory, e) from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from socialalign_jax.atomic_io import atomic_files_into, write_json
 from socialalign_jax.config import ModelConfig
 from socialalign_jax.errors import UserError
 from socialalign_jax.pac_lora import MODULE_BLOCK, LoraConfig
@@ -139,7 +140,7 @@ def save_orbax_adapters(adapters, lc: LoraConfig, model_cfg: ModelConfig, out: s
     ckpt.wait_until_finished()
     meta = {"format": "socialalign-orbax-adapters/1", "lora_config": json.loads(_lora_to_json(lc)),
             "model_dims": _model_dims(model_cfg)}
-    (out / ORBAX_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_json(meta, out / ORBAX_META, indent=2, sort_keys=True)
     return target
 
 
@@ -198,13 +199,13 @@ def export_run(run: Run, fmt: str, out: str | os.PathLike, *, base_model: str | 
         adapter_io.save_adapters_head(run.adapters["head"], out / adapter_io.HEAD_FILE)
         written.append(out / adapter_io.HEAD_FILE)
     if tok is not None:
-        from socialalign_jax.atomic_io import write_json
         from socialalign_jax.tokenizer import CHATML_TEMPLATE
 
         if not getattr(tok, "chat_template", None):  # the ChatML every prompt here was trained with
             tok = copy.copy(tok)
             tok.chat_template = CHATML_TEMPLATE
-        tok.save_pretrained(str(out))
+        with atomic_files_into(out) as tmp:  # tokenizer.json etc.: each file whole or absent
+            tok.save_pretrained(tmp)
         write_json(gen, str(out / GENERATION_CONFIG), indent=2)
         written.append(out / GENERATION_CONFIG)
     return written

@@ -352,6 +352,25 @@ def test_atomic_write_full_disk_leaves_the_old_file(tmp_path, monkeypatch):
     assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["preds.jsonl"]  # no temp file left
 
 
+def test_files_written_into_a_directory_appear_whole_or_not_at_all(tmp_path):
+    """atomic_files_into (the merged export's tokenizer files): a failing writer leaves the
+    directory's existing files as they were and no temporary; a good one lands every file."""
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("old")
+    with pytest.raises(UserError) as e:
+        with atomic_io.atomic_files_into(out) as tmp:
+            open(os.path.join(tmp, "tokenizer.json"), "w").write("new, half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(e.value).startswith(f"{out}: no space left on device")
+    assert sorted(os.listdir(out)) == ["tokenizer.json"] and (out / "tokenizer.json").read_text() == "old"
+    with atomic_io.atomic_files_into(out) as tmp:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            open(os.path.join(tmp, name), "w").write(name)
+    assert sorted(os.listdir(out)) == ["tokenizer.json", "tokenizer_config.json"]
+    assert (out / "tokenizer.json").read_text() == "tokenizer.json"
+
+
 def test_atomic_write_gets_the_umask_mode_not_0600(tmp_path):
     old = os.umask(0o022)
     try:

@@ -145,6 +145,7 @@ def test_alpaca_unparsed_prompt_kept_verbatim(tmp_path):
         ({"instruction": ALPACA_PROMPT.replace("，请发一条关于hashtag", "请发"), "output": "x"},
          r"record 0: field 'instruction': missing marker '，请发一条关于hashtag'"),
         ({"instruction": ALPACA_PROMPT, "output": ""}, r"record 0: field 'output': empty response"),
+        ({"instruction": ALPACA_PROMPT, "output": "\u200b \ufeff\n"}, r"record 0: field 'output': empty response"),
         ({"instruction": ALPACA_PROMPT}, r"record 0: field 'output': missing"),
         ({"instruction": ALPACA_PROMPT, "output": "x", "sentiment": "joy"}, r"field 'sentiment': unknown label"),
     ],

@@ -295,7 +295,7 @@ def read_alpaca(
         instruction = f.text("instruction")
         extra = f.text("input", required=False, nonempty=False) or ""
         output = f.text("output", nonempty=False)
-        if output is None or not output.strip():
+        if output is None or not visible(output):  # whitespace / zero-width only is no response
             raise f.err("output", "empty response")
         user_text = instruction + ("\n" + extra if extra else "")
         for marker in (_prompt.USER_MARKER, _prompt.NEWS_MARKER):

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from socialalign_jax.atomic_io import write_json
 from socialalign_jax.data import targets as T
 from socialalign_jax.data.records import DataError, Event, read_alpaca, read_event_dir
 from socialalign_jax.data.sample import SAMPLE_DIR
@@ -443,8 +444,7 @@ def build(out_dir: str | os.PathLike, cfg: SocialConfig, *, overwrite: bool = Fa
         builder = cls(data_dir=str(out_dir), config=cfg)  # forget the old dataset_info
     builder._prepared = prepared
     builder.download_and_prepare(file_format="array_record", download_config=tfds.download.DownloadConfig())
-    (target / "targets.json").write_text(
-        json.dumps(builder.info.metadata["targets"], ensure_ascii=False, indent=1), encoding="utf-8")
+    write_json(builder.info.metadata["targets"], target / "targets.json")
     return target
 
 

@@ -92,8 +92,8 @@ def absl_flags_parser(argv):
         if help_wanted:
             sys.exit(0)
         raise
-    except flags.Error as e:
-        usage_error(_config_problem(e.__cause__ or e, argv), argv)
+    except flags.Error as e:  # a config override's error arrives as the cause; else absl's own message
+        usage_error(_config_problem(e.__cause__, argv) if e.__cause__ else str(e).splitlines()[0], argv)
     except Exception as e:  # noqa: BLE001 - ml_collections: a bad override, preset or config file
         usage_error(_config_problem(e, argv), argv)
     if "config" in flags.FLAGS:

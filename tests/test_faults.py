@@ -171,6 +171,21 @@ def save(self, step, *a, **k):
 ocp.CheckpointManager.save = save
 """
 
+# kill -9 while the asynchronous save of step 3 is in flight: its arrays are written to
+# 3.orbax-checkpoint-tmp-*, the rename that commits them has not happened, and the training
+# loop has gone on (it may have logged step 4). Killed at Orbax's commit rename, so the moment
+# is the same on every machine.
+SIGKILL_DURING_ASYNC_SAVE_OF_STEP_3 = """
+import os, signal
+from orbax.checkpoint._src.path import async_path
+_rename = async_path.rename
+async def rename(src, dst):
+    if str(getattr(src, "name", "")).startswith("3.orbax-checkpoint-tmp"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await _rename(src, dst)
+async_path.rename = rename
+"""
+
 
 def tiny_args(workdir, num_steps=N, *extra):
     """launch/train.py flags equal to train_helpers.tiny_config(built_sample()) (the reference run's config)."""
@@ -224,6 +239,25 @@ def test_full_disk_while_checkpointing_is_one_line_and_a_rerun_completes(ref, tm
     assert f"at step {N + 1}" in out
     assert metric_steps(wd) == list(range(1, N + 4))  # rows after the restored step 5 are not duplicated
     assert checkpoint.make_manager(wd, save_every=1, keep=3).latest_step() == N + 3
+
+
+def test_kill_9_during_an_async_save_then_rerun_equals_uninterrupted(ref, tmp_path):
+    wd = str(tmp_path / "run")
+    args = tiny_args(wd, N, "--config.train.async_checkpoint=true")
+    rc, _, err = train_cli(args, inject=SIGKILL_DURING_ASYNC_SAVE_OF_STEP_3)
+    assert rc == -signal.SIGKILL, err
+    names = os.listdir(os.path.join(wd, "checkpoints"))
+    assert any(n.startswith("3.orbax-checkpoint-tmp") for n in names) and "3" not in names, names
+    rc, out, err = train_cli(args)  # the same command again
+    assert rc == 0, err
+    assert len(err) == 1 and err[0] == f"note: {wd}/train.lock: took over a stale lock from PID " \
+        f"{err[0].split('PID ')[1].split()[0]} on {socket.gethostname()} (not running)", err  # the killed run's
+    assert f"resumed from {wd}/checkpoints at step 2" in out
+    assert not [n for n in os.listdir(os.path.join(wd, "checkpoints")) if "tmp" in n]
+    assert metric_steps(wd) == list(range(1, N + 1))  # rows the killed run logged past step 2 are not kept twice
+    got, want = read_metrics(wd), read_metrics(ref)
+    for s in range(1, N + 1):  # one device here, eight in the reference: equal up to summation order
+        assert got[s] == pytest.approx(want[s], rel=2e-5), (s, got, want)
 
 
 def test_second_trainer_refused_and_a_stale_lock_taken_over(ref, tmp_path):

@@ -444,6 +444,27 @@ def test_metrics_log_full_disk_and_truncated_rows(tmp_path):
         log.write(4, {"loss": 4.0})
 
 
+def test_tensorboard_shows_a_resumed_run_once(tmp_path):
+    """A killed run logged steps 1-4 but checkpointed only step 2; the resumed run logs 3-4
+    again. TensorBoard itself (its EventAccumulator, purging orphaned data as the UI does)
+    must show each step once, with the resumed run's values."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    wd = str(tmp_path)
+    log = MetricLogger(wd, resume_step=0)
+    for s in (1, 2, 3, 4):
+        log.write(s, {"loss": float(s)})
+    log.close()
+    log = MetricLogger(wd, resume_step=2)
+    for s in (3, 4):
+        log.write(s, {"loss": 10.0 * s})
+    log.close()
+    acc = EventAccumulator(os.path.join(wd, "tensorboard"), purge_orphaned_data=True)
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert got == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)], got
+
+
 def test_tokenizer_save_is_atomic_and_a_truncated_one_is_replaced(tmp_path):
     from socialalign_jax.weights import resolve_weights
 

@@ -11,6 +11,7 @@ truncated last line (kill -9, full disk) is dropped instead of appended onto.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Mapping
 
 import numpy as np
@@ -57,7 +58,15 @@ class MetricLogger:
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                # A resumed run (or a fresh start over an old run's files) hides the events past
+                # its restored step from TensorBoard, as the JSONL repair drops those rows: a
+                # killed run may have logged steps it never checkpointed.
+                # The file name carries the second it was opened and the host; a restart within the
+                # same second would reopen (and truncate) the previous file, so the nanoseconds go
+                # in too (fixed width: TensorBoard reads a run's files in name order).
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge,
+                                         filename_suffix=f".{time.time_ns() % 10**9:09d}")
             except ImportError:  # optional: JSONL always works
                 self._tb = None
 

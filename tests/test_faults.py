@@ -280,6 +280,30 @@ def test_second_trainer_refused_and_a_stale_lock_taken_over(ref, tmp_path):
     assert not os.path.exists(lock)  # released at the end
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="process start times come from Linux /proc")
+def test_a_lock_whose_pid_was_reused_is_stale(tmp_path, capsys):
+    """The lock names PID + start time: a live process with the lock's PID but another start
+    time (the number was reused after a kill) does not hold the workdir; one that matches does."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        with open(f"/proc/{other.pid}/stat") as f:  # field 22 (starttime), after the ")" of comm
+            start = int(f.read().rsplit(")", 1)[1].split()[19])
+        lock = tmp_path / checkpoint.LOCK_FILE
+        held = {"pid": other.pid, "pid_start": start, "host": socket.gethostname(), "started": "earlier"}
+        lock.write_text(json.dumps(held))
+        with pytest.raises(UserError, match=f"another trainer holds this workdir \\(PID {other.pid} on host"):
+            checkpoint.WorkdirLock(str(tmp_path))
+        lock.write_text(json.dumps(dict(held, pid_start=start - 1)))  # same number, another process
+        taken = checkpoint.WorkdirLock(str(tmp_path))
+        assert f"took over a stale lock from PID {other.pid}" in capsys.readouterr().err
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        taken.release()
+        assert not lock.exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_resume_that_changes_the_run_is_refused_unless_accepted(ref, tmp_path):
     wd = copy_run(ref, tmp_path)
     changed = tiny_args(wd, N, "--config.optim.lr=0.1", "--config.loss.lambda_macro=0.5")

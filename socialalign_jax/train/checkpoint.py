@@ -262,12 +262,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux /proc), None where unknown.
+
+    A PID alone does not identify a process: after a kill the number is reused (in a
+    container the restarted trainer often gets the very same one), so a lock records both.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])  # field 22, counted after "(comm)"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _holder_running(pid: int, start: int | None) -> bool:
+    if not _pid_alive(pid):
+        return False
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
 class WorkdirLock:
-    """`<workdir>/train.lock` holding {"pid", "host", "started"}: one trainer per workdir.
+    """`<workdir>/train.lock` holding {"pid", "pid_start", "host", "started"}: one trainer per workdir.
 
     A second trainer refuses in one line naming the holder. A lock whose process is gone
-    (same host, PID not running: a killed run) is stale and taken over, with one line saying
-    so. A lock from another host cannot be checked from here; the message says to delete the
+    (same host, and that PID not running, or running with another start time: the number
+    was reused) is stale and taken over, with one line saying so. A lock from another host cannot be checked from here; the message says to delete the
     file if that run is known to be dead. The lock file is created complete (written to a
     temporary file, then hard-linked into place, which fails if a lock exists).
     """
@@ -281,7 +302,8 @@ class WorkdirLock:
         self.host = socket.gethostname()
         self.pid = os.getpid()
         os.makedirs(workdir, exist_ok=True)
-        mine = {"pid": self.pid, "host": self.host, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        mine = {"pid": self.pid, "pid_start": _process_start(self.pid), "host": self.host,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".train.lock.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(mine, f)
@@ -299,7 +321,8 @@ class WorkdirLock:
                 if not isinstance(pid, int) or not host:
                     raise CheckpointError(f"{self.path}: unreadable workdir lock; if no trainer runs on {workdir}, "
                                           "delete it and rerun")
-                if host == self.host and isinstance(pid, int) and pid != self.pid and not _pid_alive(pid):
+                start = holder.get("pid_start") if isinstance(holder.get("pid_start"), int) else None
+                if host == self.host and pid != self.pid and not _holder_running(pid, start):
                     os.replace(tmp, self.path)  # take over the stale lock (tmp is consumed)
                     tmp = None
                     print(f"note: {self.path}: took over a stale lock from PID {pid} on {host} (not running)",

@@ -130,7 +130,6 @@ def render(rows: list[dict], meta: dict) -> str:
 
 
 def update_markdown(path: str, section: str) -> None:
-    from socialalign_jax.atomic_io import write_json  # noqa: F401 (atomic writes live there)
     from socialalign_jax import atomic_io
 
     text = Path(path).read_text(encoding="utf-8") if Path(path).exists() else ""
@@ -138,10 +137,7 @@ def update_markdown(path: str, section: str) -> None:
         text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END) + 1:]
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    if hasattr(atomic_io, "write_text"):
-        atomic_io.write_text(path, text)
-    else:
-        Path(path).write_text(text, encoding="utf-8")
+    atomic_io.write_text(path, text)
 
 
 def main(argv=None) -> int:

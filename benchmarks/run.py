@@ -12,11 +12,14 @@ import argparse
 import datetime
 import json
 import os
+import re
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from socialalign_jax import atomic_io  # noqa: E402
 
 NAMES = ("layer", "train_step", "decode", "mfu", "scaling")
 
@@ -222,13 +225,26 @@ def main(argv=None) -> int:
         res["scaling"] = scaling.run(args.quick)
         print("scaling", res["scaling"], flush=True)
     info["loadavg_end"] = os.getloadavg()
-    with open(args.out, "w") as f:
-        f.write(render(res, info, argv, args.quick, repeats, time.time() - t0))
+    report = render(res, info, argv, args.quick, repeats, time.time() - t0)
+    atomic_io.write_text(args.out, report + kept_sections(args.out))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(headline(res), machine=info, results=res), f, indent=1, default=str)
     print(f"wrote {args.out}" + (f" and {args.json}" if args.json else ""))
     return 0
+
+
+_SECTION = re.compile(r"<!-- (?P<name>[\w/.\-]+): begin -->.*?<!-- (?P=name): end -->\n?", re.S)
+
+
+def kept_sections(path: str) -> str:
+    """The sections other benchmark scripts own in the report (between their `<!-- NAME: begin/end -->`
+    markers, e.g. benchmarks/predict.py's), kept when this script rewrites the rest of the file."""
+    if not os.path.exists(path):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        blocks = [m.group(0) for m in _SECTION.finditer(f.read())]
+    return "".join("\n" + b.rstrip("\n") + "\n" for b in blocks)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import jax
@@ -36,6 +34,7 @@ import numpy as np
 from socialalign_jax.config import ModelConfig
 from socialalign_jax.data.prompt import NEWS_MARKER, USER_MARKER, encode_with_spans, marker_offsets
 from socialalign_jax.errors import UserError
+from socialalign_jax.jsonl import read_jsonl
 from socialalign_jax.pac_lora import LoraConfig
 from socialalign_jax.tokenizer import IM_END, chat_template
 
@@ -60,29 +59,6 @@ def routes_by_spans(lc: LoraConfig | None) -> bool:
     from socialalign_jax.adapter_io import input_dependent_gates
 
     return lc is not None and bool(input_dependent_gates(lc))
-
-
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """(line number, object) per non-blank line; a malformed line is a one-line UserError."""
-    path = Path(path)
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"{path}: cannot open input ({e.strerror or e})") from None
-    with f:
-        try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}: line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise UserError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
-                yield lineno, obj
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path}: not valid UTF-8 (byte {e.start} of a read block)") from None
 
 
 def _field(obj: dict, key: str, where: str) -> str:

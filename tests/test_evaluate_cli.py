@@ -118,16 +118,16 @@ def _error(tmp_path, capsys, recs=None, extra_lines=(), args=()):
 
 
 @pytest.mark.parametrize("mutate, expect", [
-    (lambda r: r[2].update(probs=[0.5, 0.5]), "p.jsonl:3: field 'probs'"),
-    (lambda r: r[1].update(probs=[0.5, 0.5, 0.5]), "p.jsonl:2: field 'probs'"),
-    (lambda r: r[0].update(label="angry"), "p.jsonl:1: field 'label'"),
-    (lambda r: r[3].pop("generated"), "p.jsonl:4: field 'generated': missing"),
-    (lambda r: r[4].update(event_id="7"), "p.jsonl:5: field 'event_id'"),
-    (lambda r: r[4].update(labels=["neg", "neu", "pos"]), "p.jsonl:5: field 'labels'"),
-    (lambda r: r[1].pop("ref_num_tokens"), "p.jsonl:2: field 'ref_num_tokens': missing"),
-    (lambda r: r[4].update(target_dist=[0.5, 0.3, 0.2]), "p.jsonl:5: field 'target_dist'"),
+    (lambda r: r[2].update(probs=[0.5, 0.5]), "p.jsonl: line 3: field 'probs'"),
+    (lambda r: r[1].update(probs=[0.5, 0.5, 0.5]), "p.jsonl: line 2: field 'probs'"),
+    (lambda r: r[0].update(label="angry"), "p.jsonl: line 1: field 'label'"),
+    (lambda r: r[3].pop("generated"), "p.jsonl: line 4: field 'generated': missing"),
+    (lambda r: r[4].update(event_id="7"), "p.jsonl: line 5: field 'event_id'"),
+    (lambda r: r[4].update(labels=["neg", "neu", "pos"]), "p.jsonl: line 5: field 'labels'"),
+    (lambda r: r[1].pop("ref_num_tokens"), "p.jsonl: line 2: field 'ref_num_tokens': missing"),
+    (lambda r: r[4].update(target_dist=[0.5, 0.3, 0.2]), "p.jsonl: line 5: field 'target_dist'"),
     (lambda r: r[5].update(event="事件A", event_id=0, user="x") or r[5].update(event="other name"),
-     "p.jsonl:6: field 'event'"),
+     "p.jsonl: line 6: field 'event'"),
 ])
 def test_bad_records(tmp_path, capsys, mutate, expect):
     recs = records()
@@ -137,9 +137,9 @@ def test_bad_records(tmp_path, capsys, mutate, expect):
 
 def test_bad_json_line_and_files(tmp_path, capsys):
     err = _error(tmp_path, capsys, extra_lines=['{"event": "x", '])
-    assert err.startswith(f"error: {tmp_path / 'p.jsonl'}:7: invalid JSON")
+    assert err.startswith(f"error: {tmp_path / 'p.jsonl'}: line 7: invalid JSON")
     err = _error(tmp_path, capsys, recs=[], extra_lines=["[1, 2]"])
-    assert err == f"error: {tmp_path / 'p.jsonl'}:1: expected a JSON object, got list"
+    assert err == f"error: {tmp_path / 'p.jsonl'}: line 1: expected a JSON object, got list"
     assert _error(tmp_path, capsys, recs=[], extra_lines=["  "]) == f"error: {tmp_path / 'p.jsonl'}: no records"
     bad_gates = {"modules": ["q"], "segments": ["user", "news", "other"], "layers": 2,
                  "gate_a": np.full((2, 2, 3, 3), 1 / 3).tolist(), "gate_b": np.full((2, 1, 3, 2), 0.5).tolist()}
@@ -155,5 +155,5 @@ def test_malformed_line_subprocess_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--predictions", str(preds), "--out",
                            str(tmp_path / "o"), "--labeller", "none"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {preds}:3: invalid JSON (Expecting value at column 1)"
+    assert proc.stderr.strip() == f"error: {preds}: line 3: invalid JSON (Expecting value at column 1)"
     assert not (tmp_path / "o").exists()

@@ -611,7 +611,7 @@ def test_duplicate_records_are_refused(tmp_path):
            "reference": "r", "label": None, "probs": [0.2, 0.2, 0.6], "labels": labels}
     preds = tmp_path / "p.jsonl"
     atomic_io.write_jsonl([row, dict(row, prompt_id="0:2"), row], preds)
-    with pytest.raises(InputError, match=r"p.jsonl:3: duplicate record \(the same as line 1; prompt_id \"0:1\"\)"):
+    with pytest.raises(InputError, match=r"p.jsonl: line 3: duplicate record \(the same as line 1; prompt_id \"0:1\"\)"):
         load_predictions(str(preds))
     table = format_event_table([{"event_id": 0, "event": row["event"], "n": 1, "real": None, "head": [0.2, 0.2, 0.6],
                                  "head_jsd": None}], labels)

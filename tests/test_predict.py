@@ -62,7 +62,7 @@ def _users_error(text: str) -> str:
 
 def test_users_file_is_validated_with_file_line_and_field():
     good = '{"user_name": "a", "history": [{"text": "x"}], "user_persona": "p"}'
-    assert _users_error(good + "\n{not json") .startswith("crowd.jsonl: line 2: malformed JSON")
+    assert _users_error(good + "\n{not json") .startswith("crowd.jsonl: line 2: invalid JSON (")
     assert _users_error('{"history": []}') == "crowd.jsonl: line 1: field 'user_name': missing"
     assert "line 1: field 'history': expected a list" in _users_error('{"user_name": "a", "history": "x"}')
     assert "line 1: field 'history[0].text': missing" in _users_error('{"user_name": "a", "history": [{"txt": "x"}]}')

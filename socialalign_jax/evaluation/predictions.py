@@ -13,6 +13,7 @@ from collections import Counter
 import numpy as np
 
 from socialalign_jax.errors import UserError
+from socialalign_jax.jsonl import iter_jsonl, read_jsonl_text
 from socialalign_jax.evaluation import distributions, metrics, report
 
 SUM_TOLERANCE = 1e-3  # probability vectors written as float32 text need not sum to exactly 1
@@ -40,28 +41,14 @@ def _check_dist(where: str, field: str, value, k: int) -> list[float]:
 
 def load_predictions(path: str) -> list[dict]:
     """Reads and validates every line; blank lines are allowed and carry no record."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw_lines = f.read().split("\n")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read predictions: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    lines = read_jsonl_text(path, InputError, "predictions").split("\n")
     records: list[dict] = []
     labels: list[str] | None = None
     event_names: dict[int, tuple[str, int]] = {}
     targets: dict[int, tuple[list[float], int]] = {}
     seen_records: dict[str, int] = {}
-    for lineno, raw in enumerate(raw_lines, 1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise InputError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for lineno, rec in iter_jsonl(lines, str(path), InputError):
+        where = f"{path}: line {lineno}"
         key = json.dumps(rec, sort_keys=True, ensure_ascii=False)
         if key in seen_records:  # the same record twice would weigh twice in every metric
             raise InputError(f"{where}: duplicate record (the same as line {seen_records[key]}; prompt_id "

@@ -11,7 +11,6 @@ the line and the field.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -20,6 +19,7 @@ import numpy as np
 
 from socialalign_jax.data.records import Case, DataError, Event, HistoryPost, _read_history
 from socialalign_jax.errors import UserError
+from socialalign_jax.jsonl import iter_jsonl, read_jsonl_text
 
 # Keys of a case in the event format that a users line may carry and that prediction ignores
 # (so a case copied out of an event file is a valid user line).
@@ -101,29 +101,13 @@ def read_users(path: str | os.PathLike) -> list[User]:
     path = Path(path)
     if path.is_dir():
         raise UsersError(f"{path}: is a directory, expected a users .jsonl file")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UsersError(f"{path}: file not found") from None
-    except OSError as e:
-        raise UsersError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UsersError(f"{path}: not valid UTF-8 (byte {e.start})") from None
-    return parse_users_jsonl(text, str(path))
+    return parse_users_jsonl(read_jsonl_text(path, UsersError, "users file"), str(path))
 
 
 def parse_users_jsonl(text: str, source: str) -> list[User]:
     """The body of a users .jsonl file (also what the web page uploads)."""
     users, lines = [], []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsersError(f"{source}: line {n}: malformed JSON at column {e.colno}: {e.msg}") from None
+    for n, obj in iter_jsonl(text.splitlines(), source, UsersError):
         users.append(parse_user(obj, source, n))
         lines.append(n)
     if not users:

@@ -92,8 +92,11 @@ def absl_flags_parser(argv):
         if help_wanted:
             sys.exit(0)
         raise
-    except flags.Error as e:  # a config override's error arrives as the cause; else absl's own message
-        usage_error(_config_problem(e.__cause__, argv) if e.__cause__ else str(e).splitlines()[0], argv)
+    except flags.Error as e:
+        about_config = e.__cause__ is not None or "--config" in str(e).split(": ", 1)[0]
+        if not about_config:  # an unknown or mistyped flag: absl's own first line names it
+            usage_error(str(e).splitlines()[0], argv)
+        usage_error(_config_problem(e.__cause__ or e, argv), argv)
     except Exception as e:  # noqa: BLE001 - ml_collections: a bad override, preset or config file
         usage_error(_config_problem(e, argv), argv)
     if "config" in flags.FLAGS:

@@ -36,20 +36,14 @@ def warmup_cosine_schedule(lr: float, total_steps: int, warmup_frac: float = 0.1
     """lr(step): linear 0 -> lr over ceil(warmup_frac * total_steps) steps (HF's rounding),
     then half a cosine from lr down to min_lr_ratio * lr at step total_steps, flat after.
 
-    `step` counts optimizer updates (with accumulation, not micro-batches).
+    `step` counts optimizer updates (with accumulation, not micro-batches). optax's
+    warmup_cosine_decay_schedule counts its decay_steps from step 0 (warmup included); a run
+    whose warmup covers every step still gets one decay step, as HF does.
     """
     warmup = int(math.ceil(warmup_frac * total_steps))
-    floor = min_lr_ratio * lr
-    decay = max(total_steps - warmup, 1)
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        warm = lr * step / max(warmup, 1)
-        progress = jnp.clip((step - warmup) / decay, 0.0, 1.0)
-        cos = floor + (lr - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return jnp.where(step < warmup, warm, cos)
-
-    return schedule
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=min_lr_ratio * lr)
 
 
 def decay_mask(params) -> Any:

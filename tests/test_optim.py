@@ -42,6 +42,27 @@ def test_schedule_by_hand():
     np.testing.assert_allclose([float(s2(1)), float(s2(2))], [0.5, 1.0], rtol=1e-6)
 
 
+def _hand_schedule(step, lr, total, warmup_frac, min_ratio):
+    """The schedule as written out before optax's: linear warmup over ceil(frac * total) steps,
+    then half a cosine to min_ratio * lr at `total`, flat after (float64)."""
+    warmup = math.ceil(warmup_frac * total)
+    if step < warmup:
+        return lr * step / warmup
+    progress = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
+    floor = min_ratio * lr
+    return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("lr, total, frac, min_ratio", [
+    (2e-5, 100, 0.1, 0.0), (2e-4, 24, 0.1, 0.0), (1e-3, 15, 0.1, 0.1), (1.0, 7, 0.0, 0.0),
+    (3e-4, 1000, 0.03, 0.05), (1e-4, 1, 0.5, 0.0), (5e-5, 3, 0.9, 0.2)])
+def test_schedule_equals_the_hand_written_formula(lr, total, frac, min_ratio):
+    _, sched = optim.make_optimizer(Cfg(lr=lr, total_steps=total, warmup_frac=frac, min_lr_ratio=min_ratio))
+    for step in range(0, total + 3):
+        want = _hand_schedule(step, lr, total, frac, min_ratio)
+        assert float(sched(step)) == pytest.approx(want, rel=2e-7, abs=2e-7 * lr), (step, want)
+
+
 def test_clipping_by_hand():
     # eps = 1 makes Adam's first step depend on the gradient's magnitude: -lr * g / (|g| + 1)
     cfg = Cfg(lr=0.1, warmup_frac=0.0, eps=1.0, clip_norm=1.0)

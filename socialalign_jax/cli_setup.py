@@ -18,6 +18,7 @@ def quiet_startup() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub: every path is local
+    skip_absent_tpu()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*Explicitly requested dtype.*")
@@ -28,6 +29,22 @@ def quiet_startup() -> None:
         absl_logging.set_verbosity(absl_logging.ERROR)
     except ImportError:
         pass
+
+
+def skip_absent_tpu() -> None:
+    """On a host without a TPU but with libtpu installed (the [tpu] extra, for compiling against
+    TPU topologies from a CPU), do not let JAX probe for a TPU: libtpu prints a multi-line
+    metadata-server error on every start. Only when nothing chose the platforms already and
+    the host has no TPU device nodes; a GPU is still found (JAX_PLATFORMS=cuda,cpu)."""
+    import glob
+    import importlib.util
+
+    if "JAX_PLATFORMS" in os.environ or any(k in os.environ for k in ("TPU_NAME", "TPU_WORKER_HOSTNAMES")):
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/*"):
+        return
+    if importlib.util.find_spec("libtpu") is not None:
+        os.environ["JAX_PLATFORMS"] = "cuda,cpu"
 
 
 _HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "--helpfull", "-helpfull", "-?",

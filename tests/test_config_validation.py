@@ -118,3 +118,21 @@ def test_bad_values_stop_train_before_anything_loads(tmp_path):
                 "loss.estimator='bogus'"):
         assert key in err[0], (key, err)
     assert not (tmp_path / "w").exists()
+
+
+def test_launchers_on_a_cpu_host_with_libtpu_installed_start_quietly():
+    """The [tpu] extra installs libtpu for AOT compiles; on a host without a TPU, JAX would probe
+    for one and libtpu print a metadata-server error on every launcher start."""
+    import importlib.util
+    import os
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (the [tpu] extra)")
+    if any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio")):
+        pytest.skip("this host has TPU device nodes")
+    env = script_env(1)
+    env.pop("JAX_PLATFORMS")
+    code = ("from socialalign_jax.cli_setup import quiet_startup; quiet_startup(); "
+            "import jax; print(jax.devices()[0].platform)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "cpu", r.stderr
+    assert "TPU" not in r.stderr and "libtpu" not in r.stderr, r.stderr

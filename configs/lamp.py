@@ -1,7 +1,8 @@
 """Personalised generation on LaMP (Salemi et al., 2023): LaMP-4 headlines, LaMP-5 titles, LaMP-7 tweets.
 
     python launch/train.py --config configs/lamp.py --config.data.input=/data/LaMP_4/dev   # dir with
-        *questions*.json and *outputs*.json (or a questions file + --config.data.lamp_outputs=FILE)
+        *questions*.json and *outputs*.json (or a questions file + --config.data.lamp_outputs=FILE;
+        --config.data.lamp_task=LaMP-4|LaMP-5|LaMP-7 when the outputs file does not say)
     python launch/train.py --config configs/lamp.py:7b --config.model.weights=hf:/ckpt/Qwen2.5-7B-Instruct \\
         --config.data.input=/data/LaMP_4/train
 

@@ -51,6 +51,9 @@ def base_config() -> config_dict.ConfigDict:
     c.data.split_by = "event"  # event | user
     c.data.seed = 0
     c.data.max_events = 0  # converters that support it (ced): read only the first N events; 0 = all
+    c.data.num_history = 5  # history posts per prompt: BM25 top-k against the news (the paper's 5)
+    c.data.lamp_outputs = ""  # LaMP: the outputs file; '' = *outputs*.json in data.input
+    c.data.lamp_task = ""  # LaMP: LaMP-4 | LaMP-5 | LaMP-7; '' = read from the outputs file
     c.data.events_per_batch = 4  # G
     c.data.cases_per_event = 4  # M: global batch = G x M
     c.data.eval_batch_size = 16

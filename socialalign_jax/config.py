@@ -134,6 +134,7 @@ _CHOICES = {
     "data.mode": ("full", "without_persona", "without_history"),
     "data.on_overflow": ("raise", "skip"),
     "data.split_by": ("event", "user"),
+    "data.lamp_task": ("", "LaMP-4", "LaMP-5", "LaMP-7"),
     "train.labeller": ("lexicon", "none"),
     "distributed.initialize": ("auto", "yes", "no"),
 }
@@ -144,7 +145,8 @@ _RANGES = (
     ("lora.gate_width", 1, True, None, None), ("lora.alpha", 0, False, None, None),
     ("lora.dropout", 0, True, 1, False),
     ("data.max_length", 8, True, None, None), ("data.test_fraction", 0, True, 1, False),
-    ("data.max_events", 0, True, None, None), ("data.events_per_batch", 1, True, None, None),
+    ("data.max_events", 0, True, None, None), ("data.num_history", 0, True, None, None),
+    ("data.events_per_batch", 1, True, None, None),
     ("data.cases_per_event", 1, True, None, None), ("data.eval_batch_size", 1, True, None, None),
     ("loss.lambda_sent", 0, True, None, None), ("loss.lambda_macro", 0, True, None, None),
     ("loss.gumbel_tau", 0, False, None, None), ("loss.max_response_tokens", 0, True, None, None),

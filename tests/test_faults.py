@@ -334,13 +334,16 @@ def test_data_settings_that_contradict_the_built_dataset(tmp_path):
     from socialalign_jax.data import tfds_builders as B
 
     ds = B.open_dataset(built_sample())
-    cfg = tiny_config(built_sample(), **{"data.test_fraction": 0.5, "data.mode": "without_history"})
+    cfg = tiny_config(built_sample(), **{"data.test_fraction": 0.5, "data.mode": "without_history",
+                                         "data.num_history": 2})
     with pytest.raises(UserError) as e:  # the run's own <workdir>/data: an error
         data_setup.check_build_settings(cfg, ds, explicit_dir=False)
     assert "\n" not in str(e.value)
     assert "data.test_fraction=0.5 (built with 0.1)" in str(e.value) and "data.mode='without_history'" in str(e.value)
+    assert "data.num_history=2 (built with 5)" in str(e.value)
     diffs = data_setup.check_build_settings(cfg, ds, explicit_dir=True)  # a named dataset: used as built
-    assert len(diffs) == 2 and cfg.data.test_fraction == 0.1 and cfg.data.mode == "full"
+    assert len(diffs) == 3 and cfg.data.test_fraction == 0.1 and cfg.data.mode == "full"
+    assert cfg.data.num_history == 5
     assert loop.config_to_dict(cfg)["data"]["test_fraction"] == 0.1  # config.json records what was used
 
 

@@ -86,7 +86,8 @@ def prepare(cfg, tokenizer, workdir: str, *, build_if_missing: bool = True) -> D
             tokenizer=_tokenizer_dir(tokenizer, workdir), max_length=int(cfg.data.max_length), mode=cfg.data.mode,
             on_overflow=cfg.data.on_overflow, test_fraction=float(cfg.data.test_fraction),
             split_by=cfg.data.split_by, seed=int(cfg.data.seed), labels=labels,
-            max_events=int(cfg.data.get("max_events", 0) or 0))
+            max_events=int(cfg.data.get("max_events", 0) or 0), num_history=int(cfg.data.get("num_history", 5)),
+            lamp_outputs=cfg.data.get("lamp_outputs") or None, lamp_task=cfg.data.get("lamp_task") or None)
         B.build(data_dir, bcfg)
     ds = B.open_dataset(data_dir)
     if found is not None:
@@ -103,7 +104,7 @@ def prepare(cfg, tokenizer, workdir: str, *, build_if_missing: bool = True) -> D
 # The data.* keys that decide what a built dataset holds (data.seed also orders batches; it is
 # compared only through the split it produced, so it may change over one built dataset).
 BUILD_KEYS = ("source", "input", "max_length", "mode", "on_overflow", "test_fraction", "split_by",
-               "labels", "max_events")
+               "labels", "max_events", "num_history")
 
 
 def check_build_settings(cfg, ds, *, explicit_dir: bool) -> list[str]:

@@ -75,19 +75,44 @@ def _config_problem(e: BaseException, argv) -> str:
     if last:
         text = last[-1].split(": ", 1)[1]
     elif "No such file" in text:
-        path = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "the config file")
+        given = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")]
+        given += [b for a, b in zip(argv[1:], argv[2:]) if a == "--config"]
+        path = given[0].split(":")[0] if given else "the config file"
         text = f"{path}: no such file"
     return f"--config: {text}"
 
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve_config_path(spec: str) -> str:
+    """`configs/weibo.py[:preset]` from any working directory: a relative config path that does
+    not exist here but does in this checkout is taken from the checkout."""
+    path, sep, preset = spec.partition(":")
+    if path and not os.path.isabs(path) and not os.path.exists(path):
+        candidate = os.path.join(_REPO, path)
+        if os.path.exists(candidate):
+            return candidate + sep + preset
+    return spec
+
+
 def define_config_flag(name: str = "config", default: str = "configs/weibo.py", help_text: str = "Config file[:preset]."):
-    """config_flags.DEFINE_config_file, whose overrides are parsed at definition time: a bad one is a usage error."""
+    """config_flags.DEFINE_config_file, whose overrides are parsed at definition time: a bad one is a usage error.
+
+    The config path (default or given) resolves against the checkout when it is relative and
+    absent from the working directory, so launchers run from anywhere."""
     import sys
 
     from ml_collections import config_flags
 
+    flag = f"--{name}"
+    for i, arg in enumerate(sys.argv):
+        if arg.startswith(flag + "="):
+            sys.argv[i] = flag + "=" + resolve_config_path(arg[len(flag) + 1:])
+        elif arg == flag and i + 1 < len(sys.argv):
+            sys.argv[i + 1] = resolve_config_path(sys.argv[i + 1])
     try:
-        return config_flags.DEFINE_config_file(name, default, help_text)
+        return config_flags.DEFINE_config_file(name, resolve_config_path(default), help_text)
     except Exception as e:  # noqa: BLE001 - every failure here is in the user's command line
         usage_error(_config_problem(e, sys.argv), sys.argv)
 

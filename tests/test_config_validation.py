@@ -165,3 +165,21 @@ def test_every_data_key_of_the_config_reaches_the_builder(monkeypatch, tmp_path)
         data_setup.prepare(cfg, tok, str(tmp_path))
     assert (seen[-1].lamp_task, seen[-1].lamp_outputs) == ("LaMP-7", str(tmp_path / "o.json"))
     assert run_config_problems(weibo(**{"data.lamp_task": "LaMP-9"}), device_count=1)  # not a LaMP task
+
+
+def test_launchers_find_their_config_from_any_directory(tmp_path):
+    """`--config configs/weibo.py[:preset]` (and the default) resolve against the checkout when
+    run from another directory; a config that exists nowhere is still one line naming it."""
+    def run(*args):
+        r = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--workdir", str(tmp_path / "w"), *args],
+                           cwd=tmp_path, env=script_env(1), capture_output=True, text=True, timeout=300)
+        return r.returncode, [ln for ln in r.stderr.splitlines() if ln.strip()]
+
+    rc, err = run("--config", "configs/weibo.py:smollm2", "--config.train.num_steps=0")
+    assert rc == 2 and err == ["error: config: train.num_steps=0 must be -1 (num_epochs worth of batches) "
+                               "or a positive count"], err  # the config loaded: its value was validated
+    rc, err = run("--config.train.num_steps=0")  # the default config, from elsewhere
+    assert rc == 2 and "train.num_steps=0" in err[0], err
+    rc, err = run("--config", "configs/nope.py")
+    assert rc == 2 and len(err) == 1 and "configs/nope.py: no such file" in err[0], err
+    assert not (tmp_path / "w").exists()

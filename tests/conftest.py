@@ -28,3 +28,37 @@ import jax  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# ----------------------------------------------------------------------------- markers
+# `pytest -m "not slow"` is the inner loop (unit tests against their references, a few minutes
+# on 2 cores); `pytest` (CI, .ci/run) runs everything. A file is `slow` when its tests train,
+# sample, compile whole models or start processes; `integration` when they drive the launchers
+# or a server end to end in subprocesses. One list each, here.
+SLOW_FILES = {
+    "test_adapter_io.py", "test_backend_paths.py", "test_build_dataset.py", "test_builders.py",
+    "test_config_validation.py", "test_converters.py", "test_device_check.py", "test_evaluate_cli.py",
+    "test_experiment.py", "test_experiment_design_b.py", "test_experiment_resume.py", "test_export.py",
+    "test_export_hf.py", "test_faults.py", "test_generate_cli.py", "test_gguf.py", "test_model_cache.py",
+    "test_model_labeller.py", "test_pac_lora_decode.py", "test_plan.py", "test_predict.py", "test_sampling.py",
+    "test_score.py", "test_score_spans.py", "test_serve.py", "test_tpu_compile.py", "test_train_frozen.py",
+    "test_train_learns.py", "test_train_learns_sample.py", "test_train_multiprocess.py", "test_train_resume.py",
+    "test_train_sharding.py",
+}
+INTEGRATION_FILES = {
+    "test_build_dataset.py", "test_config_validation.py", "test_device_check.py", "test_evaluate_cli.py",
+    "test_experiment.py", "test_experiment_design_b.py", "test_experiment_resume.py", "test_export.py",
+    "test_faults.py", "test_generate_cli.py", "test_predict.py", "test_score.py", "test_serve.py",
+    "test_train_multiprocess.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    for item in items:
+        name = os.path.basename(str(item.fspath))
+        if name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+        if name in INTEGRATION_FILES:
+            item.add_marker(pytest.mark.integration)

@@ -147,6 +147,15 @@ def _json_default(o):
     raise TypeError(f"{type(o).__name__} is not JSON serializable")
 
 
+def _fsync_files(directory: str) -> list[str]:
+    """fsync every plain file directly in `directory`; returns their names, sorted."""
+    names = sorted(n for n in os.listdir(directory) if os.path.isfile(os.path.join(directory, n)))
+    for name in names:
+        with open(os.path.join(directory, name), "rb") as fh:
+            os.fsync(fh.fileno())
+    return names
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary directory beside `path`; on success it is renamed to `path` (which must not exist).
@@ -161,11 +170,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        for name in os.listdir(tmp):
-            f = os.path.join(tmp, name)
-            if os.path.isfile(f):
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+        _fsync_files(tmp)
         os.rename(tmp, path)
         tmp = None
         _fsync_dir(parent)
@@ -191,10 +196,9 @@ def atomic_files_into(directory: str | os.PathLike) -> Iterator[str]:
         os.makedirs(directory, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=directory, prefix=".partial.", suffix=".tmp")
         yield tmp
-        names = sorted(os.listdir(tmp))
-        for name in names:
-            with open(os.path.join(tmp, name), "rb") as fh:
-                os.fsync(fh.fileno())
+        names = _fsync_files(tmp)
+        if len(names) != len(os.listdir(tmp)):  # a writer that made subdirectories: not files to move
+            raise IsADirectoryError(errno.EISDIR, "the writer created a subdirectory", tmp)
         for name in names:
             os.chmod(os.path.join(tmp, name), default_file_mode())
             os.replace(os.path.join(tmp, name), os.path.join(directory, name))

@@ -326,19 +326,12 @@ def adapted_linear(x, base: dict, adapter: dict | None, lc: LoraConfig | None, r
 
 
 def init_adapters(key, cfg, lc: LoraConfig) -> dict[str, Any]:
-    """The trainable tree: {'layers': {'attn': {...}, 'mlp': {...}}, 'head': {...}} (float32)."""
-    dims = cfg.module_dims()
-    tree: dict[str, Any] = {}
-    layers: dict[str, dict] = {}
-    keys = jax.random.split(key, len(lc.targets) + 1)
-    for k, name in zip(keys[:-1], lc.targets):
-        block = MODULE_BLOCK[name]
-        d_in, d_out = dims[(block, name)]
-        layers.setdefault(block, {})[name] = init_module_adapter(k, cfg.num_layers, d_in, d_out, lc)
-    if layers:
-        tree["layers"] = layers
-    if lc.num_classes > 0:
-        bound = 1.0 / math.sqrt(cfg.hidden_size)
-        tree["head"] = {"kernel": _uniform(keys[-1], (cfg.hidden_size, lc.num_classes), bound),
-                        "bias": jnp.zeros((lc.num_classes,), jnp.float32)}
-    return tree
+    """The trainable tree: {'layers': {'attn': {...}, 'mlp': {...}}, 'head': {...}} (float32).
+
+    The `lora` collection of `model_flax.Decoder`, where each adapter variable is declared (with
+    its initializer: A ~ U(+-1/sqrt(d_in)), B = 0, gate kernels ~ U(+-1/sqrt(fan_in)), head
+    kernel ~ U(+-1/sqrt(D)), head bias 0) and its logical axes.
+    """
+    from socialalign_jax import model  # model -> model_flax -> pac_lora: resolved at call time
+
+    return model._init_collection(cfg, lc, "lora", key)

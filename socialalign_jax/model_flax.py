@@ -217,6 +217,20 @@ class _Adapted(nn.Module):
         return y
 
 
+def init_linear_adapter(key, num_layers: int, d_in: int, d_out: int, lc: LoraConfig) -> dict:
+    """The `lora` variables of one adapted linear map, stacked over `num_layers` independent inits."""
+    mod = AdaptedLinear(d_in, d_out, "embed", "embed", False, jnp.float32, lc, True)
+    route = {"seg": jnp.zeros((1, 1), jnp.int32), "valid": jnp.ones((1, 1), bool), "deterministic": True}
+
+    @jax.jit
+    def init(keys):
+        one = lambda k: nn.unbox(mod.init({"params": k}, jnp.zeros((1, 1, d_in), jnp.float32), route)["lora"])  # noqa: E731
+        return jax.vmap(one)(keys)
+
+    out = init(jax.random.split(key, num_layers))
+    return {"A": out["A"], "B": out["B"], "gate_a": dict(out["gate_a"]), "gate_b": dict(out["gate_b"])}
+
+
 class Attention(_Adapted):
     """Grouped-query attention with RoPE over absolute positions; q/k/v/o adaptable (q/k/v biased in Qwen2).
 

@@ -77,26 +77,13 @@ class LoraConfig:
         return self.routing in ("token", "pooled", "uniform_a")
 
 
-def _uniform(key, shape, bound):
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
-
 def init_module_adapter(key, num_layers: int, d_in: int, d_out: int, lc: LoraConfig) -> dict:
-    """Adapter params of one target for all layers (stacked on L), float32.
+    """Adapter params of one target for all layers (stacked on L), float32: the `lora` variables
+    that `model_flax.AdaptedLinear` declares (A ~ U(+-1/sqrt(d_in)), B = 0 so the adapted model
+    starts equal to the base, gate kernels ~ U(+-1/sqrt(fan_in))), initialised per layer."""
+    from socialalign_jax import model_flax  # model_flax -> pac_lora: resolved at call time
 
-    A ~ U(+-1/sqrt(d_in)) (PyTorch kaiming_uniform with a=sqrt(5)), B = 0 so the adapted model
-    starts equal to the base; gate kernels ~ U(+-1/sqrt(fan_in)).
-    """
-    ka, k1a, k2a, k1b, k2b = jax.random.split(key, 5)
-    g, ea, eb, r = lc.gate_width, lc.num_analyze, lc.num_compose, lc.rank
-    return {
-        "A": _uniform(ka, (num_layers, ea, d_in, r), 1.0 / math.sqrt(d_in)),
-        "B": jnp.zeros((num_layers, eb, r, d_out), jnp.float32),
-        "gate_a": {"w1": _uniform(k1a, (num_layers, d_in, g), 1.0 / math.sqrt(d_in)),
-                   "w2": _uniform(k2a, (num_layers, g, ea), 1.0 / math.sqrt(g))},
-        "gate_b": {"w1": _uniform(k1b, (num_layers, d_in, g), 1.0 / math.sqrt(d_in)),
-                   "w2": _uniform(k2b, (num_layers, g, eb), 1.0 / math.sqrt(g))},
-    }
+    return model_flax.init_linear_adapter(key, num_layers, d_in, d_out, lc)
 
 
 def gate_probs_from_pre(pre, gate) -> jax.Array:

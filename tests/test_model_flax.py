@@ -150,3 +150,27 @@ def test_declared_shardings_on_a_mesh():
         assert sh[path].spec == sharding.logical_to_spec(axes, shape, mesh), path
     assert sh[("layers", "attn", "q", "kernel")].spec == P(None, "fsdp", "tensor")
     assert sh[("lm_head", "kernel")].spec == P("fsdp", "tensor")
+
+
+def test_activation_shardings_in_the_compiled_forward():
+    """On 2x2x2 fake devices the constraints at layer boundaries lay out the activations.
+
+    Parameters are replicated and only the batch is split, so nothing but the constraints asks
+    for the MLP activation [B, S, F] to be split over 'tensor' as well: compiled under the mesh,
+    the per-device [B/4, S, F/2] shape appears; compiled without it, it does not.
+    """
+    cfg = ModelConfig("llama", 64, 16, 40, 2, 4, 2, 4, qkv_bias=False)
+    mesh = mesh_lib.make_mesh(2, 2, 2)
+    params = jax.device_put(model.init_params(cfg, jax.random.PRNGKey(0)),
+                            jax.sharding.NamedSharding(mesh, P()))
+    ids = jax.device_put(jnp.ones((8, 4), jnp.int32), sharding.batch_sharding(mesh))
+
+    def fwd(p, x):
+        return model.forward(p, x, cfg).logits
+
+    local_mlp = "f32[2,4,20]"  # [B/(data*fsdp), S, F/tensor]
+    constrained = jax.jit(sharding.under_mesh(fwd, mesh)).lower(params, ids).compile().as_text()
+    assert local_mlp in constrained
+    assert "f32[2,4,32]" in constrained  # logits [B/4, S, V/tensor]
+    plain = jax.jit(fwd).lower(params, ids).compile().as_text()
+    assert local_mlp not in plain

@@ -222,10 +222,10 @@ def init_linear_adapter(key, num_layers: int, d_in: int, d_out: int, lc: LoraCon
     mod = AdaptedLinear(d_in, d_out, "embed", "embed", False, jnp.float32, lc, True)
     route = {"seg": jnp.zeros((1, 1), jnp.int32), "valid": jnp.ones((1, 1), bool), "deterministic": True}
 
-    @jax.jit
-    def init(keys):
-        one = lambda k: nn.unbox(mod.init({"params": k}, jnp.zeros((1, 1, d_in), jnp.float32), route)["lora"])  # noqa: E731
-        return jax.vmap(one)(keys)
+    def one(k):
+        return nn.unbox(mod.init({"params": k}, jnp.zeros((1, 1, d_in), jnp.float32), route)["lora"])
+
+    init = jax.jit(jax.vmap(one))  # XLA drops the unused base kernel
 
     out = init(jax.random.split(key, num_layers))
     return {"A": out["A"], "B": out["B"], "gate_a": dict(out["gate_a"]), "gate_b": dict(out["gate_b"])}

@@ -69,7 +69,11 @@ def declared_axes() -> dict[tuple[str, ...], tuple]:
 
     cfg = ModelConfig("qwen2", 8, 4, 8, 1, 2, 1, 2, qkv_bias=True, tie_embeddings=False)
     lc = LoraConfig(num_analyze=1, num_compose=1, rank=1, gate_width=1, num_classes=1)
-    specs = nn.get_partition_spec(model.init_boxed(cfg, lc))
+    token = _ACTIVATION_MESH.set(None)  # the abstract init is traced without any step's mesh
+    try:
+        specs = nn.get_partition_spec(model.init_boxed(cfg, lc))
+    finally:
+        _ACTIVATION_MESH.reset(token)
     table = {}
     for col in specs.values():
         for path, spec in jax.tree_util.tree_flatten_with_path(col, is_leaf=lambda x: isinstance(x, P))[0]:

@@ -14,7 +14,6 @@ the prefill), so cached decoding routes each token exactly as a full forward doe
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -29,11 +28,7 @@ _ACT_KV = model_flax.ACT_KV
 _constrain = sharding.logical_constraint
 
 
-class ModelOutput(NamedTuple):
-    logits: Any  # [B, S, V] float32, or None when compute_logits=False
-    hidden: Any  # [B, S, D] after the final norm (what the LM head and sentiment head read)
-    cache: Any  # updated cache, or None
-    gate_stats: Any  # {module: {'a': [L, 3, Ea], 'b': ..., 'a_entropy': [L, 3], ..., 'count': [L, 3]}} sums
+ModelOutput = model_flax.ModelOutput
 
 
 def init_params(cfg: ModelConfig, key) -> dict:

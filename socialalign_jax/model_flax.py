@@ -28,7 +28,7 @@ The KV cache is an argument (a dict from `model.init_cache`), updated in place p
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -56,12 +56,19 @@ REMAT_POLICIES = {
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
 
-# The adaptable linear maps: name -> (block, logical d_in, logical d_out, index for dropout keys).
-LINEARS = {
-    "q": ("attn", "embed", "heads", 0), "k": ("attn", "embed", "kv_heads", 1),
-    "v": ("attn", "embed", "kv_heads", 2), "o": ("attn", "heads", "embed", 3),
-    "gate": ("mlp", "embed", "mlp", 4), "up": ("mlp", "embed", "mlp", 5), "down": ("mlp", "mlp", "embed", 6),
-}
+# Logical (d_in, d_out) of each adaptable linear map.
+_LINEAR_IO = {"q": ("embed", "heads"), "k": ("embed", "kv_heads"), "v": ("embed", "kv_heads"),
+              "o": ("heads", "embed"), "gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed")}
+# name -> (block, logical d_in, logical d_out, index of its dropout key: its place in ALL_TARGETS)
+LINEARS = {name: (pac_lora.MODULE_BLOCK[name], *_LINEAR_IO[name], i) for i, name in enumerate(pac_lora.ALL_TARGETS)}
+
+
+class ModelOutput(NamedTuple):
+    """What `Decoder.__call__` (and `model.forward`) returns."""
+    logits: Any  # [B, S, V] float32, or None when compute_logits=False
+    hidden: Any  # [B, S, D] after the final norm (what the LM head and sentiment head read)
+    cache: Any  # updated cache, or None
+    gate_stats: Any  # {module: {'a': [L, 3, Ea], 'b': ..., 'a_entropy': [L, 3], ..., 'count': [L, 3]}} sums
 
 
 # ----------------------------------------------------------------------------- initializers
@@ -412,8 +419,6 @@ class Decoder(nn.Module):
     def __call__(self, input_ids, attention_mask=None, positions=None, spans=None, cache=None, rng=None,
                  compute_logits=True):
         """See `model.forward`. Returns (logits, hidden, new_cache, gate_stats)."""
-        from socialalign_jax.model import ModelOutput  # the output type callers already know
-
         cfg, lc = self.cfg, self.lc
         dt = as_dtype(cfg.dtype)
         b, s = input_ids.shape

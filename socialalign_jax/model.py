@@ -31,6 +31,13 @@ _constrain = sharding.logical_constraint
 ModelOutput = model_flax.ModelOutput
 
 
+# How `init_params` draws random weights. The Flax decoder draws each layer from its own key
+# (nn.scan), so `random:<preset>` with a given seed gives other weights than the hand-written
+# model before it did. A run on random weights records this in its config; a checkpoint without
+# it (or with another) is refused on restore rather than resumed onto a different base.
+RANDOM_INIT = "flax-scan/1"
+
+
 def init_params(cfg: ModelConfig, key) -> dict:
     """Random base parameters (normal std 0.02, norms at 1) in cfg.param_dtype; for tests and demos.
 

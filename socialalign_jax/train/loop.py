@@ -55,8 +55,14 @@ def loss_config(cfg) -> step_lib.LossConfig:
 
 
 def config_to_dict(cfg) -> dict:
+    """The run config as saved in config.json and the checkpoints; a run on random base weights
+    also records how they were drawn (model.RANDOM_INIT), which restore checks."""
+    from socialalign_jax import model as model_lib
+
     d = cfg.to_dict()
     d["lora"]["targets"] = ",".join(lora_config(cfg).targets)
+    if str(d.get("model", {}).get("weights", "")).startswith("random:"):
+        d["model"]["random_init"] = model_lib.RANDOM_INIT
     return d
 
 

@@ -22,6 +22,7 @@ def base_config() -> config_dict.ConfigDict:
     c.model.weights = "random:small-qwen2"  # gguf:smollm2 | hf:/dir | gguf:/file | random:<preset>
     c.model.dtype = "float32"  # compute and frozen-param dtype; adapters are always float32
     c.model.remat = False
+    c.model.remat_policy = "nothing_saveable"  # ModelConfig.remat_policy: what a remat layer keeps
     c.model.scan_layers = True  # False: a Python loop over layers (longer compile; see docs/training.md)
     c.model.seed = 0  # random weights only
 

@@ -45,6 +45,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False  # rematerialise each layer in the backward pass (saves activation memory)
+    # what a rematerialised layer keeps from its forward (model_flax.REMAT_POLICIES)
+    remat_policy: str = "nothing_saveable"
     # False: the layers run as a Python loop: compile time grows with depth, but XLA:CPU no
     # longer copies each layer's weights and saved activations in and out of stacks.
     scan_layers: bool = True
@@ -57,6 +59,9 @@ class ModelConfig:
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         as_dtype(self.param_dtype)
         as_dtype(self.dtype)
+        policies = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+        if self.remat_policy not in policies:
+            raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of {policies}")
 
     @property
     def q_dim(self) -> int:

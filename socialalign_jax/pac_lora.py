@@ -77,26 +77,13 @@ class LoraConfig:
         return self.routing in ("token", "pooled", "uniform_a")
 
 
-def _uniform(key, shape, bound):
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-
-
 def init_module_adapter(key, num_layers: int, d_in: int, d_out: int, lc: LoraConfig) -> dict:
-    """Adapter params of one target for all layers (stacked on L), float32.
+    """Adapter params of one target for all layers (stacked on L), float32: the `lora` variables
+    that `model_flax.AdaptedLinear` declares (A ~ U(+-1/sqrt(d_in)), B = 0 so the adapted model
+    starts equal to the base, gate kernels ~ U(+-1/sqrt(fan_in))), initialised per layer."""
+    from socialalign_jax import model_flax  # model_flax -> pac_lora: resolved at call time
 
-    A ~ U(+-1/sqrt(d_in)) (PyTorch kaiming_uniform with a=sqrt(5)), B = 0 so the adapted model
-    starts equal to the base; gate kernels ~ U(+-1/sqrt(fan_in)).
-    """
-    ka, k1a, k2a, k1b, k2b = jax.random.split(key, 5)
-    g, ea, eb, r = lc.gate_width, lc.num_analyze, lc.num_compose, lc.rank
-    return {
-        "A": _uniform(ka, (num_layers, ea, d_in, r), 1.0 / math.sqrt(d_in)),
-        "B": jnp.zeros((num_layers, eb, r, d_out), jnp.float32),
-        "gate_a": {"w1": _uniform(k1a, (num_layers, d_in, g), 1.0 / math.sqrt(d_in)),
-                   "w2": _uniform(k2a, (num_layers, g, ea), 1.0 / math.sqrt(g))},
-        "gate_b": {"w1": _uniform(k1b, (num_layers, d_in, g), 1.0 / math.sqrt(d_in)),
-                   "w2": _uniform(k2b, (num_layers, g, eb), 1.0 / math.sqrt(g))},
-    }
+    return model_flax.init_linear_adapter(key, num_layers, d_in, d_out, lc)
 
 
 def gate_probs_from_pre(pre, gate) -> jax.Array:
@@ -326,19 +313,12 @@ def adapted_linear(x, base: dict, adapter: dict | None, lc: LoraConfig | None, r
 
 
 def init_adapters(key, cfg, lc: LoraConfig) -> dict[str, Any]:
-    """The trainable tree: {'layers': {'attn': {...}, 'mlp': {...}}, 'head': {...}} (float32)."""
-    dims = cfg.module_dims()
-    tree: dict[str, Any] = {}
-    layers: dict[str, dict] = {}
-    keys = jax.random.split(key, len(lc.targets) + 1)
-    for k, name in zip(keys[:-1], lc.targets):
-        block = MODULE_BLOCK[name]
-        d_in, d_out = dims[(block, name)]
-        layers.setdefault(block, {})[name] = init_module_adapter(k, cfg.num_layers, d_in, d_out, lc)
-    if layers:
-        tree["layers"] = layers
-    if lc.num_classes > 0:
-        bound = 1.0 / math.sqrt(cfg.hidden_size)
-        tree["head"] = {"kernel": _uniform(keys[-1], (cfg.hidden_size, lc.num_classes), bound),
-                        "bias": jnp.zeros((lc.num_classes,), jnp.float32)}
-    return tree
+    """The trainable tree: {'layers': {'attn': {...}, 'mlp': {...}}, 'head': {...}} (float32).
+
+    The `lora` collection of `model_flax.Decoder`, where each adapter variable is declared (with
+    its initializer: A ~ U(+-1/sqrt(d_in)), B = 0, gate kernels ~ U(+-1/sqrt(fan_in)), head
+    kernel ~ U(+-1/sqrt(D)), head bias 0) and its logical axes.
+    """
+    from socialalign_jax import model  # model -> model_flax -> pac_lora: resolved at call time
+
+    return model._init_collection(cfg, lc, "lora", key)

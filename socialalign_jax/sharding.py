@@ -40,14 +40,6 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 
 BATCH_AXES = ("data", "fsdp")
 
-# (logical d_in, logical d_out) of each adaptable linear map (DESIGN.md "Base parameter tree").
-_MODULE_IO = {
-    "q": ("embed", "heads"), "k": ("embed", "kv_heads"), "v": ("embed", "kv_heads"),
-    "o": ("heads", "embed"),
-    "gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed"),
-}
-
-
 def _key_name(k) -> str:
     for attr in ("key", "name", "idx"):
         if hasattr(k, attr):
@@ -59,56 +51,56 @@ def _path_str(path) -> str:
     return "/".join(_key_name(k) for k in path)
 
 
+@functools.lru_cache(maxsize=None)
+def declared_axes() -> dict[tuple[str, ...], tuple]:
+    """Path -> logical axes of every variable the model declares, `params` and `lora` alike.
+
+    Read with `nn.get_partition_spec` from the boxed abstract init (`jax.eval_shape`) of the
+    Flax model, where each parameter is declared once with `nn.with_logical_partitioning`. The
+    declarations do not depend on sizes, so one tiny configuration that has every variable
+    (Qwen2 q/k/v biases, an untied LM head, every adapter target, the sentiment head) covers
+    all models.
+    """
+    from flax import linen as nn
+
+    from socialalign_jax import model  # model -> model_flax -> sharding: resolved at call time
+    from socialalign_jax.config import ModelConfig
+    from socialalign_jax.pac_lora import LoraConfig
+
+    cfg = ModelConfig("qwen2", 8, 4, 8, 1, 2, 1, 2, qkv_bias=True, tie_embeddings=False)
+    lc = LoraConfig(num_analyze=1, num_compose=1, rank=1, gate_width=1, num_classes=1)
+    token = _ACTIVATION_MESH.set(None)  # the abstract init is traced without any step's mesh
+    try:
+        specs = nn.get_partition_spec(model.init_boxed(cfg, lc))
+    finally:
+        _ACTIVATION_MESH.reset(token)
+    table = {}
+    for col in specs.values():
+        for path, spec in jax.tree_util.tree_flatten_with_path(col, is_leaf=lambda x: isinstance(x, P))[0]:
+            table[tuple(_key_name(k) for k in path)] = tuple(spec)
+    return table
+
+
 def _axes_for_path(names: Sequence[str], ndim: int):
-    """Logical axes of one leaf from the trailing names of its path, or None if unknown.
+    """Logical axes of one leaf: the declaration whose path is the longest tail of `names`, or None.
 
     Matching on the tail lets the same function annotate optimizer states (adam mu/nu,
     MultiSteps accumulators), whose leaves sit under extra prefixes.
     """
-    n = list(names)
-    leaf = n[-1] if n else ""
-    parent = n[-2] if len(n) >= 2 else ""
-    grand = n[-3] if len(n) >= 3 else ""
-    stacked = "layers" in n  # leaves under 'layers' carry a leading L axis
-    lead = ("layers",) if stacked else ()
-
-    if leaf == "embedding":
-        return ("vocab", "embed")
-    if leaf == "scale":  # RMSNorm scales: small, replicated
-        return lead + ("norm",)
-    if parent == "lm_head" and leaf == "kernel":
-        return ("embed", "vocab")
-    if parent == "head" and leaf == "kernel":
-        return ("embed", "classes")
-    if parent == "head" and leaf == "bias":
-        return ("classes",)
-    # PAC-LoRA adapters: A [L, Ea, D_in, r], B [L, Eb, r, D_out]
-    if leaf in ("A", "B") and parent in _MODULE_IO:
-        d_in, d_out = _MODULE_IO[parent]
-        if leaf == "A":
-            return lead + ("experts", d_in, "rank")
-        return lead + ("experts", "rank", d_out)
-    # gates: w1 [L, D_in, G], w2 [L, G, E]
-    if parent in ("gate_a", "gate_b") and grand in _MODULE_IO:
-        if leaf == "w1":
-            return lead + (_MODULE_IO[grand][0], "gate")
-        if leaf == "w2":
-            return lead + ("gate", "experts")
-    # frozen base linear maps: kernel [L, D_in, D_out], bias [L, D_out]
-    if parent in _MODULE_IO and grand in ("attn", "mlp"):
-        d_in, d_out = _MODULE_IO[parent]
-        if leaf == "kernel":
-            return lead + (d_in, d_out)
-        if leaf == "bias":
-            return lead + (d_out,)
+    table = declared_axes()
+    names = tuple(names)
+    for start in range(len(names)):
+        axes = table.get(names[start:])
+        if axes is not None:
+            return axes
     return None
 
 
 def logical_axes_for_params(tree, *, strict: bool = True):
     """Tree of logical-axis tuples, one per leaf, for the base tree, the adapter tree, or
-    anything that nests them (optimizer states). Scalars get (). A leaf that is not in
-    DESIGN.md's trees raises (strict) or is replicated with a debug log (strict=False),
-    as is a known name whose rank does not match its expected layout.
+    anything that nests them (optimizer states), from the model's declarations
+    (`declared_axes`). Scalars get (). A leaf the model does not declare raises (strict) or is
+    replicated with a debug log (strict=False); a declared one whose rank differs raises.
     """
     def one(path, leaf):
         ndim = np.ndim(leaf) if not hasattr(leaf, "ndim") else leaf.ndim
@@ -122,7 +114,7 @@ def logical_axes_for_params(tree, *, strict: bool = True):
         if axes is None:
             if strict:
                 raise ValueError(f"sharding: no logical axes known for leaf {where} "
-                                 f"(shape {tuple(np.shape(leaf))}); see docs/DESIGN.md for the param trees")
+                                 f"(shape {tuple(np.shape(leaf))}); the model (model_flax) declares no such variable")
             log.debug("sharding: %s (shape %s) is not a known param; replicating", where, np.shape(leaf))
             return (None,) * ndim
         return axes

@@ -85,3 +85,27 @@ def test_restore_into_a_different_adapter_shape_names_the_difference(reference, 
     cfg = tiny_config(built_sample(), **{"train.num_steps": N + 1, "lora.rank": 4})
     with pytest.raises(UserError, match=r"lora\.rank: checkpoint 8 vs config 4"):
         loop.train(cfg, ref_wd, progress=False)
+
+
+def test_a_random_weights_run_from_before_the_flax_model_is_refused(reference, tmp_path):
+    """Checkpoints written before model.RANDOM_INIT existed trained on differently drawn random
+    weights: restoring them (train, generate, export) is one line, not a silent resume."""
+    import json
+    import shutil
+
+    from socialalign_jax import model as model_lib
+
+    ref_wd, _ = reference
+    wd = str(tmp_path / "old")
+    shutil.copytree(ref_wd, wd)
+    saved = json.load(open(os.path.join(wd, "checkpoints", str(N), "config", "metadata")))
+    assert saved["model"]["random_init"] == model_lib.RANDOM_INIT  # what a run records today
+    for step in os.listdir(os.path.join(wd, "checkpoints")):
+        meta = os.path.join(wd, "checkpoints", step, "config", "metadata")
+        if os.path.exists(meta):
+            old = json.load(open(meta))
+            old["model"].pop("random_init")
+            json.dump(old, open(meta, "w"))
+    cfg = tiny_config(built_sample(), **{"train.num_steps": N + 1})
+    with pytest.raises(UserError, match=r"random base weights \(random:tiny-qwen2\) drawn by an older version"):
+        loop.train(cfg, wd, progress=False)

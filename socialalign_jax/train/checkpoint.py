@@ -148,6 +148,13 @@ def _restore_step(manager, step, abstract_state, current_config, check):
     cur_model = {k: current_config.get("model", {}).get(k) for k in ("preset", "weights")}
     if saved_model != cur_model:
         diffs.append(f"model: checkpoint {saved_model} vs config {cur_model}")
+    cur_init = current_config.get("model", {}).get("random_init")
+    if cur_init and not diffs and saved_cfg.get("model", {}).get("random_init") != cur_init:
+        raise UserError(
+            f"{manager.directory}/{step}: this run trained its adapters on random base weights "
+            f"({cur_model['weights']}) drawn by an older version of the model code; the same seed now draws "
+            "other weights, which those adapters do not fit: retrain with a new --workdir "
+            "(runs on hf: or gguf: weights are not affected)")
     if diffs:
         raise UserError(
             f"{manager.directory}/{step}: the checkpoint's adapters do not fit this config: " + "; ".join(diffs)

@@ -55,8 +55,14 @@ def loss_config(cfg) -> step_lib.LossConfig:
 
 
 def config_to_dict(cfg) -> dict:
+    """The run config as saved in config.json and the checkpoints; a run on random base weights
+    also records how they were drawn (model.RANDOM_INIT), which restore checks."""
+    from socialalign_jax import model as model_lib
+
     d = cfg.to_dict()
     d["lora"]["targets"] = ",".join(lora_config(cfg).targets)
+    if str(d.get("model", {}).get("weights", "")).startswith("random:"):
+        d["model"]["random_init"] = model_lib.RANDOM_INIT
     return d
 
 
@@ -136,7 +142,8 @@ def build_job(cfg, workdir: str, *, need_data: bool = True) -> Job:
     lora_cfg = lora_config(cfg)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     weights = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
-    model_cfg = weights.cfg.replace(remat=bool(cfg.model.remat), scan_layers=bool(cfg.model.get("scan_layers", True)))
+    model_cfg = weights.cfg.replace(remat=bool(cfg.model.remat), scan_layers=bool(cfg.model.get("scan_layers", True)),
+                                    remat_policy=str(cfg.model.get("remat_policy", "nothing_saveable")))
     params = jax.device_put(weights.params, sharding.shardings_for(weights.params, mesh))
     tokenizer = weights.tokenizer
     if cfg.data.tokenizer:
@@ -259,7 +266,7 @@ def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[st
 RESUME_FREE = ("train.num_steps", "train.num_epochs", "train.log_every", "train.checkpoint_every",
                "train.keep_checkpoints", "train.async_checkpoint", "train.eval_at_end", "train.eval_max_examples",
                "train.tensorboard", "train.generate_at_end", "train.labeller", "data.eval_batch_size",
-               "model.remat", "model.scan_layers", "lora.fuse_base", "mesh.", "distributed.", "sample.", "hardware.")
+               "model.remat", "model.remat_policy", "model.scan_layers", "lora.fuse_base", "mesh.", "distributed.", "sample.", "hardware.")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,489 @@
+"""The Qwen2/Llama decoder and PAC-LoRA as Flax Linen modules, applied functionally.
+
+This is where every parameter is declared, once: its shape, dtype, initializer and logical
+axes (`nn.with_logical_partitioning`). `model.py` keeps the functional entry points
+(`init_params`, `forward`, `lm_logits`, ...) as thin wrappers over `init` / `apply`, so the
+trainer, generation, scoring, export and planning see the same nested-dict trees as before.
+
+Variable collections:
+  params  frozen base weights. Layers are stacked on a leading axis by `nn.scan` (logical
+          axis 'layers'), so the tree is
+          {embed: {embedding [V, D]},
+           layers: {input_norm: {scale [L, D]}, post_attn_norm: {scale [L, D]},
+                    attn: {q|k|v: {kernel [L, D, Hq*Dh|Hkv*Dh], bias (qwen2) [L, ...]}, o: {kernel [L, Hq*Dh, D]}},
+                    mlp: {gate|up: {kernel [L, D, F]}, down: {kernel [L, F, D]}}},
+           final_norm: {scale [D]}, lm_head (untied only): {kernel [D, V]}}
+  lora    the trainable tree: PAC-LoRA experts and gates of every target, stacked on L,
+          {layers: {attn|mlp: {name: {A [L, Ea, d_in, r], B [L, Eb, r, d_out],
+                                      gate_a: {w1 [L, d_in, G], w2 [L, G, Ea]}, gate_b: {...}}}},
+           head: {kernel [D, K], bias [K]}}   (float32)
+
+The maths of each piece is the one implementation in `layers` (norm, RoPE, attention) and
+`pac_lora` (routing, expert mixing, the fused CPU matmul with its custom VJP); the modules
+only declare parameters and wire them. An adapted linear map is adapted exactly when its
+`lora` variables are present, so one module serves the base model and every target set.
+The KV cache is an argument (a dict from `model.init_cache`), updated in place per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+
+from socialalign_jax import layers, pac_lora, sharding
+from socialalign_jax.config import ModelConfig, as_dtype
+from socialalign_jax.pac_lora import LoraConfig
+
+# Logical axes of the activations at layer boundaries (sharding.LOGICAL_RULES maps them to the
+# mesh). Inside `sharding.activation_sharding(mesh)` each becomes a sharding constraint (with
+# the rules' divisibility fallback); outside it they are no-ops.
+ACT = ("batch", "length", "embed")  # residual stream [B, S, D]
+ACT_HEADS = ("batch", "length", "heads", None)  # q, attention output [B, S, H, Dh]
+ACT_KV = ("batch", "length", "kv_heads", None)  # k, v (and a layer's cache) [B, S|T, Hkv, Dh]
+ACT_MLP = ("batch", "length", "mlp")  # gate, up [B, S, F]
+ACT_VOCAB = ("batch", "length", "vocab")  # logits [B, S, V]
+constrain = sharding.logical_constraint
+
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+# Logical (d_in, d_out) of each adaptable linear map.
+_LINEAR_IO = {"q": ("embed", "heads"), "k": ("embed", "kv_heads"), "v": ("embed", "kv_heads"),
+              "o": ("heads", "embed"), "gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed")}
+# name -> (block, logical d_in, logical d_out, index of its dropout key: its place in ALL_TARGETS)
+LINEARS = {name: (pac_lora.MODULE_BLOCK[name], *_LINEAR_IO[name], i) for i, name in enumerate(pac_lora.ALL_TARGETS)}
+
+
+class ModelOutput(NamedTuple):
+    """What `Decoder.__call__` (and `model.forward`) returns."""
+    logits: Any  # [B, S, V] float32, or None when compute_logits=False
+    hidden: Any  # [B, S, D] after the final norm (what the LM head and sentiment head read)
+    cache: Any  # updated cache, or None
+    gate_stats: Any  # {module: {'a': [L, 3, Ea], 'b': ..., 'a_entropy': [L, 3], ..., 'count': [L, 3]}} sums
+
+
+# ----------------------------------------------------------------------------- initializers
+
+def _normal002(key, shape, dtype=jnp.float32):
+    """Base weights: normal, std 0.02, drawn in float32 then cast (tests and demos only)."""
+    return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _ones(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.ones(shape, dtype)
+
+
+def _zeros(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+def _uniform(bound: float):
+    """U(+-bound) in float32: PyTorch's kaiming_uniform(a=sqrt(5)) with bound 1/sqrt(fan_in)."""
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+    return init
+
+
+def _param(mod: nn.Module, name: str, init, shape, dtype, axes):
+    """A `params` variable with its logical axes (stored unboxed; the boxes carry the axes at init)."""
+    return mod.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _lora_var(mod: nn.Module, name: str, init, shape, axes):
+    """A float32 `lora` variable with its logical axes; the 'params' rng is drawn only when it is created."""
+    boxed = nn.with_logical_partitioning(init, axes)
+    return mod.variable("lora", name, lambda: boxed(mod.make_rng("params"), shape, jnp.float32)).value
+
+
+# ----------------------------------------------------------------------------- base modules
+
+class Embed(nn.Module):
+    """Token embedding [V, D]; also the tied LM head."""
+    vocab: int
+    dim: int
+    param_dtype: Any
+
+    def setup(self):
+        self.embedding = _param(self, "embedding", _normal002, (self.vocab, self.dim), self.param_dtype,
+                                ("vocab", "embed"))
+
+    def __call__(self, ids, dtype):
+        return self.embedding[ids].astype(dtype)  # [B, S] -> [B, S, D]
+
+    def attend(self, hidden):
+        """hidden [B, S, D] -> logits [B, S, V] float32 (the embedding's transpose)."""
+        return jnp.einsum("bsd,vd->bsv", hidden, self.embedding.astype(hidden.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nn.Module):
+    dim: int
+    eps: float
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", _ones, (self.dim,), self.param_dtype, ("norm",))
+        return layers.rms_norm(x, scale, self.eps)
+
+
+class LMHead(nn.Module):
+    """Untied LM head kernel [D, V]."""
+    dim: int
+    vocab: int
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, hidden):
+        w = _param(self, "kernel", _normal002, (self.dim, self.vocab), self.param_dtype, ("embed", "vocab"))
+        return jnp.einsum("bsd,dv->bsv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+class Gate(nn.Module):
+    """A span gate's two bias-free Dense layers (lora collection): w1 [d_in, G], w2 [G, E]."""
+    d_in: int
+    width: int
+    experts: int
+    in_axis: str
+
+    @nn.compact
+    def __call__(self):
+        return {"w1": _lora_var(self, "w1", _uniform(1.0 / math.sqrt(self.d_in)), (self.d_in, self.width),
+                                (self.in_axis, "gate")),
+                "w2": _lora_var(self, "w2", _uniform(1.0 / math.sqrt(self.width)), (self.width, self.experts),
+                                ("gate", "experts"))}
+
+
+class AdaptedLinear(nn.Module):
+    """x W0 (+ b) + the PAC-LoRA delta (`pac_lora.adapted_linear`).
+
+    The frozen kernel/bias live in `params`; A, B and the two gates in `lora`. They are created
+    at init when `lc` lists this map as a target, and used at apply time when present.
+    """
+    d_in: int
+    d_out: int
+    in_axis: str
+    out_axis: str
+    use_bias: bool
+    param_dtype: Any
+    lc: LoraConfig | None = None
+    target: bool = False
+
+    @nn.compact
+    def __call__(self, x, route, rng=None, pooled_state=None):
+        base = {"kernel": _param(self, "kernel", _normal002, (self.d_in, self.d_out), self.param_dtype,
+                                 (self.in_axis, self.out_axis))}
+        if self.use_bias:
+            base["bias"] = _param(self, "bias", _normal002, (self.d_out,), self.param_dtype, (self.out_axis,))
+        adapter = None
+        lc = self.lc
+        if lc is not None and (self.has_variable("lora", "A") or (self.is_initializing() and self.target)):
+            ea, eb, r, g = lc.num_analyze, lc.num_compose, lc.rank, lc.gate_width
+            adapter = {
+                "A": _lora_var(self, "A", _uniform(1.0 / math.sqrt(self.d_in)), (ea, self.d_in, r),
+                               ("experts", self.in_axis, "rank")),
+                "B": _lora_var(self, "B", _zeros, (eb, r, self.d_out), ("experts", "rank", self.out_axis)),
+                "gate_a": Gate(self.d_in, g, ea, self.in_axis, name="gate_a")(),
+                "gate_b": Gate(self.d_in, g, eb, self.in_axis, name="gate_b")(),
+            }
+        return pac_lora.adapted_linear(x, base, adapter, lc if adapter is not None else None, route, rng,
+                                       pooled_state)
+
+
+class _Adapted(nn.Module):
+    """Shared wiring of the blocks that own adaptable linear maps (Attention, Mlp)."""
+    cfg: ModelConfig
+    lc: LoraConfig | None = None
+
+    def lin(self, h, name, route, rng, pooled, stats, new_pooled):
+        """Apply the linear map `name` (created here, in the caller's compact scope); record its gate stats."""
+        cfg = self.cfg
+        block, ax_in, ax_out, mod_idx = LINEARS[name]
+        d_in, d_out = cfg.module_dims()[(block, name)]
+        targets = self.lc.targets if self.lc is not None else ()
+        mod = AdaptedLinear(d_in, d_out, ax_in, ax_out, cfg.qkv_bias and name in ("q", "k", "v"),
+                            as_dtype(cfg.param_dtype), self.lc, name in targets, name=name)
+        key = None if rng is None else jax.random.fold_in(rng, mod_idx)
+        prev = None if pooled is None or name not in pooled else pooled[name]
+        y, st, pst = mod(h, route, key, prev)
+        if st is not None:
+            stats[name] = st
+        if pst is not None:
+            new_pooled[name] = pst
+        return y
+
+
+def init_linear_adapter(key, num_layers: int, d_in: int, d_out: int, lc: LoraConfig) -> dict:
+    """The `lora` variables of one adapted linear map, stacked over `num_layers` independent inits."""
+    mod = AdaptedLinear(d_in, d_out, "embed", "embed", False, jnp.float32, lc, True)
+    route = {"seg": jnp.zeros((1, 1), jnp.int32), "valid": jnp.ones((1, 1), bool), "deterministic": True}
+
+    def one(k):
+        return nn.unbox(mod.init({"params": k}, jnp.zeros((1, 1, d_in), jnp.float32), route)["lora"])
+
+    init = jax.jit(jax.vmap(one))  # XLA drops the unused base kernel
+
+    out = init(jax.random.split(key, num_layers))
+    return {"A": out["A"], "B": out["B"], "gate_a": dict(out["gate_a"]), "gate_b": dict(out["gate_b"])}
+
+
+class Attention(_Adapted):
+    """Grouped-query attention with RoPE over absolute positions; q/k/v/o adaptable (q/k/v biased in Qwen2).
+
+    kv: None, or the stacked cache (k, v) [L, B, T, Hkv, Dh] into which layer i writes this
+    chunk at slot ctx['index'] before attending over all of its slots.
+    Returns (out [B, S, D], kv, stats, pooled).
+    """
+
+    @nn.compact
+    def __call__(self, h, route, rng, pooled, kv, i, ctx):
+        cfg = self.cfg
+        stats, new_pooled = {}, {}
+        lin = lambda t, name: self.lin(t, name, route, rng, pooled, stats, new_pooled)  # noqa: E731
+        b, s, _ = h.shape
+        q = constrain(rearrange(lin(h, "q"), "b s (h d) -> b s h d", d=cfg.head_dim), ACT_HEADS)
+        k = constrain(rearrange(lin(h, "k"), "b s (h d) -> b s h d", d=cfg.head_dim), ACT_KV)
+        v = constrain(rearrange(lin(h, "v"), "b s (h d) -> b s h d", d=cfg.head_dim), ACT_KV)
+        q = layers.apply_rope(q, ctx["cos"], ctx["sin"])
+        k = layers.apply_rope(k, ctx["cos"], ctx["sin"])
+        if kv is not None:
+            index = ctx["index"]
+            k_c = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype)[None], (i, 0, index, 0, 0))
+            v_c = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype)[None], (i, 0, index, 0, 0))
+            k_all = constrain(jax.lax.dynamic_index_in_dim(k_c, i, 0, keepdims=False), ACT_KV)  # [B, T, Hkv, Dh]
+            v_all = constrain(jax.lax.dynamic_index_in_dim(v_c, i, 0, keepdims=False), ACT_KV)
+            kv = (k_c, v_c)
+            attn = layers.attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), ctx["q_pos"], ctx["k_pos"])
+        else:
+            attn = layers.attention(q, k, v, ctx["q_pos"], ctx["k_pos"])
+        attn = constrain(attn, ACT_HEADS)
+        out = lin(rearrange(attn, "b s h d -> b s (h d)"), "o")
+        return out, kv, stats, new_pooled
+
+
+class Mlp(_Adapted):
+    """SwiGLU: down(silu(gate(h)) * up(h)), each map adaptable. Returns (out [B, S, D], stats, pooled)."""
+
+    @nn.compact
+    def __call__(self, h, route, rng, pooled):
+        stats, new_pooled = {}, {}
+        lin = lambda t, name: self.lin(t, name, route, rng, pooled, stats, new_pooled)  # noqa: E731
+        gate = constrain(lin(h, "gate"), ACT_MLP)
+        up = constrain(lin(h, "up"), ACT_MLP)
+        return lin(jax.nn.silu(gate) * up, "down"), stats, new_pooled
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer: attention, then the MLP, each with a residual.
+
+    Called as a scan body: carry = (x [B, S, D], kv), xs = (pooled, rng, layer index i), ctx =
+    the per-call arrays every layer reads (routing, RoPE tables, positions, cache slot).
+    Returns ((x, kv), (gate stats, pooled gate weights or None)).
+    """
+    cfg: ModelConfig
+    lc: LoraConfig | None = None
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, carry, xs, ctx):
+        cfg = self.cfg
+        pdt = as_dtype(cfg.param_dtype)
+        x, kv = carry
+        pooled, rng, i = xs
+        route = {"seg": ctx["seg"], "valid": ctx["valid"], "deterministic": self.deterministic}
+        if "use_stored" in ctx:
+            route["use_stored"] = ctx["use_stored"]
+        x = constrain(x, ACT)
+        h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, name="input_norm")(x)
+        a, kv, st_a, pst_a = Attention(cfg, self.lc, name="attn")(h, route, rng, pooled, kv, i, ctx)
+        x = constrain(x + a, ACT)
+        h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, name="post_attn_norm")(x)
+        m, st_m, pst_m = Mlp(cfg, self.lc, name="mlp")(h, route, rng, pooled)
+        x = constrain(x + m, ACT)
+        pst = {**pst_a, **pst_m}
+        return (x, kv), ({**st_a, **st_m}, pst if pst else None)
+
+
+class UnrolledLayers(nn.Module):
+    """The layers as a Python loop over per-layer variables {'0': ..., '1': ...} (`model.unstack_layers`).
+
+    XLA:CPU copies each layer's weights out of the stacked arrays whenever a scan slices them;
+    for a one-token decode step that copy costs more than the matmul it feeds. Same maths as
+    the scan, layer by layer; the KV cache stays stacked and is updated in place.
+    """
+    cfg: ModelConfig
+    lc: LoraConfig | None = None
+    deterministic: bool = True
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, carry, xs, ctx):
+        pooled_xs, rngs = xs
+        take = lambda tree, i: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+        block = Block
+        if self.remat:
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat_policy])
+        stats, pooled = [], []
+        for i in range(self.cfg.num_layers):
+            carry, (st, pst) = block(self.cfg, self.lc, self.deterministic, name=str(i))(
+                carry, (take(pooled_xs, i), take(rngs, i), jnp.int32(i)), ctx)
+            stats.append(st)
+            pooled.append(pst)
+        stack = lambda trees: None if trees[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
+        return carry, (stack(stats) if stats and stats[0] else {}, stack(pooled))
+
+
+def scanned_layers(cfg: ModelConfig, lc: LoraConfig | None, deterministic: bool, name: str = "layers"):
+    """Block under nn.remat (when cfg.remat) and nn.scan: params and lora stacked on axis 0 ('layers')."""
+    block = Block
+    if cfg.remat:
+        block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy])
+    return nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
+                   in_axes=(0, nn.broadcast), length=cfg.num_layers,
+                   metadata_params={nn.PARTITION_NAME: "layers"})(cfg, lc, deterministic, name=name)
+
+
+class SentimentHead(nn.Module):
+    """The sentiment head (lora collection): Dense(D -> K) at the last prompt token, float32."""
+    dim: int
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, hidden, prompt_len):
+        """hidden [B, S, D], prompt_len [B] -> [B, K] float32."""
+        kernel = _lora_var(self, "kernel", _uniform(1.0 / math.sqrt(self.dim)), (self.dim, self.num_classes),
+                           ("embed", "classes"))
+        bias = _lora_var(self, "bias", _zeros, (self.num_classes,), ("classes",))
+        idx = jnp.clip(prompt_len - 1, 0, hidden.shape[1] - 1)
+        h = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+        return h @ kernel.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+def _positions(attention_mask, start):
+    """Absolute positions from a padding mask: real tokens count up from `start` [B] (left or right padding)."""
+    return start[:, None] + jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+
+
+class Decoder(nn.Module):
+    """The decoder: embed -> layers -> final norm -> LM head (tied or not), plus the sentiment head.
+
+    lc: the adapter configuration, or None for the base model. unrolled: run the layers as a
+    Python loop over per-layer variables (see UnrolledLayers) instead of nn.scan.
+    """
+    cfg: ModelConfig
+    lc: LoraConfig | None = None
+    deterministic: bool = True
+    unrolled: bool = False
+    remat_unrolled: bool = False
+
+    def setup(self):
+        cfg = self.cfg
+        pdt = as_dtype(cfg.param_dtype)
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, pdt)
+        if self.unrolled:
+            self.layers = UnrolledLayers(cfg, self.lc, self.deterministic, self.remat_unrolled)
+        else:
+            self.layers = scanned_layers(cfg, self.lc, self.deterministic)
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
+        if not cfg.tie_embeddings:
+            self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, pdt)
+        if self.lc is not None and self.lc.num_classes > 0:
+            self.head = SentimentHead(cfg.hidden_size, self.lc.num_classes)
+
+    def logits(self, hidden):
+        """hidden [B, S, D] -> logits [B, S, V] float32."""
+        out = self.embed.attend(hidden) if self.cfg.tie_embeddings else self.lm_head(hidden)
+        return constrain(out, ACT_VOCAB)
+
+    def sentiment(self, hidden, prompt_len):
+        return self.head(hidden, prompt_len)
+
+    def init_all(self, input_ids):
+        """Touch every declared variable (init only): a forward, the LM head and the sentiment head."""
+        out = self(input_ids)
+        if self.lc is not None and self.lc.num_classes > 0:
+            self.sentiment(out.hidden, jnp.ones((input_ids.shape[0],), jnp.int32))
+        return out.logits
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, spans=None, cache=None, rng=None,
+                 compute_logits=True):
+        """See `model.forward`. Returns (logits, hidden, new_cache, gate_stats)."""
+        cfg, lc = self.cfg, self.lc
+        dt = as_dtype(cfg.dtype)
+        b, s = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, s), jnp.int32)
+        attention_mask = attention_mask.astype(jnp.int32)
+        valid = attention_mask > 0
+        start = cache["next_pos"] if cache is not None else jnp.zeros((b,), jnp.int32)
+        if positions is None:
+            positions = _positions(attention_mask, start)
+        positions = positions.astype(jnp.int32)
+        if spans is not None:
+            user_end, news_end = (jnp.asarray(t, jnp.int32) for t in spans)
+        elif cache is not None:
+            user_end, news_end = cache["user_end"], cache["news_end"]
+        else:
+            user_end = news_end = jnp.zeros((b,), jnp.int32)
+
+        x = constrain(self.embed(input_ids, dt), ACT)
+        cos, sin = layers.rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        new_pos = jnp.where(valid, positions, -1)
+        ctx = {"seg": pac_lora.segment_ids(positions, user_end, news_end, valid), "valid": valid,
+               "cos": cos, "sin": sin, "q_pos": positions}
+        if cache is not None:
+            index = cache["index"]
+            ctx["k_pos"] = jax.lax.dynamic_update_slice(cache["key_pos"], new_pos, (0, index))
+            ctx["index"] = index
+            kv = (cache["k"], cache["v"])
+        else:
+            index = None
+            ctx["k_pos"] = new_pos
+            kv = None
+
+        pooled_xs = None
+        if lc is not None and lc.routing == "pooled" and lc.targets and cache is not None:
+            if "pooled" not in cache:
+                # Without the stored prefill summaries every decoded token would silently get uniform gates.
+                raise ValueError("pooled routing with a KV cache needs init_cache(cfg, batch, max_len, lora_cfg)")
+            # Prefill (slot index 0) computes the span summaries; later chunks reuse what prefill stored.
+            pooled_xs = cache["pooled"]
+            ctx["use_stored"] = index > 0
+        layer_rngs = None
+        if lc is not None and not self.deterministic and lc.dropout > 0.0:
+            if rng is None:
+                raise ValueError("forward(deterministic=False) with adapter dropout needs an rng")
+            layer_rngs = jax.random.split(rng, cfg.num_layers)
+
+        if self.unrolled:
+            (x, kv_out), (stats, pooled_out) = self.layers((x, kv), (pooled_xs, layer_rngs), ctx)
+        else:
+            # The stacked KV cache rides in the scan's carry and each layer writes its chunk in place:
+            # as a scanned input and output it would be copied twice per decode step.
+            (x, kv_out), (stats, pooled_out) = self.layers(
+                (x, kv), (pooled_xs, layer_rngs, jnp.arange(cfg.num_layers, dtype=jnp.int32)), ctx)
+
+        hidden = constrain(self.final_norm(x), ACT)
+        logits = self.logits(hidden) if compute_logits else None
+
+        new_cache = None
+        if cache is not None:
+            new_cache = dict(cache)
+            new_cache.update(
+                k=kv_out[0], v=kv_out[1], key_pos=ctx["k_pos"], index=index + s,
+                next_pos=jnp.maximum(start, jnp.max(jnp.where(valid, positions + 1, 0), axis=1)),
+                user_end=user_end, news_end=news_end)
+            if pooled_xs is not None:
+                new_cache["pooled"] = pooled_out
+        return ModelOutput(logits, hidden, new_cache, stats if lc is not None else None)

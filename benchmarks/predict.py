@@ -61,7 +61,7 @@ def build_predictor(model: str, max_length: int = 0):
     from socialalign_jax import generation, pac_lora
     from socialalign_jax.data.prompt import PromptConfig
     from socialalign_jax.predict import Predictor
-    from socialalign_jax.train.loop import lora_config
+    from socialalign_jax.runs.restore import lora_config
     from socialalign_jax.weights import resolve_weights
 
     cfg = _config("default" if model == "default" else model)

@@ -45,15 +45,15 @@ def main(argv):
             if not flag.value:
                 raise UserError(f"{name} is required")
         from socialalign_jax import export
+        from socialalign_jax.runs import restore
 
-        cfg = export.load_run_config(_WORKDIR.value)  # fail fast (before loading weights) on what cannot work
+        cfg = restore.load_run_config(_WORKDIR.value)  # fail fast (before loading weights) on what cannot work
         if _FORMAT.value in ("merged", "peft"):
-            from socialalign_jax.train.loop import lora_config
             refusal = export.merge_refusal if _FORMAT.value == "merged" else export.peft_refusal
-            why = refusal(lora_config(cfg))
+            why = refusal(restore.lora_config(cfg))
             if why:
                 raise export.ExportError(f"--format {_FORMAT.value}: {why}")
-        run = export.restore_run(_WORKDIR.value, _STEP.value)
+        run = restore.restore_run(_WORKDIR.value, _STEP.value)
         files = export.export_run(run, _FORMAT.value, _OUT.value, base_model=_BASE.value)
         print(f"exported step {run.step} of {_WORKDIR.value} as {_FORMAT.value}: " + ", ".join(map(str, files)))
         return 0

@@ -1,10 +1,12 @@
 """Generate posts (and sentiment-head probabilities) for a split with a trained run's adapters.
 
-    python launch/generate.py --config configs/weibo.py --workdir DIR --split test --out preds.jsonl \
+    python launch/generate.py --workdir DIR --split test --out preds.jsonl \
         [--max_examples N] [--greedy] [--gates_out gates.json] [--config.sample.temperature=0.7 ...]
 
-Reads the base weights named by the config, the dataset built in DIR (by launch/train.py) and
-the latest Orbax checkpoint in DIR/checkpoints; writes the JSONL that launch/evaluate.py scores.
+Reads the run's saved config (DIR/config.json: nothing given at training time is repeated;
+`--config.a.b=v` overrides a value, `--config FILE` replaces the whole config), the base weights
+it names, the dataset built in DIR (by launch/train.py) and the latest Orbax checkpoint in
+DIR/checkpoints; writes the JSONL that launch/evaluate.py scores.
 A bad input stops with one line naming the file, the example and the field (exit status 2).
 """
 
@@ -15,13 +17,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from socialalign_jax.cli_setup import define_config_flag, quiet_startup, run_absl  # noqa: E402
+from socialalign_jax.cli_setup import define_run_config_flag, quiet_startup, run_absl  # noqa: E402
 
 quiet_startup()
 
 from absl import flags  # noqa: E402
 
-_CONFIG = define_config_flag("config", "configs/weibo.py", "The run's config (file[:preset]).")
+_CONFIG = define_run_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (checkpoints, built dataset).")
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split to generate for.")
 _OUT = flags.DEFINE_string("out", None, "Predictions JSONL to write.")

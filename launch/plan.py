@@ -112,7 +112,8 @@ def main(argv=None) -> int:
 
         from socialalign_jax import optim
         from socialalign_jax.mesh import make_mesh
-        from socialalign_jax.train.loop import lora_config, loss_config
+        from socialalign_jax.runs.restore import lora_config
+        from socialalign_jax.train.loop import loss_config
 
         if tpu is not None:
             devices = plan_lib.tpu_devices(tpu)

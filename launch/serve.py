@@ -46,7 +46,7 @@ def main(argv):
             raise UserError(f"--port {_PORT.value}: expected 1..65535")
         import uvicorn
 
-        from socialalign_jax.export import load_run_config
+        from socialalign_jax.runs.restore import load_run_config
         from socialalign_jax.predict import Predictor, UsersError, dataset_users
         from socialalign_jax.predict.server import create_app
 

@@ -117,6 +117,42 @@ def define_config_flag(name: str = "config", default: str = "configs/weibo.py", 
         usage_error(_config_problem(e, sys.argv), sys.argv)
 
 
+def define_run_config_flag(default: str = "configs/weibo.py"):
+    """`--config` for a launcher that reads a training run: the run's own saved config by default.
+
+    When `--workdir DIR` names a run (DIR/config.json exists) and no `--config FILE` is given, the
+    config is the one the run was trained with, so nothing given at training time has to be
+    repeated; `--config.a.b=v` overrides still apply on top (e.g. `--config.sample.temperature`).
+    Otherwise this is `define_config_flag`: a config file, as for training.
+    """
+    import json
+    import sys
+
+    from ml_collections import config_dict, config_flags
+
+    argv = sys.argv[1:]
+    given_file = any(a == "--config" or a.startswith("--config=") for a in argv)
+    workdir = None
+    for i, a in enumerate(argv):
+        if a.startswith("--workdir="):
+            workdir = a.split("=", 1)[1]
+        elif a == "--workdir" and i + 1 < len(argv):
+            workdir = argv[i + 1]
+    saved = os.path.join(workdir, "config.json") if workdir else None
+    if given_file or not saved or not os.path.isfile(saved):
+        return define_config_flag("config", default, "Config file[:preset] (default: the run's saved config.json).")
+    try:
+        with open(saved, encoding="utf-8") as f:
+            cfg = config_dict.ConfigDict(json.load(f))
+    except (OSError, ValueError) as e:
+        usage_error(f"{saved}: not a readable run config ({e}); pass --config FILE instead", sys.argv)
+    try:
+        return config_flags.DEFINE_config_dict("config", cfg, f"The run's saved config ({saved}); "
+                                               "--config.a.b=v overrides a value, --config FILE replaces it.")
+    except Exception as e:  # noqa: BLE001 - a bad override on the command line
+        usage_error(_config_problem(e, sys.argv), sys.argv)
+
+
 def absl_flags_parser(argv):
     """absl's flag parsing with the argparse convention: --help exits 0, a usage error exits 2 in one line.
 

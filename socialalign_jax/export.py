@@ -11,11 +11,10 @@ news spans, so no fixed W' reproduces them; those exports are refused with the r
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,9 @@ from socialalign_jax.config import ModelConfig
 from socialalign_jax.errors import UserError
 from socialalign_jax.pac_lora import MODULE_BLOCK, LoraConfig
 
+if TYPE_CHECKING:
+    from socialalign_jax.runs.restore import Run
+
 FORMATS = ("orbax", "safetensors", "peft", "socialalign", "merged")
 ORBAX_DIR = "adapters"
 ORBAX_META = "adapter_config.json"
@@ -34,42 +36,6 @@ GENERATION_CONFIG = "generation_config.json"
 
 class ExportError(UserError):
     """A run or adapter that cannot be exported in the requested format (the message says why)."""
-
-
-@dataclasses.dataclass
-class Run:
-    """A finished (or running) training run: its config, base params and the adapters at `step`."""
-    cfg: Any
-    model_cfg: ModelConfig
-    lora_cfg: LoraConfig
-    params: Any
-    adapters: Any
-    tokenizer: Any
-    step: int
-
-
-def load_run_config(workdir: str):
-    """The config a run was started with (workdir/config.json), as a ConfigDict."""
-    from ml_collections import config_dict
-
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise ExportError(f"{path}: not found; --workdir must be a training run's directory")
-    try:
-        return config_dict.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
-    except ValueError as e:
-        raise ExportError(f"{path}: malformed JSON ({e})") from None
-
-
-def restore_run(workdir: str, step: int | None = None) -> Run:
-    """Base weights from the run's own config and the adapters of its latest (or given) checkpoint."""
-    from socialalign_jax.generation import restore_adapters
-    from socialalign_jax.train import loop
-
-    cfg = load_run_config(workdir)
-    job = loop.build_job(cfg, workdir, need_data=False)
-    adapters, at = restore_adapters(job, workdir, step)
-    return Run(cfg, job.model_cfg, job.lora_cfg, job.params, jax.device_get(adapters), job.tokenizer, at)
 
 
 # ----------------------------------------------------------------------------- merging
@@ -239,6 +205,6 @@ def hf_generation_settings(cfg, tokenizer, vocab_size: int) -> tuple[dict, dict]
     return {k: v for k, v in ids.items() if v is not None}, gen
 
 
-__all__ = ["FORMATS", "ExportError", "Run", "restore_run", "load_run_config", "merge_refusal", "peft_refusal",
+__all__ = ["FORMATS", "ExportError", "merge_refusal", "peft_refusal",
            "merge_adapters", "base_model_path",
            "save_orbax_adapters", "load_orbax_adapters", "export_run"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import jax
@@ -286,50 +285,30 @@ def sampling_config(cfg, tokenizer, pad_id: int, *, greedy: bool | None = None) 
                           stop_tokens=stop_tokens_for(tokenizer), pad_id=int(pad_id), seed=int(s.seed))
 
 
-def restore_adapters(job, workdir: str, step: int | None = None):
-    """The adapter tree of `workdir`'s latest (or given) Orbax checkpoint, and that checkpoint's step number."""
-    from socialalign_jax import optim, sharding
-    from socialalign_jax.train import checkpoint, loop, step as step_lib
-
-    manager = checkpoint.make_manager(workdir, save_every=1, keep=1, async_save=False)
-    if manager.latest_step() is None:
-        raise GenerationError(f"{os.path.join(workdir, 'checkpoints')}: no checkpoint; train first "
-                              "(python launch/train.py --config ... --workdir DIR)")
-    optimizer, _ = optim.make_optimizer(dict(job.cfg.optim.to_dict(), total_steps=1))  # only the tree shape matters
-    shapes = jax.eval_shape(lambda: step_lib.init_train_state(
-        pac_lora.init_adapters(jax.random.PRNGKey(0), job.model_cfg, job.lora_cfg), optimizer))
-    shard = sharding.shardings_for(shapes, job.mesh, strict=False)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shard)
-    if step is not None and step not in manager.all_steps():
-        raise GenerationError(f"{os.path.join(workdir, 'checkpoints')}: no checkpoint at step {step} "
-                              f"(have {sorted(manager.all_steps())})")
-    # No --step: the newest checkpoint that restores (a damaged newer one is named in one line, left in place).
-    restored = checkpoint.restore(manager, abstract, loop.config_to_dict(job.cfg), step=step, move_bad=False)
-    return restored[0]["adapters"], restored.step
-
-
 def run_generate(cfg, workdir: str, *, split: str = "test", out: str, max_examples: int = 0,
                  greedy: bool | None = None, gates_out: str | None = None, step: int | None = None,
                  progress: bool = True) -> int:
     """launch/generate.py: restore a run, generate for one split, write the predictions JSONL."""
 
-    from socialalign_jax.train import data_setup, loop
+    from socialalign_jax.data.pipeline import Subset
+    from socialalign_jax.runs.restore import load_base, restore_adapters
+    from socialalign_jax.train import data_setup
 
-    job = loop.build_job(cfg, workdir, need_data=False)
-    data = data_setup.prepare(cfg, job.tokenizer, workdir, build_if_missing=False)
+    base = load_base(cfg)
+    data = data_setup.prepare(cfg, base.tokenizer, workdir, build_if_missing=False)
     if split not in data.dataset.sources:
         raise GenerationError(f"{data.dataset.path}: no split {split!r} (have {sorted(data.dataset.sources)})")
     source = data.dataset.sources[split]
-    adapters, at_step = restore_adapters(job, workdir, step)
-    scfg = sampling_config(cfg, job.tokenizer, data.pad_id, greedy=greedy)
-    source = loop.Subset(source, max_examples)  # evenly spaced over the split, as in training's eval
+    adapters, at_step = restore_adapters(base, workdir, step)
+    scfg = sampling_config(cfg, base.tokenizer, data.pad_id, greedy=greedy)
+    source = Subset(source, max_examples)  # evenly spaced over the split, as in training's eval
     n = len(source)
     # The class names live under 'classes' in the dataset metadata ('labels' there is the per-split label index).
     labels = tuple(data.dataset.metadata.get("classes") or SENTIMENTS)
     gates = GateAccumulator() if gates_out else None
     examples = (source[i] for i in range(n))
     records = generate_predictions(
-        job.params, adapters, job.model_cfg, job.lora_cfg, scfg, examples, job.tokenizer,
+        base.params, adapters, base.model_cfg, base.lora_cfg, scfg, examples, base.tokenizer,
         int(cfg.sample.batch_size), labels=labels, source_name=f"{data.dataset.path} split {split}",
         total=n, progress=progress, gates=gates)
     count = write_jsonl(records, out)

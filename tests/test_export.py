@@ -18,7 +18,8 @@ import pytest
 from socialalign_jax import adapter_io, export, hf_import, model, optim, pac_lora
 from socialalign_jax.atomic_io import write_json
 from socialalign_jax.presets import get_preset
-from socialalign_jax.train import checkpoint, loop, step as step_lib
+from socialalign_jax.runs import restore
+from socialalign_jax.train import checkpoint, step as step_lib
 
 from train_helpers import REPO, script_env, tiny_config
 
@@ -30,9 +31,9 @@ def make_run(workdir, **lora):
     cfg = tiny_config()
     for k, v in lora.items():
         cfg.lora[k] = v
-    lc = loop.lora_config(cfg)
+    lc = restore.lora_config(cfg)
     optimizer, _ = optim.make_optimizer(dict(cfg.optim.to_dict(), total_steps=2))
-    cfg_dict = loop.config_to_dict(cfg)
+    cfg_dict = restore.config_to_dict(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(cfg_dict, str(workdir / "config.json"))
     manager = checkpoint.make_manager(str(workdir), save_every=1, keep=3, async_save=False)
@@ -65,7 +66,7 @@ def logits(params, adapters, lc, cfg=MCFG):
 def token_run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("token_run")
     trees, lc = make_run(wd, num_analyze=3, num_compose=3, routing="token", targets="q,v,down")
-    return wd, trees, lc, export.restore_run(str(wd))
+    return wd, trees, lc, restore.restore_run(str(wd))
 
 
 def test_restore_exports_and_reimports_give_the_same_logits(token_run, tmp_path):
@@ -119,7 +120,7 @@ def test_socialalign_export_has_the_original_key_layout(token_run, tmp_path):
                          ids=["plain_lora", "uniform"])
 def test_merged_weights_equal_base_plus_adapters(tmp_path, lora):
     trees, lc = make_run(tmp_path / "run", targets="q,k,v,o,gate,up,down", **lora)
-    run = export.restore_run(str(tmp_path / "run"))
+    run = restore.restore_run(str(tmp_path / "run"))
     export.export_run(run, "merged", tmp_path / "merged")
     cfg2, merged = hf_import.load_hf_checkpoint(tmp_path / "merged")
     assert (tmp_path / "merged" / "sentiment_head.safetensors").is_file()

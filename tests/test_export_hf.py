@@ -16,6 +16,7 @@ import pytest
 
 from socialalign_jax import adapter_io, hf_import, model, pac_lora
 from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.runs import restore
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is needed for the stock-tool references")
 transformers = pytest.importorskip("transformers")
@@ -142,7 +143,7 @@ def test_merged_export_generates_out_of_the_box(tmp_path):
         return np.asarray(out.tokens)[0, : int(out.lengths[0])].tolist()
 
     def export_merged(p, where):
-        run = export.Run(cfg, mc, lc, p, ad, tok, step=0)
+        run = restore.Run(cfg, mc, lc, p, ad, tok, step=0)
         export.export_run(run, "merged", where)
         return hf_import.load_hf_checkpoint(where)[1]
 

@@ -33,7 +33,8 @@ from socialalign_jax import atomic_io, optim, pac_lora, sharding
 from socialalign_jax.errors import UserError
 from socialalign_jax.mesh import make_mesh
 from socialalign_jax.presets import get_preset
-from socialalign_jax.train import checkpoint, data_setup, loop, step as step_lib
+from socialalign_jax.runs import restore
+from socialalign_jax.train import checkpoint, data_setup, step as step_lib
 from socialalign_jax.train.metrics_log import MetricLogger
 
 from train_helpers import MAX_LENGTH, REPO, built_sample, read_metrics, reference_run, script_env, tiny_config
@@ -86,7 +87,7 @@ KINDS = ["truncated_blocks", "damaged_manifest", "damaged_metadata", "garbage_co
 
 
 def _abstract_state(cfg):
-    lc = loop.lora_config(cfg)
+    lc = restore.lora_config(cfg)
     opt, _ = optim.make_optimizer(dict(cfg.optim.to_dict(), total_steps=N))
     shapes = jax.eval_shape(lambda: step_lib.init_train_state(
         pac_lora.init_adapters(jax.random.PRNGKey(0), get_preset("tiny-qwen2"), lc), opt))
@@ -108,7 +109,7 @@ def test_corrupt_latest_falls_back_and_sets_it_aside(ref, tmp_path, kind):
     cfg = tiny_config(built_sample())
     manager = checkpoint.make_manager(wd, save_every=1, keep=3, async_save=False)
     lines = []
-    state, data, _ = checkpoint.restore(manager, _abstract_state(cfg), loop.config_to_dict(cfg),
+    state, data, _ = checkpoint.restore(manager, _abstract_state(cfg), restore.config_to_dict(cfg),
                                         check=_check_iterator_state, report=lines.append)
     assert int(state["step"]) == N - 1
     assert len(lines) == 1 and "\n" not in lines[0], lines
@@ -128,7 +129,7 @@ def test_no_checkpoint_restores_says_what_to_do(ref, tmp_path):
     cfg = tiny_config(built_sample())
     manager = checkpoint.make_manager(wd, save_every=1, keep=3, async_save=False)
     with pytest.raises(checkpoint.CheckpointError) as e:
-        checkpoint.restore(manager, _abstract_state(cfg), loop.config_to_dict(cfg), report=print)
+        checkpoint.restore(manager, _abstract_state(cfg), restore.config_to_dict(cfg), report=print)
     msg = str(e.value)
     assert "\n" not in msg and "no checkpoint restores" in msg and "move that directory aside" in msg
     assert all(f"step {s}:" in msg for s in (N - 2, N - 1, N))
@@ -137,11 +138,10 @@ def test_no_checkpoint_restores_says_what_to_do(ref, tmp_path):
 
 
 def test_export_restore_falls_back_without_touching_the_run(ref, tmp_path, capsys):
-    from socialalign_jax import export
 
     wd = copy_run(ref, tmp_path)
     corrupt(wd, N, "truncated_blocks")
-    run = export.restore_run(wd)
+    run = restore.restore_run(wd)
     assert run.step == N - 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and f"checkpoint step {N} " in err[0] and "moved" not in err[0]
@@ -344,7 +344,7 @@ def test_data_settings_that_contradict_the_built_dataset(tmp_path):
     diffs = data_setup.check_build_settings(cfg, ds, explicit_dir=True)  # a named dataset: used as built
     assert len(diffs) == 3 and cfg.data.test_fraction == 0.1 and cfg.data.mode == "full"
     assert cfg.data.num_history == 5
-    assert loop.config_to_dict(cfg)["data"]["test_fraction"] == 0.1  # config.json records what was used
+    assert restore.config_to_dict(cfg)["data"]["test_fraction"] == 0.1  # config.json records what was used
 
 
 def test_metadata_checks_before_step_1():

@@ -18,6 +18,7 @@ import pytest
 from socialalign_jax import generation, model, pac_lora, sampling
 from socialalign_jax.config import ModelConfig
 from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.runs import restore
 from socialalign_jax.sampling import SamplingConfig
 from socialalign_jax.tokenizer import load_tokenizer
 
@@ -201,7 +202,7 @@ def test_cli_restores_the_checkpoint_and_writes_predictions(tmp_path):
     ad["head"]["bias"] = jax.numpy.array([4.0, 0.0, -4.0])
     optimizer, _ = optim.make_optimizer(dict(cfg.optim.to_dict(), total_steps=10))
     manager = checkpoint.make_manager(str(work), save_every=1, keep=1, async_save=False)
-    checkpoint.save(manager, 3, step_lib.init_train_state(ad, optimizer), {}, loop.config_to_dict(cfg), force=True)
+    checkpoint.save(manager, 3, step_lib.init_train_state(ad, optimizer), {}, restore.config_to_dict(cfg), force=True)
     manager.wait_until_finished()
 
     out = tmp_path / "preds.jsonl"
@@ -224,3 +225,17 @@ def test_cli_restores_the_checkpoint_and_writes_predictions(tmp_path):
         assert rec["generated_tokens"] <= 3
     gates = json.load(open(tmp_path / "g.json"))
     assert gates["modules"] == ["q", "v"] and np.array(gates["gate_a"]).shape == (2, 2, 3, 3)
+
+    # Without --config, the run's saved config.json is the config (written here as training
+    # writes it): no training override is repeated, and a --config.* override still applies.
+    from socialalign_jax.atomic_io import write_json
+    write_json(restore.config_to_dict(cfg), str(work / "config.json"))
+    out2 = tmp_path / "preds_saved_config.jsonl"
+    res = _cli(["--workdir", str(work), "--out", str(out2), "--greedy", "--config.sample.max_new_tokens=1",
+                "--no_progress"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    recs2 = [json.loads(line) for line in out2.read_text(encoding="utf-8").splitlines()]
+    assert len(recs2) == len(recs)
+    for a, b in zip(recs, recs2):
+        np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-6)
+        assert b["generated_tokens"] <= 1 and a["reference"] == b["reference"]

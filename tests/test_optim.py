@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from socialalign_jax import optim
+from socialalign_jax.runs import restore
 
 
 @dataclasses.dataclass
@@ -138,11 +139,10 @@ def test_bad_lora_config_value_is_one_user_error():
 
     from configs import weibo
     from socialalign_jax.errors import UserError
-    from socialalign_jax.train import loop
 
     for field, value, word in (("fuse_base", "sometimes", "fuse_base"), ("routing", "bogus", "routing")):
         cfg = weibo.get_config()
         cfg.lora[field] = value
         with pytest.raises(UserError, match=f"config.lora: .*{word}.*{value}"):
-            loop.lora_config(cfg)
-    assert loop.lora_config(weibo.get_config()).fuse_base == "auto"
+            restore.lora_config(cfg)
+    assert restore.lora_config(weibo.get_config()).fuse_base == "auto"

@@ -18,6 +18,7 @@ from socialalign_jax.data.pipeline import BatchConfig, TrainIterator
 from socialalign_jax.data import tfds_builders as B
 from socialalign_jax.mesh import make_mesh
 from socialalign_jax.presets import get_preset
+from socialalign_jax.runs import restore
 from socialalign_jax.train import loop, step as step_lib
 
 from train_helpers import MAX_LENGTH, built_sample, tiny_config
@@ -38,7 +39,7 @@ def setup():
     mcfg = get_preset("tiny-qwen2").replace(vocab_size=512)
     batches = [dict(b, input_ids=b["input_ids"] % 512) for b in (next(it) for _ in range(N_STEPS))]
     params = model.init_params(mcfg, jax.random.PRNGKey(0))
-    lc = loop.lora_config(cfg)
+    lc = restore.lora_config(cfg)
     assert lc.dropout > 0  # dropout on: its random bits must not depend on the sharding
     adapters = pac_lora.init_adapters(jax.random.PRNGKey(1), mcfg, lc)
     # B = 0 at init would make the first step's A-gradients vanish: give B values.

@@ -282,3 +282,21 @@ def eval_batches(source, batch_size: int, seq_len: int, pad_id: int, num_classes
         got = dict(zip(want, _get_many(source, want)))
         yield pad_rows([got.get(int(i)) for i in mine], seq_len, pad_id, num_classes,
                        indices=[int(i) for i in mine])
+
+
+class Subset:
+    """Evenly spaced examples of a split (every event keeps its share): a cheap, fixed evaluation
+    set for CPU budgets. Deterministic, so step-0 and final evaluations, and generation with
+    --max_examples, see the same examples."""
+
+    def __init__(self, source, max_examples: int):
+        n = len(source)
+        self.source = source
+        self.idx = (np.unique(np.linspace(0, n - 1, max_examples).round().astype(int))
+                    if 0 < max_examples < n else np.arange(n))
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return self.source[int(self.idx[i])]

@@ -245,7 +245,7 @@ class Predictor:
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, step: int | None = None, **kw) -> "Predictor":
         """A training run directory: its saved config.json (nothing to repeat), base weights, latest checkpoint."""
-        from socialalign_jax.export import restore_run
+        from socialalign_jax.runs.restore import restore_run
 
         run_dir = os.fspath(run_dir)
         run = restore_run(run_dir, step)

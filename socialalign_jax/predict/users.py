@@ -175,7 +175,7 @@ def dataset_users(dataset_dir: str | os.PathLike) -> list[User]:
 def _dataset_dir(path: str | os.PathLike) -> str:
     """A built dataset directory, or a training run's directory (its config names the dataset it used)."""
     if (Path(path) / "config.json").is_file() and (Path(path) / "checkpoints").is_dir():
-        from socialalign_jax.export import load_run_config
+        from socialalign_jax.runs.restore import load_run_config
 
         data_dir = load_run_config(os.fspath(path)).data.data_dir
         return data_dir or os.path.join(os.fspath(path), "data")

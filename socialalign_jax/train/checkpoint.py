@@ -1,9 +1,15 @@
 """Orbax checkpoints of the trainable state, the data-iterator position and the config.
 
-Only the adapter tree, its optimizer state and the step are saved: the frozen base is
-re-read from its own weights file, so a 7B run's checkpoints stay megabytes. Saves are
-asynchronous (training continues while the previous one is written); a restart with the
-same workdir picks the latest complete step.
+Only the adapters, their optimizer state and the step are saved: the frozen base is re-read
+from its own weights file, so a 7B run's checkpoints stay megabytes. Saves are asynchronous
+(training continues while the previous one is written); a restart with the same workdir
+picks the latest complete step.
+
+A step directory holds four Orbax items, so that a reader takes only what it needs:
+`adapters` (the trainable tree, what generation, prediction and export restore, without
+building an optimizer), `train_state` ({step, opt_state}: what only a resume reads), `data`
+(the iterator position, JSON) and `config` (JSON). Checkpoints written before this split hold
+one `state` item ({step, adapters, opt_state}); both readers still restore them.
 
 Faults (docs/checkpoints.md): a latest checkpoint that does not restore (truncated array
 files, a damaged manifest or metadata, a garbage data-iterator state) is moved to
@@ -73,7 +79,8 @@ def make_manager(workdir: str, *, save_every: int, keep: int, async_save: bool =
 def save(manager: ocp.CheckpointManager, step: int, state, data_state: Mapping[str, Any] | None,
          config: Mapping[str, Any], *, force: bool = False) -> bool:
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        adapters=ocp.args.StandardSave(state["adapters"]),
+        train_state=ocp.args.StandardSave({k: v for k, v in state.items() if k != "adapters"}),
         data=ocp.args.JsonSave(dict(data_state or {})),
         config=ocp.args.JsonSave(dict(config)),
     )
@@ -135,7 +142,7 @@ def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
     return dest
 
 
-def _restore_step(manager, step, abstract_state, current_config, check):
+def _restore_step(manager, step, abstract_state, current_config, check, adapters_only=False):
     meta = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
     saved_cfg = meta["config"]
     if not isinstance(saved_cfg, Mapping):
@@ -159,14 +166,67 @@ def _restore_step(manager, step, abstract_state, current_config, check):
         raise UserError(
             f"{manager.directory}/{step}: the checkpoint's adapters do not fit this config: " + "; ".join(diffs)
             + " (use a new --workdir, or the checkpoint's settings)")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    state, data = restored["state"], restored["data"]
+    if adapters_only:  # inference: the adapters item alone; the optimizer and data items are not read
+        if _legacy_layout(manager, step):
+            legacy = _legacy_abstract(manager, step, abstract_state)
+            state = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(legacy)))["state"]["adapters"]
+        else:
+            state = manager.restore(step, args=ocp.args.Composite(
+                adapters=ocp.args.StandardRestore(abstract_state)))["adapters"]
+        return Restored(state, None, saved_cfg, step)
+    if _legacy_layout(manager, step):
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        state = restored["state"]
+    else:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            adapters=ocp.args.StandardRestore(abstract_state["adapters"]),
+            train_state=ocp.args.StandardRestore({k: v for k, v in abstract_state.items() if k != "adapters"}),
+            data=ocp.args.JsonRestore()))
+        state = dict(restored["train_state"], adapters=restored["adapters"])
+    data = restored["data"]
     if not isinstance(data, Mapping):
         raise ValueError(f"data-iterator state is {type(data).__name__}, not a mapping")
     if check is not None:
         check(state, data)
     return Restored(state, data, saved_cfg, step)
+
+
+LEGACY_ITEM = "state"
+
+
+def _legacy_layout(manager, step: int) -> bool:
+    """A checkpoint from before the item split: one `state` item, no `adapters` item."""
+    d = os.path.join(str(manager.directory), str(step))
+    return os.path.isdir(os.path.join(d, LEGACY_ITEM)) and not os.path.isdir(os.path.join(d, "adapters"))
+
+
+def _legacy_abstract(manager, step: int, abstract_adapters):
+    """The abstract tree of a legacy `state` item: the adapters as asked, the rest (step and
+    optimizer state, whose shapes an inference reader does not know) read from the item's own
+    Orbax metadata, restored on the adapters' first sharding and then dropped."""
+    from etils import epath  # Orbax's path type; the manager knows no handler for an item it never saved
+
+    meta = ocp.StandardCheckpointHandler().metadata(epath.Path(manager.directory) / str(step) / LEGACY_ITEM)
+    tree = getattr(meta, "tree", meta)
+    leaves = jax.tree_util.tree_leaves(abstract_adapters)
+    where = leaves[0].sharding if leaves and getattr(leaves[0], "sharding", None) is not None else None
+
+    def as_abstract(m):
+        return jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype), sharding=_replicated_like(where))
+
+    rest = {k: jax.tree.map(as_abstract, v) for k, v in dict(tree).items() if k != "adapters"}
+    return dict(rest, adapters=abstract_adapters)
+
+
+def _replicated_like(sharding):
+    if sharding is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None:
+        return sharding
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 class Restored(tuple):
@@ -180,8 +240,13 @@ class Restored(tuple):
 
 def restore(manager: ocp.CheckpointManager, abstract_state, current_config: Mapping[str, Any],
             step: int | None = None, *, check: Callable[[Any, Mapping], None] | None = None,
-            fallback: bool = True, move_bad: bool = True, report: Callable[[str], None] | None = None):
+            fallback: bool = True, move_bad: bool = True, report: Callable[[str], None] | None = None,
+            adapters_only: bool = False):
     """Restore (state, data_state, saved_config) at `step` (default: the newest that restores).
+
+    `adapters_only`: `abstract_state` is the abstract adapter tree and the adapters are all
+    that is read (state is that tree, data_state None): what inference needs, with no
+    optimizer to build and no iterator state to trust.
 
     The adapter shape (rank, experts, targets, head) must match the current config: a
     mismatch raises a UserError listing what differs, before Orbax sees any array.
@@ -197,7 +262,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, current_config: Mapp
         if step is None:
             return None
         try:
-            return _restore_step(manager, step, abstract_state, current_config, check)
+            return _restore_step(manager, step, abstract_state, current_config, check, adapters_only)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 - a damaged checkpoint: say which, not how Orbax failed inside
@@ -207,7 +272,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state, current_config: Mapp
     bad: list[tuple[int, str]] = []
     for s in steps:
         try:
-            out = _restore_step(manager, s, abstract_state, current_config, check)
+            out = _restore_step(manager, s, abstract_state, current_config, check, adapters_only)
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001

@@ -25,8 +25,9 @@ from socialalign_jax import optim, pac_lora, sharding
 from socialalign_jax.atomic_io import write_json
 from socialalign_jax.config import ModelConfig, validate_run_config
 from socialalign_jax.errors import UserError
-from socialalign_jax.mesh import make_mesh
 from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.data.pipeline import Subset
+from socialalign_jax.runs.restore import config_to_dict, load_base
 from socialalign_jax.train import checkpoint, flops, step as step_lib
 from socialalign_jax.train.metrics_log import MetricLogger
 
@@ -35,35 +36,10 @@ log = logging.getLogger("socialalign_jax.train")
 
 # ----------------------------------------------------------------------------- config readers
 
-def lora_config(cfg) -> LoraConfig:
-    """config.lora -> LoraConfig; a bad value (routing, targets, fuse_base, ...) is one UserError line."""
-    targets = tuple(t.strip() for t in str(cfg.lora.targets).split(",") if t.strip())
-    try:
-        return LoraConfig(num_analyze=cfg.lora.num_analyze, num_compose=cfg.lora.num_compose, rank=cfg.lora.rank,
-                          alpha=float(cfg.lora.alpha), rslora=bool(cfg.lora.rslora),
-                          dropout=float(cfg.lora.dropout), gate_width=cfg.lora.gate_width, targets=targets,
-                          routing=cfg.lora.routing, num_classes=cfg.lora.num_classes,
-                          fuse_base=cfg.lora.get("fuse_base", "auto"))
-    except ValueError as e:
-        raise UserError(f"config.lora: {e}") from None
-
-
 def loss_config(cfg) -> step_lib.LossConfig:
     return step_lib.LossConfig(lambda_sent=float(cfg.loss.lambda_sent), lambda_macro=float(cfg.loss.lambda_macro),
                                estimator=cfg.loss.estimator, gumbel_tau=float(cfg.loss.gumbel_tau),
                                max_response_tokens=int(cfg.loss.max_response_tokens))
-
-
-def config_to_dict(cfg) -> dict:
-    """The run config as saved in config.json and the checkpoints; a run on random base weights
-    also records how they were drawn (model.RANDOM_INIT), which restore checks."""
-    from socialalign_jax import model as model_lib
-
-    d = cfg.to_dict()
-    d["lora"]["targets"] = ",".join(lora_config(cfg).targets)
-    if str(d.get("model", {}).get("weights", "")).startswith("random:"):
-        d["model"]["random_init"] = model_lib.RANDOM_INIT
-    return d
 
 
 def setup_distributed(cfg) -> None:
@@ -118,7 +94,7 @@ def _multi_process_environment() -> bool:
 
 @dataclasses.dataclass
 class Job:
-    """Everything a run holds; built by `build_job`, consumed by `train` and the generate CLI."""
+    """Everything a training run holds; built by `build_job`, consumed by `train`."""
     cfg: Any
     model_cfg: ModelConfig
     lora_cfg: LoraConfig
@@ -130,31 +106,15 @@ class Job:
     workdir: str
 
 
-def build_job(cfg, workdir: str, *, need_data: bool = True) -> Job:
+def build_job(cfg, workdir: str) -> Job:
+    """The base model (runs.restore.load_base, as inference reads it back) plus the data."""
     from socialalign_jax.train import data_setup
-    from socialalign_jax.weights import resolve_weights
 
-    if not str(cfg.model.weights) or str(cfg.model.weights) in ("hf:", "gguf:"):
-        raise UserError(f"config preset {cfg.preset!r} needs the base weights: pass "
-                        "--config.model.weights=hf:/path/to/checkpoint (a local Hugging Face directory)")
-    # One validation pass before any weights or data are loaded (the trainer also checks the batch).
-    validate_run_config(cfg, device_count=jax.device_count(), training=False)
-    lora_cfg = lora_config(cfg)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    weights = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
-    model_cfg = weights.cfg.replace(remat=bool(cfg.model.remat), scan_layers=bool(cfg.model.get("scan_layers", True)),
-                                    remat_policy=str(cfg.model.get("remat_policy", "nothing_saveable")))
-    params = jax.device_put(weights.params, sharding.shardings_for(weights.params, mesh))
-    tokenizer = weights.tokenizer
-    if cfg.data.tokenizer:
-        from socialalign_jax.tokenizer import load_tokenizer
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if tokenizer is None:
-        raise UserError(f"weights {cfg.model.weights!r} come without a tokenizer: pass --config.data.tokenizer=DIR")
-    data = data_setup.prepare(cfg, tokenizer, workdir) if need_data else None
-    if data is not None:  # what the built dataset's metadata says, before anything compiles
-        data_setup.check_against_model(data, cfg, model_cfg, tokenizer)
-    return Job(cfg, model_cfg, lora_cfg, loss_config(cfg), params, tokenizer, mesh, data, workdir)
+    base = load_base(cfg)
+    data = data_setup.prepare(cfg, base.tokenizer, workdir)
+    data_setup.check_against_model(data, cfg, base.model_cfg, base.tokenizer)  # before anything compiles
+    return Job(cfg, base.model_cfg, base.lora_cfg, loss_config(cfg), base.params, base.tokenizer, base.mesh,
+               data, workdir)
 
 
 def _global_batch(local: dict, mesh) -> dict:
@@ -183,23 +143,6 @@ def total_steps(cfg, batches_per_epoch: int) -> int:
     if int(cfg.train.num_steps) > 0:
         return int(cfg.train.num_steps)
     return max(1, int(cfg.train.num_epochs) * batches_per_epoch)
-
-
-class Subset:
-    """Evenly spaced examples of a split (every event keeps its share): a cheap, fixed evaluation
-    set for CPU budgets. Deterministic, so step-0 and final evaluations see the same examples."""
-
-    def __init__(self, source, max_examples: int):
-        n = len(source)
-        self.source = source
-        self.idx = (np.unique(np.linspace(0, n - 1, max_examples).round().astype(int))
-                    if 0 < max_examples < n else np.arange(n))
-
-    def __len__(self):
-        return len(self.idx)
-
-    def __getitem__(self, i):
-        return self.source[int(self.idx[i])]
 
 
 def eval_source(cfg, source):

@@ -1,0 +1,153 @@
+"""Read a run back: its saved config, the base model that config names, and the adapters of a
+checkpoint, without importing the training loop or building an optimizer.
+
+Why this module exists: generation, prediction, serving and export all start from a run
+directory. They need the base (weights, mesh, tokenizer, the static configs) and one item of
+a checkpoint (the adapters), nothing the trainer holds besides. Training builds its job on
+the same `load_base`, so a run is read back with exactly the configuration it was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from socialalign_jax import pac_lora, sharding
+from socialalign_jax.config import ModelConfig, validate_run_config
+from socialalign_jax.errors import UserError
+from socialalign_jax.mesh import make_mesh
+from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.train import checkpoint
+
+
+class RunError(UserError):
+    """A run directory that cannot be read back; the message names the file and what to do."""
+
+
+# ----------------------------------------------------------------------------- config readers
+
+def lora_config(cfg) -> LoraConfig:
+    """config.lora -> LoraConfig; a bad value (routing, targets, fuse_base, ...) is one UserError line."""
+    targets = tuple(t.strip() for t in str(cfg.lora.targets).split(",") if t.strip())
+    try:
+        return LoraConfig(num_analyze=cfg.lora.num_analyze, num_compose=cfg.lora.num_compose, rank=cfg.lora.rank,
+                          alpha=float(cfg.lora.alpha), rslora=bool(cfg.lora.rslora),
+                          dropout=float(cfg.lora.dropout), gate_width=cfg.lora.gate_width, targets=targets,
+                          routing=cfg.lora.routing, num_classes=cfg.lora.num_classes,
+                          fuse_base=cfg.lora.get("fuse_base", "auto"))
+    except ValueError as e:
+        raise UserError(f"config.lora: {e}") from None
+
+
+def config_to_dict(cfg) -> dict:
+    """The run config as saved in config.json and the checkpoints; a run on random base weights
+    also records how they were drawn (model.RANDOM_INIT), which restore checks."""
+    from socialalign_jax import model as model_lib
+
+    d = cfg.to_dict()
+    d["lora"]["targets"] = ",".join(lora_config(cfg).targets)
+    if str(d.get("model", {}).get("weights", "")).startswith("random:"):
+        d["model"]["random_init"] = model_lib.RANDOM_INIT
+    return d
+
+
+def load_run_config(workdir: str):
+    """The config a run was started with (workdir/config.json), as a ConfigDict."""
+    from ml_collections import config_dict
+
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise RunError(f"{path}: not found; --workdir must be a training run's directory")
+    try:
+        return config_dict.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
+    except ValueError as e:
+        raise RunError(f"{path}: malformed JSON ({e})") from None
+
+
+# ----------------------------------------------------------------------------- the base model
+
+@dataclasses.dataclass
+class Base:
+    """The frozen model a config names, placed on its mesh, with the static configs around it."""
+    cfg: Any
+    model_cfg: ModelConfig
+    lora_cfg: LoraConfig
+    params: Any
+    tokenizer: Any
+    mesh: Any
+
+
+def load_base(cfg) -> Base:
+    """Weights, mesh and tokenizer for `cfg`, validated once before anything is loaded."""
+    from socialalign_jax.weights import resolve_weights
+
+    if not str(cfg.model.weights) or str(cfg.model.weights) in ("hf:", "gguf:"):
+        raise UserError(f"config preset {cfg.preset!r} needs the base weights: pass "
+                        "--config.model.weights=hf:/path/to/checkpoint (a local Hugging Face directory)")
+    # One validation pass before any weights or data are loaded (the trainer also checks the batch).
+    validate_run_config(cfg, device_count=jax.device_count(), training=False)
+    lora_cfg = lora_config(cfg)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    weights = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
+    model_cfg = weights.cfg.replace(remat=bool(cfg.model.remat), scan_layers=bool(cfg.model.get("scan_layers", True)),
+                                    remat_policy=str(cfg.model.get("remat_policy", "nothing_saveable")))
+    params = jax.device_put(weights.params, sharding.shardings_for(weights.params, mesh))
+    tokenizer = weights.tokenizer
+    if cfg.data.tokenizer:
+        from socialalign_jax.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer is None:
+        raise UserError(f"weights {cfg.model.weights!r} come without a tokenizer: pass --config.data.tokenizer=DIR")
+    return Base(cfg, model_cfg, lora_cfg, params, tokenizer, mesh)
+
+
+# ----------------------------------------------------------------------------- adapters
+
+def abstract_adapters(model_cfg: ModelConfig, lora_cfg: LoraConfig, mesh):
+    """Shapes, dtypes and shardings of the adapter tree, from the model's declarations (no arrays)."""
+    shapes = jax.eval_shape(lambda: pac_lora.init_adapters(jax.random.PRNGKey(0), model_cfg, lora_cfg))
+    shard = sharding.shardings_for(shapes, mesh, strict=False)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shard)
+
+
+def restore_adapters(base: Base, workdir: str, step: int | None = None):
+    """The adapter tree of `workdir`'s latest (or given) checkpoint, and that checkpoint's step.
+
+    Reads the checkpoint's `adapters` item alone (checkpoint.py); without `step`, the newest
+    checkpoint that restores (a damaged newer one is named in one line and left in place).
+    """
+    manager = checkpoint.make_manager(workdir, save_every=1, keep=1, async_save=False)
+    where = os.path.join(workdir, "checkpoints")
+    if manager.latest_step() is None:
+        raise RunError(f"{where}: no checkpoint; train first (python launch/train.py --config ... --workdir DIR)")
+    if step is not None and step not in manager.all_steps():
+        raise RunError(f"{where}: no checkpoint at step {step} (have {sorted(manager.all_steps())})")
+    abstract = abstract_adapters(base.model_cfg, base.lora_cfg, base.mesh)
+    restored = checkpoint.restore(manager, abstract, config_to_dict(base.cfg), step=step, move_bad=False,
+                                  adapters_only=True)
+    return restored[0], restored.step
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished (or running) training run: its config, base params and the adapters at `step`."""
+    cfg: Any
+    model_cfg: ModelConfig
+    lora_cfg: LoraConfig
+    params: Any
+    adapters: Any
+    tokenizer: Any
+    step: int
+
+
+def restore_run(workdir: str, step: int | None = None) -> Run:
+    """Base weights from the run's own config and the adapters of its latest (or given) checkpoint."""
+    cfg = load_run_config(workdir)
+    base = load_base(cfg)
+    adapters, at = restore_adapters(base, workdir, step)
+    return Run(cfg, base.model_cfg, base.lora_cfg, base.params, jax.device_get(adapters), base.tokenizer, at)

@@ -10,10 +10,9 @@ import time
 import jax
 import numpy as np
 
-from socialalign_jax import model as model_lib
-from socialalign_jax import pac_lora
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.presets import get_preset
+from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.presets import get_preset
 
 THREADS = os.cpu_count() or 1
 
@@ -83,13 +82,13 @@ def hf_model_from(params, cfg: ModelConfig):
     """transformers Qwen2ForCausalLM carrying exactly our params (float32, eval mode)."""
     import torch
     import transformers
-    from socialalign_jax import hf_import
+    from socialalign_jax.weights import hf
 
-    hf_cfg = transformers.Qwen2Config(**{k: v for k, v in hf_import.to_hf_config(cfg).items()
+    hf_cfg = transformers.Qwen2Config(**{k: v for k, v in hf.to_hf_config(cfg).items()
                                          if k not in ("architectures", "model_type", "torch_dtype")})
     hf_cfg._attn_implementation = "sdpa"
     m = transformers.Qwen2ForCausalLM(hf_cfg)
-    sd = {n: torch.from_numpy(a.astype(np.float32)) for n, a in hf_import.hf_state_dict(params, cfg)}
+    sd = {n: torch.from_numpy(a.astype(np.float32)) for n, a in hf.hf_state_dict(params, cfg)}
     missing, unexpected = m.load_state_dict(sd, strict=False)
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise RuntimeError(f"HF state dict mismatch: missing {missing}, unexpected {unexpected}")
@@ -99,4 +98,4 @@ def hf_model_from(params, cfg: ModelConfig):
 
 
 def init_params(cfg: ModelConfig, seed: int = 0):
-    return jax.jit(model_lib.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
+    return jax.jit(decoder.init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed))

@@ -122,8 +122,9 @@ def section_agree() -> dict:
     import optax
 
     from benchmarks import common, train_step as ts
-    from socialalign_jax import model, pac_lora, sampling
-    from socialalign_jax.presets import get_preset
+    from socialalign_jax.inference import sampling
+    from socialalign_jax.model import decoder, pac_lora
+    from socialalign_jax.model.presets import get_preset
     from socialalign_jax.train import step as step_lib
 
     acc = jax.devices()[0]
@@ -153,8 +154,8 @@ def section_agree() -> dict:
 
     # forward logits, each fused-base branch on the card against the unfused float32 reference
     def fwd(params, ads, bt, cfg, lcf):
-        return model.forward(params, bt["input_ids"], cfg, attention_mask=bt["attention_mask"], adapters=ads,
-                             lora_cfg=lcf, spans=(bt["user_end"], bt["news_end"])).logits
+        return decoder.forward(params, bt["input_ids"], cfg, attention_mask=bt["attention_mask"], adapters=ads,
+                               lora_cfg=lcf, spans=(bt["user_end"], bt["news_end"])).logits
     ref_fwd = jax.jit(functools.partial(fwd, cfg=cfg32, lcf=_lc(lc, "never")))
     ref = np.asarray(ref_fwd(params32, ad_host, b_host))
     for fuse in ("always", "never"):
@@ -232,7 +233,7 @@ def _bench(name: str, args) -> dict:
     import jax
 
     from benchmarks import common, gpu_bench
-    from socialalign_jax.presets import get_preset
+    from socialalign_jax.model.presets import get_preset
     from socialalign_jax.train import flops
 
     torch = common.setup_torch()

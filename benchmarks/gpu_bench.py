@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     import transformers
 
     from benchmarks import common
-    from socialalign_jax.presets import get_preset
+    from socialalign_jax.model.presets import get_preset
     from socialalign_jax.train import flops
 
     transformers.logging.set_verbosity_error()
@@ -196,7 +196,7 @@ def bench_layer(torch, dev, d_in: int, d_out: int, b: int, s: int, repeats: int)
     import numpy as np
     from benchmarks import common
     from benchmarks.torch_ref.pac_lora import PacLoraLinear, Routing
-    from socialalign_jax import pac_lora
+    from socialalign_jax.model import pac_lora
 
     lc = pac_lora.LoraConfig(dropout=0.0)
     rng = np.random.default_rng(0)
@@ -287,7 +287,7 @@ def bench_train_step(torch, dev, cfg, b: int, s: int, resp: int, repeats: int) -
     import jax
     import numpy as np
     from benchmarks import common, train_step as ts
-    from socialalign_jax import pac_lora
+    from socialalign_jax.model import pac_lora
     from socialalign_jax.train import flops, step as step_lib
 
     lc = pac_lora.LoraConfig()
@@ -399,7 +399,7 @@ def bench_decode(torch, dev, cfg, prompt: int, new: int, repeats: int) -> dict:
     import jax
     import numpy as np
     from benchmarks import common
-    from socialalign_jax import sampling
+    from socialalign_jax.inference import sampling
 
     params = common.init_params(cfg)  # bf16, no adapters: HF's generate would route decoded tokens differently
     hf, _, _ = _hf_bf16(torch, dev, params, cfg)

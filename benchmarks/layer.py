@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from socialalign_jax import pac_lora
+from socialalign_jax.model import pac_lora
 
 
 def run(quick: bool, repeats: int) -> dict:

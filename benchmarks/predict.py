@@ -58,11 +58,12 @@ def _users(n: int):
 def build_predictor(model: str, max_length: int = 0):
     import jax
 
-    from socialalign_jax import generation, pac_lora
     from socialalign_jax.data.prompt import PromptConfig
+    from socialalign_jax.inference import generation
+    from socialalign_jax.model import pac_lora
     from socialalign_jax.predict import Predictor
     from socialalign_jax.runs.restore import lora_config
-    from socialalign_jax.weights import resolve_weights
+    from socialalign_jax.weights.resolve import resolve_weights
 
     cfg = _config("default" if model == "default" else model)
     w = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
@@ -130,7 +131,7 @@ def render(rows: list[dict], meta: dict) -> str:
 
 
 def update_markdown(path: str, section: str) -> None:
-    from socialalign_jax import atomic_io
+    from socialalign_jax.core import atomic_io
 
     text = Path(path).read_text(encoding="utf-8") if Path(path).exists() else ""
     if BEGIN in text and END in text:

@@ -19,7 +19,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from socialalign_jax import atomic_io  # noqa: E402
+from socialalign_jax.core import atomic_io  # noqa: E402
 
 NAMES = ("layer", "train_step", "decode", "mfu", "scaling")
 

@@ -19,9 +19,9 @@ def _worker(n: int, quick: bool) -> None:
     import optax
 
     from benchmarks import common
-    from socialalign_jax import plan
-    from socialalign_jax.mesh import make_mesh
-    from socialalign_jax.pac_lora import LoraConfig
+    from socialalign_jax.model.pac_lora import LoraConfig
+    from socialalign_jax.parallel import plan
+    from socialalign_jax.parallel.mesh import make_mesh
     from socialalign_jax.train.step import LossConfig
 
     layers_n, b, s, resp = (1, 8, 128, 32) if quick else (2, 8, 512, 64)

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from benchmarks import common
-from socialalign_jax import pac_lora
+from socialalign_jax.model import pac_lora
 from socialalign_jax.train import flops, step as step_lib
 
 

@@ -10,7 +10,7 @@ SHARED=${SHARED:-$(cd .. && pwd)/shared}
 export DESIGN_A_FEATURES=$WORK/features
 mkdir -p "$WORK"
 tok=$WORK/tokenizer
-[ -f "$tok/tokenizer.json" ] || python -c "from socialalign_jax.weights import resolve_weights as r; r('gguf:smollm2').tokenizer.save_pretrained('$tok')"
+[ -f "$tok/tokenizer.json" ] || python -c "from socialalign_jax.weights.resolve import resolve_weights as r; r('gguf:smollm2').tokenizer.save_pretrained('$tok')"
 
 # ZS-CSD: 45 targets, the authors' prompt without the history block (as the smollm2 preset),
 # at most 4 responses per target (SmolLM2 spends ~2 tokens per Chinese character: ~330-token prompts).

@@ -23,7 +23,7 @@ HALF=50331648  # 48 MiB: half a + the wheels stay under 64 MiB with the reposito
 case "${1:-}" in
   pack)
     shared=${SHARED:-$(cd .. && pwd)/shared}
-    gguf=$(python -c "from socialalign_jax.weights import smollm2_path; print(smollm2_path())")
+    gguf=$(python -c "from socialalign_jax.weights.resolve import smollm2_path; print(smollm2_path())")
     rm -rf .design_b && mkdir -p .design_b/a/wheels .design_b/b/zs_csd
     grep -qx '/.design_b/' .git/info/exclude 2>/dev/null || echo '/.design_b/' >> .git/info/exclude
     grep -qx '/.design_b_keep/' .git/info/exclude 2>/dev/null || echo '/.design_b_keep/' >> .git/info/exclude
@@ -59,7 +59,7 @@ case "${1:-}" in
     export DESIGN_B_GGUF=/tmp/smollm2.gguf DESIGN_B_INPUT=$PWD/.design_b/b/zs_csd DESIGN_B_DATA=/tmp/design_b/data
     nvidia-smi --query-gpu=name,memory.total --format=csv || true
     if [ ! -d "$DESIGN_B_DATA" ]; then
-      python3 -c "from socialalign_jax.weights import resolve_weights as r; r('gguf:/tmp/smollm2.gguf').tokenizer.save_pretrained('/tmp/design_b/tokenizer')"
+      python3 -c "from socialalign_jax.weights.resolve import resolve_weights as r; r('gguf:/tmp/smollm2.gguf').tokenizer.save_pretrained('/tmp/design_b/tokenizer')"
       python3 launch/build_dataset.py --source zs_csd --input "$DESIGN_B_INPUT" --out "$DESIGN_B_DATA" \
         --tokenizer /tmp/design_b/tokenizer --max_length 512 --mode without_history --test_fraction 0 \
         --labels favor,against,neutral

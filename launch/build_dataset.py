@@ -19,14 +19,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from socialalign_jax.cli_setup import argument_parser  # noqa: E402
-from socialalign_jax.errors import UserError, cli_main  # noqa: E402
+from socialalign_jax.core.cli_setup import argument_parser  # noqa: E402
+from socialalign_jax.core.errors import UserError, cli_main  # noqa: E402
+
+
+# Build settings whose defaults come from the config's `data` section (one place for them: the
+# dataset built here is the one `launch/train.py --config` with the same config would build).
+CONFIG_DEFAULTS = ("max_length", "mode", "on_overflow", "num_history", "test_fraction", "split_by", "seed",
+                   "max_events")
 
 
 def parse_args(argv):
+    from socialalign_jax.core.cli_setup import load_config_file
     from socialalign_jax.data.tfds_builders import SOURCES
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argument_parser(add_help=False)
+    pre.add_argument("--config", default="configs/weibo.py")
+    spec = pre.parse_known_args(argv)[0].config
+    data = load_config_file(spec).data
     ap = argument_parser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/weibo.py",
+                    help="config FILE[:preset] whose `data` section gives the defaults of --max_length, --mode, "
+                         "--on_overflow, --num_history, --test_fraction, --split_by, --seed, --max_events")
     ap.add_argument("--source", required=True, choices=sorted(SOURCES) + ["lamp"])
     ap.add_argument("--input", required=True,
                     help="event dir (socialweibo), Alpaca file or dir, LaMP questions file or dir, "
@@ -34,16 +49,17 @@ def parse_args(argv):
     ap.add_argument("--labels", default=None,
                     help="comma-separated class names in id order (default: the source's own, "
                          "negative,neutral,positive or favor,against,neutral for zs_csd/nlpcc2016)")
-    ap.add_argument("--max_events", type=int, default=0, help="converters: read only the first N events (0 = all)")
+    ap.add_argument("--max_events", type=int, default=int(data.max_events),
+                    help="converters: read only the first N events (0 = all)")
     ap.add_argument("--out", required=True, help="data dir (tfds layout is created below it)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer dir or tokenizer.json (default: bundled Qwen2)")
-    ap.add_argument("--max_length", type=int, default=1024)
-    ap.add_argument("--mode", default="full", choices=["full", "without_persona", "without_history"])
-    ap.add_argument("--on_overflow", default="skip", choices=["skip", "raise"])
-    ap.add_argument("--num_history", type=int, default=5)
-    ap.add_argument("--test_fraction", type=float, default=0.1)
-    ap.add_argument("--split_by", default="event", choices=["event", "user"])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max_length", type=int, default=int(data.max_length))
+    ap.add_argument("--mode", default=str(data.mode), choices=["full", "without_persona", "without_history"])
+    ap.add_argument("--on_overflow", default=str(data.on_overflow), choices=["skip", "raise"])
+    ap.add_argument("--num_history", type=int, default=int(data.num_history))
+    ap.add_argument("--test_fraction", type=float, default=float(data.test_fraction))
+    ap.add_argument("--split_by", default=str(data.split_by), choices=["event", "user"])
+    ap.add_argument("--seed", type=int, default=int(data.seed))
     ap.add_argument("--name", default="default", help="tfds config name (a subdirectory of --out)")
     ap.add_argument("--lamp_outputs", default=None, help="LaMP outputs file (default: *outputs*.json in --input)")
     ap.add_argument("--lamp_task", default=None, help="LaMP-4 | LaMP-5 | LaMP-7 (default: from the outputs file)")
@@ -85,7 +101,7 @@ def main(argv=None) -> int:
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # tfds' progress chatter
             path = B.build(args.out, cfg, overwrite=args.overwrite)
     except OSError as e:  # a full disk or an unwritable --out: one line (tfds leaves only its *.incomplete* dir)
-        from socialalign_jax.atomic_io import write_error
+        from socialalign_jax.core.atomic_io import write_error
         raise write_error(e.filename or args.out, e) from None
     s = summary.summarize(B.open_dataset(path).metadata)
     if args.json:

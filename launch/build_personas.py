@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from socialalign_jax.cli_setup import quiet_startup  # noqa: E402
+from socialalign_jax.core.cli_setup import quiet_startup  # noqa: E402
 
 quiet_startup()
 
@@ -38,11 +38,11 @@ def parse_args(argv):
 
 
 def run(argv=None) -> int:
-    from socialalign_jax import personas
-    from socialalign_jax.errors import UserError
-    from socialalign_jax.generation import stop_tokens_for
-    from socialalign_jax.sampling import SamplingConfig
-    from socialalign_jax.weights import resolve_weights
+    from socialalign_jax.core.errors import UserError
+    from socialalign_jax.data import personas
+    from socialalign_jax.inference.generation import stop_tokens_for
+    from socialalign_jax.inference.sampling import SamplingConfig
+    from socialalign_jax.weights.resolve import resolve_weights
 
     args = parse_args(argv)
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.max_history < 1:
@@ -64,7 +64,7 @@ def run(argv=None) -> int:
 
 
 def main(argv=None):
-    from socialalign_jax.errors import cli_main
+    from socialalign_jax.core.errors import cli_main
 
     cli_main(run, argv)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from socialalign_jax.cli_setup import argument_parser  # noqa: E402
-from socialalign_jax.errors import EXIT_USER_ERROR, UserError, one_line  # noqa: E402
+from socialalign_jax.core.cli_setup import argument_parser  # noqa: E402
+from socialalign_jax.core.errors import EXIT_USER_ERROR, UserError, one_line  # noqa: E402
 from socialalign_jax.evaluation import report  # noqa: E402
 from socialalign_jax.evaluation.predictions import (  # noqa: E402,F401
     InputError, evaluate, load_baseline, load_gates, load_predictions)

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from socialalign_jax.errors import UserError, cli_main  # noqa: E402
+from socialalign_jax.core.errors import UserError, cli_main  # noqa: E402
 
 
 def features_main(argv) -> int:
@@ -29,7 +29,7 @@ def features_main(argv) -> int:
                                  description="Cache the frozen model's sentiment-head inputs for a built dataset.")
     ap.add_argument("--data", required=True, help="a built dataset (launch/build_dataset.py, any test_fraction)")
     ap.add_argument("--out", required=True, help="cache directory (resumed when it holds the same key)")
-    ap.add_argument("--weights", default="gguf:smollm2", help="weights spec (socialalign_jax/weights.py)")
+    ap.add_argument("--weights", default="gguf:smollm2", help="weights spec (socialalign_jax/weights/resolve.py)")
     ap.add_argument("--max_cases_per_event", type=int, default=0, help="seeded sample per event (0 = all)")
     ap.add_argument("--num_events", type=int, default=0, help="seeded sample of events (0 = all)")
     ap.add_argument("--min_cases", type=int, default=1, help="events with fewer built examples are left out")
@@ -59,7 +59,7 @@ def features_main(argv) -> int:
         return 0
     import jax
 
-    from socialalign_jax.weights import resolve_weights
+    from socialalign_jax.weights.resolve import resolve_weights
 
     w = resolve_weights(a.weights)
     if max(int(p.max()) for p in sel["prompts"] if len(p)) >= w.cfg.vocab_size:
@@ -117,7 +117,7 @@ def fill_markdown(path: Path, name: str, block: str, command: str) -> None:
     """Replace the text between this plan's markers in `path` (atomically); the markers must exist."""
     import re
 
-    from socialalign_jax import atomic_io
+    from socialalign_jax.core import atomic_io
 
     begin, end = f"<!-- EXPERIMENT:{name}:BEGIN -->", f"<!-- EXPERIMENT:{name}:END -->"
     try:

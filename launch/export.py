@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from socialalign_jax.cli_setup import quiet_startup, run_absl  # noqa: E402
+from socialalign_jax.core.cli_setup import quiet_startup, run_absl  # noqa: E402
 
 quiet_startup()
 
@@ -36,7 +36,7 @@ _BASE = flags.DEFINE_string("base_model", None, "base_model_name_or_path written
 
 
 def main(argv):
-    from socialalign_jax.errors import UserError, cli_main
+    from socialalign_jax.core.errors import UserError, cli_main
 
     def go():
         if len(argv) > 1:
@@ -44,7 +44,7 @@ def main(argv):
         for name, flag in (("--workdir", _WORKDIR), ("--format", _FORMAT), ("--out", _OUT)):
             if not flag.value:
                 raise UserError(f"{name} is required")
-        from socialalign_jax import export
+        from socialalign_jax.inference import export
         from socialalign_jax.runs import restore
 
         cfg = restore.load_run_config(_WORKDIR.value)  # fail fast (before loading weights) on what cannot work

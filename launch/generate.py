@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from socialalign_jax.cli_setup import define_run_config_flag, quiet_startup, run_absl  # noqa: E402
+from socialalign_jax.core.cli_setup import define_run_config_flag, quiet_startup, run_absl  # noqa: E402
 
 quiet_startup()
 
@@ -35,8 +35,8 @@ _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar
 
 
 def main(argv):
-    from socialalign_jax.errors import UserError, cli_main
-    from socialalign_jax.generation import run_generate
+    from socialalign_jax.core.errors import UserError, cli_main
+    from socialalign_jax.inference.generation import run_generate
 
     def go():
         if len(argv) > 1:

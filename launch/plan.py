@@ -17,7 +17,6 @@ printed against the chip's HBM with whether it fits. Needs `pip install -e ".[tp
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import sys
@@ -39,7 +38,7 @@ def _args(argv):
                    help="what to compile: the train step, the decode loop (sampling.generate), or both")
     p.add_argument("--sweep", action="store_true", help="with --topology: try mesh layouts and batch sizes and "
                    "report the largest global batch that fits per layout")
-    p.add_argument("--model", default="", help="model preset (presets.py) instead of the config's weights")
+    p.add_argument("--model", default="", help="model preset (model/presets.py) instead of the config's weights")
     p.add_argument("--batch", type=int, default=0, help="global batch (default: the config's G x M)")
     p.add_argument("--seq", type=int, default=0, help="sequence length (default: data.max_length); decode: prompt")
     p.add_argument("--max_new_tokens", type=int, default=256, help="decode: tokens generated after the prompt")
@@ -47,30 +46,16 @@ def _args(argv):
     return p.parse_args(argv)
 
 
-def _load_config(spec: str):
-    from socialalign_jax.errors import UserError
-
-    path, _, preset = spec.partition(":")
-    if not os.path.isfile(path):
-        raise UserError(f"--config: file {path} does not exist")
-    mod_spec = importlib.util.spec_from_file_location("plan_config", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    try:
-        return mod.get_config(preset) if preset else mod.get_config()
-    except ValueError as exc:
-        raise UserError(f"--config {spec}: {exc}") from None
-
-
 def _model_config(cfg, name: str):
-    from socialalign_jax import hf_import, presets
-    from socialalign_jax.errors import UserError
+    from socialalign_jax.core.errors import UserError
+    from socialalign_jax.model import presets
+    from socialalign_jax.weights import hf
 
     weights = str(cfg.model.weights)
     if not name and weights.startswith("random:"):
         name = weights.split(":", 1)[1]
     if not name and weights.startswith("hf:") and os.path.isfile(os.path.join(weights[3:], "config.json")):
-        mc, _ = hf_import.read_config(weights[3:])  # the shape only; no tensor is read
+        mc, _ = hf.read_config(weights[3:])  # the shape only; no tensor is read
     else:
         name = name or _PRESET_MODELS.get(cfg.preset, "")
         if not name:
@@ -85,8 +70,8 @@ def _model_config(cfg, name: str):
 
 def main(argv=None) -> int:
     args = _args(argv)
-    from socialalign_jax.errors import UserError, cli_main
-    from socialalign_jax import plan as plan_lib
+    from socialalign_jax.core.errors import UserError, cli_main
+    from socialalign_jax.parallel import plan as plan_lib
 
     def run():
         try:
@@ -110,9 +95,9 @@ def main(argv=None) -> int:
             os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
         import jax
 
-        from socialalign_jax import optim
-        from socialalign_jax.mesh import make_mesh
+        from socialalign_jax.parallel.mesh import make_mesh
         from socialalign_jax.runs.restore import lora_config
+        from socialalign_jax.train import optim
         from socialalign_jax.train.loop import loss_config
 
         if tpu is not None:
@@ -122,7 +107,9 @@ def main(argv=None) -> int:
             if len(devices) != n:
                 raise UserError(f"--mesh {args.mesh} needs {n} devices but jax has {len(devices)} "
                                 "(was jax imported before XLA_FLAGS was set?)")
-        cfg = _load_config(args.config)
+        from socialalign_jax.core.cli_setup import load_config_file
+
+        cfg = load_config_file(args.config)
         mc = _model_config(cfg, args.model)
         lc = lora_config(cfg)
         batch = args.batch or int(cfg.data.events_per_batch) * int(cfg.data.cases_per_event)

@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from socialalign_jax.cli_setup import quiet_startup, run_absl  # noqa: E402
+from socialalign_jax.core.cli_setup import quiet_startup, run_absl  # noqa: E402
 
 quiet_startup()
 
@@ -53,7 +53,7 @@ _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar
 
 
 def _read_variants(path: str) -> list[str]:
-    from socialalign_jax.errors import UserError
+    from socialalign_jax.core.errors import UserError
 
     try:
         text = open(path, encoding="utf-8-sig").read()
@@ -68,7 +68,7 @@ def _read_variants(path: str) -> list[str]:
 
 
 def main(argv):
-    from socialalign_jax.errors import UserError, cli_main
+    from socialalign_jax.core.errors import UserError, cli_main
 
     def go():
         from socialalign_jax.predict import outputs, users as users_lib

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from socialalign_jax.errors import UserError, cli_main  # noqa: E402
+from socialalign_jax.core.errors import UserError, cli_main  # noqa: E402
 
 
 def _positive(s: str) -> int:
@@ -67,11 +67,11 @@ def main(argv=None) -> int:
         raise UserError(f"--out {args.out} is the --input file; choose another output (the input would be replaced)")
     if os.path.isdir(args.out):
         raise UserError(f"--out {args.out}: is a directory; expected a file name")
-    from socialalign_jax import scoring
-    from socialalign_jax.atomic_io import write_jsonl
+    from socialalign_jax.core.atomic_io import write_jsonl
     from socialalign_jax.data.prompt import SYSTEM_PROMPT
-    from socialalign_jax.hf_import import check_hf_checkpoint, load_hf_checkpoint
-    from socialalign_jax.tokenizer import load_tokenizer
+    from socialalign_jax.inference import scoring
+    from socialalign_jax.weights.hf import check_hf_checkpoint, load_hf_checkpoint
+    from socialalign_jax.weights.tokenizer import load_tokenizer
 
     real_cfg = check_hf_checkpoint(args.checkpoint)  # headers only: fails fast before tokenizer/weights
     try:

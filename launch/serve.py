@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from socialalign_jax.cli_setup import quiet_startup, run_absl  # noqa: E402
+from socialalign_jax.core.cli_setup import quiet_startup, run_absl  # noqa: E402
 
 quiet_startup()
 
@@ -35,7 +35,7 @@ _MAX_SAMPLES = flags.DEFINE_integer("max_samples", 8, "Most posts per user one r
 
 
 def main(argv):
-    from socialalign_jax.errors import UserError, cli_main
+    from socialalign_jax.core.errors import UserError, cli_main
 
     def go():
         if len(argv) > 1:

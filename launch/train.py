@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from socialalign_jax.cli_setup import define_config_flag, quiet_startup, run_absl, usage_error  # noqa: E402
+from socialalign_jax.core.cli_setup import define_config_flag, quiet_startup, run_absl, usage_error  # noqa: E402
 
 quiet_startup()
 
@@ -31,7 +31,7 @@ _ACCEPT = flags.DEFINE_bool("accept_config_change", False,
 def main(argv):
     if len(argv) > 1:
         usage_error(f"unexpected arguments: {' '.join(argv[1:])}", argv)
-    from socialalign_jax.errors import cli_main
+    from socialalign_jax.core.errors import cli_main
     from socialalign_jax.train.run import run_training
 
     cfg = _CONFIG.value

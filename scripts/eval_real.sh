@@ -20,7 +20,7 @@ mkdir -p "$RUNS"
 
 # One dataset for every row: built with SmolLM2's own tokenizer, held-out events fixed by SEED.
 if [ ! -d "$DATA" ]; then
-  [ -f "$RUNS/tokenizer/tokenizer.json" ] || python -c "from socialalign_jax.weights import resolve_weights as r; r('gguf:smollm2').tokenizer.save_pretrained('$RUNS/tokenizer')"
+  [ -f "$RUNS/tokenizer/tokenizer.json" ] || python -c "from socialalign_jax.weights.resolve import resolve_weights as r; r('gguf:smollm2').tokenizer.save_pretrained('$RUNS/tokenizer')"
   python launch/build_dataset.py --source zs_csd --input "$INPUT" --out "$DATA" --tokenizer "$RUNS/tokenizer" \
     --max_length 384 --test_fraction 0.05 --on_overflow skip --seed "$SEED" | tee "$RUNS/data_seed$SEED.txt"
 fi

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from socialalign_jax import adapter_io, pac_lora
-from socialalign_jax.adapter_io import AdapterError, export_socialalign, import_peft, load_adapters, save_adapters
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.errors import is_user_error
-from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.core.errors import is_user_error
+from socialalign_jax.model import pac_lora
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.weights import adapters as adapters_lib
+from socialalign_jax.weights.adapters import AdapterError, export_socialalign, import_peft, load_adapters, save_adapters
 
 torch = pytest.importorskip("torch")
 
@@ -192,8 +193,8 @@ def test_original_layout_errors(tmp_path):
 def _trained_adapters(cfg, lc, seed=0):
     """An adapter tree of the right shapes with every leaf random (B and head bias included), as after training."""
     rng = np.random.default_rng(seed)
-    shapes = adapter_io.expected_shapes(cfg, lc)
-    return adapter_io.unflatten({k: rng.normal(0, 0.2, s).astype(np.float32) for k, s in shapes.items()})
+    shapes = adapters_lib.expected_shapes(cfg, lc)
+    return adapters_lib.unflatten({k: rng.normal(0, 0.2, s).astype(np.float32) for k, s in shapes.items()})
 
 
 def test_our_layout_round_trip_exact(tmp_path):
@@ -203,7 +204,7 @@ def test_our_layout_round_trip_exact(tmp_path):
     path = save_adapters(ad, lc, CFG, tmp_path / "run")
     got, got_lc = load_adapters(path, CFG)
     assert got_lc == lc
-    assert adapter_io.flatten(got).keys() == adapter_io.flatten(ad).keys()
+    assert adapters_lib.flatten(got).keys() == adapters_lib.flatten(ad).keys()
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), got, ad)
     got2, _ = load_adapters(tmp_path / "run")  # a directory, no model config needed
     jax.tree_util.tree_map(np.testing.assert_array_equal, got2, got)
@@ -239,7 +240,7 @@ def hf_checkpoint(tmp_path_factory):
     sys.path.insert(0, str(Path(__file__).parent))
     from helpers_hf import make_hf_model, save_hf_model
 
-    from socialalign_jax.tokenizer import load_tokenizer
+    from socialalign_jax.weights.tokenizer import load_tokenizer
     model = make_hf_model("qwen2", seed=5, vocab=QWEN_VOCAB, tied=True, hidden=32, inter=64)
     d = save_hf_model(model, tmp_path_factory.mktemp("ck"))
     load_tokenizer().save_pretrained(str(d))
@@ -254,8 +255,8 @@ def test_score_cli_applies_adapters(hf_checkpoint, tmp_path):
     sys.path.insert(0, str(root / "launch"))
     import score as score_cli
 
-    from socialalign_jax.hf_import import read_config
-    from socialalign_jax.tokenizer import load_tokenizer
+    from socialalign_jax.weights.hf import read_config
+    from socialalign_jax.weights.tokenizer import load_tokenizer
     model, ck = hf_checkpoint
     model = copy.deepcopy(model)  # patched below; the fixture stays the plain model
     cfg, _ = read_config(ck)

@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from socialalign_jax import model, pac_lora, sampling, sharding
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.mesh import make_mesh
-from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.inference import sampling
+from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.parallel import sharding
+from socialalign_jax.parallel.mesh import make_mesh
 
 F32_TOL = 1e-5
 BF16_RTOL = 2e-2
@@ -57,7 +59,7 @@ def test_auto_follows_the_traced_mesh_not_the_backend():
 @pytest.mark.parametrize("routing", ["token", "pooled"])
 def test_fuse_base_branches_in_float32_and_bfloat16(routing):
     lc = LoraConfig(routing=routing, dropout=0.0, targets=("q", "down"))
-    params = model.init_params(CFG, jax.random.PRNGKey(0))
+    params = decoder.init_params(CFG, jax.random.PRNGKey(0))
     ad = _adapters(lc)
     ids = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 0, CFG.vocab_size)
     spans = (jnp.array([3, 4]), jnp.array([7, 9]))
@@ -66,7 +68,7 @@ def test_fuse_base_branches_in_float32_and_bfloat16(routing):
         lcf = dataclasses.replace(lc, fuse_base=fuse)
 
         def f(a):
-            out = model.forward(p, ids, cfg, adapters=a, lora_cfg=lcf, spans=spans)
+            out = decoder.forward(p, ids, cfg, adapters=a, lora_cfg=lcf, spans=spans)
             return jnp.sum(out.logits ** 2) / out.logits.size, out.logits
         (loss, logits), g = jax.jit(jax.value_and_grad(f, has_aux=True))(ad)
         return logits, g
@@ -91,7 +93,7 @@ def test_layer_loop_branches_prefill_and_decode(dtype, tol):
     """The decode step through the stacked scan (cache in the carry) and the unrolled loop."""
     lc = LoraConfig(routing="pooled", dropout=0.0, targets=("q", "v", "up"))
     cfg = CFG.replace(dtype=dtype, param_dtype=dtype)
-    params = model.init_params(CFG, jax.random.PRNGKey(0))
+    params = decoder.init_params(CFG, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda a: a.astype(dtype), params)
     ad = _adapters(lc)
     ids = jax.random.randint(jax.random.PRNGKey(3), (2, 10), 0, CFG.vocab_size)
@@ -101,13 +103,13 @@ def test_layer_loop_branches_prefill_and_decode(dtype, tol):
 
     @jax.jit
     def run(p):
-        cache = model.init_cache(cfg, 2, 16, lc)
-        out = model.forward(p, ids, cfg, attention_mask=mask, adapters=ad, lora_cfg=lc, spans=spans, cache=cache)
-        out2 = model.forward(p, nxt, cfg, adapters=ad, lora_cfg=lc, cache=out.cache)
+        cache = decoder.init_cache(cfg, 2, 16, lc)
+        out = decoder.forward(p, ids, cfg, attention_mask=mask, adapters=ad, lora_cfg=lc, spans=spans, cache=cache)
+        out2 = decoder.forward(p, nxt, cfg, adapters=ad, lora_cfg=lc, cache=out.cache)
         return out.logits, out2.logits, out2.cache["k"]
 
     scan = run(params)
-    unrolled = run(model.unstack_layers(params))
+    unrolled = run(decoder.unstack_layers(params))
     for a, b in zip(scan, unrolled):  # prefill logits, decode logits, the written cache
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                    atol=tol * float(np.abs(np.asarray(b, np.float32)).max()), rtol=0)
@@ -115,14 +117,15 @@ def test_layer_loop_branches_prefill_and_decode(dtype, tol):
     full = jnp.concatenate([ids, nxt], axis=1)
     fmask = jnp.concatenate([mask, jnp.ones((2, 1), jnp.int32)], axis=1)
     params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
-    want = model.forward(params32, full, CFG, attention_mask=fmask, adapters=ad, lora_cfg=lc, spans=spans).logits[:, -1]
+    want = decoder.forward(params32, full, CFG, attention_mask=fmask, adapters=ad, lora_cfg=lc,
+                           spans=spans).logits[:, -1]
     for got in (scan[1], unrolled[1]):
         assert _rel(got[:, 0], want) <= tol
 
 
 def test_generate_layer_loops_emit_the_same_tokens():
     lc = LoraConfig(dropout=0.0, targets=("q", "o", "down"))
-    params = model.init_params(CFG, jax.random.PRNGKey(0))
+    params = decoder.init_params(CFG, jax.random.PRNGKey(0))
     ad = _adapters(lc)
     ids = np.asarray(jax.random.randint(jax.random.PRNGKey(4), (2, 8), 1, CFG.vocab_size), np.int32)
     mask = np.ones_like(ids)

@@ -68,7 +68,7 @@ def one_error_line(capsys, argv):
     sys.path.insert(0, str(SCRIPT.parent))
     import build_dataset
 
-    from socialalign_jax.errors import cli_main
+    from socialalign_jax.core.errors import cli_main
 
     with pytest.raises(SystemExit) as e:
         cli_main(build_dataset.main, argv)
@@ -115,3 +115,24 @@ def test_bad_alpaca_and_lamp_inputs(tmp_path, capsys):
     line = one_error_line(capsys, ["--source", "lamp", "--input", str(tmp_path / "lamp"),
                                    "--out", str(tmp_path / "o2")])
     assert "lamp" in line and "questions" in line
+
+
+@pytest.mark.parametrize("spec", ["configs/weibo.py", "configs/weibo.py:7b", "configs/weibo.py:smollm2"])
+def test_defaults_are_the_configs_data_section(spec):
+    """The dataset build_dataset makes by default is the one train.py would build from the same config."""
+    import importlib.util
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import build_dataset
+
+    mod_spec = importlib.util.spec_from_file_location("weibo_ref", ROOT / "configs" / "weibo.py")
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    path, _, preset = spec.partition(":")
+    data = (mod.get_config(preset) if preset else mod.get_config()).data
+    args = build_dataset.parse_args(["--source", "socialweibo", "--input", "x", "--out", "y"]
+                                    + (["--config", spec] if preset else []))
+    for key in build_dataset.CONFIG_DEFAULTS:
+        assert getattr(args, key) == data[key], key
+    if preset == "7b":  # --config is read, not only the default file: the preset's own length
+        assert args.max_length == data.max_length != mod.get_config().data.max_length

@@ -61,7 +61,7 @@ def raw_cases(events_dir: Path):
 
 def test_round_trip_every_example_equals_a_direct_encoding(built):
     root, cfg, path, ds = built
-    from socialalign_jax.tokenizer import load_tokenizer
+    from socialalign_jax.weights.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     events = {e.event_id: e for e in records.read_event_dir(root / "events")}

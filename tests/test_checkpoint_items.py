@@ -15,11 +15,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from socialalign_jax import optim, pac_lora
-from socialalign_jax.atomic_io import write_json
-from socialalign_jax.mesh import make_mesh
-from socialalign_jax.runs import restore
-from socialalign_jax.train import checkpoint, step as step_lib
+from socialalign_jax.core.atomic_io import write_json
+from socialalign_jax.model import pac_lora
+from socialalign_jax.parallel.mesh import make_mesh
+from socialalign_jax.runs import checkpoint, restore
+from socialalign_jax.train import optim, step as step_lib
 
 from train_helpers import REPO, script_env, tiny_config
 
@@ -113,15 +113,15 @@ def test_a_checkpoint_from_before_the_split_still_restores(tmp_path):
 
 def test_inference_imports_nothing_from_training():
     """Generation, export, prediction and reading a run back load no trainer, step or optimizer."""
-    code = ("import sys; import socialalign_jax.runs.restore, socialalign_jax.generation, socialalign_jax.export, "
-            "socialalign_jax.predict.predictor, socialalign_jax.scoring; "
+    code = ("import sys; import socialalign_jax.runs.restore, socialalign_jax.inference.generation, socialalign_jax.inference.export, "
+            "socialalign_jax.predict.predictor, socialalign_jax.inference.scoring; "
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('socialalign_jax'))))")
     res = subprocess.run([sys.executable, "-c", "import json; " + code], cwd=REPO, env=script_env(1),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     loaded = set(json.loads(res.stdout.strip().splitlines()[-1]))
-    # (the objective's response CE in losses.py is shared maths, one implementation for both sides)
-    training = {"socialalign_jax.train.loop", "socialalign_jax.train.step", "socialalign_jax.optim",
-                "socialalign_jax.train.run", "socialalign_jax.train.post_train", "socialalign_jax.train.data_setup"}
+    # (the objective's response CE in train/losses.py is shared maths, one implementation for both sides)
+    training = {"socialalign_jax.train.loop", "socialalign_jax.train.step", "socialalign_jax.train.optim",
+                "socialalign_jax.train.run", "socialalign_jax.train.post_train", "socialalign_jax.data.setup"}
     assert "socialalign_jax.runs.restore" in loaded
     assert not (loaded & training), sorted(loaded & training)

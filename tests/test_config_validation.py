@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from socialalign_jax.config import ConfigError, run_config_problems, validate_run_config
-from socialalign_jax.errors import is_user_error
+from socialalign_jax.core.errors import is_user_error
+from socialalign_jax.model.config import ConfigError, run_config_problems, validate_run_config
 
 from train_helpers import REPO, load_config_module, script_env, set_overrides
 
@@ -131,7 +131,7 @@ def test_launchers_on_a_cpu_host_with_libtpu_installed_start_quietly():
         pytest.skip("this host has TPU device nodes")
     env = script_env(1)
     env.pop("JAX_PLATFORMS")
-    code = ("from socialalign_jax.cli_setup import quiet_startup; quiet_startup(); "
+    code = ("from socialalign_jax.core.cli_setup import quiet_startup; quiet_startup(); "
             "import jax; print(jax.devices()[0].platform)")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "cpu", r.stderr
@@ -141,9 +141,8 @@ def test_launchers_on_a_cpu_host_with_libtpu_installed_start_quietly():
 def test_every_data_key_of_the_config_reaches_the_builder(monkeypatch, tmp_path):
     """data.num_history (BM25 top-k), data.lamp_outputs and data.lamp_task are documented config
     keys: each must arrive in the dataset builder's config, not only in config.json."""
-    from socialalign_jax.data import tfds_builders as B
-    from socialalign_jax.train import data_setup
-    from socialalign_jax.weights import resolve_weights
+    from socialalign_jax.data import setup, tfds_builders as B
+    from socialalign_jax.weights.resolve import resolve_weights
     from train_helpers import tiny_config
 
     seen = []
@@ -156,13 +155,13 @@ def test_every_data_key_of_the_config_reaches_the_builder(monkeypatch, tmp_path)
     tok = resolve_weights("random:tiny-qwen2").tokenizer
     cfg = tiny_config(None, **{"data.num_history": 2, "data.data_dir": str(tmp_path / "d")})
     with pytest.raises(RuntimeError, match="built"):
-        data_setup.prepare(cfg, tok, str(tmp_path))
+        setup.prepare(cfg, tok, str(tmp_path))
     assert seen[-1].num_history == 2 and seen[-1].lamp_task is None and seen[-1].lamp_outputs is None
     cfg = tiny_config(None, config="lamp", **{"data.input": str(tmp_path / "q.json"), "data.lamp_task": "LaMP-7",
                                               "data.lamp_outputs": str(tmp_path / "o.json"),
                                               "data.data_dir": str(tmp_path / "l")})
     with pytest.raises(RuntimeError, match="built"):
-        data_setup.prepare(cfg, tok, str(tmp_path))
+        setup.prepare(cfg, tok, str(tmp_path))
     assert (seen[-1].lamp_task, seen[-1].lamp_outputs) == ("LaMP-7", str(tmp_path / "o.json"))
     assert run_config_problems(weibo(**{"data.lamp_task": "LaMP-9"}), device_count=1)  # not a LaMP task
 

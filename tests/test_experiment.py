@@ -160,7 +160,7 @@ def test_event_records_use_the_evaluation_functions():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from socialalign_jax.weights import resolve_weights
+    from socialalign_jax.weights.resolve import resolve_weights
     return resolve_weights("random:tiny-llama")
 
 
@@ -183,9 +183,8 @@ def _selection(n_events=6, per_event=5, seed=0, vocab=512):
 def test_feature_cache_is_what_the_head_reads_and_resumes(tiny, tmp_path):
     import jax.numpy as jnp
 
-    from socialalign_jax import model
-    from socialalign_jax.experiments import features as F
-    from socialalign_jax.experiments import heads
+    from socialalign_jax.experiments import features as F, heads
+    from socialalign_jax.model import decoder
 
     sel = _selection()
     params = jax.device_put(tiny.params)
@@ -204,9 +203,9 @@ def test_feature_cache_is_what_the_head_reads_and_resumes(tiny, tmp_path):
         p = sel["prompts"][i]
         ids[r, :len(p)], mask[r, :len(p)] = p, 1
         ids[r, len(p):len(p) + 3], mask[r, len(p):len(p) + 3] = 5, 1  # a "response" after the prompt
-    hid = model.forward(params, jnp.asarray(ids), tiny.cfg, attention_mask=jnp.asarray(mask),
-                        compute_logits=False, deterministic=True).hidden
-    want = np.asarray(model.sentiment_logits(hid, jnp.asarray(sel["examples"]["prompt_len"][idx]), head))
+    hid = decoder.forward(params, jnp.asarray(ids), tiny.cfg, attention_mask=jnp.asarray(mask),
+                          compute_logits=False, deterministic=True).hidden
+    want = np.asarray(decoder.sentiment_logits(hid, jnp.asarray(sel["examples"]["prompt_len"][idx]), head))
     got = fs.features[idx] @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 

@@ -54,7 +54,7 @@ def _cmd(plan, out):
 @pytest.fixture(scope="module")
 def plan_file(tmp_path_factory):
     from socialalign_jax.experiments import features as F
-    from socialalign_jax.weights import resolve_weights
+    from socialalign_jax.weights.resolve import resolve_weights
 
     from test_experiment import _selection
 
@@ -115,7 +115,7 @@ def test_sigterm_then_resume_reruns_nothing_finished(plan_file, tmp_path):
 
 
 def test_plan_errors_are_one_line(tmp_path):
-    from socialalign_jax.errors import UserError
+    from socialalign_jax.core.errors import UserError
     from socialalign_jax.experiments import runner
 
     bad = tmp_path / "bad.toml"

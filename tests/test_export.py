@@ -1,4 +1,4 @@
-"""launch/export.py and socialalign_jax/export.py.
+"""launch/export.py and socialalign_jax/inference/export.py.
 
 A run directory is made the way training makes it (config.json + Orbax checkpoints of the
 train state at two steps, adapters with non-zero B so the adapted model differs from the
@@ -15,11 +15,13 @@ import jax
 import numpy as np
 import pytest
 
-from socialalign_jax import adapter_io, export, hf_import, model, optim, pac_lora
-from socialalign_jax.atomic_io import write_json
-from socialalign_jax.presets import get_preset
-from socialalign_jax.runs import restore
-from socialalign_jax.train import checkpoint, step as step_lib
+from socialalign_jax.core.atomic_io import write_json
+from socialalign_jax.inference import export
+from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model.presets import get_preset
+from socialalign_jax.runs import checkpoint, restore
+from socialalign_jax.train import optim, step as step_lib
+from socialalign_jax.weights import adapters as adapters_lib, hf
 
 from train_helpers import REPO, script_env, tiny_config
 
@@ -50,7 +52,7 @@ def make_run(workdir, **lora):
     return trees, lc
 
 
-_forward = jax.jit(model.forward, static_argnames=("cfg", "lora_cfg"))
+_forward = jax.jit(decoder.forward, static_argnames=("cfg", "lora_cfg"))
 
 
 def logits(params, adapters, lc, cfg=MCFG):
@@ -83,9 +85,9 @@ def test_restore_exports_and_reimports_give_the_same_logits(token_run, tmp_path)
     np.testing.assert_array_equal(logits(run.params, ad, lc2), ref)
 
     export.export_run(run, "socialalign", tmp_path / "orig")
-    ad, lc3 = adapter_io.import_peft(tmp_path / "orig", MCFG)
+    ad, lc3 = adapters_lib.import_peft(tmp_path / "orig", MCFG)
     np.testing.assert_array_equal(logits(run.params, ad, lc3), ref)
-    assert adapter_io.load_adapters(tmp_path / "orig", MCFG)[0]["head"]["kernel"].shape == (MCFG.hidden_size, 3)
+    assert adapters_lib.load_adapters(tmp_path / "orig", MCFG)[0]["head"]["kernel"].shape == (MCFG.hidden_size, 3)
     # Stock PEFT LoRA cannot hold gated experts: refused, naming the format that can.
     with pytest.raises(export.ExportError, match=r"--format peft: routing 'token'.*--format socialalign"):
         export.export_run(run, "peft", tmp_path / "peft")
@@ -122,7 +124,7 @@ def test_merged_weights_equal_base_plus_adapters(tmp_path, lora):
     trees, lc = make_run(tmp_path / "run", targets="q,k,v,o,gate,up,down", **lora)
     run = restore.restore_run(str(tmp_path / "run"))
     export.export_run(run, "merged", tmp_path / "merged")
-    cfg2, merged = hf_import.load_hf_checkpoint(tmp_path / "merged")
+    cfg2, merged = hf.load_hf_checkpoint(tmp_path / "merged")
     assert (tmp_path / "merged" / "sentiment_head.safetensors").is_file()
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
     want = logits(run.params, trees[2], lc)
@@ -149,7 +151,7 @@ def test_cli_step_flag_and_merge_refusal(token_run, tmp_path):
     r = subprocess.run(cmd + ["--format", "safetensors", "--out", str(tmp_path / "s"), "--step", "1"],
                        capture_output=True, text=True, env=script_env(1), timeout=300)
     assert r.returncode == 0, r.stderr
-    ad, lc2 = adapter_io.load_adapters(tmp_path / "s", MCFG)
+    ad, lc2 = adapters_lib.load_adapters(tmp_path / "s", MCFG)
     assert lc2 == lc
     for a, b in zip(jax.tree.leaves(ad), jax.tree.leaves(trees[1])):
         np.testing.assert_array_equal(a, b)

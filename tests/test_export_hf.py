@@ -14,23 +14,24 @@ import jax
 import numpy as np
 import pytest
 
-from socialalign_jax import adapter_io, hf_import, model, pac_lora
-from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.runs import restore
+from socialalign_jax.weights import adapters as adapters_lib, hf as hf_lib
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is needed for the stock-tool references")
 transformers = pytest.importorskip("transformers")
 from helpers_hf import make_hf_model, save_hf_model  # noqa: E402
 
 ALL = ("q", "k", "v", "o", "gate", "up", "down")
-_forward = jax.jit(model.forward, static_argnames=("cfg", "lora_cfg"))
+_forward = jax.jit(decoder.forward, static_argnames=("cfg", "lora_cfg"))
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     d = tmp_path_factory.mktemp("base")
     ck = save_hf_model(make_hf_model("qwen2", seed=6, vocab=512, hidden=32, inter=64), d / "ck")
-    cfg, params = hf_import.load_hf_checkpoint(ck)
+    cfg, params = hf_lib.load_hf_checkpoint(ck)
     return ck, cfg, params
 
 
@@ -69,7 +70,7 @@ def test_stock_peft_loads_the_peft_export_under_any_name(base, tmp_path, lora):
     assert np.abs(want - ours(cfg, params)).max() > 1e-2  # the adapter changes the logits
 
     out = tmp_path / "peft"
-    adapter_io.export_peft(ad, lc, cfg, out, base_model_name_or_path=str(ck))
+    adapters_lib.export_peft(ad, lc, cfg, out, base_model_name_or_path=str(ck))
     conf = json.loads((out / "adapter_config.json").read_text())
     assert conf["base_model_name_or_path"] == str(ck) and "socialalign" not in conf
     # Exactly the fields of stock PEFT's own LoraConfig, no custom entries.
@@ -97,7 +98,7 @@ def test_stock_peft_loads_the_peft_export_under_any_name(base, tmp_path, lora):
     np.testing.assert_allclose(hf_logits(auto), want, rtol=0, atol=1e-4)
 
     # Our own loader reads stock PEFT back (one expert, constant gates): the same function.
-    back, lc2 = adapter_io.load_adapters(out, cfg)
+    back, lc2 = adapters_lib.load_adapters(out, cfg)
     assert (lc2.num_analyze, lc2.num_compose, lc2.rank, lc2.rslora) == (1, 1, lc.rank, lc.rslora)
     np.testing.assert_allclose(ours(cfg, params, back, lc2), want, rtol=0, atol=1e-5)
 
@@ -105,8 +106,8 @@ def test_stock_peft_loads_the_peft_export_under_any_name(base, tmp_path, lora):
 def test_peft_export_refuses_gated_experts(base, tmp_path):
     ck, cfg, params = base
     lc = LoraConfig(targets=("q",), num_classes=0, rank=4)  # PAC-LoRA 3x3, token routing
-    with pytest.raises(adapter_io.AdapterError, match=r"--format socialalign") as e:
-        adapter_io.export_peft(random_adapters(cfg, lc), lc, cfg, tmp_path / "p")
+    with pytest.raises(adapters_lib.AdapterError, match=r"--format socialalign") as e:
+        adapters_lib.export_peft(random_adapters(cfg, lc), lc, cfg, tmp_path / "p")
     assert "\n" not in str(e.value) and not (tmp_path / "p").exists()
 
 
@@ -117,17 +118,17 @@ def test_merged_export_generates_out_of_the_box(tmp_path):
     """AutoModelForCausalLM + AutoTokenizer on --format merged: the chat template renders our prompt,
     and greedy `generate` (eos/pad from generation_config.json) stops at <|im_end|> exactly where
     our sampler does, with the same tokens."""
-    from socialalign_jax import export, sampling
     from socialalign_jax.data.prompt import SYSTEM_PROMPT, chat_prompt
-    from socialalign_jax.generation import sampling_config
-    from socialalign_jax.tokenizer import load_tokenizer
+    from socialalign_jax.inference import export, sampling
+    from socialalign_jax.inference.generation import sampling_config
+    from socialalign_jax.weights.tokenizer import load_tokenizer
     from train_helpers import tiny_config
 
     tok = load_tokenizer()
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     hf = make_hf_model("qwen2", seed=8, vocab=151936, tied=False, hidden=32, inter=64)
     ck = save_hf_model(hf, tmp_path / "ck")
-    mc, params = hf_import.load_hf_checkpoint(ck)
+    mc, params = hf_lib.load_hf_checkpoint(ck)
     lc = LoraConfig(num_analyze=1, num_compose=1, rank=4, alpha=8.0, targets=ALL, num_classes=3)
     ad = random_adapters(mc, lc, seed=1)
     cfg = tiny_config()
@@ -145,7 +146,7 @@ def test_merged_export_generates_out_of_the_box(tmp_path):
     def export_merged(p, where):
         run = restore.Run(cfg, mc, lc, p, ad, tok, step=0)
         export.export_run(run, "merged", where)
-        return hf_import.load_hf_checkpoint(where)[1]
+        return hf_lib.load_hf_checkpoint(where)[1]
 
     # A random model never says <|im_end|> by itself: make its lm_head row for <|im_end|> a copy
     # (x 1.3) of the row of a token greedy decoding emits at step k, so it stops there instead

@@ -29,12 +29,15 @@ import jax
 import numpy as np
 import pytest
 
-from socialalign_jax import atomic_io, optim, pac_lora, sharding
-from socialalign_jax.errors import UserError
-from socialalign_jax.mesh import make_mesh
-from socialalign_jax.presets import get_preset
-from socialalign_jax.runs import restore
-from socialalign_jax.train import checkpoint, data_setup, step as step_lib
+from socialalign_jax.core import atomic_io
+from socialalign_jax.core.errors import UserError
+from socialalign_jax.data import setup
+from socialalign_jax.model import pac_lora
+from socialalign_jax.model.presets import get_preset
+from socialalign_jax.parallel import sharding
+from socialalign_jax.parallel.mesh import make_mesh
+from socialalign_jax.runs import checkpoint, restore
+from socialalign_jax.train import optim, step as step_lib
 from socialalign_jax.train.metrics_log import MetricLogger
 
 from train_helpers import MAX_LENGTH, REPO, built_sample, read_metrics, reference_run, script_env, tiny_config
@@ -337,11 +340,11 @@ def test_data_settings_that_contradict_the_built_dataset(tmp_path):
     cfg = tiny_config(built_sample(), **{"data.test_fraction": 0.5, "data.mode": "without_history",
                                          "data.num_history": 2})
     with pytest.raises(UserError) as e:  # the run's own <workdir>/data: an error
-        data_setup.check_build_settings(cfg, ds, explicit_dir=False)
+        setup.check_build_settings(cfg, ds, explicit_dir=False)
     assert "\n" not in str(e.value)
     assert "data.test_fraction=0.5 (built with 0.1)" in str(e.value) and "data.mode='without_history'" in str(e.value)
     assert "data.num_history=2 (built with 5)" in str(e.value)
-    diffs = data_setup.check_build_settings(cfg, ds, explicit_dir=True)  # a named dataset: used as built
+    diffs = setup.check_build_settings(cfg, ds, explicit_dir=True)  # a named dataset: used as built
     assert len(diffs) == 3 and cfg.data.test_fraction == 0.1 and cfg.data.mode == "full"
     assert cfg.data.num_history == 5
     assert restore.config_to_dict(cfg)["data"]["test_fraction"] == 0.1  # config.json records what was used
@@ -351,27 +354,27 @@ def test_metadata_checks_before_step_1():
     from socialalign_jax.data import tfds_builders as B
 
     ds = B.open_dataset(built_sample())
-    data = data_setup.Datasets(ds, ds.source("train"), ds.sources.get("test"), ds.max_length, ds.pad_id,
-                               tuple(ds.metadata["classes"]))
+    data = setup.Datasets(ds, ds.source("train"), ds.sources.get("test"), ds.max_length, ds.pad_id,
+                          tuple(ds.metadata["classes"]))
     mc = get_preset("tiny-qwen2")
     longest = max(int(np.asarray(ds.source("train")[i]["loss_mask"]).sum()) for i in range(len(ds.source("train"))))
     assert ds.metadata["response_tokens_max"]["train"] == longest  # what the builder recorded
-    data_setup.check_against_model(data, tiny_config(built_sample()), mc, None)  # fits
+    setup.check_against_model(data, tiny_config(built_sample()), mc, None)  # fits
     cases = [({"loss.max_response_tokens": longest - 1}, f"response of {longest} tokens"),
              ({"data.labels": "favor,against,neutral"}, "classes are negative,neutral,positive"),
              ({"lora.num_classes": 2}, "has 3 classes but lora.num_classes=2")]
     for overrides, expect in cases:
         with pytest.raises(UserError, match=expect):
-            data_setup.check_against_model(data, tiny_config(built_sample(), **overrides), mc, None)
+            setup.check_against_model(data, tiny_config(built_sample(), **overrides), mc, None)
     with pytest.raises(UserError, match="outside the model's vocabulary"):
-        data_setup.check_against_model(data, tiny_config(built_sample()), mc.replace(vocab_size=512), None)
+        setup.check_against_model(data, tiny_config(built_sample()), mc.replace(vocab_size=512), None)
     # a dataset built before the metadata held these: the same answer from a scan of the records
     old = dict(ds.metadata)
     old.pop("response_tokens_max"), old.pop("max_token_id")
     data.dataset = B.Dataset(ds.path, old, ds.sources)
     with pytest.raises(UserError, match=f"response of {longest} tokens"):
-        data_setup.check_against_model(data, tiny_config(built_sample(), **{"loss.max_response_tokens": longest - 1}),
-                                       mc, None)
+        setup.check_against_model(data, tiny_config(built_sample(), **{"loss.max_response_tokens": longest - 1}),
+                                  mc, None)
 
 
 # ----------------------------------------------------------------------------- the write layer
@@ -493,7 +496,7 @@ def test_tensorboard_shows_a_resumed_run_once(tmp_path):
 
 
 def test_tokenizer_save_is_atomic_and_a_truncated_one_is_replaced(tmp_path):
-    from socialalign_jax.weights import resolve_weights
+    from socialalign_jax.weights.resolve import resolve_weights
 
     tok = resolve_weights("random:tiny-qwen2").tokenizer
 
@@ -504,11 +507,11 @@ def test_tokenizer_save_is_atomic_and_a_truncated_one_is_replaced(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")
 
     with pytest.raises(UserError, match="tokenizer: no space left on device"):
-        data_setup._tokenizer_dir(FullDisk(), str(tmp_path))
+        setup._tokenizer_dir(FullDisk(), str(tmp_path))
     assert os.listdir(tmp_path) == []  # nothing a rerun would trust
     os.makedirs(tmp_path / "tokenizer")
     (tmp_path / "tokenizer" / "tokenizer.json").write_text('{"trunc')  # left by an older version
-    path = data_setup._tokenizer_dir(tok, str(tmp_path))
+    path = setup._tokenizer_dir(tok, str(tmp_path))
     json.load(open(os.path.join(path, "tokenizer.json")))
 
 

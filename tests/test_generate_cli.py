@@ -1,4 +1,4 @@
-"""Batch generation (socialalign_jax.generation) and its CLI.
+"""Batch generation (socialalign_jax.inference.generation) and its CLI.
 
 References: a cache-free full forward per example (head probabilities, response log-probs in
 numpy), single-example unpadded generation (batching, bucketing and filler rows change
@@ -15,12 +15,13 @@ import jax
 import numpy as np
 import pytest
 
-from socialalign_jax import generation, model, pac_lora, sampling
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.inference import generation, sampling
+from socialalign_jax.inference.sampling import SamplingConfig
+from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.runs import restore
-from socialalign_jax.sampling import SamplingConfig
-from socialalign_jax.tokenizer import load_tokenizer
+from socialalign_jax.weights.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig("qwen2", vocab_size=101, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
@@ -36,7 +37,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def setup():
-    params = model.init_params(CFG, jax.random.PRNGKey(0))
+    params = decoder.init_params(CFG, jax.random.PRNGKey(0))
     ad = pac_lora.init_adapters(jax.random.PRNGKey(1), CFG, LC)
     ad = jax.tree_util.tree_map_with_path(
         lambda p, x: 0.3 * jax.random.normal(jax.random.PRNGKey(len(jax.tree_util.keystr(p))), x.shape)
@@ -76,8 +77,8 @@ def test_predictions_match_unbatched_references(setup, tok):
         assert rec["generated"] == tok.decode(np.asarray(one.tokens[0]).tolist(), skip_special_tokens=True)
         assert rec["generated_tokens"] == 5
         # Full forward over prompt + response, no cache, no padding.
-        full = model.forward(params, ids[None], CFG, adapters=ad, lora_cfg=LC, spans=spans)
-        head = np.asarray(model.sentiment_logits(full.hidden, np.array([p]), ad["head"]))[0]
+        full = decoder.forward(params, ids[None], CFG, adapters=ad, lora_cfg=LC, spans=spans)
+        head = np.asarray(decoder.sentiment_logits(full.hidden, np.array([p]), ad["head"]))[0]
         want = np.exp(head - head.max()) / np.exp(head - head.max()).sum()
         np.testing.assert_allclose(rec["probs"], want, atol=1e-5)
         logits = np.asarray(full.logits[0], np.float64)
@@ -173,8 +174,8 @@ def _cli(args, tmp_path):
 
 def test_cli_restores_the_checkpoint_and_writes_predictions(tmp_path):
     """Build a 2-event dataset, fail cleanly without a checkpoint, then generate from a saved one."""
-    from socialalign_jax import optim
-    from socialalign_jax.train import checkpoint, loop, step as step_lib
+    from socialalign_jax.runs import checkpoint
+    from socialalign_jax.train import loop, optim, step as step_lib
 
     sample = os.path.join(ROOT, "socialalign_jax", "data", "sample", "events")
     events = tmp_path / "events"
@@ -215,9 +216,9 @@ def test_cli_restores_the_checkpoint_and_writes_predictions(tmp_path):
     for rec, i in zip(recs, range(len(test))):
         ex = test[i]
         p = int(ex["prompt_len"])
-        full = model.forward(job.params, np.asarray(ex["input_ids"])[None, :p], job.model_cfg, adapters=ad,
-                             lora_cfg=job.lora_cfg, spans=(np.array([ex["user_end"]]), np.array([ex["news_end"]])))
-        head = np.asarray(model.sentiment_logits(full.hidden, np.array([p]), ad["head"]))[0]
+        full = decoder.forward(job.params, np.asarray(ex["input_ids"])[None, :p], job.model_cfg, adapters=ad,
+                               lora_cfg=job.lora_cfg, spans=(np.array([ex["user_end"]]), np.array([ex["news_end"]])))
+        head = np.asarray(decoder.sentiment_logits(full.hidden, np.array([p]), ad["head"]))[0]
         np.testing.assert_allclose(rec["probs"], np.exp(head) / np.exp(head).sum(), atol=1e-5)
         assert rec["labels"] == ["negative", "neutral", "positive"]
         assert rec["label"] == rec["labels"][int(ex["label"])]
@@ -228,7 +229,7 @@ def test_cli_restores_the_checkpoint_and_writes_predictions(tmp_path):
 
     # Without --config, the run's saved config.json is the config (written here as training
     # writes it): no training override is repeated, and a --config.* override still applies.
-    from socialalign_jax.atomic_io import write_json
+    from socialalign_jax.core.atomic_io import write_json
     write_json(restore.config_to_dict(cfg), str(work / "config.json"))
     out2 = tmp_path / "preds_saved_config.jsonl"
     res = _cli(["--workdir", str(work), "--out", str(out2), "--greedy", "--config.sample.max_new_tokens=1",

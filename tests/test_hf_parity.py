@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from socialalign_jax.hf_import import load_hf_checkpoint
-from socialalign_jax.model import forward
+from socialalign_jax.model.decoder import forward
+from socialalign_jax.weights.hf import load_hf_checkpoint
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is needed for the HF transformers reference")
 pytest.importorskip("transformers")

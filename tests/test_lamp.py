@@ -14,7 +14,7 @@ import pytest
 from socialalign_jax.data import lamp, tfds_builders as B
 from socialalign_jax.data.prompt import PromptConfig, PromptTooLong
 from socialalign_jax.data.records import DataError
-from socialalign_jax.tokenizer import IM_END, load_tokenizer
+from socialalign_jax.weights.tokenizer import IM_END, load_tokenizer
 
 PREFIX = lamp.INPUT_PREFIXES["LaMP-4"]
 

@@ -10,7 +10,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from scipy.spatial.distance import jensenshannon
 from scipy.special import log_softmax as np_log_softmax
 
-from socialalign_jax import losses
+from socialalign_jax.train import losses
 
 
 def _rand_dist(rng, n, k, zeros=False):

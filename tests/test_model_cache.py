@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from socialalign_jax import model as model_lib
-from socialalign_jax.config import ModelConfig
+from socialalign_jax.model import decoder
+from socialalign_jax.model.config import ModelConfig
 
 PROMPT_LENS = np.array([5, 8, 3, 6])
 # One batch holds both paddings: positions come from the mask, so rows may differ.
@@ -36,7 +36,7 @@ CONFIGS = {
 
 def random_params(cfg, seed):
     """init_params, then every tensor (norm scales too) made clearly random so mistakes show."""
-    params = model_lib.init_params(cfg, jax.random.PRNGKey(seed))
+    params = decoder.init_params(cfg, jax.random.PRNGKey(seed))
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
     new = []
@@ -80,20 +80,20 @@ def _batch(rng, vocab, padding=PADDING):
 
 @pytest.mark.parametrize("family,layout", [("qwen2", "stacked"), ("llama", "stacked"), ("qwen2", "unstacked")])
 def test_cached_decode_equals_full_forward(family, layout):
-    """`unstacked`: the decode steps run the layers as a Python loop (model.unstack_layers, what
+    """`unstacked`: the decode steps run the layers as a Python loop (decoder.unstack_layers, what
     sampling.generate does on the CPU) and update the stacked cache in place."""
     cfg = CONFIGS[family]
     params = random_params(cfg, seed=3)
-    step_params = model_lib.unstack_layers(params) if layout == "unstacked" else params
+    step_params = decoder.unstack_layers(params) if layout == "unstacked" else params
     rng = np.random.default_rng(7)
     p_ids, p_mask, f_ids, f_mask, gen, col0 = _batch(rng, cfg.vocab_size)
     assert {"left", "right"} <= {pad for pad, n in zip(PADDING, PROMPT_LENS) if n < MAX_PROMPT}
-    fwd = jax.jit(functools.partial(model_lib.forward, cfg=cfg))
+    fwd = jax.jit(functools.partial(decoder.forward, cfg=cfg))
 
     full = np.asarray(fwd(params, jnp.asarray(f_ids), attention_mask=jnp.asarray(f_mask)).logits)
     assert np.abs(full).max() > 0.5  # logits are not trivially flat
 
-    cache = model_lib.init_cache(cfg, len(PROMPT_LENS), MAX_PROMPT + N_GEN)
+    cache = decoder.init_cache(cfg, len(PROMPT_LENS), MAX_PROMPT + N_GEN)
     out = fwd(params, jnp.asarray(p_ids), attention_mask=jnp.asarray(p_mask), cache=cache)
     # Prefill logits at real prompt tokens.
     for b, n in enumerate(PROMPT_LENS):
@@ -120,9 +120,9 @@ def test_cache_is_sensitive_to_positions():
     params = random_params(cfg, seed=3)
     rng = np.random.default_rng(7)
     p_ids, p_mask, f_ids, f_mask, gen, col0 = _batch(rng, cfg.vocab_size)
-    fwd = jax.jit(functools.partial(model_lib.forward, cfg=cfg))
+    fwd = jax.jit(functools.partial(decoder.forward, cfg=cfg))
     full = np.asarray(fwd(params, jnp.asarray(f_ids), attention_mask=jnp.asarray(f_mask)).logits)
-    cache = model_lib.init_cache(cfg, len(PROMPT_LENS), MAX_PROMPT + N_GEN)
+    cache = decoder.init_cache(cfg, len(PROMPT_LENS), MAX_PROMPT + N_GEN)
     cache = fwd(params, jnp.asarray(p_ids), attention_mask=jnp.asarray(p_mask), cache=cache).cache
     wrong = jnp.asarray(PROMPT_LENS + 1)[:, None]
     got = np.asarray(fwd(params, jnp.asarray(gen[:, :1]), positions=wrong, cache=cache).logits)[:, 0]
@@ -134,7 +134,7 @@ def test_cache_is_sensitive_to_positions():
 def test_unrolled_layers_equal_scan_forward_and_gradients(remat):
     """cfg.scan_layers=False (a Python loop over layers) computes the scan's function: logits,
     gate statistics and adapter gradients, with dropout on (the same per-layer keys)."""
-    from socialalign_jax import pac_lora
+    from socialalign_jax.model import pac_lora
 
     cfg = CONFIGS["qwen2"].replace(remat=remat)
     params = random_params(cfg, seed=5)
@@ -146,8 +146,8 @@ def test_unrolled_layers_equal_scan_forward_and_gradients(remat):
     spans = (jnp.array([2, 3]), jnp.array([5, 6]))
 
     def loss(ad, c):
-        out = model_lib.forward(params, ids, c, adapters=ad, lora_cfg=lc, spans=spans,
-                                rng=jax.random.PRNGKey(4), deterministic=False)
+        out = decoder.forward(params, ids, c, adapters=ad, lora_cfg=lc, spans=spans,
+                              rng=jax.random.PRNGKey(4), deterministic=False)
         return jnp.sum(out.logits ** 2) * 1e-3, (out.logits, out.gate_stats)
 
     results = {}

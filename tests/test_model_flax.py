@@ -1,7 +1,7 @@
 """The Flax model declares the trees every consumer reads, each variable once with its logical axes.
 
 References: the base and adapter layouts written out by hand from docs/DESIGN.md (the layout
-checkpoints, hf_import, gguf_import, adapter_io and export read), and the sharding rules of
+checkpoints, weights.hf, weights.gguf, weights.adapters and export read), and the sharding rules of
 sharding.LOGICAL_RULES applied to hand-written logical axes.
 """
 
@@ -14,9 +14,9 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from socialalign_jax import mesh as mesh_lib
-from socialalign_jax import model, pac_lora, sharding
-from socialalign_jax.config import ModelConfig
+from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.parallel import mesh as mesh_lib, sharding
 
 BLOCK = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
 # (logical d_in, logical d_out) of each linear map, written out from DESIGN.md
@@ -81,7 +81,7 @@ def _check_layout(tree, expected):
     assert set(flat) == set(expected)
     for path, (shape, dtype, _) in expected.items():
         assert flat[path].shape == shape and flat[path].dtype == dtype, path
-    # plain nested dicts (not FrozenDicts), as checkpoints / adapter_io / export expect
+    # plain nested dicts (not FrozenDicts), as checkpoints / weights.adapters / export expect
     def nodes(t):
         if hasattr(t, "items"):
             yield t
@@ -93,7 +93,7 @@ def _check_layout(tree, expected):
 @pytest.mark.parametrize("name", sorted(CFGS))
 def test_param_tree_is_the_documented_layout(name):
     cfg = CFGS[name]
-    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    params = decoder.init_params(cfg, jax.random.PRNGKey(0))
     expected, _ = expected_base(cfg)
     _check_layout(params, expected)
     # initializers: norms at one, weights N(0, 0.02), layers drawn independently
@@ -122,7 +122,7 @@ def test_adapter_tree_is_the_documented_layout(lc):
 def test_every_variable_declares_its_logical_axes(name):
     cfg = CFGS[name]
     lc = pac_lora.LoraConfig(num_analyze=2, num_compose=3, rank=2, gate_width=4)
-    boxed = model.init_boxed(cfg, lc)
+    boxed = decoder.init_boxed(cfg, lc)
     expected = {**{("params",) + k: v for k, v in expected_base(cfg)[0].items()},
                 **{("lora",) + k: v for k, v in expected_adapters(cfg, lc).items()}}
     flat = _flat(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -133,7 +133,7 @@ def test_every_variable_declares_its_logical_axes(name):
         assert leaf.value.shape == expected[path][0], path
     # sharding derives the same axes, also under optimizer-state prefixes
     for col in ("params", "lora"):
-        tree = model._to_dict(nn.unbox(boxed[col]))
+        tree = decoder._to_dict(nn.unbox(boxed[col]))
         axes = _flat(sharding.logical_axes_for_params(tree), is_leaf=lambda x: isinstance(x, tuple))
         assert axes == {k[1:]: v[2] for k, v in expected.items() if k[0] == col}
         nested = sharding.logical_axes_for_params({"opt": {"mu": tree}})
@@ -144,7 +144,7 @@ def test_declared_shardings_on_a_mesh():
     """NamedShardings from the declarations equal the rules applied to the hand-written axes."""
     cfg, lc = CFGS["qwen2_untied_bf16"], pac_lora.LoraConfig(rank=2)
     mesh = mesh_lib.make_mesh(1, 4, 2)
-    shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
+    shapes = jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.PRNGKey(0)))
     sh = _flat(sharding.shardings_for(shapes, mesh), is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     for path, (shape, _, axes) in expected_base(cfg)[0].items():
         assert sh[path].spec == sharding.logical_to_spec(axes, shape, mesh), path
@@ -161,12 +161,12 @@ def test_activation_shardings_in_the_compiled_forward():
     """
     cfg = ModelConfig("llama", 64, 16, 40, 2, 4, 2, 4, qkv_bias=False)
     mesh = mesh_lib.make_mesh(2, 2, 2)
-    params = jax.device_put(model.init_params(cfg, jax.random.PRNGKey(0)),
+    params = jax.device_put(decoder.init_params(cfg, jax.random.PRNGKey(0)),
                             jax.sharding.NamedSharding(mesh, P()))
     ids = jax.device_put(jnp.ones((8, 4), jnp.int32), sharding.batch_sharding(mesh))
 
     def fwd(p, x):
-        return model.forward(p, x, cfg).logits
+        return decoder.forward(p, x, cfg).logits
 
     local_mlp = "f32[2,4,20]"  # [B/(data*fsdp), S, F/tensor]
     constrained = jax.jit(sharding.under_mesh(fwd, mesh)).lower(params, ids).compile().as_text()

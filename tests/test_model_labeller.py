@@ -1,13 +1,13 @@
-"""Model-backed zero-shot labeller: scores against a numpy log-softmax of model.forward's logits."""
+"""Model-backed zero-shot labeller: scores against a numpy log-softmax of decoder.forward's logits."""
 
 import numpy as np
 import pytest
 
-from socialalign_jax import model
 from socialalign_jax.evaluation.labellers import ZERO_SHOT_PROMPT, ZERO_SHOT_WORDS
 from socialalign_jax.evaluation.model_labeller import model_score_fn, zero_shot_labeller
-from socialalign_jax.tokenizer import chat_template
-from socialalign_jax.weights import WeightsError, resolve_weights
+from socialalign_jax.model import decoder
+from socialalign_jax.weights.resolve import WeightsError, resolve_weights
+from socialalign_jax.weights.tokenizer import chat_template
 
 SPEC = "random:tiny-qwen2"
 
@@ -24,7 +24,7 @@ def reference_score(w, prompt: str, continuation: str, chat: bool) -> float:
     p = w.tokenizer.encode(prompt, add_special_tokens=False)
     c = w.tokenizer.encode(continuation, add_special_tokens=False)
     ids = np.asarray(p + c, np.int32)
-    logits = np.asarray(model.forward(w.params, ids[None], w.cfg).logits[0], np.float64)  # [n, V]
+    logits = np.asarray(decoder.forward(w.params, ids[None], w.cfg).logits[0], np.float64)  # [n, V]
     logp = logits - logits.max(-1, keepdims=True)
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
     return float(sum(logp[t - 1, ids[t]] for t in range(len(p), len(ids))))
@@ -45,10 +45,10 @@ def test_score_fn_matches_forward_logits(weights):
 
 
 def test_labeller_probs_are_softmax_of_label_word_scores(weights, monkeypatch):
-    from socialalign_jax import weights as weights_mod
+    from socialalign_jax.weights import resolve
 
     seen = []
-    monkeypatch.setattr(weights_mod, "resolve_weights", lambda spec, dtype=None: seen.append(spec) or weights)
+    monkeypatch.setattr(resolve, "resolve_weights", lambda spec, dtype=None: seen.append(spec) or weights)
     zs = zero_shot_labeller(SPEC, batch_size=2)  # 3 label words -> 2 batches, one with a filler row
     texts = ["这部电影太好看了"]
     probs = zs.probs(texts)
@@ -83,7 +83,7 @@ def _evaluate_cli():
 def test_evaluate_cli_zeroshot(tmp_path, capsys, weights, monkeypatch):
     import json
 
-    from socialalign_jax import weights as weights_mod
+    from socialalign_jax.weights import resolve
 
     cli = _evaluate_cli()
     labels = ["negative", "neutral", "positive"]
@@ -101,7 +101,7 @@ def test_evaluate_cli_zeroshot(tmp_path, capsys, weights, monkeypatch):
                    "--weights", "random:no-such-preset"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "no-such-preset" in err
-    monkeypatch.setattr(weights_mod, "resolve_weights", lambda spec, dtype=None: weights)
+    monkeypatch.setattr(resolve, "resolve_weights", lambda spec, dtype=None: weights)
     rc = cli.main(["--predictions", str(preds), "--out", str(tmp_path / "o"), "--labeller", "zeroshot",
                    "--weights", SPEC])
     assert rc == 0, capsys.readouterr().err

@@ -9,8 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from socialalign_jax import optim
 from socialalign_jax.runs import restore
+from socialalign_jax.train import optim
 
 
 @dataclasses.dataclass
@@ -138,7 +138,7 @@ def test_bad_lora_config_value_is_one_user_error():
     import pytest
 
     from configs import weibo
-    from socialalign_jax.errors import UserError
+    from socialalign_jax.core.errors import UserError
 
     for field, value, word in (("fuse_base", "sometimes", "fuse_base"), ("routing", "bogus", "routing")):
         cfg = weibo.get_config()

@@ -1,6 +1,6 @@
 """PAC-LoRA layer vs an independent float64 numpy re-derivation of SPEC section 2.
 
-The reference is written from the SPEC formula, not from pac_lora.py: per-expert loops,
+The reference is written from the SPEC formula, not from model/pac_lora.py: per-expert loops,
 y = x W0 + b + s * sum_j gB_j ((sum_i gA_i (x A_i)) B_j), gates Dense -> exact GELU (erf) ->
 Dense -> softmax, token-mode masking and pooled-mode span means. Gradients are checked
 against central finite differences of that reference in float64.
@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
-from socialalign_jax import model as model_lib
-from socialalign_jax import pac_lora
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.pac_lora import LoraConfig
 
 USER, NEWS, OTHER = 0, 1, 2
 # Dimensions chosen so that B*S*E*d_out collides with no legitimate intermediate size.
@@ -267,13 +266,13 @@ def test_no_per_expert_output_tensor_in_forward_or_backward(mode):
 
 def test_model_at_init_equals_base_exactly():
     cfg = ModelConfig("qwen2", 97, 32, 48, 2, 4, 2, 8, qkv_bias=True, tie_embeddings=True)
-    params = model_lib.init_params(cfg, jax.random.PRNGKey(0))
+    params = decoder.init_params(cfg, jax.random.PRNGKey(0))
     lc = LoraConfig(routing="token", dropout=0.1)
     adapters = jax.jit(pac_lora.init_adapters, static_argnums=(1, 2))(jax.random.PRNGKey(1), cfg, lc)
     ids = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
     spans = (jnp.array([3, 2]), jnp.array([6, 5]))
-    adapted_fwd = jax.jit(lambda p, a: model_lib.forward(p, ids, cfg, adapters=a, lora_cfg=lc, spans=spans).logits)
-    base = jax.jit(lambda p: model_lib.forward(p, ids, cfg).logits)(params)
+    adapted_fwd = jax.jit(lambda p, a: decoder.forward(p, ids, cfg, adapters=a, lora_cfg=lc, spans=spans).logits)
+    base = jax.jit(lambda p: decoder.forward(p, ids, cfg).logits)(params)
     np.testing.assert_array_equal(np.asarray(adapted_fwd(params, adapters)), np.asarray(base))
     # Non-zero B must change the output (the comparison above is not vacuous).
     adapters = jax.tree_util.tree_map_with_path(

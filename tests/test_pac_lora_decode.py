@@ -17,10 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from socialalign_jax import model as model_lib
-from socialalign_jax import pac_lora
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.pac_lora import LoraConfig
 
 CFG = ModelConfig("qwen2", 89, 32, 48, 2, 4, 2, 8, rope_theta=1e4, qkv_bias=True, tie_embeddings=True)
 PROMPT_LENS = np.array([9, 6, 5])
@@ -87,7 +86,7 @@ def _run(mode, chunk_local=False):
     adapters = _adapters(lc)
     p_ids, p_mask, f_ids, gen, real_cols = _inputs()
     spans = (jnp.asarray(USER_END), jnp.asarray(NEWS_END))
-    fwd = jax.jit(functools.partial(model_lib.forward, cfg=CFG, lora_cfg=lc))
+    fwd = jax.jit(functools.partial(decoder.forward, cfg=CFG, lora_cfg=lc))
 
     def full(k_real):
         return fwd(CFG_PARAMS, jnp.asarray(f_ids), attention_mask=jnp.asarray(_mask_upto(real_cols, k_real)),
@@ -104,7 +103,7 @@ def _run(mode, chunk_local=False):
         full_tok_stats.append(jax.tree_util.tree_map(lambda a, b: a - b, cur, prev))
         prev = cur
 
-    cache = model_lib.init_cache(CFG, len(PROMPT_LENS), MAX_PROMPT + N_GEN, lc)
+    cache = decoder.init_cache(CFG, len(PROMPT_LENS), MAX_PROMPT + N_GEN, lc)
     out = fwd(CFG_PARAMS, jnp.asarray(p_ids), attention_mask=jnp.asarray(p_mask), adapters=adapters,
               spans=spans, cache=cache)
     total = _stats_np(out.gate_stats)
@@ -126,7 +125,7 @@ CFG_PARAMS = None
 @pytest.fixture(scope="module", autouse=True)
 def _params():
     global CFG_PARAMS
-    params = model_lib.init_params(CFG, jax.random.PRNGKey(5))
+    params = decoder.init_params(CFG, jax.random.PRNGKey(5))
     CFG_PARAMS = jax.tree_util.tree_map(lambda a: a * 4.0 if a.ndim >= 2 and not bool(jnp.all(a == 1)) else a,
                                         params)
     yield
@@ -180,8 +179,8 @@ def test_chunk_local_segments_break_decode(monkeypatch):
 def test_pooled_decode_without_stored_summaries_is_refused():
     """A cache made without lora_cfg has no pooled slot: decoding would silently use uniform gates."""
     lc = LoraConfig(num_analyze=3, num_compose=2, rank=4, routing="pooled", num_classes=0)
-    cache = model_lib.init_cache(CFG, 1, 8)  # lora_cfg forgotten
+    cache = decoder.init_cache(CFG, 1, 8)  # lora_cfg forgotten
     ids = jnp.ones((1, 4), jnp.int32)
     with pytest.raises(ValueError, match="init_cache"):
-        model_lib.forward(CFG_PARAMS, ids, CFG, adapters=_adapters(lc), lora_cfg=lc, cache=cache,
-                          spans=(jnp.array([1]), jnp.array([3])))
+        decoder.forward(CFG_PARAMS, ids, CFG, adapters=_adapters(lc), lora_cfg=lc, cache=cache,
+                        spans=(jnp.array([1]), jnp.array([3])))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from socialalign_jax.data.personas import (MAX_ITEM_CHARS, PERSONA_ITEMS, UNKNOWN, parse_persona, persona_prompt)
 from socialalign_jax.data.records import read_event_file
-from socialalign_jax.personas import (MAX_ITEM_CHARS, PERSONA_ITEMS, UNKNOWN, parse_persona, persona_prompt)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,7 @@ def _fixture(d: Path):
 
 @pytest.fixture(scope="module")
 def weights():
-    from socialalign_jax.weights import resolve_weights
+    from socialalign_jax.weights.resolve import resolve_weights
 
     return resolve_weights("random:tiny-qwen2")
 
@@ -81,10 +81,10 @@ def test_prompt_lists_history():
 
 
 def test_cli_end_to_end(tmp_path, weights, monkeypatch, capsys):
-    from socialalign_jax import weights as weights_mod
+    from socialalign_jax.weights import resolve
 
     ev0, ev1 = _fixture(tmp_path / "in")
-    monkeypatch.setattr(weights_mod, "resolve_weights", lambda spec, dtype=None: weights)
+    monkeypatch.setattr(resolve, "resolve_weights", lambda spec, dtype=None: weights)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         _cli().main(["--weights", "random:tiny-qwen2", "--input", str(tmp_path / "in"), "--out", str(out),
@@ -105,8 +105,8 @@ def test_cli_end_to_end(tmp_path, weights, monkeypatch, capsys):
     assert raw0["extra_field"] == 1 and raw0["cases"][0]["history"] == ev0["cases"][0]["history"]
     assert [c.weibo for c in cases] == [c["weibo"] for c in ev0["cases"] + ev1["cases"]]
     # --overwrite_existing regenerates the kept one too.
-    from socialalign_jax.personas import build_personas
-    from socialalign_jax.sampling import SamplingConfig
+    from socialalign_jax.data.personas import build_personas
+    from socialalign_jax.inference.sampling import SamplingConfig
 
     scfg = SamplingConfig(max_new_tokens=4, greedy=True, stop_tokens=(151645, 151643), pad_id=151643)
     s = build_personas(weights.params, weights.cfg, weights.tokenizer, tmp_path / "in", tmp_path / "out2",
@@ -116,13 +116,13 @@ def test_cli_end_to_end(tmp_path, weights, monkeypatch, capsys):
 
 
 def test_cli_bad_input_is_one_line(tmp_path, weights, monkeypatch, capsys):
-    from socialalign_jax import weights as weights_mod
+    from socialalign_jax.weights import resolve
 
     _fixture(tmp_path / "in")
     bad = json.loads((tmp_path / "in" / "b.json").read_text(encoding="utf-8"))
     del bad["cases"][1]["user_name"]
     (tmp_path / "in" / "b.json").write_text(json.dumps(bad, ensure_ascii=False), encoding="utf-8")
-    monkeypatch.setattr(weights_mod, "resolve_weights", lambda spec, dtype=None: weights)
+    monkeypatch.setattr(resolve, "resolve_weights", lambda spec, dtype=None: weights)
     with pytest.raises(SystemExit) as e:
         _cli().main(["--weights", "random:tiny-qwen2", "--input", str(tmp_path / "in"), "--out",
                      str(tmp_path / "out"), "--no_progress"])

@@ -1,6 +1,6 @@
 """The memory planner on a tiny config and 8 fake CPU devices.
 
-Reference: per-device bytes computed by hand from DESIGN.md's layout and sharding.py's rules
+Reference: per-device bytes computed by hand from DESIGN.md's layout and parallel/sharding.py's rules
 (embed -> fsdp; heads, kv_heads, mlp, vocab -> tensor; norms replicated), and XLA's own
 argument size of the compiled step (which must equal the sum of everything passed in).
 """
@@ -14,10 +14,10 @@ import jax
 import optax
 import pytest
 
-from socialalign_jax import plan as plan_lib
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.mesh import make_mesh
-from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.parallel import plan as plan_lib
+from socialalign_jax.parallel.mesh import make_mesh
 from socialalign_jax.train.step import LossConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

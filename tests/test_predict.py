@@ -152,9 +152,9 @@ def test_bootstrap_interval_agrees_with_the_normal_approximation():
 
 def _direct_head_probs(predictor, news, topic, users):
     """Head probabilities from one plain forward over the prompts (right padding, no KV cache)."""
-    from socialalign_jax import model
     from socialalign_jax.data.prompt import build_example
     from socialalign_jax.data.records import Case, Event
+    from socialalign_jax.model import decoder
 
     exs = []
     for u in users:
@@ -168,8 +168,8 @@ def _direct_head_probs(predictor, news, topic, users):
         ids[i, :ex["prompt_len"]] = ex["input_ids"][:ex["prompt_len"]]
         mask[i, :ex["prompt_len"]] = 1
     spans = (np.array([ex["user_end"] for ex in exs]), np.array([ex["news_end"] for ex in exs]))
-    res = model.forward(predictor.params, ids, predictor.model_cfg, attention_mask=mask, adapters=predictor.adapters,
-                        lora_cfg=predictor.lora_cfg, spans=spans, compute_logits=False)
+    res = decoder.forward(predictor.params, ids, predictor.model_cfg, attention_mask=mask, adapters=predictor.adapters,
+                          lora_cfg=predictor.lora_cfg, spans=spans, compute_logits=False)
     hidden = np.asarray(res.hidden, np.float64)
     h = np.stack([hidden[i, ex["prompt_len"] - 1] for i, ex in enumerate(exs)])  # the last prompt token
     z = h @ np.asarray(predictor.adapters["head"]["kernel"], np.float64) + np.asarray(
@@ -179,7 +179,7 @@ def _direct_head_probs(predictor, news, topic, users):
 
 
 def test_api_predicts_the_crowd_as_a_direct_forward_and_numpy_do(predictor):
-    from socialalign_jax import generation
+    from socialalign_jax.inference import generation
 
     users = read_users(USERS)
     pred = predictor.predict(NEWS, users, samples=2, seed=3, variants=[NEWS2], labeller="lexicon")
@@ -267,10 +267,10 @@ def test_users_given_as_dicts_or_objects_predict_the_same(predictor):
 
 
 def test_exported_adapters_on_a_weights_spec_predict_as_the_run_does(predictor, tmp_path):
-    from socialalign_jax import adapter_io
+    from socialalign_jax.weights import adapters
 
-    path = adapter_io.save_adapters(jax.device_get(predictor.adapters), predictor.lora_cfg, predictor.model_cfg,
-                                    tmp_path / "export")
+    path = adapters.save_adapters(jax.device_get(predictor.adapters), predictor.lora_cfg, predictor.model_cfg,
+                                  tmp_path / "export")
     exported = Predictor.from_adapters(tmp_path / "export", "random:tiny-qwen2", max_length=224,
                                        sampling=predictor.sampling, batch_size=predictor.batch_size)
     assert exported.run["adapters"] == os.path.abspath(path.parent) and exported.labels == predictor.labels

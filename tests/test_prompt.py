@@ -6,7 +6,7 @@ import pytest
 from socialalign_jax.data.prompt import (MODES, BuildStats, PromptConfig, PromptTooLong, build_example,
                                          marker_offsets, parse_user_prompt, render_user_prompt)
 from socialalign_jax.data.records import Case, DataError, Event, HistoryPost
-from socialalign_jax.tokenizer import load_tokenizer
+from socialalign_jax.weights.tokenizer import load_tokenizer
 
 from authors_prompt import authors_chat, authors_instruction  # the independent reference
 

@@ -160,7 +160,7 @@ def test_alpaca_builds_exactly_as_the_raw_event(tmp_path, mode):
     """The authors' released record (their template, applied by the test's own copy) read with
     --source alpaca gives the same token ids, spans and loss mask as the raw event it came from."""
     from socialalign_jax.data.prompt import PromptConfig, build_example
-    from socialalign_jax.tokenizer import load_tokenizer
+    from socialalign_jax.weights.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     raw_case = dict(ALPACA_CASE, weibo="太感人了！", user_persona="喜欢猫\n\n的大学生",

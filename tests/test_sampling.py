@@ -16,10 +16,11 @@ import torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from socialalign_jax import model, pac_lora, sampling
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.pac_lora import LoraConfig
-from socialalign_jax.sampling import SamplingConfig
+from socialalign_jax.inference import sampling
+from socialalign_jax.inference.sampling import SamplingConfig
+from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.pac_lora import LoraConfig
 
 CFG = ModelConfig("qwen2", vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, rope_theta=10000.0)
@@ -50,8 +51,8 @@ def _prompts():
 
 @functools.partial(jax.jit, static_argnames=("lc",))
 def _full_logits(params, adapters, ids, mask, user_end, news_end, lc):
-    return model.forward(params, ids, CFG, attention_mask=mask, adapters=adapters, lora_cfg=lc,
-                         spans=(user_end, news_end)).logits
+    return decoder.forward(params, ids, CFG, attention_mask=mask, adapters=adapters, lora_cfg=lc,
+                           spans=(user_end, news_end)).logits
 
 
 def _reference_greedy(params, adapters, lc, rows, spans, max_new, penalty=1.0):
@@ -84,7 +85,7 @@ def _left(rows):
     return sampling.left_pad(rows, PAD)
 
 
-PARAMS = model.init_params(CFG, jax.random.PRNGKey(0))
+PARAMS = decoder.init_params(CFG, jax.random.PRNGKey(0))
 
 
 @pytest.mark.parametrize("routing,layer_loop", [(r, "auto") for r in ("token", "pooled", "uniform_a", "uniform_b", "uniform")]
@@ -107,8 +108,8 @@ def test_greedy_matches_full_forward_argmax(routing, layer_loop):
     np.testing.assert_array_equal(np.asarray(out.lengths), [max_new] * 3)
 
     # The prefill hidden state is the full forward's hidden at each row's last prompt token.
-    full = model.forward(PARAMS, jnp.asarray(ids), CFG, attention_mask=jnp.asarray(mask), adapters=ad,
-                         lora_cfg=lc, spans=(ue, ne))
+    full = decoder.forward(PARAMS, jnp.asarray(ids), CFG, attention_mask=jnp.asarray(mask), adapters=ad,
+                           lora_cfg=lc, spans=(ue, ne))
     np.testing.assert_allclose(np.asarray(out.last_hidden), np.asarray(full.hidden[:, -1]), atol=1e-5)
 
 

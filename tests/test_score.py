@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from socialalign_jax.hf_import import load_safetensors, save_safetensors
+from socialalign_jax.weights.hf import load_safetensors, save_safetensors
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is needed for the HF transformers reference")
 pytest.importorskip("transformers")
@@ -33,7 +33,7 @@ RECORDS = [
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from socialalign_jax.tokenizer import load_tokenizer
+    from socialalign_jax.weights.tokenizer import load_tokenizer
     model = make_hf_model("qwen2", seed=11, vocab=QWEN_VOCAB, tied=True, hidden=32, inter=64)
     d = save_hf_model(model, tmp_path_factory.mktemp("ck"))
     load_tokenizer().save_pretrained(str(d))
@@ -42,7 +42,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(checkpoint):
-    from socialalign_jax.tokenizer import load_tokenizer
+    from socialalign_jax.weights.tokenizer import load_tokenizer
     return load_tokenizer(checkpoint[1])
 
 
@@ -150,8 +150,8 @@ BAD_LINES = [
 
 
 def test_input_errors_name_file_and_line(tokenizer, tmp_path):
-    from socialalign_jax.errors import UserError
-    from socialalign_jax.scoring import encode_file
+    from socialalign_jax.core.errors import UserError
+    from socialalign_jax.inference.scoring import encode_file
     inp = tmp_path / "in.jsonl"
     for line, needles in BAD_LINES:
         inp.write_text(json.dumps(RECORDS[0]) + "\n" + line + "\n", encoding="utf-8")
@@ -179,8 +179,8 @@ def test_malformed_input_via_cli(checkpoint, tmp_path):
 
 def test_padded_vocab_is_masked_out_of_the_softmax(checkpoint, tokenizer, tmp_path):
     """V padded 151936 -> 152064 (Qwen2.5-7B's padding): zero rows would otherwise add mass."""
-    from socialalign_jax.hf_import import load_hf_checkpoint
-    from socialalign_jax.scoring import encode_file, score_examples
+    from socialalign_jax.inference.scoring import encode_file, score_examples
+    from socialalign_jax.weights.hf import load_hf_checkpoint
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in RECORDS), encoding="utf-8")
     ex = encode_file(tokenizer, inp, chat=False, vocab_size=QWEN_VOCAB, max_length=None)

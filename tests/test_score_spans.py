@@ -92,7 +92,7 @@ class RefPacLora(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from socialalign_jax.tokenizer import load_tokenizer
+    from socialalign_jax.weights.tokenizer import load_tokenizer
 
     d = tmp_path_factory.mktemp("spans")
     model = make_hf_model("qwen2", seed=4, vocab=QWEN_VOCAB, tied=True, hidden=HIDDEN, inter=INTER)

@@ -9,8 +9,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from socialalign_jax import mesh as mesh_lib
-from socialalign_jax import sharding
+from socialalign_jax.parallel import mesh as mesh_lib, sharding
 
 L, D, F, HQ, HKV, DH, V, E, R, G, K = 2, 16, 32, 4, 2, 4, 64, 3, 2, 4, 3
 DIMS = {"q": (D, HQ * DH), "k": (D, HKV * DH), "v": (D, HKV * DH), "o": (HQ * DH, D),
@@ -97,7 +96,7 @@ def _get(tree, keys):
 def test_divisibility_fallback(caplog):
     mesh = mesh_lib.make_mesh(1, 4, 2)
     tree = base_tree(d=6)  # 6 is not divisible by fsdp = 4
-    with caplog.at_level(logging.DEBUG, logger="socialalign_jax.sharding"):
+    with caplog.at_level(logging.DEBUG, logger="socialalign_jax.parallel.sharding"):
         sh = sharding.shardings_for(tree, mesh)
     _check_valid(tree, sh, mesh)
     assert _get(sh, ("layers", "attn", "q", "kernel")).spec == P(None, None, "tensor")

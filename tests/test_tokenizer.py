@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from socialalign_jax.tokenizer import (
+from socialalign_jax.weights.tokenizer import (
     QWEN2_ADDED_TOKENS,
     TokenizerFileError,
     chat_template,

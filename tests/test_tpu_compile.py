@@ -5,7 +5,7 @@ is compiled for it on a data=1, fsdp=2, tensor=2 mesh by `plan.plan_train_step`,
 `launch/plan.py --topology` does. Checked from the compiled TPU HLO:
 - every entry parameter has the per-device shard shape that sharding.LOGICAL_RULES gives
   (hand-computed for a few: embedding [V/tensor, D/fsdp], q kernel [L, D/fsdp, Q/tensor]);
-- activations are split as model.py's logical constraints say: the residual stream
+- activations are split as model/decoder.py's logical constraints say: the residual stream
   [B/2, S, D], the MLP activations [B/2, S, F/2], q [B/2, S, H/2, Dh], and no full-size
   [B, S, D] or [B, S, F] buffer exists on any chip;
 - a plan for TPU takes the TPU code path (no fused [x|u]@[W0;B] matmul) although this host's
@@ -22,11 +22,11 @@ import numpy as np
 import optax
 import pytest
 
-from socialalign_jax import pac_lora, sharding
-from socialalign_jax import plan as plan_lib
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.mesh import make_mesh
-from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.model import pac_lora
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.parallel import plan as plan_lib, sharding
+from socialalign_jax.parallel.mesh import make_mesh
 from socialalign_jax.train.step import LossConfig
 
 pytestmark = pytest.mark.skipif(not plan_lib.libtpu_available(), reason=plan_lib.LIBTPU_HINT)
@@ -114,7 +114,7 @@ def test_tpu_target_takes_the_tpu_code_path(mesh):
         with sharding.activation_sharding(m):
             return str(jax.make_jaxpr(lambda x: pac_lora.adapted_linear(x, base, adapter, lc, route)[0])(x))
 
-    from socialalign_jax import sampling
+    from socialalign_jax.inference import sampling
     cpu_mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     with sharding.activation_sharding(mesh):
         assert sharding.target_platform() == "tpu" and not pac_lora._fuse_base(lc)

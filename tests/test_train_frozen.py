@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from socialalign_jax import model, optim, pac_lora
-from socialalign_jax.presets import get_preset
-from socialalign_jax.train import step as step_lib
+from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model.presets import get_preset
+from socialalign_jax.train import optim, step as step_lib
 
 
 def _batch(cfg, b=4, s=24, k=3):
@@ -30,7 +30,7 @@ def _nbytes(tree):
 def test_step_leaves_base_bitwise_and_holds_only_adapter_state():
     cfg = get_preset("tiny-llama")
     lc = pac_lora.LoraConfig(targets=("q", "v", "down"), dropout=0.1)
-    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    params = decoder.init_params(cfg, jax.random.PRNGKey(0))
     before = jax.tree.map(np.array, params)
     adapters = pac_lora.init_adapters(jax.random.PRNGKey(1), cfg, lc)
     opt, sched = optim.make_optimizer({"lr": 1e-2, "total_steps": 10})

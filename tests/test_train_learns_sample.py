@@ -9,7 +9,7 @@ import tempfile
 from socialalign_jax.data import tfds_builders as B
 from socialalign_jax.data.sample import load_sample_dir
 from socialalign_jax.train import loop
-from socialalign_jax.weights import resolve_weights
+from socialalign_jax.weights.resolve import resolve_weights
 
 from train_helpers import MAX_LENGTH, tiny_config
 

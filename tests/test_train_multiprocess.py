@@ -102,7 +102,7 @@ def test_auto_initialize_after_jax_started_runs_single_process_and_yes_is_a_one_
     JAX's multi-paragraph RuntimeError. auto warns and goes on; yes is a UserError."""
     import jax
     from ml_collections import config_dict
-    from socialalign_jax.errors import UserError
+    from socialalign_jax.core.errors import UserError
     from socialalign_jax.train import loop
     jax.devices()  # the backend is started
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")

@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from socialalign_jax.errors import UserError
-from socialalign_jax.train import checkpoint, loop
+from socialalign_jax.core.errors import UserError
+from socialalign_jax.runs import checkpoint
+from socialalign_jax.train import loop
 
 from train_helpers import built_sample, read_metrics, reference_run, tiny_config
 
@@ -88,18 +89,18 @@ def test_restore_into_a_different_adapter_shape_names_the_difference(reference, 
 
 
 def test_a_random_weights_run_from_before_the_flax_model_is_refused(reference, tmp_path):
-    """Checkpoints written before model.RANDOM_INIT existed trained on differently drawn random
+    """Checkpoints written before decoder.RANDOM_INIT existed trained on differently drawn random
     weights: restoring them (train, generate, export) is one line, not a silent resume."""
     import json
     import shutil
 
-    from socialalign_jax import model as model_lib
+    from socialalign_jax.model import decoder
 
     ref_wd, _ = reference
     wd = str(tmp_path / "old")
     shutil.copytree(ref_wd, wd)
     saved = json.load(open(os.path.join(wd, "checkpoints", str(N), "config", "metadata")))
-    assert saved["model"]["random_init"] == model_lib.RANDOM_INIT  # what a run records today
+    assert saved["model"]["random_init"] == decoder.RANDOM_INIT  # what a run records today
     for step in os.listdir(os.path.join(wd, "checkpoints")):
         meta = os.path.join(wd, "checkpoints", step, "config", "metadata")
         if os.path.exists(meta):

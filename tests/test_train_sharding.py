@@ -1,7 +1,7 @@
 """The train step does not depend on the mesh: 2x2x2 and 8x1x1 match one device.
 
 The step is traced under `sharding.under_mesh`, so the activation sharding constraints of
-model.py are in the compiled program (test_activation_constraints_in_the_program checks that).
+model/decoder.py are in the compiled program (test_activation_constraints_in_the_program checks that).
 
 Three steps of the real jitted step (dropout on, same rng, event-grouped batches from the
 built sample) on each mesh; the losses and the updated adapters (and Adam moments) must
@@ -13,13 +13,14 @@ import jax
 import numpy as np
 import pytest
 
-from socialalign_jax import model, optim, pac_lora, sharding
-from socialalign_jax.data.pipeline import BatchConfig, TrainIterator
 from socialalign_jax.data import tfds_builders as B
-from socialalign_jax.mesh import make_mesh
-from socialalign_jax.presets import get_preset
+from socialalign_jax.data.pipeline import BatchConfig, TrainIterator
+from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model.presets import get_preset
+from socialalign_jax.parallel import sharding
+from socialalign_jax.parallel.mesh import make_mesh
 from socialalign_jax.runs import restore
-from socialalign_jax.train import loop, step as step_lib
+from socialalign_jax.train import loop, optim, step as step_lib
 
 from train_helpers import MAX_LENGTH, built_sample, tiny_config
 
@@ -38,7 +39,7 @@ def setup():
     # A 512-token vocabulary keeps the step cheap; ids are folded into it (content is irrelevant here).
     mcfg = get_preset("tiny-qwen2").replace(vocab_size=512)
     batches = [dict(b, input_ids=b["input_ids"] % 512) for b in (next(it) for _ in range(N_STEPS))]
-    params = model.init_params(mcfg, jax.random.PRNGKey(0))
+    params = decoder.init_params(mcfg, jax.random.PRNGKey(0))
     lc = restore.lora_config(cfg)
     assert lc.dropout > 0  # dropout on: its random bits must not depend on the sharding
     adapters = pac_lora.init_adapters(jax.random.PRNGKey(1), mcfg, lc)
@@ -58,7 +59,7 @@ def run_on(mesh, s):
     param_sh = sharding.shardings_for(s["params"], mesh)
     batch_sh = sharding.batch_sharding(mesh)
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    # Traced under the mesh as train.loop does: model.py's activation constraints are live here.
+    # Traced under the mesh as train.loop does: model/decoder.py's activation constraints are live here.
     step = jax.jit(sharding.under_mesh(s["fn"], mesh), in_shardings=(param_sh, state_sh, batch_sh, repl),
                    out_shardings=(state_sh, repl))
     params = jax.device_put(s["params"], param_sh)

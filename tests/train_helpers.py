@@ -71,7 +71,7 @@ def built_sample(tmp_root: str | None = None) -> str:
         return _BUILT["sample"]
     from socialalign_jax.data import tfds_builders as B
     from socialalign_jax.data.sample import load_sample_dir
-    from socialalign_jax.weights import resolve_weights
+    from socialalign_jax.weights.resolve import resolve_weights
 
     root = Path(tmp_root or tempfile.mkdtemp(prefix="sa_train_"))
     tok_dir = root / "tokenizer"
@@ -112,7 +112,7 @@ def _main(argv: list[str]) -> int:
 
     jax.config.update("jax_disable_most_optimizations", True)  # as tests/conftest.py
     jax.config.update("jax_default_matmul_precision", "highest")
-    from socialalign_jax.errors import cli_main
+    from socialalign_jax.core.errors import cli_main
     from socialalign_jax.train import loop
 
     workdir, pairs = argv[0], dict(a.split("=", 1) for a in argv[1:])

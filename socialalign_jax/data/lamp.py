@@ -203,7 +203,7 @@ def select_profile(q: LampQuestion, task: str, k: int) -> list[str]:
 
 def prompt_parts(profile: Sequence[str], question_input: str) -> tuple[str, str, str]:
     """(text before the user marker, news span text, the rest) of the rendered prompt."""
-    from socialalign_jax.tokenizer import IM_END, IM_START
+    from socialalign_jax.weights.tokenizer import IM_END, IM_START
 
     lines = "".join(f"{i + 1}. {p}\n" for i, p in enumerate(profile))
     user = f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n{PROFILE_HEADER}{lines}"
@@ -220,7 +220,7 @@ def build_lamp_example(q: LampQuestion, task: str, tokenizer, cfg, stats=None) -
     A question without a gold output gives a prompt-only example (loss_mask all 0).
     """
     from socialalign_jax.data.prompt import PromptTooLong, overflow
-    from socialalign_jax.tokenizer import IM_END
+    from socialalign_jax.weights.tokenizer import IM_END
 
     profile = [] if cfg.mode == "without_history" else select_profile(q, task, cfg.num_history)
     resp = [] if q.output is None else tokenizer(q.output + IM_END, add_special_tokens=False)["input_ids"]

@@ -46,7 +46,7 @@ import numpy as np
 
 from socialalign_jax.data.bm25 import select_history
 from socialalign_jax.data.records import Case, DataError, Event, HistoryPost
-from socialalign_jax.tokenizer import IM_END, chat_template
+from socialalign_jax.weights.tokenizer import IM_END, chat_template
 
 SYSTEM_PROMPT = "你是一个微博用户。"
 USER_MARKER = "现在你看到了一则新闻"

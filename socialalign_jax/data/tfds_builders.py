@@ -15,8 +15,9 @@ data_dir=DATA_DIR)` / `tfds.builder(...)` (config 'default', the one registered 
 empty DATA_DIR it builds the bundled sample), or "socialweibo/<config>" for a dataset built
 under another config name (tfds then reads it from its files).
 
-Sources: SOURCES maps a name to `reader(path) -> list[Event]`; converters for further
-corpora register there (`register_source`, see socialalign_jax/data/converters). A reader
+Sources: SOURCES maps a name to `reader(path) -> list[Event]` (the bundled converters of
+socialalign_jax/data/converters are listed there; further corpora add theirs with
+`register_source`). A reader
 may return a list carrying a `source_info` dict (conversion counts, whether its labels are
 silver); it is stored in the metadata. Class names are configurable (`SocialConfig.labels`,
 metadata 'classes'), so stance corpora (favor/against/neutral) fit the same pipeline. LaMP has its own builder because its unit is
@@ -39,8 +40,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from socialalign_jax.atomic_io import write_json
+from socialalign_jax.core.atomic_io import write_json
 from socialalign_jax.data import targets as T
+from socialalign_jax.data.converters import STANCE_LABELS, read_ced, read_nlpcc2016, read_zs_csd
 from socialalign_jax.data.records import DataError, Event, read_alpaca, read_event_dir
 from socialalign_jax.data.sample import SAMPLE_DIR
 
@@ -71,12 +73,17 @@ def _read_alpaca(path: str) -> list[Event]:
     return read_alpaca(p)
 
 
+# The sources a build can name: our event format, Alpaca records, and the bundled converters of
+# public corpora (listed here, not registered as a side effect of importing them).
 SOURCES: dict[str, Callable[..., list[Event]]] = {
     "socialweibo": _read_socialweibo,
     "alpaca": _read_alpaca,
+    "ced": read_ced,
+    "zs_csd": read_zs_csd,
+    "nlpcc2016": read_nlpcc2016,
 }
 # The label set a source's readers emit, when it is not negative/neutral/positive.
-SOURCE_LABELS: dict[str, tuple[str, ...]] = {}
+SOURCE_LABELS: dict[str, tuple[str, ...]] = {"zs_csd": STANCE_LABELS, "nlpcc2016": STANCE_LABELS}
 
 
 def register_source(name: str, reader: Callable[..., list[Event]], labels: Sequence[str] | None = None) -> None:
@@ -321,7 +328,7 @@ def lamp_files(path: str, outputs: str | None) -> tuple[Path, Path | None]:
 
 
 def _tokenizer(cfg: SocialConfig):
-    from socialalign_jax.tokenizer import TokenizerFileError, load_tokenizer
+    from socialalign_jax.weights.tokenizer import TokenizerFileError, load_tokenizer
 
     try:
         return load_tokenizer(cfg.tokenizer)
@@ -496,6 +503,3 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
     meta = dict(builder.info.metadata or {})
     return Dataset(d, meta, dict(builder.as_data_source()))
 
-
-# Register the bundled converters (ced, zs_csd, nlpcc2016); they import this module's register_source.
-from socialalign_jax.data import converters as _converters  # noqa: E402,F401

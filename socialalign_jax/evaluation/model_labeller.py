@@ -15,11 +15,11 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from socialalign_jax import scoring
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.errors import UserError
+from socialalign_jax.core.errors import UserError
 from socialalign_jax.evaluation.labellers import ZeroShotLabeller
-from socialalign_jax.tokenizer import chat_template
+from socialalign_jax.inference import scoring
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.weights.tokenizer import chat_template
 
 __all__ = ["model_score_fn", "zero_shot_labeller"]
 
@@ -73,11 +73,11 @@ def model_score_fn(params, cfg: ModelConfig, tokenizer, *, batch_size: int = 16,
 
 def zero_shot_labeller(weights_spec: str, *, batch_size: int = 16, chat: bool = True,
                        dtype: str | None = None, **labeller_kw) -> ZeroShotLabeller:
-    """A ZeroShotLabeller scored by the base model `weights_spec` names (weights.resolve_weights).
+    """A ZeroShotLabeller scored by the base model `weights_spec` names (resolve.resolve_weights).
 
     Params are moved to the device once here, not per call.
     """
-    from socialalign_jax.weights import WeightsError, resolve_weights
+    from socialalign_jax.weights.resolve import WeightsError, resolve_weights
 
     w = resolve_weights(weights_spec, dtype=dtype)
     if w.tokenizer is None:

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from socialalign_jax import atomic_io  # noqa: E402
+from socialalign_jax.core import atomic_io  # noqa: E402
 
 __all__ = ["EVENTS_PER_PAGE", "plot_event_distributions", "gate_statistic", "plot_gate_heatmaps"]
 

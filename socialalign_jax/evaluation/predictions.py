@@ -12,8 +12,8 @@ from collections import Counter
 
 import numpy as np
 
-from socialalign_jax.errors import UserError
-from socialalign_jax.jsonl import iter_jsonl, read_jsonl_text
+from socialalign_jax.core.errors import UserError
+from socialalign_jax.core.jsonl import iter_jsonl, read_jsonl_text
 from socialalign_jax.evaluation import distributions, metrics, report
 
 SUM_TOLERANCE = 1e-3  # probability vectors written as float32 text need not sum to exactly 1

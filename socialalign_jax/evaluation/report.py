@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any, Mapping
 
-from socialalign_jax import atomic_io
+from socialalign_jax.core import atomic_io
 
 __all__ = ["SECTIONS", "json_clean", "flatten", "format_table", "format_event_table", "write_report"]
 

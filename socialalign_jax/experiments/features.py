@@ -1,7 +1,7 @@
 """The frozen model's head inputs, computed once per dataset and cached on disk.
 
 The sentiment head reads the final hidden state (after the final norm) at the last prompt
-token (`model.sentiment_logits`). With the base model frozen and no adapter, that vector is
+token (`decoder.sentiment_logits`). With the base model frozen and no adapter, that vector is
 a fixed function of the prompt, so design A (docs/experiments.md) computes it once per
 example and trains every head of every cell on the cache.
 
@@ -30,8 +30,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from socialalign_jax import atomic_io
-from socialalign_jax.errors import UserError
+from socialalign_jax.core import atomic_io
+from socialalign_jax.core.errors import UserError
 
 MANIFEST = "manifest.json"
 EXAMPLES = "examples.npz"
@@ -137,15 +137,15 @@ def make_feature_fn(model_cfg):
     """jit'd f(params, ids [B, S], mask [B, S], prompt_len [B]) -> [B, D] float32: the head's input.
 
     Frozen params are an argument (never closed over). The gather is the one in
-    `model.sentiment_logits`; tests check that head(features) equals sentiment_logits.
+    `decoder.sentiment_logits`; tests check that head(features) equals sentiment_logits.
     """
     import jax
     import jax.numpy as jnp
 
-    from socialalign_jax import model
+    from socialalign_jax.model import decoder
 
     def features(params, ids, mask, prompt_len):
-        out = model.forward(params, ids, model_cfg, attention_mask=mask, compute_logits=False, deterministic=True)
+        out = decoder.forward(params, ids, model_cfg, attention_mask=mask, compute_logits=False, deterministic=True)
         idx = jnp.clip(prompt_len - 1, 0, ids.shape[1] - 1)
         return jnp.take_along_axis(out.hidden, idx[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 

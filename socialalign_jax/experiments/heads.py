@@ -2,7 +2,7 @@
 
 Everything that decides the result is shared with `launch/train.py`: the head's
 initialisation (`pac_lora.init_adapters` with no adapter targets), its forward
-(`model.sentiment_logits`), the loss (`losses.total_loss`: L_sent + lambda_macro L_macro
+(`decoder.sentiment_logits`), the loss (`losses.total_loss`: L_sent + lambda_macro L_macro
 with the mean or Gumbel estimator, L_lm absent because the base model is frozen and the
 features are fixed), the optimizer (`optim.make_optimizer`) and the event-grouped batch
 plan (`pipeline.epoch_plan`: G events x M cases per batch, every example once per epoch).
@@ -68,14 +68,15 @@ def _trainer(cfg: HeadConfig, hidden: int, num_classes: int):
     import jax
     import jax.numpy as jnp
 
-    from socialalign_jax import losses, model, optim
+    from socialalign_jax.model import decoder
+    from socialalign_jax.train import losses, optim
 
     tx, _ = optim.make_optimizer({"lr": cfg.lr, "total_steps": cfg.steps, "warmup_frac": cfg.warmup_frac,
                                   "weight_decay": cfg.weight_decay, "clip_norm": cfg.clip_norm})
 
     def head_logits(head, x):  # x [B, D] -> [B, K], through the model's own head function
         ones = jnp.ones((x.shape[0],), jnp.int32)
-        return model.sentiment_logits(x[:, None, :], ones, head)
+        return decoder.sentiment_logits(x[:, None, :], ones, head)
 
     def loss_fn(head, batch, rng):
         logits = head_logits(head, batch["x"])
@@ -115,8 +116,8 @@ def init_head(hidden: int, num_classes: int, seed: int) -> dict:
     """The training run's head initialisation (pac_lora.init_adapters with no adapter targets)."""
     import jax
 
-    from socialalign_jax.config import ModelConfig
-    from socialalign_jax.pac_lora import LoraConfig, init_adapters
+    from socialalign_jax.model.config import ModelConfig
+    from socialalign_jax.model.pac_lora import LoraConfig, init_adapters
 
     # Only hidden_size matters to the head; the rest is a valid placeholder shape.
     cfg = ModelConfig(family="llama", vocab_size=1, hidden_size=hidden, intermediate_size=1, num_layers=1,

@@ -34,11 +34,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from socialalign_jax import atomic_io
-from socialalign_jax.errors import UserError
-from socialalign_jax.experiments import cells as C
-from socialalign_jax.experiments import folds as FO
-from socialalign_jax.experiments import summary as S
+from socialalign_jax.core import atomic_io
+from socialalign_jax.core.errors import UserError
+from socialalign_jax.experiments import cells as C, folds as FO, summary as S
 
 CELLS = "cells.jsonl"
 KINDS = ("head", "train")

@@ -14,8 +14,8 @@ import os
 import shutil
 from typing import Sequence
 
-from socialalign_jax.atomic_io import write_json, write_jsonl
-from socialalign_jax.errors import UserError
+from socialalign_jax.core.atomic_io import write_json, write_jsonl
+from socialalign_jax.core.errors import UserError
 from socialalign_jax.predict.predictor import Prediction
 
 PREDICTIONS, CROWD, REPORT, CHART = "predictions.jsonl", "crowd.json", "report.md", "crowd.png"

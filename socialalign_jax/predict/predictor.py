@@ -27,13 +27,13 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-from socialalign_jax import generation, sampling as sampling_lib
+from socialalign_jax.core.errors import UserError
 from socialalign_jax.data.prompt import PromptConfig, PromptTooLong, build_example
 from socialalign_jax.data.records import DataError, Event
-from socialalign_jax.errors import UserError
+from socialalign_jax.inference import generation, sampling as sampling_lib
+from socialalign_jax.inference.sampling import SamplingConfig
 from socialalign_jax.predict import crowd as crowd_lib
 from socialalign_jax.predict.users import User, as_users, prompt_case
-from socialalign_jax.sampling import SamplingConfig
 
 DEFAULT_MAX_USERS = 10_000
 DEFAULT_LABELS = ("negative", "neutral", "positive")
@@ -272,15 +272,16 @@ class Predictor:
                       labels: Sequence[str] = DEFAULT_LABELS, mode: str = "full", max_length: int = 1024,
                       num_history: int = 5, sampling: SamplingConfig | None = None, dtype: str | None = None,
                       **kw) -> "Predictor":
-        """Exported adapters on the base model `weights` names (any layout `adapter_io.load_adapters` reads,
+        """Exported adapters on the base model `weights` names (any layout `adapters.load_adapters` reads,
         or an `launch/export.py --format orbax` directory); the prompt settings are the training run's."""
-        from socialalign_jax import adapter_io, export
-        from socialalign_jax.weights import resolve_weights
+        from socialalign_jax.inference import export
+        from socialalign_jax.weights import adapters as adapters_lib
+        from socialalign_jax.weights.resolve import resolve_weights
 
         w = resolve_weights(weights, dtype=dtype)
         tok = w.tokenizer
         if tokenizer:
-            from socialalign_jax.tokenizer import load_tokenizer
+            from socialalign_jax.weights.tokenizer import load_tokenizer
             tok = load_tokenizer(tokenizer)
         if tok is None:
             raise PredictError(f"weights {weights!r} come without a tokenizer: pass tokenizer=DIR")
@@ -288,7 +289,7 @@ class Predictor:
         if os.path.isfile(os.path.join(path, export.ORBAX_META)):
             tree, lc = export.load_orbax_adapters(path)
         else:
-            tree, lc = adapter_io.load_adapters(path, w.cfg)
+            tree, lc = adapters_lib.load_adapters(path, w.cfg)
         if sampling is None:
             pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             sampling = SamplingConfig(stop_tokens=generation.stop_tokens_for(tok), pad_id=int(pad))

@@ -21,7 +21,7 @@ import threading
 import traceback
 from typing import Any, Sequence
 
-from socialalign_jax.errors import UserError, is_user_error, one_line
+from socialalign_jax.core.errors import UserError, is_user_error, one_line
 from socialalign_jax.predict.predictor import PredictError, Predictor
 from socialalign_jax.predict.users import User, parse_users_jsonl, parse_users_list, sample_users
 

@@ -17,9 +17,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from socialalign_jax.core.errors import UserError
+from socialalign_jax.core.jsonl import iter_jsonl, read_jsonl_text
 from socialalign_jax.data.records import Case, DataError, Event, HistoryPost, _read_history
-from socialalign_jax.errors import UserError
-from socialalign_jax.jsonl import iter_jsonl, read_jsonl_text
 
 # Keys of a case in the event format that a users line may carry and that prediction ignores
 # (so a case copied out of an event file is a valid user line).

@@ -17,12 +17,13 @@ from typing import Any
 
 import jax
 
-from socialalign_jax import pac_lora, sharding
-from socialalign_jax.config import ModelConfig, validate_run_config
-from socialalign_jax.errors import UserError
-from socialalign_jax.mesh import make_mesh
-from socialalign_jax.pac_lora import LoraConfig
-from socialalign_jax.train import checkpoint
+from socialalign_jax.core.errors import UserError
+from socialalign_jax.model import pac_lora
+from socialalign_jax.model.config import ModelConfig, validate_run_config
+from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.parallel import sharding
+from socialalign_jax.parallel.mesh import make_mesh
+from socialalign_jax.runs import checkpoint
 
 
 class RunError(UserError):
@@ -46,13 +47,13 @@ def lora_config(cfg) -> LoraConfig:
 
 def config_to_dict(cfg) -> dict:
     """The run config as saved in config.json and the checkpoints; a run on random base weights
-    also records how they were drawn (model.RANDOM_INIT), which restore checks."""
-    from socialalign_jax import model as model_lib
+    also records how they were drawn (decoder.RANDOM_INIT), which restore checks."""
+    from socialalign_jax.model import decoder
 
     d = cfg.to_dict()
     d["lora"]["targets"] = ",".join(lora_config(cfg).targets)
     if str(d.get("model", {}).get("weights", "")).startswith("random:"):
-        d["model"]["random_init"] = model_lib.RANDOM_INIT
+        d["model"]["random_init"] = decoder.RANDOM_INIT
     return d
 
 
@@ -84,7 +85,7 @@ class Base:
 
 def load_base(cfg) -> Base:
     """Weights, mesh and tokenizer for `cfg`, validated once before anything is loaded."""
-    from socialalign_jax.weights import resolve_weights
+    from socialalign_jax.weights.resolve import resolve_weights
 
     if not str(cfg.model.weights) or str(cfg.model.weights) in ("hf:", "gguf:"):
         raise UserError(f"config preset {cfg.preset!r} needs the base weights: pass "
@@ -99,7 +100,7 @@ def load_base(cfg) -> Base:
     params = jax.device_put(weights.params, sharding.shardings_for(weights.params, mesh))
     tokenizer = weights.tokenizer
     if cfg.data.tokenizer:
-        from socialalign_jax.tokenizer import load_tokenizer
+        from socialalign_jax.weights.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer is None:
         raise UserError(f"weights {cfg.model.weights!r} come without a tokenizer: pass --config.data.tokenizer=DIR")
@@ -118,7 +119,7 @@ def abstract_adapters(model_cfg: ModelConfig, lora_cfg: LoraConfig, mesh):
 def restore_adapters(base: Base, workdir: str, step: int | None = None):
     """The adapter tree of `workdir`'s latest (or given) checkpoint, and that checkpoint's step.
 
-    Reads the checkpoint's `adapters` item alone (checkpoint.py); without `step`, the newest
+    Reads the checkpoint's `adapters` item alone (runs/checkpoint.py); without `step`, the newest
     checkpoint that restores (a damaged newer one is named in one line and left in place).
     """
     manager = checkpoint.make_manager(workdir, save_every=1, keep=1, async_save=False)

@@ -7,8 +7,8 @@ Attention scores and values are counted like the base (forward + input gradients
 
 from __future__ import annotations
 
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.pac_lora import LoraConfig, MODULE_BLOCK
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.pac_lora import LoraConfig, MODULE_BLOCK
 
 
 def base_matmul_params(cfg: ModelConfig) -> int:

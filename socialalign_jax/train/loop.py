@@ -21,14 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from socialalign_jax import optim, pac_lora, sharding
-from socialalign_jax.atomic_io import write_json
-from socialalign_jax.config import ModelConfig, validate_run_config
-from socialalign_jax.errors import UserError
-from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.core.atomic_io import write_json
+from socialalign_jax.core.errors import UserError
 from socialalign_jax.data.pipeline import Subset
+from socialalign_jax.model import pac_lora
+from socialalign_jax.model.config import ModelConfig, validate_run_config
+from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.parallel import sharding
+from socialalign_jax.runs import checkpoint
 from socialalign_jax.runs.restore import config_to_dict, load_base
-from socialalign_jax.train import checkpoint, flops, step as step_lib
+from socialalign_jax.train import flops, optim, step as step_lib
 from socialalign_jax.train.metrics_log import MetricLogger
 
 log = logging.getLogger("socialalign_jax.train")
@@ -108,11 +110,11 @@ class Job:
 
 def build_job(cfg, workdir: str) -> Job:
     """The base model (runs.restore.load_base, as inference reads it back) plus the data."""
-    from socialalign_jax.train import data_setup
+    from socialalign_jax.data import setup
 
     base = load_base(cfg)
-    data = data_setup.prepare(cfg, base.tokenizer, workdir)
-    data_setup.check_against_model(data, cfg, base.model_cfg, base.tokenizer)  # before anything compiles
+    data = setup.prepare(cfg, base.tokenizer, workdir)
+    setup.check_against_model(data, cfg, base.model_cfg, base.tokenizer)  # before anything compiles
     return Job(cfg, base.model_cfg, base.lora_cfg, loss_config(cfg), base.params, base.tokenizer, base.mesh,
                data, workdir)
 
@@ -160,7 +162,7 @@ def _jitted_eval_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg, me
 def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[str, Any]:
     """Held-out response CE, sentiment accuracy and cross-entropy / majority baseline, and mean event JSD."""
     from socialalign_jax.data.pipeline import eval_batches
-    from socialalign_jax.losses import jsd
+    from socialalign_jax.train.losses import jsd
 
     eval_step = _jitted_eval_step(job.model_cfg, job.lora_cfg, job.loss_cfg, job.mesh)
     bs = int(job.cfg.data.eval_batch_size)
@@ -225,7 +227,7 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
     """'key: checkpoint X vs config Y' for every key that differs and may not change on resume."""
     import json
 
-    from socialalign_jax.train.data_setup import BUILD_KEYS
+    from socialalign_jax.data.setup import BUILD_KEYS
 
     saved_f, cur_f = _flat(saved), _flat(json.loads(json.dumps(current, default=str)))
     # data.* build settings are checked against the built dataset itself (data_setup.check_build_settings)
@@ -331,7 +333,7 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
         logger = MetricLogger(workdir, enabled=is_main, tensorboard=bool(cfg.train.tensorboard),
                               resume_step=int(state["step"]))
 
-        # Traced under the mesh: model.py's activation sharding constraints apply (sharding.under_mesh).
+        # Traced under the mesh: model/decoder.py's activation sharding constraints apply (sharding.under_mesh).
         train_step = jax.jit(
             sharding.under_mesh(step_lib.make_train_step(job.model_cfg, job.lora_cfg, job.loss_cfg, optimizer,
                                                          schedule), job.mesh),

@@ -8,9 +8,9 @@ import jax
 
 
 def generate_and_evaluate(cfg, workdir: str, *, progress: bool = True, split: str = "test") -> dict | None:
-    from socialalign_jax import generation
     from socialalign_jax.evaluation import plots, report
     from socialalign_jax.evaluation.predictions import evaluate, load_predictions
+    from socialalign_jax.inference import generation
 
     preds = os.path.join(workdir, f"predictions_{split}.jsonl")
     gates = os.path.join(workdir, f"gates_{split}.json")

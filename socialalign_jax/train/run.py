@@ -6,7 +6,7 @@ import os
 
 import jax
 
-from socialalign_jax.atomic_io import write_json
+from socialalign_jax.core.atomic_io import write_json
 
 from socialalign_jax.train import loop
 

@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from socialalign_jax import losses, model
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.errors import UserError
-from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.core.errors import UserError
+from socialalign_jax.model import decoder
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.train import losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +52,13 @@ def response_positions(loss_mask, max_tokens: int):
 def response_nll(params, hidden, input_ids, loss_mask, cfg: ModelConfig, max_tokens: int):
     """Summed next-token NLL over response tokens and their count, from final hidden states."""
     if max_tokens <= 0:
-        logits = model.lm_logits(params, hidden, cfg)
+        logits = decoder.lm_logits(params, hidden, cfg)
         return losses.response_ce(logits, input_ids, loss_mask)
     idx, valid = response_positions(loss_mask, max_tokens)  # label positions t
     src = jnp.maximum(idx - 1, 0)  # predicted from t - 1
     h = jnp.take_along_axis(hidden, src[..., None], axis=1)  # [B, R, D]
     labels = jnp.take_along_axis(input_ids, idx, axis=1)  # [B, R]
-    logits = model.lm_logits(params, h, cfg)  # [B, R, V] float32
+    logits = decoder.lm_logits(params, h, cfg)  # [B, R, V] float32
     nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     w = valid.astype(jnp.float32)
     return jnp.sum(nll * w), jnp.sum(w)
@@ -67,14 +68,14 @@ def compute_loss(adapters, params, batch, rng, *, model_cfg: ModelConfig, lora_c
                  loss_cfg: LossConfig, deterministic: bool):
     """The dual-level objective for one global batch. Returns (loss, (terms, gate_stats))."""
     drop_rng, gumbel_rng = jax.random.split(rng)
-    out = model.forward(
+    out = decoder.forward(
         params, batch["input_ids"], model_cfg, attention_mask=batch["attention_mask"],
         adapters=adapters, lora_cfg=lora_cfg, spans=(batch["user_end"], batch["news_end"]),
         rng=drop_rng, deterministic=deterministic, compute_logits=False)
     lm = response_nll(params, out.hidden, batch["input_ids"], batch["loss_mask"], model_cfg,
                       loss_cfg.max_response_tokens)
     if "head" in adapters:
-        sent_logits = model.sentiment_logits(out.hidden, batch["prompt_len"], adapters["head"])
+        sent_logits = decoder.sentiment_logits(out.hidden, batch["prompt_len"], adapters["head"])
     else:  # no head: the sentiment and macro terms vanish
         sent_logits = jnp.zeros((batch["input_ids"].shape[0], batch["target_dist"].shape[-1]), jnp.float32)
     loss, terms = losses.total_loss(
@@ -132,7 +133,7 @@ def make_eval_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg: LossC
     """eval_step(params, adapters, batch) -> sums for held-out metrics (deterministic, no dropout)."""
 
     def eval_step(params, adapters, batch):
-        out = model.forward(
+        out = decoder.forward(
             params, batch["input_ids"], model_cfg, attention_mask=batch["attention_mask"],
             adapters=adapters, lora_cfg=lora_cfg, spans=(batch["user_end"], batch["news_end"]),
             deterministic=True, compute_logits=False)
@@ -140,7 +141,7 @@ def make_eval_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg: LossC
                                       loss_cfg.max_response_tokens)
         res = {"lm_sum": lm_sum, "lm_count": lm_cnt}
         if "head" in adapters:
-            logits = model.sentiment_logits(out.hidden, batch["prompt_len"], adapters["head"])
+            logits = decoder.sentiment_logits(out.hidden, batch["prompt_len"], adapters["head"])
             res["probs"] = jax.nn.softmax(logits, axis=-1)
         if out.gate_stats:
             res["gate_stats"] = out.gate_stats

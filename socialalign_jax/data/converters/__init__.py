@@ -1,4 +1,4 @@
-"""Converters from public Weibo corpora to events, registered as dataset sources.
+"""Converters from public Weibo corpora to events; data/tfds_builders.py lists them as dataset sources.
 
     python launch/build_dataset.py --source ced|zs_csd|nlpcc2016 --input PATH --out DATA_DIR
 
@@ -10,11 +10,5 @@ from socialalign_jax.data.converters.ced import read_ced
 from socialalign_jax.data.converters.nlpcc2016 import LABELS as STANCE_LABELS
 from socialalign_jax.data.converters.nlpcc2016 import read_nlpcc2016
 from socialalign_jax.data.converters.zs_csd import read_zs_csd
-from socialalign_jax.data.tfds_builders import SOURCES, register_source
 
 __all__ = ["read_ced", "read_zs_csd", "read_nlpcc2016", "STANCE_LABELS"]
-
-for _name, _reader, _labels in (("ced", read_ced, None), ("zs_csd", read_zs_csd, STANCE_LABELS),
-                                ("nlpcc2016", read_nlpcc2016, STANCE_LABELS)):
-    if _name not in SOURCES:
-        register_source(_name, _reader, _labels)

@@ -55,7 +55,7 @@ EXIT_USAGE = 2  # usage errors: argparse's convention, shared by the absl launch
 def usage_error(message: str, argv) -> None:
     import sys
 
-    from socialalign_jax.errors import one_line
+    from socialalign_jax.core.errors import one_line
 
     prog = os.path.basename(argv[0]) if argv else "launcher"
     print(f"error: {one_line(message)} (python {prog} --help)", file=sys.stderr)
@@ -82,7 +82,7 @@ def _config_problem(e: BaseException, argv) -> str:
     return f"--config: {text}"
 
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def resolve_config_path(spec: str) -> str:
@@ -94,6 +94,26 @@ def resolve_config_path(spec: str) -> str:
         if os.path.exists(candidate):
             return candidate + sep + preset
     return spec
+
+
+def load_config_file(spec: str, flag: str = "--config"):
+    """The ConfigDict of `FILE[:preset]` (resolved as `resolve_config_path` does), for the argparse
+    launchers; absl launchers use `define_config_flag`. A missing file or an unknown preset is one
+    UserError line naming `flag`."""
+    import importlib.util
+
+    from socialalign_jax.core.errors import UserError
+
+    path, _, preset = resolve_config_path(spec).partition(":")
+    if not os.path.isfile(path):
+        raise UserError(f"{flag}: file {path} does not exist")
+    mod_spec = importlib.util.spec_from_file_location("socialalign_config", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    try:
+        return mod.get_config(preset) if preset else mod.get_config()
+    except ValueError as exc:
+        raise UserError(f"{flag} {spec}: {exc}") from None
 
 
 def define_config_flag(name: str = "config", default: str = "configs/weibo.py", help_text: str = "Config file[:preset]."):

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from typing import Any, Callable, Iterable, Iterator
 
-from socialalign_jax.errors import UserError
+from socialalign_jax.core.errors import UserError
 
 
 def _umask() -> int:

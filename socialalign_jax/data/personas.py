@@ -21,13 +21,13 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from socialalign_jax.atomic_io import write_json
-from socialalign_jax import sampling
+from socialalign_jax.core.atomic_io import write_json
+from socialalign_jax.core.errors import UserError
 from socialalign_jax.data.prompt import format_post
 from socialalign_jax.data.records import Case, DataError, load_json, read_event_file
-from socialalign_jax.errors import UserError
-from socialalign_jax.sampling import SamplingConfig
-from socialalign_jax.tokenizer import chat_template
+from socialalign_jax.inference import sampling
+from socialalign_jax.inference.sampling import SamplingConfig
+from socialalign_jax.weights.tokenizer import chat_template
 
 PERSONA_ITEMS = ("兴趣话题", "语言风格", "情感基调", "性格特点", "价值观")
 MAX_ITEM_CHARS = 20

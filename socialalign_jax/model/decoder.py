@@ -1,6 +1,6 @@
 """The Qwen2/Llama decoder's functional entry points: (params, batch) in, logits and cache out.
 
-The model itself is the Flax module tree in `model_flax` (where every parameter is declared,
+The model itself is the Flax module tree in `model.modules` (where every parameter is declared,
 with its initializer and logical axes). These wrappers keep the nested-dict interface the
 trainer, generation, scoring, export and planning use: `init_params` / `pac_lora.init_adapters`
 return the `params` / `lora` collections of `Decoder.init`, and `forward` is `Decoder.apply`.
@@ -19,16 +19,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from socialalign_jax import model_flax, sharding
-from socialalign_jax.config import ModelConfig, as_dtype
-from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.model import modules
+from socialalign_jax.model.config import ModelConfig, as_dtype
+from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.parallel import sharding
 
 
-_ACT_KV = model_flax.ACT_KV
+_ACT_KV = modules.ACT_KV
 _constrain = sharding.logical_constraint
 
 
-ModelOutput = model_flax.ModelOutput
+ModelOutput = modules.ModelOutput
 
 
 # How `init_params` draws random weights. The Flax decoder draws each layer from its own key
@@ -41,7 +42,7 @@ RANDOM_INIT = "flax-scan/1"
 def init_params(cfg: ModelConfig, key) -> dict:
     """Random base parameters (normal std 0.02, norms at 1) in cfg.param_dtype; for tests and demos.
 
-    The `params` collection of `model_flax.Decoder` (jitted so that nothing but the params is computed).
+    The `params` collection of `modules.Decoder` (jitted so that nothing but the params is computed).
     """
     return _init_collection(cfg, None, "params", key)
 
@@ -49,14 +50,14 @@ def init_params(cfg: ModelConfig, key) -> dict:
 def init_boxed(cfg: ModelConfig, lora_cfg: LoraConfig | None = None):
     """Abstract (`jax.eval_shape`) variables with their `nn.Partitioned` boxes: the logical axes
     of every declared parameter, {'params': ..., 'lora': ...} (lora only when lora_cfg is given)."""
-    dec = model_flax.Decoder(cfg, lora_cfg)
+    dec = modules.Decoder(cfg, lora_cfg)
     ids = jnp.zeros((1, 1), jnp.int32)
     return jax.eval_shape(lambda: dec.init({"params": jax.random.PRNGKey(0)}, ids, method=dec.init_all))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _init_collection_jit(cfg, lora_cfg, collection, key):
-    dec = model_flax.Decoder(cfg, lora_cfg)
+    dec = modules.Decoder(cfg, lora_cfg)
     ids = jnp.zeros((1, 1), jnp.int32)
     variables = dec.init({"params": key}, ids, method=dec.init_all)
     return nn.unbox(variables.get(collection, {}))
@@ -99,7 +100,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig 
     return cache
 
 
-_positions = model_flax._positions
+_positions = modules._positions
 
 
 def forward(params, input_ids, cfg: ModelConfig, *, attention_mask=None, positions=None, adapters=None,
@@ -123,14 +124,14 @@ def forward(params, input_ids, cfg: ModelConfig, *, attention_mask=None, positio
     if use_adapters:
         variables["lora"] = {"layers": adapters["layers"]}
     if unrolled:
-        # Per-layer variables {'0': ..., '1': ...} of model_flax.UnrolledLayers; the adapters
+        # Per-layer variables {'0': ..., '1': ...} of modules.UnrolledLayers; the adapters
         # are sliced here (inside the trace), as the base layers were by `unstack_layers`.
         variables["params"]["layers"] = {str(i): lp for i, lp in enumerate(layer_params)}
         if use_adapters:
             variables["lora"]["layers"] = {str(i): jax.tree.map(lambda a, i=i: a[i], adapters["layers"])
                                            for i in range(len(layer_params))}
-    dec = model_flax.Decoder(cfg, lc, deterministic=deterministic, unrolled=unrolled,
-                             remat_unrolled=cfg.remat and cache is None)
+    dec = modules.Decoder(cfg, lc, deterministic=deterministic, unrolled=unrolled,
+                          remat_unrolled=cfg.remat and cache is None)
     return dec.apply(variables, input_ids, attention_mask, positions, spans, cache, rng, compute_logits)
 
 
@@ -146,7 +147,7 @@ def unstack_layers(params: dict) -> dict:
 
 def lm_logits(params, hidden, cfg: ModelConfig):
     """hidden [B, S, D] -> logits [B, S, V] in float32 (tied: the embedding's transpose)."""
-    dec = model_flax.Decoder(cfg)
+    dec = modules.Decoder(cfg)
     head = {k: v for k, v in params.items() if k != "layers"}
     return dec.apply({"params": head}, hidden, method=dec.logits)
 
@@ -154,4 +155,4 @@ def lm_logits(params, hidden, cfg: ModelConfig):
 def sentiment_logits(hidden, prompt_len, head):
     """The sentiment head at the last prompt token: hidden [B, S, D], prompt_len [B] -> [B, K] float32."""
     d, k = head["kernel"].shape
-    return model_flax.SentimentHead(d, k).apply({"lora": head}, hidden, prompt_len)
+    return modules.SentimentHead(d, k).apply({"lora": head}, hidden, prompt_len)

@@ -63,15 +63,15 @@ def declared_axes() -> dict[tuple[str, ...], tuple]:
     """
     from flax import linen as nn
 
-    from socialalign_jax import model  # model -> model_flax -> sharding: resolved at call time
-    from socialalign_jax.config import ModelConfig
-    from socialalign_jax.pac_lora import LoraConfig
+    from socialalign_jax.model import decoder  # decoder -> modules -> sharding: resolved at call time
+    from socialalign_jax.model.config import ModelConfig
+    from socialalign_jax.model.pac_lora import LoraConfig
 
     cfg = ModelConfig("qwen2", 8, 4, 8, 1, 2, 1, 2, qkv_bias=True, tie_embeddings=False)
     lc = LoraConfig(num_analyze=1, num_compose=1, rank=1, gate_width=1, num_classes=1)
     token = _ACTIVATION_MESH.set(None)  # the abstract init is traced without any step's mesh
     try:
-        specs = nn.get_partition_spec(model.init_boxed(cfg, lc))
+        specs = nn.get_partition_spec(decoder.init_boxed(cfg, lc))
     finally:
         _ACTIVATION_MESH.reset(token)
     table = {}
@@ -113,8 +113,8 @@ def logical_axes_for_params(tree, *, strict: bool = True):
                              f"{axes} has {len(axes)} axes")
         if axes is None:
             if strict:
-                raise ValueError(f"sharding: no logical axes known for leaf {where} "
-                                 f"(shape {tuple(np.shape(leaf))}); the model (model_flax) declares no such variable")
+                raise ValueError(f"sharding: no logical axes known for leaf {where} (shape "
+                                 f"{tuple(np.shape(leaf))}); the model (model.modules) declares no such variable")
             log.debug("sharding: %s (shape %s) is not a known param; replicating", where, np.shape(leaf))
             return (None,) * ndim
         return axes
@@ -188,7 +188,7 @@ def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
 # The mesh (and rules) that activations are constrained to while a step is traced; None
 # outside `activation_sharding`. A context rather than an argument threaded through the model,
 # as Flax's `nn.with_logical_constraint` reads the mesh and `nn.logical_axis_rules` from context:
-# the call sites in model.py name logical axes only, and carry over to Flax unchanged.
+# the call sites in model/decoder.py name logical axes only, and carry over to Flax unchanged.
 _ACTIVATION_MESH: contextvars.ContextVar = contextvars.ContextVar("socialalign_activation_mesh", default=None)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from socialalign_jax.config import ModelConfig
+from socialalign_jax.model.config import ModelConfig
 
 _QWEN_VOCAB = 151936
 

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from socialalign_jax import sharding
+from socialalign_jax.parallel import sharding
 
 USER, NEWS, OTHER = 0, 1, 2
 SEGMENTS = ("user", "news", "other")
@@ -79,11 +79,11 @@ class LoraConfig:
 
 def init_module_adapter(key, num_layers: int, d_in: int, d_out: int, lc: LoraConfig) -> dict:
     """Adapter params of one target for all layers (stacked on L), float32: the `lora` variables
-    that `model_flax.AdaptedLinear` declares (A ~ U(+-1/sqrt(d_in)), B = 0 so the adapted model
+    that `modules.AdaptedLinear` declares (A ~ U(+-1/sqrt(d_in)), B = 0 so the adapted model
     starts equal to the base, gate kernels ~ U(+-1/sqrt(fan_in))), initialised per layer."""
-    from socialalign_jax import model_flax  # model_flax -> pac_lora: resolved at call time
+    from socialalign_jax.model import modules  # modules -> pac_lora: resolved at call time
 
-    return model_flax.init_linear_adapter(key, num_layers, d_in, d_out, lc)
+    return modules.init_linear_adapter(key, num_layers, d_in, d_out, lc)
 
 
 def gate_probs_from_pre(pre, gate) -> jax.Array:
@@ -315,10 +315,10 @@ def adapted_linear(x, base: dict, adapter: dict | None, lc: LoraConfig | None, r
 def init_adapters(key, cfg, lc: LoraConfig) -> dict[str, Any]:
     """The trainable tree: {'layers': {'attn': {...}, 'mlp': {...}}, 'head': {...}} (float32).
 
-    The `lora` collection of `model_flax.Decoder`, where each adapter variable is declared (with
+    The `lora` collection of `modules.Decoder`, where each adapter variable is declared (with
     its initializer: A ~ U(+-1/sqrt(d_in)), B = 0, gate kernels ~ U(+-1/sqrt(fan_in)), head
     kernel ~ U(+-1/sqrt(D)), head bias 0) and its logical axes.
     """
-    from socialalign_jax import model  # model -> model_flax -> pac_lora: resolved at call time
+    from socialalign_jax.model import decoder  # decoder -> modules -> pac_lora: resolved at call time
 
-    return model._init_collection(cfg, lc, "lora", key)
+    return decoder._init_collection(cfg, lc, "lora", key)

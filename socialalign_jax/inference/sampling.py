@@ -23,9 +23,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from socialalign_jax import model, sharding
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.model import decoder
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.parallel import sharding
 
 _NEG_INF = -jnp.inf
 
@@ -192,18 +193,18 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
     b, p = prompt_ids.shape
     max_new = scfg.max_new_tokens
     prompt_mask = prompt_mask.astype(jnp.int32)
-    cache = model.init_cache(cfg, b, p + max_new, lora_cfg if adapters is not None else None)
-    out = model.forward(params, prompt_ids, cfg, attention_mask=prompt_mask, adapters=adapters,
-                        lora_cfg=lora_cfg, spans=spans, cache=cache, compute_logits=False)
+    cache = decoder.init_cache(cfg, b, p + max_new, lora_cfg if adapters is not None else None)
+    out = decoder.forward(params, prompt_ids, cfg, attention_mask=prompt_mask, adapters=adapters,
+                          lora_cfg=lora_cfg, spans=spans, cache=cache, compute_logits=False)
     last_hidden = out.hidden[:, -1]  # [B, D]: column P-1 is every row's last prompt token
-    logits = model.lm_logits(params, out.hidden[:, -1:], cfg)[:, 0]  # [B, V]
+    logits = decoder.lm_logits(params, out.hidden[:, -1:], cfg)[:, 0]  # [B, V]
     seen = seen_from_prompt(prompt_ids, prompt_mask, cfg.vocab_size)
     stops = jnp.asarray(scfg.stop_tokens or (-1,), jnp.int32)
 
     # Decode steps on the CPU run the layers as a Python loop over weights sliced once here:
     # a scan would copy every layer's weights out of the stack for every generated token.
     unrolled = use_layer_loop(scfg)
-    step_params = model.unstack_layers(params) if unrolled else params
+    step_params = decoder.unstack_layers(params) if unrolled else params
     state = dict(step=jnp.zeros((), jnp.int32), cache=out.cache, logits=logits, seen=seen,
                  tokens=jnp.full((b, max_new), scfg.pad_id, jnp.int32),
                  done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32))
@@ -219,8 +220,8 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
         done = s["done"] | jnp.isin(tok, stops)
         seen = s["seen"].at[jnp.arange(b), tok].set(True)
         # Finished rows keep decoding (lockstep) but their output is padding.
-        step_out = model.forward(step_params, tok[:, None], cfg, adapters=adapters, lora_cfg=lora_cfg,
-                                 cache=s["cache"], compute_logits=True)
+        step_out = decoder.forward(step_params, tok[:, None], cfg, adapters=adapters, lora_cfg=lora_cfg,
+                                   cache=s["cache"], compute_logits=True)
         return dict(step=s["step"] + 1, cache=step_out.cache, logits=step_out.logits[:, 0], seen=seen,
                     tokens=tokens, done=done, lengths=s["lengths"] + live.astype(jnp.int32))
 

@@ -35,10 +35,10 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from socialalign_jax.atomic_io import write_json
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.errors import UserError
-from socialalign_jax.pac_lora import ALL_TARGETS, MODULE_BLOCK, LoraConfig, init_adapters
+from socialalign_jax.core.atomic_io import write_json
+from socialalign_jax.core.errors import UserError
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.pac_lora import ALL_TARGETS, MODULE_BLOCK, LoraConfig, init_adapters
 
 FORMAT = "socialalign-adapters/1"
 OUR_FILE = "adapters.safetensors"

@@ -25,8 +25,8 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from socialalign_jax.config import ModelConfig, as_dtype
-from socialalign_jax.errors import UserError
+from socialalign_jax.core.errors import UserError
+from socialalign_jax.model.config import ModelConfig, as_dtype
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"

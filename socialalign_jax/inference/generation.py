@@ -23,12 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from socialalign_jax.atomic_io import write_json, write_jsonl  # noqa: F401 (part of this module's API)
-from socialalign_jax import losses, model, pac_lora, sampling
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.errors import UserError
-from socialalign_jax.pac_lora import LoraConfig
-from socialalign_jax.sampling import SamplingConfig
+from socialalign_jax.core.atomic_io import write_json, write_jsonl  # noqa: F401 (part of this module's API)
+from socialalign_jax.core.errors import UserError
+from socialalign_jax.inference import sampling
+from socialalign_jax.inference.sampling import SamplingConfig
+from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.train import losses
 
 SENTIMENTS = ("negative", "neutral", "positive")
 LENGTH_BUCKET = 32  # prompt and sequence lengths are rounded up to a multiple of this
@@ -91,7 +93,7 @@ def _sample_batch(params, adapters, prompt_ids, prompt_mask, user_end, news_end,
     probs = None
     if adapters is not None and "head" in adapters:
         ones = jnp.ones(prompt_ids.shape[:1], jnp.int32)
-        probs = jax.nn.softmax(model.sentiment_logits(out.last_hidden[:, None], ones, adapters["head"]), axis=-1)
+        probs = jax.nn.softmax(decoder.sentiment_logits(out.last_hidden[:, None], ones, adapters["head"]), axis=-1)
     return out.tokens, out.lengths, probs
 
 
@@ -105,8 +107,8 @@ def _lm_kernel(params, cfg: ModelConfig):
 def _score_batch(params, adapters, input_ids, attention_mask, loss_mask, user_end, news_end, *,
                  cfg: ModelConfig, lora_cfg: LoraConfig | None):
     """Teacher-forced pass: per-row response NLL sum and token count [B], and gate-stat sums."""
-    out = model.forward(params, input_ids, cfg, attention_mask=attention_mask, adapters=adapters,
-                        lora_cfg=lora_cfg, spans=(user_end, news_end), compute_logits=False)
+    out = decoder.forward(params, input_ids, cfg, attention_mask=attention_mask, adapters=adapters,
+                          lora_cfg=lora_cfg, spans=(user_end, news_end), compute_logits=False)
     kernel = _lm_kernel(params, cfg)
 
     def row(h, ids, m):  # one sequence at a time: per-example sums without [B, S, V] logits
@@ -290,12 +292,12 @@ def run_generate(cfg, workdir: str, *, split: str = "test", out: str, max_exampl
                  progress: bool = True) -> int:
     """launch/generate.py: restore a run, generate for one split, write the predictions JSONL."""
 
+    from socialalign_jax.data import setup
     from socialalign_jax.data.pipeline import Subset
     from socialalign_jax.runs.restore import load_base, restore_adapters
-    from socialalign_jax.train import data_setup
 
     base = load_base(cfg)
-    data = data_setup.prepare(cfg, base.tokenizer, workdir, build_if_missing=False)
+    data = setup.prepare(cfg, base.tokenizer, workdir, build_if_missing=False)
     if split not in data.dataset.sources:
         raise GenerationError(f"{data.dataset.path}: no split {split!r} (have {sorted(data.dataset.sources)})")
     source = data.dataset.sources[split]

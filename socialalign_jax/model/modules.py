@@ -1,7 +1,7 @@
 """The Qwen2/Llama decoder and PAC-LoRA as Flax Linen modules, applied functionally.
 
 This is where every parameter is declared, once: its shape, dtype, initializer and logical
-axes (`nn.with_logical_partitioning`). `model.py` keeps the functional entry points
+axes (`nn.with_logical_partitioning`). `model/decoder.py` keeps the functional entry points
 (`init_params`, `forward`, `lm_logits`, ...) as thin wrappers over `init` / `apply`, so the
 trainer, generation, scoring, export and planning see the same nested-dict trees as before.
 
@@ -22,7 +22,7 @@ The maths of each piece is the one implementation in `layers` (norm, RoPE, atten
 `pac_lora` (routing, expert mixing, the fused CPU matmul with its custom VJP); the modules
 only declare parameters and wire them. An adapted linear map is adapted exactly when its
 `lora` variables are present, so one module serves the base model and every target set.
-The KV cache is an argument (a dict from `model.init_cache`), updated in place per layer.
+The KV cache is an argument (a dict from `decoder.init_cache`), updated in place per layer.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from socialalign_jax import layers, pac_lora, sharding
-from socialalign_jax.config import ModelConfig, as_dtype
-from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.model import layers, pac_lora
+from socialalign_jax.model.config import ModelConfig, as_dtype
+from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.parallel import sharding
 
 # Logical axes of the activations at layer boundaries (sharding.LOGICAL_RULES maps them to the
 # mesh). Inside `sharding.activation_sharding(mesh)` each becomes a sharding constraint (with
@@ -64,7 +65,7 @@ LINEARS = {name: (pac_lora.MODULE_BLOCK[name], *_LINEAR_IO[name], i) for i, name
 
 
 class ModelOutput(NamedTuple):
-    """What `Decoder.__call__` (and `model.forward`) returns."""
+    """What `Decoder.__call__` (and `decoder.forward`) returns."""
     logits: Any  # [B, S, V] float32, or None when compute_logits=False
     hidden: Any  # [B, S, D] after the final norm (what the LM head and sentiment head read)
     cache: Any  # updated cache, or None
@@ -316,7 +317,7 @@ class Block(nn.Module):
 
 
 class UnrolledLayers(nn.Module):
-    """The layers as a Python loop over per-layer variables {'0': ..., '1': ...} (`model.unstack_layers`).
+    """The layers as a Python loop over per-layer variables {'0': ..., '1': ...} (`decoder.unstack_layers`).
 
     XLA:CPU copies each layer's weights out of the stacked arrays whenever a scan slices them;
     for a one-token decode step that copy costs more than the matmul it feeds. Same maths as
@@ -418,7 +419,7 @@ class Decoder(nn.Module):
 
     def __call__(self, input_ids, attention_mask=None, positions=None, spans=None, cache=None, rng=None,
                  compute_logits=True):
-        """See `model.forward`. Returns (logits, hidden, new_cache, gate_stats)."""
+        """See `decoder.forward`. Returns (logits, hidden, new_cache, gate_stats)."""
         cfg, lc = self.cfg, self.lc
         dt = as_dtype(cfg.dtype)
         b, s = input_ids.shape

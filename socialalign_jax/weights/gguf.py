@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.errors import UserError
+from socialalign_jax.core.errors import UserError
+from socialalign_jax.model.config import ModelConfig
 
 # Types gguf.quants dequantises in numpy that we accept (block formats of the classic kind
 # plus plain floats). K-quants etc. are refused by name rather than guessed at.

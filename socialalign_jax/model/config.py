@@ -45,7 +45,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False  # rematerialise each layer in the backward pass (saves activation memory)
-    # what a rematerialised layer keeps from its forward (model_flax.REMAT_POLICIES)
+    # what a rematerialised layer keeps from its forward (modules.REMAT_POLICIES)
     remat_policy: str = "nothing_saveable"
     # False: the layers run as a Python loop: compile time grows with depth, but XLA:CPU no
     # longer copies each layer's weights and saved activations in and out of stacks.
@@ -222,7 +222,7 @@ def run_config_problems(cfg, *, device_count: int | None = None, training: bool 
     if weights and not weights.startswith(_WEIGHT_KINDS):
         problems.append(f"model.weights={weights!r} must start with one of {', '.join(_WEIGHT_KINDS)}")
     elif weights.startswith("random:"):
-        from socialalign_jax.presets import PRESETS
+        from socialalign_jax.model.presets import PRESETS
 
         if weights[len("random:"):] not in PRESETS:
             problems.append(f"model.weights={weights!r}: unknown model preset; known: {', '.join(sorted(PRESETS))}")
@@ -233,7 +233,7 @@ def run_config_problems(cfg, *, device_count: int | None = None, training: bool 
         problems.append(f"data.labels has {len(labels)} classes but lora.num_classes={_get(cfg, 'lora.num_classes')}")
     lora = _get(cfg, "lora", None)
     if lora is not None:
-        from socialalign_jax.pac_lora import LoraConfig
+        from socialalign_jax.model.pac_lora import LoraConfig
 
         try:
             LoraConfig(routing=lora.get("routing", "token"), fuse_base=lora.get("fuse_base", "auto"),
@@ -249,7 +249,7 @@ _MISSING = object()
 
 def mesh_problems(cfg, device_count: int | None = None, *, check_batch: bool = True) -> list[str]:
     """Mesh axis sizes (at most one -1), their product vs the devices, and the batch vs data x fsdp."""
-    from socialalign_jax.mesh import mesh_shape
+    from socialalign_jax.parallel.mesh import mesh_shape
 
     sizes = {a: _get(cfg, f"mesh.{a}", 1) for a in ("data", "fsdp", "tensor")}
     free = [a for a, v in sizes.items() if v == -1]

@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from socialalign_jax.atomic_io import atomic_files_into, write_json
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.errors import UserError
-from socialalign_jax.pac_lora import MODULE_BLOCK, LoraConfig
+from socialalign_jax.core.atomic_io import atomic_files_into, write_json
+from socialalign_jax.core.errors import UserError
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.pac_lora import MODULE_BLOCK, LoraConfig
 
 if TYPE_CHECKING:
     from socialalign_jax.runs.restore import Run
@@ -43,7 +43,7 @@ class ExportError(UserError):
 
 def merge_refusal(lc: LoraConfig) -> str | None:
     """Why these adapters cannot be merged into fixed weights, or None if they can."""
-    from socialalign_jax.adapter_io import input_dependent_gates
+    from socialalign_jax.weights.adapters import input_dependent_gates
 
     gated = input_dependent_gates(lc)
     if not gated:
@@ -56,7 +56,7 @@ def merge_refusal(lc: LoraConfig) -> str | None:
 
 def peft_refusal(lc: LoraConfig) -> str | None:
     """Why these adapters cannot be written as stock PEFT LoRA (naming the format that holds them), or None."""
-    from socialalign_jax.adapter_io import input_dependent_gates
+    from socialalign_jax.weights.adapters import input_dependent_gates
 
     gated = input_dependent_gates(lc)
     if not gated:
@@ -70,9 +70,9 @@ def merge_adapters(params, adapters, lc: LoraConfig, model_cfg: ModelConfig):
     """Base params with W' = W0 + s mean_i(A_i) mean_j(B_j) per layer and target (float32 sum, base dtype out).
 
     The mean is the fixed gate weight: 1/E for an ungated side, and 1 (E = 1) for a gated
-    single expert whose softmax is constant (adapter_io.fixed_lora).
+    single expert whose softmax is constant (adapters.fixed_lora).
     """
-    from socialalign_jax.adapter_io import fixed_lora
+    from socialalign_jax.weights.adapters import fixed_lora
 
     why = merge_refusal(lc)
     if why:
@@ -94,7 +94,7 @@ def save_orbax_adapters(adapters, lc: LoraConfig, model_cfg: ModelConfig, out: s
     """Adapter tree only (no optimizer state) as an Orbax checkpoint, plus its LoraConfig as JSON."""
     import orbax.checkpoint as ocp
 
-    from socialalign_jax.adapter_io import _lora_to_json, _model_dims
+    from socialalign_jax.weights.adapters import _lora_to_json, _model_dims
 
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +135,7 @@ def export_run(run: Run, fmt: str, out: str | os.PathLike, *, base_model: str | 
 
     base_model: base_model_name_or_path for the stock PEFT config (default: the run's hf: directory).
     """
-    from socialalign_jax import adapter_io, hf_import
+    from socialalign_jax.weights import adapters, hf
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown --format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -144,28 +144,28 @@ def export_run(run: Run, fmt: str, out: str | os.PathLike, *, base_model: str | 
     if fmt == "orbax":
         return [save_orbax_adapters(run.adapters, lc, mc, out)]
     if fmt == "safetensors":
-        return [adapter_io.save_adapters(run.adapters, lc, mc, out)]
+        return [adapters.save_adapters(run.adapters, lc, mc, out)]
     if fmt == "socialalign":
-        return [adapter_io.export_socialalign(run.adapters, lc, mc, out)]
+        return [adapters.export_socialalign(run.adapters, lc, mc, out)]
     if fmt == "peft":
         why = peft_refusal(lc)
         if why:
             raise ExportError(f"--format peft: {why}")
-        return [adapter_io.export_peft(run.adapters, lc, mc, out,
-                                       base_model_name_or_path=base_model or base_model_path(run.cfg))]
+        return [adapters.export_peft(run.adapters, lc, mc, out,
+                                     base_model_name_or_path=base_model or base_model_path(run.cfg))]
     why = merge_refusal(lc)
     if why:
         raise ExportError(f"--format merged: {why}")
     merged = merge_adapters(run.params, run.adapters, lc, mc)
     tok = run.tokenizer
     token_ids, gen = ({}, None) if tok is None else hf_generation_settings(run.cfg, tok, mc.vocab_size)
-    hf_import.save_hf_checkpoint(merged, mc, out, token_ids=token_ids)
-    written = [out / hf_import.SINGLE_FILE if (out / hf_import.SINGLE_FILE).exists() else out]
+    hf.save_hf_checkpoint(merged, mc, out, token_ids=token_ids)
+    written = [out / hf.SINGLE_FILE if (out / hf.SINGLE_FILE).exists() else out]
     if "head" in run.adapters:  # the sentiment head is not part of an HF causal LM: keep it beside
-        adapter_io.save_adapters_head(run.adapters["head"], out / adapter_io.HEAD_FILE)
-        written.append(out / adapter_io.HEAD_FILE)
+        adapters.save_adapters_head(run.adapters["head"], out / adapters.HEAD_FILE)
+        written.append(out / adapters.HEAD_FILE)
     if tok is not None:
-        from socialalign_jax.tokenizer import CHATML_TEMPLATE
+        from socialalign_jax.weights.tokenizer import CHATML_TEMPLATE
 
         if not getattr(tok, "chat_template", None):  # the ChatML every prompt here was trained with
             tok = copy.copy(tok)
@@ -184,8 +184,8 @@ def hf_generation_settings(cfg, tokenizer, vocab_size: int) -> tuple[dict, dict]
     then the tokenizer's eos and <|endoftext|>); pad is the tokenizer's; the sampling defaults
     are the run's `sample` section, so `model.generate(**inputs)` decodes as launch/generate.py.
     """
-    from socialalign_jax.generation import sampling_config, stop_tokens_for
-    from socialalign_jax.tokenizer import ENDOFTEXT, IM_END
+    from socialalign_jax.inference.generation import sampling_config, stop_tokens_for
+    from socialalign_jax.weights.tokenizer import ENDOFTEXT, IM_END
 
     def known(name):
         t = tokenizer.convert_tokens_to_ids(name)

@@ -28,9 +28,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from socialalign_jax import model, pac_lora, sampling, sharding
-from socialalign_jax.config import ModelConfig
-from socialalign_jax.pac_lora import LoraConfig
+from socialalign_jax.inference import sampling
+from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.parallel import sharding
 from socialalign_jax.train import step as step_lib
 
 # Batch fields of DESIGN.md "Batch": [B] or [B, S] int32 except the float32 ones.
@@ -39,8 +41,8 @@ _BATCH_1D = ("user_end", "news_end", "prompt_len", "label", "event_id")
 
 
 def abstract_params(cfg: ModelConfig) -> dict:
-    """The base tree as ShapeDtypeStructs (no memory): same shapes/dtypes as model.init_params."""
-    return jax.eval_shape(lambda: model.init_params(cfg, jax.random.PRNGKey(0)))
+    """The base tree as ShapeDtypeStructs (no memory): same shapes/dtypes as decoder.init_params."""
+    return jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.PRNGKey(0)))
 
 
 def abstract_state(cfg: ModelConfig, lc: LoraConfig, optimizer) -> dict:
@@ -219,7 +221,7 @@ def _compile_into(plan: MemoryPlan, lowered) -> Any:
 
 
 def cache_axes(cache) -> dict:
-    """Logical axes of the KV cache tree of `model.init_cache` (k, v [L, B, T, Hkv, Dh])."""
+    """Logical axes of the KV cache tree of `decoder.init_cache` (k, v [L, B, T, Hkv, Dh])."""
     def one(path, leaf):
         name = sharding._key_name(path[0])
         if name in ("k", "v"):
@@ -244,7 +246,7 @@ def plan_decode(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, mesh: Mesh,
     if lora_cfg is not None:
         adapters = jax.eval_shape(lambda: pac_lora.init_adapters(jax.random.PRNGKey(0), model_cfg, lora_cfg))
         ad_sh = sharding.shardings_for(adapters, mesh, strict=False)
-    cache = jax.eval_shape(lambda: model.init_cache(model_cfg, batch, prompt_len + max_new_tokens, lora_cfg))
+    cache = jax.eval_shape(lambda: decoder.init_cache(model_cfg, batch, prompt_len + max_new_tokens, lora_cfg))
     cache_sh = sharding.shardings_for(cache, mesh, logical=cache_axes(cache))
     bsh = sharding.batch_sharding(mesh)
     repl = NamedSharding(mesh, P())

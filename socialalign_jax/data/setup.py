@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from socialalign_jax.errors import UserError
+from socialalign_jax.core.errors import UserError
 
 
 @dataclasses.dataclass
@@ -34,7 +34,7 @@ def _tokenizer_dir(tokenizer, workdir: str) -> str | None:
     import json
     import shutil
 
-    from socialalign_jax.atomic_io import atomic_dir
+    from socialalign_jax.core.atomic_io import atomic_dir
 
     path = os.path.join(workdir, "tokenizer")
     tok_json = os.path.join(path, "tokenizer.json")

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from socialalign_jax.errors import UserError, one_line
+from socialalign_jax.core.errors import UserError, one_line
 
 SET_ASIDE_DIR = "checkpoints-set-aside"
 

@@ -209,8 +209,8 @@ def _cached_qwen2_tokenizer_file() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Atomic publish (unique temp file, fsync, rename, umask mode): concurrent first loads each
     # write a temp file, one wins; a full disk leaves no partial cache file behind.
-    from socialalign_jax.atomic_io import write_text
-    from socialalign_jax.errors import UserError
+    from socialalign_jax.core.atomic_io import write_text
+    from socialalign_jax.core.errors import UserError
 
     try:
         write_text(target, text)

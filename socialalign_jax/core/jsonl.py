@@ -12,7 +12,7 @@ import json
 import os
 from typing import Iterable, Iterator
 
-from socialalign_jax.errors import UserError
+from socialalign_jax.core.errors import UserError
 
 
 def iter_jsonl(lines: Iterable[str], source: str, error: type[Exception] = UserError) -> Iterator[tuple[int, dict]]:

@@ -31,12 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from socialalign_jax.config import ModelConfig
+from socialalign_jax.core.errors import UserError
+from socialalign_jax.core.jsonl import read_jsonl
 from socialalign_jax.data.prompt import NEWS_MARKER, USER_MARKER, encode_with_spans, marker_offsets
-from socialalign_jax.errors import UserError
-from socialalign_jax.jsonl import read_jsonl
-from socialalign_jax.pac_lora import LoraConfig
-from socialalign_jax.tokenizer import IM_END, chat_template
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.weights.tokenizer import IM_END, chat_template
 
 BUCKET = 64        # sequence lengths are padded up to a multiple of this (few recompiles)
 LOGIT_CHUNK = 64   # positions per log-softmax chunk (bounds the [B, chunk, V] logits)
@@ -56,7 +56,7 @@ class Example:
 
 def routes_by_spans(lc: LoraConfig | None) -> bool:
     """Whether these adapters' gates read the user/news spans (a single expert's softmax is constant)."""
-    from socialalign_jax.adapter_io import input_dependent_gates
+    from socialalign_jax.weights.adapters import input_dependent_gates
 
     return lc is not None and bool(input_dependent_gates(lc))
 
@@ -145,7 +145,7 @@ def token_logprobs(params, input_ids, attention_mask, adapters=None, spans=None,
     news_end [B]) token indices for PAC-LoRA routing (None: every token is 'other');
     real_vocab masks padded vocabulary rows out of the softmax.
     """
-    from socialalign_jax.model import forward, lm_logits
+    from socialalign_jax.model.decoder import forward, lm_logits
 
     out = forward(params, input_ids, cfg, attention_mask=attention_mask, adapters=adapters,
                   lora_cfg=lora_cfg, spans=spans, compute_logits=False)
@@ -231,8 +231,8 @@ def encode_file(tokenizer, path: str | os.PathLike, *, chat: bool, vocab_size: i
 
 
 def load_adapters_for_scoring(path: str, cfg: ModelConfig, routing: str | None = None) -> tuple[Any, LoraConfig]:
-    """(adapters, lora_cfg) in any layout adapter_io reads; `routing` overrides the file's routing mode."""
-    from socialalign_jax.adapter_io import load_adapters
+    """(adapters, lora_cfg) in any layout weights.adapters reads; `routing` overrides the file's routing mode."""
+    from socialalign_jax.weights.adapters import load_adapters
 
     adapters, lc = load_adapters(path, cfg)
     if routing is not None and routing != lc.routing:

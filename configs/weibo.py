@@ -11,6 +11,8 @@ Presets change only what differs from the default; every field can be overridden
 
 from ml_collections import config_dict
 
+from socialalign_jax.parallel import axis_rules
+
 ALL_TARGETS = "q,k,v,o,gate,up,down"
 
 
@@ -95,6 +97,10 @@ def base_config() -> config_dict.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # Logical axis -> mesh axes ('data,fsdp'; '' = replicated), declared in parallel/axis_rules.py.
+    # Override per run: --config.mesh.rules.embed= (pure data parallelism: replicate the weights)
+    # or --config.mesh.rules.mlp=tensor,fsdp. Activations and weights both follow them.
+    c.mesh.rules = config_dict.ConfigDict(axis_rules.as_config_strings())
 
     c.distributed = config_dict.ConfigDict()
     c.distributed.coordinator_address = ""  # '' = from the environment (TPU pods) or single process

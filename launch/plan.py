@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         import jax
 
         from socialalign_jax.parallel.mesh import make_mesh
-        from socialalign_jax.runs.restore import lora_config
+        from socialalign_jax.runs.restore import lora_config, mesh_rules
         from socialalign_jax.train import optim
         from socialalign_jax.train.loop import loss_config
 
@@ -110,6 +110,7 @@ def main(argv=None) -> int:
         from socialalign_jax.core.cli_setup import load_config_file
 
         cfg = load_config_file(args.config)
+        rules = mesh_rules(cfg)  # the config's mesh.rules, as training applies them
         mc = _model_config(cfg, args.model)
         lc = lora_config(cfg)
         batch = args.batch or int(cfg.data.events_per_batch) * int(cfg.data.cases_per_event)
@@ -129,9 +130,9 @@ def main(argv=None) -> int:
             try:
                 if step == "train":
                     return plan_lib.plan_train_step(mc, lc, loss_config(cfg), optimizer, mesh, b, seq,
-                                                    compile_step=not args.no_compile)
+                                                    compile_step=not args.no_compile, rules=rules)
                 return plan_lib.plan_decode(mc, lc if lc.targets else None, mesh, b, seq, args.max_new_tokens,
-                                            compile_step=not args.no_compile)
+                                            compile_step=not args.no_compile, rules=rules)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
 

@@ -53,14 +53,14 @@ def setup():
     return dict(batches=batches, params=params, adapters=adapters, optimizer=optimizer, fn=fn)
 
 
-def run_on(mesh, s):
+def run_on(mesh, s, rules=None):
     state = step_lib.init_train_state(s["adapters"], s["optimizer"])
-    state_sh = sharding.shardings_for(state, mesh, strict=False)
-    param_sh = sharding.shardings_for(s["params"], mesh)
-    batch_sh = sharding.batch_sharding(mesh)
+    state_sh = sharding.shardings_for(state, mesh, rules, strict=False)
+    param_sh = sharding.shardings_for(s["params"], mesh, rules)
+    batch_sh = sharding.batch_sharding(mesh, rules)
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     # Traced under the mesh as train.loop does: model/decoder.py's activation constraints are live here.
-    step = jax.jit(sharding.under_mesh(s["fn"], mesh), in_shardings=(param_sh, state_sh, batch_sh, repl),
+    step = jax.jit(sharding.under_mesh(s["fn"], mesh, rules), in_shardings=(param_sh, state_sh, batch_sh, repl),
                    out_shardings=(state_sh, repl))
     params = jax.device_put(s["params"], param_sh)
     state = jax.device_put(state, state_sh)
@@ -112,3 +112,46 @@ def test_activation_constraints_in_the_program(setup):
     # outside the mesh context the same function carries none (single-device paths are untouched)
     plain = jax.jit(setup["fn"]).lower(setup["params"], state, b, jax.random.PRNGKey(7)).as_text()
     assert "sharding_constraint" not in plain
+
+
+def test_axis_rules_from_the_config_move_weights_and_activations(setup, single):
+    """config mesh.rules is data: replicate 'embed' (no FSDP), split the MLP width over tensor and
+    fsdp, and the batch over data alone. The parameters, the batch and the activations in the
+    compiled program follow those rules, and the step still equals one device."""
+    cfg = tiny_config()
+    assert restore.mesh_rules(cfg) == sharding.LOGICAL_RULES  # the config's defaults are the declared table
+    cfg.mesh.rules.embed = ""
+    cfg.mesh.rules.mlp = "tensor,fsdp"
+    cfg.mesh.rules.batch = "data"
+    rules = restore.mesh_rules(cfg)
+    mesh = make_mesh(2, 2, 2)
+    params_sh = sharding.shardings_for(setup["params"], mesh, rules)
+    assert tuple(params_sh["embed"]["embedding"].spec) == ("tensor", None)  # [V, D]: vocab over tensor, embed replicated
+    up = params_sh["layers"]["mlp"]["up"]["kernel"].spec  # [L, D, F]
+    assert tuple(up) == (None, None, ("tensor", "fsdp"))
+    assert tuple(sharding.batch_sharding(mesh, rules).spec) == ("data",)
+
+    losses, state, step = run_on(mesh, setup, rules)
+    np.testing.assert_allclose(losses, single[0], rtol=1e-5, atol=1e-5)
+    st = step_lib.init_train_state(setup["adapters"], setup["optimizer"])
+    text = step.lower(setup["params"], st, setup["batches"][0], jax.random.PRNGKey(7)).as_text()
+    joined = "\n".join(ln for ln in text.splitlines() if "sharding_constraint" in ln)
+    assert '[{"data"}, {}, {}]' in joined  # residual stream [B, S, D]: batch over data only
+    assert '[{"data"}, {}, {"tensor", "fsdp"}]' in joined  # mlp activations [B, S, F]
+    assert '[{"data", "fsdp"}' not in joined  # the default batch rule is gone
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"embedding": "fsdp"}, "mesh.rules.embedding: not a logical axis"),
+    ({"mlp": "model"}, "mesh.rules.mlp='model': 'model' is not a mesh axis"),
+    ({"batch": "data,data"}, "a mesh axis appears twice"),
+])
+def test_bad_axis_rules_are_one_line(override, message):
+    from socialalign_jax.core.errors import UserError
+
+    cfg = tiny_config()
+    with cfg.unlocked():
+        for k, v in override.items():
+            cfg.mesh.rules[k] = v
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        restore.mesh_rules(cfg)

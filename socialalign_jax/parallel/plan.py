@@ -155,15 +155,16 @@ class MemoryPlan:
 
 
 def plan_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg: step_lib.LossConfig,
-                    optimizer, mesh: Mesh, batch: int, seq: int, *, compile_step: bool = True) -> MemoryPlan:
+                    optimizer, mesh: Mesh, batch: int, seq: int, *, compile_step: bool = True,
+                    rules=None) -> MemoryPlan:
     """Shard abstract params/state/batch like `train.loop` does and (optionally) compile the step."""
-    sharding.check_batch_divisible(batch, mesh)
+    sharding.check_batch_divisible(batch, mesh, rules)
     params = abstract_params(model_cfg)
     state = abstract_state(model_cfg, lora_cfg, optimizer)
     bt = abstract_batch(batch, seq, max(lora_cfg.num_classes, 1))
-    param_sh = sharding.shardings_for(params, mesh)
-    state_sh = sharding.shardings_for(state, mesh, strict=False)
-    bsh = sharding.batch_sharding(mesh)
+    param_sh = sharding.shardings_for(params, mesh, rules)
+    state_sh = sharding.shardings_for(state, mesh, rules, strict=False)
+    bsh = sharding.batch_sharding(mesh, rules)
     batch_sh = jax.tree.map(lambda _: bsh, bt)
     repl = NamedSharding(mesh, P())
     plan = MemoryPlan(
@@ -178,7 +179,8 @@ def plan_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg: step
         return plan
     # Traced under the mesh: activation constraints and backend choices (fused base matmul)
     # follow the target devices, not this host's backend.
-    fn = jax.jit(sharding.under_mesh(step_lib.make_train_step(model_cfg, lora_cfg, loss_cfg, optimizer), mesh),
+    step = step_lib.make_train_step(model_cfg, lora_cfg, loss_cfg, optimizer)
+    fn = jax.jit(sharding.under_mesh(step, mesh, rules),
                  in_shardings=(param_sh, state_sh, bsh, repl), out_shardings=(state_sh, repl),
                  donate_argnums=(1,))
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
@@ -233,22 +235,22 @@ def cache_axes(cache) -> dict:
 
 
 def plan_decode(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, mesh: Mesh, batch: int, prompt_len: int,
-                max_new_tokens: int, *, compile_step: bool = True) -> MemoryPlan:
+                max_new_tokens: int, *, compile_step: bool = True, rules=None) -> MemoryPlan:
     """Plan of `sampling.generate` (prefill + the whole greedy decode loop, one program) on `mesh`.
 
     lora_cfg None: the base model (no adapters). The KV cache holds prompt_len + max_new_tokens
     slots; its per-device bytes are exact from its sharding.
     """
-    sharding.check_batch_divisible(batch, mesh)
+    sharding.check_batch_divisible(batch, mesh, rules)
     params = abstract_params(model_cfg)
-    param_sh = sharding.shardings_for(params, mesh)
+    param_sh = sharding.shardings_for(params, mesh, rules)
     adapters = ad_sh = None
     if lora_cfg is not None:
         adapters = jax.eval_shape(lambda: pac_lora.init_adapters(jax.random.PRNGKey(0), model_cfg, lora_cfg))
-        ad_sh = sharding.shardings_for(adapters, mesh, strict=False)
+        ad_sh = sharding.shardings_for(adapters, mesh, rules, strict=False)
     cache = jax.eval_shape(lambda: decoder.init_cache(model_cfg, batch, prompt_len + max_new_tokens, lora_cfg))
-    cache_sh = sharding.shardings_for(cache, mesh, logical=cache_axes(cache))
-    bsh = sharding.batch_sharding(mesh)
+    cache_sh = sharding.shardings_for(cache, mesh, rules, logical=cache_axes(cache))
+    bsh = sharding.batch_sharding(mesh, rules)
     repl = NamedSharding(mesh, P())
     prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=bsh)
     spans = (jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=bsh),) * 2
@@ -263,7 +265,7 @@ def plan_decode(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, mesh: Mesh,
     if not compile_step:
         return plan
     scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=max_new_tokens)
-    with sharding.activation_sharding(mesh):
+    with sharding.activation_sharding(mesh, rules):
         lowered = sampling.generate.lower(
             with_shardings(params, param_sh), None if adapters is None else with_shardings(adapters, ad_sh),
             prompt, prompt, model_cfg, lora_cfg, scfg, spans,

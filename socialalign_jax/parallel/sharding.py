@@ -19,26 +19,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from socialalign_jax.parallel.axis_rules import LOGICAL_RULES
+
 log = logging.getLogger(__name__)
 
-# logical name -> mesh axis, tuple of mesh axes, or None (replicated)
-LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("layers", None),
-    ("experts", None),
-    ("rank", None),
-    ("gate", None),
-    ("classes", None),
-    ("norm", None),
-)
-
-BATCH_AXES = ("data", "fsdp")
 
 def _key_name(k) -> str:
     for attr in ("key", "name", "idx"):
@@ -172,17 +156,28 @@ def shardings_for(tree, mesh: Mesh, rules=None, *, logical=None, strict: bool = 
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension over ('data', 'fsdp'), everything else replicated.
-    The global batch size must be divisible by data * fsdp (see `check_batch_divisible`)."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+def batch_axes(rules=None) -> tuple[str, ...]:
+    """The mesh axes the batch dimension is split over (the 'batch' rule; default data, fsdp)."""
+    return _as_tuple(_rules_dict(rules).get("batch"))
 
 
-def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
-    n = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+def batch_shards(mesh: Mesh, rules=None) -> int:
+    """How many ways the global batch is split: the product of the batch axes' sizes."""
+    return int(np.prod([mesh.shape[a] for a in batch_axes(rules)]))
+
+
+def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
+    """Leading (batch) dimension over the 'batch' rule's axes, everything else replicated.
+    The global batch size must be divisible by their product (see `check_batch_divisible`)."""
+    axes = batch_axes(rules)
+    return NamedSharding(mesh, P(axes if axes else None))
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, rules=None) -> None:
+    n = batch_shards(mesh, rules)
     if batch_size % n:
         raise ValueError(f"sharding: global batch size {batch_size} is not divisible by "
-                         f"data x fsdp = {n}; pad the batch with example_mask = 0 rows")
+                         f"{' x '.join(batch_axes(rules))} = {n}; pad the batch with example_mask = 0 rows")
 
 
 # The mesh (and rules) that activations are constrained to while a step is traced; None

@@ -57,6 +57,16 @@ def config_to_dict(cfg) -> dict:
     return d
 
 
+def mesh_rules(cfg) -> tuple:
+    """The logical axis rules of `cfg` (its `mesh.rules` section over the defaults), hashable."""
+    from socialalign_jax.parallel.axis_rules import from_config_strings
+
+    try:
+        return from_config_strings(cfg.mesh.get("rules"))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
 def load_run_config(workdir: str):
     """The config a run was started with (workdir/config.json), as a ConfigDict."""
     from ml_collections import config_dict
@@ -81,6 +91,7 @@ class Base:
     params: Any
     tokenizer: Any
     mesh: Any
+    rules: tuple  # logical axis rules (config mesh.rules; parallel/axis_rules.py)
 
 
 def load_base(cfg) -> Base:
@@ -93,26 +104,27 @@ def load_base(cfg) -> Base:
     # One validation pass before any weights or data are loaded (the trainer also checks the batch).
     validate_run_config(cfg, device_count=jax.device_count(), training=False)
     lora_cfg = lora_config(cfg)
+    rules = mesh_rules(cfg)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     weights = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
     model_cfg = weights.cfg.replace(remat=bool(cfg.model.remat), scan_layers=bool(cfg.model.get("scan_layers", True)),
                                     remat_policy=str(cfg.model.get("remat_policy", "nothing_saveable")))
-    params = jax.device_put(weights.params, sharding.shardings_for(weights.params, mesh))
+    params = jax.device_put(weights.params, sharding.shardings_for(weights.params, mesh, rules))
     tokenizer = weights.tokenizer
     if cfg.data.tokenizer:
         from socialalign_jax.weights.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer is None:
         raise UserError(f"weights {cfg.model.weights!r} come without a tokenizer: pass --config.data.tokenizer=DIR")
-    return Base(cfg, model_cfg, lora_cfg, params, tokenizer, mesh)
+    return Base(cfg, model_cfg, lora_cfg, params, tokenizer, mesh, rules)
 
 
 # ----------------------------------------------------------------------------- adapters
 
-def abstract_adapters(model_cfg: ModelConfig, lora_cfg: LoraConfig, mesh):
+def abstract_adapters(model_cfg: ModelConfig, lora_cfg: LoraConfig, mesh, rules=None):
     """Shapes, dtypes and shardings of the adapter tree, from the model's declarations (no arrays)."""
     shapes = jax.eval_shape(lambda: pac_lora.init_adapters(jax.random.PRNGKey(0), model_cfg, lora_cfg))
-    shard = sharding.shardings_for(shapes, mesh, strict=False)
+    shard = sharding.shardings_for(shapes, mesh, rules, strict=False)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shard)
 
 
@@ -128,7 +140,7 @@ def restore_adapters(base: Base, workdir: str, step: int | None = None):
         raise RunError(f"{where}: no checkpoint; train first (python launch/train.py --config ... --workdir DIR)")
     if step is not None and step not in manager.all_steps():
         raise RunError(f"{where}: no checkpoint at step {step} (have {sorted(manager.all_steps())})")
-    abstract = abstract_adapters(base.model_cfg, base.lora_cfg, base.mesh)
+    abstract = abstract_adapters(base.model_cfg, base.lora_cfg, base.mesh, base.rules)
     restored = checkpoint.restore(manager, abstract, config_to_dict(base.cfg), step=step, move_bad=False,
                                   adapters_only=True)
     return restored[0], restored.step

@@ -104,8 +104,9 @@ class Job:
     params: Any
     tokenizer: Any
     mesh: Any
-    data: Any  # train/data_setup.Datasets
+    data: Any  # data/setup.Datasets
     workdir: str
+    rules: tuple | None = None  # logical axis rules (config mesh.rules); None = the defaults
 
 
 def build_job(cfg, workdir: str) -> Job:
@@ -116,11 +117,11 @@ def build_job(cfg, workdir: str) -> Job:
     data = setup.prepare(cfg, base.tokenizer, workdir)
     setup.check_against_model(data, cfg, base.model_cfg, base.tokenizer)  # before anything compiles
     return Job(cfg, base.model_cfg, base.lora_cfg, loss_config(cfg), base.params, base.tokenizer, base.mesh,
-               data, workdir)
+               data, workdir, base.rules)
 
 
-def _global_batch(local: dict, mesh) -> dict:
-    sh = sharding.batch_sharding(mesh)
+def _global_batch(local: dict, mesh, rules) -> dict:
+    sh = sharding.batch_sharding(mesh, rules)
     return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in local.items()}
 
 
@@ -153,10 +154,10 @@ def eval_source(cfg, source):
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_eval_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg, mesh):
+def _jitted_eval_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg, mesh, rules):
     """One jitted eval step per (model, adapters, loss, mesh): evaluations after the first (step 0,
     the end, every split) reuse its compilation instead of building a new jax.jit each call."""
-    return jax.jit(sharding.under_mesh(step_lib.make_eval_step(model_cfg, lora_cfg, loss_cfg), mesh))
+    return jax.jit(sharding.under_mesh(step_lib.make_eval_step(model_cfg, lora_cfg, loss_cfg), mesh, rules))
 
 
 def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[str, Any]:
@@ -164,9 +165,9 @@ def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[st
     from socialalign_jax.data.pipeline import eval_batches
     from socialalign_jax.train.losses import jsd
 
-    eval_step = _jitted_eval_step(job.model_cfg, job.lora_cfg, job.loss_cfg, job.mesh)
+    eval_step = _jitted_eval_step(job.model_cfg, job.lora_cfg, job.loss_cfg, job.mesh, job.rules)
     bs = int(job.cfg.data.eval_batch_size)
-    n_dev = int(np.prod([job.mesh.shape[a] for a in sharding.BATCH_AXES]))
+    n_dev = sharding.batch_shards(job.mesh, job.rules)
     bs = int(math.ceil(bs / n_dev) * n_dev)
     lm_sum = lm_cnt = 0.0
     probs, labels, events, masks = [], [], [], []
@@ -174,7 +175,7 @@ def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[st
     for local in eval_batches(source, bs, job.data.seq_len, job.data.pad_id, job.lora_cfg.num_classes,
                               process_index=jax.process_index(), process_count=jax.process_count()):
         step_lib.check_response_lengths(local, job.loss_cfg.max_response_tokens, desc)
-        batch = _global_batch(local, job.mesh)
+        batch = _global_batch(local, job.mesh, job.rules)
         out = eval_step(job.params, adapters, batch)
         lm_sum += float(out["lm_sum"])
         lm_cnt += float(out["lm_count"])
@@ -295,7 +296,7 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
     bcfg = BatchConfig(events_per_batch=int(cfg.data.events_per_batch), cases_per_event=int(cfg.data.cases_per_event),
                        seq_len=job.data.seq_len, pad_id=job.data.pad_id, num_classes=job.lora_cfg.num_classes,
                        seed=int(cfg.data.seed), read_threads=2, prefetch=2)
-    sharding.check_batch_divisible(bcfg.global_batch_size, job.mesh)
+    sharding.check_batch_divisible(bcfg.global_batch_size, job.mesh, job.rules)
     it = TrainIterator(job.data.train, bcfg, process_index=jax.process_index(), process_count=jax.process_count())
     n_steps = total_steps(cfg, len(it.plan(0)))
     opt_cfg = dict(cfg.optim.to_dict(), total_steps=n_steps)
@@ -303,9 +304,9 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
 
     adapters = pac_lora.init_adapters(jax.random.PRNGKey(int(cfg.train.seed)), job.model_cfg, job.lora_cfg)
     state = step_lib.init_train_state(adapters, optimizer)
-    state_sh = sharding.shardings_for(state, job.mesh, strict=False)
-    param_sh = sharding.shardings_for(job.params, job.mesh)
-    batch_sh = sharding.batch_sharding(job.mesh)
+    state_sh = sharding.shardings_for(state, job.mesh, job.rules, strict=False)
+    param_sh = sharding.shardings_for(job.params, job.mesh, job.rules)
+    batch_sh = sharding.batch_sharding(job.mesh, job.rules)
     repl = jax.sharding.NamedSharding(job.mesh, jax.sharding.PartitionSpec())
     state = jax.device_put(state, state_sh)
 
@@ -336,7 +337,7 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
         # Traced under the mesh: model/decoder.py's activation sharding constraints apply (sharding.under_mesh).
         train_step = jax.jit(
             sharding.under_mesh(step_lib.make_train_step(job.model_cfg, job.lora_cfg, job.loss_cfg, optimizer,
-                                                         schedule), job.mesh),
+                                                         schedule), job.mesh, job.rules),
             in_shardings=(param_sh, state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=(1,))
         rng = jax.random.PRNGKey(int(cfg.train.seed) + 1)
 
@@ -377,7 +378,7 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
                 except StopIteration:
                     break
                 step_lib.check_response_lengths(local, job.loss_cfg.max_response_tokens, f"train batch {step}")
-                batch = _global_batch(local, job.mesh)
+                batch = _global_batch(local, job.mesh, job.rules)
                 state, metrics = train_step(job.params, state, batch, rng)
                 # The previous step's loss is ready by now: reading it here keeps the host one step
                 # ahead of the device (a float() of this step's loss would stall every dispatch).

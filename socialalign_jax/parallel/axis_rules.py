@@ -1,0 +1,70 @@
+"""The default logical axis rules: what each logical dimension name maps to on the mesh.
+
+Pure data, importable without jax, because the config declares its `mesh.rules` from it
+(configs/weibo.py): the rules are then config data a user overrides per run, maxtext-style
+(`--config.mesh.rules.embed=` replicates the embedding dimension for pure data parallelism;
+`--config.mesh.rules.mlp=tensor,fsdp` shards the MLP width over two axes), and this table is
+their one declaration. `parallel/sharding.py` applies them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axis, tuple of mesh axes, or None (replicated)
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("experts", None),
+    ("rank", None),
+    ("gate", None),
+    ("classes", None),
+    ("norm", None),
+)
+
+
+def as_config_strings(rules=LOGICAL_RULES) -> dict[str, str]:
+    """{name: 'axis[,axis]'} ('' = replicated): the rules as a config section holds them."""
+    def one(axes):
+        if axes is None:
+            return ""
+        return axes if isinstance(axes, str) else ",".join(axes)
+    return {name: one(axes) for name, axes in rules}
+
+
+def from_config_strings(section) -> tuple[tuple[str, Any], ...]:
+    """The rules a config's `mesh.rules` section gives (None or absent: the defaults).
+
+    Every name must be a known logical axis and every axis a mesh axis, used at most once per
+    rule; a problem raises ValueError naming `mesh.rules.<name>`.
+    """
+    if section is None:
+        return LOGICAL_RULES
+    given = dict(section.items() if hasattr(section, "items") else section)
+    known = dict(LOGICAL_RULES)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"mesh.rules.{unknown[0]}: not a logical axis (known: {', '.join(known)})")
+    out = []
+    for name, default in LOGICAL_RULES:
+        if name not in given:
+            out.append((name, default))
+            continue
+        value = given[name]
+        axes = tuple(a.strip() for a in (value if isinstance(value, (list, tuple)) else str(value or "").split(","))
+                     if a and a.strip())
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise ValueError(f"mesh.rules.{name}={value!r}: {bad[0]!r} is not a mesh axis ({', '.join(MESH_AXES)})")
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"mesh.rules.{name}={value!r}: a mesh axis appears twice")
+        out.append((name, None if not axes else axes[0] if len(axes) == 1 else axes))
+    return tuple(out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 _NEG_INF = -1e30
 
@@ -44,10 +45,8 @@ def attention(q, k, v, q_pos, k_pos):
     the causal mask for a full forward and for a KV cache alike (slots need not be in order).
     Returns [B, S, Hq, Dh].
     """
-    b, s, hq, dh = q.shape
-    hkv = k.shape[2]
-    g = hq // hkv
-    qg = q.reshape(b, s, hkv, g, dh)
+    dh = q.shape[-1]
+    qg = rearrange(q, "b s (k g) d -> b s k g d", k=k.shape[2])  # query heads grouped by their kv head
     scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(dh)))
     allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, S, T]
@@ -57,4 +56,4 @@ def attention(q, k, v, q_pos, k_pos):
     scores = scores + jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)[:, None, None]
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-    return out.reshape(b, s, hq, dh)
+    return rearrange(out, "b s k g d -> b s (k g) d")

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 from socialalign_jax.parallel import sharding
 
@@ -164,22 +165,20 @@ def mix_experts(z, ga, gb, lc: LoraConfig):
     """
     dt = z.dtype
     ea, eb = ga.shape[-1], gb.shape[-1]
-    zr = z.reshape(*z.shape[:-1], ea, -1)  # [B, S, Ea, r]
+    zr = rearrange(z, "... (ea r) -> ... ea r", ea=ea)
     h = jnp.sum(zr * ga.astype(dt)[..., None], axis=-2)  # [B, S, r]
     u = (gb.astype(dt) * jnp.asarray(lc.scale, dt))[..., :, None] * h[..., None, :]  # [B, S, Eb, r]
-    return u.reshape(*z.shape[:-1], eb * h.shape[-1])
+    return rearrange(u, "... eb r -> ... (eb r)", eb=eb)
 
 
 def _a_cat(a, dt):
     """A [Ea, d_in, r] -> [d_in, Ea*r] (expert-major columns)."""
-    ea, d_in, r = a.shape
-    return jnp.transpose(a, (1, 0, 2)).reshape(d_in, ea * r).astype(dt)
+    return rearrange(a, "ea d r -> d (ea r)").astype(dt)
 
 
 def _b_cat(b, dt):
     """B [Eb, r, d_out] -> [Eb*r, d_out]."""
-    eb, r, d_out = b.shape
-    return b.reshape(eb * r, d_out).astype(dt)
+    return rearrange(b, "eb r o -> (eb r) o").astype(dt)
 
 
 @jax.custom_vjp

@@ -2,7 +2,7 @@
 
     python launch/evaluate.py --predictions preds.jsonl --out eval/ [--gates gates.json]
         [--labeller lexicon|zeroshot|none] [--weights SPEC] [--baseline old/metrics.json]
-        [--gate-stat max|entropy]
+        [--gate_stat max|entropy]
 
 Writes DIR/metrics.json, DIR/metrics.md and PNGs, prints the metrics table. Bad input stops
 with one line naming the file, the line and the field (exit status 2), never a traceback.
@@ -32,7 +32,7 @@ def parse_args(argv):
     p.add_argument("--weights", help="base model for --labeller zeroshot (gguf:smollm2, gguf:FILE, hf:DIR, "
                                      "random:PRESET)")
     p.add_argument("--baseline", help="an earlier metrics.json to compare against")
-    p.add_argument("--gate-stat", choices=("max", "entropy"), default="max",
+    p.add_argument("--gate_stat", "--gate-stat", dest="gate_stat", choices=("max", "entropy"), default="max",
                    help="per-cell gate summary: weight of the top expert, or routing entropy")
     return p.parse_args(argv)
 

@@ -1,6 +1,6 @@
 """Score texts or responses with a local HF checkpoint: per-token log-probs and perplexity.
 
-    python launch/score.py --checkpoint DIR --input in.jsonl --out out.jsonl
+    python launch/score.py --weights hf:DIR --input in.jsonl --out out.jsonl
         [--chat | --socialalign] [--batch_size 8] [--max_length N] [--dtype bfloat16]
         [--tokenizer DIR|builtin] [--adapters PATH [--routing MODE]]
 
@@ -28,6 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from socialalign_jax.core.errors import UserError, cli_main  # noqa: E402
 
 
+def _hf_dir(spec: str) -> str:
+    if spec.startswith("hf:"):
+        return spec[3:]
+    if ":" in spec.split("/")[0] and not spec.startswith("/"):
+        raise argparse.ArgumentTypeError(f"{spec!r}: score.py reads Hugging Face checkpoints, give hf:DIR")
+    return spec
+
+
 def _positive(s: str) -> int:
     v = int(s)
     if v <= 0:
@@ -36,8 +44,12 @@ def _positive(s: str) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="local HF checkpoint directory (config.json + safetensors)")
+    from socialalign_jax.core.cli_setup import argument_parser
+
+    p = argument_parser(description=__doc__.split("\n")[0])
+    # --weights names the model as every launcher does (hf:DIR); --checkpoint DIR is its older spelling.
+    p.add_argument("--weights", "--checkpoint", dest="checkpoint", required=True, type=_hf_dir,
+                   help="local Hugging Face checkpoint: hf:DIR (config.json + safetensors); a bare DIR also works")
     p.add_argument("--input", required=True, help="JSONL of {'text'} or {'prompt','response'} records")
     p.add_argument("--out", required=True, help="output JSONL (written atomically)")
     p.add_argument("--chat", action="store_true", help="wrap prompts in ChatML, close responses with <|im_end|>")

@@ -68,7 +68,9 @@ def test_logprobs_match_hf(checkpoint, tokenizer, tmp_path, chat):
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    argv = ["--checkpoint", str(ck), "--input", str(inp), "--out", str(out), "--batch_size", "2"]
+    # --weights hf:DIR (the name every launcher uses) and its older spelling --checkpoint DIR
+    model_flag = ["--weights", f"hf:{ck}"] if chat else ["--checkpoint", str(ck)]
+    argv = model_flag + ["--input", str(inp), "--out", str(out), "--batch_size", "2"]
     with pytest.raises(SystemExit) as e:
         score_cli.cli_main(score_cli.main, argv + (["--chat"] if chat else []))
     assert e.value.code == 0
@@ -193,3 +195,10 @@ def test_padded_vocab_is_masked_out_of_the_softmax(checkpoint, tokenizer, tmp_pa
     for r, g, u in zip(ref, got, unmasked):
         np.testing.assert_allclose(g["token_logprobs"], r["token_logprobs"], rtol=0, atol=1e-5)
         assert u["sum_logprob"] < r["sum_logprob"] - 1e-4  # the masking is what makes them agree
+
+
+def test_weights_other_than_hf_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        score_cli.parse_args(["--weights", "gguf:smollm2", "--input", "in.jsonl", "--out", "out.jsonl"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "give hf:DIR" in err[0], err

@@ -96,7 +96,7 @@ def test_response_ce_chunked_equals_full():
     ids = jnp.asarray(rng.integers(0, v, size=(b, s)))
     mask = jnp.asarray((rng.random((b, s)) < 0.6).astype(np.int32))
     full = losses.response_ce(jnp.einsum("bsd,dv->bsv", h, w), ids, mask)
-    f = lambda h, w: losses.response_ce_chunked(h, w, ids, mask, chunk=3)  # 8 positions -> pad to 9
+    f = lambda h, w: losses.response_ce_chunked(h, lambda x: x @ w, ids, mask, chunk=3)  # 8 positions -> pad to 9
     got = jax.jit(f)(h, w)
     np.testing.assert_allclose(float(got[0]), float(full[0]), rtol=1e-5)
     assert float(got[1]) == float(full[1])

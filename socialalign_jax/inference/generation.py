@@ -97,22 +97,16 @@ def _sample_batch(params, adapters, prompt_ids, prompt_mask, user_end, news_end,
     return out.tokens, out.lengths, probs
 
 
-def _lm_kernel(params, cfg: ModelConfig):
-    if cfg.tie_embeddings:
-        return params["embed"]["embedding"].T  # [D, V]
-    return params["lm_head"]["kernel"]
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg"))
 def _score_batch(params, adapters, input_ids, attention_mask, loss_mask, user_end, news_end, *,
                  cfg: ModelConfig, lora_cfg: LoraConfig | None):
     """Teacher-forced pass: per-row response NLL sum and token count [B], and gate-stat sums."""
     out = decoder.forward(params, input_ids, cfg, attention_mask=attention_mask, adapters=adapters,
                           lora_cfg=lora_cfg, spans=(user_end, news_end), compute_logits=False)
-    kernel = _lm_kernel(params, cfg)
+    logits_fn = functools.partial(decoder.lm_logits, params, cfg=cfg)
 
     def row(h, ids, m):  # one sequence at a time: per-example sums without [B, S, V] logits
-        return losses.response_ce_chunked(h[None], kernel, ids[None], m[None])
+        return losses.response_ce_chunked(h[None], logits_fn, ids[None], m[None])
 
     nll, count = jax.vmap(row)(out.hidden, input_ids, loss_mask)
     return nll, count, out.gate_stats

@@ -36,6 +36,7 @@ from socialalign_jax.core.jsonl import read_jsonl
 from socialalign_jax.data.prompt import NEWS_MARKER, USER_MARKER, encode_with_spans, marker_offsets
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.train import losses
 from socialalign_jax.weights.tokenizer import IM_END, chat_template
 
 BUCKET = 64        # sequence lengths are padded up to a multiple of this (few recompiles)
@@ -164,8 +165,7 @@ def token_logprobs(params, input_ids, attention_mask, adapters=None, spans=None,
         logits = lm_logits(params, h, cfg)                     # [B, c, V] float32
         if real_vocab is not None and real_vocab < logits.shape[-1]:
             logits = jnp.where(jnp.arange(logits.shape[-1]) < real_vocab, logits, -jnp.inf)
-        picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return picked - jax.nn.logsumexp(logits, axis=-1)      # [B, c]
+        return -losses.token_nll(logits, t)                   # [B, c]
 
     lp = jax.lax.map(chunk_logprobs, (h_chunks, t_chunks))     # [n, B, c]
     lp = lp.swapaxes(0, 1).reshape(b, n * LOGIT_CHUNK)[:, : s - 1]

@@ -24,8 +24,11 @@ _F32 = jnp.float32
 # ---------------------------------------------------------------------------- micro level
 
 
-def _token_nll(logits, labels):
+def token_nll(logits, labels):
     """-log softmax(logits)[label] without a one-hot: logsumexp minus the gathered logit.
+
+    The one next-token (and class) NLL: the objective, the training step's response CE, the
+    generation CLI's per-example NLL and launch/score.py's log-probs all call it.
 
     logits [..., V] (any float dtype), labels [...] int -> [...] float32.
     """
@@ -50,15 +53,16 @@ def response_ce(logits, input_ids, loss_mask):
     pred = logits[:, :-1]  # [B, S-1, V] predicts input_ids[:, 1:]
     labels = input_ids[:, 1:]  # [B, S-1]
     mask = loss_mask[:, 1:].astype(_F32)  # [B, S-1]
-    nll = _token_nll(pred, labels)  # [B, S-1]
+    nll = token_nll(pred, labels)  # [B, S-1]
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def response_ce_chunked(hidden, kernel, input_ids, loss_mask, *, chunk: int = 128):
+def response_ce_chunked(hidden, logits_fn, input_ids, loss_mask, *, chunk: int = 128):
     """`response_ce` computed from final hidden states, `chunk` positions at a time.
 
-    hidden [B, S, D] (after the final norm); kernel [D, V] (lm_head kernel, or the
-    embedding transposed when tied). Only [B, chunk, V] logits exist at any time and each
+    hidden [B, S, D] (after the final norm); logits_fn: [B, c, D] -> [B, c, V] float32, the
+    model's own LM head (`functools.partial(decoder.lm_logits, params, cfg=cfg)`), so the
+    logits are the ones the model computes everywhere else. Only [B, chunk, V] logits exist at any time and each
     chunk is rematerialised in the backward pass, so peak memory for V = 152k stays small.
     S-1 is padded up to a multiple of `chunk` with masked positions.
     """
@@ -80,8 +84,8 @@ def response_ce_chunked(hidden, kernel, input_ids, loss_mask, *, chunk: int = 12
 
     @jax.checkpoint
     def one(hc, lc, mc):
-        logits = jnp.einsum("bcd,dv->bcv", hc.astype(_F32), kernel.astype(_F32))
-        return jnp.sum(_token_nll(logits, lc) * mc)
+        logits = logits_fn(hc).astype(_F32)
+        return jnp.sum(token_nll(logits, lc) * mc)
 
     def body(acc, xs):
         return acc + one(*xs), None
@@ -96,7 +100,7 @@ def sentiment_ce(logits_k, label, example_mask):
     logits_k [B, K]; label [B] int (-1 = unlabelled); example_mask [B] (0 = padding row).
     """
     valid = (label >= 0) & (example_mask > 0)  # [B]
-    nll = _token_nll(logits_k, jnp.where(valid, label, 0))  # [B]
+    nll = token_nll(logits_k, jnp.where(valid, label, 0))  # [B]
     w = valid.astype(_F32)
     return jnp.sum(nll * w), jnp.sum(w)
 

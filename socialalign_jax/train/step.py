@@ -59,7 +59,7 @@ def response_nll(params, hidden, input_ids, loss_mask, cfg: ModelConfig, max_tok
     h = jnp.take_along_axis(hidden, src[..., None], axis=1)  # [B, R, D]
     labels = jnp.take_along_axis(input_ids, idx, axis=1)  # [B, R]
     logits = decoder.lm_logits(params, h, cfg)  # [B, R, V] float32
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    nll = losses.token_nll(logits, labels)
     w = valid.astype(jnp.float32)
     return jnp.sum(nll * w), jnp.sum(w)
 

@@ -61,7 +61,7 @@ case "${1:-}" in
     if [ ! -d "$DESIGN_B_DATA" ]; then
       python3 -c "from socialalign_jax.weights.resolve import resolve_weights as r; r('gguf:/tmp/smollm2.gguf').tokenizer.save_pretrained('/tmp/design_b/tokenizer')"
       python3 launch/build_dataset.py --source zs_csd --input "$DESIGN_B_INPUT" --out "$DESIGN_B_DATA" \
-        --tokenizer /tmp/design_b/tokenizer --max_length 512 --mode without_history --test_fraction 0 \
+        --tokenizer /tmp/design_b/tokenizer --max_length 512 --mode without_history --test_fraction 0 --on_overflow skip \
         --labels favor,against,neutral
     fi
     echo "setup: $(( $(date +%s) - start )) s"

@@ -60,21 +60,29 @@ def copy_run(ref_wd, tmp_path, name="run"):
 # ----------------------------------------------------------------------------- corrupt checkpoints
 
 def corrupt(workdir: str, step: int, kind: str) -> None:
+    """Damage one step the way disks and interrupted copies do; array damage hits the `adapters`
+    item, the one item every reader (resume, generate, export) restores."""
     d = os.path.join(workdir, "checkpoints", str(step))
     if kind == "truncated_blocks":
-        files = [f for f in glob.glob(f"{d}/state/**/d/*", recursive=True) if os.path.isfile(f)]
+        files = [f for f in glob.glob(f"{d}/adapters/**/d/*", recursive=True) if os.path.isfile(f)]
+        assert files
+        for f in files:
+            with open(f, "r+b") as fh:
+                fh.truncate(os.path.getsize(f) // 2)
+    elif kind == "truncated_optimizer":  # only a resume reads it (inference does not care)
+        files = [f for f in glob.glob(f"{d}/train_state/**/d/*", recursive=True) if os.path.isfile(f)]
         assert files
         for f in files:
             with open(f, "r+b") as fh:
                 fh.truncate(os.path.getsize(f) // 2)
     elif kind == "damaged_manifest":
-        files = glob.glob(f"{d}/state/**/manifest.ocdbt", recursive=True)
+        files = glob.glob(f"{d}/adapters/**/manifest.ocdbt", recursive=True)
         assert files
         for f in files:
             with open(f, "wb") as fh:
                 fh.write(b"\0" * 16)
     elif kind == "damaged_metadata":
-        with open(f"{d}/state/_METADATA", "w") as fh:
+        with open(f"{d}/adapters/_METADATA", "w") as fh:
             fh.write("{")
     elif kind == "garbage_config":
         with open(f"{d}/config/metadata", "w") as fh:
@@ -86,7 +94,8 @@ def corrupt(workdir: str, step: int, kind: str) -> None:
         raise ValueError(kind)
 
 
-KINDS = ["truncated_blocks", "damaged_manifest", "damaged_metadata", "garbage_config", "garbage_iterator"]
+KINDS = ["truncated_blocks", "truncated_optimizer", "damaged_manifest", "damaged_metadata", "garbage_config",
+         "garbage_iterator"]
 
 
 def _abstract_state(cfg):
@@ -121,7 +130,7 @@ def test_corrupt_latest_falls_back_and_sets_it_aside(ref, tmp_path, kind):
     assert len(aside) == 1 and aside[0].startswith(f"{N}-") and f"moved to {wd}" in lines[0]
     assert sorted(manager.all_steps()) == [N - 2, N - 1]  # renamed, not deleted, and no longer a step
     # the set-aside copy is the damaged checkpoint itself (kept for inspection)
-    assert os.path.isdir(os.path.join(wd, checkpoint.SET_ASIDE_DIR, aside[0], "state"))
+    assert os.path.isdir(os.path.join(wd, checkpoint.SET_ASIDE_DIR, aside[0], "adapters"))
     checkpoint.close(manager)
 
 
@@ -541,7 +550,7 @@ def test_megabyte_texts_do_not_hang_the_build(tmp_path):
     ev["cases"][1]["weibo"] = text(80_000)
     (events / src[0].name).write_text(json.dumps(ev, ensure_ascii=False), encoding="utf-8")
     rc, out, err = _cli("build_dataset.py", "--source", "socialweibo", "--input", events, "--out", tmp_path / "d",
-                        "--max_length", 320, "--json", timeout=600)  # minutes before the fix; seconds now
+                        "--max_length", 320, "--on_overflow", "skip", "--json", timeout=600)  # minutes before the fix; seconds now
     assert rc == 0, err
     summary = json.loads(out)
     assert summary["stats"]["skipped_too_long"] == len(ev["cases"])  # the 1 MB event's cases overflow, counted

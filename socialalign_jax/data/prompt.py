@@ -445,8 +445,9 @@ def build_example(
 def overflow(err: "PromptTooLong", cfg: PromptConfig, stats: "BuildStats | None"):
     """An example that cannot fit even after cutting what may be cut: raise it, or count the skip
     (on_overflow='skip') so the build summary reports it; returns None for the caller to return."""
-    if cfg.on_overflow == "raise":
-        raise err
+    if cfg.on_overflow == "raise":  # say how to go on: a longer max_length, or skip and count such cases
+        raise PromptTooLong(err.file, f"{err.what} (raise max_length, or set on_overflow to skip to leave such "
+                            "cases out and count them)", err.record, err.field)
     if stats is not None:
         stats.skipped_too_long += 1
         stats.skipped.append(str(err))

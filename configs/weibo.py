@@ -49,7 +49,7 @@ def base_config() -> config_dict.ConfigDict:
     c.data.labels = "negative,neutral,positive"
     c.data.max_length = 320
     c.data.mode = "full"  # full | without_persona | without_history
-    c.data.on_overflow = "raise"  # raise | skip (skips are counted and reported)
+    c.data.on_overflow = "skip"  # skip (counted and reported in the build summary) | raise (stop at the first)
     c.data.test_fraction = 0.25
     c.data.split_by = "event"  # event | user
     c.data.seed = 0

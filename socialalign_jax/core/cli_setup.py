@@ -109,11 +109,12 @@ def load_config_file(spec: str, flag: str = "--config"):
         raise UserError(f"{flag}: file {path} does not exist")
     mod_spec = importlib.util.spec_from_file_location("socialalign_config", path)
     mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    try:
+    try:  # a config file that does not load, or a preset it does not know: one line, not a traceback
+        mod_spec.loader.exec_module(mod)
         return mod.get_config(preset) if preset else mod.get_config()
-    except ValueError as exc:
-        raise UserError(f"{flag} {spec}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{flag} {spec}: {type(exc).__name__}: {exc}" if not isinstance(exc, ValueError)
+                        else f"{flag} {spec}: {exc}") from None
 
 
 def define_config_flag(name: str = "config", default: str = "configs/weibo.py", help_text: str = "Config file[:preset]."):

@@ -37,6 +37,7 @@ from safetensors.numpy import save_file
 
 from socialalign_jax.core.atomic_io import write_json
 from socialalign_jax.core.errors import UserError
+from socialalign_jax.model import names
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import ALL_TARGETS, MODULE_BLOCK, LoraConfig, init_adapters
 
@@ -46,9 +47,8 @@ PEFT_FILE = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 HEAD_FILE = "sentiment_head.safetensors"
 PEFT_PREFIX = "base_model.model.model.layers."
-PEFT_MODULE = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("self_attn", "v_proj"),
-               "o": ("self_attn", "o_proj"), "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
-               "down": ("mlp", "down_proj")}
+# target -> (HF block, HF projection) of the module PEFT adapts, from the HF name table.
+PEFT_MODULE = {t: tuple(names.peft_module(MODULE_BLOCK[t], t).split(".")) for t in ALL_TARGETS}
 _FROM_PEFT = {proj: (block, name) for name, (block, proj) in PEFT_MODULE.items()}
 _PEFT_KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\."

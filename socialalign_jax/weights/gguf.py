@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from socialalign_jax.core.errors import UserError
+from socialalign_jax.model import names
 from socialalign_jax.model.config import ModelConfig
 
 # Types gguf.quants dequantises in numpy that we accept (block formats of the classic kind
@@ -32,23 +33,6 @@ from socialalign_jax.model.config import ModelConfig
 _SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 _FAMILIES = ("llama", "qwen2")
 _GGUF_MAGIC = b"GGUF"
-
-# GGUF per-layer tensor name -> (block, module, leaf) in our tree.
-_LAYER_TENSORS = {
-    "attn_norm.weight": ("input_norm", None, "scale"),
-    "ffn_norm.weight": ("post_attn_norm", None, "scale"),
-    "attn_q.weight": ("attn", "q", "kernel"),
-    "attn_k.weight": ("attn", "k", "kernel"),
-    "attn_v.weight": ("attn", "v", "kernel"),
-    "attn_output.weight": ("attn", "o", "kernel"),
-    "attn_q.bias": ("attn", "q", "bias"),
-    "attn_k.bias": ("attn", "k", "bias"),
-    "attn_v.bias": ("attn", "v", "bias"),
-    "ffn_gate.weight": ("mlp", "gate", "kernel"),
-    "ffn_up.weight": ("mlp", "up", "kernel"),
-    "ffn_down.weight": ("mlp", "down", "kernel"),
-}
-
 
 class GGUFError(UserError, ValueError):
     """One-line, user-facing problem with a GGUF file (message names the file)."""
@@ -168,57 +152,30 @@ def _dequantize(t, path: str) -> np.ndarray:
     return w
 
 
+# GGUF name ('{i}' for the block) -> Flax path: the inverse of `model.names.GGUF`.
+_FROM_GGUF = {name: path for path, name in names.GGUF.items()}
+
+
 def _param_shapes(cfg: ModelConfig) -> dict[tuple, tuple[int, ...]]:
-    L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    shapes = {
-        ("embed", "embedding"): (V, D),
-        ("layers", "input_norm", "scale"): (L, D),
-        ("layers", "post_attn_norm", "scale"): (L, D),
-        ("layers", "attn", "q", "kernel"): (L, D, cfg.q_dim),
-        ("layers", "attn", "k", "kernel"): (L, D, cfg.kv_dim),
-        ("layers", "attn", "v", "kernel"): (L, D, cfg.kv_dim),
-        ("layers", "attn", "o", "kernel"): (L, cfg.q_dim, D),
-        ("layers", "mlp", "gate", "kernel"): (L, D, F),
-        ("layers", "mlp", "up", "kernel"): (L, D, F),
-        ("layers", "mlp", "down", "kernel"): (L, F, D),
-        ("final_norm", "scale"): (D,),
-    }
-    if cfg.qkv_bias:
-        shapes[("layers", "attn", "q", "bias")] = (L, cfg.q_dim)
-        shapes[("layers", "attn", "k", "bias")] = (L, cfg.kv_dim)
-        shapes[("layers", "attn", "v", "bias")] = (L, cfg.kv_dim)
-    if not cfg.tie_embeddings:
-        shapes[("lm_head", "kernel")] = (D, V)
-    return shapes
+    """{Flax path: shape} of every base parameter `cfg` declares (each must have a GGUF name)."""
+    return {path: shape for path, _, shape in names.layout(cfg, names.GGUF)}
 
 
 def _target(name: str, cfg: ModelConfig, path: str) -> tuple[tuple, int | None]:
-    """(tree key path, layer index or None) for a GGUF tensor name."""
-    if name == "token_embd.weight":
-        return ("embed", "embedding"), None
-    if name == "output_norm.weight":
-        return ("final_norm", "scale"), None
-    if name == "output.weight":
-        return ("lm_head", "kernel"), None
+    """(Flax path, layer index or None) for a GGUF tensor name."""
+    if name in _FROM_GGUF:
+        return _FROM_GGUF[name], None
     parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS:
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and f"blk.{{i}}.{parts[2]}" in _FROM_GGUF:
         layer = int(parts[1])
         if layer >= cfg.num_layers:
             raise GGUFError(f"{path}: tensor {name!r} beyond block_count={cfg.num_layers}")
-        block, module, leaf = _LAYER_TENSORS[parts[2]]
-        key = ("layers", block, leaf) if module is None else ("layers", block, module, leaf)
-        return key, layer
+        return _FROM_GGUF[f"blk.{{i}}.{parts[2]}"], layer
     raise GGUFError(f"{path}: unexpected tensor {name!r}")
 
 
 def _gguf_name(key: tuple, layer: int | None) -> str:
-    top = {("embed", "embedding"): "token_embd.weight", ("final_norm", "scale"): "output_norm.weight",
-           ("lm_head", "kernel"): "output.weight"}
-    if layer is None:
-        return top[key]
-    suffix = next(n for n, (b, m, leaf) in _LAYER_TENSORS.items()
-                  if key == (("layers", b, leaf) if m is None else ("layers", b, m, leaf)))
-    return f"blk.{layer}.{suffix}"
+    return names.GGUF[key].format(i=layer)
 
 
 def _to_tree(flat: dict[tuple, np.ndarray]) -> dict:

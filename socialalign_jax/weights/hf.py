@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from socialalign_jax.core.errors import UserError
+from socialalign_jax.model import names
 from socialalign_jax.model.config import ModelConfig, as_dtype
 
 CONFIG_NAME = "config.json"
@@ -157,23 +158,10 @@ class _Entry:
 
 
 def _layout(cfg: ModelConfig) -> list[_Entry]:
-    """Every tensor a checkpoint for `cfg` must hold (real vocab size, no padding)."""
-    d, f, q, kv, v = cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, cfg.kv_dim, cfg.vocab_size
-    pre = "model.layers.{i}."
-    es = [_Entry(("embed", "embedding"), "model.embed_tokens.weight", (v, d), False, False)]
-    es.append(_Entry(("layers", "input_norm", "scale"), pre + "input_layernorm.weight", (d,), False, True))
-    for name, out in (("q", q), ("k", kv), ("v", kv)):
-        es.append(_Entry(("layers", "attn", name, "kernel"), pre + f"self_attn.{name}_proj.weight", (out, d), True, True))
-        if cfg.qkv_bias:
-            es.append(_Entry(("layers", "attn", name, "bias"), pre + f"self_attn.{name}_proj.bias", (out,), False, True))
-    es.append(_Entry(("layers", "attn", "o", "kernel"), pre + "self_attn.o_proj.weight", (d, q), True, True))
-    es.append(_Entry(("layers", "post_attn_norm", "scale"), pre + "post_attention_layernorm.weight", (d,), False, True))
-    for name, shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
-        es.append(_Entry(("layers", "mlp", name, "kernel"), pre + f"mlp.{name}_proj.weight", shape, True, True))
-    es.append(_Entry(("final_norm", "scale"), "model.norm.weight", (d,), False, False))
-    if not cfg.tie_embeddings:
-        es.append(_Entry(("lm_head", "kernel"), "lm_head.weight", (v, d), True, False))
-    return es
+    """Every tensor a checkpoint for `cfg` must hold (real vocab size, no padding): the model's
+    declared parameters (`model.names.param_shapes`) under their HF names (`model.names.HF`)."""
+    return [_Entry(path, name, names.outside_shape(path, shape), names.is_kernel(path), names.is_stacked(path))
+            for path, name, shape in names.layout(cfg, names.HF)]
 
 
 def _hf_names(entry: _Entry, num_layers: int) -> list[str]:

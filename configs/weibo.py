@@ -26,6 +26,7 @@ def base_config() -> config_dict.ConfigDict:
     c.model.remat = False
     c.model.remat_policy = "nothing_saveable"  # ModelConfig.remat_policy: what a remat layer keeps
     c.model.scan_layers = True  # False: a Python loop over layers (longer compile; see docs/training.md)
+    c.model.attention = "auto"  # ModelConfig.attention: auto (cuDNN on GPUs in bf16) | einsum | xla | cudnn
     c.model.seed = 0  # random weights only
 
     c.lora = config_dict.ConfigDict()

@@ -136,3 +136,70 @@ def test_generate_layer_loops_emit_the_same_tokens():
         toks[loop] = np.asarray(sampling.generate(params, ad, ids, mask, CFG, lc, scfg, spans,
                                                   jax.random.PRNGKey(0)).tokens)
     np.testing.assert_array_equal(toks["scan"], toks["unrolled"])
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", F32_TOL), ("bfloat16", BF16_RTOL)])
+def test_attention_impls_agree_with_left_padding_and_a_cache(dtype, tol):
+    """cfg.attention='xla' (jax.nn.dot_product_attention) against our 'einsum' path: logits and
+    adapter gradients of a left-padded forward, and a cached decode step (mask from positions).
+    'cudnn' needs a GPU: benchmarks/device_check.py checks it there against the same path."""
+    lc = LoraConfig(dropout=0.0, targets=("q", "v"))
+    params = jax.tree.map(lambda a: a.astype(dtype), decoder.init_params(CFG, jax.random.PRNGKey(0)))
+    ad = _adapters(lc)
+    ids = jax.random.randint(jax.random.PRNGKey(5), (2, 10), 0, CFG.vocab_size)
+    mask = jnp.ones((2, 10), jnp.int32).at[0, :3].set(0)
+    spans = (jnp.array([4, 3]), jnp.array([7, 6]))
+
+    def run(impl):
+        cfg = CFG.replace(dtype=dtype, param_dtype=dtype, attention=impl)
+
+        def loss(a):
+            out = decoder.forward(params, ids, cfg, attention_mask=mask, adapters=a, lora_cfg=lc, spans=spans)
+            return jnp.sum((out.logits * mask[..., None]) ** 2) / out.logits.size, out.logits
+
+        (_, logits), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(ad)
+        cache = decoder.init_cache(cfg, 2, 12, lc)
+        out = decoder.forward(params, ids, cfg, attention_mask=mask, adapters=ad, lora_cfg=lc, spans=spans,
+                              cache=cache)
+        step = decoder.forward(params, jnp.array([[3], [9]]), cfg, adapters=ad, lora_cfg=lc, cache=out.cache)
+        return np.asarray(logits, np.float32)[mask > 0], g, np.asarray(step.logits, np.float32)
+
+    ref, ref_g, ref_step = run("einsum")
+    got, g, step = run("xla")
+    assert _rel(got, ref) <= tol and _rel(step, ref_step) <= tol
+    flat = lambda t: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])  # noqa: E731
+    assert 0 < np.abs(flat(ref_g)).max() and _rel(flat(g), flat(ref_g)) <= tol * 3
+    # 'auto' on CPUs is the einsum path itself.
+    auto, _, _ = run("auto")
+    np.testing.assert_array_equal(auto, ref)
+
+
+def test_attention_auto_picks_cudnn_only_for_gpus(monkeypatch):
+    """The choice follows the traced platform and dtype; a refusal by cuDNN falls back to einsum."""
+    from socialalign_jax.model import layers, modules
+
+    calls = []
+
+    def fake(q, k, v, q_pos, k_pos, impl="einsum"):
+        calls.append(impl)
+        if impl == "cudnn" and refuse:
+            raise NotImplementedError("cuDNN: unsupported head size")
+        return q
+
+    monkeypatch.setattr(layers, "attention", fake)
+    q = jnp.zeros((1, 2, 4, 8), jnp.bfloat16)
+    pos = jnp.zeros((1, 2), jnp.int32)
+    for platform, dtype, refuse, want in [("cpu", jnp.bfloat16, False, ["einsum"]),
+                                          ("tpu", jnp.bfloat16, False, ["einsum"]),
+                                          ("gpu", jnp.float32, False, ["einsum"]),
+                                          ("gpu", jnp.bfloat16, False, ["cudnn"]),
+                                          ("gpu", jnp.bfloat16, True, ["cudnn", "einsum"])]:
+        calls.clear()
+        monkeypatch.setattr(sharding, "target_platform", lambda p=platform: p)
+        modules.attend(CFG, q.astype(dtype), q, q, pos, pos)
+        assert calls == want, (platform, dtype, refuse)
+    calls.clear()
+    with pytest.raises(NotImplementedError):
+        modules.attend(CFG.replace(attention="cudnn"), q, q, q, pos, pos)
+    with pytest.raises(ValueError, match="unknown attention"):
+        CFG.replace(attention="flash")

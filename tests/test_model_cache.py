@@ -159,3 +159,42 @@ def test_unrolled_layers_equal_scan_forward_and_gradients(remat):
     for a, b in zip(jax.tree.leaves(results[False][1:]), jax.tree.leaves(results[True][1:])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)  # f32 op order
     assert float(jnp.abs(results[True][2]["layers"]["mlp"]["down"]["A"]).max()) > 0
+
+
+def test_cache_is_the_decoders_flax_cache_collection():
+    """The cache is declared in the module tree (`cache` collection, with logical axes), and a
+    plain Flax apply with mutable=['cache'] is the same computation as `decoder.forward`."""
+    from flax import linen as nn
+
+    from socialalign_jax.model import modules
+    from socialalign_jax.model.pac_lora import LoraConfig
+
+    cfg = CONFIGS["qwen2"]
+    lc = LoraConfig(targets=("q", "v"), routing="pooled", num_classes=0)
+    b, t = 2, 12
+    cache = decoder.init_cache(cfg, b, t, lc)
+    shape = (cfg.num_layers, b, t, cfg.num_kv_heads, cfg.head_dim)
+    assert cache["k"].shape == shape and cache["v"].shape == shape and not np.any(np.asarray(cache["k"]))
+    np.testing.assert_array_equal(cache["key_pos"], -np.ones((b, t)))
+    assert int(cache["index"]) == 0 and cache["next_pos"].shape == (b,)
+    assert sorted(cache["pooled"]) == ["q", "v"]
+    np.testing.assert_allclose(cache["pooled"]["q"]["a"], np.full((cfg.num_layers, b, lc.num_analyze),
+                                                                  1 / lc.num_analyze))
+    axes = decoder.cache_axes(cfg, b, t, lc)
+    assert axes["k"] == ("layers", "batch", "length", "kv_heads", None)
+    assert axes["key_pos"] == ("batch", None) and axes["index"] == () and axes["user_end"] == ("batch",)
+    assert axes["pooled"]["v"]["b"] == ("layers", "batch", None)
+
+    params = random_params(cfg, 3)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (b, 5)))
+    base = decoder.init_cache(cfg, b, t)
+    want = decoder.forward(params, ids, cfg, cache=base)
+    dec = modules.Decoder(cfg)
+    got, updated = dec.apply({"params": params, "cache": {"kv": base}}, ids, use_cache=True, mutable=["cache"])
+    np.testing.assert_array_equal(np.asarray(got.logits), np.asarray(want.logits))
+    for k in ("k", "v", "key_pos", "index", "next_pos"):
+        np.testing.assert_array_equal(np.asarray(updated["cache"]["kv"][k]), np.asarray(want.cache[k]))
+    assert int(want.cache["index"]) == 5 and np.asarray(want.cache["key_pos"])[:, :5].tolist() == [list(range(5))] * b
+    # The declaration is the one the boxes carry: the same tree as init_cache, unboxed.
+    boxed = decoder.cache_boxed(cfg, b, t, lc)
+    assert jax.tree.structure(nn.unbox(boxed)) == jax.tree.structure(cache)

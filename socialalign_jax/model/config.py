@@ -27,6 +27,9 @@ def as_dtype(name_or_dtype: Any):
     return jnp.dtype(name_or_dtype).type
 
 
+ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     family: str  # 'qwen2' | 'llama'
@@ -50,6 +53,11 @@ class ModelConfig:
     # False: the layers run as a Python loop: compile time grows with depth, but XLA:CPU no
     # longer copies each layer's weights and saved activations in and out of stacks.
     scan_layers: bool = True
+    # How attention is computed (`layers.attention`): 'einsum' (our path: float32 scores, an
+    # additive mask), 'xla' / 'cudnn' (jax.nn.dot_product_attention with that implementation),
+    # or 'auto': cuDNN's fused attention when the program targets GPUs in bfloat16/float16 and
+    # cuDNN accepts the shapes (checked while tracing), else 'einsum'.
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.family not in ("qwen2", "llama"):
@@ -59,6 +67,8 @@ class ModelConfig:
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         as_dtype(self.param_dtype)
         as_dtype(self.dtype)
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"unknown attention {self.attention!r}; expected one of {ATTENTION_IMPLS}")
         policies = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
         if self.remat_policy not in policies:
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of {policies}")

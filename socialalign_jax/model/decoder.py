@@ -22,11 +22,8 @@ import jax.numpy as jnp
 from socialalign_jax.model import modules
 from socialalign_jax.model.config import ModelConfig, as_dtype
 from socialalign_jax.model.pac_lora import LoraConfig
-from socialalign_jax.parallel import sharding
 
 
-_ACT_KV = modules.ACT_KV
-_constrain = sharding.logical_constraint
 
 
 ModelOutput = modules.ModelOutput
@@ -76,28 +73,24 @@ def _to_dict(tree):
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig | None = None,
                dtype=None) -> dict:
-    """An empty KV cache for `max_len` slots.
+    """An empty KV cache for `max_len` slots: the `cache` collection of `modules.KVCache`.
 
-    key_pos holds the absolute position of each filled slot (-1 = empty or padding), so
-    attention and routing never depend on slot order or on how the tokens were chunked.
+    {k, v [L, B, T, Hkv, Dh] in dtype (default cfg.dtype), key_pos [B, T] (-1 = empty), index [],
+    next_pos / user_end / news_end [B], and with pooled routing pooled {target: {a, b}}}.
     """
-    dt = as_dtype(dtype or cfg.dtype)
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    cache = {
-        "k": _constrain(jnp.zeros(shape, dt), ("layers",) + _ACT_KV),
-        "v": _constrain(jnp.zeros(shape, dt), ("layers",) + _ACT_KV),
-        "key_pos": jnp.full((batch, max_len), -1, jnp.int32),
-        "index": jnp.zeros((), jnp.int32),
-        "next_pos": jnp.zeros((batch,), jnp.int32),
-        "user_end": jnp.zeros((batch,), jnp.int32),
-        "news_end": jnp.zeros((batch,), jnp.int32),
-    }
-    if lora_cfg is not None and lora_cfg.routing == "pooled" and lora_cfg.targets:
-        cache["pooled"] = {
-            name: {"a": jnp.full((cfg.num_layers, batch, lora_cfg.num_analyze), 1.0 / lora_cfg.num_analyze),
-                   "b": jnp.full((cfg.num_layers, batch, lora_cfg.num_compose), 1.0 / lora_cfg.num_compose)}
-            for name in lora_cfg.targets}
-    return cache
+    return nn.unbox(cache_boxed(cfg, batch, max_len, lora_cfg, dtype))
+
+
+def cache_boxed(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig | None = None, dtype=None):
+    """The cache of `init_cache` with its `nn.LogicallyPartitioned` boxes (its declared logical axes)."""
+    dec = modules.Decoder(cfg, lora_cfg)
+    return dec.init({}, batch, max_len, dtype, method=dec.make_cache)["cache"]["kv"]
+
+
+def cache_axes(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig | None = None) -> dict:
+    """Logical axes of every leaf of `init_cache`'s tree, as declared in `modules.KVCache`."""
+    boxed = jax.eval_shape(lambda: cache_boxed(cfg, batch, max_len, lora_cfg))
+    return jax.tree.map(lambda b: tuple(b.names), boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 _positions = modules._positions
@@ -132,7 +125,15 @@ def forward(params, input_ids, cfg: ModelConfig, *, attention_mask=None, positio
                                            for i in range(len(layer_params))}
     dec = modules.Decoder(cfg, lc, deterministic=deterministic, unrolled=unrolled,
                           remat_unrolled=cfg.remat and cache is None)
-    return dec.apply(variables, input_ids, attention_mask, positions, spans, cache, rng, compute_logits)
+    if cache is None:
+        return dec.apply(variables, input_ids, attention_mask, positions, spans, False, rng, compute_logits)
+    if lc is not None and lc.routing == "pooled" and lc.targets and "pooled" not in cache:
+        # Without the stored prefill summaries every decoded token would silently get uniform gates.
+        raise ValueError("pooled routing with a KV cache needs init_cache(cfg, batch, max_len, lora_cfg)")
+    variables["cache"] = {"kv": cache}
+    out, updated = dec.apply(variables, input_ids, attention_mask, positions, spans, True, rng, compute_logits,
+                             mutable=["cache"])
+    return out._replace(cache=updated["cache"]["kv"])
 
 
 def unstack_layers(params: dict) -> dict:

@@ -37,19 +37,24 @@ def apply_rope(x, cos, sin):
     return out.astype(x.dtype)
 
 
-def attention(q, k, v, q_pos, k_pos):
+def attention(q, k, v, q_pos, k_pos, impl: str = "einsum"):
     """Grouped-query causal attention over absolute positions.
 
     q [B, S, Hq, Dh]; k, v [B, T, Hkv, Dh]; q_pos [B, S]; k_pos [B, T] with -1 marking empty or
     padded key slots. A query attends to every valid key whose position is <= its own, which is
     the causal mask for a full forward and for a KV cache alike (slots need not be in order).
+    impl: 'einsum' (below), or 'xla' / 'cudnn' for `jax.nn.dot_product_attention` with that
+    implementation and the same mask (cuDNN's fused kernel never materialises the scores).
     Returns [B, S, Hq, Dh].
     """
+    allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, S, T]
+    if impl != "einsum":
+        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed[:, None],
+                                            implementation=impl)
     dh = q.shape[-1]
     qg = rearrange(q, "b s (k g) d -> b s k g d", k=k.shape[2])  # query heads grouped by their kv head
     scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(dh)))
-    allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, S, T]
     # An additive bias rather than a select: its backward is the identity, where a select's
     # materialises a zero tensor of the scores' size. -1e30 + score rounds to -1e30, so the
     # probabilities are the same as with the select.

@@ -22,7 +22,12 @@ The maths of each piece is the one implementation in `layers` (norm, RoPE, atten
 `pac_lora` (routing, expert mixing, the fused CPU matmul with its custom VJP); the modules
 only declare parameters and wire them. An adapted linear map is adapted exactly when its
 `lora` variables are present, so one module serves the base model and every target set.
-The KV cache is an argument (a dict from `decoder.init_cache`), updated in place per layer.
+  cache   the KV cache of incremental decoding (`KVCache`): k, v [L, B, T, Hkv, Dh] with the
+          absolute position of every slot, the write index, each row's next position and prompt
+          spans, and (pooled routing) the prefill's gate weights. Declared here with its logical
+          axes like any parameter; `Decoder.__call__(use_cache=True)` reads it, runs the layers
+          with the stacked k/v in the scan's carry (each layer writes its chunk in place), and
+          writes it back, so `apply(..., mutable=['cache'])` returns the updated cache.
 """
 
 from __future__ import annotations
@@ -107,7 +112,13 @@ def _lora_var(mod: nn.Module, name: str, init, shape, axes):
     return mod.variable("lora", name, lambda: boxed(mod.make_rng("params"), shape, jnp.float32)).value
 
 
+def _cache_var(mod: nn.Module, name: str, make, axes):
+    """A `cache` variable with its logical axes; `make()` builds the empty value (only when declared)."""
+    return mod.variable("cache", name, lambda: nn.LogicallyPartitioned(make(), axes))
+
+
 # ----------------------------------------------------------------------------- base modules
+
 
 class Embed(nn.Module):
     """Token embedding [V, D]; also the tied LM head."""
@@ -239,6 +250,29 @@ def init_linear_adapter(key, num_layers: int, d_in: int, d_out: int, lc: LoraCon
     return {"A": out["A"], "B": out["B"], "gate_a": dict(out["gate_a"]), "gate_b": dict(out["gate_b"])}
 
 
+# What stops cuDNN's fused attention while tracing: a dtype, head size, mask or cuDNN version it
+# does not support. 'auto' then takes the einsum path instead of failing the step.
+_CUDNN_REFUSALS = (NotImplementedError, ValueError, RuntimeError, TypeError)
+
+
+def attend(cfg: ModelConfig, q, k, v, q_pos, k_pos):
+    """`layers.attention` with cfg.attention resolved for the devices being traced for.
+
+    'auto' picks cuDNN only for GPUs (`sharding.target_platform`, so a plan traced for a mesh
+    follows that mesh) in bfloat16/float16, its supported dtypes, and falls back to 'einsum'
+    if cuDNN refuses the call; an explicit 'cudnn' lets that error through.
+    """
+    impl = cfg.attention
+    if impl == "auto":
+        if sharding.target_platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+            try:
+                return layers.attention(q, k, v, q_pos, k_pos, impl="cudnn")
+            except _CUDNN_REFUSALS:
+                pass
+        impl = "einsum"
+    return layers.attention(q, k, v, q_pos, k_pos, impl=impl)
+
+
 class Attention(_Adapted):
     """Grouped-query attention with RoPE over absolute positions; q/k/v/o adaptable (q/k/v biased in Qwen2).
 
@@ -265,9 +299,9 @@ class Attention(_Adapted):
             k_all = constrain(jax.lax.dynamic_index_in_dim(k_c, i, 0, keepdims=False), ACT_KV)  # [B, T, Hkv, Dh]
             v_all = constrain(jax.lax.dynamic_index_in_dim(v_c, i, 0, keepdims=False), ACT_KV)
             kv = (k_c, v_c)
-            attn = layers.attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), ctx["q_pos"], ctx["k_pos"])
+            attn = attend(cfg, q, k_all.astype(q.dtype), v_all.astype(q.dtype), ctx["q_pos"], ctx["k_pos"])
         else:
-            attn = layers.attention(q, k, v, ctx["q_pos"], ctx["k_pos"])
+            attn = attend(cfg, q, k, v, ctx["q_pos"], ctx["k_pos"])
         attn = constrain(attn, ACT_HEADS)
         out = lin(rearrange(attn, "b s h d -> b s (h d)"), "o")
         return out, kv, stats, new_pooled
@@ -371,6 +405,68 @@ class SentimentHead(nn.Module):
         return h @ kernel.astype(jnp.float32) + bias.astype(jnp.float32)
 
 
+class _PooledGateCache(nn.Module):
+    """One target's stored prefill gate weights: a [L, B, Ea], b [L, B, Eb], uniform until prefill."""
+    num_layers: int
+    batch: int
+    num_analyze: int
+    num_compose: int
+
+    @nn.compact
+    def __call__(self):
+        l, b, ea, eb = self.num_layers, self.batch, self.num_analyze, self.num_compose
+        return {"a": _cache_var(self, "a", lambda: jnp.full((l, b, ea), 1.0 / ea), ("layers", "batch", None)),
+                "b": _cache_var(self, "b", lambda: jnp.full((l, b, eb), 1.0 / eb), ("layers", "batch", None))}
+
+
+class _PooledCache(nn.Module):
+    """{target: _PooledGateCache} for every adapted map."""
+    num_layers: int
+    batch: int
+    lc: LoraConfig
+
+    @nn.compact
+    def __call__(self):
+        lc = self.lc
+        return {t: _PooledGateCache(self.num_layers, self.batch, lc.num_analyze, lc.num_compose, name=t)()
+                for t in lc.targets}
+
+
+class KVCache(nn.Module):
+    """The `cache` collection: every variable of incremental decoding, declared once.
+
+    key_pos holds the absolute position of each filled slot (-1 = empty or padding), so attention
+    and routing never depend on slot order or on how the tokens were chunked. batch, max_len and
+    dtype matter only when the cache is created (`decoder.init_cache`); afterwards the shapes are
+    those of the cache passed in. Returns {name: nn.Variable} (pooled: {target: {'a', 'b'}}).
+    """
+    cfg: ModelConfig
+    lc: LoraConfig | None = None
+
+    @nn.compact
+    def __call__(self, batch: int = 0, max_len: int = 0, dtype=None):
+        cfg = self.cfg
+        dt = as_dtype(dtype or cfg.dtype)
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        kv_axes = ("layers",) + ACT_KV
+        zeros_kv = lambda: constrain(jnp.zeros(shape, dt), kv_axes)  # noqa: E731
+        per_row = lambda: jnp.zeros((batch,), jnp.int32)  # noqa: E731
+        out = {
+            "k": _cache_var(self, "k", zeros_kv, kv_axes),
+            "v": _cache_var(self, "v", zeros_kv, kv_axes),
+            "key_pos": _cache_var(self, "key_pos", lambda: jnp.full((batch, max_len), -1, jnp.int32),
+                                  ("batch", None)),
+            "index": _cache_var(self, "index", lambda: jnp.zeros((), jnp.int32), ()),
+            "next_pos": _cache_var(self, "next_pos", per_row, ("batch",)),
+            "user_end": _cache_var(self, "user_end", per_row, ("batch",)),
+            "news_end": _cache_var(self, "news_end", per_row, ("batch",)),
+        }
+        lc = self.lc
+        if lc is not None and lc.routing == "pooled" and lc.targets:
+            out["pooled"] = _PooledCache(cfg.num_layers, batch, lc, name="pooled")()
+        return out
+
+
 def _positions(attention_mask, start):
     """Absolute positions from a padding mask: real tokens count up from `start` [B] (left or right padding)."""
     return start[:, None] + jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
@@ -401,6 +497,11 @@ class Decoder(nn.Module):
             self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, pdt)
         if self.lc is not None and self.lc.num_classes > 0:
             self.head = SentimentHead(cfg.hidden_size, self.lc.num_classes)
+        self.kv = KVCache(cfg, self.lc)
+
+    def make_cache(self, batch: int, max_len: int, dtype=None):
+        """Declare the `cache` collection for `batch` rows of `max_len` slots (init only)."""
+        self.kv(batch, max_len, dtype)
 
     def logits(self, hidden):
         """hidden [B, S, D] -> logits [B, S, V] float32."""
@@ -417,10 +518,18 @@ class Decoder(nn.Module):
             self.sentiment(out.hidden, jnp.ones((input_ids.shape[0],), jnp.int32))
         return out.logits
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, spans=None, cache=None, rng=None,
+    def __call__(self, input_ids, attention_mask=None, positions=None, spans=None, use_cache=False, rng=None,
                  compute_logits=True):
-        """See `decoder.forward`. Returns (logits, hidden, new_cache, gate_stats)."""
+        """See `decoder.forward`. Returns (logits, hidden, None, gate_stats).
+
+        use_cache: read the `cache` collection (declared by `make_cache`), write this chunk into
+        it and update it; apply with mutable=['cache'] to get it back.
+        """
         cfg, lc = self.cfg, self.lc
+        cache_vars = cache = None
+        if use_cache:
+            cache_vars = self.kv()
+            cache = _values(cache_vars)
         dt = as_dtype(cfg.dtype)
         b, s = input_ids.shape
         if attention_mask is None:
@@ -478,13 +587,30 @@ class Decoder(nn.Module):
         hidden = constrain(self.final_norm(x), ACT)
         logits = self.logits(hidden) if compute_logits else None
 
-        new_cache = None
         if cache is not None:
-            new_cache = dict(cache)
-            new_cache.update(
-                k=kv_out[0], v=kv_out[1], key_pos=ctx["k_pos"], index=index + s,
-                next_pos=jnp.maximum(start, jnp.max(jnp.where(valid, positions + 1, 0), axis=1)),
-                user_end=user_end, news_end=news_end)
+            new = dict(k=kv_out[0], v=kv_out[1], key_pos=ctx["k_pos"], index=index + s,
+                       next_pos=jnp.maximum(start, jnp.max(jnp.where(valid, positions + 1, 0), axis=1)),
+                       user_end=user_end, news_end=news_end)
             if pooled_xs is not None:
-                new_cache["pooled"] = pooled_out
-        return ModelOutput(logits, hidden, new_cache, stats if lc is not None else None)
+                new["pooled"] = pooled_out
+            _assign(cache_vars, new)
+        return ModelOutput(logits, hidden, None, stats if lc is not None else None)
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nn.Variable)
+
+
+def _values(variables):
+    """{name: nn.Variable} (nested) -> {name: value}."""
+    return jax.tree.map(lambda v: v.value, variables, is_leaf=_is_var)
+
+
+def _assign(variables, values) -> None:
+    """Write `values` into the matching nested {name: nn.Variable}."""
+    for name, value in values.items():
+        target = variables[name]
+        if _is_var(target):
+            target.value = value
+        else:
+            _assign(target, value)

@@ -222,18 +222,6 @@ def _compile_into(plan: MemoryPlan, lowered) -> Any:
     return compiled
 
 
-def cache_axes(cache) -> dict:
-    """Logical axes of the KV cache tree of `decoder.init_cache` (k, v [L, B, T, Hkv, Dh])."""
-    def one(path, leaf):
-        name = sharding._key_name(path[0])
-        if name in ("k", "v"):
-            return ("layers", "batch", "length", "kv_heads", None)
-        if leaf.ndim == 0:
-            return ()
-        return ("layers", "batch", None)[-leaf.ndim:] if name == "pooled" else ("batch",) + (None,) * (leaf.ndim - 1)
-    return jax.tree_util.tree_map_with_path(one, cache)
-
-
 def plan_decode(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, mesh: Mesh, batch: int, prompt_len: int,
                 max_new_tokens: int, *, compile_step: bool = True, rules=None) -> MemoryPlan:
     """Plan of `sampling.generate` (prefill + the whole greedy decode loop, one program) on `mesh`.
@@ -248,8 +236,10 @@ def plan_decode(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, mesh: Mesh,
     if lora_cfg is not None:
         adapters = jax.eval_shape(lambda: pac_lora.init_adapters(jax.random.PRNGKey(0), model_cfg, lora_cfg))
         ad_sh = sharding.shardings_for(adapters, mesh, rules, strict=False)
-    cache = jax.eval_shape(lambda: decoder.init_cache(model_cfg, batch, prompt_len + max_new_tokens, lora_cfg))
-    cache_sh = sharding.shardings_for(cache, mesh, rules, logical=cache_axes(cache))
+    slots = prompt_len + max_new_tokens
+    cache = jax.eval_shape(lambda: decoder.init_cache(model_cfg, batch, slots, lora_cfg))
+    cache_sh = sharding.shardings_for(cache, mesh, rules,
+                                      logical=decoder.cache_axes(model_cfg, batch, slots, lora_cfg))
     bsh = sharding.batch_sharding(mesh, rules)
     repl = NamedSharding(mesh, P())
     prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=bsh)

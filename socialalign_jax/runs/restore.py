@@ -108,7 +108,8 @@ def load_base(cfg) -> Base:
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     weights = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
     model_cfg = weights.cfg.replace(remat=bool(cfg.model.remat), scan_layers=bool(cfg.model.get("scan_layers", True)),
-                                    remat_policy=str(cfg.model.get("remat_policy", "nothing_saveable")))
+                                    remat_policy=str(cfg.model.get("remat_policy", "nothing_saveable")),
+                                    attention=str(cfg.model.get("attention", "auto")))
     params = jax.device_put(weights.params, sharding.shardings_for(weights.params, mesh, rules))
     tokenizer = weights.tokenizer
     if cfg.data.tokenizer:

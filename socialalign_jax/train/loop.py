@@ -212,7 +212,7 @@ def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[st
 RESUME_FREE = ("train.num_steps", "train.num_epochs", "train.log_every", "train.checkpoint_every",
                "train.keep_checkpoints", "train.async_checkpoint", "train.eval_at_end", "train.eval_max_examples",
                "train.tensorboard", "train.generate_at_end", "train.labeller", "data.eval_batch_size",
-               "model.remat", "model.remat_policy", "model.scan_layers", "lora.fuse_base", "mesh.", "distributed.", "sample.", "hardware.")
+               "model.remat", "model.remat_policy", "model.scan_layers", "model.attention", "lora.fuse_base", "mesh.", "distributed.", "sample.", "hardware.")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -161,6 +161,18 @@ def section_agree() -> dict:
     for fuse in ("always", "never"):
         got = jax.jit(functools.partial(fwd, cfg=cfg16, lcf=_lc(lc, fuse)))(params16, ad_acc, b_acc)
         check(f"forward_logits_fuse_{fuse}_rel_max", _rel_max(got, ref), LOGITS_RTOL)
+    # each attention path on the card (model.attention; 'auto' above is cuDNN on a GPU when cuDNN
+    # accepts the call): a refusal by cuDNN is recorded, not failed, since 'auto' falls back.
+    attention = {}
+    for impl in ("einsum", "cudnn" if acc.platform == "gpu" else "xla"):
+        try:
+            got = jax.jit(functools.partial(fwd, cfg=cfg16.replace(attention=impl), lcf=_lc(lc, "never")))(
+                params16, ad_acc, b_acc)
+        except Exception as e:  # noqa: BLE001 - what cuDNN refuses is the finding
+            attention[impl] = f"refused: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            continue
+        attention[impl] = "ran"
+        check(f"forward_logits_attention_{impl}_rel_max", _rel_max(got, ref), LOGITS_RTOL)
 
     # loss and adapter gradients (deterministic), then one real step (dropout on, state donated)
     loss_cfg = step_lib.LossConfig(max_response_tokens=resp)
@@ -216,7 +228,7 @@ def section_agree() -> dict:
                 row_lg = lg[row, lens[row] - 1 + t]
                 worst = max(worst, float((row_lg.max() - row_lg[toks[row, t]]) / np.abs(row_lg).max()))
         check(f"decode_{loop}_worst_margin_rel", worst, DECODE_MARGIN)
-    return {"ok_checks": not failed, "failed": failed, "checks": checks, "decoded": decoded,
+    return {"ok_checks": not failed, "failed": failed, "checks": checks, "decoded": decoded, "attention": attention,
             "shape": f"tiny-qwen2 vocab 512 ({cfg32.num_layers} layers, D {cfg32.hidden_size}), batch {b} x {s}",
             "reference": f"float32 on {host.device_kind}", "tested": f"bfloat16 on {acc.device_kind}"}
 

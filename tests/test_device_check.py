@@ -37,8 +37,10 @@ def test_every_section_passes(lines):
 
 def test_bf16_agreement_is_measured_not_trivial(lines):
     checks = lines["agree"]["checks"]
+    assert lines["agree"]["attention"] == {"einsum": "ran", "xla": "ran"}  # on a GPU: einsum and cudnn
     for name in ("forward_logits_fuse_always_rel_max", "forward_logits_fuse_never_rel_max", "loss_rel",
-                 "adapter_grads_rel_l2"):
+                 "adapter_grads_rel_l2", "forward_logits_attention_einsum_rel_max",
+                 "forward_logits_attention_xla_rel_max"):
         assert 0 < checks[name]["value"] <= checks[name]["bound"], (name, checks[name])
     for loop in ("scan", "unrolled"):
         c = checks[f"decode_{loop}_worst_margin_rel"]

@@ -25,6 +25,7 @@ import numpy as np
 
 from socialalign_jax.core.atomic_io import write_json, write_jsonl  # noqa: F401 (part of this module's API)
 from socialalign_jax.core.errors import UserError
+from socialalign_jax.data.records import DEFAULT_LABELS
 from socialalign_jax.inference import sampling
 from socialalign_jax.inference.sampling import SamplingConfig
 from socialalign_jax.model import decoder, pac_lora
@@ -32,7 +33,6 @@ from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.train import losses
 
-SENTIMENTS = ("negative", "neutral", "positive")
 LENGTH_BUCKET = 32  # prompt and sequence lengths are rounded up to a multiple of this
 
 
@@ -166,7 +166,7 @@ class GateAccumulator:
 
 def generate_predictions(params, adapters, model_cfg: ModelConfig, lora_cfg: LoraConfig | None,
                          scfg: SamplingConfig, examples: Iterable[Mapping[str, Any]], tokenizer, batch_size: int,
-                         *, labels: Sequence[str] = SENTIMENTS, source_name: str = "examples",
+                         *, labels: Sequence[str] = DEFAULT_LABELS, source_name: str = "examples",
                          total: int | None = None, progress: bool = True, score_reference: bool = True,
                          gates: GateAccumulator | None = None) -> Iterator[dict]:
     """Yield one prediction dict per example, in input order.
@@ -300,7 +300,7 @@ def run_generate(cfg, workdir: str, *, split: str = "test", out: str, max_exampl
     source = Subset(source, max_examples)  # evenly spaced over the split, as in training's eval
     n = len(source)
     # The class names live under 'classes' in the dataset metadata ('labels' there is the per-split label index).
-    labels = tuple(data.dataset.metadata.get("classes") or SENTIMENTS)
+    labels = tuple(data.dataset.metadata.get("classes") or DEFAULT_LABELS)
     gates = GateAccumulator() if gates_out else None
     examples = (source[i] for i in range(n))
     records = generate_predictions(

@@ -29,14 +29,13 @@ import numpy as np
 
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data.prompt import PromptConfig, PromptTooLong, build_example
-from socialalign_jax.data.records import DataError, Event
+from socialalign_jax.data.records import DEFAULT_LABELS, DataError, Event
 from socialalign_jax.inference import generation, sampling as sampling_lib
 from socialalign_jax.inference.sampling import SamplingConfig
 from socialalign_jax.predict import crowd as crowd_lib
 from socialalign_jax.predict.users import User, as_users, prompt_case
 
 DEFAULT_MAX_USERS = 10_000
-DEFAULT_LABELS = ("negative", "neutral", "positive")
 
 
 class PredictError(UserError, ValueError):

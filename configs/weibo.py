@@ -11,6 +11,7 @@ Presets change only what differs from the default; every field can be overridden
 
 from ml_collections import config_dict
 
+from socialalign_jax.data.records import DEFAULT_LABELS
 from socialalign_jax.parallel import axis_rules
 
 ALL_TARGETS = "q,k,v,o,gate,up,down"
@@ -47,7 +48,7 @@ def base_config() -> config_dict.ConfigDict:
     c.data.input = ""  # raw input dir/file; '' = the bundled synthetic sample
     c.data.data_dir = ""  # built dataset dir; '' = <workdir>/data
     c.data.tokenizer = ""  # '' = the model's own tokenizer
-    c.data.labels = "negative,neutral,positive"
+    c.data.labels = ",".join(DEFAULT_LABELS)  # negative,neutral,positive; favor,against,neutral for zs_csd/nlpcc2016
     c.data.max_length = 320
     c.data.mode = "full"  # full | without_persona | without_history
     c.data.on_overflow = "skip"  # skip (counted and reported in the build summary) | raise (stop at the first)

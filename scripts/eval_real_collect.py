@@ -13,6 +13,8 @@ import math
 import re
 from pathlib import Path
 
+from socialalign_jax.evaluation.distributions import jsd  # the metric the runs report
+
 ROWS = [("base_macro", "base model, head only (lora.targets='')", True),
         ("base_nomacro", "base model, head only (lora.targets='')", False),
         ("lora_macro", "plain LoRA (1 x 1 experts)", True),
@@ -40,13 +42,6 @@ def label_counts(summary: Path) -> dict[str, list[int]] | None:
     return counts if {"train", "test"} <= set(counts) else None
 
 
-def _jsd(p, q) -> float:
-    def kl(a, b):
-        return sum(x * math.log(x / y) for x, y in zip(a, b) if x > 0)
-    m = [(x + y) / 2 for x, y in zip(p, q)]
-    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
-
-
 def reference_rows(runs: Path, seed: str) -> list[str]:
     """Model-free references on the same held-out events: always the training majority class
     (accuracy, macro-F1) and the training-label prior / uniform as every event's distribution (JSD)."""
@@ -60,7 +55,7 @@ def reference_rows(runs: Path, seed: str) -> list[str]:
     major = max(range(3), key=lambda i: train[i])
     acc = test[major] / sum(test)
     f1_major = 2 * acc / (1 + acc)  # precision = acc, recall = 1; the other classes score 0
-    mean_jsd = lambda dist: sum(_jsd(e["real"], dist) for e in events) / len(events)  # noqa: E731
+    mean_jsd = lambda dist: sum(float(jsd(e["real"], dist)) for e in events) / len(events)  # noqa: E731
     n = f"{len(events)} / {sum(test)}"
     return [f"| reference: training majority class / training-label prior for every case (no model) | | {seed[4:]} |"
             f" | {fmt(f1_major / 3)} | {fmt(acc)} | {fmt(mean_jsd(prior))} | {n} |",

@@ -18,7 +18,7 @@ from socialalign_jax.data import pipeline as P
 from socialalign_jax.data import records, tfds_builders as B
 from socialalign_jax.data.prompt import PromptConfig, build_example
 
-CLASSES = ["negative", "neutral", "positive"]
+CLASSES = list(records.DEFAULT_LABELS)
 
 
 def write_events(d: Path, n_events=6, seed=0):

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import jensenshannon
 
+from socialalign_jax.data.records import DEFAULT_LABELS
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "evaluate.py"
-LABELS = ["negative", "neutral", "positive"]
+LABELS = list(DEFAULT_LABELS)
 POS = "这部电影太好看了，我非常喜欢！"
 NEG = "太糟糕了，我很生气，真是垃圾。"
 

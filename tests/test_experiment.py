@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from socialalign_jax.data.records import DEFAULT_LABELS
 from socialalign_jax.evaluation import bootstrap, distributions, metrics
 from socialalign_jax.experiments import cells as C
 from socialalign_jax.experiments import folds as FO
@@ -175,7 +176,7 @@ def _selection(n_events=6, per_event=5, seed=0, vocab=512):
     events = [{"name": f"event {e}", "real": (np.bincount(np.array(lab)[np.array(ev) == e], minlength=3)
                                               / per_event).tolist(), "count": per_event} for e in range(n_events)]
     n = len(prompts)
-    return {"prompts": prompts, "events": events, "classes": ["negative", "neutral", "positive"], "pad_id": 0,
+    return {"prompts": prompts, "events": events, "classes": list(DEFAULT_LABELS), "pad_id": 0,
             "examples": {"event": np.array(ev), "label": np.array(lab), "prompt_len": np.array([len(p) for p in prompts]),
                          "case_index": np.arange(n), "row": np.arange(n)}}
 

@@ -32,6 +32,7 @@ import pytest
 from socialalign_jax.core import atomic_io
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data import setup
+from socialalign_jax.data.records import DEFAULT_LABELS
 from socialalign_jax.model import pac_lora
 from socialalign_jax.model.presets import get_preset
 from socialalign_jax.parallel import sharding
@@ -559,7 +560,7 @@ def test_megabyte_texts_do_not_hang_the_build(tmp_path):
 def test_a_long_generated_post_does_not_hang_the_labeller(tmp_path):
     from socialalign_jax.evaluation.labellers import MAX_LABEL_CHARS, LexiconLabeller
 
-    labels = ["negative", "neutral", "positive"]
+    labels = list(DEFAULT_LABELS)
     recs = [{"event": "e", "event_id": 0, "user": "u", "prompt_id": i, "generated": g, "reference": "好",
              "label": "positive", "probs": [0.2, 0.2, 0.6], "labels": labels}
             for i, g in enumerate(["太好了" * 27_000, "\u200b \u200d\ufeff"])]
@@ -621,7 +622,7 @@ def test_duplicate_records_are_refused(tmp_path):
                                         r"\(also dev_data.json record 0\)"):
         zs_csd.read_zs_csd(str(tmp_path / "dev_data.json"))
 
-    labels = ["negative", "neutral", "positive"]
+    labels = list(DEFAULT_LABELS)
     row = {"event": "line one\nline two", "event_id": 0, "user": "u", "prompt_id": "0:1", "generated": "g",
            "reference": "r", "label": None, "probs": [0.2, 0.2, 0.6], "labels": labels}
     preds = tmp_path / "p.jsonl"

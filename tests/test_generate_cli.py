@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from socialalign_jax.data.records import DEFAULT_LABELS
 from socialalign_jax.inference import generation, sampling
 from socialalign_jax.inference.sampling import SamplingConfig
 from socialalign_jax.model import decoder, pac_lora
@@ -87,7 +88,7 @@ def test_predictions_match_unbatched_references(setup, tok):
         ref = sum(logp[t - 1, ids[t]] for t in range(p, len(ids)))
         np.testing.assert_allclose(rec["ref_logprob_sum"], ref, rtol=1e-5)
         assert rec["ref_num_tokens"] == len(ids) - p
-        assert rec["label"] == (None if i == 0 else generation.SENTIMENTS[i - 1])
+        assert rec["label"] == (None if i == 0 else DEFAULT_LABELS[i - 1])
         assert rec["prompt_id"] == f"7:{i}" and rec["event"] == "事件" and rec["reference"] == f"回复{i}"
 
     # Gate statistics: counts are the real tokens per segment, weights are distributions.

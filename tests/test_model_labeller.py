@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from socialalign_jax.data.records import DEFAULT_LABELS
 from socialalign_jax.evaluation.labellers import ZERO_SHOT_PROMPT, ZERO_SHOT_WORDS
 from socialalign_jax.evaluation.model_labeller import model_score_fn, zero_shot_labeller
 from socialalign_jax.model import decoder
@@ -86,7 +87,7 @@ def test_evaluate_cli_zeroshot(tmp_path, capsys, weights, monkeypatch):
     from socialalign_jax.weights import resolve
 
     cli = _evaluate_cli()
-    labels = ["negative", "neutral", "positive"]
+    labels = list(DEFAULT_LABELS)
     recs = [{"event": "事件", "event_id": 0, "user": "u", "prompt_id": i, "generated": t, "reference": t,
              "label": lab, "probs": [0.2, 0.3, 0.5], "labels": labels}
             for i, (t, lab) in enumerate([("好开心", "positive"), ("真糟糕", "negative")])]

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from socialalign_jax.core.atomic_io import write_json
+from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data.prompt import format_post
 from socialalign_jax.data.records import Case, DataError, load_json, read_event_file
@@ -105,10 +106,6 @@ class PersonaSummary:
                 f"{self.truncated_items} items cut to {MAX_ITEM_CHARS} characters")
 
 
-def _round_up(n: int, m: int) -> int:
-    return max(m, -(-n // m) * m)
-
-
 def generate_answers(params, cfg, tokenizer, prompts: Sequence[str], scfg: SamplingConfig, *,
                      batch_size: int = 8, seed: int = 0, progress: bool = True) -> list[str]:
     """Sample one reply per user turn (ChatML, no system turn) with the base model.
@@ -130,7 +127,7 @@ def generate_answers(params, cfg, tokenizer, prompts: Sequence[str], scfg: Sampl
             rows = enc[start:start + batch_size]
             n_real = len(rows)
             rows = rows + [rows[0]] * (batch_size - n_real)
-            ids, mask = sampling.left_pad(rows, scfg.pad_id, _round_up(max(map(len, rows)), LENGTH_BUCKET))
+            ids, mask = sampling.left_pad(rows, scfg.pad_id, bucket(max(map(len, rows)), multiple=LENGTH_BUCKET))
             zeros = np.zeros((batch_size,), np.int32)  # no adapters: spans are not read
             out = sampling.generate(params, None, ids, mask, cfg, None, scfg, (zeros, zeros),
                                     jax.random.fold_in(key, k))

@@ -31,6 +31,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
+from socialalign_jax.core.buckets import bucket
+
 # Keys and dtypes of a batch: docs/DESIGN.md "Batch".
 BATCH_DTYPES = {
     "input_ids": np.int32, "attention_mask": np.int32, "loss_mask": np.int32,
@@ -154,11 +156,15 @@ def pad_rows(examples: Sequence[Mapping[str, Any] | None], seq_len: int, pad_id:
 
 
 def _bucket(lengths: np.ndarray, cfg: BatchConfig) -> int:
+    """The padded length S of a batch: the smallest configured bucket that fits its longest row.
+
+    seq_len is always the last bucket, and a row longer than seq_len is given seq_len too, so
+    that pad_rows rejects it with an error naming the example rather than a bare length.
+    """
     if not cfg.buckets:
         return cfg.seq_len
     longest = int(lengths.max()) if lengths.size else 1
-    fits = [b for b in sorted(cfg.buckets) if b >= longest]
-    return fits[0] if fits else cfg.seq_len
+    return bucket(min(longest, cfg.seq_len), sizes=(*cfg.buckets, cfg.seq_len))
 
 
 def scan_index(source) -> dict[str, np.ndarray]:

@@ -22,9 +22,10 @@ import math
 import random
 from pathlib import Path
 
+from socialalign_jax.data.records import DEFAULT_LABELS
+
 SAMPLE_DIR = Path(__file__).parent / "sample"
 DEFAULT_SEED = 20250701
-LABELS = ("negative", "neutral", "positive")
 SCALE = 1.6
 
 # (topic, news, keywords, base polarity)
@@ -110,7 +111,7 @@ def generate_events(seed: int = DEFAULT_SEED, num_events: int = 12, users_per_ev
         cases = []
         for u in rng.sample(users, users_per_event):
             z = base + u["d"]
-            label = rng.choices(LABELS, weights=_softmax([-SCALE * z, 0.0, SCALE * z]))[0]
+            label = rng.choices(DEFAULT_LABELS, weights=_softmax([-SCALE * z, 0.0, SCALE * z]))[0]
             weibo = f"{rng.choice(OPENERS)}{rng.choice(kws)}这事，{rng.choice(PHRASES[label])}！#{topic}#"
             cases.append({"user_name": u["name"], "weibo": weibo, "history": u["history"],
                           "user_persona": u["persona"], "sentiment": label,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from socialalign_jax.core.errors import UserError
+from socialalign_jax.data.records import DEFAULT_LABELS
 
 
 @dataclasses.dataclass
@@ -79,7 +80,7 @@ def prepare(cfg, tokenizer, workdir: str, *, build_if_missing: bool = True) -> D
         if not build_if_missing:
             raise UserError(f"{data_dir}: no built dataset; run launch/train.py or launch/build_dataset.py first")
         labels = tuple(x.strip() for x in str(cfg.data.labels).split(","))
-        if labels != tuple(B.T.SENTIMENTS) and len(labels) != cfg.lora.num_classes:
+        if labels != tuple(DEFAULT_LABELS) and len(labels) != cfg.lora.num_classes:
             raise UserError(f"data.labels has {len(labels)} classes but lora.num_classes={cfg.lora.num_classes}")
         bcfg = B.SocialConfig(
             name="default", source=cfg.data.source, input=cfg.data.input or default_input(cfg.data.source),
@@ -98,7 +99,7 @@ def prepare(cfg, tokenizer, workdir: str, *, build_if_missing: bool = True) -> D
             print(f"note: using the dataset in {ds.path} as built; ignored: {'; '.join(ignored)}")
     test = ds.sources.get("test")
     return Datasets(ds, ds.source("train"), test, ds.max_length, ds.pad_id,
-                    tuple(ds.metadata.get("classes") or B.T.SENTIMENTS))
+                    tuple(ds.metadata.get("classes") or DEFAULT_LABELS))
 
 
 # The data.* keys that decide what a built dataset holds (data.seed also orders batches; it is

@@ -21,10 +21,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-SENTIMENTS = ("negative", "neutral", "positive")
+from socialalign_jax.data.records import DEFAULT_LABELS
 
 
-def label_id(sentiment, classes: Sequence[str] = SENTIMENTS) -> int:
+def label_id(sentiment, classes: Sequence[str] = DEFAULT_LABELS) -> int:
     """Class id of a sentiment given as a name, an int id, or None (-> -1, unlabelled)."""
     if sentiment is None or sentiment == "":
         return -1

@@ -43,11 +43,11 @@ import tensorflow_datasets as tfds
 from socialalign_jax.core.atomic_io import write_json
 from socialalign_jax.data import targets as T
 from socialalign_jax.data.converters import STANCE_LABELS, read_ced, read_nlpcc2016, read_zs_csd
-from socialalign_jax.data.records import DataError, Event, read_alpaca, read_event_dir
+from socialalign_jax.data.records import DEFAULT_LABELS, DataError, Event, read_alpaca, read_event_dir
 from socialalign_jax.data.sample import SAMPLE_DIR
 
 VERSION = "1.0.0"
-NUM_CLASSES = len(T.SENTIMENTS)  # the default label set's size
+NUM_CLASSES = len(DEFAULT_LABELS)  # the default label set's size
 
 
 # ----------------------------------------------------------------------------- sources
@@ -100,7 +100,7 @@ def register_source(name: str, reader: Callable[..., list[Event]], labels: Seque
 
 
 def default_labels(source: str) -> tuple[str, ...]:
-    return SOURCE_LABELS.get(source, tuple(T.SENTIMENTS))
+    return SOURCE_LABELS.get(source, DEFAULT_LABELS)
 
 
 def read_source(cfg: "SocialConfig") -> list[Event]:
@@ -135,7 +135,7 @@ class SocialConfig(tfds.core.BuilderConfig):
     seed: int = 0
     lamp_outputs: str | None = None  # LaMP: outputs file (else taken from the input dir)
     lamp_task: str | None = None  # LaMP: 'LaMP-4' | 'LaMP-5' | 'LaMP-7'
-    labels: tuple[str, ...] = T.SENTIMENTS  # class names, in class-id order
+    labels: tuple[str, ...] = DEFAULT_LABELS  # class names, in class-id order
     max_events: int = 0  # converters: read only the first N events (0 = all)
     # Names of the events to hold out (k-fold cross-validation, socialalign_jax/experiments):
     # when given, they are the test split and test_fraction is not used.

@@ -11,6 +11,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from socialalign_jax.core.divergence import jensen_shannon, xlogy_ratio
+
 __all__ = ["KL_EPSILON", "normalise", "jsd", "kl", "total_variation", "summarise", "compare"]
 
 # KL(real || pred) is infinite when pred puts 0 where real does not (a hard labeller often does);
@@ -29,20 +31,14 @@ def normalise(p) -> np.ndarray:
     return p / s
 
 
-def _xlogy_ratio(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    # p * log(p / q) with 0 log 0 = 0; only called where q > 0 wherever p > 0.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0) / np.where(q > 0, q, 1.0)), 0.0)
-
-
 def jsd(p, q) -> np.ndarray:
     """Jensen-Shannon divergence 1/2 KL(p||m) + 1/2 KL(q||m), m = (p+q)/2, in nats (0..ln 2).
 
-    Exact, no smoothing: m > 0 wherever p or q is, so every term is finite.
+    Exact, no smoothing: m > 0 wherever p or q is, so every term is finite. The formula is
+    core.divergence's, the one the training loss L_macro uses, here in float64 on inputs
+    checked and normalised first.
     """
-    p, q = normalise(p), normalise(q)
-    m = 0.5 * (p + q)
-    return 0.5 * _xlogy_ratio(p, m).sum(-1) + 0.5 * _xlogy_ratio(q, m).sum(-1)
+    return jensen_shannon(normalise(p), normalise(q), np)
 
 
 def kl(p, q, eps: float = KL_EPSILON) -> np.ndarray:
@@ -51,7 +47,7 @@ def kl(p, q, eps: float = KL_EPSILON) -> np.ndarray:
     k = p.shape[-1]
     p = (p + eps) / (1 + k * eps)
     q = (q + eps) / (1 + k * eps)
-    return _xlogy_ratio(p, q).sum(-1)
+    return xlogy_ratio(p, q, np).sum(-1)
 
 
 def total_variation(p, q) -> np.ndarray:

@@ -11,12 +11,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from socialalign_jax.data.records import visible
+from socialalign_jax.data.records import DEFAULT_LABELS, visible
 
 __all__ = ["DEFAULT_LABELS", "Labeller", "LexiconLabeller", "MAX_LABEL_CHARS", "ZeroShotLabeller",
            "ZERO_SHOT_PROMPT", "ZERO_SHOT_WORDS", "clip_text"]
-
-DEFAULT_LABELS = ("negative", "neutral", "positive")
 
 # Bounded work per text: a labeller reads at most this many characters of each post (SnowNLP's
 # cost grows faster than linearly: an 80k-character post once took minutes). A Weibo post is at

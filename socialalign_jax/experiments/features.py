@@ -31,12 +31,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from socialalign_jax.core import atomic_io
+from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
 
 MANIFEST = "manifest.json"
 EXAMPLES = "examples.npz"
 EVENTS = "events.json"
 FORMAT = 1
+LENGTH_STEP = 32  # prompt lengths are padded up to a multiple of this (few shapes compile)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -172,10 +174,6 @@ def example_order(selection: dict, kind: str, chunk_size: int) -> np.ndarray:
     return order
 
 
-def _bucket(n: int, step: int = 32) -> int:
-    return max(step, -(-n // step) * step)
-
-
 def compute(out_dir: str | os.PathLike, selection: dict, params, model_cfg, *, model_digest: str,
             tok_digest: str, info: dict | None = None, batch_size: int = 8, chunk_size: int = 64,
             progress: bool = True, log=print) -> Path:
@@ -233,7 +231,7 @@ def compute(out_dir: str | os.PathLike, selection: dict, params, model_cfg, *, m
         feats = np.zeros((pos.size, model_cfg.hidden_size), np.float32)
         for s in range(0, pos.size, batch_size):
             part = pos[s:s + batch_size]
-            seq = _bucket(max(len(prompts[i]) for i in part))
+            seq = bucket(max(len(prompts[i]) for i in part), multiple=LENGTH_STEP)
             ids = np.full((batch_size, seq), pad, np.int32)
             mask = np.zeros((batch_size, seq), np.int32)
             plen = np.ones((batch_size,), np.int32)

@@ -16,7 +16,6 @@ one line naming the source, the example index and the field; nothing is skipped 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import jax
@@ -24,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from socialalign_jax.core.atomic_io import write_json, write_jsonl  # noqa: F401 (part of this module's API)
+from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
+from socialalign_jax.data.records import DEFAULT_LABELS
 from socialalign_jax.inference import sampling
 from socialalign_jax.inference.sampling import SamplingConfig
 from socialalign_jax.model import decoder, pac_lora
@@ -32,7 +33,6 @@ from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.train import losses
 
-SENTIMENTS = ("negative", "neutral", "positive")
 LENGTH_BUCKET = 32  # prompt and sequence lengths are rounded up to a multiple of this
 
 
@@ -115,10 +115,6 @@ def _score_batch(params, adapters, input_ids, attention_mask, loss_mask, user_en
 # ----------------------------------------------------------------------------- host side
 
 
-def _round_up(n: int, m: int) -> int:
-    return max(m, int(math.ceil(n / m)) * m)
-
-
 def _right_pad(rows: Sequence[np.ndarray], length: int, fill: int) -> np.ndarray:
     out = np.full((len(rows), length), fill, np.int32)
     for i, r in enumerate(rows):
@@ -166,7 +162,7 @@ class GateAccumulator:
 
 def generate_predictions(params, adapters, model_cfg: ModelConfig, lora_cfg: LoraConfig | None,
                          scfg: SamplingConfig, examples: Iterable[Mapping[str, Any]], tokenizer, batch_size: int,
-                         *, labels: Sequence[str] = SENTIMENTS, source_name: str = "examples",
+                         *, labels: Sequence[str] = DEFAULT_LABELS, source_name: str = "examples",
                          total: int | None = None, progress: bool = True, score_reference: bool = True,
                          gates: GateAccumulator | None = None) -> Iterator[dict]:
     """Yield one prediction dict per example, in input order.
@@ -190,7 +186,7 @@ def generate_predictions(params, adapters, model_cfg: ModelConfig, lora_cfg: Lor
         n_real = len(batch)
         rows = [c for _, _, c in batch] + [batch[0][2]] * (batch_size - n_real)  # fixed batch shape
         prompts = [c["input_ids"][:c["prompt_len"]] for c in rows]
-        p_len = _round_up(max(len(p) for p in prompts), LENGTH_BUCKET)
+        p_len = bucket(max(len(p) for p in prompts), multiple=LENGTH_BUCKET)
         ids, mask = sampling.left_pad(prompts, pad_id, p_len)
         ue = np.array([c["user_end"] for c in rows], np.int32)
         ne = np.array([c["news_end"] for c in rows], np.int32)
@@ -199,7 +195,7 @@ def generate_predictions(params, adapters, model_cfg: ModelConfig, lora_cfg: Lor
             cfg=model_cfg, lora_cfg=lora_cfg, scfg=scfg))
         nll = count = None
         if score_reference:
-            s_len = _round_up(max(len(c["input_ids"]) for c in rows), LENGTH_BUCKET)
+            s_len = bucket(max(len(c["input_ids"]) for c in rows), multiple=LENGTH_BUCKET)
             full = _right_pad([c["input_ids"] for c in rows], s_len, pad_id)
             att = _right_pad([np.ones(len(c["input_ids"]), np.int32) for c in rows], s_len, 0)
             lm = _right_pad([c["loss_mask"] for c in rows], s_len, 0)
@@ -300,7 +296,7 @@ def run_generate(cfg, workdir: str, *, split: str = "test", out: str, max_exampl
     source = Subset(source, max_examples)  # evenly spaced over the split, as in training's eval
     n = len(source)
     # The class names live under 'classes' in the dataset metadata ('labels' there is the per-split label index).
-    labels = tuple(data.dataset.metadata.get("classes") or SENTIMENTS)
+    labels = tuple(data.dataset.metadata.get("classes") or DEFAULT_LABELS)
     gates = GateAccumulator() if gates_out else None
     examples = (source[i] for i in range(n))
     records = generate_predictions(

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.core.jsonl import read_jsonl
 from socialalign_jax.data.prompt import NEWS_MARKER, USER_MARKER, encode_with_spans, marker_offsets
@@ -173,17 +174,13 @@ def token_logprobs(params, input_ids, attention_mask, adapters=None, spans=None,
     return jnp.pad(lp, ((0, 0), (1, 0)))
 
 
-def _bucket(n: int) -> int:
-    return max(BUCKET, -(-n // BUCKET) * BUCKET)
-
-
 def score_examples(params, cfg: ModelConfig, examples: Sequence[Example], *, batch_size: int = 8,
                    pad_id: int = 0, real_vocab: int | None = None, adapters=None, lora_cfg=None
                    ) -> Iterator[dict]:
     """Yield each example's record plus token_logprobs, sum_logprob, num_tokens, perplexity (in order)."""
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        s = _bucket(max(len(e.ids) for e in chunk))
+        s = bucket(max(len(e.ids) for e in chunk), multiple=BUCKET)
         ids = np.full((batch_size, s), pad_id, np.int32)  # fixed batch: dummy rows keep shapes static
         mask = np.zeros((batch_size, s), np.int32)
         spans = np.zeros((2, batch_size), np.int32)  # (user_end, news_end); 0, 0 = no user/news span

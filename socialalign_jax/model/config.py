@@ -236,7 +236,9 @@ def run_config_problems(cfg, *, device_count: int | None = None, training: bool 
 
         if weights[len("random:"):] not in PRESETS:
             problems.append(f"model.weights={weights!r}: unknown model preset; known: {', '.join(sorted(PRESETS))}")
-    labels = [x.strip() for x in str(_get(cfg, "data.labels", "negative,neutral,positive")).split(",")]
+    from socialalign_jax.data.records import DEFAULT_LABELS  # lazy: importing data/ loads the tokenizer stack
+
+    labels = [x.strip() for x in str(_get(cfg, "data.labels", ",".join(DEFAULT_LABELS))).split(",")]
     if len(labels) < 2 or len(set(labels)) != len(labels) or not all(labels):
         problems.append(f"data.labels={','.join(labels)!r} must name at least 2 distinct classes")
     elif _get(cfg, "lora.num_classes", 0) not in (0, len(labels)):

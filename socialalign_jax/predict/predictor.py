@@ -27,16 +27,16 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
+from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data.prompt import PromptConfig, PromptTooLong, build_example
-from socialalign_jax.data.records import DataError, Event
+from socialalign_jax.data.records import DEFAULT_LABELS, DataError, Event
 from socialalign_jax.inference import generation, sampling as sampling_lib
 from socialalign_jax.inference.sampling import SamplingConfig
 from socialalign_jax.predict import crowd as crowd_lib
 from socialalign_jax.predict.users import User, as_users, prompt_case
 
 DEFAULT_MAX_USERS = 10_000
-DEFAULT_LABELS = ("negative", "neutral", "positive")
 
 
 class PredictError(UserError, ValueError):
@@ -174,10 +174,6 @@ def default_topic(news: str) -> str:
         return m.group(1).strip()
     first = re.split(r"[，。！？；：,.!?;:\n]", news.strip(), maxsplit=1)[0].strip()
     return (first or news.strip())[:20]
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
 
 
 def _check_text(value: Any, field: str) -> str:
@@ -401,7 +397,7 @@ class Predictor:
         rows = [(v, u, k) for v in range(v_n) for u in range(u_n) for k in range(samples)]
         lens = [int(examples[v][u]["prompt_len"]) for v, u, _ in rows]
         order = sorted(range(len(rows)), key=lambda r: (lens[r], r))
-        bs = min(self.batch_size, _next_pow2(len(rows)))
+        bs = min(self.batch_size, bucket(len(rows), pow2=True))
         pad_id = int(self.sampling.pad_id)
         key = jax.random.PRNGKey(int(seed))
         posts = [[[""] * samples for _ in range(u_n)] for _ in range(v_n)]
@@ -413,11 +409,11 @@ class Predictor:
         try:
             for b, start in enumerate(range(0, len(order), bs)):
                 chunk = order[start:start + bs]
-                n_rows = bs if len(chunk) == bs else _next_pow2(len(chunk))
+                n_rows = bs if len(chunk) == bs else bucket(len(chunk), pow2=True)
                 exs = [examples[rows[r][0]][rows[r][1]] for r in chunk]
                 exs += [exs[0]] * (n_rows - len(exs))  # filler rows keep the shape bucket; discarded
                 prompts = [ex["input_ids"][:ex["prompt_len"]] for ex in exs]
-                p_len = generation._round_up(max(len(p) for p in prompts), generation.LENGTH_BUCKET)
+                p_len = bucket(max(len(p) for p in prompts), multiple=generation.LENGTH_BUCKET)
                 ids, mask = sampling_lib.left_pad(prompts, pad_id, p_len)
                 ue = np.array([ex["user_end"] for ex in exs], np.int32)
                 ne = np.array([ex["news_end"] for ex in exs], np.int32)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from socialalign_jax.core.atomic_io import write_json
+from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data.pipeline import Subset
 from socialalign_jax.model import pac_lora
@@ -168,7 +169,7 @@ def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[st
     eval_step = _jitted_eval_step(job.model_cfg, job.lora_cfg, job.loss_cfg, job.mesh, job.rules)
     bs = int(job.cfg.data.eval_batch_size)
     n_dev = sharding.batch_shards(job.mesh, job.rules)
-    bs = int(math.ceil(bs / n_dev) * n_dev)
+    bs = bucket(bs, multiple=n_dev)  # every device gets the same number of rows
     lm_sum = lm_cnt = 0.0
     probs, labels, events, masks = [], [], [], []
     targets = {}

@@ -17,6 +17,8 @@ from typing import Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from socialalign_jax.core.divergence import jensen_shannon
+
 LN2 = math.log(2.0)
 _F32 = jnp.float32
 
@@ -108,28 +110,15 @@ def sentiment_ce(logits_k, label, example_mask):
 # ---------------------------------------------------------------------------- divergence
 
 
-def _xlogy_ratio(x, y):
-    """x * log(x / y) with 0 * log 0 = 0 and finite gradients where x = 0.
-
-    Both logs see a safe argument (1 where the value is 0) so that neither branch of the
-    `where` produces inf/nan, which would otherwise leak into the gradient as 0 * inf.
-    """
-    pos = x > 0
-    safe_x = jnp.where(pos, x, 1.0)
-    safe_y = jnp.where(pos, y, 1.0)  # y >= x/2 > 0 whenever x > 0 (y is the mixture)
-    return jnp.where(pos, x * (jnp.log(safe_x) - jnp.log(safe_y)), 0.0)
-
-
 def jsd(p, q, axis: int = -1):
     """Jensen-Shannon divergence in nats: 1/2 KL(P||M) + 1/2 KL(Q||M), M = (P+Q)/2.
 
-    Exactly 0 for P = Q and at most ln 2; inputs are assumed to be distributions along
+    The formula is core.divergence's, shared with the evaluation metric so the loss trains
+    the number that is reported; here it runs in float32 with finite gradients where P or Q
+    is 0. Exactly 0 for P = Q and at most ln 2; inputs are assumed to be distributions along
     `axis` (zeros allowed). Clipped to [0, ln 2] against float rounding only.
     """
-    p = jnp.asarray(p, _F32)
-    q = jnp.asarray(q, _F32)
-    m = 0.5 * (p + q)
-    out = 0.5 * jnp.sum(_xlogy_ratio(p, m), axis=axis) + 0.5 * jnp.sum(_xlogy_ratio(q, m), axis=axis)
+    out = jensen_shannon(jnp.asarray(p, _F32), jnp.asarray(q, _F32), jnp, axis=axis)
     return jnp.clip(out, 0.0, LN2)
 
 

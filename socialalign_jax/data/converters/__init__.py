@@ -7,7 +7,7 @@ was read, kept and skipped, and whether labels are silver); see docs/real_data.m
 """
 
 from socialalign_jax.data.converters.ced import read_ced
-from socialalign_jax.data.converters.nlpcc2016 import LABELS as STANCE_LABELS
+from socialalign_jax.data.converters.common import STANCE_LABELS
 from socialalign_jax.data.converters.nlpcc2016 import read_nlpcc2016
 from socialalign_jax.data.converters.zs_csd import read_zs_csd
 

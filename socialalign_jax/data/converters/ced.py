@@ -33,7 +33,7 @@ from pathlib import Path
 from socialalign_jax.data.bm25 import is_hashtag_only
 from socialalign_jax.data.converters.common import (DEFAULT_SALT, SourceEvents, check_max_events, counts, finish,
                                                     load_json, pseudonym)
-from socialalign_jax.data.records import Case, DataError, Event, HistoryPost
+from socialalign_jax.data.records import DEFAULT_LABELS, Case, DataError, Event, HistoryPost
 
 MIN_OTHER = 5
 REPOST_MARKERS = {"转发微博", "轉發微博", "repost"}
@@ -193,7 +193,7 @@ def read_ced(path: str, max_events: int | None = None, salt: str = DEFAULT_SALT,
         events.append(ev)
     return SourceEvents(finish(events, root), source="ced", records=records, events_read=len(originals),
                         events=len(events), cases=sum(len(e.cases) for e in events), silver_labels=True,
-                        label_source="snownlp lexicon (LexiconLabeller)", labels=["negative", "neutral", "positive"],
+                        label_source="snownlp lexicon (LexiconLabeller)", labels=list(DEFAULT_LABELS),
                         skipped=counts(skipped))
 
 

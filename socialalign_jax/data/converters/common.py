@@ -16,6 +16,9 @@ from typing import Any
 from socialalign_jax.data.records import DataError, Event, load_json  # noqa: F401 (re-exported for the converters)
 
 DEFAULT_SALT = "socialalign-jax"
+# The stance label set (ZS-CSD and NLPCC-2016), in class-id order: a concept of its own, not the
+# sentiment labels, but shared by both stance converters and the builder's per-source defaults.
+STANCE_LABELS = ("favor", "against", "neutral")
 PSEUDONYM_HEX = 8  # 16^8 names: collisions among ~1M CED uids stay rare (about 1 in 4k users)
 
 

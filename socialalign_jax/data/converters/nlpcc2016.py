@@ -17,10 +17,10 @@ import csv
 from collections import Counter
 from pathlib import Path
 
+from socialalign_jax.data.converters.common import STANCE_LABELS as LABELS
 from socialalign_jax.data.converters.common import SourceEvents, check_max_events, counts, finish, pseudonym
 from socialalign_jax.data.records import Case, DataError, Event
 
-LABELS = ("favor", "against", "neutral")
 STANCES = {"FAVOR": "favor", "AGAINST": "against", "NONE": "neutral"}
 OFFICIAL = ("ID", "TARGET", "TEXT", "STANCE")
 COMBINED = ("task", "split", "orig_id", "target", "stance", "text")

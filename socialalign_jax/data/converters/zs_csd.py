@@ -23,11 +23,11 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from socialalign_jax.data.converters.common import STANCE_LABELS as LABELS
 from socialalign_jax.data.converters.common import (SourceEvents, check_max_events, counts, finish, load_json,
                                                     pseudonym)
 from socialalign_jax.data.records import Case, DataError, Event, HistoryPost, visible
 
-LABELS = ("favor", "against", "neutral")
 PUBLISHED_LABEL_IDS = {"favor": 0, "against": 1, "neutral": 2}
 SPLIT_FILES = ("train_data.json", "dev_data.json", "test_data.json")
 

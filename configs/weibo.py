@@ -11,7 +11,7 @@ Presets change only what differs from the default; every field can be overridden
 
 from ml_collections import config_dict
 
-from socialalign_jax.data.records import DEFAULT_LABELS
+from socialalign_jax.core.labels import DEFAULT_LABELS
 from socialalign_jax.parallel import axis_rules
 
 ALL_TARGETS = "q,k,v,o,gate,up,down"

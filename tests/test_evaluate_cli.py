@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import jensenshannon
 
-from socialalign_jax.data.records import DEFAULT_LABELS
+from socialalign_jax.core.labels import DEFAULT_LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "launch" / "evaluate.py"

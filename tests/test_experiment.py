@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from socialalign_jax.data.records import DEFAULT_LABELS
+from socialalign_jax.core.labels import DEFAULT_LABELS
 from socialalign_jax.evaluation import bootstrap, distributions, metrics
 from socialalign_jax.experiments import cells as C
 from socialalign_jax.experiments import folds as FO

@@ -32,7 +32,7 @@ import pytest
 from socialalign_jax.core import atomic_io
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data import setup
-from socialalign_jax.data.records import DEFAULT_LABELS
+from socialalign_jax.core.labels import DEFAULT_LABELS
 from socialalign_jax.model import pac_lora
 from socialalign_jax.model.presets import get_preset
 from socialalign_jax.parallel import sharding

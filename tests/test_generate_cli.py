@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from socialalign_jax.data.records import DEFAULT_LABELS
+from socialalign_jax.core.labels import DEFAULT_LABELS
 from socialalign_jax.inference import generation, sampling
 from socialalign_jax.inference.sampling import SamplingConfig
 from socialalign_jax.model import decoder, pac_lora

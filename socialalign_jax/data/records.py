@@ -16,10 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-# The sentiment label set, in class-id order. Defined here, the lowest module every user may import
-# (it imports nothing else of ours), so a reader, the builder, training, evaluation and prediction
-# cannot disagree on the order that turns a class id back into a name.
-DEFAULT_LABELS = ("negative", "neutral", "positive")
+from socialalign_jax.core.labels import DEFAULT_LABELS
 
 
 class DataError(ValueError):

@@ -22,7 +22,7 @@ import math
 import random
 from pathlib import Path
 
-from socialalign_jax.data.records import DEFAULT_LABELS
+from socialalign_jax.core.labels import DEFAULT_LABELS
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
 DEFAULT_SEED = 20250701

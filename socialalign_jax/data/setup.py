@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from socialalign_jax.core.errors import UserError
-from socialalign_jax.data.records import DEFAULT_LABELS
+from socialalign_jax.core.labels import DEFAULT_LABELS
 
 
 @dataclasses.dataclass

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from socialalign_jax.data.records import DEFAULT_LABELS
+from socialalign_jax.core.labels import DEFAULT_LABELS
 
 
 def label_id(sentiment, classes: Sequence[str] = DEFAULT_LABELS) -> int:

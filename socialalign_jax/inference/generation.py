@@ -25,7 +25,7 @@ import numpy as np
 from socialalign_jax.core.atomic_io import write_json, write_jsonl  # noqa: F401 (part of this module's API)
 from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
-from socialalign_jax.data.records import DEFAULT_LABELS
+from socialalign_jax.core.labels import DEFAULT_LABELS
 from socialalign_jax.inference import sampling
 from socialalign_jax.inference.sampling import SamplingConfig
 from socialalign_jax.model import decoder, pac_lora

@@ -11,6 +11,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from socialalign_jax.core.labels import DEFAULT_LABELS
+
 _DTYPES = {
     "float32": jnp.float32,
     "bfloat16": jnp.bfloat16,
@@ -236,8 +238,6 @@ def run_config_problems(cfg, *, device_count: int | None = None, training: bool 
 
         if weights[len("random:"):] not in PRESETS:
             problems.append(f"model.weights={weights!r}: unknown model preset; known: {', '.join(sorted(PRESETS))}")
-    from socialalign_jax.data.records import DEFAULT_LABELS  # lazy: importing data/ loads the tokenizer stack
-
     labels = [x.strip() for x in str(_get(cfg, "data.labels", ",".join(DEFAULT_LABELS))).split(",")]
     if len(labels) < 2 or len(set(labels)) != len(labels) or not all(labels):
         problems.append(f"data.labels={','.join(labels)!r} must name at least 2 distinct classes")

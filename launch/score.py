@@ -102,6 +102,10 @@ def main(argv=None) -> int:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     records = scoring.score_examples(params, cfg, examples, batch_size=args.batch_size, pad_id=pad_id,
                                      real_vocab=real_cfg.vocab_size, adapters=adapters, lora_cfg=lora_cfg)
+    from tqdm import tqdm
+
+    # A bar on an interactive terminal (disable=None: off when stderr is not a TTY, as in logs).
+    records = tqdm(records, total=len(examples), desc="scoring", unit="record", dynamic_ncols=True, disable=None)
     n = write_jsonl(records, args.out)
     print(f"scored {n} records -> {args.out}", file=sys.stderr)
     return 0

@@ -47,7 +47,9 @@ def main(argv):
             raise UserError("--out FILE.jsonl is required")
         if os.path.isdir(_OUT.value):
             raise UserError(f"--out {_OUT.value}: is a directory; expected a file name (predictions JSONL)")
-        return run_generate(cfg, workdir, split=_SPLIT.value, out=_OUT.value, max_examples=_MAX.value,
+        from socialalign_jax.runs.run_config import as_run_config
+
+        return run_generate(as_run_config(cfg, source="--config"), workdir, split=_SPLIT.value, out=_OUT.value, max_examples=_MAX.value,
                             greedy=_GREEDY.value, gates_out=_GATES.value, step=_STEP.value,
                             progress=not _NO_PROGRESS.value)
 

@@ -17,6 +17,7 @@ printed against the chip's HBM with whether it fits. Needs `pip install -e ".[tp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -64,8 +65,9 @@ def _model_config(cfg, name: str):
             mc = presets.get_preset(name)
         except ValueError as exc:
             raise UserError(f"--model: {exc}") from None
-    return mc.replace(param_dtype=cfg.model.dtype, dtype=cfg.model.dtype, remat=bool(cfg.model.remat),
-                      scan_layers=bool(cfg.model.get("scan_layers", True)))
+    return mc.replace(param_dtype=cfg.model.dtype, dtype=cfg.model.dtype, remat=cfg.model.remat,
+                      remat_policy=cfg.model.remat_policy, scan_layers=cfg.model.scan_layers,
+                      attention=cfg.model.attention)
 
 
 def main(argv=None) -> int:
@@ -109,13 +111,15 @@ def main(argv=None) -> int:
                                 "(was jax imported before XLA_FLAGS was set?)")
         from socialalign_jax.core.cli_setup import load_config_file
 
-        cfg = load_config_file(args.config)
+        from socialalign_jax.runs.run_config import as_run_config
+
+        cfg = as_run_config(load_config_file(args.config), source=args.config)
         rules = mesh_rules(cfg)  # the config's mesh.rules, as training applies them
         mc = _model_config(cfg, args.model)
         lc = lora_config(cfg)
         batch = args.batch or int(cfg.data.events_per_batch) * int(cfg.data.cases_per_event)
         seq = args.seq or int(cfg.data.max_length)
-        optimizer, _ = optim.make_optimizer(dict(cfg.optim.to_dict(), total_steps=1000))
+        optimizer, _ = optim.make_optimizer(dict(dataclasses.asdict(cfg.optim), total_steps=1000))
         target = f"{tpu.name} ({tpu.topology}, {len(devices)} x {devices[0].device_kind})" if tpu else "fake CPU devices"
         print(f"model {mc.family} L={mc.num_layers} D={mc.hidden_size} F={mc.intermediate_size} "
               f"V={mc.vocab_size} dtype={mc.dtype} remat={mc.remat}; config {args.config}; target {target}", flush=True)

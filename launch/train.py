@@ -36,7 +36,10 @@ def main(argv):
 
     cfg = _CONFIG.value
     workdir = _WORKDIR.value or os.path.join("runs", f"weibo-{cfg.preset}")
-    cli_main(lambda: run_training(cfg, workdir, progress=not _NO_PROGRESS.value,
+    from socialalign_jax.runs.run_config import as_run_config
+
+    # The boundary: the ConfigDict of --config becomes the typed run config here, once.
+    cli_main(lambda: run_training(as_run_config(cfg, source="--config"), workdir, progress=not _NO_PROGRESS.value,
                                   accept_config_change=_ACCEPT.value))
 
 

@@ -354,7 +354,7 @@ def test_data_settings_that_contradict_the_built_dataset(tmp_path):
     assert "\n" not in str(e.value)
     assert "data.test_fraction=0.5 (built with 0.1)" in str(e.value) and "data.mode='without_history'" in str(e.value)
     assert "data.num_history=2 (built with 5)" in str(e.value)
-    diffs = setup.check_build_settings(cfg, ds, explicit_dir=True)  # a named dataset: used as built
+    diffs, cfg = setup.check_build_settings(cfg, ds, explicit_dir=True)  # a named dataset: used as built
     assert len(diffs) == 3 and cfg.data.test_fraction == 0.1 and cfg.data.mode == "full"
     assert cfg.data.num_history == 5
     assert restore.config_to_dict(cfg)["data"]["test_fraction"] == 0.1  # config.json records what was used

@@ -13,6 +13,7 @@ from typing import Any
 
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.core.labels import DEFAULT_LABELS
+from socialalign_jax.runs.run_config import RunConfig, as_run_config
 
 
 @dataclasses.dataclass
@@ -23,6 +24,7 @@ class Datasets:
     seq_len: int
     pad_id: int
     labels: tuple[str, ...]
+    cfg: Any = None  # the run config with the data.* settings the dataset was built with (check_build_settings)
 
 
 def _tokenizer_dir(tokenizer, workdir: str) -> str | None:
@@ -67,8 +69,10 @@ def default_input(source: str) -> str:
 
 
 def prepare(cfg, tokenizer, workdir: str, *, build_if_missing: bool = True) -> Datasets:
+    """The run's dataset (built into <workdir>/data if missing), its splits and what it was built with."""
     from socialalign_jax.data import tfds_builders as B
 
+    cfg = as_run_config(cfg)
     data_dir = cfg.data.data_dir or os.path.join(workdir, "data")
     found = None
     if Path(data_dir).exists():
@@ -87,19 +91,19 @@ def prepare(cfg, tokenizer, workdir: str, *, build_if_missing: bool = True) -> D
             tokenizer=_tokenizer_dir(tokenizer, workdir), max_length=int(cfg.data.max_length), mode=cfg.data.mode,
             on_overflow=cfg.data.on_overflow, test_fraction=float(cfg.data.test_fraction),
             split_by=cfg.data.split_by, seed=int(cfg.data.seed), labels=labels,
-            max_events=int(cfg.data.get("max_events", 0) or 0), num_history=int(cfg.data.get("num_history", 5)),
-            lamp_outputs=cfg.data.get("lamp_outputs") or None, lamp_task=cfg.data.get("lamp_task") or None)
+            max_events=cfg.data.max_events, num_history=cfg.data.num_history,
+            lamp_outputs=cfg.data.lamp_outputs or None, lamp_task=cfg.data.lamp_task or None)
         B.build(data_dir, bcfg)
     ds = B.open_dataset(data_dir)
     if found is not None:
         # Readers of a finished run (generate, predict) use its dataset as built; a trainer that
         # would build into its own <workdir>/data must not silently train on other settings.
-        ignored = check_build_settings(cfg, ds, explicit_dir=bool(cfg.data.data_dir) or not build_if_missing)
+        ignored, cfg = check_build_settings(cfg, ds, explicit_dir=bool(cfg.data.data_dir) or not build_if_missing)
         if ignored and _is_main():
             print(f"note: using the dataset in {ds.path} as built; ignored: {'; '.join(ignored)}")
     test = ds.sources.get("test")
     return Datasets(ds, ds.source("train"), test, ds.max_length, ds.pad_id,
-                    tuple(ds.metadata.get("classes") or DEFAULT_LABELS))
+                    tuple(ds.metadata.get("classes") or DEFAULT_LABELS), cfg)
 
 
 # The data.* keys that decide what a built dataset holds (data.seed also orders batches; it is
@@ -108,21 +112,23 @@ BUILD_KEYS = ("source", "input", "max_length", "mode", "on_overflow", "test_frac
                "labels", "max_events", "num_history")
 
 
-def check_build_settings(cfg, ds, *, explicit_dir: bool) -> list[str]:
+def check_build_settings(cfg, ds, *, explicit_dir: bool) -> tuple[list[str], RunConfig]:
     """data.* settings that differ from what the existing dataset was built with.
 
     Without this the dataset on disk was used as it is while config.json recorded the
     override as if it had applied. In the run's own `<workdir>/data` a difference is an
     error (the run's data settings changed). A dataset named by data.data_dir is used as
-    built: its settings replace the differing data.* values in `cfg` (so config.json records
-    what was used) and the returned strings are printed as one note. on_overflow counts as
-    different only if the build skipped examples; the input is compared as a resolved path.
+    built: returns the differences (printed as one note) and the run config with the built
+    values in place of the differing data.* ones, so config.json records what was used.
+    on_overflow counts as different only if the build skipped examples; the input is compared
+    as a resolved path.
     """
+    cfg = as_run_config(cfg)
     built = ds.metadata.get("config") or {}
     classes = list(ds.metadata.get("classes") or built.get("labels") or [])
     diffs, adopt = [], {}
     for key in BUILD_KEYS:
-        want, have = cfg.data.get(key), built.get(key)
+        want, have = getattr(cfg.data, key), built.get(key)
         if key == "input":
             want = want or (default_input(cfg.data.source) if cfg.data.source == "socialweibo" else "")
             same = bool(want) and bool(have) and os.path.realpath(str(want)) == os.path.realpath(str(have))
@@ -145,10 +151,7 @@ def check_build_settings(cfg, ds, *, explicit_dir: bool) -> list[str]:
         raise UserError(f"{ds.path}: the dataset there was built with other settings: {'; '.join(diffs)}; "
                         "set them to the built values, or pass --config.data.data_dir=NEW_DIR to build another "
                         "(or delete that directory to rebuild it)")
-    for key, have in adopt.items():
-        cur = cfg.data.get(key)
-        cfg.data[key] = type(cur)(have) if isinstance(cur, (int, float)) and not isinstance(cur, bool) else have
-    return diffs
+    return diffs, (cfg.replace(data=adopt) if adopt else cfg)
 
 
 def _split_scan(source, field: str, reduce) -> int:

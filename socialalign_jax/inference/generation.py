@@ -31,6 +31,7 @@ from socialalign_jax.inference.sampling import SamplingConfig
 from socialalign_jax.model import decoder, pac_lora
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.runs.run_config import as_run_config
 from socialalign_jax.train import losses
 
 LENGTH_BUCKET = 32  # prompt and sequence lengths are rounded up to a multiple of this
@@ -286,6 +287,7 @@ def run_generate(cfg, workdir: str, *, split: str = "test", out: str, max_exampl
     from socialalign_jax.data.pipeline import Subset
     from socialalign_jax.runs.restore import load_base, restore_adapters
 
+    cfg = as_run_config(cfg)
     base = load_base(cfg)
     data = setup.prepare(cfg, base.tokenizer, workdir, build_if_missing=False)
     if split not in data.dataset.sources:

@@ -183,8 +183,14 @@ _WEIGHT_KINDS = ("random:", "hf:", "gguf:")
 
 
 def _get(cfg, key: str, default=None):
+    """cfg's value at a dotted key (typed run config attributes, or mapping items), else default."""
     node = cfg
     for part in key.split("."):
+        if dataclasses.is_dataclass(node):
+            if not hasattr(node, part):
+                return default
+            node = getattr(node, part)
+            continue
         try:
             node = node[part]
         except (KeyError, TypeError, AttributeError):
@@ -248,8 +254,8 @@ def run_config_problems(cfg, *, device_count: int | None = None, training: bool 
         from socialalign_jax.model.pac_lora import LoraConfig
 
         try:
-            LoraConfig(routing=lora.get("routing", "token"), fuse_base=lora.get("fuse_base", "auto"),
-                       targets=tuple(t.strip() for t in str(lora.get("targets", "")).split(",") if t.strip()))
+            LoraConfig(routing=_get(lora, "routing", "token"), fuse_base=_get(lora, "fuse_base", "auto"),
+                       targets=tuple(t.strip() for t in str(_get(lora, "targets", "")).split(",") if t.strip()))
         except ValueError as e:
             problems.append(f"lora: {e}")
     problems += mesh_problems(cfg, device_count, check_batch=training)

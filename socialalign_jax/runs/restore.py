@@ -24,6 +24,7 @@ from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.parallel import sharding
 from socialalign_jax.parallel.mesh import make_mesh
 from socialalign_jax.runs import checkpoint
+from socialalign_jax.runs.run_config import RunConfig, as_run_config
 
 
 class RunError(UserError):
@@ -34,13 +35,14 @@ class RunError(UserError):
 
 def lora_config(cfg) -> LoraConfig:
     """config.lora -> LoraConfig; a bad value (routing, targets, fuse_base, ...) is one UserError line."""
+    cfg = as_run_config(cfg)
     targets = tuple(t.strip() for t in str(cfg.lora.targets).split(",") if t.strip())
     try:
         return LoraConfig(num_analyze=cfg.lora.num_analyze, num_compose=cfg.lora.num_compose, rank=cfg.lora.rank,
                           alpha=float(cfg.lora.alpha), rslora=bool(cfg.lora.rslora),
                           dropout=float(cfg.lora.dropout), gate_width=cfg.lora.gate_width, targets=targets,
                           routing=cfg.lora.routing, num_classes=cfg.lora.num_classes,
-                          fuse_base=cfg.lora.get("fuse_base", "auto"))
+                          fuse_base=cfg.lora.fuse_base)
     except ValueError as e:
         raise UserError(f"config.lora: {e}") from None
 
@@ -50,6 +52,7 @@ def config_to_dict(cfg) -> dict:
     also records how they were drawn (decoder.RANDOM_INIT), which restore checks."""
     from socialalign_jax.model import decoder
 
+    cfg = as_run_config(cfg)
     d = cfg.to_dict()
     d["lora"]["targets"] = ",".join(lora_config(cfg).targets)
     if str(d.get("model", {}).get("weights", "")).startswith("random:"):
@@ -61,23 +64,24 @@ def mesh_rules(cfg) -> tuple:
     """The logical axis rules of `cfg` (its `mesh.rules` section over the defaults), hashable."""
     from socialalign_jax.parallel.axis_rules import from_config_strings
 
+    cfg = as_run_config(cfg)
     try:
-        return from_config_strings(cfg.mesh.get("rules"))
+        return from_config_strings(cfg.mesh.rules)
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
-def load_run_config(workdir: str):
-    """The config a run was started with (workdir/config.json), as a ConfigDict."""
-    from ml_collections import config_dict
-
+def load_run_config(workdir: str) -> RunConfig:
+    """The config a run was started with (workdir/config.json); keys an older run did not record
+    take today's defaults, an unknown key or a bad value is one line naming the file."""
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise RunError(f"{path}: not found; --workdir must be a training run's directory")
     try:
-        return config_dict.ConfigDict(json.loads(path.read_text(encoding="utf-8")))
+        saved = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise RunError(f"{path}: malformed JSON ({e})") from None
+    return as_run_config(saved, source=str(path))
 
 
 # ----------------------------------------------------------------------------- the base model
@@ -85,7 +89,7 @@ def load_run_config(workdir: str):
 @dataclasses.dataclass
 class Base:
     """The frozen model a config names, placed on its mesh, with the static configs around it."""
-    cfg: Any
+    cfg: RunConfig
     model_cfg: ModelConfig
     lora_cfg: LoraConfig
     params: Any
@@ -98,6 +102,8 @@ def load_base(cfg) -> Base:
     """Weights, mesh and tokenizer for `cfg`, validated once before anything is loaded."""
     from socialalign_jax.weights.resolve import resolve_weights
 
+    cfg = as_run_config(cfg)
+
     if not str(cfg.model.weights) or str(cfg.model.weights) in ("hf:", "gguf:"):
         raise UserError(f"config preset {cfg.preset!r} needs the base weights: pass "
                         "--config.model.weights=hf:/path/to/checkpoint (a local Hugging Face directory)")
@@ -107,9 +113,8 @@ def load_base(cfg) -> Base:
     rules = mesh_rules(cfg)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     weights = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
-    model_cfg = weights.cfg.replace(remat=bool(cfg.model.remat), scan_layers=bool(cfg.model.get("scan_layers", True)),
-                                    remat_policy=str(cfg.model.get("remat_policy", "nothing_saveable")),
-                                    attention=str(cfg.model.get("attention", "auto")))
+    model_cfg = weights.cfg.replace(remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
+                                    remat_policy=cfg.model.remat_policy, attention=cfg.model.attention)
     params = jax.device_put(weights.params, sharding.shardings_for(weights.params, mesh, rules))
     tokenizer = weights.tokenizer
     if cfg.data.tokenizer:
@@ -150,7 +155,7 @@ def restore_adapters(base: Base, workdir: str, step: int | None = None):
 @dataclasses.dataclass
 class Run:
     """A finished (or running) training run: its config, base params and the adapters at `step`."""
-    cfg: Any
+    cfg: RunConfig
     model_cfg: ModelConfig
     lora_cfg: LoraConfig
     params: Any

@@ -28,6 +28,7 @@ from socialalign_jax.data.pipeline import Subset
 from socialalign_jax.model import pac_lora
 from socialalign_jax.model.config import ModelConfig, validate_run_config
 from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.runs.run_config import RunConfig, as_run_config
 from socialalign_jax.parallel import sharding
 from socialalign_jax.runs import checkpoint
 from socialalign_jax.runs.restore import config_to_dict, load_base
@@ -98,7 +99,7 @@ def _multi_process_environment() -> bool:
 @dataclasses.dataclass
 class Job:
     """Everything a training run holds; built by `build_job`, consumed by `train`."""
-    cfg: Any
+    cfg: RunConfig
     model_cfg: ModelConfig
     lora_cfg: LoraConfig
     loss_cfg: step_lib.LossConfig
@@ -115,7 +116,8 @@ def build_job(cfg, workdir: str) -> Job:
     from socialalign_jax.data import setup
 
     base = load_base(cfg)
-    data = setup.prepare(cfg, base.tokenizer, workdir)
+    data = setup.prepare(base.cfg, base.tokenizer, workdir)
+    cfg = data.cfg  # with the data.* values the dataset was built with
     setup.check_against_model(data, cfg, base.model_cfg, base.tokenizer)  # before anything compiles
     return Job(cfg, base.model_cfg, base.lora_cfg, loss_config(cfg), base.params, base.tokenizer, base.mesh,
                data, workdir, base.rules)
@@ -150,7 +152,7 @@ def total_steps(cfg, batches_per_epoch: int) -> int:
 
 
 def eval_source(cfg, source):
-    limit = int(cfg.train.get("eval_max_examples", 0) or 0)
+    limit = cfg.train.eval_max_examples
     return source if limit <= 0 else Subset(source, limit)
 
 
@@ -277,6 +279,7 @@ def train(cfg, workdir: str, *, progress: bool = True, accept_config_change: boo
     check against config.json, then weights, data and its metadata checks; nothing has
     compiled when any of those refuses.
     """
+    cfg = as_run_config(cfg)  # the boundary: below here the typed config only
     setup_distributed(cfg)
     validate_run_config(cfg, device_count=jax.device_count())
     os.makedirs(workdir, exist_ok=True)
@@ -291,6 +294,7 @@ def train(cfg, workdir: str, *, progress: bool = True, accept_config_change: boo
 
 def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
     job = build_job(cfg, workdir)
+    cfg = job.cfg  # the data.* values a named dataset was built with replace the config's
     is_main = jax.process_index() == 0
     from socialalign_jax.data.pipeline import BatchConfig, TrainIterator
 
@@ -300,7 +304,7 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
     sharding.check_batch_divisible(bcfg.global_batch_size, job.mesh, job.rules)
     it = TrainIterator(job.data.train, bcfg, process_index=jax.process_index(), process_count=jax.process_count())
     n_steps = total_steps(cfg, len(it.plan(0)))
-    opt_cfg = dict(cfg.optim.to_dict(), total_steps=n_steps)
+    opt_cfg = dict(dataclasses.asdict(cfg.optim), total_steps=n_steps)
     optimizer, schedule = optim.make_optimizer(opt_cfg)
 
     adapters = pac_lora.init_adapters(jax.random.PRNGKey(int(cfg.train.seed)), job.model_cfg, job.lora_cfg)

@@ -15,11 +15,11 @@ def generate_and_evaluate(cfg, workdir: str, *, progress: bool = True, split: st
     preds = os.path.join(workdir, f"predictions_{split}.jsonl")
     gates = os.path.join(workdir, f"gates_{split}.json")
     generation.run_generate(cfg, workdir, split=split, out=preds, gates_out=gates, progress=progress,
-                            max_examples=int(cfg.train.get("eval_max_examples", 0) or 0))
+                            max_examples=cfg.train.eval_max_examples)
     if jax.process_index() != 0:
         return None
     labeller = None
-    if cfg.train.get("labeller", "lexicon") == "lexicon":
+    if cfg.train.labeller == "lexicon":
         from socialalign_jax.evaluation.labellers import LexiconLabeller
         labeller = LexiconLabeller()
     result = evaluate(load_predictions(preds), labeller)

@@ -8,6 +8,7 @@ import jax
 
 from socialalign_jax.core.atomic_io import write_json
 
+from socialalign_jax.runs.run_config import as_run_config
 from socialalign_jax.train import loop
 
 
@@ -25,6 +26,7 @@ def format_summary(result: dict) -> str:
 
 
 def run_training(cfg, workdir: str, *, progress: bool = True, accept_config_change: bool = False) -> int:
+    cfg = as_run_config(cfg)
     result = loop.train(cfg, workdir, progress=progress, accept_config_change=accept_config_change)
     if "stopped_at" in result:
         return 0
@@ -32,7 +34,7 @@ def run_training(cfg, workdir: str, *, progress: bool = True, accept_config_chan
     if is_main and result.get("eval"):
         print("\n" + format_summary(result))
         print(f"\ncheckpoints: {os.path.join(workdir, 'checkpoints')}   logs: {os.path.join(workdir, 'metrics.jsonl')}")
-    if bool(cfg.train.get("generate_at_end", False)):
+    if cfg.train.generate_at_end:
         from socialalign_jax.train import post_train
         post_train.generate_and_evaluate(cfg, workdir, progress=progress)
     if is_main:

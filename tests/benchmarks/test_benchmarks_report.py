@@ -2,7 +2,7 @@
 
 import importlib.util
 
-from train_helpers import REPO
+from tests.train_helpers import REPO
 
 
 def _run_module():

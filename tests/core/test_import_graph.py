@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 PKG = "socialalign_jax"
-ROOT = Path(__file__).resolve().parents[1] / PKG
+ROOT = Path(__file__).resolve().parents[2] / PKG
 
 
 def _module_name(path: Path) -> str:

@@ -206,7 +206,7 @@ def test_source_alpaca_builds_the_same_examples_as_the_raw_events(tmp_path):
     """--source alpaca on records in the authors' format (their template applied by the test's own
     copy, tests/authors_prompt.py) gives the same token ids, spans and loss masks as --source
     socialweibo on the raw events they were made from."""
-    from authors_prompt import authors_instruction
+    from tests.authors_prompt import authors_instruction
 
     (tmp_path / "raw").mkdir()
     records = []

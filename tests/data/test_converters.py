@@ -18,7 +18,7 @@ from socialalign_jax.data.converters import ced, nlpcc2016, zs_csd
 from socialalign_jax.data.converters.common import pseudonym
 from socialalign_jax.data.records import DataError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "build_dataset.py"
 
 

@@ -9,7 +9,7 @@ import pytest
 from socialalign_jax.data.personas import (MAX_ITEM_CHARS, PERSONA_ITEMS, UNKNOWN, parse_persona, persona_prompt)
 from socialalign_jax.data.records import read_event_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli():

@@ -8,7 +8,7 @@ from socialalign_jax.data.prompt import (MODES, BuildStats, PromptConfig, Prompt
 from socialalign_jax.data.records import Case, DataError, Event, HistoryPost
 from socialalign_jax.weights.tokenizer import load_tokenizer
 
-from authors_prompt import authors_chat, authors_instruction  # the independent reference
+from tests.authors_prompt import authors_chat, authors_instruction  # the independent reference
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from socialalign_jax.data import tfds_builders as B
 from socialalign_jax.data.converters import ced, nlpcc2016, zs_csd
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def need(p: Path) -> Path:

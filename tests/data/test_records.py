@@ -6,7 +6,7 @@ import pytest
 
 from socialalign_jax.data.records import DataError, HistoryPost, read_alpaca, read_event_dir, read_event_file
 
-from authors_prompt import authors_instruction  # the independent reference
+from tests.authors_prompt import authors_instruction  # the independent reference
 
 
 def _case(name="u1", n_hist=5, **kw):

@@ -48,6 +48,6 @@ def test_event_and_user_signal():
 
 
 def test_make_sample_cli_check():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     r = subprocess.run([sys.executable, "scripts/make_sample.py", "--check"], cwd=root, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

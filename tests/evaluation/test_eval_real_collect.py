@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "eval_real_collect.py"
+_PATH = Path(__file__).resolve().parents[2] / "scripts" / "eval_real_collect.py"
 _spec = importlib.util.spec_from_file_location("eval_real_collect", _PATH)
 collect = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(collect)

@@ -74,7 +74,7 @@ def _evaluate_cli():
     import importlib.util
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "launch" / "evaluate.py"
+    script = Path(__file__).resolve().parents[2] / "launch" / "evaluate.py"
     spec = importlib.util.spec_from_file_location("evaluate_cli_zs", script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

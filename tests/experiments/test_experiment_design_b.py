@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from train_helpers import MAX_LENGTH, built_sample
+from tests.train_helpers import MAX_LENGTH, built_sample
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 PLAN = """
 name = "design b smoke"

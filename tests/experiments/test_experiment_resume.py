@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 PLAN = """
 name = "resume test"
@@ -56,7 +56,7 @@ def plan_file(tmp_path_factory):
     from socialalign_jax.experiments import features as F
     from socialalign_jax.weights.resolve import resolve_weights
 
-    from test_experiment import _selection
+    from tests.experiments.test_experiment import _selection
 
     w = resolve_weights("random:tiny-llama")
     root = tmp_path_factory.mktemp("exp")

@@ -23,7 +23,7 @@ from socialalign_jax.runs import checkpoint, restore
 from socialalign_jax.train import optim, step as step_lib
 from socialalign_jax.weights import adapters as adapters_lib, hf
 
-from train_helpers import REPO, script_env, tiny_config
+from tests.train_helpers import REPO, script_env, tiny_config
 
 MCFG = get_preset("tiny-qwen2")
 

@@ -21,7 +21,7 @@ from socialalign_jax.weights import adapters as adapters_lib, hf as hf_lib
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is needed for the stock-tool references")
 transformers = pytest.importorskip("transformers")
-from helpers_hf import make_hf_model, save_hf_model  # noqa: E402
+from tests.helpers_hf import make_hf_model, save_hf_model  # noqa: E402
 
 ALL = ("q", "k", "v", "o", "gate", "up", "down")
 _forward = jax.jit(decoder.forward, static_argnames=("cfg", "lora_cfg"))
@@ -122,7 +122,7 @@ def test_merged_export_generates_out_of_the_box(tmp_path):
     from socialalign_jax.inference import export, sampling
     from socialalign_jax.inference.generation import sampling_config
     from socialalign_jax.weights.tokenizer import load_tokenizer
-    from train_helpers import tiny_config
+    from tests.train_helpers import tiny_config
 
     tok = load_tokenizer()
     im_end = tok.convert_tokens_to_ids("<|im_end|>")

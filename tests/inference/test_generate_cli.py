@@ -24,7 +24,7 @@ from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.runs import restore
 from socialalign_jax.weights.tokenizer import load_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = ModelConfig("qwen2", vocab_size=101, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, rope_theta=10000.0, tie_embeddings=True)
 LC = LoraConfig(rank=4, gate_width=8, routing="pooled", targets=("q", "v", "down"))

@@ -16,7 +16,7 @@ import pytest
 from socialalign_jax.core.errors import is_user_error
 from socialalign_jax.model.config import ConfigError, run_config_problems, validate_run_config
 
-from train_helpers import REPO, load_config_module, script_env, set_overrides
+from tests.train_helpers import REPO, load_config_module, script_env, set_overrides
 
 
 def weibo(preset="default", **overrides):
@@ -143,7 +143,7 @@ def test_every_data_key_of_the_config_reaches_the_builder(monkeypatch, tmp_path)
     keys: each must arrive in the dataset builder's config, not only in config.json."""
     from socialalign_jax.data import setup, tfds_builders as B
     from socialalign_jax.weights.resolve import resolve_weights
-    from train_helpers import tiny_config
+    from tests.train_helpers import tiny_config
 
     seen = []
 

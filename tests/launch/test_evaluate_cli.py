@@ -13,7 +13,7 @@ from scipy.spatial.distance import jensenshannon
 
 from socialalign_jax.core.labels import DEFAULT_LABELS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "evaluate.py"
 LABELS = list(DEFAULT_LABELS)
 POS = "这部电影太好看了，我非常喜欢！"

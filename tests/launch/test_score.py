@@ -15,9 +15,9 @@ from socialalign_jax.weights.hf import load_safetensors, save_safetensors
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is needed for the HF transformers reference")
 pytest.importorskip("transformers")
-from helpers_hf import make_hf_model, save_hf_model  # noqa: E402
+from tests.helpers_hf import make_hf_model, save_hf_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCORE = ROOT / "launch" / "score.py"
 sys.path.insert(0, str(ROOT / "launch"))
 import score as score_cli  # noqa: E402

@@ -22,10 +22,10 @@ torch = pytest.importorskip("torch", reason="torch (CPU) is needed for the PyTor
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import save_file  # noqa: E402
 
-from authors_prompt import authors_chat, authors_instruction  # noqa: E402
-from helpers_hf import make_hf_model, save_hf_model  # noqa: E402
+from tests.authors_prompt import authors_chat, authors_instruction  # noqa: E402
+from tests.helpers_hf import make_hf_model, save_hf_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "launch"))
 import score as score_cli  # noqa: E402
 

@@ -18,7 +18,7 @@ from socialalign_jax.weights.hf import load_hf_checkpoint
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is needed for the HF transformers reference")
 pytest.importorskip("transformers")
-from helpers_hf import make_hf_model, save_hf_model  # noqa: E402
+from tests.helpers_hf import make_hf_model, save_hf_model  # noqa: E402
 
 F32_TOL = 1e-4
 # bf16 params and compute vs a float32 reference on the same bf16-rounded weights: bf16 keeps

@@ -20,7 +20,7 @@ from socialalign_jax.parallel import plan as plan_lib
 from socialalign_jax.parallel.mesh import make_mesh
 from socialalign_jax.train.step import LossConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = ModelConfig("qwen2", 256, 32, 64, 2, 4, 2, 8, tie_embeddings=False)  # D 32, F 64, Q 32, KV 16, V 256
 
 

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from train_helpers import REPO, built_sample, script_env, tiny_config
+from tests.train_helpers import REPO, built_sample, script_env, tiny_config
 
 from socialalign_jax.predict import (Predictor, PredictError, User, UsersError, crowd as crowd_lib, dataset_users,
                                      default_topic, parse_users_jsonl, read_users, sample_users)

@@ -21,7 +21,7 @@ from socialalign_jax.parallel.mesh import make_mesh
 from socialalign_jax.runs import checkpoint, restore
 from socialalign_jax.train import optim, step as step_lib
 
-from train_helpers import REPO, script_env, tiny_config
+from tests.train_helpers import REPO, script_env, tiny_config
 
 
 def _state(cfg, seed):

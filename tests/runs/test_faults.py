@@ -41,7 +41,7 @@ from socialalign_jax.runs import checkpoint, restore
 from socialalign_jax.train import optim, step as step_lib
 from socialalign_jax.train.metrics_log import MetricLogger
 
-from train_helpers import MAX_LENGTH, REPO, built_sample, read_metrics, reference_run, script_env, tiny_config
+from tests.train_helpers import MAX_LENGTH, REPO, built_sample, read_metrics, reference_run, script_env, tiny_config
 
 N = 4  # the reference run's steps; keep_checkpoints=3 leaves steps 2, 3, 4
 

@@ -8,7 +8,7 @@ import numpy as np
 from socialalign_jax.data import lamp
 from socialalign_jax.train import loop
 
-from train_helpers import read_metrics, tiny_config
+from tests.train_helpers import read_metrics, tiny_config
 
 
 PREFIX = lamp.INPUT_PREFIXES["LaMP-4"]

@@ -13,7 +13,7 @@ from socialalign_jax.data.sample import load_sample_dir
 from socialalign_jax.train import loop
 from socialalign_jax.weights.resolve import resolve_weights
 
-from train_helpers import MAX_LENGTH, tiny_config
+from tests.train_helpers import MAX_LENGTH, tiny_config
 
 
 def test_default_preset_lowers_held_out_losses():

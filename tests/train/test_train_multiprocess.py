@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from train_helpers import REPO, built_sample, read_metrics, reference_run, script_env
+from tests.train_helpers import REPO, built_sample, read_metrics, reference_run, script_env
 
 N = 4  # the same run as test_train_resume's reference
 

@@ -17,7 +17,7 @@ from socialalign_jax.core.errors import UserError
 from socialalign_jax.runs import checkpoint
 from socialalign_jax.train import loop
 
-from train_helpers import built_sample, read_metrics, reference_run, tiny_config
+from tests.train_helpers import built_sample, read_metrics, reference_run, tiny_config
 
 N, K = 4, 1
 

@@ -22,7 +22,7 @@ from socialalign_jax.parallel.mesh import make_mesh
 from socialalign_jax.runs import restore
 from socialalign_jax.train import loop, optim, step as step_lib
 
-from train_helpers import MAX_LENGTH, built_sample, tiny_config
+from tests.train_helpers import MAX_LENGTH, built_sample, tiny_config
 
 N_STEPS = 3
 

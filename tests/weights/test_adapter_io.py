@@ -237,8 +237,7 @@ QWEN_VOCAB = 151936
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
     transformers = pytest.importorskip("transformers")  # noqa: F841
-    sys.path.insert(0, str(Path(__file__).parent))
-    from helpers_hf import make_hf_model, save_hf_model
+    from tests.helpers_hf import make_hf_model, save_hf_model
 
     from socialalign_jax.weights.tokenizer import load_tokenizer
     model = make_hf_model("qwen2", seed=5, vocab=QWEN_VOCAB, tied=True, hidden=32, inter=64)
@@ -251,7 +250,7 @@ def test_score_cli_applies_adapters(hf_checkpoint, tmp_path):
     """score.py --adapters --routing uniform equals transformers with the torch reference PAC-LoRA
     modules patched in and no spans (every gate input 0: uniform gates). Routing by the spans
     is tested in test_score_spans.py."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     sys.path.insert(0, str(root / "launch"))
     import score as score_cli
 
@@ -304,7 +303,7 @@ def test_score_cli_applies_adapters(hf_checkpoint, tmp_path):
 
 
 def test_score_cli_bad_adapters_is_one_line_error(hf_checkpoint, tmp_path, capsys):
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     sys.path.insert(0, str(root / "launch"))
     import score as score_cli
 

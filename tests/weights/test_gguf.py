@@ -468,7 +468,7 @@ def test_resolver_smollm2_missing_package(monkeypatch):
 
 def test_resolver_hf_dir(tmp_path):
     pytest.importorskip("torch")
-    from helpers_hf import hf_numpy_state, make_hf_model, save_hf_model
+    from tests.helpers_hf import hf_numpy_state, make_hf_model, save_hf_model
 
     model = make_hf_model("llama", vocab=len(TOKENS))
     save_hf_model(model, tmp_path / "ckpt")

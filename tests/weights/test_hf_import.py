@@ -15,7 +15,7 @@ from socialalign_jax.weights.hf import (load_hf_checkpoint, load_safetensors, ma
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is needed to build reference HF checkpoints")
 transformers = pytest.importorskip("transformers")
-from helpers_hf import hf_numpy_state, make_hf_model, save_hf_model  # noqa: E402
+from tests.helpers_hf import hf_numpy_state, make_hf_model, save_hf_model  # noqa: E402
 
 
 def _ours_to_hf_names(params, num_layers):

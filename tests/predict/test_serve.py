@@ -21,8 +21,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from test_predict import NEWS, NEWS2, USERS, tiny_predict_run
-from train_helpers import REPO, script_env
+from tests.predict.test_predict import NEWS, NEWS2, USERS, tiny_predict_run
+from tests.train_helpers import REPO, script_env
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 

@@ -4,7 +4,7 @@ Two choices depend on where the program runs: PAC-LoRA's fused base matmul ([x|u
 fuse_base) and the decode layer loop (Python loop over sliced weights vs lax.scan, layer_loop).
 'auto' follows the devices the program is traced for (`sharding.target_platform`: the
 activation mesh, else the default devices), never `jax.default_backend()`, so a TPU plan
-compiled on a CPU host takes the TPU path (tests/test_tpu_compile.py checks that with libtpu).
+compiled on a CPU host takes the TPU path (tests/parallel/test_tpu_compile.py checks that with libtpu).
 Here every branch runs on the CPU against the other and against float32:
 - float32: the branches agree to 1e-5 (same maths, different op order);
 - bfloat16: each branch is within 2e-2 x max|float32 value| of the float32 result (8 significant

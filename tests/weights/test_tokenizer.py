@@ -96,7 +96,7 @@ def test_load_from_checkpoint_dir(tok, tmp_path):
 def test_chat_template_kept_and_rendered_by_transformers(tok, tmp_path):
     """The built-in tokenizer carries ChatML as jinja; save_pretrained + our loader keep it, and
     transformers' apply_chat_template gives exactly the text of our chat_template() (AutoTokenizer on
-    a saved directory: tests/test_export_hf.py)."""
+    a saved directory: tests/inference/test_export_hf.py)."""
     msgs = [{"role": "system", "content": "你是一个微博用户。"}, {"role": "user", "content": "第一行\n第二行"},
             {"role": "assistant", "content": "好"}, {"role": "user", "content": "再来"}]
     tok.save_pretrained(str(tmp_path / "saved"))

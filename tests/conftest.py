@@ -34,30 +34,40 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # `pytest -m "not slow"` is the inner loop (unit tests against their references, a few minutes
 # on 2 cores); `pytest` (CI, .ci/run) runs everything. A file is `slow` when its tests train,
 # sample, compile whole models or start processes; `integration` when they drive the launchers
-# or a server end to end in subprocesses. One list each, here.
+# or a server end to end in subprocesses. One list each, here, of paths relative to tests/.
 SLOW_FILES = {
-    "test_adapter_io.py", "test_backend_paths.py", "test_build_dataset.py", "test_builders.py",
-    "test_config_validation.py", "test_converters.py", "test_device_check.py", "test_evaluate_cli.py",
-    "test_experiment.py", "test_experiment_design_b.py", "test_experiment_resume.py", "test_export.py",
-    "test_export_hf.py", "test_faults.py", "test_generate_cli.py", "test_gguf.py", "test_model_cache.py",
-    "test_model_labeller.py", "test_pac_lora_decode.py", "test_plan.py", "test_predict.py", "test_sampling.py",
-    "test_score.py", "test_score_spans.py", "test_serve.py", "test_tpu_compile.py", "test_train_frozen.py",
-    "test_train_learns.py", "test_train_learns_sample.py", "test_train_multiprocess.py", "test_train_resume.py",
-    "test_train_sharding.py",
+    "benchmarks/test_device_check.py", "data/test_builders.py", "data/test_converters.py",
+    "evaluation/test_model_labeller.py", "experiments/test_experiment.py",
+    "experiments/test_experiment_design_b.py", "experiments/test_experiment_resume.py",
+    "inference/test_export.py", "inference/test_export_hf.py", "inference/test_generate_cli.py",
+    "inference/test_sampling.py", "launch/test_build_dataset.py", "launch/test_config_validation.py",
+    "launch/test_evaluate_cli.py", "launch/test_score.py", "launch/test_score_spans.py",
+    "model/test_backend_paths.py", "model/test_model_cache.py", "model/test_pac_lora_decode.py",
+    "parallel/test_plan.py", "parallel/test_tpu_compile.py", "predict/test_predict.py",
+    "predict/test_serve.py", "runs/test_checkpoint_items.py", "runs/test_faults.py",
+    "train/test_train_frozen.py", "train/test_train_learns.py", "train/test_train_learns_sample.py",
+    "train/test_train_multiprocess.py", "train/test_train_resume.py", "train/test_train_sharding.py",
+    "weights/test_adapter_io.py", "weights/test_gguf.py",
 }
 INTEGRATION_FILES = {
-    "test_build_dataset.py", "test_config_validation.py", "test_device_check.py", "test_evaluate_cli.py",
-    "test_experiment.py", "test_experiment_design_b.py", "test_experiment_resume.py", "test_export.py",
-    "test_faults.py", "test_generate_cli.py", "test_predict.py", "test_score.py", "test_serve.py",
-    "test_train_multiprocess.py",
+    "benchmarks/test_device_check.py", "data/test_converters.py", "experiments/test_experiment.py",
+    "experiments/test_experiment_design_b.py", "experiments/test_experiment_resume.py",
+    "inference/test_export.py", "inference/test_generate_cli.py", "launch/test_build_dataset.py",
+    "launch/test_config_validation.py", "launch/test_evaluate_cli.py", "launch/test_score.py",
+    "predict/test_predict.py", "predict/test_serve.py", "runs/test_faults.py",
+    "train/test_train_multiprocess.py",
 }
 
 
 def pytest_collection_modifyitems(config, items):
     import pytest
 
+    here = os.path.dirname(os.path.abspath(__file__))
+    stale = sorted(p for p in SLOW_FILES | INTEGRATION_FILES if not os.path.isfile(os.path.join(here, p)))
+    if stale:  # a moved or renamed file would otherwise silently lose its markers
+        raise pytest.UsageError(f"tests/conftest.py marks files that do not exist: {', '.join(stale)}")
     for item in items:
-        name = os.path.basename(str(item.fspath))
+        name = os.path.relpath(str(item.path), here).replace(os.sep, "/")
         if name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
         if name in INTEGRATION_FILES:

@@ -1,0 +1,205 @@
+"""Backend-dependent code paths, each forced on the CPU, in float32 and bfloat16.
+
+Two choices depend on where the program runs: PAC-LoRA's fused base matmul ([x|u] @ [W0; B],
+fuse_base) and the decode layer loop (Python loop over sliced weights vs lax.scan, layer_loop).
+'auto' follows the devices the program is traced for (`sharding.target_platform`: the
+activation mesh, else the default devices), never `jax.default_backend()`, so a TPU plan
+compiled on a CPU host takes the TPU path (tests/parallel/test_tpu_compile.py checks that with libtpu).
+Here every branch runs on the CPU against the other and against float32:
+- float32: the branches agree to 1e-5 (same maths, different op order);
+- bfloat16: each branch is within 2e-2 x max|float32 value| of the float32 result (8 significant
+  bits; rounding in different places), for outputs and gradients.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from socialalign_jax.inference import sampling
+from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.parallel import sharding
+from socialalign_jax.parallel.mesh import make_mesh
+
+F32_TOL = 1e-5
+BF16_RTOL = 2e-2
+CFG = ModelConfig("qwen2", vocab_size=101, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=8, rope_theta=10000.0)
+
+
+def _rel(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.abs(got - want).max() / np.abs(want).max()
+
+
+def _adapters(lc):
+    ad = pac_lora.init_adapters(jax.random.PRNGKey(1), CFG, lc)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: 0.2 * jax.random.normal(jax.random.PRNGKey(len(str(p))), x.shape) if str(p).endswith("'B']") else x,
+        ad)
+
+
+def test_auto_follows_the_traced_mesh_not_the_backend():
+    lc = LoraConfig()
+    assert sharding.current_mesh() is None and sharding.target_platform() == "cpu"
+    assert pac_lora._fuse_base(lc) and sampling.use_layer_loop(sampling.SamplingConfig())
+    mesh = make_mesh(2, 2, 2)
+    with sharding.activation_sharding(mesh):
+        assert sharding.current_mesh() is mesh and sharding.target_platform() == "cpu"
+    assert sharding.current_mesh() is None
+    assert not pac_lora._fuse_base(dataclasses.replace(lc, fuse_base="never"))
+    assert pac_lora._fuse_base(dataclasses.replace(lc, fuse_base="always"))
+    assert not sampling.use_layer_loop(sampling.SamplingConfig(layer_loop="scan"))
+
+
+@pytest.mark.parametrize("routing", ["token", "pooled"])
+def test_fuse_base_branches_in_float32_and_bfloat16(routing):
+    lc = LoraConfig(routing=routing, dropout=0.0, targets=("q", "down"))
+    params = decoder.init_params(CFG, jax.random.PRNGKey(0))
+    ad = _adapters(lc)
+    ids = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 0, CFG.vocab_size)
+    spans = (jnp.array([3, 4]), jnp.array([7, 9]))
+
+    def loss_and_grad(cfg, p, fuse):
+        lcf = dataclasses.replace(lc, fuse_base=fuse)
+
+        def f(a):
+            out = decoder.forward(p, ids, cfg, adapters=a, lora_cfg=lcf, spans=spans)
+            return jnp.sum(out.logits ** 2) / out.logits.size, out.logits
+        (loss, logits), g = jax.jit(jax.value_and_grad(f, has_aux=True))(ad)
+        return logits, g
+
+    ref_logits, ref_g = loss_and_grad(CFG, params, "never")
+    logits, g = loss_and_grad(CFG, params, "always")
+    np.testing.assert_allclose(logits, ref_logits, atol=F32_TOL * np.abs(ref_logits).max(), rtol=0)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
+        np.testing.assert_allclose(a, b, atol=F32_TOL * max(np.abs(b).max(), 1e-12), rtol=0)
+
+    cfg16 = CFG.replace(dtype="bfloat16", param_dtype="bfloat16")
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    flat = lambda t: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])  # noqa: E731
+    for fuse in ("always", "never"):
+        lg16, g16 = loss_and_grad(cfg16, p16, fuse)
+        assert 0 < _rel(lg16, ref_logits) <= BF16_RTOL, fuse  # > 0: bf16 really ran
+        assert _rel(flat(g16), flat(ref_g)) <= BF16_RTOL * 3, fuse  # back through both layers in bf16
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", F32_TOL), ("bfloat16", BF16_RTOL)])
+def test_layer_loop_branches_prefill_and_decode(dtype, tol):
+    """The decode step through the stacked scan (cache in the carry) and the unrolled loop."""
+    lc = LoraConfig(routing="pooled", dropout=0.0, targets=("q", "v", "up"))
+    cfg = CFG.replace(dtype=dtype, param_dtype=dtype)
+    params = decoder.init_params(CFG, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda a: a.astype(dtype), params)
+    ad = _adapters(lc)
+    ids = jax.random.randint(jax.random.PRNGKey(3), (2, 10), 0, CFG.vocab_size)
+    mask = jnp.ones((2, 10), jnp.int32).at[1, :2].set(0)  # left padding
+    spans = (jnp.array([2, 3]), jnp.array([5, 6]))
+    nxt = jnp.array([[5], [7]])
+
+    @jax.jit
+    def run(p):
+        cache = decoder.init_cache(cfg, 2, 16, lc)
+        out = decoder.forward(p, ids, cfg, attention_mask=mask, adapters=ad, lora_cfg=lc, spans=spans, cache=cache)
+        out2 = decoder.forward(p, nxt, cfg, adapters=ad, lora_cfg=lc, cache=out.cache)
+        return out.logits, out2.logits, out2.cache["k"]
+
+    scan = run(params)
+    unrolled = run(decoder.unstack_layers(params))
+    for a, b in zip(scan, unrolled):  # prefill logits, decode logits, the written cache
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   atol=tol * float(np.abs(np.asarray(b, np.float32)).max()), rtol=0)
+    # and against a cache-free full forward over prompt + token in float32
+    full = jnp.concatenate([ids, nxt], axis=1)
+    fmask = jnp.concatenate([mask, jnp.ones((2, 1), jnp.int32)], axis=1)
+    params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    want = decoder.forward(params32, full, CFG, attention_mask=fmask, adapters=ad, lora_cfg=lc,
+                           spans=spans).logits[:, -1]
+    for got in (scan[1], unrolled[1]):
+        assert _rel(got[:, 0], want) <= tol
+
+
+def test_generate_layer_loops_emit_the_same_tokens():
+    lc = LoraConfig(dropout=0.0, targets=("q", "o", "down"))
+    params = decoder.init_params(CFG, jax.random.PRNGKey(0))
+    ad = _adapters(lc)
+    ids = np.asarray(jax.random.randint(jax.random.PRNGKey(4), (2, 8), 1, CFG.vocab_size), np.int32)
+    mask = np.ones_like(ids)
+    spans = (np.array([2, 3], np.int32), np.array([5, 6], np.int32))
+    toks = {}
+    for loop in ("scan", "unrolled"):
+        scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=6, stop_tokens=(), layer_loop=loop)
+        toks[loop] = np.asarray(sampling.generate(params, ad, ids, mask, CFG, lc, scfg, spans,
+                                                  jax.random.PRNGKey(0)).tokens)
+    np.testing.assert_array_equal(toks["scan"], toks["unrolled"])
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", F32_TOL), ("bfloat16", BF16_RTOL)])
+def test_attention_impls_agree_with_left_padding_and_a_cache(dtype, tol):
+    """cfg.attention='xla' (jax.nn.dot_product_attention) against our 'einsum' path: logits and
+    adapter gradients of a left-padded forward, and a cached decode step (mask from positions).
+    'cudnn' needs a GPU: benchmarks/device_check.py checks it there against the same path."""
+    lc = LoraConfig(dropout=0.0, targets=("q", "v"))
+    params = jax.tree.map(lambda a: a.astype(dtype), decoder.init_params(CFG, jax.random.PRNGKey(0)))
+    ad = _adapters(lc)
+    ids = jax.random.randint(jax.random.PRNGKey(5), (2, 10), 0, CFG.vocab_size)
+    mask = jnp.ones((2, 10), jnp.int32).at[0, :3].set(0)
+    spans = (jnp.array([4, 3]), jnp.array([7, 6]))
+
+    def run(impl):
+        cfg = CFG.replace(dtype=dtype, param_dtype=dtype, attention=impl)
+
+        def loss(a):
+            out = decoder.forward(params, ids, cfg, attention_mask=mask, adapters=a, lora_cfg=lc, spans=spans)
+            return jnp.sum((out.logits * mask[..., None]) ** 2) / out.logits.size, out.logits
+
+        (_, logits), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(ad)
+        cache = decoder.init_cache(cfg, 2, 12, lc)
+        out = decoder.forward(params, ids, cfg, attention_mask=mask, adapters=ad, lora_cfg=lc, spans=spans,
+                              cache=cache)
+        step = decoder.forward(params, jnp.array([[3], [9]]), cfg, adapters=ad, lora_cfg=lc, cache=out.cache)
+        return np.asarray(logits, np.float32)[mask > 0], g, np.asarray(step.logits, np.float32)
+
+    ref, ref_g, ref_step = run("einsum")
+    got, g, step = run("xla")
+    assert _rel(got, ref) <= tol and _rel(step, ref_step) <= tol
+    flat = lambda t: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])  # noqa: E731
+    assert 0 < np.abs(flat(ref_g)).max() and _rel(flat(g), flat(ref_g)) <= tol * 3
+    # 'auto' on CPUs is the einsum path itself.
+    auto, _, _ = run("auto")
+    np.testing.assert_array_equal(auto, ref)
+
+
+def test_attention_auto_picks_cudnn_only_for_gpus(monkeypatch):
+    """The choice follows the traced platform and dtype; a refusal by cuDNN falls back to einsum."""
+    from socialalign_jax.model import layers, modules
+
+    calls = []
+
+    def fake(q, k, v, q_pos, k_pos, impl="einsum"):
+        calls.append(impl)
+        if impl == "cudnn" and refuse:
+            raise NotImplementedError("cuDNN: unsupported head size")
+        return q
+
+    monkeypatch.setattr(layers, "attention", fake)
+    q = jnp.zeros((1, 2, 4, 8), jnp.bfloat16)
+    pos = jnp.zeros((1, 2), jnp.int32)
+    for platform, dtype, refuse, want in [("cpu", jnp.bfloat16, False, ["einsum"]),
+                                          ("tpu", jnp.bfloat16, False, ["einsum"]),
+                                          ("gpu", jnp.float32, False, ["einsum"]),
+                                          ("gpu", jnp.bfloat16, False, ["cudnn"]),
+                                          ("gpu", jnp.bfloat16, True, ["cudnn", "einsum"])]:
+        calls.clear()
+        monkeypatch.setattr(sharding, "target_platform", lambda p=platform: p)
+        modules.attend(CFG, q.astype(dtype), q, q, pos, pos)
+        assert calls == want, (platform, dtype, refuse)
+    calls.clear()
+    with pytest.raises(NotImplementedError):
+        modules.attend(CFG.replace(attention="cudnn"), q, q, q, pos, pos)
+    with pytest.raises(ValueError, match="unknown attention"):
+        CFG.replace(attention="flash")

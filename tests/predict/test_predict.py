@@ -1,0 +1,355 @@
+"""The product path: predict a crowd for a new event (Python API and launch/predict.py).
+
+References are independent of the code under test: the head's probabilities are recomputed
+from a plain forward pass (no KV cache, no left padding) over prompts built by the prompt
+builder directly, the crowd's distribution is their numpy mean, and the bootstrap intervals
+are re-derived in numpy from the documented procedure (and checked against the normal
+approximation on a large synthetic crowd).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from tests.train_helpers import REPO, built_sample, script_env, tiny_config
+
+from socialalign_jax.predict import (Predictor, PredictError, User, UsersError, crowd as crowd_lib, dataset_users,
+                                     default_topic, parse_users_jsonl, read_users, sample_users)
+
+USERS = REPO / "examples" / "users.jsonl"
+NEWS = "某地宣布明年起延迟退休，引发网友热议"
+NEWS2 = "延迟退休政策明年起实施"
+_RUN: dict[str, str] = {}
+
+
+def tiny_predict_run() -> str:
+    """A 1-step tiny training run (its config.json, checkpoint and built dataset), once per session."""
+    if "wd" not in _RUN:
+        from socialalign_jax.train import loop
+
+        wd = tempfile.mkdtemp(prefix="sa_predict_")
+        cfg = tiny_config(built_sample(), **{"train.num_steps": 1, "sample.max_new_tokens": 6,
+                                             "sample.batch_size": 8})
+        loop.train(cfg, wd, progress=False)
+        _RUN["wd"] = wd
+    return _RUN["wd"]
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return Predictor.from_run(tiny_predict_run())
+
+
+# ----------------------------------------------------------------------------- users files
+
+
+def _users_error(text: str) -> str:
+    with pytest.raises(UsersError) as e:
+        parse_users_jsonl(text, "crowd.jsonl")
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_users_file_is_validated_with_file_line_and_field():
+    good = '{"user_name": "a", "history": [{"text": "x"}], "user_persona": "p"}'
+    assert _users_error(good + "\n{not json") .startswith("crowd.jsonl: line 2: invalid JSON (")
+    assert _users_error('{"history": []}') == "crowd.jsonl: line 1: field 'user_name': missing"
+    assert "line 1: field 'history': expected a list" in _users_error('{"user_name": "a", "history": "x"}')
+    assert "line 1: field 'history[0].text': missing" in _users_error('{"user_name": "a", "history": [{"txt": "x"}]}')
+    assert "field 'histroy': unknown field" in _users_error('{"user_name": "a", "histroy": []}')
+    assert "line 3: field 'user_name': 'a' repeats line 1" in _users_error(good + "\n\n" + good)
+    assert _users_error("\n \n") == "crowd.jsonl: no users (expected one JSON object per line)"
+    # A case copied out of an event file is a valid user (its response and label are ignored).
+    case = {"user_name": "b", "weibo": "w", "sentiment": "negative",
+            "history": [{"text": "t", "retweet": {"text": "r"}, "topics": ["x"]}]}
+    (u,) = parse_users_jsonl(json.dumps(case, ensure_ascii=False), "f")
+    assert u.user_name == "b" and u.history[0].retweet == "r" and u.persona is None
+
+
+def test_example_users_file_reads():
+    users = read_users(USERS)
+    assert len(users) == 4 and all(u.history and u.persona for u in users)
+
+
+def test_users_from_a_built_dataset_are_its_distinct_users():
+    data = built_sample()
+    pool = dataset_users(data)
+    from socialalign_jax.data.records import read_event_dir
+    from socialalign_jax.data.sample import load_sample_dir
+
+    names = {c.user_name for ev in read_event_dir(load_sample_dir()) for c in ev.cases}
+    assert {u.user_name for u in pool} == names and len(pool) == len(names)
+    picked = sample_users(pool, 5, seed=3, source=data)
+    assert len({u.user_name for u in picked}) == 5
+    assert [u.user_name for u in picked] == [u.user_name for u in sample_users(pool, 5, seed=3, source=data)]
+    with pytest.raises(UsersError, match=f"has {len(pool)} users, {len(pool) + 1} were asked for"):
+        sample_users(pool, len(pool) + 1, seed=0, source=data)
+
+
+def test_default_topic():
+    assert default_topic("今天 #高考放榜# 了") == "高考放榜"
+    assert default_topic("某地宣布明年起延迟退休，引发网友热议") == "某地宣布明年起延迟退休"
+    assert len(default_topic("一" * 50)) == 20
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+def _numpy_bootstrap(per_user, seed, b, level):
+    """The documented procedure, written out independently: one resample at a time."""
+    rng = np.random.default_rng(seed)
+    v, u, c = per_user.shape
+    idx = rng.integers(0, u, size=(b, u), dtype=np.int32)
+    boots = np.array([[per_user[k][idx[r]].mean(axis=0) for r in range(b)] for k in range(v)])  # [V, B, C]
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    iv = np.stack([np.percentile(boots, lo, axis=1), np.percentile(boots, hi, axis=1)], axis=-1)
+    d = boots[0] - boots[1]
+    div = np.stack([np.percentile(d, lo, axis=0), np.percentile(d, hi, axis=0)], axis=-1)
+    return per_user.mean(axis=1), iv, per_user[0].mean(0) - per_user[1].mean(0), div
+
+
+def test_bootstrap_matches_an_independent_numpy_derivation():
+    rng = np.random.default_rng(0)
+    per_user = rng.dirichlet([1.0, 2.0, 3.0], size=(2, 37))  # 2 wordings x 37 users
+    s = crowd_lib.summarise(per_user, crowd_lib.resample_indices(37, seed=5, num_resamples=300), level=0.9)
+    mean, iv, diff, div = _numpy_bootstrap(per_user, 5, 300, 0.9)
+    np.testing.assert_allclose(s.mean, mean, atol=1e-12)
+    np.testing.assert_allclose(s.interval, iv, atol=1e-12)
+    assert s.pairs == [(0, 1)]
+    np.testing.assert_allclose(s.diff[0], diff, atol=1e-12)
+    np.testing.assert_allclose(s.diff_interval[0], div, atol=1e-12)
+
+
+def test_bootstrap_interval_agrees_with_the_normal_approximation():
+    # For a large crowd the bootstrap 90% interval of a mean ~ mean +- 1.645 sd / sqrt(U); paired
+    # differences of two wordings that share most of their per-user variation are much narrower.
+    rng = np.random.default_rng(1)
+    u = 4000
+    base = rng.dirichlet([2.0, 2.0, 2.0], size=u)
+    shifted = 0.9 * base + 0.1 * np.array([0.6, 0.2, 0.2])
+    per_user = np.stack([base, shifted])
+    s = crowd_lib.summarise(per_user, crowd_lib.resample_indices(u, seed=0, num_resamples=2000))
+    half = 1.6449 * base.std(axis=0, ddof=1) / np.sqrt(u)
+    np.testing.assert_allclose(s.interval[0, :, 1] - s.interval[0, :, 0], 2 * half, rtol=0.1)
+    assert np.all(s.interval[0, :, 0] < s.mean[0]) and np.all(s.mean[0] < s.interval[0, :, 1])
+    d_half = 1.6449 * (base - shifted).std(axis=0, ddof=1) / np.sqrt(u)
+    np.testing.assert_allclose(s.diff_interval[0, :, 1] - s.diff_interval[0, :, 0], 2 * d_half, rtol=0.1)
+    assert s.diff_interval[0, 0, 1] < 0  # wording 1 draws clearly fewer "negative" than wording 2
+
+
+# ----------------------------------------------------------------------------- the API on a trained run
+
+
+def _direct_head_probs(predictor, news, topic, users):
+    """Head probabilities from one plain forward over the prompts (right padding, no KV cache)."""
+    from socialalign_jax.data.prompt import build_example
+    from socialalign_jax.data.records import Case, Event
+    from socialalign_jax.model import decoder
+
+    exs = []
+    for u in users:
+        case = Case(user_name=u.user_name, weibo="", history=list(u.history), persona=u.persona)
+        exs.append(build_example(case, Event("e", topic, news, [case]), predictor.tokenizer, predictor.prompt_cfg,
+                                 include_response=False))
+    n = max(ex["prompt_len"] for ex in exs)
+    ids = np.zeros((len(exs), n), np.int32)
+    mask = np.zeros((len(exs), n), np.int32)
+    for i, ex in enumerate(exs):
+        ids[i, :ex["prompt_len"]] = ex["input_ids"][:ex["prompt_len"]]
+        mask[i, :ex["prompt_len"]] = 1
+    spans = (np.array([ex["user_end"] for ex in exs]), np.array([ex["news_end"] for ex in exs]))
+    res = decoder.forward(predictor.params, ids, predictor.model_cfg, attention_mask=mask, adapters=predictor.adapters,
+                          lora_cfg=predictor.lora_cfg, spans=spans, compute_logits=False)
+    hidden = np.asarray(res.hidden, np.float64)
+    h = np.stack([hidden[i, ex["prompt_len"] - 1] for i, ex in enumerate(exs)])  # the last prompt token
+    z = h @ np.asarray(predictor.adapters["head"]["kernel"], np.float64) + np.asarray(
+        predictor.adapters["head"]["bias"], np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_api_predicts_the_crowd_as_a_direct_forward_and_numpy_do(predictor):
+    from socialalign_jax.inference import generation
+
+    users = read_users(USERS)
+    pred = predictor.predict(NEWS, users, samples=2, seed=3, variants=[NEWS2], labeller="lexicon")
+    labels = list(predictor.labels)
+    assert pred.labels == tuple(labels) and pred.num_users == 4 and len(pred.variants) == 2
+    assert [u.user_name for u in pred.users] == [u.user_name for u in users]
+    probs = []
+    for v, news in enumerate((NEWS, NEWS2)):
+        c = pred.variants[v]
+        assert c.topic == default_topic(news)
+        ref = _direct_head_probs(predictor, news, c.topic, users)
+        got = np.array([[u.sentiment[k] for k in labels] for u in c.users])
+        np.testing.assert_allclose(got, ref, atol=2e-5)
+        np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-6)
+        dist = np.array([c.distribution[k] for k in labels])
+        np.testing.assert_allclose(dist, ref.mean(0), atol=2e-5)
+        assert abs(dist.sum() - 1) < 1e-6
+        for k in labels:
+            lo, hi = c.interval[k]
+            assert lo <= c.distribution[k] <= hi
+        assert all(len(u.posts) == 2 and all(isinstance(p, str) for p in u.posts) for u in c.users)
+        # The labeller's distribution: the share of each user's posts per class, averaged over users.
+        from socialalign_jax.evaluation.labellers import LexiconLabeller
+        lab = LexiconLabeller().label([p for u in c.users for p in u.posts])
+        assert [l for u in c.users for l in u.post_labels] == lab
+        gen = np.mean([[np.mean([l == k for l in u.post_labels]) for k in labels] for u in c.users], axis=0)
+        np.testing.assert_allclose([c.generated_distribution[k] for k in labels], gen, atol=1e-12)
+        probs.append(got)
+    # The intervals and the paired difference, re-derived in numpy from the per-user probabilities.
+    mean, iv, diff, div = _numpy_bootstrap(np.array(probs), 3, pred.num_resamples, pred.level)
+    for v in range(2):
+        np.testing.assert_allclose([pred.variants[v].interval[k] for k in labels], iv[v], atol=1e-6)
+    (d,) = pred.differences
+    assert (d.a, d.b) == (0, 1)
+    np.testing.assert_allclose([d.difference[k] for k in labels], diff, atol=1e-6)
+    np.testing.assert_allclose([d.interval[k] for k in labels], div, atol=1e-6)
+
+    # crowd.json's structure, and the records of predictions.jsonl.
+    j = pred.to_json()
+    assert j["labels"] == labels and j["num_users"] == 4 and j["distribution"] == pred.distribution
+    assert [v["news"] for v in j["variants"]] == [NEWS, NEWS2] and len(j["differences"]) == 1
+    assert j["run"]["step"] == 1 and j["seed"] == 3 and j["generated"]["distribution"]
+    recs = list(pred.records())
+    assert len(recs) == 2 * 4 * 2 and set(recs[0]) >= {"user_name", "post", "sentiment", "variant", "sample"}
+
+    # Same shapes again, another seed: no new compilation (the seed is a key, not a static argument),
+    # and the same seed gives the same posts.
+    size = generation._sample_batch._cache_size()
+    again = predictor.predict(NEWS, users, samples=2, seed=3, variants=[NEWS2])
+    other = predictor.predict(NEWS, users, samples=2, seed=4, variants=[NEWS2])
+    assert generation._sample_batch._cache_size() == size
+    assert [u.posts for u in again.users] == [u.posts for u in pred.users]
+    assert [u.sentiment for u in other.users] == [u.sentiment for u in again.users]
+
+
+def test_api_rejects_bad_input_with_one_line(predictor):
+    users = read_users(USERS)
+    cases = [
+        (dict(news="  ", users=users), "news: empty"),
+        (dict(news=NEWS, users=[]), "users: the crowd is empty"),
+        (dict(news=NEWS, users=users, variants=[""]), "variants[0]: empty"),
+        (dict(news=NEWS, users=users, samples=0), "samples: must be an integer >= 1"),
+        (dict(news="新闻" * 400, users=users[:1]), "exceed max_length"),
+        (dict(news=NEWS, users=users, labeller="nope"), "labeller: 'nope'"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(PredictError) as e:
+            predictor.predict(**kw)
+        assert msg in str(e.value) and "\n" not in str(e.value)
+    small = Predictor(predictor.params, predictor.adapters, predictor.model_cfg, predictor.lora_cfg,
+                      predictor.tokenizer, labels=predictor.labels, prompt=predictor.prompt_cfg,
+                      sampling=predictor.sampling, max_users=3)
+    with pytest.raises(PredictError, match="4 users, more than this predictor's limit of 3"):
+        small.predict(NEWS, users)
+    with pytest.raises(UsersError, match=r"users\[0\]: field 'user_name': missing"):
+        predictor.predict(NEWS, [{"history": []}])
+
+
+def test_users_given_as_dicts_or_objects_predict_the_same(predictor):
+    users = read_users(USERS)[:2]
+    a = predictor.predict(NEWS, users, seed=1)
+    b = predictor.predict(NEWS, [u.to_json() for u in users], seed=1)
+    assert a.users == b.users and a.crowd == b.crowd
+    assert isinstance(users[0], User)
+
+
+def test_exported_adapters_on_a_weights_spec_predict_as_the_run_does(predictor, tmp_path):
+    from socialalign_jax.weights import adapters
+
+    path = adapters.save_adapters(jax.device_get(predictor.adapters), predictor.lora_cfg, predictor.model_cfg,
+                                  tmp_path / "export")
+    exported = Predictor.from_adapters(tmp_path / "export", "random:tiny-qwen2", max_length=224,
+                                       sampling=predictor.sampling, batch_size=predictor.batch_size)
+    assert exported.run["adapters"] == os.path.abspath(path.parent) and exported.labels == predictor.labels
+    users = read_users(USERS)
+    a = predictor.predict(NEWS, users, samples=2, seed=3)
+    b = exported.predict(NEWS, users, samples=2, seed=3)
+    for ua, ub in zip(a.users, b.users):
+        np.testing.assert_allclose(list(ua.sentiment.values()), list(ub.sentiment.values()), atol=1e-6)
+        assert ua.posts == ub.posts
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _cli(*args, timeout=600):
+    env = script_env(1)
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    return subprocess.run([sys.executable, str(REPO / "launch" / "predict.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=timeout, cwd=str(REPO))
+
+
+def test_cli_end_to_end_writes_the_four_files(tmp_path):
+    run = tiny_predict_run()
+    variants = tmp_path / "variants.txt"
+    variants.write_text(NEWS2 + "\n\n", encoding="utf-8")
+    out = tmp_path / "pred"
+    r = _cli("--workdir", run, "--news", NEWS, "--variants", str(variants), "--users", str(USERS),
+             "--out", str(out), "--samples", "2", "--seed", "7", "--no_progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["crowd.json", "crowd.png", "predictions.jsonl", "report.md"]
+    crowd = json.loads((out / "crowd.json").read_text(encoding="utf-8"))
+    labels = crowd["labels"]
+    assert crowd["num_users"] == 4 and crowd["seed"] == 7 and crowd["run"]["workdir"] == os.path.abspath(run)
+    assert [v["news"] for v in crowd["variants"]] == [NEWS, NEWS2] and len(crowd["differences"]) == 1
+    rows = [json.loads(ln) for ln in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 2 * 4 * 2
+    for v, var in enumerate(crowd["variants"]):
+        per_user = {r["user_name"]: [r["sentiment"][k] for k in labels] for r in rows if r["variant"] == v}
+        p = np.array(list(per_user.values()))
+        np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-6)
+        np.testing.assert_allclose([var["distribution"][k] for k in labels], p.mean(0), atol=1e-9)
+        assert all(var["interval"][k][0] <= var["distribution"][k] <= var["interval"][k][1] for k in labels)
+    assert (out / "crowd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "| label | predicted share | 90% interval |" in report and "crowd.png" in report
+    assert "| label | predicted share | 90% interval |" in r.stdout and "framing: wording 1 minus wording 2" in r.stdout
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".pred")]  # no staging left behind
+
+    # A rerun into the same directory replaces the previous prediction whole.
+    r2 = _cli("--workdir", run, "--news", NEWS, "--users_from", run, "--num_users", "3", "--out", str(out),
+              "--no_progress")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    crowd2 = json.loads((out / "crowd.json").read_text(encoding="utf-8"))
+    assert crowd2["num_users"] == 3 and len(crowd2["variants"]) == 1
+    assert len((out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()) == 3
+
+
+def test_cli_bad_input_is_one_line_and_leaves_nothing(tmp_path):
+    run = tiny_predict_run()
+    bad_users = tmp_path / "bad.jsonl"
+    bad_users.write_text('{"user_name": "a", "history": []}\n{"user_name": "b", "history": [{"txt": 1}]}\n',
+                         encoding="utf-8")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    out = tmp_path / "out"
+    base = ["--workdir", run, "--no_progress"]
+    cases = [
+        ([*base, "--news", " ", "--users", str(USERS), "--out", str(out)], "wording 1 is empty"),
+        ([*base, "--news", NEWS, "--users", str(bad_users), "--out", str(out)],
+         f"{bad_users}: line 2: field 'history[0].text': missing"),
+        ([*base, "--news", NEWS, "--users", str(USERS), "--out", str(out), "--max_users", "2"],
+         "4 users, more than --max_users 2"),
+        ([*base, "--news", NEWS, "--users", str(USERS), "--out", str(a_file)], "is a file, expected a directory"),
+        ([*base, "--news", "新闻" * 400, "--users", str(USERS), "--out", str(out)], "exceed max_length"),
+    ]
+    for args, msg in cases:
+        r = _cli(*args)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], (msg, r.stderr[-2000:])
+        assert not out.exists() and a_file.read_text() == "x"
+        assert sorted(os.listdir(tmp_path)) == ["a_file", "bad.jsonl"]  # no staging directory either

@@ -18,7 +18,7 @@ from socialalign_jax.core.errors import UserError
 from socialalign_jax.runs import restore
 from socialalign_jax.runs.run_config import RunConfig, as_run_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_are_the_config_files_default_key_for_key():

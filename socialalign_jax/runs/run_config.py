@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.core.labels import DEFAULT_LABELS
+from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.parallel import axis_rules
 
 
@@ -35,19 +36,23 @@ class ModelSection:
     random_init: str = ""  # recorded by the trainer for random weights (decoder.RANDOM_INIT)
 
 
+_LC = LoraConfig()  # the adapter defaults are LoraConfig's own, not restated
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraSection:
-    num_analyze: int = 3
-    num_compose: int = 3
-    rank: int = 8
-    alpha: float = 16.0
-    rslora: bool = False
-    dropout: float = 0.1
-    gate_width: int = 32
-    targets: str = "q,k,v,o,gate,up,down"  # comma-separated; '' trains only the sentiment head
-    routing: str = "token"
-    num_classes: int = 3
-    fuse_base: str = "auto"
+    """config.lora: LoraConfig's fields as the config file spells them (targets comma-separated)."""
+    num_analyze: int = _LC.num_analyze
+    num_compose: int = _LC.num_compose
+    rank: int = _LC.rank
+    alpha: float = _LC.alpha
+    rslora: bool = _LC.rslora
+    dropout: float = _LC.dropout
+    gate_width: int = _LC.gate_width
+    targets: str = ",".join(_LC.targets)  # '' trains only the sentiment head
+    routing: str = _LC.routing
+    num_classes: int = _LC.num_classes
+    fuse_base: str = _LC.fuse_base
 
 
 @dataclasses.dataclass(frozen=True)

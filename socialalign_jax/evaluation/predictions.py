@@ -15,6 +15,7 @@ import numpy as np
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.core.jsonl import iter_jsonl, read_jsonl_text
 from socialalign_jax.evaluation import distributions, metrics, report
+from socialalign_jax.evaluation.head import head_metrics
 
 SUM_TOLERANCE = 1e-3  # probability vectors written as float32 text need not sum to exactly 1
 
@@ -176,19 +177,19 @@ def evaluate(records: list[dict], labeller=None, eps: float = distributions.KL_E
     labels = records[0]["labels"]
     refs = [r["reference"] for r in records]
     hyps = [r["generated"] for r in records]
-    pred = [labels[int(np.argmax(r["probs"]))] for r in records]
-    gold_idx = [i for i, r in enumerate(records) if r["label"] is not None]
-    gold = [records[i]["label"] for i in gold_idx]
-    f1, f1_classes = metrics.macro_f1(gold, [pred[i] for i in gold_idx])
+    # The head's metrics from the same code as the trainer's evaluation (evaluation.head).
+    head = head_metrics([r["probs"] for r in records],
+                        [labels.index(r["label"]) if r["label"] is not None else -1 for r in records],
+                        [r["event_id"] for r in records], {})
     ppl_recs = [r for r in records if r.get("ref_logprob_sum") is not None]
     micro = {
         **metrics.corpus_rouge(refs, hyps),
         "bleu": metrics.corpus_bleu(refs, hyps),
         "distinct1": metrics.distinct_n(hyps, 1),
         "distinct2": metrics.distinct_n(hyps, 2),
-        "sentiment_accuracy": metrics.accuracy(gold, [pred[i] for i in gold_idx]),
-        "sentiment_macro_f1": f1,
-        "sentiment_num_labelled": len(gold),
+        "sentiment_accuracy": head.get("sentiment_accuracy", math.nan),
+        "sentiment_macro_f1": head.get("sentiment_macro_f1", math.nan),
+        "sentiment_num_labelled": head["sentiment_num_labelled"],
         "perplexity": metrics.perplexity([r["ref_logprob_sum"] for r in ppl_recs],
                                          [r["ref_num_tokens"] for r in ppl_recs]),
         "perplexity_num_records": len(ppl_recs),
@@ -216,7 +217,7 @@ def evaluate(records: list[dict], labeller=None, eps: float = distributions.KL_E
             real, source = None, None
         ev = {"event_id": eid, "event": recs[0]["event"], "n": len(recs), "n_labelled": len(ev_gold),
               "real_source": source, "real": real,
-              "head": np.mean([r["probs"] for r in recs], axis=0).tolist(),
+              "head": head["per_event"][eid],
               "generated": _label_dist([gen_labels[i] for i in idx], labels) if gen_labels is not None else None}
         if real is None:
             no_real.append(eid)
@@ -240,6 +241,6 @@ def evaluate(records: list[dict], labeller=None, eps: float = distributions.KL_E
         macro["generated"] = distributions.summarise(gen_cmp, counts)
     return {
         "num_records": len(records), "num_events": len(by_event), "labels": labels,
-        "labeller": getattr(labeller, "name", "none"), "kl_epsilon": eps, "sentiment_f1_classes": f1_classes,
+        "labeller": getattr(labeller, "name", "none"), "kl_epsilon": eps, "sentiment_f1_classes": [labels[c] for c in head.get("sentiment_f1_classes", [])],
         "micro": micro, "macro": macro, "per_event": per_event, "notes": notes,
     }

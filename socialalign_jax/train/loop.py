@@ -18,13 +18,13 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from socialalign_jax.core.atomic_io import write_json
 from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data.pipeline import Subset
+from socialalign_jax.evaluation.head import head_metrics
 from socialalign_jax.model import pac_lora
 from socialalign_jax.model.config import ModelConfig, validate_run_config
 from socialalign_jax.model.pac_lora import LoraConfig
@@ -166,7 +166,6 @@ def _jitted_eval_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg, me
 def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[str, Any]:
     """Held-out response CE, sentiment accuracy and cross-entropy / majority baseline, and mean event JSD."""
     from socialalign_jax.data.pipeline import eval_batches
-    from socialalign_jax.train.losses import jsd
 
     eval_step = _jitted_eval_step(job.model_cfg, job.lora_cfg, job.loss_cfg, job.mesh, job.rules)
     bs = int(job.cfg.data.eval_batch_size)
@@ -191,20 +190,14 @@ def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[st
             targets.setdefault(int(e), t)
     res: dict[str, Any] = {"response_ce": lm_sum / max(lm_cnt, 1.0), "response_tokens": lm_cnt}
     labels, events, masks = np.concatenate(labels), np.concatenate(events), np.concatenate(masks)
-    real = (masks > 0) & (labels >= 0)
-    if probs and real.any():
-        p = np.concatenate(probs)
-        pred = p.argmax(-1)
-        res["sentiment_accuracy"] = float((pred[real] == labels[real]).mean())
-        res["sentiment_ce"] = float(-np.log(np.clip(p[real, labels[real]], 1e-30, None)).mean())
-        counts = np.bincount(labels[real], minlength=p.shape[1])
-        res["majority_baseline_accuracy"] = float(counts.max() / counts.sum())
-        per_event = []
-        for e in sorted(set(events[masks > 0].tolist())):
-            sel = (events == e) & (masks > 0)
-            per_event.append(float(jsd(jnp.asarray(p[sel].mean(0)), jnp.asarray(targets[e]))))
-        res["macro_jsd"] = float(np.mean(per_event))
-        res["num_events"] = len(per_event)
+    real = masks > 0
+    if probs and (real & (labels >= 0)).any():
+        # The same code as launch/evaluate.py's head metrics (evaluation.head); events whose
+        # target is all zero (no labelled response anywhere) have no distribution to compare.
+        hm = head_metrics(np.concatenate(probs)[real], labels[real], events[real],
+                          {e: t for e, t in targets.items() if np.sum(t) > 0})
+        res.update({k: hm[k] for k in ("sentiment_accuracy", "sentiment_macro_f1", "sentiment_ce",
+                                       "majority_baseline_accuracy", "macro_jsd", "num_events")})
     res["num_examples"] = int((masks > 0).sum())
     return res
 

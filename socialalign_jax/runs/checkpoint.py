@@ -23,6 +23,7 @@ in Orbax's executor tracebacks.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import sys
@@ -317,6 +318,15 @@ def _silence_orphaned_reads() -> None:
 
     hook._socialalign_orphaned_reads = True
     sys.unraisablehook = hook
+    # The same orphaned reads, when one of them failed too, reach asyncio's logger instead when
+    # their task is collected ("Task exception was never retrieved ... async_deserialize"): a
+    # traceback of a read whose result nobody wanted. Only those records are dropped.
+    logging.getLogger("asyncio").addFilter(_orphaned_read_filter)
+
+
+def _orphaned_read_filter(record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    return not (msg.startswith("Task exception was never retrieved") and "async_deserialize" in msg)
 
 
 # ----------------------------------------------------------------------------- one trainer per workdir

@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.core.labels import DEFAULT_LABELS
+from socialalign_jax.inference.sampling import SamplingConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.parallel import axis_rules
 
@@ -135,15 +136,18 @@ class DistributedSection:
     initialize: str = "auto"
 
 
+_SC = SamplingConfig()  # the sampler's defaults, not restated (max_new_tokens is the config's own)
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleSection:
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 20
-    repetition_penalty: float = 1.2
-    max_new_tokens: int = 64
-    greedy: bool = False
-    seed: int = 0
+    temperature: float = _SC.temperature
+    top_p: float = _SC.top_p
+    top_k: int = _SC.top_k
+    repetition_penalty: float = _SC.repetition_penalty
+    max_new_tokens: int = 64  # the quickstart's posts; SamplingConfig's 256 is the paper presets'
+    greedy: bool = _SC.greedy
+    seed: int = _SC.seed
     batch_size: int = 16
 
 

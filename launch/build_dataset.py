@@ -37,7 +37,9 @@ def parse_args(argv):
     pre = argument_parser(add_help=False)
     pre.add_argument("--config", default="configs/weibo.py")
     spec = pre.parse_known_args(argv)[0].config
-    data = load_config_file(spec).data
+    from socialalign_jax.runs.run_config import as_run_config
+
+    data = as_run_config(load_config_file(spec), source=spec).data  # typed: a bad key is one line
     ap = argument_parser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/weibo.py",
                     help="config FILE[:preset] whose `data` section gives the defaults of --max_length, --mode, "

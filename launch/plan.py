@@ -89,6 +89,8 @@ def main(argv=None) -> int:
                 raise UserError(plan_lib.LIBTPU_HINT)
             plan_lib.quiet_libtpu_env(tpu)  # before jax starts: see its docstring
         else:
+            if plan_lib.libtpu_available():  # installed but unused here: keep its start-up warnings quiet
+                plan_lib.quiet_libtpu_env()
             if -1 in sizes.values():
                 raise UserError("--mesh: -1 needs --topology (on fake CPU devices give every axis a size)")
             n = math.prod(sizes.values())

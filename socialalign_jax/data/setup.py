@@ -23,8 +23,8 @@ class Datasets:
     test: Any  # or None
     seq_len: int
     pad_id: int
-    labels: tuple[str, ...]
-    cfg: Any = None  # the run config with the data.* settings the dataset was built with (check_build_settings)
+    labels: tuple[str, ...]  # class names in id order (the metadata's "classes")
+    cfg: RunConfig | None = None  # the run config with the data.* settings the dataset was built with (check_build_settings)
 
 
 def _tokenizer_dir(tokenizer, workdir: str) -> str | None:
@@ -146,7 +146,8 @@ def check_build_settings(cfg, ds, *, explicit_dir: bool) -> tuple[list[str], Run
             same = want == have or have is None
         if not same:
             diffs.append(f"data.{key}={want!r} (built with {have!r})")
-            adopt[key] = have
+            if have is not None:  # an older build that did not record the setting: keep the config's
+                adopt[key] = have
     if diffs and not explicit_dir:
         raise UserError(f"{ds.path}: the dataset there was built with other settings: {'; '.join(diffs)}; "
                         "set them to the built values, or pass --config.data.data_dir=NEW_DIR to build another "

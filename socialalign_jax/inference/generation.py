@@ -297,8 +297,7 @@ def run_generate(cfg, workdir: str, *, split: str = "test", out: str, max_exampl
     scfg = sampling_config(cfg, base.tokenizer, data.pad_id, greedy=greedy)
     source = Subset(source, max_examples)  # evenly spaced over the split, as in training's eval
     n = len(source)
-    # The class names live under 'classes' in the dataset metadata ('labels' there is the per-split label index).
-    labels = tuple(data.dataset.metadata.get("classes") or DEFAULT_LABELS)
+    labels = data.labels  # the dataset's class names, as data.setup read them
     gates = GateAccumulator() if gates_out else None
     examples = (source[i] for i in range(n))
     records = generate_predictions(

@@ -67,7 +67,7 @@ def small_qwen2(num_layers: int, vocab: int | None = None) -> ModelConfig:
 
 def random_adapters(cfg: ModelConfig, lc: pac_lora.LoraConfig, seed: int = 1) -> dict:
     """Adapters with B != 0 (B = 0 at init would make every comparison trivially equal)."""
-    ad = pac_lora.init_adapters(jax.random.PRNGKey(seed), cfg, lc)
+    ad = decoder.init_adapters(jax.random.PRNGKey(seed), cfg, lc)
     rng = np.random.default_rng(seed)
 
     def fill(path, x):

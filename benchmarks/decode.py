@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from socialalign_jax.inference import sampling
+from socialalign_jax.model import sampling
 
 
 def run(quick: bool, repeats: int) -> dict:

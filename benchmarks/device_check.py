@@ -122,7 +122,7 @@ def section_agree() -> dict:
     import optax
 
     from benchmarks import common, train_step as ts
-    from socialalign_jax.inference import sampling
+    from socialalign_jax.model import sampling
     from socialalign_jax.model import decoder, pac_lora
     from socialalign_jax.model.presets import get_preset
     from socialalign_jax.train import step as step_lib

@@ -196,7 +196,7 @@ def bench_layer(torch, dev, d_in: int, d_out: int, b: int, s: int, repeats: int)
     import numpy as np
     from benchmarks import common
     from benchmarks.torch_ref.pac_lora import PacLoraLinear, Routing
-    from socialalign_jax.model import pac_lora
+    from socialalign_jax.model import modules, pac_lora
 
     lc = pac_lora.LoraConfig(dropout=0.0)
     rng = np.random.default_rng(0)
@@ -204,7 +204,7 @@ def bench_layer(torch, dev, d_in: int, d_out: int, b: int, s: int, repeats: int)
     ct_j, ct_np = _bf16_round(np, jnp, rng.standard_normal((b, s, d_out)))  # cotangent of y [b, s, d_out]
     w0_j, w0_np = _bf16_round(np, jnp, 0.02 * rng.standard_normal((d_in, d_out)))
     bias_j, bias_np = _bf16_round(np, jnp, 0.02 * rng.standard_normal((d_out,)))
-    ad = pac_lora.init_module_adapter(jax.random.PRNGKey(0), 1, d_in, d_out, lc)  # stacked on a layer axis of 1
+    ad = modules.init_linear_adapter(jax.random.PRNGKey(0), 1, d_in, d_out, lc)  # stacked on a layer axis of 1
     ad = jax.tree.map(lambda a: np.asarray(a[0]), ad)  # float32
     ad["B"] = rng.uniform(-0.05, 0.05, ad["B"].shape).astype(np.float32)  # [Eb, r, d_out], float32
     pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
@@ -399,7 +399,7 @@ def bench_decode(torch, dev, cfg, prompt: int, new: int, repeats: int) -> dict:
     import jax
     import numpy as np
     from benchmarks import common
-    from socialalign_jax.inference import sampling
+    from socialalign_jax.model import sampling
 
     params = common.init_params(cfg)  # bf16, no adapters: HF's generate would route decoded tokens differently
     hf, _, _ = _hf_bf16(torch, dev, params, cfg)

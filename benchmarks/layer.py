@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from socialalign_jax.model import pac_lora
+from socialalign_jax.model import modules, pac_lora
 
 
 def run(quick: bool, repeats: int) -> dict:
@@ -28,7 +28,7 @@ def run(quick: bool, repeats: int) -> dict:
     ct = rng.standard_normal((b, s, d_out)).astype(np.float32)
     w0 = (0.02 * rng.standard_normal((d_in, d_out))).astype(np.float32)
     bias = (0.02 * rng.standard_normal((d_out,))).astype(np.float32)
-    ad = jax.tree.map(np.asarray, pac_lora.init_module_adapter(jax.random.PRNGKey(0), 1, d_in, d_out, lc))
+    ad = jax.tree.map(np.asarray, modules.init_linear_adapter(jax.random.PRNGKey(0), 1, d_in, d_out, lc))
     ad = jax.tree.map(lambda a: a[0], ad)
     ad["B"] = rng.uniform(-0.05, 0.05, ad["B"].shape).astype(np.float32)
     user_end = np.full((b,), s // 2, np.int32)

@@ -60,7 +60,7 @@ def build_predictor(model: str, max_length: int = 0):
 
     from socialalign_jax.data.prompt import PromptConfig
     from socialalign_jax.inference import generation
-    from socialalign_jax.model import pac_lora
+    from socialalign_jax.model import decoder
     from socialalign_jax.predict import Predictor
     from socialalign_jax.runs.restore import lora_config
     from socialalign_jax.weights.resolve import resolve_weights
@@ -68,7 +68,7 @@ def build_predictor(model: str, max_length: int = 0):
     cfg = _config("default" if model == "default" else model)
     w = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
     lc = lora_config(cfg)
-    adapters = pac_lora.init_adapters(jax.random.PRNGKey(0), w.cfg, lc)
+    adapters = decoder.init_adapters(jax.random.PRNGKey(0), w.cfg, lc)
     tok = w.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return Predictor(jax.device_put(w.params), jax.device_put(adapters), w.cfg, lc, tok,

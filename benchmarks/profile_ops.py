@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     import optax
 
     from benchmarks import common, train_step as ts
-    from socialalign_jax.inference import sampling
+    from socialalign_jax.model import sampling
     from socialalign_jax.model import pac_lora
     from socialalign_jax.train import step as step_lib
 

@@ -20,7 +20,7 @@ def _worker(n: int, quick: bool) -> None:
 
     from benchmarks import common
     from socialalign_jax.model.pac_lora import LoraConfig
-    from socialalign_jax.parallel import plan
+    from socialalign_jax.tools import plan
     from socialalign_jax.parallel.mesh import make_mesh
     from socialalign_jax.train.step import LossConfig
 

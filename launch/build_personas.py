@@ -39,9 +39,9 @@ def parse_args(argv):
 
 def run(argv=None) -> int:
     from socialalign_jax.core.errors import UserError
-    from socialalign_jax.data import personas
+    from socialalign_jax.tools import personas
     from socialalign_jax.inference.generation import stop_tokens_for
-    from socialalign_jax.inference.sampling import SamplingConfig
+    from socialalign_jax.model.sampling import SamplingConfig
     from socialalign_jax.weights.resolve import resolve_weights
 
     args = parse_args(argv)

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
         baseline = load_baseline(args.baseline) if args.baseline else None
         labeller = None
         if args.labeller == "lexicon":
-            from socialalign_jax.evaluation.labellers import LexiconLabeller
+            from socialalign_jax.data.labellers import LexiconLabeller
             labeller = LexiconLabeller()
         elif args.labeller == "zeroshot":
             if not args.weights:

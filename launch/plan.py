@@ -73,7 +73,7 @@ def _model_config(cfg, name: str):
 def main(argv=None) -> int:
     args = _args(argv)
     from socialalign_jax.core.errors import UserError, cli_main
-    from socialalign_jax.parallel import plan as plan_lib
+    from socialalign_jax.tools import plan as plan_lib
 
     def run():
         try:

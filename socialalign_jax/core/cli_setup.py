@@ -11,6 +11,9 @@ import os
 import re
 import warnings
 
+from socialalign_jax.core.errors import one_line
+from socialalign_jax.core.errors import UserError
+
 
 def quiet_startup() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -55,7 +58,6 @@ EXIT_USAGE = 2  # usage errors: argparse's convention, shared by the absl launch
 def usage_error(message: str, argv) -> None:
     import sys
 
-    from socialalign_jax.core.errors import one_line
 
     prog = os.path.basename(argv[0]) if argv else "launcher"
     print(f"error: {one_line(message)} (python {prog} --help)", file=sys.stderr)
@@ -102,7 +104,6 @@ def load_config_file(spec: str, flag: str = "--config"):
     UserError line naming `flag`."""
     import importlib.util
 
-    from socialalign_jax.core.errors import UserError
 
     path, _, preset = resolve_config_path(spec).partition(":")
     if not os.path.isfile(path):

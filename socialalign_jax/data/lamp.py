@@ -38,6 +38,9 @@ from typing import Sequence
 import numpy as np
 
 from socialalign_jax.data.records import DataError, load_json
+from socialalign_jax.data.bm25 import bm25_scores
+from socialalign_jax.weights.tokenizer import IM_END, IM_START
+from socialalign_jax.data.prompt import PromptTooLong, overflow
 
 TASKS = {
     "LaMP-4": ("title", "text"),
@@ -191,7 +194,6 @@ def retrieval_query(text: str, task: str) -> str:
 
 def select_profile(q: LampQuestion, task: str, k: int) -> list[str]:
     """Top-k rendered profile items by BM25 against the input, best first (ties: file order)."""
-    from socialalign_jax.data.bm25 import bm25_scores
 
     rendered = [render_item(it, task) for it in q.profile]
     if not rendered or k <= 0:
@@ -203,7 +205,6 @@ def select_profile(q: LampQuestion, task: str, k: int) -> list[str]:
 
 def prompt_parts(profile: Sequence[str], question_input: str) -> tuple[str, str, str]:
     """(text before the user marker, news span text, the rest) of the rendered prompt."""
-    from socialalign_jax.weights.tokenizer import IM_END, IM_START
 
     lines = "".join(f"{i + 1}. {p}\n" for i, p in enumerate(profile))
     user = f"{IM_START}system\n{SYSTEM}{IM_END}\n{IM_START}user\n{PROFILE_HEADER}{lines}"
@@ -219,8 +220,6 @@ def build_lamp_example(q: LampQuestion, task: str, tokenizer, cfg, stats=None) -
     'without_history' shows none ('without_persona' = 'full': LaMP has no persona).
     A question without a gold output gives a prompt-only example (loss_mask all 0).
     """
-    from socialalign_jax.data.prompt import PromptTooLong, overflow
-    from socialalign_jax.weights.tokenizer import IM_END
 
     profile = [] if cfg.mode == "without_history" else select_profile(q, task, cfg.num_history)
     resp = [] if q.output is None else tokenizer(q.output + IM_END, add_special_tokens=False)["input_ids"]

@@ -14,6 +14,9 @@ from typing import Any
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.core.labels import DEFAULT_LABELS
 from socialalign_jax.runs.run_config import RunConfig, as_run_config
+from socialalign_jax.core.atomic_io import atomic_dir
+from socialalign_jax.data.sample import load_sample_dir
+from socialalign_jax.data import tfds_builders as B
 
 
 @dataclasses.dataclass
@@ -37,7 +40,6 @@ def _tokenizer_dir(tokenizer, workdir: str) -> str | None:
     import json
     import shutil
 
-    from socialalign_jax.core.atomic_io import atomic_dir
 
     path = os.path.join(workdir, "tokenizer")
     tok_json = os.path.join(path, "tokenizer.json")
@@ -64,13 +66,11 @@ def _is_main() -> bool:
 def default_input(source: str) -> str:
     if source != "socialweibo":
         raise UserError(f"data.source={source!r} needs an input: pass --config.data.input=PATH")
-    from socialalign_jax.data.sample import load_sample_dir
     return str(load_sample_dir())
 
 
 def prepare(cfg, tokenizer, workdir: str, *, build_if_missing: bool = True) -> Datasets:
     """The run's dataset (built into <workdir>/data if missing), its splits and what it was built with."""
-    from socialalign_jax.data import tfds_builders as B
 
     cfg = as_run_config(cfg)
     data_dir = cfg.data.data_dir or os.path.join(workdir, "data")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -43,8 +42,14 @@ import tensorflow_datasets as tfds
 from socialalign_jax.core.atomic_io import write_json
 from socialalign_jax.data import targets as T
 from socialalign_jax.data.converters import STANCE_LABELS, read_ced, read_nlpcc2016, read_zs_csd
-from socialalign_jax.data.records import DEFAULT_LABELS, DataError, Event, read_alpaca, read_event_dir
+from socialalign_jax.data.alpaca import read_alpaca
+from socialalign_jax.data.records import DEFAULT_LABELS, DataError, Event, read_event_dir
 from socialalign_jax.data.sample import SAMPLE_DIR
+from socialalign_jax.data.prompt import BuildStats
+from socialalign_jax.data.prompt import PromptConfig
+from socialalign_jax.data.prompt import build_example
+from socialalign_jax.data import lamp
+from socialalign_jax.weights.tokenizer import TokenizerFileError, load_tokenizer
 
 VERSION = "1.0.0"
 NUM_CLASSES = len(DEFAULT_LABELS)  # the default label set's size
@@ -215,7 +220,6 @@ def prepare(units: Sequence[Unit], event_names: Sequence[str], cfg: SocialConfig
     `source_info`: what the reader reported (conversion counts, `silver_labels`), kept in
     the metadata as 'source_info'; 'silver_labels' is also a top-level metadata flag.
     """
-    from socialalign_jax.data.prompt import BuildStats
 
     splits = assign_splits(units, event_names, cfg)
     names = sorted(set(splits), key=["train", "test"].index)
@@ -268,14 +272,12 @@ def prepare(units: Sequence[Unit], event_names: Sequence[str], cfg: SocialConfig
 
 
 def _prompt_config(cfg: SocialConfig):
-    from socialalign_jax.data.prompt import PromptConfig
 
     return PromptConfig(mode=cfg.mode, max_length=cfg.max_length, on_overflow=cfg.on_overflow,
                         num_history=cfg.num_history)
 
 
 def event_units(events: Sequence[Event], tokenizer, cfg: SocialConfig) -> tuple[list[Unit], list[str]]:
-    from socialalign_jax.data.prompt import build_example
 
     pcfg = _prompt_config(cfg)
     units, names = [], []
@@ -297,7 +299,6 @@ def event_units(events: Sequence[Event], tokenizer, cfg: SocialConfig) -> tuple[
 
 def lamp_units(cfg: SocialConfig, tokenizer) -> tuple[list[Unit], list[str]]:
     """Each question is its own event (named by its id), unlabelled."""
-    from socialalign_jax.data import lamp
 
     questions, outputs = lamp_files(cfg.input, cfg.lamp_outputs)
     task, qs = lamp.read_lamp(questions, outputs, cfg.lamp_task)
@@ -328,7 +329,6 @@ def lamp_files(path: str, outputs: str | None) -> tuple[Path, Path | None]:
 
 
 def _tokenizer(cfg: SocialConfig):
-    from socialalign_jax.weights.tokenizer import TokenizerFileError, load_tokenizer
 
     try:
         return load_tokenizer(cfg.tokenizer)

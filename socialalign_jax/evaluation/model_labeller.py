@@ -16,10 +16,11 @@ import jax
 import numpy as np
 
 from socialalign_jax.core.errors import UserError
-from socialalign_jax.evaluation.labellers import ZeroShotLabeller
+from socialalign_jax.data.labellers import ZeroShotLabeller
 from socialalign_jax.inference import scoring
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.weights.tokenizer import chat_template
+from socialalign_jax.weights.resolve import WeightsError, resolve_weights
 
 __all__ = ["model_score_fn", "zero_shot_labeller"]
 
@@ -77,7 +78,6 @@ def zero_shot_labeller(weights_spec: str, *, batch_size: int = 16, chat: bool = 
 
     Params are moved to the device once here, not per call.
     """
-    from socialalign_jax.weights.resolve import WeightsError, resolve_weights
 
     w = resolve_weights(weights_spec, dtype=dtype)
     if w.tokenizer is None:

@@ -33,6 +33,7 @@ import numpy as np
 from socialalign_jax.core import atomic_io
 from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
+from socialalign_jax.model import decoder
 
 MANIFEST = "manifest.json"
 EXAMPLES = "examples.npz"
@@ -144,7 +145,6 @@ def make_feature_fn(model_cfg):
     import jax
     import jax.numpy as jnp
 
-    from socialalign_jax.model import decoder
 
     def features(params, ids, mask, prompt_len):
         out = decoder.forward(params, ids, model_cfg, attention_mask=mask, compute_logits=False, deterministic=True)

@@ -1,7 +1,7 @@
 """Design A: the sentiment head trained on cached frozen features, with the training code's pieces.
 
 Everything that decides the result is shared with `launch/train.py`: the head's
-initialisation (`pac_lora.init_adapters` with no adapter targets), its forward
+initialisation (`decoder.init_adapters` with no adapter targets), its forward
 (`decoder.sentiment_logits`), the loss (`losses.total_loss`: L_sent + lambda_macro L_macro
 with the mean or Gumbel estimator, L_lm absent because the base model is frozen and the
 features are fixed), the optimizer (`optim.make_optimizer`) and the event-grouped batch
@@ -19,6 +19,13 @@ import dataclasses
 import functools
 
 import numpy as np
+
+from socialalign_jax.data.pipeline import epoch_plan
+from socialalign_jax.model import decoder
+from socialalign_jax.train import losses, optim
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.decoder import init_adapters
+from socialalign_jax.model.pac_lora import LoraConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +61,6 @@ def batch_plan(event_of_example: np.ndarray, train_idx: np.ndarray, G: int, M: i
     """[steps, G*M] example indices (-1 = padding): the training pipeline's epochs, concatenated."""
     ev = event_of_example[train_idx]
     out, epoch = [], 0
-    from socialalign_jax.data.pipeline import epoch_plan
 
     while sum(len(p) for p in out) < steps:
         plan = epoch_plan(ev, G, M, seed, epoch)
@@ -68,8 +74,6 @@ def _trainer(cfg: HeadConfig, hidden: int, num_classes: int):
     import jax
     import jax.numpy as jnp
 
-    from socialalign_jax.model import decoder
-    from socialalign_jax.train import losses, optim
 
     tx, _ = optim.make_optimizer({"lr": cfg.lr, "total_steps": cfg.steps, "warmup_frac": cfg.warmup_frac,
                                   "weight_decay": cfg.weight_decay, "clip_norm": cfg.clip_norm})
@@ -113,11 +117,9 @@ def _trainer(cfg: HeadConfig, hidden: int, num_classes: int):
 
 
 def init_head(hidden: int, num_classes: int, seed: int) -> dict:
-    """The training run's head initialisation (pac_lora.init_adapters with no adapter targets)."""
+    """The training run's head initialisation (decoder.init_adapters with no adapter targets)."""
     import jax
 
-    from socialalign_jax.model.config import ModelConfig
-    from socialalign_jax.model.pac_lora import LoraConfig, init_adapters
 
     # Only hidden_size matters to the head; the rest is a valid placeholder shape.
     cfg = ModelConfig(family="llama", vocab_size=1, hidden_size=hidden, intermediate_size=1, num_layers=1,

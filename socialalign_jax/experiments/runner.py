@@ -37,6 +37,11 @@ import numpy as np
 from socialalign_jax.core import atomic_io
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.experiments import cells as C, folds as FO, summary as S
+from socialalign_jax.experiments.heads import HeadConfig
+from socialalign_jax.experiments.features import FeatureSet
+from socialalign_jax.experiments import heads
+from socialalign_jax.data import tfds_builders as B
+from socialalign_jax.evaluation.predictions import load_predictions
 
 CELLS = "cells.jsonl"
 KINDS = ("head", "train")
@@ -111,7 +116,6 @@ def load_plan(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         if r.get("reference") is not None and r["reference"] not in REFERENCES:
             raise UserError(f"{where}: field 'reference': expected one of {REFERENCES}, got {r['reference']!r}")
         if plan["kind"] == "head" and r.get("reference") is None:
-            from socialalign_jax.experiments.heads import HeadConfig
             try:
                 HeadConfig.from_dict(row_settings(plan, r))
             except (TypeError, ValueError) as e:
@@ -148,7 +152,6 @@ class HeadContext:
     """Design A: the loaded feature set and its folds, shared by every cell."""
 
     def __init__(self, plan: dict):
-        from socialalign_jax.experiments.features import FeatureSet
 
         self.fs = FeatureSet(plan["features"], allow_partial=bool(plan.get("allow_partial", False)))
         self.folds = FO.event_folds(self.fs.event_names, plan["folds"], plan["fold_seed"])
@@ -158,7 +161,6 @@ class HeadContext:
             self.identity["events"] = self.fs.event_names
 
     def run(self, plan: dict, row: dict, fold: int, seed: int) -> dict:
-        from socialalign_jax.experiments import heads
 
         fs = self.fs
         ev = fs.examples["event"]
@@ -211,7 +213,6 @@ class TrainContext:
     """Design B: per-fold datasets cut from one dataset of every event, and launch/train.py per cell."""
 
     def __init__(self, plan: dict, out: Path):
-        from socialalign_jax.data import tfds_builders as B
 
         self.B = B
         self.base = B.open_dataset(plan["data"])
@@ -249,7 +250,6 @@ class TrainContext:
         return d
 
     def run(self, plan: dict, row: dict, fold: int, seed: int) -> dict:
-        from socialalign_jax.evaluation.predictions import load_predictions
 
         data = self.fold_data(fold)
         wd = self.out / "runs" / row["name"] / f"fold{fold}" / f"seed{seed}"

@@ -24,6 +24,12 @@ from socialalign_jax.core.atomic_io import atomic_files_into, write_json
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import MODULE_BLOCK, LoraConfig
+from socialalign_jax.weights.adapters import input_dependent_gates
+from socialalign_jax.weights.adapters import fixed_lora
+from socialalign_jax.weights.adapters import _lora_to_json, _model_dims
+from socialalign_jax.weights.tokenizer import CHATML_TEMPLATE
+from socialalign_jax.inference.generation import sampling_config, stop_tokens_for
+from socialalign_jax.weights.tokenizer import ENDOFTEXT, IM_END
 
 if TYPE_CHECKING:
     from socialalign_jax.runs.restore import Run
@@ -43,7 +49,6 @@ class ExportError(UserError):
 
 def merge_refusal(lc: LoraConfig) -> str | None:
     """Why these adapters cannot be merged into fixed weights, or None if they can."""
-    from socialalign_jax.weights.adapters import input_dependent_gates
 
     gated = input_dependent_gates(lc)
     if not gated:
@@ -56,7 +61,6 @@ def merge_refusal(lc: LoraConfig) -> str | None:
 
 def peft_refusal(lc: LoraConfig) -> str | None:
     """Why these adapters cannot be written as stock PEFT LoRA (naming the format that holds them), or None."""
-    from socialalign_jax.weights.adapters import input_dependent_gates
 
     gated = input_dependent_gates(lc)
     if not gated:
@@ -72,7 +76,6 @@ def merge_adapters(params, adapters, lc: LoraConfig, model_cfg: ModelConfig):
     The mean is the fixed gate weight: 1/E for an ungated side, and 1 (E = 1) for a gated
     single expert whose softmax is constant (adapters.fixed_lora).
     """
-    from socialalign_jax.weights.adapters import fixed_lora
 
     why = merge_refusal(lc)
     if why:
@@ -94,7 +97,6 @@ def save_orbax_adapters(adapters, lc: LoraConfig, model_cfg: ModelConfig, out: s
     """Adapter tree only (no optimizer state) as an Orbax checkpoint, plus its LoraConfig as JSON."""
     import orbax.checkpoint as ocp
 
-    from socialalign_jax.weights.adapters import _lora_to_json, _model_dims
 
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +137,7 @@ def export_run(run: Run, fmt: str, out: str | os.PathLike, *, base_model: str | 
 
     base_model: base_model_name_or_path for the stock PEFT config (default: the run's hf: directory).
     """
-    from socialalign_jax.weights import adapters, hf
+    from socialalign_jax.weights import adapters, hf  # lazy: transformers (seconds to import), only for the HF/PEFT formats
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown --format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -165,7 +167,6 @@ def export_run(run: Run, fmt: str, out: str | os.PathLike, *, base_model: str | 
         adapters.save_adapters_head(run.adapters["head"], out / adapters.HEAD_FILE)
         written.append(out / adapters.HEAD_FILE)
     if tok is not None:
-        from socialalign_jax.weights.tokenizer import CHATML_TEMPLATE
 
         if not getattr(tok, "chat_template", None):  # the ChatML every prompt here was trained with
             tok = copy.copy(tok)
@@ -184,8 +185,6 @@ def hf_generation_settings(cfg, tokenizer, vocab_size: int) -> tuple[dict, dict]
     then the tokenizer's eos and <|endoftext|>); pad is the tokenizer's; the sampling defaults
     are the run's `sample` section, so `model.generate(**inputs)` decodes as launch/generate.py.
     """
-    from socialalign_jax.inference.generation import sampling_config, stop_tokens_for
-    from socialalign_jax.weights.tokenizer import ENDOFTEXT, IM_END
 
     def known(name):
         t = tokenizer.convert_tokens_to_ids(name)

@@ -26,13 +26,15 @@ from socialalign_jax.core.atomic_io import write_json, write_jsonl  # noqa: F401
 from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.core.labels import DEFAULT_LABELS
-from socialalign_jax.inference import sampling
-from socialalign_jax.inference.sampling import SamplingConfig
-from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model import decoder, pac_lora, sampling
+from socialalign_jax.model.nll import response_ce_chunked
+from socialalign_jax.model.sampling import SamplingConfig
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.runs.run_config import as_run_config
-from socialalign_jax.train import losses
+from socialalign_jax.data import setup
+from socialalign_jax.data.pipeline import Subset
+from socialalign_jax.runs.restore import load_base, restore_adapters
 
 LENGTH_BUCKET = 32  # prompt and sequence lengths are rounded up to a multiple of this
 
@@ -107,7 +109,7 @@ def _score_batch(params, adapters, input_ids, attention_mask, loss_mask, user_en
     logits_fn = functools.partial(decoder.lm_logits, params, cfg=cfg)
 
     def row(h, ids, m):  # one sequence at a time: per-example sums without [B, S, V] logits
-        return losses.response_ce_chunked(h[None], logits_fn, ids[None], m[None])
+        return response_ce_chunked(h[None], logits_fn, ids[None], m[None])
 
     nll, count = jax.vmap(row)(out.hidden, input_ids, loss_mask)
     return nll, count, out.gate_stats
@@ -283,9 +285,6 @@ def run_generate(cfg, workdir: str, *, split: str = "test", out: str, max_exampl
                  progress: bool = True) -> int:
     """launch/generate.py: restore a run, generate for one split, write the predictions JSONL."""
 
-    from socialalign_jax.data import setup
-    from socialalign_jax.data.pipeline import Subset
-    from socialalign_jax.runs.restore import load_base, restore_adapters
 
     cfg = as_run_config(cfg)
     base = load_base(cfg)

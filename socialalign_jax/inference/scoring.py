@@ -37,8 +37,11 @@ from socialalign_jax.core.jsonl import read_jsonl
 from socialalign_jax.data.prompt import NEWS_MARKER, USER_MARKER, encode_with_spans, marker_offsets
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
-from socialalign_jax.train import losses
+from socialalign_jax.model.nll import token_nll
 from socialalign_jax.weights.tokenizer import IM_END, chat_template
+from socialalign_jax.weights.adapters import input_dependent_gates
+from socialalign_jax.model.decoder import forward, lm_logits
+from socialalign_jax.weights.adapters import load_adapters
 
 BUCKET = 64        # sequence lengths are padded up to a multiple of this (few recompiles)
 LOGIT_CHUNK = 64   # positions per log-softmax chunk (bounds the [B, chunk, V] logits)
@@ -58,7 +61,6 @@ class Example:
 
 def routes_by_spans(lc: LoraConfig | None) -> bool:
     """Whether these adapters' gates read the user/news spans (a single expert's softmax is constant)."""
-    from socialalign_jax.weights.adapters import input_dependent_gates
 
     return lc is not None and bool(input_dependent_gates(lc))
 
@@ -147,7 +149,6 @@ def token_logprobs(params, input_ids, attention_mask, adapters=None, spans=None,
     news_end [B]) token indices for PAC-LoRA routing (None: every token is 'other');
     real_vocab masks padded vocabulary rows out of the softmax.
     """
-    from socialalign_jax.model.decoder import forward, lm_logits
 
     out = forward(params, input_ids, cfg, attention_mask=attention_mask, adapters=adapters,
                   lora_cfg=lora_cfg, spans=spans, compute_logits=False)
@@ -166,7 +167,7 @@ def token_logprobs(params, input_ids, attention_mask, adapters=None, spans=None,
         logits = lm_logits(params, h, cfg)                     # [B, c, V] float32
         if real_vocab is not None and real_vocab < logits.shape[-1]:
             logits = jnp.where(jnp.arange(logits.shape[-1]) < real_vocab, logits, -jnp.inf)
-        return -losses.token_nll(logits, t)                   # [B, c]
+        return -token_nll(logits, t)                   # [B, c]
 
     lp = jax.lax.map(chunk_logprobs, (h_chunks, t_chunks))     # [n, B, c]
     lp = lp.swapaxes(0, 1).reshape(b, n * LOGIT_CHUNK)[:, : s - 1]
@@ -229,7 +230,6 @@ def encode_file(tokenizer, path: str | os.PathLike, *, chat: bool, vocab_size: i
 
 def load_adapters_for_scoring(path: str, cfg: ModelConfig, routing: str | None = None) -> tuple[Any, LoraConfig]:
     """(adapters, lora_cfg) in any layout weights.adapters reads; `routing` overrides the file's routing mode."""
-    from socialalign_jax.weights.adapters import load_adapters
 
     adapters, lc = load_adapters(path, cfg)
     if routing is not None and routing != lc.routing:

@@ -2,7 +2,7 @@
 
 The model itself is the Flax module tree in `model.modules` (where every parameter is declared,
 with its initializer and logical axes). These wrappers keep the nested-dict interface the
-trainer, generation, scoring, export and planning use: `init_params` / `pac_lora.init_adapters`
+trainer, generation, scoring, export and planning use: `init_params` / `init_adapters`
 return the `params` / `lora` collections of `Decoder.init`, and `forward` is `Decoder.apply`.
 
 Layers are stacked on a leading axis and run under `nn.scan`: one compiled layer body keeps
@@ -14,13 +14,14 @@ the prefill), so cached decoding routes each token exactly as a full forward doe
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from socialalign_jax.model import modules
-from socialalign_jax.model.config import ModelConfig, as_dtype
+from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 
 
@@ -43,6 +44,16 @@ def init_params(cfg: ModelConfig, key) -> dict:
     """
     return _init_collection(cfg, None, "params", key)
 
+
+
+def init_adapters(key, cfg, lc: LoraConfig) -> dict[str, Any]:
+    """The trainable tree: {'layers': {'attn': {...}, 'mlp': {...}}, 'head': {...}} (float32).
+
+    The `lora` collection of `modules.Decoder`, where each adapter variable is declared (with
+    its initializer: A ~ U(+-1/sqrt(d_in)), B = 0, gate kernels ~ U(+-1/sqrt(fan_in)), head
+    kernel ~ U(+-1/sqrt(D)), head bias 0) and its logical axes.
+    """
+    return _init_collection(cfg, lc, "lora", key)
 
 def init_boxed(cfg: ModelConfig, lora_cfg: LoraConfig | None = None):
     """Abstract (`jax.eval_shape`) variables with their `nn.Partitioned` boxes: the logical axes

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -76,15 +75,6 @@ class LoraConfig:
     @property
     def gated_b(self) -> bool:
         return self.routing in ("token", "pooled", "uniform_a")
-
-
-def init_module_adapter(key, num_layers: int, d_in: int, d_out: int, lc: LoraConfig) -> dict:
-    """Adapter params of one target for all layers (stacked on L), float32: the `lora` variables
-    that `modules.AdaptedLinear` declares (A ~ U(+-1/sqrt(d_in)), B = 0 so the adapted model
-    starts equal to the base, gate kernels ~ U(+-1/sqrt(fan_in))), initialised per layer."""
-    from socialalign_jax.model import modules  # modules -> pac_lora: resolved at call time
-
-    return modules.init_linear_adapter(key, num_layers, d_in, d_out, lc)
 
 
 def gate_probs_from_pre(pre, gate) -> jax.Array:
@@ -309,15 +299,3 @@ def adapted_linear(x, base: dict, adapter: dict | None, lc: LoraConfig | None, r
     if "bias" in base:
         y = y + base["bias"].astype(dt)
     return y, gate_stats(ga, gb, route["seg"], route["valid"]), new_pooled
-
-
-def init_adapters(key, cfg, lc: LoraConfig) -> dict[str, Any]:
-    """The trainable tree: {'layers': {'attn': {...}, 'mlp': {...}}, 'head': {...}} (float32).
-
-    The `lora` collection of `modules.Decoder`, where each adapter variable is declared (with
-    its initializer: A ~ U(+-1/sqrt(d_in)), B = 0, gate kernels ~ U(+-1/sqrt(fan_in)), head
-    kernel ~ U(+-1/sqrt(D)), head bias 0) and its logical axes.
-    """
-    from socialalign_jax.model import decoder  # decoder -> modules -> pac_lora: resolved at call time
-
-    return decoder._init_collection(cfg, lc, "lora", key)

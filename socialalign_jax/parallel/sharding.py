@@ -24,86 +24,17 @@ from socialalign_jax.parallel.axis_rules import LOGICAL_RULES
 log = logging.getLogger(__name__)
 
 
-def _key_name(k) -> str:
+def key_name(k) -> str:
+    """The name of one pytree path entry (dict key, attribute or index)."""
     for attr in ("key", "name", "idx"):
         if hasattr(k, attr):
             return str(getattr(k, attr))
     return str(k)
 
 
-def _path_str(path) -> str:
-    return "/".join(_key_name(k) for k in path)
-
-
-@functools.lru_cache(maxsize=None)
-def declared_axes() -> dict[tuple[str, ...], tuple]:
-    """Path -> logical axes of every variable the model declares, `params` and `lora` alike.
-
-    Read with `nn.get_partition_spec` from the boxed abstract init (`jax.eval_shape`) of the
-    Flax model, where each parameter is declared once with `nn.with_logical_partitioning`. The
-    declarations do not depend on sizes, so one tiny configuration that has every variable
-    (Qwen2 q/k/v biases, an untied LM head, every adapter target, the sentiment head) covers
-    all models.
-    """
-    from flax import linen as nn
-
-    from socialalign_jax.model import decoder  # decoder -> modules -> sharding: resolved at call time
-    from socialalign_jax.model.config import ModelConfig
-    from socialalign_jax.model.pac_lora import LoraConfig
-
-    cfg = ModelConfig("qwen2", 8, 4, 8, 1, 2, 1, 2, qkv_bias=True, tie_embeddings=False)
-    lc = LoraConfig(num_analyze=1, num_compose=1, rank=1, gate_width=1, num_classes=1)
-    token = _ACTIVATION_MESH.set(None)  # the abstract init is traced without any step's mesh
-    try:
-        specs = nn.get_partition_spec(decoder.init_boxed(cfg, lc))
-    finally:
-        _ACTIVATION_MESH.reset(token)
-    table = {}
-    for col in specs.values():
-        for path, spec in jax.tree_util.tree_flatten_with_path(col, is_leaf=lambda x: isinstance(x, P))[0]:
-            table[tuple(_key_name(k) for k in path)] = tuple(spec)
-    return table
-
-
-def _axes_for_path(names: Sequence[str], ndim: int):
-    """Logical axes of one leaf: the declaration whose path is the longest tail of `names`, or None.
-
-    Matching on the tail lets the same function annotate optimizer states (adam mu/nu,
-    MultiSteps accumulators), whose leaves sit under extra prefixes.
-    """
-    table = declared_axes()
-    names = tuple(names)
-    for start in range(len(names)):
-        axes = table.get(names[start:])
-        if axes is not None:
-            return axes
-    return None
-
-
-def logical_axes_for_params(tree, *, strict: bool = True):
-    """Tree of logical-axis tuples, one per leaf, for the base tree, the adapter tree, or
-    anything that nests them (optimizer states), from the model's declarations
-    (`declared_axes`). Scalars get (). A leaf the model does not declare raises (strict) or is
-    replicated with a debug log (strict=False); a declared one whose rank differs raises.
-    """
-    def one(path, leaf):
-        ndim = np.ndim(leaf) if not hasattr(leaf, "ndim") else leaf.ndim
-        if ndim == 0:
-            return ()
-        axes = _axes_for_path([_key_name(k) for k in path], ndim)
-        where = _path_str(path)
-        if axes is not None and len(axes) != ndim:
-            raise ValueError(f"sharding: leaf {where} has shape {tuple(np.shape(leaf))} but its layout "
-                             f"{axes} has {len(axes)} axes")
-        if axes is None:
-            if strict:
-                raise ValueError(f"sharding: no logical axes known for leaf {where} (shape "
-                                 f"{tuple(np.shape(leaf))}); the model (model.modules) declares no such variable")
-            log.debug("sharding: %s (shape %s) is not a known param; replicating", where, np.shape(leaf))
-            return (None,) * ndim
-        return axes
-
-    return jax.tree_util.tree_map_with_path(one, tree)
+def path_str(path) -> str:
+    """A pytree path as 'a/b/c' for messages."""
+    return "/".join(key_name(k) for k in path)
 
 
 def _rules_dict(rules) -> dict:
@@ -141,17 +72,17 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
     return P(*spec)
 
 
-def shardings_for(tree, mesh: Mesh, rules=None, *, logical=None, strict: bool = True):
+def shardings_for(tree, logical, mesh: Mesh, rules=None):
     """NamedSharding for every leaf of `tree` (arrays or ShapeDtypeStructs).
 
-    `logical`: a matching tree of logical-axis tuples; default `logical_axes_for_params`.
+    `logical`: a matching tree of logical-axis tuples. For the model's own trees (params,
+    adapters, optimizer states) that is `model.axes.logical_axes`; `model.axes.shardings`
+    does both steps.
     """
-    if logical is None:
-        logical = logical_axes_for_params(tree, strict=strict)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     axes_leaves = treedef.flatten_up_to(logical)
     out = [NamedSharding(mesh, logical_to_spec(ax, np.shape(x) if not hasattr(x, "shape") else x.shape,
-                                               mesh, rules, _path_str(path)))
+                                               mesh, rules, path_str(path)))
            for (path, x), ax in zip(leaves, axes_leaves)]
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -189,8 +120,9 @@ _ACTIVATION_MESH: contextvars.ContextVar = contextvars.ContextVar("socialalign_a
 
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules=None):
-    """Within this block (at trace time), `logical_constraint` pins activations to `mesh`."""
-    token = _ACTIVATION_MESH.set((mesh, rules))
+    """Within this block (at trace time), `logical_constraint` pins activations to `mesh` (None: to
+    nothing, e.g. for an abstract init traced without any step's mesh)."""
+    token = _ACTIVATION_MESH.set(None if mesh is None else (mesh, rules))
     try:
         yield
     finally:

@@ -31,10 +31,18 @@ from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data.prompt import PromptConfig, PromptTooLong, build_example
 from socialalign_jax.data.records import DEFAULT_LABELS, DataError, Event
-from socialalign_jax.inference import generation, sampling as sampling_lib
-from socialalign_jax.inference.sampling import SamplingConfig
+from socialalign_jax.inference import generation
+from socialalign_jax.model import sampling as sampling_lib
+from socialalign_jax.model.sampling import SamplingConfig
 from socialalign_jax.predict import crowd as crowd_lib
 from socialalign_jax.predict.users import User, as_users, prompt_case
+from socialalign_jax.data.labellers import LexiconLabeller
+from socialalign_jax.data import tfds_builders as B
+from socialalign_jax.runs.restore import restore_run
+from socialalign_jax.inference import export
+from socialalign_jax.weights import adapters as adapters_lib
+from socialalign_jax.weights.resolve import resolve_weights
+from socialalign_jax.weights.tokenizer import load_tokenizer
 
 DEFAULT_MAX_USERS = 10_000
 
@@ -189,7 +197,6 @@ def resolve_labeller(labeller: Any, labels: Sequence[str]):
     if labeller is None or labeller == "none":
         return None, None
     if labeller == "lexicon":
-        from socialalign_jax.evaluation.labellers import LexiconLabeller
         labeller = LexiconLabeller()
     elif isinstance(labeller, str):
         raise PredictError(f"labeller: {labeller!r} is not 'lexicon' or 'none' (or pass a Labeller object; "
@@ -241,7 +248,6 @@ class Predictor:
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, step: int | None = None, **kw) -> "Predictor":
         """A training run directory: its saved config.json (nothing to repeat), base weights, latest checkpoint."""
-        from socialalign_jax.runs.restore import restore_run
 
         run_dir = os.fspath(run_dir)
         run = restore_run(run_dir, step)
@@ -270,14 +276,10 @@ class Predictor:
                       **kw) -> "Predictor":
         """Exported adapters on the base model `weights` names (any layout `adapters.load_adapters` reads,
         or an `launch/export.py --format orbax` directory); the prompt settings are the training run's."""
-        from socialalign_jax.inference import export
-        from socialalign_jax.weights import adapters as adapters_lib
-        from socialalign_jax.weights.resolve import resolve_weights
 
         w = resolve_weights(weights, dtype=dtype)
         tok = w.tokenizer
         if tokenizer:
-            from socialalign_jax.weights.tokenizer import load_tokenizer
             tok = load_tokenizer(tokenizer)
         if tok is None:
             raise PredictError(f"weights {weights!r} come without a tokenizer: pass tokenizer=DIR")
@@ -439,7 +441,6 @@ def _run_dataset_metadata(cfg, run_dir: str) -> dict | None:
     """The run's built dataset's metadata (class names, num_history, pad id), when it is still there."""
     import json
 
-    from socialalign_jax.data import tfds_builders as B
 
     data_dir = cfg.data.data_dir or os.path.join(run_dir, "data")
     try:

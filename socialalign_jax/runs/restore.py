@@ -18,13 +18,17 @@ from typing import Any
 import jax
 
 from socialalign_jax.core.errors import UserError
-from socialalign_jax.model import pac_lora
-from socialalign_jax.model.config import ModelConfig, validate_run_config
+from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
-from socialalign_jax.parallel import sharding
+from socialalign_jax.model import axes as model_axes
 from socialalign_jax.parallel.mesh import make_mesh
 from socialalign_jax.runs import checkpoint
+from socialalign_jax.runs.validation import validate_run_config
 from socialalign_jax.runs.run_config import RunConfig, as_run_config
+from socialalign_jax.model import decoder
+from socialalign_jax.parallel.axis_rules import from_config_strings
+from socialalign_jax.weights.resolve import resolve_weights
+from socialalign_jax.weights.tokenizer import load_tokenizer
 
 
 class RunError(UserError):
@@ -50,7 +54,6 @@ def lora_config(cfg) -> LoraConfig:
 def config_to_dict(cfg) -> dict:
     """The run config as saved in config.json and the checkpoints; a run on random base weights
     also records how they were drawn (decoder.RANDOM_INIT), which restore checks."""
-    from socialalign_jax.model import decoder
 
     cfg = as_run_config(cfg)
     d = cfg.to_dict()
@@ -62,7 +65,6 @@ def config_to_dict(cfg) -> dict:
 
 def mesh_rules(cfg) -> tuple:
     """The logical axis rules of `cfg` (its `mesh.rules` section over the defaults), hashable."""
-    from socialalign_jax.parallel.axis_rules import from_config_strings
 
     cfg = as_run_config(cfg)
     try:
@@ -100,7 +102,6 @@ class Base:
 
 def load_base(cfg) -> Base:
     """Weights, mesh and tokenizer for `cfg`, validated once before anything is loaded."""
-    from socialalign_jax.weights.resolve import resolve_weights
 
     cfg = as_run_config(cfg)
 
@@ -115,10 +116,9 @@ def load_base(cfg) -> Base:
     weights = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
     model_cfg = weights.cfg.replace(remat=cfg.model.remat, scan_layers=cfg.model.scan_layers,
                                     remat_policy=cfg.model.remat_policy, attention=cfg.model.attention)
-    params = jax.device_put(weights.params, sharding.shardings_for(weights.params, mesh, rules))
+    params = jax.device_put(weights.params, model_axes.shardings(weights.params, mesh, rules))
     tokenizer = weights.tokenizer
     if cfg.data.tokenizer:
-        from socialalign_jax.weights.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer is None:
         raise UserError(f"weights {cfg.model.weights!r} come without a tokenizer: pass --config.data.tokenizer=DIR")
@@ -129,8 +129,8 @@ def load_base(cfg) -> Base:
 
 def abstract_adapters(model_cfg: ModelConfig, lora_cfg: LoraConfig, mesh, rules=None):
     """Shapes, dtypes and shardings of the adapter tree, from the model's declarations (no arrays)."""
-    shapes = jax.eval_shape(lambda: pac_lora.init_adapters(jax.random.PRNGKey(0), model_cfg, lora_cfg))
-    shard = sharding.shardings_for(shapes, mesh, rules, strict=False)
+    shapes = jax.eval_shape(lambda: decoder.init_adapters(jax.random.PRNGKey(0), model_cfg, lora_cfg))
+    shard = model_axes.shardings(shapes, mesh, rules, strict=False)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shard)
 
 

@@ -25,15 +25,21 @@ from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data.pipeline import Subset
 from socialalign_jax.evaluation.head import head_metrics
-from socialalign_jax.model import pac_lora
-from socialalign_jax.model.config import ModelConfig, validate_run_config
+from socialalign_jax.model import decoder
+from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.runs.validation import validate_run_config
 from socialalign_jax.runs.run_config import RunConfig, as_run_config
+from socialalign_jax.model import axes as model_axes
 from socialalign_jax.parallel import sharding
 from socialalign_jax.runs import checkpoint
 from socialalign_jax.runs.restore import config_to_dict, load_base
 from socialalign_jax.train import flops, optim, step as step_lib
 from socialalign_jax.train.metrics_log import MetricLogger
+from socialalign_jax.data import setup
+from socialalign_jax.data.pipeline import eval_batches
+from socialalign_jax.data.setup import BUILD_KEYS
+from socialalign_jax.data.pipeline import BatchConfig, TrainIterator
 
 log = logging.getLogger("socialalign_jax.train")
 
@@ -113,7 +119,6 @@ class Job:
 
 def build_job(cfg, workdir: str) -> Job:
     """The base model (runs.restore.load_base, as inference reads it back) plus the data."""
-    from socialalign_jax.data import setup
 
     base = load_base(cfg)
     data = setup.prepare(base.cfg, base.tokenizer, workdir)
@@ -165,7 +170,6 @@ def _jitted_eval_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg, me
 
 def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[str, Any]:
     """Held-out response CE, sentiment accuracy and cross-entropy / majority baseline, and mean event JSD."""
-    from socialalign_jax.data.pipeline import eval_batches
 
     eval_step = _jitted_eval_step(job.model_cfg, job.lora_cfg, job.loss_cfg, job.mesh, job.rules)
     bs = int(job.cfg.data.eval_batch_size)
@@ -224,7 +228,6 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
     """'key: checkpoint X vs config Y' for every key that differs and may not change on resume."""
     import json
 
-    from socialalign_jax.data.setup import BUILD_KEYS
 
     saved_f, cur_f = _flat(saved), _flat(json.loads(json.dumps(current, default=str)))
     # data.* build settings are checked against the built dataset itself (data_setup.check_build_settings)
@@ -289,7 +292,6 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
     job = build_job(cfg, workdir)
     cfg = job.cfg  # the data.* values a named dataset was built with replace the config's
     is_main = jax.process_index() == 0
-    from socialalign_jax.data.pipeline import BatchConfig, TrainIterator
 
     bcfg = BatchConfig(events_per_batch=int(cfg.data.events_per_batch), cases_per_event=int(cfg.data.cases_per_event),
                        seq_len=job.data.seq_len, pad_id=job.data.pad_id, num_classes=job.lora_cfg.num_classes,
@@ -300,10 +302,10 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
     opt_cfg = dict(dataclasses.asdict(cfg.optim), total_steps=n_steps)
     optimizer, schedule = optim.make_optimizer(opt_cfg)
 
-    adapters = pac_lora.init_adapters(jax.random.PRNGKey(int(cfg.train.seed)), job.model_cfg, job.lora_cfg)
+    adapters = decoder.init_adapters(jax.random.PRNGKey(int(cfg.train.seed)), job.model_cfg, job.lora_cfg)
     state = step_lib.init_train_state(adapters, optimizer)
-    state_sh = sharding.shardings_for(state, job.mesh, job.rules, strict=False)
-    param_sh = sharding.shardings_for(job.params, job.mesh, job.rules)
+    state_sh = model_axes.shardings(state, job.mesh, job.rules, strict=False)
+    param_sh = model_axes.shardings(job.params, job.mesh, job.rules)
     batch_sh = sharding.batch_sharding(job.mesh, job.rules)
     repl = jax.sharding.NamedSharding(job.mesh, jax.sharding.PartitionSpec())
     state = jax.device_put(state, state_sh)

@@ -16,10 +16,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from socialalign_jax.model.pac_lora import SEGMENTS
+from socialalign_jax.core.atomic_io import AppendLog
+
 
 def _scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """Flatten arrays into scalar entries: gate_a_entropy [3] -> gate_a_entropy/user, ... ."""
-    from socialalign_jax.model.pac_lora import SEGMENTS
 
     out: dict[str, float] = {}
     for key, val in metrics.items():
@@ -51,7 +53,6 @@ class MetricLogger:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        from socialalign_jax.core.atomic_io import AppendLog
 
         keep = None if resume_step is None else (resume_step if resume_step > 0 else -1)
         self._jsonl = AppendLog(os.path.join(workdir, "metrics.jsonl"), keep_through_step=keep)

@@ -6,11 +6,14 @@ import os
 
 import jax
 
+from socialalign_jax.evaluation import plots, report
+from socialalign_jax.evaluation.predictions import evaluate, load_predictions
+from socialalign_jax.inference import generation
+from socialalign_jax.data.labellers import LexiconLabeller
+from socialalign_jax.evaluation.predictions import load_gates
+
 
 def generate_and_evaluate(cfg, workdir: str, *, progress: bool = True, split: str = "test") -> dict | None:
-    from socialalign_jax.evaluation import plots, report
-    from socialalign_jax.evaluation.predictions import evaluate, load_predictions
-    from socialalign_jax.inference import generation
 
     preds = os.path.join(workdir, f"predictions_{split}.jsonl")
     gates = os.path.join(workdir, f"gates_{split}.json")
@@ -20,7 +23,6 @@ def generate_and_evaluate(cfg, workdir: str, *, progress: bool = True, split: st
         return None
     labeller = None
     if cfg.train.labeller == "lexicon":
-        from socialalign_jax.evaluation.labellers import LexiconLabeller
         labeller = LexiconLabeller()
     result = evaluate(load_predictions(preds), labeller)
     out = os.path.join(workdir, "eval")
@@ -28,7 +30,6 @@ def generate_and_evaluate(cfg, workdir: str, *, progress: bool = True, split: st
     with_real = [e for e in result["per_event"] if e["real"] is not None]
     figures = plots.plot_event_distributions(with_real, result["labels"], out) if with_real else []
     if os.path.exists(gates):
-        from socialalign_jax.evaluation.predictions import load_gates
         figures += plots.plot_gate_heatmaps(load_gates(gates), out, "max")
     result["figures"] = [os.path.basename(f) for f in figures]
     table = report.write_report(result, out, None)

@@ -10,6 +10,7 @@ from socialalign_jax.core.atomic_io import write_json
 
 from socialalign_jax.runs.run_config import as_run_config
 from socialalign_jax.train import loop
+from socialalign_jax.train import post_train
 
 
 def format_summary(result: dict) -> str:
@@ -35,7 +36,6 @@ def run_training(cfg, workdir: str, *, progress: bool = True, accept_config_chan
         print("\n" + format_summary(result))
         print(f"\ncheckpoints: {os.path.join(workdir, 'checkpoints')}   logs: {os.path.join(workdir, 'metrics.jsonl')}")
     if cfg.train.generate_at_end:
-        from socialalign_jax.train import post_train
         post_train.generate_and_evaluate(cfg, workdir, progress=progress)
     if is_main:
         write_json(result, os.path.join(workdir, "result.json"), indent=2)

@@ -22,6 +22,7 @@ from socialalign_jax.core.errors import UserError
 from socialalign_jax.model import decoder
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.model.nll import response_ce, token_nll
 from socialalign_jax.train import losses
 
 
@@ -53,13 +54,13 @@ def response_nll(params, hidden, input_ids, loss_mask, cfg: ModelConfig, max_tok
     """Summed next-token NLL over response tokens and their count, from final hidden states."""
     if max_tokens <= 0:
         logits = decoder.lm_logits(params, hidden, cfg)
-        return losses.response_ce(logits, input_ids, loss_mask)
+        return response_ce(logits, input_ids, loss_mask)
     idx, valid = response_positions(loss_mask, max_tokens)  # label positions t
     src = jnp.maximum(idx - 1, 0)  # predicted from t - 1
     h = jnp.take_along_axis(hidden, src[..., None], axis=1)  # [B, R, D]
     labels = jnp.take_along_axis(input_ids, idx, axis=1)  # [B, R]
     logits = decoder.lm_logits(params, h, cfg)  # [B, R, V] float32
-    nll = losses.token_nll(logits, labels)
+    nll = token_nll(logits, labels)
     w = valid.astype(jnp.float32)
     return jnp.sum(nll * w), jnp.sum(w)
 

@@ -39,7 +39,8 @@ from socialalign_jax.core.atomic_io import write_json
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.model import names
 from socialalign_jax.model.config import ModelConfig
-from socialalign_jax.model.pac_lora import ALL_TARGETS, MODULE_BLOCK, LoraConfig, init_adapters
+from socialalign_jax.model.decoder import init_adapters
+from socialalign_jax.model.pac_lora import ALL_TARGETS, MODULE_BLOCK, LoraConfig
 
 FORMAT = "socialalign-adapters/1"
 OUR_FILE = "adapters.safetensors"

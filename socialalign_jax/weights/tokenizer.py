@@ -31,6 +31,9 @@ import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 from tokenizers import pre_tokenizers, processors
 
+from socialalign_jax.core.atomic_io import write_text
+from socialalign_jax.core.errors import UserError
+
 # Qwen2's pre-tokenizer split (single digits, unlike GPT-4's \p{N}{1,3}).
 QWEN2_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -209,8 +212,6 @@ def _cached_qwen2_tokenizer_file() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Atomic publish (unique temp file, fsync, rename, umask mode): concurrent first loads each
     # write a temp file, one wins; a full disk leaves no partial cache file behind.
-    from socialalign_jax.core.atomic_io import write_text
-    from socialalign_jax.core.errors import UserError
 
     try:
         write_text(target, text)

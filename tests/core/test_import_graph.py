@@ -1,4 +1,5 @@
-"""The package's import graph: no cycle among module-level imports, and core/ imports nothing else of ours.
+"""The package's import graph: no cycle among module-level imports, no import of a later layer
+(LAYERS), core/ imports nothing else of ours, and every function-level import of ours says why.
 
 A cycle works only as long as nobody moves an import line, and the error it gives when it
 breaks (a partially initialised module) points at neither module. The graph is read
@@ -108,3 +109,84 @@ def test_core_imports_nothing_else_of_ours():
     bad = {m: sorted(t for t in deps if not t.startswith(f"{PKG}.core"))
            for m, deps in g.items() if m.startswith(f"{PKG}.core")}
     assert not any(bad.values()), bad
+
+
+# ------------------------------------------------------------------------------------ layers
+# Each package may import only the packages before it (and itself). Read bottom-up, the list
+# is the order in which the code builds on itself: plain helpers; how arrays sit on devices;
+# the model; where its weights come from; a run's config, checkpoints and restore; the data;
+# using a trained model; scoring outputs; training (which generates and evaluates at its end);
+# then the crowd predictor, the experiments and the tools that drive all of the above.
+LAYERS = ("core", "parallel", "model", "weights", "runs", "data", "inference", "evaluation", "train",
+          "predict", "experiments", "tools")
+
+
+def _all_imports(tree: ast.Module):
+    """Every import of ours in a module, at module level or inside a function: (node, target module)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith(PKG + "."):
+            yield node, node.module
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith(PKG + "."):
+                    yield node, a.name
+
+
+def _function_level_imports(tree: ast.Module):
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    yield node
+
+
+def upward_imports(root: Path = ROOT, layers=LAYERS) -> list[str]:
+    """'file:line: a -> b' for every import (module- or function-level) of a package later in `layers`."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if len(rel.parts) < 2:
+            continue  # the package's own __init__
+        here = rel.parts[0]
+        for node, target in _all_imports(ast.parse(path.read_text(encoding="utf-8"))):
+            there = target.split(".")[1]
+            if layers.index(there) > layers.index(here):
+                out.append(f"{PKG}/{rel}:{node.lineno}: {here} -> {target}")
+    return out
+
+
+def test_every_package_has_a_layer():
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert packages == set(LAYERS), f"place new packages in LAYERS: {sorted(packages ^ set(LAYERS))}"
+
+
+def test_an_upward_import_is_found(tmp_path):
+    """The checker itself: a function-level import of a later package is reported with its line."""
+    pkg = tmp_path / PKG
+    for name in ("model", "train"):
+        (pkg / name).mkdir(parents=True)
+        (pkg / name / "__init__.py").write_text("")
+    (pkg / "model" / "m.py").write_text("import os\n\ndef f():\n    from socialalign_jax.train import loop\n")
+    (pkg / "train" / "t.py").write_text("from socialalign_jax.model import m\n")
+    assert upward_imports(pkg, ("model", "train")) == [f"{PKG}/model/m.py:4: model -> {PKG}.train"]
+
+
+def test_no_upward_import():
+    bad = upward_imports()
+    assert not bad, "imports of a later package (see LAYERS):\n" + "\n".join(bad)
+
+
+def test_function_level_imports_of_ours_say_why():
+    """An import of our own code inside a function hides a dependency from the reader and from the
+    graph above; the few that remain keep a heavy third-party import (transformers) off the path
+    of callers that never need it, and say so with a `# lazy: <why>` comment on the line."""
+    bad = []
+    for path in sorted(ROOT.rglob("*.py")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for node in _function_level_imports(ast.parse("\n".join(lines))):
+            ours = (isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PKG)) or \
+                (isinstance(node, ast.Import) and any(a.name.startswith(PKG) for a in node.names))
+            text = "\n".join(lines[node.lineno - 1:node.end_lineno])
+            if ours and "# lazy:" not in text:
+                bad.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}: {text.strip()}")
+    assert not bad, "function-level imports without a '# lazy: <why>' comment:\n" + "\n".join(bad)

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from socialalign_jax.data.records import DataError, HistoryPost, read_alpaca, read_event_dir, read_event_file
+from socialalign_jax.data.alpaca import read_alpaca
+from socialalign_jax.data.records import DataError, HistoryPost, read_event_dir, read_event_file
 
 from tests.authors_prompt import authors_instruction  # the independent reference
 

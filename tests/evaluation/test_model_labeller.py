@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from socialalign_jax.core.labels import DEFAULT_LABELS
-from socialalign_jax.evaluation.labellers import ZERO_SHOT_PROMPT, ZERO_SHOT_WORDS
+from socialalign_jax.data.labellers import ZERO_SHOT_PROMPT, ZERO_SHOT_WORDS
 from socialalign_jax.evaluation.model_labeller import model_score_fn, zero_shot_labeller
 from socialalign_jax.model import decoder
 from socialalign_jax.weights.resolve import WeightsError, resolve_weights

@@ -43,7 +43,7 @@ def make_run(workdir, **lora):
     for step in (1, 2):
         rs = np.random.default_rng(step)
         ad = jax.tree.map(lambda x: rs.normal(0, 0.05, x.shape).astype(np.float32),
-                          jax.eval_shape(lambda: pac_lora.init_adapters(jax.random.PRNGKey(0), MCFG, lc)))
+                          jax.eval_shape(lambda: decoder.init_adapters(jax.random.PRNGKey(0), MCFG, lc)))
         state = step_lib.init_train_state(ad, optimizer)
         state["step"] = np.int32(step)
         checkpoint.save(manager, step, state, {}, cfg_dict, force=True)

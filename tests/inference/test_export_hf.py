@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model import decoder
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.runs import restore
 from socialalign_jax.weights import adapters as adapters_lib, hf as hf_lib
@@ -37,7 +37,7 @@ def base(tmp_path_factory):
 
 def random_adapters(cfg, lc, seed=0):
     rs = np.random.default_rng(seed)
-    shapes = jax.eval_shape(lambda: pac_lora.init_adapters(jax.random.PRNGKey(0), cfg, lc))
+    shapes = jax.eval_shape(lambda: decoder.init_adapters(jax.random.PRNGKey(0), cfg, lc))
     return jax.tree.map(lambda x: rs.normal(0, 0.2, x.shape).astype(np.float32), shapes)
 
 
@@ -119,7 +119,8 @@ def test_merged_export_generates_out_of_the_box(tmp_path):
     and greedy `generate` (eos/pad from generation_config.json) stops at <|im_end|> exactly where
     our sampler does, with the same tokens."""
     from socialalign_jax.data.prompt import SYSTEM_PROMPT, chat_prompt
-    from socialalign_jax.inference import export, sampling
+    from socialalign_jax.inference import export
+    from socialalign_jax.model import sampling
     from socialalign_jax.inference.generation import sampling_config
     from socialalign_jax.weights.tokenizer import load_tokenizer
     from tests.train_helpers import tiny_config

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from socialalign_jax.core.labels import DEFAULT_LABELS
-from socialalign_jax.inference import generation, sampling
-from socialalign_jax.inference.sampling import SamplingConfig
-from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.inference import generation
+from socialalign_jax.model import sampling
+from socialalign_jax.model.sampling import SamplingConfig
+from socialalign_jax.model import decoder
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.runs import restore
@@ -39,7 +40,7 @@ def tok():
 @pytest.fixture(scope="module")
 def setup():
     params = decoder.init_params(CFG, jax.random.PRNGKey(0))
-    ad = pac_lora.init_adapters(jax.random.PRNGKey(1), CFG, LC)
+    ad = decoder.init_adapters(jax.random.PRNGKey(1), CFG, LC)
     ad = jax.tree_util.tree_map_with_path(
         lambda p, x: 0.3 * jax.random.normal(jax.random.PRNGKey(len(jax.tree_util.keystr(p))), x.shape)
         if jax.tree_util.keystr(p).endswith("['B']") else x, ad)
@@ -200,7 +201,7 @@ def test_cli_restores_the_checkpoint_and_writes_predictions(tmp_path):
     assert len(lines) == 1 and "no checkpoint" in lines[0] and "Traceback" not in res.stderr
 
     # A checkpoint whose head strongly prefers 'negative', so the CLI must really use it.
-    ad = pac_lora.init_adapters(jax.random.PRNGKey(0), job.model_cfg, job.lora_cfg)
+    ad = decoder.init_adapters(jax.random.PRNGKey(0), job.model_cfg, job.lora_cfg)
     ad["head"]["bias"] = jax.numpy.array([4.0, 0.0, -4.0])
     optimizer, _ = optim.make_optimizer(dict(cfg.optim.to_dict(), total_steps=10))
     manager = checkpoint.make_manager(str(work), save_every=1, keep=1, async_save=False)

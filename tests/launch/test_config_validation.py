@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from socialalign_jax.core.errors import is_user_error
-from socialalign_jax.model.config import ConfigError, run_config_problems, validate_run_config
+from socialalign_jax.runs.validation import ConfigError, run_config_problems, validate_run_config
 
 from tests.train_helpers import REPO, load_config_module, script_env, set_overrides
 

@@ -98,7 +98,7 @@ def test_end_to_end(tmp_path):
 def test_generated_posts_macro_with_lexicon(tmp_path):
     # In-process (snownlp takes seconds to import; the suite pays that once).
     pytest.importorskip("snownlp")
-    from socialalign_jax.evaluation.labellers import LexiconLabeller
+    from socialalign_jax.data.labellers import LexiconLabeller
 
     m = cli.evaluate(cli.load_predictions(str(write_jsonl(tmp_path / "p.jsonl", records()))), LexiconLabeller())
     # the lexicon labels every POS line positive and every NEG line negative

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from socialalign_jax.inference import sampling
+from socialalign_jax.model import sampling
 from socialalign_jax.model import decoder, pac_lora
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
@@ -37,7 +37,7 @@ def _rel(got, want):
 
 
 def _adapters(lc):
-    ad = pac_lora.init_adapters(jax.random.PRNGKey(1), CFG, lc)
+    ad = decoder.init_adapters(jax.random.PRNGKey(1), CFG, lc)
     return jax.tree_util.tree_map_with_path(
         lambda p, x: 0.2 * jax.random.normal(jax.random.PRNGKey(len(str(p))), x.shape) if str(p).endswith("'B']") else x,
         ad)

@@ -139,7 +139,7 @@ def test_unrolled_layers_equal_scan_forward_and_gradients(remat):
     cfg = CONFIGS["qwen2"].replace(remat=remat)
     params = random_params(cfg, seed=5)
     lc = pac_lora.LoraConfig(num_analyze=2, num_compose=3, rank=4, gate_width=8, dropout=0.1)
-    ad = pac_lora.init_adapters(jax.random.PRNGKey(2), cfg, lc)
+    ad = decoder.init_adapters(jax.random.PRNGKey(2), cfg, lc)
     ad = jax.tree_util.tree_map_with_path(  # B = 0 at init would hide the adapters
         lambda p, a: a + 0.1 if p[-1].key == "B" else a, ad)
     ids = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (2, 9)), jnp.int32)

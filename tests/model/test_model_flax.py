@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from socialalign_jax.model import decoder, pac_lora
 from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model import axes as model_axes
 from socialalign_jax.parallel import mesh as mesh_lib, sharding
 
 BLOCK = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
@@ -72,7 +73,7 @@ def expected_adapters(cfg, lc):
 
 
 def _flat(tree, is_leaf=None):
-    return {tuple(sharding._key_name(k) for k in path): leaf
+    return {tuple(sharding.key_name(k) for k in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
 
 
@@ -108,7 +109,7 @@ def test_param_tree_is_the_documented_layout(name):
                                 pac_lora.LoraConfig(targets=(), num_classes=5)])
 def test_adapter_tree_is_the_documented_layout(lc):
     cfg = CFGS["llama"]
-    ad = pac_lora.init_adapters(jax.random.PRNGKey(1), cfg, lc)
+    ad = decoder.init_adapters(jax.random.PRNGKey(1), cfg, lc)
     _check_layout(ad, expected_adapters(cfg, lc))
     if lc.targets:  # B = 0 so the adapted model starts equal to the base; A drawn per layer
         m = lc.targets[0]
@@ -134,10 +135,10 @@ def test_every_variable_declares_its_logical_axes(name):
     # sharding derives the same axes, also under optimizer-state prefixes
     for col in ("params", "lora"):
         tree = decoder._to_dict(nn.unbox(boxed[col]))
-        axes = _flat(sharding.logical_axes_for_params(tree), is_leaf=lambda x: isinstance(x, tuple))
+        axes = _flat(model_axes.logical_axes(tree), is_leaf=lambda x: isinstance(x, tuple))
         assert axes == {k[1:]: v[2] for k, v in expected.items() if k[0] == col}
-        nested = sharding.logical_axes_for_params({"opt": {"mu": tree}})
-        assert nested["opt"]["mu"] == sharding.logical_axes_for_params(tree)
+        nested = model_axes.logical_axes({"opt": {"mu": tree}})
+        assert nested["opt"]["mu"] == model_axes.logical_axes(tree)
 
 
 def test_declared_shardings_on_a_mesh():
@@ -145,7 +146,7 @@ def test_declared_shardings_on_a_mesh():
     cfg, lc = CFGS["qwen2_untied_bf16"], pac_lora.LoraConfig(rank=2)
     mesh = mesh_lib.make_mesh(1, 4, 2)
     shapes = jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.PRNGKey(0)))
-    sh = _flat(sharding.shardings_for(shapes, mesh), is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    sh = _flat(model_axes.shardings(shapes, mesh), is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     for path, (shape, _, axes) in expected_base(cfg)[0].items():
         assert sh[path].spec == sharding.logical_to_spec(axes, shape, mesh), path
     assert sh[("layers", "attn", "q", "kernel")].spec == P(None, "fsdp", "tensor")

@@ -268,7 +268,7 @@ def test_model_at_init_equals_base_exactly():
     cfg = ModelConfig("qwen2", 97, 32, 48, 2, 4, 2, 8, qkv_bias=True, tie_embeddings=True)
     params = decoder.init_params(cfg, jax.random.PRNGKey(0))
     lc = LoraConfig(routing="token", dropout=0.1)
-    adapters = jax.jit(pac_lora.init_adapters, static_argnums=(1, 2))(jax.random.PRNGKey(1), cfg, lc)
+    adapters = jax.jit(decoder.init_adapters, static_argnums=(1, 2))(jax.random.PRNGKey(1), cfg, lc)
     ids = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
     spans = (jnp.array([3, 2]), jnp.array([6, 5]))
     adapted_fwd = jax.jit(lambda p, a: decoder.forward(p, ids, cfg, adapters=a, lora_cfg=lc, spans=spans).logits)

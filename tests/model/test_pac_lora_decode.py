@@ -32,7 +32,7 @@ N_GEN = 4
 
 def _adapters(lc, seed=0):
     """init_adapters with random B (so the adapters matter) and sharper gates (so routing matters)."""
-    ad = pac_lora.init_adapters(jax.random.PRNGKey(seed), CFG, lc)
+    ad = decoder.init_adapters(jax.random.PRNGKey(seed), CFG, lc)
     rng = np.random.default_rng(seed)
 
     def perturb(path, leaf):

@@ -9,6 +9,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
+from socialalign_jax.model import axes as model_axes
 from socialalign_jax.parallel import mesh as mesh_lib, sharding
 
 L, D, F, HQ, HKV, DH, V, E, R, G, K = 2, 16, 32, 4, 2, 4, 64, 3, 2, 4, 3
@@ -58,13 +59,13 @@ def test_param_shardings_valid(shape):
     assert mesh.axis_names == ("data", "fsdp", "tensor") and tuple(mesh.devices.shape) == shape
     assert all(t == AxisType.Auto for t in mesh.axis_types)
     for tree in (base_tree(), base_tree(tied=True), adapter_tree()):
-        _check_valid(tree, sharding.shardings_for(tree, mesh), mesh)
+        _check_valid(tree, model_axes.shardings(tree, mesh), mesh)
 
 
 def test_expected_specs():
     mesh = mesh_lib.make_mesh(1, 4, 2)
-    base = sharding.shardings_for(base_tree(), mesh)
-    ad = sharding.shardings_for(adapter_tree(), mesh)
+    base = model_axes.shardings(base_tree(), mesh)
+    ad = model_axes.shardings(adapter_tree(), mesh)
     spec = lambda t, *ks: _get(t, ks).spec
     assert spec(base, "layers", "attn", "q", "kernel") == P(None, "fsdp", "tensor")
     assert spec(base, "layers", "attn", "q", "bias") == P(None, "tensor")
@@ -83,7 +84,7 @@ def test_expected_specs():
     assert spec(ad, "layers", "attn", "v", "gate_a", "w2") == P(None, None, None)
     assert spec(ad, "head", "kernel") == P("fsdp", None)
     # on the 2x2x2 mesh the q kernel keeps the same layout
-    q = _get(sharding.shardings_for(base_tree(), mesh_lib.make_mesh(2, 2, 2)), ("layers", "attn", "q", "kernel"))
+    q = _get(model_axes.shardings(base_tree(), mesh_lib.make_mesh(2, 2, 2)), ("layers", "attn", "q", "kernel"))
     assert q.spec == P(None, "fsdp", "tensor")
 
 
@@ -97,7 +98,7 @@ def test_divisibility_fallback(caplog):
     mesh = mesh_lib.make_mesh(1, 4, 2)
     tree = base_tree(d=6)  # 6 is not divisible by fsdp = 4
     with caplog.at_level(logging.DEBUG, logger="socialalign_jax.parallel.sharding"):
-        sh = sharding.shardings_for(tree, mesh)
+        sh = model_axes.shardings(tree, mesh)
     _check_valid(tree, sh, mesh)
     assert _get(sh, ("layers", "attn", "q", "kernel")).spec == P(None, None, "tensor")
     assert _get(sh, ("embed", "embedding")).spec == P("tensor", None)
@@ -114,7 +115,7 @@ def test_optimizer_state_and_batch_shardings():
     mesh = mesh_lib.make_mesh(2, 2, 2)
     ad = jax.tree.map(jnp.asarray, adapter_tree())
     state = optax.MultiSteps(optax.adamw(1e-3), every_k_schedule=2).init(ad)
-    sh = sharding.shardings_for(state, mesh)
+    sh = model_axes.shardings(state, mesh)
     _check_valid(state, sh, mesh)
     mu_q = sh.inner_opt_state[0].mu["layers"]["attn"]["q"]["A"]
     assert mu_q.spec == P(None, None, "fsdp", None)
@@ -128,10 +129,10 @@ def test_optimizer_state_and_batch_shardings():
 
 def test_unknown_leaf_and_bad_rank():
     with pytest.raises(ValueError, match="layers/attn/qq/kernel"):
-        sharding.logical_axes_for_params({"layers": {"attn": {"qq": {"kernel": np.zeros((2, 3, 4))}}}})
-    assert sharding.logical_axes_for_params({"extra": np.zeros((3, 4))}, strict=False) == {"extra": (None, None)}
+        model_axes.logical_axes({"layers": {"attn": {"qq": {"kernel": np.zeros((2, 3, 4))}}}})
+    assert model_axes.logical_axes({"extra": np.zeros((3, 4))}, strict=False) == {"extra": (None, None)}
     with pytest.raises(ValueError, match="embed/embedding"):
-        sharding.logical_axes_for_params({"embed": {"embedding": np.zeros((3,))}})
+        model_axes.logical_axes({"embed": {"embedding": np.zeros((3,))}})
     with pytest.raises(ValueError, match="no rule"):
         sharding.logical_to_spec(("nonsense",), (8,), mesh_lib.make_mesh(8))
 

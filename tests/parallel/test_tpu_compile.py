@@ -22,10 +22,12 @@ import numpy as np
 import optax
 import pytest
 
-from socialalign_jax.model import pac_lora
+from socialalign_jax.model import decoder, pac_lora
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
-from socialalign_jax.parallel import plan as plan_lib, sharding
+from socialalign_jax.model import axes as model_axes
+from socialalign_jax.parallel import sharding
+from socialalign_jax.tools import plan as plan_lib
 from socialalign_jax.parallel.mesh import make_mesh
 from socialalign_jax.train.step import LossConfig
 
@@ -72,7 +74,7 @@ def test_parameters_have_the_rules_shard_shapes(plan, mesh):
     assert len(shapes) == len(leaves)
     params = plan_lib.abstract_params(CFG)
     want = jax.tree.leaves(jax.tree.map(lambda x, s: s.shard_shape(x.shape), params,
-                                        sharding.shardings_for(params, mesh),
+                                        model_axes.shardings(params, mesh),
                                         is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)),
                            is_leaf=lambda x: isinstance(x, tuple))
     got = [shape for _, shape in shapes[:len(want)]]
@@ -105,7 +107,7 @@ def test_tpu_target_takes_the_tpu_code_path(mesh):
     lc = LoraConfig(targets=("q",))
     x = jnp.ones((2, 4, 8), jnp.float32)
     base = {"kernel": jnp.ones((8, 8), jnp.float32)}
-    ad = pac_lora.init_adapters(jax.random.PRNGKey(0), CFG.replace(hidden_size=8, num_heads=1, num_kv_heads=1,
+    ad = decoder.init_adapters(jax.random.PRNGKey(0), CFG.replace(hidden_size=8, num_heads=1, num_kv_heads=1,
                                                                    head_dim=8, num_layers=1), lc)
     adapter = jax.tree.map(lambda a: a[0], ad["layers"]["attn"]["q"])
     route = {"seg": jnp.zeros((2, 4), jnp.int32), "valid": jnp.ones((2, 4), bool), "deterministic": True}
@@ -114,7 +116,7 @@ def test_tpu_target_takes_the_tpu_code_path(mesh):
         with sharding.activation_sharding(m):
             return str(jax.make_jaxpr(lambda x: pac_lora.adapted_linear(x, base, adapter, lc, route)[0])(x))
 
-    from socialalign_jax.inference import sampling
+    from socialalign_jax.model import sampling
     cpu_mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     with sharding.activation_sharding(mesh):
         assert sharding.target_platform() == "tpu" and not pac_lora._fuse_base(lc)

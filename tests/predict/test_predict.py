@@ -202,7 +202,7 @@ def test_api_predicts_the_crowd_as_a_direct_forward_and_numpy_do(predictor):
             assert lo <= c.distribution[k] <= hi
         assert all(len(u.posts) == 2 and all(isinstance(p, str) for p in u.posts) for u in c.users)
         # The labeller's distribution: the share of each user's posts per class, averaged over users.
-        from socialalign_jax.evaluation.labellers import LexiconLabeller
+        from socialalign_jax.data.labellers import LexiconLabeller
         lab = LexiconLabeller().label([p for u in c.users for p in u.posts])
         assert [l for u in c.users for l in u.post_labels] == lab
         gen = np.mean([[np.mean([l == k for l in u.post_labels]) for k in labels] for u in c.users], axis=0)

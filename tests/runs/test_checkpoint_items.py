@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from socialalign_jax.core.atomic_io import write_json
-from socialalign_jax.model import pac_lora
+from socialalign_jax.model import decoder
 from socialalign_jax.parallel.mesh import make_mesh
 from socialalign_jax.runs import checkpoint, restore
 from socialalign_jax.train import optim, step as step_lib
@@ -31,7 +31,7 @@ def _state(cfg, seed):
     opt, _ = optim.make_optimizer(dict(cfg.optim.to_dict(), total_steps=4))
     rs = np.random.default_rng(seed)
     ad = jax.tree.map(lambda x: rs.normal(0, 0.05, x.shape).astype(np.float32),
-                      jax.eval_shape(lambda: pac_lora.init_adapters(jax.random.PRNGKey(0), base.model_cfg, lc)))
+                      jax.eval_shape(lambda: decoder.init_adapters(jax.random.PRNGKey(0), base.model_cfg, lc)))
     state = step_lib.init_train_state(ad, opt)
     grads = jax.tree.map(lambda x: np.full(x.shape, 0.01, np.float32), ad)
     _, state["opt_state"] = opt.update(grads, state["opt_state"], ad)  # non-trivial moments

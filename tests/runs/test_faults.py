@@ -33,9 +33,9 @@ from socialalign_jax.core import atomic_io
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data import setup
 from socialalign_jax.core.labels import DEFAULT_LABELS
-from socialalign_jax.model import pac_lora
+from socialalign_jax.model import decoder
 from socialalign_jax.model.presets import get_preset
-from socialalign_jax.parallel import sharding
+from socialalign_jax.model import axes as model_axes
 from socialalign_jax.parallel.mesh import make_mesh
 from socialalign_jax.runs import checkpoint, restore
 from socialalign_jax.train import optim, step as step_lib
@@ -103,9 +103,9 @@ def _abstract_state(cfg):
     lc = restore.lora_config(cfg)
     opt, _ = optim.make_optimizer(dict(cfg.optim.to_dict(), total_steps=N))
     shapes = jax.eval_shape(lambda: step_lib.init_train_state(
-        pac_lora.init_adapters(jax.random.PRNGKey(0), get_preset("tiny-qwen2"), lc), opt))
+        decoder.init_adapters(jax.random.PRNGKey(0), get_preset("tiny-qwen2"), lc), opt))
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    sh = sharding.shardings_for(shapes, mesh, strict=False)
+    sh = model_axes.shardings(shapes, mesh, strict=False)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, sh)
 
 
@@ -558,7 +558,7 @@ def test_megabyte_texts_do_not_hang_the_build(tmp_path):
 
 
 def test_a_long_generated_post_does_not_hang_the_labeller(tmp_path):
-    from socialalign_jax.evaluation.labellers import MAX_LABEL_CHARS, LexiconLabeller
+    from socialalign_jax.data.labellers import MAX_LABEL_CHARS, LexiconLabeller
 
     labels = list(DEFAULT_LABELS)
     recs = [{"event": "e", "event_id": 0, "user": "u", "prompt_id": i, "generated": g, "reference": "好",

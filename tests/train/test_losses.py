@@ -10,6 +10,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from scipy.spatial.distance import jensenshannon
 from scipy.special import log_softmax as np_log_softmax
 
+from socialalign_jax.model.nll import response_ce, response_ce_chunked
 from socialalign_jax.train import losses
 
 
@@ -68,7 +69,7 @@ def test_response_ce_matches_numpy():
     mask[0, 4:7] = 1
     mask[1, 2:5] = 1
     # row 2: no response tokens
-    total, count = losses.response_ce(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask))
+    total, count = response_ce(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask))
     ref, n = 0.0, 0
     for i in range(b):
         for t in range(1, s):
@@ -83,7 +84,7 @@ def test_response_ce_bf16_large_logits_stable():
     logits = jnp.full((1, 3, 5), 1e4, jnp.bfloat16).at[0, 0, 2].set(1e4 + 64)
     ids = jnp.array([[0, 2, 0]])
     mask = jnp.array([[0, 1, 0]])
-    total, count = losses.response_ce(logits, ids, mask)
+    total, count = response_ce(logits, ids, mask)
     assert np.isfinite(float(total)) and float(count) == 1
     np.testing.assert_allclose(float(total), -np_log_softmax(np.array([0, 0, 64, 0, 0.0]))[2], atol=1e-6)
 
@@ -95,13 +96,13 @@ def test_response_ce_chunked_equals_full():
     w = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
     ids = jnp.asarray(rng.integers(0, v, size=(b, s)))
     mask = jnp.asarray((rng.random((b, s)) < 0.6).astype(np.int32))
-    full = losses.response_ce(jnp.einsum("bsd,dv->bsv", h, w), ids, mask)
-    f = lambda h, w: losses.response_ce_chunked(h, lambda x: x @ w, ids, mask, chunk=3)  # 8 positions -> pad to 9
+    full = response_ce(jnp.einsum("bsd,dv->bsv", h, w), ids, mask)
+    f = lambda h, w: response_ce_chunked(h, lambda x: x @ w, ids, mask, chunk=3)  # 8 positions -> pad to 9
     got = jax.jit(f)(h, w)
     np.testing.assert_allclose(float(got[0]), float(full[0]), rtol=1e-5)
     assert float(got[1]) == float(full[1])
     g1 = jax.jit(jax.grad(lambda h, w: f(h, w)[0], argnums=(0, 1)))(h, w)
-    g2 = jax.jit(jax.grad(lambda h, w: losses.response_ce(jnp.einsum("bsd,dv->bsv", h, w), ids, mask)[0],
+    g2 = jax.jit(jax.grad(lambda h, w: response_ce(jnp.einsum("bsd,dv->bsv", h, w), ids, mask)[0],
                           argnums=(0, 1)))(h, w)
     for a, c in zip(g1, g2):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5)
@@ -223,7 +224,7 @@ def test_total_loss_combines_terms():
     batch = {k: jnp.asarray(x) for k, x in batch.items()}
     loss, terms = losses.total_loss(jnp.asarray(logits), jnp.asarray(sent_logits), batch,
                                     lambda_sent=0.5, lambda_macro=2.0)
-    lm = losses.response_ce(jnp.asarray(logits), batch["input_ids"], batch["loss_mask"])
+    lm = response_ce(jnp.asarray(logits), batch["input_ids"], batch["loss_mask"])
     se = losses.sentiment_ce(jnp.asarray(sent_logits), batch["label"], batch["example_mask"])
     sp = np.exp(np_log_softmax(sent_logits.astype(np.float64), axis=-1))
     ms, mc = _numpy_macro(sp, event_id, emask, targets)

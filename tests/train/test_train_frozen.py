@@ -32,7 +32,7 @@ def test_step_leaves_base_bitwise_and_holds_only_adapter_state():
     lc = pac_lora.LoraConfig(targets=("q", "v", "down"), dropout=0.1)
     params = decoder.init_params(cfg, jax.random.PRNGKey(0))
     before = jax.tree.map(np.array, params)
-    adapters = pac_lora.init_adapters(jax.random.PRNGKey(1), cfg, lc)
+    adapters = decoder.init_adapters(jax.random.PRNGKey(1), cfg, lc)
     opt, sched = optim.make_optimizer({"lr": 1e-2, "total_steps": 10})
     state = step_lib.init_train_state(adapters, opt)
     fn = jax.jit(step_lib.make_train_step(cfg, lc, step_lib.LossConfig(max_response_tokens=8), opt, sched))

@@ -15,8 +15,9 @@ import pytest
 
 from socialalign_jax.data import tfds_builders as B
 from socialalign_jax.data.pipeline import BatchConfig, TrainIterator
-from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model import decoder
 from socialalign_jax.model.presets import get_preset
+from socialalign_jax.model import axes as model_axes
 from socialalign_jax.parallel import sharding
 from socialalign_jax.parallel.mesh import make_mesh
 from socialalign_jax.runs import restore
@@ -42,7 +43,7 @@ def setup():
     params = decoder.init_params(mcfg, jax.random.PRNGKey(0))
     lc = restore.lora_config(cfg)
     assert lc.dropout > 0  # dropout on: its random bits must not depend on the sharding
-    adapters = pac_lora.init_adapters(jax.random.PRNGKey(1), mcfg, lc)
+    adapters = decoder.init_adapters(jax.random.PRNGKey(1), mcfg, lc)
     # B = 0 at init would make the first step's A-gradients vanish: give B values.
     rs = np.random.default_rng(0)
     adapters = jax.tree_util.tree_map_with_path(
@@ -55,8 +56,8 @@ def setup():
 
 def run_on(mesh, s, rules=None):
     state = step_lib.init_train_state(s["adapters"], s["optimizer"])
-    state_sh = sharding.shardings_for(state, mesh, rules, strict=False)
-    param_sh = sharding.shardings_for(s["params"], mesh, rules)
+    state_sh = model_axes.shardings(state, mesh, rules, strict=False)
+    param_sh = model_axes.shardings(s["params"], mesh, rules)
     batch_sh = sharding.batch_sharding(mesh, rules)
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     # Traced under the mesh as train.loop does: model/decoder.py's activation constraints are live here.
@@ -125,7 +126,7 @@ def test_axis_rules_from_the_config_move_weights_and_activations(setup, single):
     cfg.mesh.rules.batch = "data"
     rules = restore.mesh_rules(cfg)
     mesh = make_mesh(2, 2, 2)
-    params_sh = sharding.shardings_for(setup["params"], mesh, rules)
+    params_sh = model_axes.shardings(setup["params"], mesh, rules)
     assert tuple(params_sh["embed"]["embedding"].spec) == ("tensor", None)  # [V, D]: vocab over tensor, embed replicated
     up = params_sh["layers"]["mlp"]["up"]["kernel"].spec  # [L, D, F]
     assert tuple(up) == (None, None, ("tensor", "fsdp"))

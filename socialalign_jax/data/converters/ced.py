@@ -34,6 +34,7 @@ from socialalign_jax.data.bm25 import is_hashtag_only
 from socialalign_jax.data.converters.common import (DEFAULT_SALT, SourceEvents, check_max_events, counts, finish,
                                                     load_json, pseudonym)
 from socialalign_jax.data.records import DEFAULT_LABELS, Case, DataError, Event, HistoryPost
+from socialalign_jax.data.labellers import LexiconLabeller
 
 MIN_OTHER = 5
 REPOST_MARKERS = {"转发微博", "轉發微博", "repost"}
@@ -198,6 +199,5 @@ def read_ced(path: str, max_events: int | None = None, salt: str = DEFAULT_SALT,
 
 
 def _lexicon():
-    from socialalign_jax.evaluation.labellers import LexiconLabeller
 
     return LexiconLabeller()

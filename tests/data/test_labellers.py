@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from socialalign_jax.evaluation.labellers import (ZERO_SHOT_PROMPT, ZERO_SHOT_WORDS, LexiconLabeller,
+from socialalign_jax.data.labellers import (ZERO_SHOT_PROMPT, ZERO_SHOT_WORDS, LexiconLabeller,
                                                   ZeroShotLabeller)
 
 

@@ -16,9 +16,9 @@ import torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from socialalign_jax.inference import sampling
-from socialalign_jax.inference.sampling import SamplingConfig
-from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model import sampling
+from socialalign_jax.model.sampling import SamplingConfig
+from socialalign_jax.model import decoder
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 
@@ -29,7 +29,7 @@ PAD = 0
 
 def _adapters(lc: LoraConfig, seed: int = 1):
     """init_adapters, then random non-zero B's so the adapters (and their routing) matter."""
-    ad = pac_lora.init_adapters(jax.random.PRNGKey(seed), CFG, lc)
+    ad = decoder.init_adapters(jax.random.PRNGKey(seed), CFG, lc)
     leaves, tree = jax.tree_util.tree_flatten_with_path(ad)
     keys = jax.random.split(jax.random.PRNGKey(seed + 100), len(leaves))
     out = []

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from socialalign_jax.data.personas import (MAX_ITEM_CHARS, PERSONA_ITEMS, UNKNOWN, parse_persona, persona_prompt)
+from socialalign_jax.tools.personas import (MAX_ITEM_CHARS, PERSONA_ITEMS, UNKNOWN, parse_persona, persona_prompt)
 from socialalign_jax.data.records import read_event_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,8 +105,8 @@ def test_cli_end_to_end(tmp_path, weights, monkeypatch, capsys):
     assert raw0["extra_field"] == 1 and raw0["cases"][0]["history"] == ev0["cases"][0]["history"]
     assert [c.weibo for c in cases] == [c["weibo"] for c in ev0["cases"] + ev1["cases"]]
     # --overwrite_existing regenerates the kept one too.
-    from socialalign_jax.data.personas import build_personas
-    from socialalign_jax.inference.sampling import SamplingConfig
+    from socialalign_jax.tools.personas import build_personas
+    from socialalign_jax.model.sampling import SamplingConfig
 
     scfg = SamplingConfig(max_new_tokens=4, greedy=True, stop_tokens=(151645, 151643), pad_id=151643)
     s = build_personas(weights.params, weights.cfg, weights.tokenizer, tmp_path / "in", tmp_path / "out2",

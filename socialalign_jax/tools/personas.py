@@ -26,8 +26,8 @@ from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data.prompt import format_post
 from socialalign_jax.data.records import Case, DataError, load_json, read_event_file
-from socialalign_jax.inference import sampling
-from socialalign_jax.inference.sampling import SamplingConfig
+from socialalign_jax.model import sampling
+from socialalign_jax.model.sampling import SamplingConfig
 from socialalign_jax.weights.tokenizer import chat_template
 
 PERSONA_ITEMS = ("兴趣话题", "语言风格", "情感基调", "性格特点", "价值观")

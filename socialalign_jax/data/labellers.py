@@ -1,4 +1,5 @@
-"""Sentiment labellers for generated posts, so the macro metric can also be read off the text.
+"""Sentiment labellers for text: silver labels for unlabelled sources (CED) and labels for generated
+posts, so the macro metric can also be read off the text.
 
 The head's probabilities say what the model *thinks* the crowd feels; labelling the posts it
 actually wrote checks whether the generations carry that sentiment. Both labellers share one

@@ -28,10 +28,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from socialalign_jax.inference import sampling
-from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model import sampling
+from socialalign_jax.model import decoder
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.model import axes as model_axes
 from socialalign_jax.parallel import sharding
 from socialalign_jax.train import step as step_lib
 
@@ -48,7 +49,7 @@ def abstract_params(cfg: ModelConfig) -> dict:
 def abstract_state(cfg: ModelConfig, lc: LoraConfig, optimizer) -> dict:
     """The trainable state {'step', 'adapters', 'opt_state'} as ShapeDtypeStructs."""
     def build():
-        adapters = pac_lora.init_adapters(jax.random.PRNGKey(0), cfg, lc)
+        adapters = decoder.init_adapters(jax.random.PRNGKey(0), cfg, lc)
         return step_lib.init_train_state(adapters, optimizer)
     return jax.eval_shape(build)
 
@@ -162,8 +163,8 @@ def plan_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg: step
     params = abstract_params(model_cfg)
     state = abstract_state(model_cfg, lora_cfg, optimizer)
     bt = abstract_batch(batch, seq, max(lora_cfg.num_classes, 1))
-    param_sh = sharding.shardings_for(params, mesh, rules)
-    state_sh = sharding.shardings_for(state, mesh, rules, strict=False)
+    param_sh = model_axes.shardings(params, mesh, rules)
+    state_sh = model_axes.shardings(state, mesh, rules, strict=False)
     bsh = sharding.batch_sharding(mesh, rules)
     batch_sh = jax.tree.map(lambda _: bsh, bt)
     repl = NamedSharding(mesh, P())
@@ -231,14 +232,14 @@ def plan_decode(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, mesh: Mesh,
     """
     sharding.check_batch_divisible(batch, mesh, rules)
     params = abstract_params(model_cfg)
-    param_sh = sharding.shardings_for(params, mesh, rules)
+    param_sh = model_axes.shardings(params, mesh, rules)
     adapters = ad_sh = None
     if lora_cfg is not None:
-        adapters = jax.eval_shape(lambda: pac_lora.init_adapters(jax.random.PRNGKey(0), model_cfg, lora_cfg))
-        ad_sh = sharding.shardings_for(adapters, mesh, rules, strict=False)
+        adapters = jax.eval_shape(lambda: decoder.init_adapters(jax.random.PRNGKey(0), model_cfg, lora_cfg))
+        ad_sh = model_axes.shardings(adapters, mesh, rules, strict=False)
     slots = prompt_len + max_new_tokens
     cache = jax.eval_shape(lambda: decoder.init_cache(model_cfg, batch, slots, lora_cfg))
-    cache_sh = sharding.shardings_for(cache, mesh, rules,
+    cache_sh = model_axes.shardings(cache, mesh, rules,
                                       logical=decoder.cache_axes(model_cfg, batch, slots, lora_cfg))
     bsh = sharding.batch_sharding(mesh, rules)
     repl = NamedSharding(mesh, P())

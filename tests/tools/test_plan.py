@@ -10,13 +10,12 @@ import os
 import subprocess
 import sys
 
-import jax
 import optax
 import pytest
 
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
-from socialalign_jax.parallel import plan as plan_lib
+from socialalign_jax.tools import plan as plan_lib
 from socialalign_jax.parallel.mesh import make_mesh
 from socialalign_jax.train.step import LossConfig
 

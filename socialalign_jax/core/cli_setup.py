@@ -248,13 +248,3 @@ def parse_flags(flag_values, argv, prog: str, doc: str = ""):
         usage_error(f"unexpected arguments: {' '.join(rest[1:])}", [prog])
     return flag_values
 
-
-def argument_parser(**kwargs):
-    """argparse.ArgumentParser whose usage errors are one `error: ...` line, exit 2 (as absl_flags_parser)."""
-    import argparse
-
-    class _Parser(argparse.ArgumentParser):
-        def error(self, message):  # argparse prints a multi-line usage block first
-            usage_error(message, [self.prog])
-
-    return _Parser(**kwargs)

@@ -19,55 +19,67 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from socialalign_jax.core.cli_setup import argument_parser  # noqa: E402
-from socialalign_jax.core.errors import UserError, cli_main  # noqa: E402
+from absl import flags  # noqa: E402
 
+from socialalign_jax.core.cli_setup import parse_flags  # noqa: E402
+from socialalign_jax.core.errors import UserError, cli_main  # noqa: E402
+from socialalign_jax.data.tfds_builders import SOURCES  # noqa: E402
 
 # Build settings whose defaults come from the config's `data` section (one place for them: the
-# dataset built here is the one `launch/train.py --config` with the same config would build).
-CONFIG_DEFAULTS = ("max_length", "mode", "on_overflow", "num_history", "test_fraction", "split_by", "seed",
-                   "max_events")
+# dataset built here is the one `launch/train.py --config` with the same config would build),
+# with the type each is read as.
+CONFIG_DEFAULTS = {"max_length": int, "mode": str, "on_overflow": str, "num_history": int, "test_fraction": float,
+                   "split_by": str, "seed": int, "max_events": int}
+
+# Its own FlagValues, not absl's global FLAGS: tests call main() in-process (core/cli_setup.parse_flags).
+FLAGS = flags.FlagValues()
+_FROM_CONFIG = " (default: the --config's data.{})"
+flags.DEFINE_string("config", "configs/weibo.py", "Config FILE[:preset] whose `data` section gives the defaults of "
+                    "--max_length, --mode, --on_overflow, --num_history, --test_fraction, --split_by, --seed, "
+                    "--max_events.", flag_values=FLAGS)
+flags.DEFINE_enum("source", None, sorted(SOURCES) + ["lamp"], "The input's format.", flag_values=FLAGS)
+flags.DEFINE_string("input", None, "Event dir (socialweibo), Alpaca file or dir, LaMP questions file or dir, "
+                    "CED_Dataset dir (ced), ZS-CSD data file or dir (zs_csd), NLPCC 2016 TSV (nlpcc2016).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("labels", None, "Comma-separated class names in id order (default: the source's own, "
+                    "negative,neutral,positive or favor,against,neutral for zs_csd/nlpcc2016).", flag_values=FLAGS)
+flags.DEFINE_integer("max_events", None, "Converters: read only the first N events (0 = all)."
+                     + _FROM_CONFIG.format("max_events"), flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Data dir (the tfds layout is created below it).", flag_values=FLAGS)
+flags.DEFINE_string("tokenizer", None, "Tokenizer dir or tokenizer.json (default: bundled Qwen2).", flag_values=FLAGS)
+flags.DEFINE_integer("max_length", None, "Longest example, in tokens." + _FROM_CONFIG.format("max_length"),
+                     flag_values=FLAGS)
+flags.DEFINE_enum("mode", None, ["full", "without_persona", "without_history"],
+                  "What the prompt holds." + _FROM_CONFIG.format("mode"), flag_values=FLAGS)
+flags.DEFINE_enum("on_overflow", None, ["skip", "raise"], "An example longer than --max_length is skipped or an "
+                  "error." + _FROM_CONFIG.format("on_overflow"), flag_values=FLAGS)
+flags.DEFINE_integer("num_history", None, "History posts per prompt." + _FROM_CONFIG.format("num_history"),
+                     flag_values=FLAGS)
+flags.DEFINE_float("test_fraction", None, "Share of the test split." + _FROM_CONFIG.format("test_fraction"),
+                   flag_values=FLAGS)
+flags.DEFINE_enum("split_by", None, ["event", "user"], "What the train/test split keeps apart."
+                  + _FROM_CONFIG.format("split_by"), flag_values=FLAGS)
+flags.DEFINE_integer("seed", None, "Seed of the split." + _FROM_CONFIG.format("seed"), flag_values=FLAGS)
+flags.DEFINE_string("name", "default", "tfds config name (a subdirectory of --out).", flag_values=FLAGS)
+flags.DEFINE_string("lamp_outputs", None, "LaMP outputs file (default: *outputs*.json in --input).", flag_values=FLAGS)
+flags.DEFINE_string("lamp_task", None, "LaMP-4 | LaMP-5 | LaMP-7 (default: from the outputs file).",
+                    flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Replace a dataset already in --out.", flag_values=FLAGS)
+flags.DEFINE_bool("json", False, "Print the summary as JSON instead of a table.", flag_values=FLAGS)
+flags.mark_flags_as_required(["source", "input", "out"], flag_values=FLAGS)
 
 
 def parse_args(argv):
+    """The flags, with each build setting not given on the command line taken from --config's data section."""
     from socialalign_jax.core.cli_setup import load_config_file
-    from socialalign_jax.data.tfds_builders import SOURCES
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argument_parser(add_help=False)
-    pre.add_argument("--config", default="configs/weibo.py")
-    spec = pre.parse_known_args(argv)[0].config
     from socialalign_jax.runs.run_config import as_run_config
 
-    data = as_run_config(load_config_file(spec), source=spec).data  # typed: a bad key is one line
-    ap = argument_parser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default="configs/weibo.py",
-                    help="config FILE[:preset] whose `data` section gives the defaults of --max_length, --mode, "
-                         "--on_overflow, --num_history, --test_fraction, --split_by, --seed, --max_events")
-    ap.add_argument("--source", required=True, choices=sorted(SOURCES) + ["lamp"])
-    ap.add_argument("--input", required=True,
-                    help="event dir (socialweibo), Alpaca file or dir, LaMP questions file or dir, "
-                         "CED_Dataset dir (ced), ZS-CSD data file or dir (zs_csd), NLPCC 2016 TSV (nlpcc2016)")
-    ap.add_argument("--labels", default=None,
-                    help="comma-separated class names in id order (default: the source's own, "
-                         "negative,neutral,positive or favor,against,neutral for zs_csd/nlpcc2016)")
-    ap.add_argument("--max_events", type=int, default=int(data.max_events),
-                    help="converters: read only the first N events (0 = all)")
-    ap.add_argument("--out", required=True, help="data dir (tfds layout is created below it)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer dir or tokenizer.json (default: bundled Qwen2)")
-    ap.add_argument("--max_length", type=int, default=int(data.max_length))
-    ap.add_argument("--mode", default=str(data.mode), choices=["full", "without_persona", "without_history"])
-    ap.add_argument("--on_overflow", default=str(data.on_overflow), choices=["skip", "raise"])
-    ap.add_argument("--num_history", type=int, default=int(data.num_history))
-    ap.add_argument("--test_fraction", type=float, default=float(data.test_fraction))
-    ap.add_argument("--split_by", default=str(data.split_by), choices=["event", "user"])
-    ap.add_argument("--seed", type=int, default=int(data.seed))
-    ap.add_argument("--name", default="default", help="tfds config name (a subdirectory of --out)")
-    ap.add_argument("--lamp_outputs", default=None, help="LaMP outputs file (default: *outputs*.json in --input)")
-    ap.add_argument("--lamp_task", default=None, help="LaMP-4 | LaMP-5 | LaMP-7 (default: from the outputs file)")
-    ap.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
-    ap.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
-    return ap.parse_args(argv)
+    args = parse_flags(FLAGS, argv, "build_dataset.py", __doc__)
+    data = as_run_config(load_config_file(args.config), source=args.config).data  # typed: a bad key is one line
+    for name, kind in CONFIG_DEFAULTS.items():
+        if args[name].value is None:
+            setattr(args, name, kind(getattr(data, name)))
+    return args
 
 
 def main(argv=None) -> int:

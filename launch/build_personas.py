@@ -10,7 +10,6 @@ the file, the record and the field (exit status 2), before any model call.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -21,20 +20,30 @@ from socialalign_jax.core.cli_setup import quiet_startup  # noqa: E402
 quiet_startup()
 
 
+from absl import flags  # noqa: E402
+
+# Its own FlagValues, not absl's global FLAGS: tests load this script and call main() in-process
+# (core/cli_setup.parse_flags).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("weights", None, "Base model: gguf:smollm2, gguf:FILE, hf:DIR, random:PRESET.", flag_values=FLAGS)
+flags.DEFINE_string("input", None, "Directory of raw event *.json files.", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output directory (same file names).", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 96, "Longest persona, in tokens.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_bool("greedy", False, "Argmax decoding (default: T=0.7, top_k=20, top_p=0.9).", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 8, "Users per generation batch.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("max_history", 10, "History posts shown to the model per user.", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_bool("overwrite_existing", False, "Replace personas already in the input.", flag_values=FLAGS)
+flags.DEFINE_string("dtype", None, "Parameter dtype (default: the checkpoint's).", flag_values=FLAGS)
+flags.DEFINE_bool("no_progress", False, "Disable the progress bar.", flag_values=FLAGS)
+flags.mark_flags_as_required(["weights", "input", "out"], flag_values=FLAGS)
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--weights", required=True, help="base model: gguf:smollm2, gguf:FILE, hf:DIR, random:PRESET")
-    p.add_argument("--input", required=True, help="directory of raw event *.json files")
-    p.add_argument("--out", required=True, help="output directory (same file names)")
-    p.add_argument("--max_new_tokens", type=int, default=96)
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (default: T=0.7, top_k=20, top_p=0.9)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_history", type=int, default=10, help="history posts shown to the model per user")
-    p.add_argument("--overwrite_existing", action="store_true", help="replace personas already in the input")
-    p.add_argument("--dtype", default=None, help="parameter dtype (default: the checkpoint's)")
-    p.add_argument("--no_progress", action="store_true")
-    return p.parse_args(argv)
+    from socialalign_jax.core.cli_setup import parse_flags
+
+    return parse_flags(FLAGS, argv, "build_personas.py", __doc__)
 
 
 def run(argv=None) -> int:
@@ -45,8 +54,6 @@ def run(argv=None) -> int:
     from socialalign_jax.weights.resolve import resolve_weights
 
     args = parse_args(argv)
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.max_history < 1:
-        raise UserError("--max_new_tokens, --batch_size and --max_history must be >= 1")
     w = resolve_weights(args.weights, dtype=args.dtype)
     if w.tokenizer is None:
         raise UserError(f"weights {args.weights!r}: no tokenizer for this model; use gguf:, hf: or a qwen2 preset")

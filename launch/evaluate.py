@@ -16,25 +16,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from socialalign_jax.core.cli_setup import argument_parser  # noqa: E402
+from absl import flags  # noqa: E402
+
+from socialalign_jax.core.cli_setup import parse_flags  # noqa: E402
 from socialalign_jax.core.errors import EXIT_USER_ERROR, UserError, one_line  # noqa: E402
 from socialalign_jax.evaluation import report  # noqa: E402
 from socialalign_jax.evaluation.predictions import (  # noqa: E402,F401
     InputError, evaluate, load_baseline, load_gates, load_predictions)
 
+# Its own FlagValues, not absl's global FLAGS: tests load this script under several names and call
+# main() in-process many times (core/cli_setup.parse_flags).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("predictions", None, "Predictions JSONL from the generation CLI.", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output directory (metrics.json, metrics.md, figures).", flag_values=FLAGS)
+flags.DEFINE_string("gates", None, "Gate statistics JSON for heatmaps (launch/generate.py --gates_out).",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("labeller", "lexicon", ["lexicon", "zeroshot", "none"],
+                  "Labels generated posts for the generated-vs-real macro metric.", flag_values=FLAGS)
+flags.DEFINE_string("weights", None, "Base model for --labeller zeroshot (gguf:smollm2, gguf:FILE, hf:DIR, "
+                    "random:PRESET).", flag_values=FLAGS)
+flags.DEFINE_string("baseline", None, "An earlier metrics.json to compare against.", flag_values=FLAGS)
+flags.DEFINE_enum("gate_stat", "max", ["max", "entropy"],
+                  "Per-cell gate summary: weight of the top expert, or routing entropy.", flag_values=FLAGS)
+flags.mark_flags_as_required(["predictions", "out"], flag_values=FLAGS)
+
+
 def parse_args(argv):
-    p = argument_parser(description=__doc__.split("\n")[0])
-    p.add_argument("--predictions", required=True, help="predictions JSONL from the generation CLI")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--gates", help="gate statistics JSON for heatmaps")
-    p.add_argument("--labeller", choices=("lexicon", "zeroshot", "none"), default="lexicon",
-                   help="labels generated posts for the generated-vs-real macro metric")
-    p.add_argument("--weights", help="base model for --labeller zeroshot (gguf:smollm2, gguf:FILE, hf:DIR, "
-                                     "random:PRESET)")
-    p.add_argument("--baseline", help="an earlier metrics.json to compare against")
-    p.add_argument("--gate_stat", "--gate-stat", dest="gate_stat", choices=("max", "entropy"), default="max",
-                   help="per-cell gate summary: weight of the top expert, or routing entropy")
-    return p.parse_args(argv)
+    return parse_flags(FLAGS, argv, "evaluate.py", __doc__)
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,6 @@ Bad input ends in one line naming the file and field, and exit status 2.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -21,24 +20,46 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from absl import flags  # noqa: E402
+
+from socialalign_jax.core.cli_setup import parse_flags  # noqa: E402
 from socialalign_jax.core.errors import UserError, cli_main  # noqa: E402
+
+# Two commands, two FlagValues of their own (not absl's global FLAGS, so that main() can be called
+# in-process, see core/cli_setup.parse_flags): the plan runner, and `features` (its first word).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("plan", None, "A plan file (experiments/*.toml).", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Results directory: cells.jsonl, summary.json, summary.md.", flag_values=FLAGS)
+flags.DEFINE_multi_string("set", [], "KEY=VALUE: override a top-level plan key (TOML value), e.g. --set "
+                          "features=/tmp/f --set 'seeds=[0]'", flag_values=FLAGS)
+flags.DEFINE_bool("summary_only", False, "Rewrite the summary from cells.jsonl, run nothing.", flag_values=FLAGS)
+flags.DEFINE_string("eval_md", None, "Also write the tables into this markdown file, between the lines "
+                    "<!-- EXPERIMENT:<plan name>:BEGIN --> and <!-- EXPERIMENT:<plan name>:END -->.", flag_values=FLAGS)
+flags.mark_flags_as_required(["plan", "out"], flag_values=FLAGS)
+
+FEATURES = flags.FlagValues()
+flags.DEFINE_string("data", None, "A built dataset (launch/build_dataset.py, any test_fraction).", flag_values=FEATURES)
+flags.DEFINE_string("out", None, "Cache directory (resumed when it holds the same key).", flag_values=FEATURES)
+flags.DEFINE_string("weights", "gguf:smollm2", "Weights spec (socialalign_jax/weights/resolve.py).",
+                    flag_values=FEATURES)
+flags.DEFINE_integer("max_cases_per_event", 0, "Seeded sample per event (0 = all).", flag_values=FEATURES)
+flags.DEFINE_integer("num_events", 0, "Seeded sample of events (0 = all).", flag_values=FEATURES)
+flags.DEFINE_integer("min_cases", 1, "Events with fewer built examples are left out.", flag_values=FEATURES)
+flags.DEFINE_integer("seed", 0, "Seed of the event and case samples.", flag_values=FEATURES)
+flags.DEFINE_integer("batch_size", 8, "Examples per forward pass.", flag_values=FEATURES)
+flags.DEFINE_integer("chunk_size", 64, "Examples per resumable chunk.", flag_values=FEATURES)
+flags.DEFINE_bool("dry_run", False, "Print the selection's size and stop.", flag_values=FEATURES)
+flags.DEFINE_bool("no_progress", False, "Disable the progress bar.", flag_values=FEATURES)
+flags.mark_flags_as_required(["data", "out"], flag_values=FEATURES)
+
+_FEATURES_DOC = """Cache the frozen model's sentiment-head inputs for a built dataset (design A's inputs).
+
+    python launch/experiment.py features --data DATA_DIR --out CACHE_DIR [--weights gguf:smollm2] ...
+"""
 
 
 def features_main(argv) -> int:
-    ap = argparse.ArgumentParser(prog="launch/experiment.py features",
-                                 description="Cache the frozen model's sentiment-head inputs for a built dataset.")
-    ap.add_argument("--data", required=True, help="a built dataset (launch/build_dataset.py, any test_fraction)")
-    ap.add_argument("--out", required=True, help="cache directory (resumed when it holds the same key)")
-    ap.add_argument("--weights", default="gguf:smollm2", help="weights spec (socialalign_jax/weights/resolve.py)")
-    ap.add_argument("--max_cases_per_event", type=int, default=0, help="seeded sample per event (0 = all)")
-    ap.add_argument("--num_events", type=int, default=0, help="seeded sample of events (0 = all)")
-    ap.add_argument("--min_cases", type=int, default=1, help="events with fewer built examples are left out")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the event and case samples")
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--chunk_size", type=int, default=64, help="examples per resumable chunk")
-    ap.add_argument("--dry_run", action="store_true", help="print the selection's size and stop")
-    ap.add_argument("--no_progress", action="store_true")
-    a = ap.parse_args(argv)
+    a = parse_flags(FEATURES, argv, "experiment.py features", _FEATURES_DOC)
     if not Path(a.data).exists():
         raise UserError(f"{a.data}: no such directory (--data)")
 
@@ -81,16 +102,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "features":
         return features_main(argv[1:])
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--plan", required=True, help="a plan file (experiments/*.toml)")
-    ap.add_argument("--out", required=True, help="results directory: cells.jsonl, summary.json, summary.md")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a top-level plan key (TOML value), e.g. --set features=/tmp/f --set 'seeds=[0]'")
-    ap.add_argument("--summary_only", action="store_true", help="rewrite the summary from cells.jsonl, run nothing")
-    ap.add_argument("--eval_md", default=None,
-                    help="also write the tables into this markdown file, between the lines "
-                         "<!-- EXPERIMENT:<plan name>:BEGIN --> and <!-- EXPERIMENT:<plan name>:END -->")
-    a = ap.parse_args(argv)
+    a = parse_flags(FLAGS, argv, "experiment.py", __doc__)
     import logging
 
     logging.getLogger("absl").setLevel(logging.ERROR)

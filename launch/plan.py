@@ -16,7 +16,6 @@ printed against the chip's HBM with whether it fits. Needs `pip install -e ".[tp
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -28,23 +27,30 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _PRESET_MODELS = {"7b": "qwen2.5-7b", "1.5b": "qwen2.5-1.5b", "0.5b": "qwen2.5-0.5b"}
 
 
+from absl import flags  # noqa: E402
+
+# Its own FlagValues, not absl's global FLAGS: tests call main() in-process (core/cli_setup.parse_flags).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("config", "configs/weibo.py:7b", "Config file[:preset].", flag_values=FLAGS)
+flags.DEFINE_string("mesh", "", "data=N,fsdp=N,tensor=N; one axis may be -1 (default: fsdp=8 on fake CPU devices, "
+                    "fsdp=<all chips> with --topology).", flag_values=FLAGS)
+flags.DEFINE_string("topology", "", "A TPU slice (v5e-8, v5e-256, v4-32, v5p-128, v6e-64, ...): compile with the "
+                    "TPU compiler for it (needs libtpu).", flag_values=FLAGS)
+flags.DEFINE_enum("step", "train", ["train", "decode", "both"],
+                  "What to compile: the train step, the decode loop (sampling.generate), or both.", flag_values=FLAGS)
+flags.DEFINE_bool("sweep", False, "With --topology: try mesh layouts and batch sizes and report the largest global "
+                  "batch that fits per layout.", flag_values=FLAGS)
+flags.DEFINE_string("model", "", "Model preset (model/presets.py) instead of the config's weights.", flag_values=FLAGS)
+flags.DEFINE_integer("batch", 0, "Global batch (default: the config's G x M).", flag_values=FLAGS)
+flags.DEFINE_integer("seq", 0, "Sequence length (default: data.max_length); decode: the prompt's.", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 256, "Decode: tokens generated after the prompt.", flag_values=FLAGS)
+flags.DEFINE_bool("no_compile", False, "Only the exact per-tree figures.", flag_values=FLAGS)
+
+
 def _args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/weibo.py:7b", help="config file[:preset]")
-    p.add_argument("--mesh", default="", help="data=N,fsdp=N,tensor=N; one axis may be -1 (default: fsdp=8 on "
-                   "fake CPU devices, fsdp=<all chips> with --topology)")
-    p.add_argument("--topology", default="", help="a TPU slice (v5e-8, v5e-256, v4-32, v5p-128, v6e-64, ...): "
-                   "compile with the TPU compiler for it (needs libtpu)")
-    p.add_argument("--step", choices=("train", "decode", "both"), default="train",
-                   help="what to compile: the train step, the decode loop (sampling.generate), or both")
-    p.add_argument("--sweep", action="store_true", help="with --topology: try mesh layouts and batch sizes and "
-                   "report the largest global batch that fits per layout")
-    p.add_argument("--model", default="", help="model preset (model/presets.py) instead of the config's weights")
-    p.add_argument("--batch", type=int, default=0, help="global batch (default: the config's G x M)")
-    p.add_argument("--seq", type=int, default=0, help="sequence length (default: data.max_length); decode: prompt")
-    p.add_argument("--max_new_tokens", type=int, default=256, help="decode: tokens generated after the prompt")
-    p.add_argument("--no_compile", action="store_true", help="only the exact per-tree figures")
-    return p.parse_args(argv)
+    from socialalign_jax.core.cli_setup import parse_flags
+
+    return parse_flags(FLAGS, argv, "plan.py", __doc__)
 
 
 def _model_config(cfg, name: str):
@@ -95,8 +101,9 @@ def main(argv=None) -> int:
                 raise UserError("--mesh: -1 needs --topology (on fake CPU devices give every axis a size)")
             n = math.prod(sizes.values())
             # Fake CPU devices must be requested before jax initialises its backend.
-            flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-            os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+            xla_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+                         if "force_host_platform_device_count" not in f]
+            os.environ["XLA_FLAGS"] = " ".join(xla_flags + [f"--xla_force_host_platform_device_count={n}"])
         import jax
 
         from socialalign_jax.parallel.mesh import make_mesh

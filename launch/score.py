@@ -19,61 +19,59 @@ without spans are an error for adapters whose gates read them, unless --routing 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from absl import flags  # noqa: E402
+
+from socialalign_jax.core.cli_setup import parse_flags, usage_error  # noqa: E402
 from socialalign_jax.core.errors import UserError, cli_main  # noqa: E402
 
 
-def _hf_dir(spec: str) -> str:
-    if spec.startswith("hf:"):
-        return spec[3:]
-    if ":" in spec.split("/")[0] and not spec.startswith("/"):
-        raise argparse.ArgumentTypeError(f"{spec!r}: score.py reads Hugging Face checkpoints, give hf:DIR")
-    return spec
+def _is_hf(spec: str) -> bool:
+    """hf:DIR or a bare DIR; another kind of weights spec (gguf:, random:) is not a checkpoint to score."""
+    return spec.startswith(("hf:", "/")) or ":" not in spec.split("/")[0]
 
 
-def _positive(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
+# Its own FlagValues, not absl's global FLAGS: tests load this script and call main() in-process
+# many times (core/cli_setup.parse_flags).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("weights", None, "Local Hugging Face checkpoint: hf:DIR (config.json + safetensors); a bare "
+                    "DIR also works.", flag_values=FLAGS)
+flags.DEFINE_string("input", None, "JSONL of {'text'} or {'prompt','response'} records.", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output JSONL (written atomically).", flag_values=FLAGS)
+flags.DEFINE_bool("chat", False, "Wrap prompts in ChatML, close responses with <|im_end|>.", flag_values=FLAGS)
+flags.DEFINE_bool("socialalign", False, "--chat with the SocialAlign system turn (你是一个微博用户。) for records "
+                  "without 'system'.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 8, "Records per forward pass.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("max_length", None, "Reject (never truncate) records longer than this many tokens "
+                     "(default: the checkpoint's max_position_embeddings).", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                  "Param/compute dtype (default: the checkpoint's config.json dtype).", flag_values=FLAGS)
+flags.DEFINE_string("tokenizer", None, "Tokenizer dir or tokenizer.json (default: the checkpoint dir); "
+                    "'builtin' = offline Qwen2.", flag_values=FLAGS)
+flags.DEFINE_string("adapters", None, "PAC-LoRA adapter file/dir to apply.", flag_values=FLAGS)
+flags.DEFINE_enum("routing", None, ["token", "pooled", "uniform_a", "uniform_b", "uniform"],
+                  "With --adapters: override their routing mode (uniform: gates read no spans).", flag_values=FLAGS)
+flags.mark_flags_as_required(["weights", "input", "out"], flag_values=FLAGS)
+flags.register_validator("weights", lambda spec: spec is None or _is_hf(spec),
+                         "score.py reads Hugging Face checkpoints, give hf:DIR", flag_values=FLAGS)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    from socialalign_jax.core.cli_setup import argument_parser
-
-    p = argument_parser(description=__doc__.split("\n")[0])
-    # --weights names the model as every launcher does (hf:DIR); --checkpoint DIR is its older spelling.
-    p.add_argument("--weights", "--checkpoint", dest="checkpoint", required=True, type=_hf_dir,
-                   help="local Hugging Face checkpoint: hf:DIR (config.json + safetensors); a bare DIR also works")
-    p.add_argument("--input", required=True, help="JSONL of {'text'} or {'prompt','response'} records")
-    p.add_argument("--out", required=True, help="output JSONL (written atomically)")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in ChatML, close responses with <|im_end|>")
-    p.add_argument("--socialalign", action="store_true",
-                   help="--chat with the SocialAlign system turn (你是一个微博用户。) for records without 'system'")
-    p.add_argument("--batch_size", type=_positive, default=8)
-    p.add_argument("--max_length", type=_positive, default=None,
-                   help="reject (never truncate) records longer than this many tokens")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="param/compute dtype (default: the checkpoint's config.json dtype)")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer dir or tokenizer.json (default: the checkpoint dir); 'builtin' = offline Qwen2")
-    p.add_argument("--adapters", default=None, help="PAC-LoRA adapter file/dir to apply")
-    p.add_argument("--routing", default=None, choices=("token", "pooled", "uniform_a", "uniform_b", "uniform"),
-                   help="override the adapters' routing mode (uniform: gates read no spans)")
-    args = p.parse_args(argv)
+def parse_args(argv=None):
+    args = parse_flags(FLAGS, argv, "score.py", __doc__)
     if args.routing and not args.adapters:
-        p.error("--routing needs --adapters")
+        usage_error("--routing needs --adapters", ["score.py"])
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import os
+
+    checkpoint = args.weights[3:] if args.weights.startswith("hf:") else args.weights
 
     if os.path.exists(args.out) and os.path.exists(args.input) and os.path.samefile(args.out, args.input):
         raise UserError(f"--out {args.out} is the --input file; choose another output (the input would be replaced)")
@@ -85,9 +83,9 @@ def main(argv=None) -> int:
     from socialalign_jax.weights.hf import check_hf_checkpoint, load_hf_checkpoint
     from socialalign_jax.weights.tokenizer import load_tokenizer
 
-    real_cfg = check_hf_checkpoint(args.checkpoint)  # headers only: fails fast before tokenizer/weights
+    real_cfg = check_hf_checkpoint(checkpoint)  # headers only: fails fast before tokenizer/weights
     try:
-        tokenizer = load_tokenizer(None if args.tokenizer == "builtin" else (args.tokenizer or args.checkpoint))
+        tokenizer = load_tokenizer(None if args.tokenizer == "builtin" else (args.tokenizer or checkpoint))
     except ValueError as e:  # TokenizerFileError: already names the file
         raise UserError(str(e)) from None
     adapters = lora_cfg = None
@@ -98,7 +96,7 @@ def main(argv=None) -> int:
                                    max_length=args.max_length or real_cfg.max_position_embeddings,
                                    system=SYSTEM_PROMPT if args.socialalign else None,
                                    need_spans=scoring.span_requirement(lora_cfg, args.adapters))
-    cfg, params = load_hf_checkpoint(args.checkpoint, dtype=args.dtype)
+    cfg, params = load_hf_checkpoint(checkpoint, dtype=args.dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     records = scoring.score_examples(params, cfg, examples, batch_size=args.batch_size, pad_id=pad_id,
                                      real_vocab=real_cfg.vocab_size, adapters=adapters, lora_cfg=lora_cfg)

@@ -52,7 +52,7 @@ def skip_absent_tpu() -> None:
 
 _HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "--helpfull", "-helpfull", "-?",
                "--helpxml", "-helpxml")
-EXIT_USAGE = 2  # usage errors: argparse's convention, shared by the absl launchers
+EXIT_USAGE = 2  # usage errors: the conventional exit status, shared by every launcher
 
 
 def usage_error(message: str, argv) -> None:
@@ -99,8 +99,8 @@ def resolve_config_path(spec: str) -> str:
 
 
 def load_config_file(spec: str, flag: str = "--config"):
-    """The ConfigDict of `FILE[:preset]` (resolved as `resolve_config_path` does), for the argparse
-    launchers; absl launchers use `define_config_flag`. A missing file or an unknown preset is one
+    """The ConfigDict of `FILE[:preset]` (resolved as `resolve_config_path` does), for launchers with
+    their own FlagValues (`parse_flags`); those on absl's global FLAGS use `define_config_flag`. A missing file or an unknown preset is one
     UserError line naming `flag`."""
     import importlib.util
 
@@ -176,7 +176,7 @@ def define_run_config_flag(default: str = "configs/weibo.py"):
 
 
 def absl_flags_parser(argv):
-    """absl's flag parsing with the argparse convention: --help exits 0, a usage error exits 2 in one line.
+    """absl's flag parsing, as every launcher parses: --help exits 0, a usage error exits 2 in one line.
 
     absl alone exits 1 for both, and an unknown or mistyped `--config.a.b=v` override (ml_collections)
     escapes as a 50-line AttributeError; here every one of them is `error: <what> (python X --help)`.
@@ -208,18 +208,44 @@ def absl_flags_parser(argv):
 
 
 def run_absl(main) -> None:
-    """`absl.app.run(main)` with `absl_flags_parser` (one CLI convention for absl and argparse launchers)."""
+    """`absl.app.run(main)` with `absl_flags_parser` (the convention `parse_flags` also keeps)."""
     from absl import app
 
     app.run(main, flags_parser=absl_flags_parser)
 
 
-def argument_parser(**kwargs):
-    """argparse.ArgumentParser whose usage errors are one `error: ...` line, exit 2 (as absl_flags_parser)."""
-    import argparse
+def parse_flags(flag_values, argv, prog: str, doc: str = ""):
+    """Parse `argv` (without the program name) into `flag_values`, a launcher's own absl FlagValues.
 
-    class _Parser(argparse.ArgumentParser):
-        def error(self, message):  # argparse prints a multi-line usage block first
-            usage_error(message, [self.prog])
+    For the launchers whose `main(argv)` is called in-process (tests load them under several module
+    names and call main many times): their flags live in a FlagValues of their own rather than in
+    absl's global FLAGS, so defining them twice is no DuplicateFlagError, and every call starts
+    from the defaults (unparse first), so no value of an earlier call survives. The conventions are
+    absl_flags_parser's: --help/-h prints `doc` and every flag with its help, exit 0; an unknown
+    flag, a bad value, a missing required flag or a stray positional argument is one line
+    `error: <what> (python PROG --help)`, exit 2. Returns `flag_values`, read as `args.name`.
+    """
+    import sys
 
-    return _Parser(**kwargs)
+    from absl import flags
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options = argv[:argv.index("--")] if "--" in argv else argv
+    if any(a in _HELP_FLAGS for a in options):
+        listing = flag_values.get_help(prefix="", include_special_flags=False)
+        # get_help groups the flags under their defining module's name, which here is only the
+        # name the script happened to be loaded under: keep the flag lines.
+        listing = "\n".join(ln for ln in listing.splitlines() if ln.startswith(" "))
+        print(f"{doc.strip()}\n\nflags:\n{listing}" if doc else f"flags:\n{listing}")
+        sys.exit(0)
+    flag_values.unparse_flags()
+    try:
+        rest = flag_values([prog, *argv])
+    except flags.Error as e:
+        message = str(e).splitlines()[0]
+        missing = re.match(r"flag (--\w+)=None: Flag --\w+ must have a value other than None", message)
+        usage_error(f"{missing.group(1)} is required" if missing else message, [prog])
+    if len(rest) > 1:
+        usage_error(f"unexpected arguments: {' '.join(rest[1:])}", [prog])
+    return flag_values
+

@@ -68,8 +68,8 @@ def test_logprobs_match_hf(checkpoint, tokenizer, tmp_path, chat):
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    # --weights hf:DIR (the name every launcher uses) and its older spelling --checkpoint DIR
-    model_flag = ["--weights", f"hf:{ck}"] if chat else ["--checkpoint", str(ck)]
+    # --weights hf:DIR (the name every launcher uses), or a bare DIR
+    model_flag = ["--weights", f"hf:{ck}"] if chat else ["--weights", str(ck)]
     argv = model_flag + ["--input", str(inp), "--out", str(out), "--batch_size", "2"]
     with pytest.raises(SystemExit) as e:
         score_cli.cli_main(score_cli.main, argv + (["--chat"] if chat else []))
@@ -135,7 +135,7 @@ def test_checkpoint_errors_are_one_line(checkpoint, tmp_path, how):
     ck, needles = _broken_copy(checkpoint, tmp_path, how)
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps(RECORDS[0]) + "\n", encoding="utf-8")
-    proc = _run_cli("--checkpoint", ck, "--input", inp, "--out", tmp_path / "out.jsonl")
+    proc = _run_cli("--weights", ck, "--input", inp, "--out", tmp_path / "out.jsonl")
     _assert_one_line_error(proc, *needles)
     assert not (tmp_path / "out.jsonl").exists()
 
@@ -174,7 +174,7 @@ def test_input_errors_name_file_and_line(tokenizer, tmp_path):
 def test_malformed_input_via_cli(checkpoint, tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps(RECORDS[0], ensure_ascii=False) + "\n{oops\n", encoding="utf-8")
-    proc = _run_cli("--checkpoint", checkpoint[1], "--input", inp, "--out", tmp_path / "o.jsonl")
+    proc = _run_cli("--weights", checkpoint[1], "--input", inp, "--out", tmp_path / "o.jsonl")
     _assert_one_line_error(proc, f"{inp}: line 2", "invalid JSON")
     assert not (tmp_path / "o.jsonl").exists()
 

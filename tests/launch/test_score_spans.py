@@ -137,7 +137,7 @@ def _score(setup, tmp_path, records, *flags):
     inp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     out = tmp_path / "out.jsonl"
     with pytest.raises(SystemExit) as e:
-        score_cli.cli_main(score_cli.main, ["--checkpoint", str(ck), "--input", str(inp), "--out", str(out),
+        score_cli.cli_main(score_cli.main, ["--weights", str(ck), "--input", str(inp), "--out", str(out),
                                             "--adapters", str(adapter), "--batch_size", "2", *flags])
     assert e.value.code == 0
     return [np.array(json.loads(line)["token_logprobs"]) for line in out.read_text(encoding="utf-8").splitlines()]
@@ -187,7 +187,7 @@ def test_no_spans_is_one_line_error_unless_uniform(setup, tmp_path, capsys):
     inp.write_text(json.dumps(rec, ensure_ascii=False) + "\n", encoding="utf-8")
     out = tmp_path / "o.jsonl"
     with pytest.raises(SystemExit) as e:
-        score_cli.cli_main(score_cli.main, ["--checkpoint", str(ck), "--input", str(inp), "--out", str(out),
+        score_cli.cli_main(score_cli.main, ["--weights", str(ck), "--input", str(inp), "--out", str(out),
                                             "--adapters", str(adapter), "--socialalign"])
     assert e.value.code == 2 and not out.exists()
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]

@@ -637,7 +637,7 @@ def test_duplicate_records_are_refused(tmp_path):
 def test_score_refuses_to_overwrite_its_input(tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"text": "hello"}\n')
-    rc, _, err = _cli("score.py", "--checkpoint", tmp_path, "--input", inp, "--out", inp)
+    rc, _, err = _cli("score.py", "--weights", tmp_path, "--input", inp, "--out", inp)
     assert rc == 2 and len(err) == 1 and "is the --input file" in err[0], err
     assert inp.read_text() == '{"text": "hello"}\n'
 

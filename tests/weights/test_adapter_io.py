@@ -275,7 +275,7 @@ def test_score_cli_applies_adapters(hf_checkpoint, tmp_path):
     assert a_lc == b_lc == lc
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
     out = tmp_path / "out.jsonl"
-    argv = ["--checkpoint", str(ck), "--input", str(inp), "--out", str(out), "--batch_size", "1",
+    argv = ["--weights", str(ck), "--input", str(inp), "--out", str(out), "--batch_size", "1",
             "--adapters", str(tmp_path / "peft"), "--routing", "uniform"]
     with pytest.raises(SystemExit) as e:
         score_cli.cli_main(score_cli.main, argv)
@@ -313,7 +313,7 @@ def test_score_cli_bad_adapters_is_one_line_error(hf_checkpoint, tmp_path, capsy
     small = LoraConfig(rank=4, targets=("q",), num_classes=0)
     wrong = save_adapters(_trained_adapters(CFG, small), small, CFG, tmp_path / "wrong.safetensors")  # hidden 16
     with pytest.raises(SystemExit) as e:
-        score_cli.cli_main(score_cli.main, ["--checkpoint", str(ck), "--input", str(inp),
+        score_cli.cli_main(score_cli.main, ["--weights", str(ck), "--input", str(inp),
                                             "--out", str(tmp_path / "o.jsonl"), "--adapters", str(wrong)])
     assert e.value.code == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]

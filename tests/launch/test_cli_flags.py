@@ -1,0 +1,170 @@
+"""The launchers with flags of their own (core/cli_setup.parse_flags): one CLI convention, in-process.
+
+Tests load these scripts under several module names and call `main(argv)` many times in one
+process, so each keeps its flags in its own absl FlagValues: defining them twice must not clash,
+and no value of one call may survive into the next. The convention is the absl launchers': --help
+lists every flag and exits 0; a usage error is one `error:` line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from absl import flags
+
+ROOT = Path(__file__).resolve().parents[2]
+# launcher -> the words before its flags (experiment.py's features command has a FlagValues of its own)
+COMMANDS = {"evaluate.py": [], "score.py": [], "build_personas.py": [], "plan.py": [], "experiment.py": [],
+            "experiment.py features": ["features"], "build_dataset.py": []}
+_names = itertools.count()
+
+
+def load(script: str):
+    """A fresh copy of launch/<script>, under a module name no other test uses."""
+    spec = importlib.util.spec_from_file_location(f"cli_flags_{script[:-3]}_{next(_names)}", ROOT / "launch" / script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def modules():
+    return {script: load(script) for script in {c.split()[0] for c in COMMANDS}}
+
+
+def call(mod, argv) -> int:
+    """main(argv)'s exit status, whether it returns it or exits with it."""
+    try:
+        return mod.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def flag_values(mod, command: str):
+    return mod.FEATURES if command.endswith(" features") else mod.FLAGS
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_lists_every_flag_and_exits_0(command, modules, capsys):
+    mod = modules[command.split()[0]]
+    assert call(mod, [*COMMANDS[command], "--help"]) == 0
+    out = capsys.readouterr().out
+    fv = flag_values(mod, command)
+    assert len(list(fv)) >= 5
+    for name in fv:
+        flag = fv[name]
+        line = next((ln for ln in out.splitlines() if ln.lstrip().startswith((f"--{name}:", f"--[no]{name}:"))), None)
+        assert line is not None, (name, out)
+        assert flag.help.split()[0] in out, (name, flag.help)  # its help text is printed, not only its name
+    assert out.startswith(mod.__doc__.strip().split("\n")[0]) or command.endswith(" features")
+    assert call(mod, [*COMMANDS[command], "-h"]) == 0
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_unknown_flag_is_one_line_exit_2(command, modules, capsys):
+    assert call(modules[command.split()[0]], [*COMMANDS[command], "--no_such_flag=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "no_such_flag" in err[0], err
+    assert err[0].endswith(f"(python {command} --help)"), err
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--out", "o"], "error: --predictions is required (python evaluate.py --help)"),
+    (["--predictions", "p", "--out", "o", "stray"], "error: unexpected arguments: stray (python evaluate.py --help)"),
+    (["--predictions", "p", "--out", "o", "--gate_stat", "mean"], "value should be one of <max|entropy>"),
+    (["--predictions", "p", "--out", "o", "--gate-stat", "max"], "Unknown command line flag 'gate-stat'"),
+])
+def test_evaluate_usage_errors(argv, expect, modules, capsys):
+    assert call(modules["evaluate.py"], argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--weights", "hf:/ck", "--batch_size", "0"], "flag --batch_size=0: 0 is not a positive integer"),
+    (["--weights", "gguf:smollm2"], "give hf:DIR"),
+    (["--weights", "hf:/ck", "--routing", "token"], "--routing needs --adapters"),
+    (["--weights", "hf:/ck", "--dtype", "int8"], "value should be one of <float32|bfloat16|float16>"),
+    (["--checkpoint", "/ck"], "Unknown command line flag 'checkpoint'"),  # one name: --weights
+])
+def test_score_usage_errors(argv, expect, modules, capsys):
+    assert call(modules["score.py"], [*argv, "--input", "in.jsonl", "--out", "out.jsonl"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+
+
+def test_no_value_survives_into_the_next_call(modules, monkeypatch, tmp_path, capsys):
+    """evaluate.py with --gate_stat entropy, then without it: the second call has the default."""
+    from socialalign_jax.core.errors import UserError
+
+    ev = modules["evaluate.py"]
+    seen = []
+
+    def stop(path):  # main's first step after parsing: record what it parsed, then stop as bad input does
+        seen.append((ev.FLAGS.gate_stat, ev.FLAGS.labeller, ev.FLAGS.gates, path))
+        raise UserError("stop")
+
+    monkeypatch.setattr(ev, "load_predictions", stop)
+    out = str(tmp_path / "o")
+    assert ev.main(["--predictions", "a", "--out", out, "--gate_stat", "entropy", "--labeller", "none",
+                    "--gates", "g.json"]) == 2
+    assert ev.main(["--predictions", "b", "--out", out]) == 2
+    assert seen == [("entropy", "none", "g.json", "a"), ("max", "lexicon", None, "b")]
+    # a call that failed to parse leaves nothing behind either
+    assert call(ev, ["--predictions", "c", "--out", out, "--gate_stat", "entropy", "--bogus"]) == 2
+    assert ev.main(["--predictions", "d", "--out", out]) == 2
+    assert seen[-1] == ("max", "lexicon", None, "d")
+
+
+def test_repeated_flag_starts_empty_each_call(modules, monkeypatch, tmp_path, capsys):
+    """experiment.py --set (repeatable): the overrides of one call are not added to the next's."""
+    from socialalign_jax.core.errors import UserError
+    from socialalign_jax.experiments import runner
+
+    seen = []
+
+    def stop(path, overrides):
+        seen.append(list(overrides))
+        raise UserError("stop")
+
+    monkeypatch.setattr(runner, "load_plan", stop)
+    ex = modules["experiment.py"]
+    for argv in (["--set", "a=1", "--set", "b=2"], ["--set", "c=3"], []):
+        with pytest.raises(UserError, match="stop"):  # cli_main, in __main__, prints it
+            ex.main(["--plan", "p.toml", "--out", str(tmp_path), *argv])
+    assert seen == [["a=1", "b=2"], ["c=3"], []]
+
+
+def test_loaded_twice_under_two_names(capsys):
+    """Two copies of a launcher hold separate flags, and neither touches absl's global FLAGS."""
+    first, second = load("evaluate.py"), load("evaluate.py")
+    assert first.FLAGS is not second.FLAGS
+    first.parse_args(["--predictions", "p", "--out", "o", "--gate_stat", "entropy"])
+    second.parse_args(["--predictions", "q", "--out", "o"])
+    assert (first.FLAGS.gate_stat, first.FLAGS.predictions) == ("entropy", "p")
+    assert (second.FLAGS.gate_stat, second.FLAGS.predictions) == ("max", "q")
+    assert "gate_stat" not in flags.FLAGS and "predictions" not in flags.FLAGS
+
+
+def test_build_dataset_takes_unset_settings_from_the_config(modules):
+    """A build setting given on the command line wins; one not given is the config's, in every call."""
+    bd = modules["build_dataset.py"]
+    base = ["--source", "socialweibo", "--input", "x", "--out", "y"]
+    default_len = bd.parse_args(base).max_length
+    assert bd.parse_args([*base, "--max_length", "77", "--mode", "without_history"]).max_length == 77
+    args = bd.parse_args(base)
+    assert args.max_length == default_len and args.mode == "full"
+
+
+def test_help_from_another_working_directory(tmp_path):
+    """`python /path/to/launch/X.py --help` from anywhere: the script finds its own checkout."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "experiment.py"), "features", "--help"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--max_cases_per_event" in r.stdout, r.stderr

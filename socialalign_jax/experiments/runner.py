@@ -69,7 +69,8 @@ def _parse_value(text: str):
 
 
 def load_plan(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
-    """Read and check a plan; `overrides` are KEY=VALUE strings for top-level keys (TOML values)."""
+    """Read and check a plan; `overrides` are KEY=VALUE strings (TOML values). A dotted KEY reaches
+    into a table, e.g. `defaults.steps=2000`, so a variant of a plan is one flag, not a copy of it."""
     path = Path(path)
     try:
         plan = tomllib.loads(path.read_text("utf-8"))
@@ -81,7 +82,13 @@ def load_plan(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         if "=" not in o:
             raise UserError(f"--set {o!r}: expected KEY=VALUE")
         k, v = o.split("=", 1)
-        plan[k.strip()] = _parse_value(v.strip())
+        *tables, leaf = k.strip().split(".")
+        node = plan
+        for i, t in enumerate(tables):
+            node = node.setdefault(t, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {o!r}: {'.'.join(tables[:i + 1])} is not a table")
+        node[leaf] = _parse_value(v.strip())
     plan = _expand(plan)
 
     def need(key, ok, what):

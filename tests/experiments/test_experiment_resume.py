@@ -130,3 +130,20 @@ def test_plan_errors_are_one_line(tmp_path):
     res = subprocess.run(_cmd(tmp_path / "missing.toml", tmp_path / "o"), env=_env(), capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2 and "no such plan file" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_set_overrides_reach_into_tables():
+    """`--set defaults.steps=2000` changes one setting of the plan's [defaults] table, and what the
+    rows inherit; a top-level key is replaced whole; a key under a non-table is one line."""
+    from socialalign_jax.core.errors import UserError
+    from socialalign_jax.experiments import runner
+
+    plan_file = REPO / "experiments" / "design_a_ced.toml"
+    base = runner.load_plan(plan_file)
+    plan = runner.load_plan(plan_file, ["defaults.steps=2000", "name=design_a_ced_2000", "seeds=[0]"])
+    assert plan["defaults"] == {**base["defaults"], "steps": 2000}
+    assert plan["name"] == "design_a_ced_2000" and plan["seeds"] == [0]
+    sent = next(r for r in plan["rows"] if r["name"] == "sent_macro_gumbel")
+    assert runner.row_settings(plan, sent) == {**runner.row_settings(base, sent), "steps": 2000}
+    with pytest.raises(UserError, match=r"--set 'folds.x=1': folds is not a table"):
+        runner.load_plan(plan_file, ["folds.x=1"])

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Design A end to end (docs/experiments.md): datasets, frozen-feature caches, both plans.
+# Design A end to end (docs/experiments.md): datasets, frozen-feature caches, both plans (and their
+# 2000-step variants), the tables written into EVAL.md.
 # Every stage resumes: a built dataset is kept, a feature cache continues at its first missing
 # chunk, a plan skips the cells already in its cells.jsonl.
 #   bash experiments/design_a.sh [WORK_DIR]      # default /tmp/socialalign_design_a
@@ -29,6 +30,10 @@ fi
 python launch/experiment.py features --data "$WORK/data/ced" --out "$DESIGN_A_FEATURES/ced" \
   --weights gguf:smollm2 --num_events 500 --max_cases_per_event 1 --seed 0 --chunk_size 32
 
+# Each plan at its budget (600 steps) and 3.3x longer (2000 steps), tables written into EVAL.md.
 for ds in zs_csd ced; do
-  python launch/experiment.py --plan "experiments/design_a_$ds.toml" --out "$WORK/runs/$ds"
+  python launch/experiment.py --plan "experiments/design_a_$ds.toml" --out "$WORK/runs/$ds" --eval_md EVAL.md
+  title=$(sed -n 's/^title = "\(.*\)"$/\1/p' "experiments/design_a_$ds.toml")
+  python launch/experiment.py --plan "experiments/design_a_$ds.toml" --out "$WORK/runs/${ds}_2000" \
+    --set defaults.steps=2000 --set "name=design_a_${ds}_2000" --set "title=\"$title, 2000 steps\"" --eval_md EVAL.md
 done

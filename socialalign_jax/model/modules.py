@@ -162,6 +162,14 @@ class LMHead(nn.Module):
         return jnp.einsum("bsd,dv->bsv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
 
 
+def _adapter_axis(base_axis: str) -> str:
+    """The logical name of an adapter dimension that matches a base kernel's `base_axis`: the
+    same name on the model width (embed), `lora_width` where the base is tensor-parallel (heads,
+    kv_heads, mlp), so the rules can also split the adapters over fsdp without moving the base
+    kernels (parallel/axis_rules.py)."""
+    return base_axis if base_axis == "embed" else "lora_width"
+
+
 class Gate(nn.Module):
     """A span gate's two bias-free Dense layers (lora collection): w1 [d_in, G], w2 [G, E]."""
     d_in: int
@@ -202,12 +210,13 @@ class AdaptedLinear(nn.Module):
         lc = self.lc
         if lc is not None and (self.has_variable("lora", "A") or (self.is_initializing() and self.target)):
             ea, eb, r, g = lc.num_analyze, lc.num_compose, lc.rank, lc.gate_width
+            a_in, a_out = _adapter_axis(self.in_axis), _adapter_axis(self.out_axis)
             adapter = {
                 "A": _lora_var(self, "A", _uniform(1.0 / math.sqrt(self.d_in)), (ea, self.d_in, r),
-                               ("experts", self.in_axis, "rank")),
-                "B": _lora_var(self, "B", _zeros, (eb, r, self.d_out), ("experts", "rank", self.out_axis)),
-                "gate_a": Gate(self.d_in, g, ea, self.in_axis, name="gate_a")(),
-                "gate_b": Gate(self.d_in, g, eb, self.in_axis, name="gate_b")(),
+                               ("experts", a_in, "rank")),
+                "B": _lora_var(self, "B", _zeros, (eb, r, self.d_out), ("experts", "rank", a_out)),
+                "gate_a": Gate(self.d_in, g, ea, a_in, name="gate_a")(),
+                "gate_b": Gate(self.d_in, g, eb, a_in, name="gate_b")(),
             }
         return pac_lora.adapted_linear(x, base, adapter, lc if adapter is not None else None, route, rng,
                                        pooled_state)

@@ -22,6 +22,11 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    # An adapter dimension whose base counterpart is tensor-parallel (heads, kv_heads, mlp): B of
+    # q/k/v/gate/up, A and the gates' w1 of o/down. Also over fsdp, so that adapters and their
+    # optimizer state are split over every chip when tensor = 1 (replicated, they cost ~1 GiB
+    # per chip at 7B); the base kernels keep their layout. Not divisible: falls back to tensor.
+    ("lora_width", ("tensor", "fsdp")),
     ("layers", None),
     ("experts", None),
     ("rank", None),

@@ -3,8 +3,9 @@
 Arrays are annotated with logical names ('embed', 'heads', ...) that say what a dimension
 IS; a rules table (maxtext style) says where each name lives on the mesh. Changing the
 parallelism layout then means editing the rules, not the model. The base model follows
-FSDP on 'embed' + tensor parallelism on heads / MLP / vocab; adapters are tiny, so they
-are replicated over experts and rank and sharded like their base kernel on D only.
+FSDP on 'embed' + tensor parallelism on heads / MLP / vocab; adapters are replicated over
+experts and rank, and split on their model-side dimensions like their base kernel on 'embed'
+and over tensor x fsdp where the base kernel is tensor-parallel ('lora_width').
 """
 
 from __future__ import annotations

@@ -61,10 +61,11 @@ def expected_adapters(cfg, lc):
     for m in lc.targets:
         i, o = dims[m]
         pre = ("layers", BLOCK[m], m)
-        out[pre + ("A",)] = ((n, ea, i, r), f32, ("layers", "experts", IO[m][0], "rank"))
-        out[pre + ("B",)] = ((n, eb, r, o), f32, ("layers", "experts", "rank", IO[m][1]))
+        a_in, a_out = (ax if ax == "embed" else "lora_width" for ax in IO[m])  # tensor-parallel sides
+        out[pre + ("A",)] = ((n, ea, i, r), f32, ("layers", "experts", a_in, "rank"))
+        out[pre + ("B",)] = ((n, eb, r, o), f32, ("layers", "experts", "rank", a_out))
         for gate, e in (("gate_a", ea), ("gate_b", eb)):
-            out[pre + (gate, "w1")] = ((n, i, g), f32, ("layers", IO[m][0], "gate"))
+            out[pre + (gate, "w1")] = ((n, i, g), f32, ("layers", a_in, "gate"))
             out[pre + (gate, "w2")] = ((n, g, e), f32, ("layers", "gate", "experts"))
     if lc.num_classes:
         out[("head", "kernel")] = ((cfg.hidden_size, lc.num_classes), f32, ("embed", "classes"))

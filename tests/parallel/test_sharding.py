@@ -75,14 +75,24 @@ def test_expected_specs():
     assert spec(base, "embed", "embedding") == P("tensor", "fsdp")
     assert spec(base, "lm_head", "kernel") == P("fsdp", "tensor")
     assert spec(base, "layers", "input_norm", "scale") == P(None, None)
-    # adapters: replicated over L, E, r; like their base kernel on d
+    # adapters: replicated over L, E, r; on embed like their base kernel; where the base kernel is
+    # tensor-parallel, over tensor x fsdp (lora_width), so nothing of theirs is whole on every chip
     assert spec(ad, "layers", "attn", "q", "A") == P(None, None, "fsdp", None)
-    assert spec(ad, "layers", "attn", "q", "B") == P(None, None, None, "tensor")
-    assert spec(ad, "layers", "attn", "o", "A") == P(None, None, "tensor", None)
+    assert spec(ad, "layers", "attn", "q", "B") == P(None, None, None, ("tensor", "fsdp"))
+    assert spec(ad, "layers", "attn", "o", "A") == P(None, None, ("tensor", "fsdp"), None)
     assert spec(ad, "layers", "mlp", "down", "B") == P(None, None, None, "fsdp")
-    assert spec(ad, "layers", "mlp", "down", "gate_b", "w1") == P(None, "tensor", None)
+    assert spec(ad, "layers", "mlp", "down", "gate_b", "w1") == P(None, ("tensor", "fsdp"), None)
+    assert spec(ad, "layers", "attn", "k", "B") == P(None, None, None, ("tensor", "fsdp"))
     assert spec(ad, "layers", "attn", "v", "gate_a", "w2") == P(None, None, None)
     assert spec(ad, "head", "kernel") == P("fsdp", None)
+    # with tensor = 1 (pure fsdp) every adapter matrix is split over fsdp; the base kernels are as before
+    m18 = mesh_lib.make_mesh(1, 8, 1)
+    ad8, base8 = model_axes.shardings(adapter_tree(), m18), model_axes.shardings(base_tree(), m18)
+    for m in DIMS:
+        for leaf in ("A", "B"):
+            assert "fsdp" in str(spec(ad8, "layers", BLOCK[m], m, leaf)), (m, leaf)
+    assert spec(base8, "layers", "attn", "q", "kernel") == P(None, "fsdp", "tensor")
+    assert spec(base8, "layers", "mlp", "down", "kernel") == P(None, "tensor", "fsdp")
     # on the 2x2x2 mesh the q kernel keeps the same layout
     q = _get(model_axes.shardings(base_tree(), mesh_lib.make_mesh(2, 2, 2)), ("layers", "attn", "q", "kernel"))
     assert q.spec == P(None, "fsdp", "tensor")

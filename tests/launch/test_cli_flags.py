@@ -168,3 +168,13 @@ def test_help_from_another_working_directory(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "experiment.py"), "features", "--help"], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--max_cases_per_event" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("script", ["train.py", "generate.py"])
+def test_help_lists_the_config_flag(script, tmp_path):
+    """`--config` is defined in core/cli_setup, not in the script: --help (not only --helpfull) lists it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / script), "--help"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert any(ln.lstrip().startswith("--config:") for ln in r.stdout.splitlines()), r.stdout

@@ -17,11 +17,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import flags  # noqa: E402
 
-from socialalign_jax.core.cli_setup import parse_flags  # noqa: E402
+from socialalign_jax.core.cli_setup import parse_flags, quiet_startup  # noqa: E402
+
+quiet_startup()  # before jax: no libtpu or TensorFlow start-up noise
+
 from socialalign_jax.core.errors import UserError, cli_main  # noqa: E402
 from socialalign_jax.data.tfds_builders import SOURCES  # noqa: E402
 

@@ -54,6 +54,8 @@ def run(argv=None) -> int:
     from socialalign_jax.weights.resolve import resolve_weights
 
     args = parse_args(argv)
+    if not os.path.isdir(args.input):  # before the weights load (seconds to minutes)
+        raise UserError(f"--input {args.input}: not a directory (raw event *.json files)")
     w = resolve_weights(args.weights, dtype=args.dtype)
     if w.tokenizer is None:
         raise UserError(f"weights {args.weights!r}: no tokenizer for this model; use gguf:, hf: or a qwen2 preset")

@@ -18,7 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from absl import flags  # noqa: E402
 
-from socialalign_jax.core.cli_setup import parse_flags  # noqa: E402
+from socialalign_jax.core.cli_setup import parse_flags, quiet_startup  # noqa: E402
+
+quiet_startup()  # before jax: no libtpu or TensorFlow start-up noise
+
 from socialalign_jax.core.errors import EXIT_USER_ERROR, UserError, one_line  # noqa: E402
 from socialalign_jax.evaluation import report  # noqa: E402
 from socialalign_jax.evaluation.predictions import (  # noqa: E402,F401

@@ -13,16 +13,17 @@ Bad input ends in one line naming the file and field, and exit status 2.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import flags  # noqa: E402
 
-from socialalign_jax.core.cli_setup import parse_flags  # noqa: E402
+from socialalign_jax.core.cli_setup import parse_flags, quiet_startup  # noqa: E402
+
+quiet_startup()  # before jax: no libtpu or TensorFlow start-up noise
+
 from socialalign_jax.core.errors import UserError, cli_main  # noqa: E402
 
 # Two commands, two FlagValues of their own (not absl's global FLAGS, so that main() can be called

@@ -26,7 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from absl import flags  # noqa: E402
 
-from socialalign_jax.core.cli_setup import parse_flags, usage_error  # noqa: E402
+from socialalign_jax.core.cli_setup import parse_flags, quiet_startup, usage_error  # noqa: E402
+
+quiet_startup()  # before jax: no libtpu or TensorFlow start-up noise
+
 from socialalign_jax.core.errors import UserError, cli_main  # noqa: E402
 
 

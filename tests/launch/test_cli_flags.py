@@ -178,3 +178,24 @@ def test_help_lists_the_config_flag(script, tmp_path):
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert any(ln.lstrip().startswith("--config:") for ln in r.stdout.splitlines()), r.stdout
+
+
+def test_every_launcher_starts_quietly():
+    """Each launcher calls `quiet_startup()` at module level, before anything imports jax, so that a
+    host with libtpu but no TPU (the [tpu] extra) prints no libtpu start-up errors; plan.py sets
+    the platform itself (it may compile for a TPU topology) and is the one exception."""
+    import ast
+
+    missing = []
+    for path in sorted((ROOT / "launch").glob("*.py")):
+        if path.name == "plan.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        calls = [n.lineno for n in tree.body if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)
+                 and getattr(n.value.func, "id", None) == "quiet_startup"]
+        jax_imports = [n.lineno for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                       and any((a.name if isinstance(n, ast.Import) else (n.module or "")).split(".")[0] == "jax"
+                               for a in n.names)]
+        if not calls or (jax_imports and min(jax_imports) < calls[0]):
+            missing.append(path.name)
+    assert not missing, f"launchers without a module-level quiet_startup() before jax: {missing}"

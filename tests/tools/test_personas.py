@@ -130,3 +130,16 @@ def test_cli_bad_input_is_one_line(tmp_path, weights, monkeypatch, capsys):
     assert e.value.code == 2 and "\n" not in err
     assert "b.json: record 1: field 'user_name': missing" in err
     assert not (tmp_path / "out").exists()  # nothing written on bad input
+
+
+def test_cli_missing_input_is_refused_before_the_weights_load(tmp_path, monkeypatch, capsys):
+    from socialalign_jax.weights import resolve
+
+    def never(*a, **k):
+        raise AssertionError("the weights were loaded before --input was checked")
+
+    monkeypatch.setattr(resolve, "resolve_weights", never)
+    with pytest.raises(SystemExit) as e:
+        _cli().main(["--weights", "gguf:smollm2", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and f"--input {tmp_path / 'nope'}: not a directory" in err

@@ -46,10 +46,10 @@ def test_score_fn_matches_forward_logits(weights):
 
 
 def test_labeller_probs_are_softmax_of_label_word_scores(weights, monkeypatch):
-    from socialalign_jax.weights import resolve
+    from socialalign_jax.evaluation import model_labeller
 
     seen = []
-    monkeypatch.setattr(resolve, "resolve_weights", lambda spec, dtype=None: seen.append(spec) or weights)
+    monkeypatch.setattr(model_labeller, "resolve_weights", lambda spec, dtype=None: seen.append(spec) or weights)
     zs = zero_shot_labeller(SPEC, batch_size=2)  # 3 label words -> 2 batches, one with a filler row
     texts = ["这部电影太好看了"]
     probs = zs.probs(texts)
@@ -84,7 +84,7 @@ def _evaluate_cli():
 def test_evaluate_cli_zeroshot(tmp_path, capsys, weights, monkeypatch):
     import json
 
-    from socialalign_jax.weights import resolve
+    from socialalign_jax.evaluation import model_labeller
 
     cli = _evaluate_cli()
     labels = list(DEFAULT_LABELS)
@@ -102,7 +102,7 @@ def test_evaluate_cli_zeroshot(tmp_path, capsys, weights, monkeypatch):
                    "--weights", "random:no-such-preset"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "no-such-preset" in err
-    monkeypatch.setattr(resolve, "resolve_weights", lambda spec, dtype=None: weights)
+    monkeypatch.setattr(model_labeller, "resolve_weights", lambda spec, dtype=None: weights)
     rc = cli.main(["--predictions", str(preds), "--out", str(tmp_path / "o"), "--labeller", "zeroshot",
                    "--weights", SPEC])
     assert rc == 0, capsys.readouterr().err

@@ -319,14 +319,18 @@ def _silence_orphaned_reads() -> None:
     hook._socialalign_orphaned_reads = True
     sys.unraisablehook = hook
     # The same orphaned reads, when one of them failed too, reach asyncio's logger instead when
-    # their task is collected ("Task exception was never retrieved ... async_deserialize"): a
-    # traceback of a read whose result nobody wanted. Only those records are dropped.
+    # they are collected: as a task ("Task exception was never retrieved ... async_deserialize")
+    # or as TensorStore's own future ("Future exception was never retrieved ... ValueError(
+    # '... tensorstore_spec=...')"), a traceback of a read whose result nobody wanted. Only
+    # those records are dropped.
     logging.getLogger("asyncio").addFilter(_orphaned_read_filter)
 
 
 def _orphaned_read_filter(record: logging.LogRecord) -> bool:
     msg = record.getMessage()
-    return not (msg.startswith("Task exception was never retrieved") and "async_deserialize" in msg)
+    orphaned_task = msg.startswith("Task exception was never retrieved") and "async_deserialize" in msg
+    orphaned_read = msg.startswith("Future exception was never retrieved") and "tensorstore_spec=" in msg
+    return not (orphaned_task or orphaned_read)
 
 
 # ----------------------------------------------------------------------------- one trainer per workdir

@@ -11,8 +11,7 @@ import os
 import re
 import warnings
 
-from socialalign_jax.core.errors import one_line
-from socialalign_jax.core.errors import UserError
+from socialalign_jax.core.errors import one_line, UserError
 
 
 def quiet_startup() -> None:
@@ -58,7 +57,6 @@ EXIT_USAGE = 2  # usage errors: the conventional exit status, shared by every la
 def usage_error(message: str, argv) -> None:
     import sys
 
-
     prog = os.path.basename(argv[0]) if argv else "launcher"
     print(f"error: {one_line(message)} (python {prog} --help)", file=sys.stderr)
     sys.exit(EXIT_USAGE)
@@ -100,10 +98,9 @@ def resolve_config_path(spec: str) -> str:
 
 def load_config_file(spec: str, flag: str = "--config"):
     """The ConfigDict of `FILE[:preset]` (resolved as `resolve_config_path` does), for launchers with
-    their own FlagValues (`parse_flags`); those on absl's global FLAGS use `define_config_flag`. A missing file or an unknown preset is one
-    UserError line naming `flag`."""
+    their own FlagValues (`parse_flags`); those on absl's global FLAGS use `define_config_flag`.
+    A missing file or an unknown preset is one UserError line naming `flag`."""
     import importlib.util
-
 
     path, _, preset = resolve_config_path(spec).partition(":")
     if not os.path.isfile(path):

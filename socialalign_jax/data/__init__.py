@@ -10,9 +10,9 @@ from socialalign_jax.data.records import (
     read_event_dir,
     read_event_file,
 )
+from socialalign_jax.data.alpaca import read_alpaca
 from socialalign_jax.data.bm25 import BM25, bm25_scores, select_history
 from socialalign_jax.data.prompt import BuildStats, PromptConfig, PromptTooLong, build_example
-from socialalign_jax.data.alpaca import read_alpaca
 
 __all__ = [
     "DEFAULT_LABELS", "Case", "DataError", "Event", "HistoryPost", "read_alpaca", "read_event_dir",

@@ -37,10 +37,10 @@ from typing import Sequence
 
 import numpy as np
 
-from socialalign_jax.data.records import DataError, load_json
 from socialalign_jax.data.bm25 import bm25_scores
-from socialalign_jax.weights.tokenizer import IM_END, IM_START
 from socialalign_jax.data.prompt import PromptTooLong, overflow
+from socialalign_jax.data.records import DataError, load_json
+from socialalign_jax.weights.tokenizer import IM_END, IM_START
 
 TASKS = {
     "LaMP-4": ("title", "text"),

@@ -11,12 +11,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from socialalign_jax.core.atomic_io import atomic_dir
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.core.labels import DEFAULT_LABELS
-from socialalign_jax.runs.run_config import RunConfig, as_run_config
-from socialalign_jax.core.atomic_io import atomic_dir
-from socialalign_jax.data.sample import load_sample_dir
 from socialalign_jax.data import tfds_builders as B
+from socialalign_jax.data.sample import load_sample_dir
+from socialalign_jax.runs.run_config import RunConfig, as_run_config
 
 
 @dataclasses.dataclass
@@ -39,7 +39,6 @@ def _tokenizer_dir(tokenizer, workdir: str) -> str | None:
     """
     import json
     import shutil
-
 
     path = os.path.join(workdir, "tokenizer")
     tok_json = os.path.join(path, "tokenizer.json")

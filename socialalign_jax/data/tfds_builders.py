@@ -40,15 +40,12 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from socialalign_jax.core.atomic_io import write_json
-from socialalign_jax.data import targets as T
-from socialalign_jax.data.converters import STANCE_LABELS, read_ced, read_nlpcc2016, read_zs_csd
+from socialalign_jax.data import lamp, targets as T
 from socialalign_jax.data.alpaca import read_alpaca
+from socialalign_jax.data.converters import STANCE_LABELS, read_ced, read_nlpcc2016, read_zs_csd
+from socialalign_jax.data.prompt import build_example, BuildStats, PromptConfig
 from socialalign_jax.data.records import DEFAULT_LABELS, DataError, Event, read_event_dir
 from socialalign_jax.data.sample import SAMPLE_DIR
-from socialalign_jax.data.prompt import BuildStats
-from socialalign_jax.data.prompt import PromptConfig
-from socialalign_jax.data.prompt import build_example
-from socialalign_jax.data import lamp
 from socialalign_jax.weights.tokenizer import TokenizerFileError, load_tokenizer
 
 VERSION = "1.0.0"

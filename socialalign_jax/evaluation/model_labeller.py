@@ -19,8 +19,8 @@ from socialalign_jax.core.errors import UserError
 from socialalign_jax.data.labellers import ZeroShotLabeller
 from socialalign_jax.inference import scoring
 from socialalign_jax.model.config import ModelConfig
-from socialalign_jax.weights.tokenizer import chat_template
 from socialalign_jax.weights.resolve import WeightsError, resolve_weights
+from socialalign_jax.weights.tokenizer import chat_template
 
 __all__ = ["model_score_fn", "zero_shot_labeller"]
 

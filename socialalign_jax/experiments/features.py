@@ -145,7 +145,6 @@ def make_feature_fn(model_cfg):
     import jax
     import jax.numpy as jnp
 
-
     def features(params, ids, mask, prompt_len):
         out = decoder.forward(params, ids, model_cfg, attention_mask=mask, compute_logits=False, deterministic=True)
         idx = jnp.clip(prompt_len - 1, 0, ids.shape[1] - 1)

@@ -22,10 +22,10 @@ import numpy as np
 
 from socialalign_jax.data.pipeline import epoch_plan
 from socialalign_jax.model import decoder
-from socialalign_jax.train import losses, optim
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.decoder import init_adapters
 from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.train import losses, optim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,6 @@ def _trainer(cfg: HeadConfig, hidden: int, num_classes: int):
     import jax
     import jax.numpy as jnp
 
-
     tx, _ = optim.make_optimizer({"lr": cfg.lr, "total_steps": cfg.steps, "warmup_frac": cfg.warmup_frac,
                                   "weight_decay": cfg.weight_decay, "clip_norm": cfg.clip_norm})
 
@@ -119,7 +118,6 @@ def _trainer(cfg: HeadConfig, hidden: int, num_classes: int):
 def init_head(hidden: int, num_classes: int, seed: int) -> dict:
     """The training run's head initialisation (decoder.init_adapters with no adapter targets)."""
     import jax
-
 
     # Only hidden_size matters to the head; the rest is a valid placeholder shape.
     cfg = ModelConfig(family="llama", vocab_size=1, hidden_size=hidden, intermediate_size=1, num_layers=1,

@@ -36,12 +36,11 @@ import numpy as np
 
 from socialalign_jax.core import atomic_io
 from socialalign_jax.core.errors import UserError
-from socialalign_jax.experiments import cells as C, folds as FO, summary as S
-from socialalign_jax.experiments.heads import HeadConfig
-from socialalign_jax.experiments.features import FeatureSet
-from socialalign_jax.experiments import heads
 from socialalign_jax.data import tfds_builders as B
 from socialalign_jax.evaluation.predictions import load_predictions
+from socialalign_jax.experiments import cells as C, folds as FO, heads, summary as S
+from socialalign_jax.experiments.features import FeatureSet
+from socialalign_jax.experiments.heads import HeadConfig
 
 CELLS = "cells.jsonl"
 KINDS = ("head", "train")
@@ -159,7 +158,6 @@ class HeadContext:
     """Design A: the loaded feature set and its folds, shared by every cell."""
 
     def __init__(self, plan: dict):
-
         self.fs = FeatureSet(plan["features"], allow_partial=bool(plan.get("allow_partial", False)))
         self.folds = FO.event_folds(self.fs.event_names, plan["folds"], plan["fold_seed"])
         self.fold_of = FO.fold_of(self.folds)
@@ -168,7 +166,6 @@ class HeadContext:
             self.identity["events"] = self.fs.event_names
 
     def run(self, plan: dict, row: dict, fold: int, seed: int) -> dict:
-
         fs = self.fs
         ev = fs.examples["event"]
         labels = fs.examples["label"]
@@ -220,7 +217,6 @@ class TrainContext:
     """Design B: per-fold datasets cut from one dataset of every event, and launch/train.py per cell."""
 
     def __init__(self, plan: dict, out: Path):
-
         self.B = B
         self.base = B.open_dataset(plan["data"])
         self.out = out
@@ -257,7 +253,6 @@ class TrainContext:
         return d
 
     def run(self, plan: dict, row: dict, fold: int, seed: int) -> dict:
-
         data = self.fold_data(fold)
         wd = self.out / "runs" / row["name"] / f"fold{fold}" / f"seed{seed}"
         preds = wd / "predictions_test.jsonl"

@@ -22,14 +22,11 @@ import numpy as np
 
 from socialalign_jax.core.atomic_io import atomic_files_into, write_json
 from socialalign_jax.core.errors import UserError
+from socialalign_jax.inference.generation import sampling_config, stop_tokens_for
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import MODULE_BLOCK, LoraConfig
-from socialalign_jax.weights.adapters import input_dependent_gates
-from socialalign_jax.weights.adapters import fixed_lora
-from socialalign_jax.weights.adapters import _lora_to_json, _model_dims
-from socialalign_jax.weights.tokenizer import CHATML_TEMPLATE
-from socialalign_jax.inference.generation import sampling_config, stop_tokens_for
-from socialalign_jax.weights.tokenizer import ENDOFTEXT, IM_END
+from socialalign_jax.weights.adapters import _lora_to_json, _model_dims, fixed_lora, input_dependent_gates
+from socialalign_jax.weights.tokenizer import CHATML_TEMPLATE, ENDOFTEXT, IM_END
 
 if TYPE_CHECKING:
     from socialalign_jax.runs.restore import Run
@@ -96,7 +93,6 @@ def merge_adapters(params, adapters, lc: LoraConfig, model_cfg: ModelConfig):
 def save_orbax_adapters(adapters, lc: LoraConfig, model_cfg: ModelConfig, out: str | os.PathLike) -> Path:
     """Adapter tree only (no optimizer state) as an Orbax checkpoint, plus its LoraConfig as JSON."""
     import orbax.checkpoint as ocp
-
 
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -167,7 +163,6 @@ def export_run(run: Run, fmt: str, out: str | os.PathLike, *, base_model: str | 
         adapters.save_adapters_head(run.adapters["head"], out / adapters.HEAD_FILE)
         written.append(out / adapters.HEAD_FILE)
     if tok is not None:
-
         if not getattr(tok, "chat_template", None):  # the ChatML every prompt here was trained with
             tok = copy.copy(tok)
             tok.chat_template = CHATML_TEMPLATE

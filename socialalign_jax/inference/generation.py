@@ -26,15 +26,15 @@ from socialalign_jax.core.atomic_io import write_json, write_jsonl  # noqa: F401
 from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.core.labels import DEFAULT_LABELS
-from socialalign_jax.model import decoder, pac_lora, sampling
-from socialalign_jax.model.nll import response_ce_chunked
-from socialalign_jax.model.sampling import SamplingConfig
-from socialalign_jax.model.config import ModelConfig
-from socialalign_jax.model.pac_lora import LoraConfig
-from socialalign_jax.runs.run_config import as_run_config
 from socialalign_jax.data import setup
 from socialalign_jax.data.pipeline import Subset
+from socialalign_jax.model import decoder, pac_lora, sampling
+from socialalign_jax.model.config import ModelConfig
+from socialalign_jax.model.nll import response_ce_chunked
+from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.model.sampling import SamplingConfig
 from socialalign_jax.runs.restore import load_base, restore_adapters
+from socialalign_jax.runs.run_config import as_run_config
 
 LENGTH_BUCKET = 32  # prompt and sequence lengths are rounded up to a multiple of this
 
@@ -284,7 +284,6 @@ def run_generate(cfg, workdir: str, *, split: str = "test", out: str, max_exampl
                  greedy: bool | None = None, gates_out: str | None = None, step: int | None = None,
                  progress: bool = True) -> int:
     """launch/generate.py: restore a run, generate for one split, write the predictions JSONL."""
-
 
     cfg = as_run_config(cfg)
     base = load_base(cfg)

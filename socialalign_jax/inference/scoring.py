@@ -36,12 +36,11 @@ from socialalign_jax.core.errors import UserError
 from socialalign_jax.core.jsonl import read_jsonl
 from socialalign_jax.data.prompt import NEWS_MARKER, USER_MARKER, encode_with_spans, marker_offsets
 from socialalign_jax.model.config import ModelConfig
-from socialalign_jax.model.pac_lora import LoraConfig
-from socialalign_jax.model.nll import token_nll
-from socialalign_jax.weights.tokenizer import IM_END, chat_template
-from socialalign_jax.weights.adapters import input_dependent_gates
 from socialalign_jax.model.decoder import forward, lm_logits
-from socialalign_jax.weights.adapters import load_adapters
+from socialalign_jax.model.nll import token_nll
+from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.weights.adapters import input_dependent_gates, load_adapters
+from socialalign_jax.weights.tokenizer import IM_END, chat_template
 
 BUCKET = 64        # sequence lengths are padded up to a multiple of this (few recompiles)
 LOGIT_CHUNK = 64   # positions per log-softmax chunk (bounds the [B, chunk, V] logits)

@@ -29,17 +29,16 @@ import numpy as np
 
 from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
+from socialalign_jax.data import tfds_builders as B
+from socialalign_jax.data.labellers import LexiconLabeller
 from socialalign_jax.data.prompt import PromptConfig, PromptTooLong, build_example
 from socialalign_jax.data.records import DEFAULT_LABELS, DataError, Event
-from socialalign_jax.inference import generation
+from socialalign_jax.inference import export, generation
 from socialalign_jax.model import sampling as sampling_lib
 from socialalign_jax.model.sampling import SamplingConfig
 from socialalign_jax.predict import crowd as crowd_lib
 from socialalign_jax.predict.users import User, as_users, prompt_case
-from socialalign_jax.data.labellers import LexiconLabeller
-from socialalign_jax.data import tfds_builders as B
 from socialalign_jax.runs.restore import restore_run
-from socialalign_jax.inference import export
 from socialalign_jax.weights import adapters as adapters_lib
 from socialalign_jax.weights.resolve import resolve_weights
 from socialalign_jax.weights.tokenizer import load_tokenizer
@@ -440,7 +439,6 @@ class Predictor:
 def _run_dataset_metadata(cfg, run_dir: str) -> dict | None:
     """The run's built dataset's metadata (class names, num_history, pad id), when it is still there."""
     import json
-
 
     data_dir = cfg.data.data_dir or os.path.join(run_dir, "data")
     try:

@@ -19,8 +19,8 @@ import numpy as np
 
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.core.jsonl import iter_jsonl, read_jsonl_text
-from socialalign_jax.data.records import Case, DataError, Event, HistoryPost, _read_history
 from socialalign_jax.data import tfds_builders as B
+from socialalign_jax.data.records import Case, DataError, Event, HistoryPost, _read_history
 from socialalign_jax.runs.restore import load_run_config
 
 # Keys of a case in the event format that a users line may carry and that prediction ignores
@@ -176,7 +176,6 @@ def dataset_users(dataset_dir: str | os.PathLike) -> list[User]:
 def _dataset_dir(path: str | os.PathLike) -> str:
     """A built dataset directory, or a training run's directory (its config names the dataset it used)."""
     if (Path(path) / "config.json").is_file() and (Path(path) / "checkpoints").is_dir():
-
         data_dir = load_run_config(os.fspath(path)).data.data_dir
         return data_dir or os.path.join(os.fspath(path), "data")
     return os.fspath(path)

@@ -18,15 +18,14 @@ from typing import Any
 import jax
 
 from socialalign_jax.core.errors import UserError
+from socialalign_jax.model import axes as model_axes, decoder
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
-from socialalign_jax.model import axes as model_axes
+from socialalign_jax.parallel.axis_rules import from_config_strings
 from socialalign_jax.parallel.mesh import make_mesh
 from socialalign_jax.runs import checkpoint
-from socialalign_jax.runs.validation import validate_run_config
 from socialalign_jax.runs.run_config import RunConfig, as_run_config
-from socialalign_jax.model import decoder
-from socialalign_jax.parallel.axis_rules import from_config_strings
+from socialalign_jax.runs.validation import validate_run_config
 from socialalign_jax.weights.resolve import resolve_weights
 from socialalign_jax.weights.tokenizer import load_tokenizer
 

@@ -20,8 +20,8 @@ from typing import Any, Mapping
 
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.core.labels import DEFAULT_LABELS
-from socialalign_jax.model.sampling import SamplingConfig
 from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.model.sampling import SamplingConfig
 from socialalign_jax.parallel import axis_rules
 
 

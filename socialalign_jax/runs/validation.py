@@ -117,7 +117,6 @@ def run_config_problems(cfg, *, device_count: int | None = None, training: bool 
     if weights and not weights.startswith(_WEIGHT_KINDS):
         problems.append(f"model.weights={weights!r} must start with one of {', '.join(_WEIGHT_KINDS)}")
     elif weights.startswith("random:"):
-
         if weights[len("random:"):] not in PRESETS:
             problems.append(f"model.weights={weights!r}: unknown model preset; known: {', '.join(sorted(PRESETS))}")
     labels = [x.strip() for x in str(_get(cfg, "data.labels", ",".join(DEFAULT_LABELS))).split(",")]
@@ -127,7 +126,6 @@ def run_config_problems(cfg, *, device_count: int | None = None, training: bool 
         problems.append(f"data.labels has {len(labels)} classes but lora.num_classes={_get(cfg, 'lora.num_classes')}")
     lora = _get(cfg, "lora", None)
     if lora is not None:
-
         try:
             LoraConfig(routing=_get(lora, "routing", "token"), fuse_base=_get(lora, "fuse_base", "auto"),
                        targets=tuple(t.strip() for t in str(_get(lora, "targets", "")).split(",") if t.strip()))

@@ -28,11 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from socialalign_jax.model import sampling
-from socialalign_jax.model import decoder
+from socialalign_jax.model import axes as model_axes, decoder, sampling
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
-from socialalign_jax.model import axes as model_axes
 from socialalign_jax.parallel import sharding
 from socialalign_jax.train import step as step_lib
 

@@ -23,23 +23,20 @@ import numpy as np
 from socialalign_jax.core.atomic_io import write_json
 from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
-from socialalign_jax.data.pipeline import Subset
+from socialalign_jax.data import setup
+from socialalign_jax.data.pipeline import BatchConfig, eval_batches, Subset, TrainIterator
+from socialalign_jax.data.setup import BUILD_KEYS
 from socialalign_jax.evaluation.head import head_metrics
-from socialalign_jax.model import decoder
+from socialalign_jax.model import axes as model_axes, decoder
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
-from socialalign_jax.runs.validation import validate_run_config
-from socialalign_jax.runs.run_config import RunConfig, as_run_config
-from socialalign_jax.model import axes as model_axes
 from socialalign_jax.parallel import sharding
 from socialalign_jax.runs import checkpoint
 from socialalign_jax.runs.restore import config_to_dict, load_base
+from socialalign_jax.runs.run_config import RunConfig, as_run_config
+from socialalign_jax.runs.validation import validate_run_config
 from socialalign_jax.train import flops, optim, step as step_lib
 from socialalign_jax.train.metrics_log import MetricLogger
-from socialalign_jax.data import setup
-from socialalign_jax.data.pipeline import eval_batches
-from socialalign_jax.data.setup import BUILD_KEYS
-from socialalign_jax.data.pipeline import BatchConfig, TrainIterator
 
 log = logging.getLogger("socialalign_jax.train")
 
@@ -227,7 +224,6 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 def resume_conflicts(saved: dict, current: dict) -> list[str]:
     """'key: checkpoint X vs config Y' for every key that differs and may not change on resume."""
     import json
-
 
     saved_f, cur_f = _flat(saved), _flat(json.loads(json.dumps(current, default=str)))
     # data.* build settings are checked against the built dataset itself (data_setup.check_build_settings)

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from socialalign_jax.model.pac_lora import SEGMENTS
 from socialalign_jax.core.atomic_io import AppendLog
+from socialalign_jax.model.pac_lora import SEGMENTS
 
 
 def _scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

@@ -6,11 +6,10 @@ import os
 
 import jax
 
-from socialalign_jax.evaluation import plots, report
-from socialalign_jax.evaluation.predictions import evaluate, load_predictions
-from socialalign_jax.inference import generation
 from socialalign_jax.data.labellers import LexiconLabeller
-from socialalign_jax.evaluation.predictions import load_gates
+from socialalign_jax.evaluation import plots, report
+from socialalign_jax.evaluation.predictions import evaluate, load_gates, load_predictions
+from socialalign_jax.inference import generation
 
 
 def generate_and_evaluate(cfg, workdir: str, *, progress: bool = True, split: str = "test") -> dict | None:

@@ -9,8 +9,7 @@ import jax
 from socialalign_jax.core.atomic_io import write_json
 
 from socialalign_jax.runs.run_config import as_run_config
-from socialalign_jax.train import loop
-from socialalign_jax.train import post_train
+from socialalign_jax.train import loop, post_train
 
 
 def format_summary(result: dict) -> str:

@@ -21,8 +21,8 @@ import optax
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.model import decoder
 from socialalign_jax.model.config import ModelConfig
-from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.model.nll import response_ce, token_nll
+from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.train import losses
 
 

@@ -81,7 +81,6 @@ def resolve_weights(spec: str, *, dtype: str | None = None, seed: int = 0) -> We
     """Load (cfg, params, tokenizer) for a spec; dtype None keeps the source's (float32 for GGUF)."""
     scheme, arg = parse_spec(spec)
     if scheme == "gguf":
-
         path = smollm2_path() if arg == "smollm2" else arg
         if not os.path.isfile(path):
             raise WeightsError(f"weights {spec!r}: no such file {path}")
@@ -96,7 +95,6 @@ def resolve_weights(spec: str, *, dtype: str | None = None, seed: int = 0) -> We
         return Weights(cfg, params, load_tokenizer(arg), arg)
     # random
     import jax
-
 
     try:
         cfg = get_preset(arg)

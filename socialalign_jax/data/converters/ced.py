@@ -33,8 +33,8 @@ from pathlib import Path
 from socialalign_jax.data.bm25 import is_hashtag_only
 from socialalign_jax.data.converters.common import (DEFAULT_SALT, SourceEvents, check_max_events, counts, finish,
                                                     load_json, pseudonym)
-from socialalign_jax.data.records import DEFAULT_LABELS, Case, DataError, Event, HistoryPost
 from socialalign_jax.data.labellers import LexiconLabeller
+from socialalign_jax.data.records import DEFAULT_LABELS, Case, DataError, Event, HistoryPost
 
 MIN_OTHER = 5
 REPOST_MARKERS = {"转发微博", "轉發微博", "repost"}

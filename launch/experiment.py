@@ -31,8 +31,8 @@ from socialalign_jax.core.errors import UserError, cli_main  # noqa: E402
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("plan", None, "A plan file (experiments/*.toml).", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "Results directory: cells.jsonl, summary.json, summary.md.", flag_values=FLAGS)
-flags.DEFINE_multi_string("set", [], "KEY=VALUE: override a top-level plan key (TOML value), e.g. --set "
-                          "features=/tmp/f --set 'seeds=[0]'", flag_values=FLAGS)
+flags.DEFINE_multi_string("set", [], "KEY=VALUE: override a plan key (TOML value); a dotted KEY reaches into a table, e.g. "
+                          "--set features=/tmp/f --set 'seeds=[0]' --set defaults.steps=2000", flag_values=FLAGS)
 flags.DEFINE_bool("summary_only", False, "Rewrite the summary from cells.jsonl, run nothing.", flag_values=FLAGS)
 flags.DEFINE_string("eval_md", None, "Also write the tables into this markdown file, between the lines "
                     "<!-- EXPERIMENT:<plan name>:BEGIN --> and <!-- EXPERIMENT:<plan name>:END -->.", flag_values=FLAGS)

@@ -104,6 +104,7 @@ def load_plan(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
     plan.setdefault("fold_seed", 0)
     plan.setdefault("only_folds", [])  # a subset of folds to run (design B on a time budget)
     plan.setdefault("defaults", {})
+    need("defaults", lambda v: isinstance(v, dict), "a table of settings")
     plan.setdefault("compare", [])
     plan.setdefault("bootstrap", {})
     plan.setdefault("parallel", 1)  # train kind: cells run as concurrent launch/train.py processes

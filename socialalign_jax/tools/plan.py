@@ -2,7 +2,7 @@
 
 A TPU/GPU user wants to know whether a 7B run fits a slice before paying for it. Everything
 here works on `jax.ShapeDtypeStruct`s carrying the shardings the trainer would use
-(`sharding.shardings_for`, `sharding.batch_sharding`), so a step compiles ahead of time for
+(`model.axes.shardings`, `sharding.batch_sharding`), so a step compiles ahead of time for
 a mesh and the compiler's own buffer assignment (`compiled.memory_analysis()`) reports the
 per-device argument, output and temporary bytes. The per-tree figures (frozen params,
 adapters, optimizer state, batch) are exact: the shard shapes of each leaf times its itemsize.

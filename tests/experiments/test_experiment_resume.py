@@ -147,3 +147,5 @@ def test_set_overrides_reach_into_tables():
     assert runner.row_settings(plan, sent) == {**runner.row_settings(base, sent), "steps": 2000}
     with pytest.raises(UserError, match=r"--set 'folds.x=1': folds is not a table"):
         runner.load_plan(plan_file, ["folds.x=1"])
+    with pytest.raises(UserError, match=r"field 'defaults': expected a table of settings, got 3"):
+        runner.load_plan(plan_file, ["defaults=3"])

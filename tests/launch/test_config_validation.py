@@ -1,6 +1,6 @@
 """One validation pass for every run config: each bad value is named in one line, before anything loads.
 
-In-process checks of `config.run_config_problems` (every case of issue 19's list), plus the
+In-process checks of `runs.validation.run_config_problems` (every case of issue 19's list), plus the
 launchers' command-line convention in subprocesses: --help exits 0, a usage error (unknown
 flag, unknown config key, bad preset, mistyped value) exits 2 with one stderr line, and a bad
 value reaches the same one line through `launch/train.py` before jax compiles anything.

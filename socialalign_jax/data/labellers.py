@@ -93,8 +93,6 @@ ZERO_SHOT_WORDS = {"negative": "消极", "neutral": "中性", "positive": "积�
 ScoreFn = Callable[[list[str], list[str]], np.ndarray]
 
 
-
-
 class ZeroShotLabeller(Labeller):
     """Scores each label word as the continuation of a fixed prompt with a language model.
 

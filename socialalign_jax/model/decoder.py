@@ -25,8 +25,6 @@ from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 
 
-
-
 ModelOutput = modules.ModelOutput
 
 
@@ -45,7 +43,6 @@ def init_params(cfg: ModelConfig, key) -> dict:
     return _init_collection(cfg, None, "params", key)
 
 
-
 def init_adapters(key, cfg, lc: LoraConfig) -> dict[str, Any]:
     """The trainable tree: {'layers': {'attn': {...}, 'mlp': {...}}, 'head': {...}} (float32).
 
@@ -54,6 +51,7 @@ def init_adapters(key, cfg, lc: LoraConfig) -> dict[str, Any]:
     kernel ~ U(+-1/sqrt(D)), head bias 0) and its logical axes.
     """
     return _init_collection(cfg, lc, "lora", key)
+
 
 def init_boxed(cfg: ModelConfig, lora_cfg: LoraConfig | None = None):
     """Abstract (`jax.eval_shape`) variables with their `nn.Partitioned` boxes: the logical axes

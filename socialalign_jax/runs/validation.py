@@ -18,6 +18,7 @@ from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.model.presets import PRESETS
 from socialalign_jax.parallel.mesh import mesh_shape
 
+
 class ConfigError(ValueError):
     """A run-config value that cannot work; the message names every bad key (one line)."""
 

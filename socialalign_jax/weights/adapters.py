@@ -257,7 +257,6 @@ def _resolve_peft(path: Path) -> tuple[Path, Path]:
     return path / PEFT_FILE, path
 
 
-
 def _export_target(path, dtype: str) -> Path:
     """The .safetensors file an export writes (a directory gets PEFT_FILE), after checking dtype."""
     path = Path(path)
@@ -267,6 +266,7 @@ def _export_target(path, dtype: str) -> Path:
     if dtype not in _DTYPES:
         raise AdapterError(f"unknown export dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
     return path
+
 
 def export_socialalign(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelConfig, path, *,
                        suffix: str = ".default.weight", dtype: str = "float32") -> Path:

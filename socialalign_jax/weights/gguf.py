@@ -34,6 +34,7 @@ _SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1
 _FAMILIES = ("llama", "qwen2")
 _GGUF_MAGIC = b"GGUF"
 
+
 class GGUFError(UserError, ValueError):
     """One-line, user-facing problem with a GGUF file (message names the file)."""
 

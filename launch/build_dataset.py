@@ -25,7 +25,7 @@ from socialalign_jax.core.cli_setup import parse_flags, quiet_startup  # noqa: E
 quiet_startup()  # before jax: no libtpu or TensorFlow start-up noise
 
 from socialalign_jax.core.errors import UserError, cli_main  # noqa: E402
-from socialalign_jax.data.tfds_builders import SOURCES  # noqa: E402
+from socialalign_jax.data.tfds_builders import CROWD_CAP, MIN_CROWD, SOURCES  # noqa: E402
 
 # Build settings whose defaults come from the config's `data` section (one place for them: the
 # dataset built here is the one `launch/train.py --config` with the same config would build),
@@ -47,6 +47,14 @@ flags.DEFINE_string("labels", None, "Comma-separated class names in id order (de
                     "negative,neutral,positive or favor,against,neutral for zs_csd/nlpcc2016).", flag_values=FLAGS)
 flags.DEFINE_integer("max_events", None, "Converters: read only the first N events (0 = all)."
                      + _FROM_CONFIG.format("max_events"), flag_values=FLAGS)
+flags.DEFINE_string("labeller", "", "Sources that label their own responses (ced): the labeller, one of "
+                    "snownlp (default), ... (docs/labellers.md compares them on human labels); recorded in the "
+                    "dataset's metadata.", flag_values=FLAGS)
+flags.DEFINE_integer("crowd_cap", None, "ced: each event's target is the labelled distribution of at most this many "
+                     "of its responders (one response each, seeded sample); 0 = targets from the cases' labels "
+                     f"(default {CROWD_CAP}).", flag_values=FLAGS)
+flags.DEFINE_integer("min_crowd", None, f"ced: events whose crowd has fewer responses are left out (default {MIN_CROWD}).",
+                     flag_values=FLAGS)
 flags.DEFINE_string("out", None, "Data dir (the tfds layout is created below it).", flag_values=FLAGS)
 flags.DEFINE_string("tokenizer", None, "Tokenizer dir or tokenizer.json (default: bundled Qwen2).", flag_values=FLAGS)
 flags.DEFINE_integer("max_length", None, "Longest example, in tokens." + _FROM_CONFIG.format("max_length"),
@@ -107,7 +115,18 @@ def main(argv=None) -> int:
     if len(labels) < 2 or len(set(labels)) != len(labels) or not all(labels):
         raise UserError(f"--labels: {args.labels!r} must name at least 2 distinct classes")
 
+    crowd = {k: getattr(args, k) for k in ("crowd_cap", "min_crowd") if getattr(args, k) is not None}
+    for k, v in crowd.items():
+        if v < 0:
+            raise UserError(f"--{k}: {v} is negative")
+    if args.labeller:
+        from socialalign_jax.data.labellers import make_labeller
+        try:
+            make_labeller(args.labeller)
+        except ValueError as e:
+            raise UserError(f"--labeller: {e}") from None
     cfg = B.SocialConfig(name=args.name, source=args.source, input=str(Path(args.input).resolve()),
+                         labeller=args.labeller, **crowd,
                          tokenizer=args.tokenizer, max_length=args.max_length, mode=args.mode,
                          on_overflow=args.on_overflow, num_history=args.num_history,
                          test_fraction=args.test_fraction, split_by=args.split_by, seed=args.seed,

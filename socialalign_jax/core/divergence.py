@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["jensen_shannon", "xlogy_ratio"]
+import itertools
+import math
+
+__all__ = ["jensen_shannon", "noise_floor", "simulated_noise_floor", "xlogy_ratio"]
 
 
 def xlogy_ratio(x, y, xp=np):
@@ -36,3 +39,60 @@ def jensen_shannon(p, q, xp=np, axis: int = -1):
     """
     m = 0.5 * (p + q)
     return 0.5 * xp.sum(xlogy_ratio(p, m, xp), axis=axis) + 0.5 * xp.sum(xlogy_ratio(q, m, xp), axis=axis)
+
+
+# ----------------------------------------------------------------------------- the noise floor
+
+EXACT_OUTCOMES = 250_000  # noise_floor enumerates at most this many multinomial outcomes
+
+
+def _compositions(n: int, k: int) -> np.ndarray:
+    """[C(n+k-1, k-1), k] int64: every way to write n as an ordered sum of k non-negative ints
+    (stars and bars: each choice of k-1 bar positions among n+k-1 slots is one outcome)."""
+    m = math.comb(n + k - 1, k - 1)
+    bars = np.fromiter(itertools.chain.from_iterable(itertools.combinations(range(n + k - 1), k - 1)),
+                       np.int64, count=m * (k - 1)).reshape(m, k - 1)
+    edges = np.concatenate([np.full((m, 1), -1), bars, np.full((m, 1), n + k - 1)], axis=1)
+    return np.diff(edges, axis=1) - 1
+
+
+def noise_floor(p, n: int) -> float:
+    """E[JSD(p, c / n)] for counts c ~ Multinomial(n, p), in nats: the noise floor of a target.
+
+    An event's real distribution is only ever seen through the n responses that were labelled.
+    Even a forecaster that knew the event's true mix p exactly would be this far, on average,
+    from the n-response sample it is scored against; a forecast error near this value is
+    sampling noise in the target, not a fault of the forecast. Computed exactly: the sum over
+    every outcome of its multinomial probability times its JSD (classes with p_i = 0 can never
+    be drawn and are left out; C(n + K' - 1, K' - 1) outcomes, 20,301 for K' = 3 classes and
+    n = 200). Beyond EXACT_OUTCOMES outcomes the second-order expansion (K' - 1) / (8 n) is
+    returned; it is within 1% of the exact value there (tests/core/test_divergence.py checks
+    the exact sum against `simulated_noise_floor` and the expansion). n = 0 gives nan.
+    """
+    p = np.asarray(p, np.float64)
+    if p.ndim != 1 or np.any(p < 0) or not np.isclose(p.sum(), 1.0, atol=1e-6):
+        raise ValueError(f"noise_floor: p must be a distribution, got {p.tolist()}")
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"noise_floor: n must be >= 0, got {n}")
+    if n == 0:
+        return math.nan
+    q = p[p > 0] / p[p > 0].sum()
+    k = q.size
+    if k == 1:
+        return 0.0
+    if math.comb(n + k - 1, k - 1) > EXACT_OUTCOMES:
+        return (k - 1) / (8.0 * n)
+    c = _compositions(n, k)  # [C, k]
+    lgam = np.asarray([math.lgamma(i + 1) for i in range(n + 1)])
+    log_pmf = lgam[n] - lgam[c].sum(axis=1) + (c * np.log(q)).sum(axis=1)
+    return float(np.sum(np.exp(log_pmf) * jensen_shannon(np.broadcast_to(q, c.shape), c / n)))
+
+
+def simulated_noise_floor(p, n: int, draws: int = 20_000, seed: int = 0) -> tuple[float, float]:
+    """Monte Carlo estimate of `noise_floor`: (mean JSD over `draws` multinomial samples, its standard error)."""
+    p = np.asarray(p, np.float64)
+    rng = np.random.default_rng(seed)
+    c = rng.multinomial(int(n), p / p.sum(), size=int(draws))
+    j = jensen_shannon(np.broadcast_to(p / p.sum(), c.shape), c / int(n))
+    return float(j.mean()), float(j.std(ddof=1) / math.sqrt(draws))

@@ -69,6 +69,10 @@ class Event:
     news: str
     cases: list[Case] = field(default_factory=list)
     source: str = ""  # the file the event came from
+    # The event's crowd: how many of its responses carry each label ({label: count}), over a
+    # wider sample than the cases (every responder, not only those with a history). When
+    # given it is the event's macro target (data/targets.py); None = the cases' own labels.
+    crowd: dict[str, int] | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -237,7 +241,27 @@ def read_event_file(
                 history_is_selected=selected,
             )
         )
-    return Event(event_id=event_id, topic=topic, news=news, cases=cases, source=str(path))
+    return Event(event_id=event_id, topic=topic, news=news, cases=cases, source=str(path),
+                 crowd=_read_crowd(f, labels))
+
+
+def _read_crowd(f: "_Fields", labels: Sequence[str]) -> dict[str, int] | None:
+    """The optional 'crowd' object: {label: number of the event's responses with that label}."""
+    raw = f.obj.get("crowd")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise f.err("crowd", f"expected an object {{label: count}}, got {type(raw).__name__}")
+    out = {}
+    for k, v in raw.items():
+        if k not in labels:
+            raise f.err("crowd", f"unknown label {k!r} (expected one of {', '.join(labels)})")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise f.err("crowd", f"count of {k!r} must be a non-negative integer, got {v!r}")
+        out[k] = v
+    if not sum(out.values()):
+        raise f.err("crowd", "no responses counted (every count is 0)")
+    return out
 
 
 def read_event_dir(

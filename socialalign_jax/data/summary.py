@@ -27,6 +27,22 @@ def summarize(meta: Mapping) -> dict:
         ev = np.asarray(ix["event_id"], np.int64)
         out["splits"][split] = {"events": int(np.unique(ev).size), "cases": int(ev.size),
                                 **percentiles(ix["length"])}
+    for split, per_event in meta.get("targets", {}).items():
+        if split not in out["splits"]:
+            continue
+        built = set(int(e) for e in meta["index"][split]["event_id"])
+        ts = [t for e, t in per_event.items() if int(e) in built and t.get("count")]
+        floors = [t["noise_floor"] for t in ts if t.get("noise_floor") is not None]
+        sources: dict[str, int] = {}
+        for t in ts:
+            sources[t["source"]] = sources.get(t["source"], 0) + 1
+        out["splits"][split]["targets"] = {
+            "events": len(ts), "sources": sources,
+            "responses_median": float(np.median([t["count"] for t in ts])) if ts else 0.0,
+            "responses_min": int(min((t["count"] for t in ts), default=0)),
+            "noise_floor_mean": float(np.mean(floors)) if floors else None}
+    info = meta.get("source_info") or {}
+    out["labeller"] = info.get("label_source") if info.get("silver_labels") else None
     for split, labels in meta.get("labels", {}).items():
         counts = np.bincount(np.asarray(labels, np.int64) + 1, minlength=len(classes) + 1)
         out["splits"][split]["labels"] = {"unlabelled": int(counts[0]),
@@ -50,4 +66,15 @@ def format_table(summary: Mapping) -> str:
              f"rejected: too long (on_overflow=skip) {st['skipped_too_long']}",
              f"truncated: history in {st['history_truncated']} ({st['history_chars_cut']} chars), "
              f"persona in {st['persona_truncated']} ({st['persona_chars_cut']} chars)"]
+    for name, s in splits.items():
+        t = s.get("targets")
+        if not t or not t["events"]:
+            continue
+        src = ", ".join(f"{n} from {k}" for k, n in sorted(t["sources"].items()))
+        floor = "" if t["noise_floor_mean"] is None else (
+            f"; noise floor (mean JSD of a perfect forecast to its target) {t['noise_floor_mean']:.4f}")
+        lines.append(f"targets ({name}): {t['events']} events ({src}), {t['responses_min']}+ responses each "
+                     f"(median {t['responses_median']:g}){floor}")
+    if summary.get("labeller"):
+        lines.append(f"silver labels: {summary['labeller']}")
     return "\n".join(lines)

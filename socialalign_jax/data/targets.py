@@ -6,13 +6,21 @@ happen to be in a batch (SPEC section 3). That needs a dataset-wide pass, so it 
 once at build time and stored with the data (targets.json and `target_dist` per example).
 
 Which responses an example's target comes from:
-  * the event has labelled responses in the train split -> those (source 'train');
+  * the event has a crowd (`Event.crowd`: label counts over a wide sample of its responders,
+    e.g. every CED responder with words of their own, capped) -> the crowd (source 'crowd'),
+    in every split: the crowd is what "how did the public respond" means, and the cases (users
+    with a history) are a small, selected part of it;
+  * else, the event has labelled responses in the train split -> those (source 'train');
     with an event split this is every train event, with a user split it is also the
     test rows of an event seen in training;
   * otherwise (a held-out event) -> the event's own labelled responses in the example's
     split (source 'heldout'): the real distribution the macro metric is scored against;
   * no labelled response at all -> all zeros (source 'none'); a row whose target sums to 0
     carries no macro signal and must be skipped by the loss.
+
+Each entry also records its noise floor (`core.divergence.noise_floor`): the JSD expected
+between the event's mix and a sample of `count` responses from it, i.e. how far even a
+perfect forecast lands from this target on average. A forecast error near it is noise.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from socialalign_jax.core.divergence import noise_floor
 from socialalign_jax.core.labels import DEFAULT_LABELS
 
 
@@ -49,19 +58,32 @@ def label_counts(event_ids: np.ndarray, labels: np.ndarray, num_classes: int) ->
     return out
 
 
-def macro_targets(splits: Mapping[str, tuple[np.ndarray, np.ndarray]], num_classes: int = 3,
-                  train_split: str = "train") -> dict[str, dict[int, dict]]:
-    """Per split and event: {'dist': [K] floats, 'count': labelled responses used, 'source'}.
+def crowd_counts(crowd: Mapping[str, int], classes: Sequence[str]) -> np.ndarray:
+    """[K] int64 counts of a crowd {label: count} in class-id order (labels outside `classes` are an error)."""
+    unknown = sorted(set(crowd) - set(classes))
+    if unknown:
+        raise ValueError(f"crowd label {unknown[0]!r} is not one of {list(classes)}")
+    return np.asarray([int(crowd.get(c, 0)) for c in classes], np.int64)
 
-    `splits` maps split name -> (event_ids [N], labels [N]) of that split's examples.
+
+def macro_targets(splits: Mapping[str, tuple[np.ndarray, np.ndarray]], num_classes: int = 3,
+                  train_split: str = "train", crowds: Mapping[int, np.ndarray] | None = None
+                  ) -> dict[str, dict[int, dict]]:
+    """Per split and event: {'dist': [K] floats, 'count': responses used, 'source', 'noise_floor'}.
+
+    `splits` maps split name -> (event_ids [N], labels [N]) of that split's examples;
+    `crowds` maps an event id -> its crowd's counts [K] (`crowd_counts`), which then is its target.
     """
     counts = {name: label_counts(ev, lab, num_classes) for name, (ev, lab) in splits.items()}
     train = counts.get(train_split, {})
+    crowds = crowds or {}
     out: dict[str, dict[int, dict]] = {}
     for name, per_event in counts.items():
         out[name] = {}
         for e, own in per_event.items():
-            if e in train and train[e].sum() > 0:
+            if e in crowds and np.sum(crowds[e]) > 0:
+                c, source = np.asarray(crowds[e], np.int64), "crowd"
+            elif e in train and train[e].sum() > 0:
                 c, source = train[e], "train"
             elif own.sum() > 0:
                 c, source = own, "heldout"
@@ -69,7 +91,9 @@ def macro_targets(splits: Mapping[str, tuple[np.ndarray, np.ndarray]], num_class
                 c, source = np.zeros(num_classes, np.int64), "none"
             total = int(c.sum())
             dist = (c / total) if total else np.zeros(num_classes)
-            out[name][e] = {"dist": [float(x) for x in dist], "count": total, "source": source}
+            floor = noise_floor(dist, total) if total else None
+            out[name][e] = {"dist": [float(x) for x in dist], "count": total, "source": source,
+                            "noise_floor": floor}
     return out
 
 

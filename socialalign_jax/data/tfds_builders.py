@@ -43,6 +43,7 @@ from socialalign_jax.core.atomic_io import write_json
 from socialalign_jax.data import lamp, targets as T
 from socialalign_jax.data.alpaca import read_alpaca
 from socialalign_jax.data.converters import STANCE_LABELS, read_ced, read_nlpcc2016, read_zs_csd
+from socialalign_jax.data.converters.ced import CROWD_CAP, MIN_CROWD
 from socialalign_jax.data.prompt import build_example, BuildStats, PromptConfig
 from socialalign_jax.data.records import DEFAULT_LABELS, DataError, Event, read_event_dir
 from socialalign_jax.data.sample import SAMPLE_DIR
@@ -106,17 +107,24 @@ def default_labels(source: str) -> tuple[str, ...]:
 
 
 def read_source(cfg: "SocialConfig") -> list[Event]:
-    """Run the configured reader (passing max_events only to readers that take it)."""
+    """Run the configured reader, passing it the converter options it takes (max_events, labeller,
+    crowd_cap, min_crowd); an option set away from its default for a reader without it is an error."""
     import inspect
 
     if cfg.source not in SOURCES:
         raise ValueError(f"unknown source {cfg.source!r}; expected one of {sorted(SOURCES)}")
     reader = SOURCES[cfg.source]
-    if cfg.max_events:
-        if "max_events" not in inspect.signature(reader).parameters:
-            raise DataError(cfg.input, f"source {cfg.source!r} does not support max_events")
-        return reader(cfg.input, max_events=int(cfg.max_events))
-    return reader(cfg.input)
+    takes = inspect.signature(reader).parameters
+    defaults = {f.name: f.default for f in dataclasses.fields(SocialConfig)}
+    kw = {}
+    for name in ("max_events", "labeller", "crowd_cap", "min_crowd"):
+        value = getattr(cfg, name)
+        if name in takes:
+            if value != defaults[name]:
+                kw[name] = value
+        elif value != defaults[name]:
+            raise DataError(cfg.input, f"source {cfg.source!r} does not support {name}")
+    return reader(cfg.input, **kw)
 
 
 # ----------------------------------------------------------------------------- config
@@ -139,6 +147,11 @@ class SocialConfig(tfds.core.BuilderConfig):
     lamp_task: str | None = None  # LaMP: 'LaMP-4' | 'LaMP-5' | 'LaMP-7'
     labels: tuple[str, ...] = DEFAULT_LABELS  # class names, in class-id order
     max_events: int = 0  # converters: read only the first N events (0 = all)
+    # Converters that label their own responses (ced): the labeller's name (data/labellers.LABELLERS;
+    # "" = the converter's default) and the crowd each event's target is computed over.
+    labeller: str = ""
+    crowd_cap: int = CROWD_CAP
+    min_crowd: int = MIN_CROWD
     # Names of the events to hold out (k-fold cross-validation, socialalign_jax/experiments):
     # when given, they are the test split and test_fraction is not used.
     test_events: tuple[str, ...] = ()
@@ -211,11 +224,13 @@ def assign_splits(units: Sequence[Unit], event_names: Sequence[str], cfg: Social
 # ----------------------------------------------------------------------------- preparation
 
 def prepare(units: Sequence[Unit], event_names: Sequence[str], cfg: SocialConfig,
-            source_info: dict | None = None) -> tuple[dict, dict]:
+            source_info: dict | None = None, crowds: dict[int, np.ndarray] | None = None) -> tuple[dict, dict]:
     """Encode every unit, split, and attach targets -> ({split: [example]}, metadata).
 
     `source_info`: what the reader reported (conversion counts, `silver_labels`), kept in
     the metadata as 'source_info'; 'silver_labels' is also a top-level metadata flag.
+    `crowds`: {event id: label counts [K]} of the events that have a crowd (`event_crowds`),
+    which are then their targets (data/targets.py).
     """
 
     splits = assign_splits(units, event_names, cfg)
@@ -224,7 +239,7 @@ def prepare(units: Sequence[Unit], event_names: Sequence[str], cfg: SocialConfig
     # the crowd's reaction does not depend on our context window.
     lab = {s: (np.array([u.event_id for u, t in zip(units, splits) if t == s], np.int64),
                np.array([u.label for u, t in zip(units, splits) if t == s], np.int64)) for s in names}
-    targets = T.macro_targets(lab, len(cfg.labels))
+    targets = T.macro_targets(lab, len(cfg.labels), crowds=crowds)
     stats = BuildStats()
     out: dict[str, list[dict]] = {s: [] for s in names}
     from tqdm import tqdm
@@ -272,6 +287,18 @@ def _prompt_config(cfg: SocialConfig):
 
     return PromptConfig(mode=cfg.mode, max_length=cfg.max_length, on_overflow=cfg.on_overflow,
                         num_history=cfg.num_history)
+
+
+def event_crowds(events: Sequence[Event], cfg: SocialConfig) -> dict[int, np.ndarray]:
+    """{event id (position in `events`): crowd label counts [K] in cfg.labels order} of the events with a crowd."""
+    out = {}
+    for e, ev in enumerate(events):
+        if ev.crowd:
+            try:
+                out[e] = T.crowd_counts(ev.crowd, cfg.labels)
+            except ValueError as err:
+                raise DataError(ev.source, str(err), None, "crowd") from None
+    return out
 
 
 def event_units(events: Sequence[Event], tokenizer, cfg: SocialConfig) -> tuple[list[Unit], list[str]]:
@@ -364,13 +391,14 @@ class _Base(tfds.core.GeneratorBasedBuilder):
         """(units to encode, event names) of this source."""
 
     source_info: dict | None = None
+    crowds: dict[int, np.ndarray] | None = None
 
     def prepared(self) -> tuple[dict, dict]:
         """Read, encode and split everything (all input errors surface here)."""
         cfg: SocialConfig = self.builder_config
         tok = _tokenizer(cfg)
         units, names = self._units(tok)
-        examples, meta = prepare(units, names, cfg, self.source_info)
+        examples, meta = prepare(units, names, cfg, self.source_info, self.crowds)
         meta["config"]["tokenizer_name"] = getattr(tok, "name_or_path", None) or "bundled qwen2"
         meta["config"]["pad_id"] = int(tok.pad_token_id)
         return examples, meta
@@ -414,6 +442,7 @@ class Socialweibo(_Base):
         cfg = self.builder_config
         events = read_source(cfg)
         self.source_info = getattr(events, "source_info", None)
+        self.crowds = event_crowds(events, cfg)
         return event_units(events, tokenizer, cfg)
 
 

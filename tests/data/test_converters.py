@@ -6,6 +6,7 @@ reason, which responses become cases, the stance mapping), not from converter ou
 """
 
 import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -169,7 +170,7 @@ def write_ced(root: Path) -> dict:
 
 def test_ced_cases_history_skips_and_pseudonyms(tmp_path):
     want = write_ced(tmp_path)
-    evs = ced.read_ced(str(tmp_path), labeller=FixedLabeller())
+    evs = ced.read_ced(str(tmp_path), labeller=FixedLabeller(), crowd_cap=0)
     info = evs.source_info
     assert info["cases"] == want["cases"] and info["records"] == want["records"]
     assert info["skipped"] == want["skipped"]
@@ -185,8 +186,43 @@ def test_ced_cases_history_skips_and_pseudonyms(tmp_path):
         assert c.user_name == pseudonym("ced\x00alice") and "alice" not in c.user_name
         hist = {h.text for h in c.history}
         assert len(c.history) == 12 and not any(str(e) == t[-1] for t in hist)  # no post of its own event
-    assert ced.read_ced(str(tmp_path / "CED_Dataset"), max_events=6, labeller=FixedLabeller()).source_info[
-        "events_read"] == 6
+    assert ced.read_ced(str(tmp_path / "CED_Dataset"), max_events=6, labeller=FixedLabeller(),
+                        crowd_cap=0).source_info["events_read"] == 6
+    assert all(ev.crowd is None for ev in evs) and info["events_with_crowd"] == 0
+
+
+def test_ced_crowds_are_every_responders_first_usable_reply(tmp_path):
+    """Crowd = each author's first usable response (not only authors with a history), capped, labelled;
+    events under min_crowd are left out and counted."""
+    write_ced(tmp_path)
+    evs = ced.read_ced(str(tmp_path), labeller=FixedLabeller(), crowd_cap=3, min_crowd=2)
+    # events 0-4: alice's first reply ('好': positive) and bob's ('坏': negative); carol and dave never say
+    # anything of their own; event 5: bob's reply is emoji only, event 6: bob is absent -> crowd of 1 < 2.
+    assert [e.event_id for e in evs] == [f"{e}_mid{e}_{1000 + e}" for e in range(5)]
+    assert all(ev.crowd == {"negative": 1, "neutral": 0, "positive": 1} for ev in evs)
+    info = evs.source_info
+    assert info["skipped"]["event_crowd_under_min"] == 2
+    assert info["events_with_crowd"] == 5 and info["crowd_responses"] == 10 and info["crowd_size_median"] == 2
+    assert info["crowd_cap"] == 3 and info["min_crowd"] == 2
+    # the cap samples, seeded by the event alone: the same crowd on every read and with fewer events read
+    one = ced.read_ced(str(tmp_path), labeller=FixedLabeller(), crowd_cap=1, min_crowd=1)
+    again = ced.read_ced(str(tmp_path), labeller=FixedLabeller(), crowd_cap=1, min_crowd=1, max_events=6)
+    assert all(sum(ev.crowd.values()) == 1 for ev in one)
+    assert len(one) == 7 and [ev.crowd for ev in again] == [ev.crowd for ev in one[:6]]
+    with pytest.raises(ValueError, match="min_crowd"):
+        ced.read_ced(str(tmp_path), labeller=FixedLabeller(), crowd_cap=3, min_crowd=4)
+
+
+def test_ced_crowd_sample_is_seeded_and_capped():
+    rows = [(i, f"u{i % 40}", f"text{i}", f"2012-01-01 00:00:{i % 60:02d}") for i in range(100)]
+    a = ced.crowd_sample("ev1", rows, 25)
+    assert len(a) == 25 and len({r[1] for r in a}) == 25  # one response per author
+    assert a == ced.crowd_sample("ev1", list(reversed(rows)), 25)  # input order does not matter
+    assert a != ced.crowd_sample("ev2", rows, 25)
+    full = ced.crowd_sample("ev1", rows, 1000)
+    assert len(full) == 40
+    for r in full:  # each author's earliest reply (date, then record)
+        assert r == min((x for x in rows if x[1] == r[1]), key=lambda x: (x[3], x[0]))
 
 
 def test_ced_bad_input_is_one_line(tmp_path):
@@ -196,7 +232,13 @@ def test_ced_bad_input_is_one_line(tmp_path):
     rows[2]["text"] = 5
     f.write_text(json.dumps(rows), "utf-8")
     with pytest.raises(DataError, match=r"1_mid1_1001.json: record 2: field 'text': expected a string"):
-        ced.read_ced(str(tmp_path), labeller=FixedLabeller())
+        ced.read_ced(str(tmp_path), labeller=FixedLabeller(), crowd_cap=0)
+    # a response that could only ever be in a crowd (no case) is validated all the same
+    rows[2]["text"] = "fine"
+    rows.append({"uid": None, "text": "路人甲的评论", "date": ""})
+    f.write_text(json.dumps(rows), "utf-8")
+    with pytest.raises(DataError, match=r"1_mid1_1001.json: record 6: field 'uid': expected a non-empty user id"):
+        ced.read_ced(str(tmp_path), labeller=FixedLabeller(), crowd_cap=3, min_crowd=2)
     with pytest.raises(DataError, match="no original-microblog"):
         ced.read_ced(str(tmp_path / "nowhere"))
 
@@ -237,7 +279,7 @@ def test_build_zs_csd_records_classes(tmp_path):
 def test_build_ced_silver_and_wrong_label_set_is_one_line(tmp_path):
     write_ced(tmp_path / "raw")
     cfg = B.SocialConfig(name="t", source="ced", input=str(tmp_path / "raw"), max_length=400, test_fraction=0.3,
-                         labels=("negative", "neutral", "positive", "mixed"))
+                         labels=("negative", "neutral", "positive", "mixed"), crowd_cap=0)
     path = B.build(tmp_path / "out", cfg)
     m = B.open_dataset(path).metadata
     assert m["silver_labels"] is True and m["classes"] == ["negative", "neutral", "positive", "mixed"]
@@ -250,3 +292,44 @@ def test_build_ced_silver_and_wrong_label_set_is_one_line(tmp_path):
     assert "record 0: field 'sentiment'" in r.stderr and "favor,against,neutral" in r.stderr
     with pytest.raises(DataError, match="does not support max_events"):
         B.read_source(B.SocialConfig(name="t", source="socialweibo", input=str(tmp_path), max_events=2))
+
+
+def _hand_jsd(p, q):
+    """JSD in nats from its definition, written out with math.log (independent of core.divergence)."""
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    kl = lambda x: sum(a * math.log(a / c) for a, c in zip(x, m) if a > 0)  # noqa: E731
+    return kl(p) / 2 + kl(q) / 2
+
+
+def test_build_ced_crowd_targets_noise_floor_and_summary(tmp_path, monkeypatch):
+    from socialalign_jax.data import labellers, summary
+
+    monkeypatch.setitem(labellers.LABELLERS, "fixed", FixedLabeller)
+    write_ced(tmp_path / "raw")
+    cfg = B.SocialConfig(name="t", source="ced", input=str(tmp_path / "raw"), max_length=400, test_fraction=0.4,
+                         labeller="fixed", crowd_cap=3, min_crowd=2)
+    m = B.open_dataset(B.build(tmp_path / "out", cfg)).metadata
+    assert m["config"]["labeller"] == "fixed" and m["config"]["crowd_cap"] == 3
+    # Each kept event's crowd: one positive (alice), one negative (bob) -> target [1/2, 0, 1/2] in every
+    # split, although each event's only case (alice) is positive.
+    # Noise floor by hand: n = 2 draws from [1/2, 0, 1/2]; both draws alike (prob 1/2) is JSD([1/2,0,1/2], [1,0,0]).
+    floor = 0.5 * _hand_jsd([0.5, 0, 0.5], [1, 0, 0])
+    for split in ("train", "test"):
+        for t in m["targets"][split].values():
+            assert t["source"] == "crowd" and t["count"] == 2 and t["dist"] == [0.5, 0.0, 0.5]
+            assert t["noise_floor"] == pytest.approx(floor, rel=1e-12)
+    s = summary.summarize(m)
+    assert s["splits"]["train"]["targets"]["sources"] == {"crowd": s["splits"]["train"]["events"]}
+    table = summary.format_table(s)
+    assert f"noise floor (mean JSD of a perfect forecast to its target) {floor:.4f}" in table
+    assert "silver labels: FixedLabeller" in table
+
+
+def test_build_dataset_cli_refuses_an_unknown_labeller_in_one_line(tmp_path):
+    write_ced(tmp_path / "raw")
+    r = cli("--source", "ced", "--input", tmp_path / "raw", "--out", tmp_path / "out", "--labeller", "magic")
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "--labeller" in r.stderr and "snownlp" in r.stderr
+    r = cli("--source", "zs_csd", "--input", write_zs(tmp_path / "zs"), "--out", tmp_path / "o2", "--crowd_cap", "10")
+    assert r.returncode == 2 and "does not support crowd_cap" in r.stderr and r.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o2").exists()

@@ -6,6 +6,7 @@ token content encodes their own index, so any mix-up shows in the values.
 """
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -178,10 +179,16 @@ def test_macro_targets_match_hand_counts():
     tr = (np.array([0, 0, 0, 0, 1]), np.array([0, 0, 2, -1, -1]))
     te = (np.array([0, 2, 2]), np.array([1, 2, 1]))
     t = T.macro_targets({"train": tr, "test": te})
+    floors = {s: {e: v.pop("noise_floor") for e, v in per.items()} for s, per in t.items()}
     assert t["train"][0] == {"dist": [2 / 3, 0.0, 1 / 3], "count": 3, "source": "train"}
     assert t["train"][1] == {"dist": [0.0, 0.0, 0.0], "count": 0, "source": "none"}
     assert t["test"][0]["dist"] == [2 / 3, 0.0, 1 / 3] and t["test"][0]["source"] == "train"
     assert t["test"][2] == {"dist": [0.0, 0.5, 0.5], "count": 2, "source": "heldout"}
+    # noise floor of [0, 1/2, 1/2] from 2 responses, by hand: half the time both agree, JSD([0,.5,.5], [0,1,0])
+    # = 1/2 (1/2 ln(.5/.75) + 1/2 ln(.5/.25)) + 1/2 ln(1/.75)
+    both = 0.5 * (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)) + 0.5 * math.log(1 / 0.75)
+    assert floors["test"][2] == pytest.approx(0.5 * both, rel=1e-12)
+    assert floors["train"][1] is None and floors["test"][0] == floors["train"][0] > 0
     assert T.label_id("Positive") == 2 and T.label_id(None) == -1
     with pytest.raises(ValueError, match="unknown sentiment"):
         T.label_id("angry")

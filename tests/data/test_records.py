@@ -37,6 +37,23 @@ def test_reads_all_fields(tmp_path):
     assert a.history_is_selected is False and ev.cases[1].sentiment is None and ev.cases[1].persona is None
 
 
+def test_an_events_crowd_is_read_and_becomes_its_target(tmp_path):
+    """'crowd' {label: count} (optional) is the event's macro target in every split."""
+    from socialalign_jax.data import targets as T
+    from socialalign_jax.data.tfds_builders import SocialConfig, event_crowds
+
+    ev = read_event_file(_write(tmp_path / "e.json", dict(_event(_case(sentiment="negative")),
+                                                           crowd={"positive": 6, "negative": 2})))
+    assert ev.crowd == {"positive": 6, "negative": 2}
+    assert read_event_file(_write(tmp_path / "f.json", _event(_case()))).crowd is None
+    crowds = event_crowds([ev], SocialConfig(name="t"))
+    assert crowds[0].tolist() == [2, 0, 6]
+    t = T.macro_targets({"train": ([0], [0])}, 3, crowds=crowds)["train"][0]
+    assert t["dist"] == [0.25, 0.0, 0.75] and t["count"] == 8 and t["source"] == "crowd"
+    t = T.macro_targets({"train": ([0], [0])}, 3)["train"][0]  # without it: the case's own label
+    assert t["dist"] == [1.0, 0.0, 0.0] and t["source"] == "train" and t["noise_floor"] == 0.0
+
+
 def test_malformed_json(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text('{"topic": "x",', encoding="utf-8")
@@ -62,6 +79,11 @@ def test_non_utf8(tmp_path):
         (lambda e: e["cases"][0].update(history=[{"text": "a"}] * 4), r"record 0: field 'history': 4 history posts"),
         (lambda e: e["cases"][0].update(user_name=7), r"record 0: field 'user_name': expected a string, got int$"),
         (lambda e: e.update(cases=[]), r"field 'cases': empty list$"),
+        (lambda e: e.update(crowd=[3, 4]), r"e\.json: field 'crowd': expected an object \{label: count\}, got list$"),
+        (lambda e: e.update(crowd={"angry": 3}), r"field 'crowd': unknown label 'angry'"),
+        (lambda e: e.update(crowd={"negative": -1}), r"field 'crowd': count of 'negative' must be a non-negative"),
+        (lambda e: e.update(crowd={"negative": 2.5}), r"field 'crowd': count of 'negative' must be a non-negative"),
+        (lambda e: e.update(crowd={"negative": 0}), r"field 'crowd': no responses counted"),
     ],
 )
 def test_bad_fields(tmp_path, mutate, pattern):

@@ -18,7 +18,14 @@ Mapping (docs/real_data.md):
     events that can be history (not hashtag-only, not identical to the target), else
     ``author_history_under_5``; those other responses are the history, BM25-selected
     against the news at build time (bm25.select_history);
-  * labels are silver: SnowNLP lexicon sentiment of the response (LexiconLabeller);
+  * the event's crowd (its macro target, data/targets.py) = every author's first usable
+    response to it (the cases are a few of these), a seeded sample of at most ``crowd_cap``
+    (200) of them, labelled by the same labeller; events whose crowd has fewer than
+    ``min_crowd`` (50) responses are left out (``event_crowd_under_min``): their targets would
+    be mostly sampling noise (the build records each target's noise floor). ``crowd_cap=0``
+    builds without crowds (targets from the cases' labels, as before);
+  * labels are silver: the sentiment a labeller gives the response (``labeller``: a name of
+    data/labellers.LABELLERS, default SnowNLP; docs/labellers.md measures them on human labels);
   * user name = a salted hash of the uid (pseudonym); uids never reach the data.
 Splits are by event as everywhere else. With max_events only the first N events (in
 file-number order) are read, so fewer authors reach 5 other responses.
@@ -26,17 +33,23 @@ file-number order) are read, so fewer authors reach 5 other responses.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from socialalign_jax.data.bm25 import is_hashtag_only
 from socialalign_jax.data.converters.common import (DEFAULT_SALT, SourceEvents, check_max_events, counts, finish,
                                                     load_json, pseudonym)
-from socialalign_jax.data.labellers import LexiconLabeller
+from socialalign_jax.data.labellers import Labeller, describe_labeller, make_labeller
 from socialalign_jax.data.records import DEFAULT_LABELS, Case, DataError, Event, HistoryPost
 
 MIN_OTHER = 5
+CROWD_CAP = 200  # responses sampled per event for its crowd
+MIN_CROWD = 50  # fewer responses than this: the event is left out (its target would be mostly noise)
+DEFAULT_LABELLER = "snownlp"
 REPOST_MARKERS = {"转发微博", "轉發微博", "repost"}
 _EMOTICON = re.compile(r"\[[^\[\]\s]{1,10}\]")  # Weibo emoticon codes such as [哈哈]
 _WORD = re.compile(r"\w")
@@ -110,13 +123,34 @@ def _responses(file: Path) -> list[tuple[int, str, str, str]]:
     return out
 
 
-def read_ced(path: str, max_events: int | None = None, salt: str = DEFAULT_SALT, labeller=None) -> list[Event]:
+def crowd_sample(event_id: str, rows: list[tuple[int, str, str, str]], cap: int) -> list[tuple[int, str, str, str]]:
+    """The event's crowd: each author's first usable response (earliest date, then record), then a
+    sample of at most `cap` of them seeded by the event id alone (the same crowd whatever else is read)."""
+    first: dict[str, tuple[int, str, str, str]] = {}
+    for r in sorted(rows, key=lambda r: (r[3], r[0])):
+        first.setdefault(r[1], r)
+    crowd = sorted(first.values(), key=lambda r: r[0])
+    if len(crowd) > cap:
+        seed = int.from_bytes(hashlib.sha256(f"ced-crowd\x00{event_id}".encode()).digest()[:8], "little")
+        keep = np.random.default_rng(seed).choice(len(crowd), size=cap, replace=False)
+        crowd = [crowd[i] for i in sorted(keep)]
+    return crowd
+
+
+def read_ced(path: str, max_events: int | None = None, salt: str = DEFAULT_SALT,
+             labeller: str | Labeller = DEFAULT_LABELLER, crowd_cap: int = CROWD_CAP,
+             min_crowd: int = MIN_CROWD) -> list[Event]:
     """Read the CED_Dataset folder (or its parent) into silver-labelled events.
 
-    `labeller`: anything with `label(texts) -> names` over negative/neutral/positive
-    (default: the SnowNLP LexiconLabeller).
+    `labeller`: a name of `labellers.LABELLERS` or a Labeller over negative/neutral/positive.
+    `crowd_cap` > 0: each event gets a crowd of at most that many responses (its target) and
+    events with fewer than `min_crowd` are left out; 0: no crowds.
     """
     max_events = check_max_events(max_events)
+    if crowd_cap < 0 or min_crowd < 0:
+        raise ValueError(f"crowd_cap and min_crowd must be >= 0, got {crowd_cap}, {min_crowd}")
+    if crowd_cap and min_crowd > crowd_cap:
+        raise ValueError(f"min_crowd ({min_crowd}) cannot exceed crowd_cap ({crowd_cap})")
     root = _dataset_dir(Path(path))
     originals = sorted((root / "original-microblog").glob("*.json"), key=_sort_key)
     if not originals:
@@ -179,25 +213,39 @@ def read_ced(path: str, max_events: int | None = None, salt: str = DEFAULT_SALT,
             cases.append((i, own, uid, hist))
         picked.append(cases)
 
-    labeller = labeller or _lexicon()
-    texts = [own for cases in picked for _, own, _, _ in cases]
-    labels = iter(labeller.label(texts) if texts else [])
-    events = []
-    for (file, news, eid), cases in zip(news_of, picked):
+    # The events kept: with a case, and (with crowds) with a crowd of at least min_crowd.
+    kept: list[tuple[int, list]] = []
+    for e, ((_, _, eid), cases) in enumerate(zip(news_of, picked)):
         if not cases:
             skipped["event_without_cases"] += 1
             continue
+        crowd = crowd_sample(eid, usable[e], crowd_cap) if crowd_cap else []
+        if crowd_cap and len(crowd) < min_crowd:
+            skipped["event_crowd_under_min"] += 1
+            continue
+        kept.append((e, crowd))
+    labeller = make_labeller(labeller) if isinstance(labeller, str) else labeller
+    # One labelling pass over every text (case responses, then crowds): a labeller may batch.
+    texts = [own for e, _ in kept for _, own, _, _ in picked[e]] + [r[2] for _, crowd in kept for r in crowd]
+    labels = iter(labeller.label(texts) if texts else [])
+    events = []
+    for e, crowd in kept:
+        file, news, eid = news_of[e]
         ev = Event(event_id=eid, topic=derive_topic(news), news=news, source=str(file))
-        for _, own, uid, hist in cases:
+        for _, own, uid, hist in picked[e]:
             ev.cases.append(Case(user_name=pseudonym(f"ced\x00{uid}", salt), weibo=own, history=hist,
                                  sentiment=next(labels), history_is_selected=False))
         events.append(ev)
+    for ev, (_, crowd) in zip(events, kept):
+        if crowd:
+            tally = Counter(next(labels) for _ in crowd)
+            ev.crowd = {c: int(tally.get(c, 0)) for c in DEFAULT_LABELS}
+    sizes = [sum(ev.crowd.values()) for ev in events if ev.crowd]
+    crowd_info = {"crowd_cap": crowd_cap, "min_crowd": min_crowd if crowd_cap else 0,
+                  "events_with_crowd": len(sizes), "crowd_responses": int(sum(sizes)),
+                  "crowd_size_median": float(np.median(sizes)) if sizes else 0.0}
     return SourceEvents(finish(events, root), source="ced", records=records, events_read=len(originals),
                         events=len(events), cases=sum(len(e.cases) for e in events), silver_labels=True,
-                        label_source="snownlp lexicon (LexiconLabeller)", labels=list(DEFAULT_LABELS),
-                        skipped=counts(skipped))
-
-
-def _lexicon():
-
-    return LexiconLabeller()
+                        labeller=getattr(labeller, "name", type(labeller).__name__),
+                        label_source=describe_labeller(labeller), labels=list(DEFAULT_LABELS),
+                        **crowd_info, skipped=counts(skipped))

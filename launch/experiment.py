@@ -87,6 +87,8 @@ def features_main(argv) -> int:
     if max(int(p.max()) for p in sel["prompts"] if len(p)) >= w.cfg.vocab_size:
         raise UserError(f"{ds.path}: token ids outside the model's vocabulary; build the dataset with "
                         f"the model's tokenizer")
+    if w.tokenizer is not None:  # the spans as text, for the classical baselines (experiments/forecast.py)
+        sel["texts"] = F.example_texts(ds, sel, w.tokenizer)
     params = jax.device_put(w.params)
     info = {"data": str(ds.path), "weights": a.weights, "weights_source": w.source,
             "data_config": ds.metadata.get("config"), "max_cases_per_event": a.max_cases_per_event,

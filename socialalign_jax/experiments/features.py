@@ -9,12 +9,18 @@ Layout of a cache directory:
 
     manifest.json          key, what it was computed from, progress (chunks done), complete flag
     examples.npz           per example: event index, label, prompt length, case index, dataset row
-    events.json            per event: name, real distribution (all labelled responses), count
+    events.json            per event: name, real distribution (its target: the crowd, or all its
+                           labelled responses), count, noise floor
+    texts.json             per example: the news span, the user span and the response, as text (the
+                           classical baselines of experiments/forecast.py read what the model reads)
     chunk_00000.npz ...    features [n, D] float32 and the example positions they belong to
 
 The key is a sha256 over the model's parameters, the tokenizer file and the token ids of
 every selected prompt (which carry the rendered template): a change to any of them gives a
-new key, and a cache with another key is recomputed from scratch rather than trusted.
+new key, and a cache with another key is recomputed from scratch rather than trusted. Labels
+and targets are not features: a dataset rebuilt with another labeller (same prompts) keeps its
+features, its examples/events/texts files are rewritten, and `FeatureSet.key` (what an
+experiment's cells are keyed by) covers them too, so no cell of the old labels is reused.
 Chunks are written atomically and recorded in the manifest after they land, so a killed
 computation resumes at the first missing chunk. No pickle: npz arrays and JSON only.
 """
@@ -38,6 +44,7 @@ from socialalign_jax.model import decoder
 MANIFEST = "manifest.json"
 EXAMPLES = "examples.npz"
 EVENTS = "events.json"
+TEXTS = "texts.json"
 FORMAT = 1
 LENGTH_STEP = 32  # prompt lengths are padded up to a multiple of this (few shapes compile)
 
@@ -91,11 +98,28 @@ def select_examples(dataset, *, max_cases_per_event: int = 0, num_events: int = 
         ex["prompt_len"].append(n)
         ex["case_index"].append(int(rec["case_index"]))
         ex["row"].append(r)
-    events = [{"name": names[e], "real": [float(x) for x in real[e]["dist"]], "count": int(real[e]["count"])}
-              for e in candidates]
+    events = [{"name": names[e], "real": [float(x) for x in real[e]["dist"]], "count": int(real[e]["count"]),
+               "noise_floor": real[e].get("noise_floor")} for e in candidates]
     return {"prompts": prompts, "examples": {k: np.asarray(v, np.int64) for k, v in ex.items()},
             "events": events, "classes": list(dataset.metadata.get("classes") or []),
             "pad_id": int(dataset.pad_id)}
+
+
+def example_texts(dataset, selection: dict, tokenizer) -> list[dict[str, str]]:
+    """Per selected example: its prompt's news span and user span decoded to text, and its response."""
+    rows: list[tuple[str, int]] = []
+    for split in sorted(dataset.sources):
+        rows += [(split, i) for i in range(len(dataset.index(split)["event_id"]))]
+    out = []
+    for r in selection["examples"]["row"]:
+        split, i = rows[int(r)]
+        rec = dataset.source(split)[i]
+        ids = np.asarray(rec["input_ids"]).tolist()
+        ue, ne = int(rec["user_end"]), int(rec["news_end"])
+        resp = rec["response"]
+        out.append({"user": tokenizer.decode(ids[:ue]), "news": tokenizer.decode(ids[ue:ne]),
+                    "response": resp.decode("utf-8") if isinstance(resp, bytes) else str(resp)})
+    return out
 
 
 # ----------------------------------------------------------------------------- key
@@ -201,6 +225,13 @@ def compute(out_dir: str | os.PathLike, selection: dict, params, model_cfg, *, m
             for f in out.glob("chunk_*.npz"):
                 f.unlink()
             manifest = None
+    # Labels, targets and texts are rewritten on every call: they are not features (a relabelled
+    # dataset keeps its prompts and so its key), and FeatureSet.key hashes them for the cells.
+    buf = {k: v for k, v in selection["examples"].items()}
+    atomic_io.atomic_write(out / EXAMPLES, lambda f: np.savez(f, **buf), binary=True)
+    atomic_io.write_json({"events": selection["events"], "classes": selection["classes"]}, out / EVENTS)
+    if selection.get("texts") is not None:
+        atomic_io.write_json(selection["texts"], out / TEXTS)
     if manifest is None:
         manifest = {"format": FORMAT, "key": key, "model_digest": model_digest, "tokenizer_digest": tok_digest,
                     "prompts_digest": prompts_digest(prompts), "num_examples": n, "chunk_size": chunk_size,
@@ -208,9 +239,6 @@ def compute(out_dir: str | os.PathLike, selection: dict, params, model_cfg, *, m
                     "complete": False, "seconds": 0.0, "prompt_tokens": int(sum(len(p) for p in prompts)),
                     "order": "events",
                     "info": dict(info or {})}
-        buf = {k: v for k, v in selection["examples"].items()}
-        atomic_io.atomic_write(out / EXAMPLES, lambda f: np.savez(f, **buf), binary=True)
-        atomic_io.write_json({"events": selection["events"], "classes": selection["classes"]}, out / EVENTS)
         atomic_io.write_json(manifest, man_path)
     order = example_order(selection, manifest.get("order", "length"), chunk_size)
     done = set(manifest["done"])
@@ -274,6 +302,13 @@ class FeatureSet:
             self.examples = {k: z[k] for k in z.files}
         ev = json.loads((self.path / EVENTS).read_text("utf-8"))
         self.events, self.classes = ev["events"], ev["classes"]
+        texts = self.path / TEXTS
+        self.texts: list[dict] | None = json.loads(texts.read_text("utf-8")) if texts.exists() else None
+        h = hashlib.sha256(self.manifest["key"].encode())
+        for k in sorted(self.examples):
+            h.update(k.encode() + np.ascontiguousarray(self.examples[k]).tobytes())
+        h.update(json.dumps(ev, sort_keys=True).encode())
+        self._key = h.hexdigest()
         n = int(self.manifest["num_examples"])
         self.features = np.zeros((n, int(self.manifest["hidden_size"])), np.float32)
         seen = np.zeros(n, bool)
@@ -294,11 +329,24 @@ class FeatureSet:
             self.examples = {k: v[keep] for k, v in self.examples.items()}
             self.examples["event"] = remap[self.examples["event"]]
             self.features = self.features[keep]
+            if self.texts is not None:
+                self.texts = [t for t, k in zip(self.texts, keep) if k]
             self.events = [self.events[i] for i in keep_ev]
 
     @property
     def key(self) -> str:
-        return self.manifest["key"]
+        """The features' key plus a hash of the labels and targets: what decides a cell's result."""
+        return self._key
+
+    @property
+    def counts(self) -> np.ndarray:
+        """[E] responses behind each event's target."""
+        return np.asarray([e["count"] for e in self.events], np.float64)
+
+    @property
+    def noise_floor(self) -> np.ndarray:
+        """[E] each target's noise floor (nan where the cache predates it)."""
+        return np.asarray([np.nan if e.get("noise_floor") is None else e["noise_floor"] for e in self.events])
 
     @property
     def event_names(self) -> list[str]:

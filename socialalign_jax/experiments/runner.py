@@ -2,10 +2,15 @@
 
 A plan (TOML, experiments/*.toml; docs/experiments.md) names a kind of cell:
 
-* ``kind = "head"`` (design A): the sentiment head trained on a cached feature set
-  (features.py) with settings `heads.HeadConfig`; a row with ``reference = "prior"`` or
-  ``"uniform"`` is a model-free reference (the training events' pooled label distribution,
-  or the uniform one, predicted for every held-out case);
+* ``kind = "head"`` (design A, the crowd benchmark): the sentiment head trained on a cached
+  feature set (features.py) with settings `heads.HeadConfig`; ``model = "ngram"`` with
+  ``text = "news" | "news_user" | "response"`` is the classical char n-gram baseline
+  (forecast.py) on those texts; ``shrink = true`` on a model row mixes its forecast with the
+  training prior, ``w`` chosen inside the training events; a row with ``reference =`` is
+  model-free: ``"prior"`` (the training events' pooled label mix for every held-out case),
+  ``"uniform"``, ``"cases"`` (each held-out case's own label: a per-case model that is always
+  right, the ceiling of averaging cases) or ``"floor"`` (no forecast: each event's noise floor,
+  what a forecast of its true mix scores on average);
 * ``kind = "train"`` (design B): `launch/train.py` on a per-fold dataset (the fold's events
   held out), with the plan's common flags plus the row's flags; metrics from the run's
   held-out predictions.
@@ -38,14 +43,18 @@ from socialalign_jax.core import atomic_io
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data import tfds_builders as B
 from socialalign_jax.evaluation.predictions import load_predictions
-from socialalign_jax.experiments import cells as C, folds as FO, heads, summary as S
+from socialalign_jax.core.divergence import jensen_shannon
+from socialalign_jax.experiments import cells as C, features as FE, folds as FO, forecast as FC, heads, summary as S
 from socialalign_jax.experiments.features import FeatureSet
 from socialalign_jax.experiments.heads import HeadConfig
 
 CELLS = "cells.jsonl"
 KINDS = ("head", "train")
-REFERENCES = ("prior", "uniform")
-_ROW_META = ("name", "label", "reference", "flags")
+REFERENCES = ("prior", "uniform", "cases", "floor")
+MODELS = ("head", "ngram")
+TEXTS = ("news", "news_user", "response")
+# Row keys that choose the method rather than the head's settings (all of them enter the cell key).
+_ROW_META = ("name", "label", "reference", "flags", "model", "text", "shrink")
 
 
 # ----------------------------------------------------------------------------- plan
@@ -122,7 +131,15 @@ def load_plan(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         seen.add(r["name"])
         if r.get("reference") is not None and r["reference"] not in REFERENCES:
             raise UserError(f"{where}: field 'reference': expected one of {REFERENCES}, got {r['reference']!r}")
-        if plan["kind"] == "head" and r.get("reference") is None:
+        if r.get("model", "head") not in MODELS:
+            raise UserError(f"{where}: field 'model': expected one of {MODELS}, got {r['model']!r}")
+        if r.get("model") == "ngram" and r.get("text") not in TEXTS:
+            raise UserError(f"{where}: field 'text': expected one of {TEXTS} for an ngram row, got {r.get('text')!r}")
+        if not isinstance(r.get("shrink", False), bool):
+            raise UserError(f"{where}: field 'shrink': expected true or false, got {r['shrink']!r}")
+        if plan["kind"] != "head" and any(k in r for k in ("model", "text", "shrink")):
+            raise UserError(f"{where}: fields model/text/shrink are for plans of kind 'head'")
+        if plan["kind"] == "head" and r.get("reference") is None and r.get("model", "head") == "head":
             try:
                 HeadConfig.from_dict(row_settings(plan, r))
             except (TypeError, ValueError) as e:
@@ -130,6 +147,8 @@ def load_plan(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
     for i, c in enumerate(plan["compare"]):
         if not isinstance(c, dict) or c.get("a") not in seen or c.get("b") not in seen:
             raise UserError(f"{path}: compare[{i}]: expected {{a = ROW, b = ROW}} naming rows of this plan, got {c!r}")
+    if plan.get("baseline") is not None and plan["baseline"] not in seen:
+        raise UserError(f"{path}: field 'baseline': {plan['baseline']!r} is not a row of this plan")
     if plan["kind"] == "head":
         need("features", lambda v: isinstance(v, str) and v, "the feature cache directory")
     else:
@@ -163,6 +182,8 @@ class HeadContext:
         self.folds = FO.event_folds(self.fs.event_names, plan["folds"], plan["fold_seed"])
         self.fold_of = FO.fold_of(self.folds)
         self.identity = {"features": self.fs.key}
+        self._memo: dict[str, tuple[np.ndarray, dict]] = {}
+        self._doc_cache: dict[str, list] = {}
         if self.fs.partial:  # a cell on a partial cache is a different cell from one on the complete cache
             self.identity["events"] = self.fs.event_names
 
@@ -171,30 +192,139 @@ class HeadContext:
         ev = fs.examples["event"]
         labels = fs.examples["label"]
         held = np.asarray([self.fold_of[n] == fold for n in fs.event_names])  # [E]
-        test_events = np.flatnonzero(held)
+        test_events, train_events = np.flatnonzero(held), np.flatnonzero(~held)
         test_idx = np.flatnonzero(held[ev])
-        train_idx = np.flatnonzero(~held[ev])
-        real = fs.real
-        counts = np.asarray([e["count"] for e in fs.events], np.float64)
+        real, k = fs.real, fs.real.shape[1]
+        prior = FC.prior(real, fs.counts, train_events)
         extra: dict[str, Any] = {}
-        if row.get("reference") is not None:
-            if row["reference"] == "prior":  # pooled label distribution of the training events' responses
-                w = counts * ~held
-                p = (real * w[:, None]).sum(0) / w.sum()
-            else:
-                p = np.full(real.shape[1], 1.0 / real.shape[1])
-            probs = np.broadcast_to(p, (test_idx.size, real.shape[1]))
-            hard = row["reference"] == "prior"
+        hard = True
+        if row.get("reference") == "floor":  # no forecast: each held-out event's noise floor stands as its JSD
+            floors = fs.noise_floor
+            events = [{"event": fs.event_names[e], "n": int((ev == e).sum()), "real": real[e].tolist(),
+                       "jsd": float(floors[e])} for e in test_events]
+            if not np.all(np.isfinite(floors[test_events])):
+                raise CellFailed(f"{fs.path}: the cache's events carry no noise floor; rerun the features command")
+            return {"events": events, "metrics": C.cell_metrics(events, fs.classes)}
+        if row.get("reference") == "prior":
+            probs = np.broadcast_to(prior, (test_idx.size, k))
+        elif row.get("reference") == "uniform":
+            probs, hard = np.full((test_idx.size, k), 1.0 / k), False
+        elif row.get("reference") == "cases":  # each case's own label (unlabelled: the prior)
+            lab = labels[test_idx]
+            probs = np.where((lab >= 0)[:, None], np.eye(k)[np.maximum(lab, 0)], prior)
         else:
-            cfg = heads.HeadConfig.from_dict(row_settings(plan, row))
-            head, curve = heads.train_head(cfg, fs.features, labels, ev, train_idx, real, seed)
-            probs = heads.predict(cfg, head, fs.features[test_idx])
-            hard = True
-            extra["curve"] = _curve_record(curve)
+            probs, info = self._forecast(plan, row, train_events, test_events, fold, seed)
+            extra.update(info)
+            if row.get("shrink"):
+                w = self._shrink_weight(plan, row, train_events, fold, seed, info)
+                probs = FC.shrink(probs, prior, w)
+                extra["shrink_w"] = w
         remap = {int(e): i for i, e in enumerate(test_events)}
         events = C.event_records([fs.event_names[e] for e in test_events], real[test_events], np.asarray(probs),
                                  labels[test_idx], np.asarray([remap[int(e)] for e in ev[test_idx]]), hard=hard)
         return {"events": events, "metrics": C.cell_metrics(events, fs.classes), **extra}
+
+    # -- model rows: a forecast for the examples of `target` events from a fit on `train` events
+
+    def _forecast(self, plan: dict, row: dict, train: np.ndarray, target: np.ndarray, fold: int, seed: int,
+                  fixed: dict | None = None) -> tuple[np.ndarray, dict]:
+        """[examples of `target` events, K] probabilities (in example order) and what the fit chose.
+        Memoised per (method, events, seed): a shrunk row reuses its unshrunk twin's forecasts."""
+        memo_key = _digest({"row": row_settings(plan, row), **{k: row.get(k) for k in ("model", "text")},
+                            "train": train.tolist(), "target": target.tolist(), "seed": seed, "fixed": fixed})
+        if memo_key not in self._memo:
+            if row.get("model", "head") == "head":
+                self._memo[memo_key] = self._head_forecast(plan, row, train, target, seed)
+            else:
+                self._memo[memo_key] = self._ngram_forecast(row, train, target, fold, seed, fixed)
+        probs, info = self._memo[memo_key]
+        return probs, dict(info)
+
+    def _head_forecast(self, plan, row, train, target, seed):
+        fs, ev = self.fs, self.fs.examples["event"]
+        cfg = heads.HeadConfig.from_dict(row_settings(plan, row))
+        train_idx = np.flatnonzero(np.isin(ev, train))
+        head, curve = heads.train_head(cfg, fs.features, fs.examples["label"], ev, train_idx, fs.real, seed)
+        return heads.predict(cfg, head, fs.features[np.flatnonzero(np.isin(ev, target))]), {"curve": _curve_record(curve)}
+
+    def _docs(self, text: str) -> list:
+        """Per example, the char n-gram counts of its `text` ('news', 'news_user' or 'response'), computed once."""
+        if text not in self._doc_cache:
+            if self.fs.texts is None:
+                raise CellFailed(f"{self.fs.path}: no {FE.TEXTS} (a cache from before the n-gram rows); "
+                                 "rerun `launch/experiment.py features` on it (the features are kept)")
+            parts = {"news": ("news",), "news_user": ("news", "user"), "response": ("response",)}[text]
+            self._doc_cache[text] = [FC.char_ngrams("\n".join(t[p] for p in parts)) for t in self.fs.texts]
+        return self._doc_cache[text]
+
+    def _ngram_forecast(self, row, train, target, fold, seed, fixed):
+        """news: one document per event, fitted to the events' target mixes (soft labels); news_user and
+        response: one per case, fitted to the cases' labels, an event's forecast the mean over its cases.
+        C is chosen by inner cross-validation over the training events (or `fixed`)."""
+        fs, ev, text = self.fs, self.fs.examples["event"], row["text"]
+        docs = self._docs(text)
+        first = {}
+        for i, e in enumerate(ev):
+            first.setdefault(int(e), i)
+
+        def fit_predict(tr_events, tg_events, c):
+            if text == "news":  # one document and one soft target per event
+                tr_rows = [first[int(e)] for e in tr_events]
+                y, sw = fs.real[tr_events], None
+            else:
+                tr_rows = [i for i in np.flatnonzero(np.isin(ev, tr_events)) if fs.examples["label"][i] >= 0]
+                y, sw = np.eye(fs.real.shape[1])[fs.examples["label"][tr_rows]], None
+            vec = FC.Tfidf.fit([docs[i] for i in tr_rows])
+            model = FC.Softmax.fit(vec.transform([docs[i] for i in tr_rows]), y, c, sw)
+            tg_rows = np.flatnonzero(np.isin(ev, tg_events))
+            if text == "news":  # the event's forecast for each of its cases
+                per_event = {int(e): p for e, p in zip(tg_events, model.predict(vec.transform([docs[first[int(e)]] for e in tg_events])))}
+                return np.asarray([per_event[int(ev[i])] for i in tg_rows])
+            return model.predict(vec.transform([docs[i] for i in tg_rows]))
+
+        if fixed is not None:
+            c = fixed["c"]
+        else:  # inner CV over the training events: the C whose out-of-fold event forecasts are closest
+            names = [fs.event_names[e] for e in train]
+            inner = FC.inner_folds(names, seed=_inner_seed(fold, seed))
+            pos = {n: e for n, e in zip(names, train)}
+            scores = {}
+            for c_try in FC.C_GRID:
+                jsds = []
+                for members in inner:
+                    tg = np.asarray(sorted(pos[n] for n in members))
+                    tr = np.setdiff1d(train, tg)
+                    pred = _event_means(fit_predict(tr, tg, c_try), ev[np.isin(ev, tg)], tg)
+                    jsds.append(jensen_shannon(fs.real[tg], pred))
+                scores[c_try] = float(np.mean(np.concatenate(jsds)))
+            c = min(FC.C_GRID, key=lambda x: (round(scores[x], 12), x))
+        return fit_predict(train, target, c), {"c": c}
+
+    def _shrink_weight(self, plan, row, train, fold, seed, info) -> float:
+        """w for `row`'s forecast, from out-of-fold forecasts of the TRAINING events (inner folds), each
+        against the prior of its own inner training events; held-out events never enter."""
+        fs, ev = self.fs, self.fs.examples["event"]
+        names = [fs.event_names[e] for e in train]
+        pos = {n: e for n, e in zip(names, train)}
+        fixed = {"c": info["c"]} if "c" in info else None
+        fc, pr, rl = [], [], []
+        for members in FC.inner_folds(names, seed=_inner_seed(fold, seed)):
+            tg = np.asarray(sorted(pos[n] for n in members))
+            tr = np.setdiff1d(train, tg)
+            probs, _ = self._forecast(plan, row, tr, tg, fold, seed, fixed=fixed)
+            fc.append(_event_means(probs, ev[np.isin(ev, tg)], tg))
+            pr.append(np.broadcast_to(FC.prior(fs.real, fs.counts, tr), (tg.size, fs.real.shape[1])))
+            rl.append(fs.real[tg])
+        return FC.choose_weight(np.concatenate(fc), np.concatenate(pr), np.concatenate(rl))
+
+
+def _inner_seed(fold: int, seed: int) -> int:
+    return 7919 * (fold + 1) + seed
+
+
+def _event_means(probs: np.ndarray, event_of: np.ndarray, events: np.ndarray) -> np.ndarray:
+    """[len(events), K] the mean of `probs` rows per event (rows in example order, `event_of` their events)."""
+    return np.stack([probs[event_of == e].mean(axis=0) for e in events])
 
 
 def _curve_record(curve: np.ndarray, points: int = 100) -> dict:
@@ -323,6 +453,7 @@ def run_plan(plan: dict, out: str | os.PathLike, *, log: Callable[[str], None] =
     for row, fold, seed in cell_list(plan):
         key = _digest({"identity": ctx.identity, "kind": plan["kind"], "row": row_settings(plan, row),
                        "reference": row.get("reference"), "flags": row.get("flags"),
+                       **{k: row[k] for k in ("model", "text", "shrink") if k in row},
                        "common": plan.get("common_flags"), "config": plan.get("train_config"),
                        "folds": plan["folds"], "fold_seed": plan["fold_seed"], "fold": fold, "seed": seed})
         if key not in done:
@@ -400,7 +531,7 @@ def write_summary(plan: dict, out: Path, records: list[dict]) -> dict:
     bs = plan["bootstrap"]
     summ = S.summarise({r: c for r, c in by_row.items() if c}, [(c["a"], c["b"]) for c in plan["compare"]],
                        n_resamples=int(bs.get("n_resamples", 2000)), seed=int(bs.get("seed", 0)),
-                       confidence=float(bs.get("confidence", 0.95)))
+                       confidence=float(bs.get("confidence", 0.95)), baseline=plan.get("baseline"))
     summ["plan"] = plan["name"]
     if plan.get("allow_partial"):
         summ["partial_note"] = "the events whose features were computed so far (a random sample of the plan's events)"
@@ -416,6 +547,22 @@ def write_summary(plan: dict, out: Path, records: list[dict]) -> dict:
         md += (f"\n\nConvergence: over the last 10% of steps the training loss moved by a median "
                f"{100 * float(np.median(conv)):.2f}% (at most {100 * max(conv):.2f}%) of its value over the 10% before "
                f"({len(conv)} trained cells; curves: curves.png beside summary.md).")
+    if summ.get("baseline"):
+        md += (f"\n\nSkill vs {labels.get(summ['baseline'], summ['baseline'])}: 1 - the row's mean event JSD / "
+               "the baseline's, on the same held-out events, folds and seeds (+12% = 12% closer to the real "
+               "crowd; an interval containing 0: not shown to be better).")
+    ws = {r: [c["shrink_w"] for c in cs if "shrink_w" in c] for r, cs in by_row.items()}
+    ws = {r: v for r, v in ws.items() if v}
+    if ws:
+        md += ("\n\nShrink weights w (chosen per cell by inner cross-validation on the training events; "
+               "0 = the prior): " + "; ".join(f"{labels.get(r, r)}: median {np.median(v):.2f} "
+                                             f"(range {min(v):.2f}-{max(v):.2f})" for r, v in ws.items()) + ".")
+    cs_ = {r: [c["c"] for c in cs if "c" in c] for r, cs in by_row.items()}
+    cs_ = {r: v for r, v in cs_.items() if v}
+    if cs_:
+        md += ("\n\nn-gram L2 settings C (chosen per cell by inner cross-validation on the training events): "
+               + "; ".join(f"{labels.get(r, r)}: {', '.join(f'{c:g} x{v.count(c)}' for c in sorted(set(v)))}"
+                           for r, v in cs_.items()) + ".")
     if summ.get("partial_note"):
         md += f"\n\nPartial feature cache: {summ['num_events']} held-out events, {summ['partial_note']}."
     summ["markdown"] = md

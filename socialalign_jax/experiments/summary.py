@@ -68,8 +68,13 @@ def _row_stat(cells: Sequence[dict], metric: str, pos: dict[str, int]):
 
 
 def summarise(cells_by_row: dict[str, list[dict]], compare: Sequence[tuple[str, str]], *,
-              n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> dict:
-    """{'rows': {row: {metric: {point, low, high, ...}, 'cells': n}}, 'differences': [...]}."""
+              n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95, baseline: str | None = None) -> dict:
+    """{'rows': {row: {metric: {point, low, high, ...}, 'cells': n}}, 'differences': [...]}.
+
+    `baseline` (a row, e.g. the training prior): each row also gets 'skill' = 1 - its mean event JSD /
+    the baseline's over the cells both have (same folds, seeds and events), with its interval: the
+    share of the baseline's error the row removes (0: no better; negative: worse).
+    """
     every = [c for cs in cells_by_row.values() for c in cs]
     if not every:
         return {"rows": {}, "differences": []}
@@ -85,6 +90,16 @@ def summarise(cells_by_row: dict[str, list[dict]], compare: Sequence[tuple[str, 
                 continue
             res[m] = bootstrap.bootstrap(_row_stat(cells, m, pos), len(names), **kw)
         out["rows"][row] = res
+    base = {(c["fold"], c["seed"]): c for c in cells_by_row.get(baseline, [])} if baseline else {}
+    for row, cells in cells_by_row.items():
+        mine = {(c["fold"], c["seed"]): c for c in cells}
+        common = sorted(set(mine) & set(base))
+        if row == baseline or not common or "jsd_mean" not in out["rows"][row]:
+            continue
+        sa = _row_stat([mine[k] for k in common], "jsd_mean", pos)
+        sb = _row_stat([base[k] for k in common], "jsd_mean", pos)
+        out["rows"][row]["skill"] = bootstrap.bootstrap(lambda w, sa=sa, sb=sb: 1.0 - sa(w) / sb(w), len(names), **kw)
+    out["baseline"] = baseline if base else None
     for a, b in compare:
         ca = {(c["fold"], c["seed"]): c for c in cells_by_row.get(a, [])}
         cb = {(c["fold"], c["seed"]): c for c in cells_by_row.get(b, [])}
@@ -108,19 +123,31 @@ def _ci(r: dict | None, nd: int = 4) -> str:
     return f"{r['point']:.{nd}f} [{r['low']:.{nd}f}, {r['high']:.{nd}f}]"
 
 
+def _pct(r: dict | None) -> str:
+    if r is None:
+        return ""
+    return f"{100 * r['point']:+.1f}% [{100 * r['low']:+.1f}%, {100 * r['high']:+.1f}%]"
+
+
 def markdown(summary: dict, labels: dict[str, str] | None = None, title: str = "") -> str:
     """The rows table and the paired-differences table, intervals in brackets."""
     labels = labels or {}
     lines = [f"**{title}**", ""] if title else []
     has_rouge = any("rougeL" in r for r in summary["rows"].values())
-    head = "| row | cells (folds x seeds) | mean event JSD [95% CI] | head macro-F1 [95% CI] | head accuracy [95% CI] |"
-    sep = "|---|---|---|---|---|"
+    base = summary.get("baseline")
+    head = "| row | cells (folds x seeds) | mean event JSD [95% CI] |"
+    sep = "|---|---|---|"
+    if base:
+        head, sep = head + f" skill vs {labels.get(base, base)} [95% CI] |", sep + "---|"
+    head, sep = head + " case macro-F1 [95% CI] | case accuracy [95% CI] |", sep + "---|---|"
     if has_rouge:
         head, sep = head + " ROUGE-L [95% CI] |", sep + "---|"
     lines += [head, sep]
     for row, r in summary["rows"].items():
-        line = (f"| {labels.get(row, row)} | {r['cells']} ({r['folds']} x {r['seeds']}) | {_ci(r.get('jsd_mean'))} | "
-                f"{_ci(r.get('macro_f1'))} | {_ci(r.get('accuracy'))} |")
+        line = f"| {labels.get(row, row)} | {r['cells']} ({r['folds']} x {r['seeds']}) | {_ci(r.get('jsd_mean'))} |"
+        if base:
+            line += f" {_pct(r.get('skill'))} |"
+        line += f" {_ci(r.get('macro_f1'))} | {_ci(r.get('accuracy'))} |"
         if has_rouge:
             line += f" {_ci(r.get('rougeL'))} |"
         lines.append(line)

@@ -7,11 +7,11 @@ Why these exist. A crowd forecast is worth something only if it beats "assume th
 * a **classical baseline** of the same inputs (char 1-3 gram TF-IDF + multinomial logistic
   regression, the usual strong baseline for short Chinese text): if it does as well as the
   head on frozen LLM features, the LLM is not what carries the forecast;
-* the **shrink** ``w * model + (1 - w) * prior``: a forecast that is noisier than it is
-  informative should lean on the prior. ``w`` is chosen by cross-validation inside the
-  training events (`choose_weight` on out-of-fold forecasts of `inner_folds`), so a held-out
-  event never decides it; ``w = 0`` is the prior exactly, so a shrunk row can only be worse
-  than the prior by the noise of choosing ``w``.
+* the **shrink** ``w * model + (1 - w) * prior`` (evaluation/skill.py): a forecast that is
+  noisier than it is informative should lean on the prior. In the experiments ``w`` is chosen
+  by cross-validation inside the training events (`skill.choose_weight` on out-of-fold
+  forecasts of `inner_folds`), so a held-out event never decides it; ``w = 0`` is the prior
+  exactly, so a shrunk row can only be worse than the prior by the noise of choosing ``w``.
 
 The n-gram model is our own numpy/optax code (no scikit-learn at run time); the tests check it
 against scikit-learn's LogisticRegression on the same matrix (tests/experiments/test_forecast.py).
@@ -26,10 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
-from socialalign_jax.core.divergence import jensen_shannon
 from socialalign_jax.experiments import folds as FO
 
-WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 21), 2).tolist())  # the shrink weights tried
 C_GRID = (0.3, 1.0, 3.0, 10.0)  # inverse L2 strengths tried for the n-gram model
 INNER_FOLDS = 4
 
@@ -134,28 +132,7 @@ class Softmax:
         return e / e.sum(axis=1, keepdims=True)
 
 
-# ----------------------------------------------------------------------------- the shrink
-
-def prior(real: np.ndarray, counts: np.ndarray, events: np.ndarray) -> np.ndarray:
-    """[K] the pooled label mix of these events' targets (each weighted by its responses): the usual mix."""
-    w = np.zeros(len(real))
-    w[events] = counts[events]
-    return (real * w[:, None]).sum(0) / w.sum()
-
-
-def shrink(forecast: np.ndarray, prior_: np.ndarray, w: float) -> np.ndarray:
-    """w * forecast + (1 - w) * prior (w = 0: the prior exactly; w = 1: the forecast)."""
-    return w * np.asarray(forecast, np.float64) + (1.0 - w) * np.asarray(prior_, np.float64)
-
-
-def choose_weight(forecast: np.ndarray, prior_: np.ndarray, real: np.ndarray,
-                  weights: Sequence[float] = WEIGHTS) -> float:
-    """The w of `weights` with the lowest mean JSD of shrink(forecast, prior, w) to `real` over the rows
-    (out-of-fold forecasts of training events and the prior of their own inner training events);
-    ties go to the smaller w (closer to the prior)."""
-    losses = [float(np.mean(jensen_shannon(real, shrink(forecast, prior_, w)))) for w in weights]
-    return float(weights[int(np.argmin(np.round(losses, 12)))])
-
+# ----------------------------------------------------------------------------- inner folds
 
 def inner_folds(names: Sequence[str], seed: int, k: int = INNER_FOLDS) -> list[list[str]]:
     """Folds of the TRAINING events only (the held-out fold is never among `names`)."""

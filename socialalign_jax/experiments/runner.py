@@ -42,6 +42,7 @@ import numpy as np
 from socialalign_jax.core import atomic_io
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data import tfds_builders as B
+from socialalign_jax.evaluation import skill as SK
 from socialalign_jax.evaluation.predictions import load_predictions
 from socialalign_jax.core.divergence import jensen_shannon
 from socialalign_jax.experiments import cells as C, features as FE, folds as FO, forecast as FC, heads, summary as S
@@ -195,7 +196,7 @@ class HeadContext:
         test_events, train_events = np.flatnonzero(held), np.flatnonzero(~held)
         test_idx = np.flatnonzero(held[ev])
         real, k = fs.real, fs.real.shape[1]
-        prior = FC.prior(real, fs.counts, train_events)
+        prior = SK.prior(real, fs.counts, train_events)
         extra: dict[str, Any] = {}
         hard = True
         if row.get("reference") == "floor":  # no forecast: each held-out event's noise floor stands as its JSD
@@ -217,7 +218,7 @@ class HeadContext:
             extra.update(info)
             if row.get("shrink"):
                 w = self._shrink_weight(plan, row, train_events, fold, seed, info)
-                probs = FC.shrink(probs, prior, w)
+                probs = SK.shrink(probs, prior, w)
                 extra["shrink_w"] = w
         remap = {int(e): i for i, e in enumerate(test_events)}
         events = C.event_records([fs.event_names[e] for e in test_events], real[test_events], np.asarray(probs),
@@ -313,9 +314,9 @@ class HeadContext:
             tr = np.setdiff1d(train, tg)
             probs, _ = self._forecast(plan, row, tr, tg, fold, seed, fixed=fixed)
             fc.append(_event_means(probs, ev[np.isin(ev, tg)], tg))
-            pr.append(np.broadcast_to(FC.prior(fs.real, fs.counts, tr), (tg.size, fs.real.shape[1])))
+            pr.append(np.broadcast_to(SK.prior(fs.real, fs.counts, tr), (tg.size, fs.real.shape[1])))
             rl.append(fs.real[tg])
-        return FC.choose_weight(np.concatenate(fc), np.concatenate(pr), np.concatenate(rl))
+        return SK.choose_weight(np.concatenate(fc), np.concatenate(pr), np.concatenate(rl))
 
 
 def _inner_seed(fold: int, seed: int) -> int:

@@ -59,10 +59,21 @@ def _short(text: str, n: int = 60) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
+def skill_lines(pred: Prediction) -> list[str]:
+    """How far to trust the shares: the run's track record on held-out events, and the shrink applied."""
+    lines = [f"forecast skill: {pred.skill_sentence}"]
+    w = float((pred.skill or {}).get("w_applied", 1.0))
+    if w < 1.0:
+        lines.append(f"the shares below lean toward the average mix of the training events (w = {w:.2f}: "
+                     f"{100 * w:.0f}% the model's forecast, {100 * (1 - w):.0f}% the average mix, the weight "
+                     "that did best on the held-out events); the head's own mean is raw_distribution in crowd.json")
+    return lines
+
+
 def summary_table(pred: Prediction) -> str:
     """The tables printed at the end of launch/predict.py (and the heart of report.md)."""
     pct = int(round(pred.level * 100))
-    lines = []
+    lines = [*skill_lines(pred), ""]
     for v, c in enumerate(pred.variants):
         head = f"wording {v + 1}: {_short(c.news)}  (#{c.topic}#, {pred.num_users} users)"
         lines += [head, "", f"| label | predicted share | {pct}% interval |"
@@ -92,6 +103,7 @@ def report_markdown(pred: Prediction, chart: str | None = CHART, max_posts: int 
            f"The crowd's distribution is the mean of the sentiment head's probabilities over the users; the "
            f"{int(round(pred.level * 100))}% intervals are percentile bootstraps over users "
            f"({pred.num_resamples} resamples), paired across wordings (docs/prediction.md).", ""]
+    out[2:2] = [f"**Forecast skill**: {pred.skill_sentence}.", "", *[f"{line}." for line in skill_lines(pred)[1:]], ""]
     for v, c in enumerate(pred.variants):
         out += [f"**Wording {v + 1}** (#{c.topic}#): {c.news}", ""]
     out += ["## Distribution", "", summary_table(pred)]

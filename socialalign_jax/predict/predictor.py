@@ -33,6 +33,7 @@ from socialalign_jax.data import tfds_builders as B
 from socialalign_jax.data.labellers import LexiconLabeller
 from socialalign_jax.data.prompt import PromptConfig, PromptTooLong, build_example
 from socialalign_jax.data.records import DEFAULT_LABELS, DataError, Event
+from socialalign_jax.evaluation import skill as skill_lib
 from socialalign_jax.inference import export, generation
 from socialalign_jax.model import sampling as sampling_lib
 from socialalign_jax.model.sampling import SamplingConfig
@@ -83,6 +84,8 @@ class CrowdResult:
     users: tuple[UserResult, ...]
     generated_distribution: dict[str, float] | None = None  # labeller's classes of the generated posts
     generated_interval: dict[str, tuple[float, float]] | None = None
+    # The head's mean before the shrink toward the average mix (None when nothing was shrunk).
+    raw_distribution: dict[str, float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +114,13 @@ class Prediction:
     run: dict[str, Any]
     variants: tuple[CrowdResult, ...]
     differences: tuple[Difference, ...] = ()
+    # The run's track record on its held-out events (evaluation/skill.py) plus 'sentence' and the
+    # shrink weight 'w' applied to the crowd's distribution (1 = the head's mean as it is).
+    skill: dict[str, Any] | None = None
+
+    @property
+    def skill_sentence(self) -> str:
+        return skill_lib.skill_sentence(self.skill)
 
     # The first wording is "the" prediction; the others are framing variants of it.
     @property
@@ -134,6 +144,8 @@ class Prediction:
         def crowd_json(c: CrowdResult) -> dict:
             d = {"news": c.news, "topic": c.topic, "distribution": c.distribution,
                  "interval": {k: list(v) for k, v in c.interval.items()}}
+            if c.raw_distribution is not None:
+                d["raw_distribution"] = c.raw_distribution
             if c.generated_distribution is not None:
                 d["generated"] = {"distribution": c.generated_distribution,
                                   "interval": {k: list(v) for k, v in c.generated_interval.items()}}
@@ -145,6 +157,7 @@ class Prediction:
                                "bootstrap": {"method": "percentile", "over": "users", "level": self.level,
                                              "resamples": self.num_resamples, "paired_across_variants": True},
                                "labeller": self.labeller, "run": self.run,
+                               "forecast_skill": {**(self.skill or {}), "sentence": self.skill_sentence},
                                "variants": [crowd_json(c) for c in self.variants], "differences": []}
         for d in self.differences:
             row = {"a": d.a, "b": d.b, "news_a": self.variants[d.a].news, "news_b": self.variants[d.b].news,
@@ -218,7 +231,8 @@ class Predictor:
 
     def __init__(self, params, adapters, model_cfg, lora_cfg, tokenizer, *, labels: Sequence[str] = DEFAULT_LABELS,
                  prompt: PromptConfig = PromptConfig(on_overflow="raise"), sampling: SamplingConfig | None = None,
-                 batch_size: int = 16, max_users: int = DEFAULT_MAX_USERS, run: Mapping[str, Any] | None = None):
+                 batch_size: int = 16, max_users: int = DEFAULT_MAX_USERS, run: Mapping[str, Any] | None = None,
+                 skill: Mapping[str, Any] | None = None):
         if adapters is None or "head" not in adapters:
             raise PredictError("these adapters have no sentiment head (lora.num_classes = 0): the crowd's "
                                "distribution is read off the head; train with lora.num_classes > 0")
@@ -239,6 +253,7 @@ class Predictor:
         self.batch_size = int(batch_size)
         self.max_users = int(max_users)
         self.run = dict(run or {})
+        self.skill = _checked_skill(skill, self.labels)
         self.compiled_shapes: set[tuple[int, int]] = set()  # (rows, prompt length) buckets seen so far
         self._lock = threading.Lock()
 
@@ -265,6 +280,7 @@ class Predictor:
         sampling = generation.sampling_config(cfg, run.tokenizer, int(pad_id))
         kw.setdefault("batch_size", int(cfg.sample.batch_size))
         info = {"workdir": os.path.abspath(run_dir), "step": run.step, "weights": str(cfg.model.weights)}
+        kw.setdefault("skill", read_skill(run_dir))
         return cls(run.params, run.adapters, run.model_cfg, run.lora_cfg, run.tokenizer, labels=labels,
                    prompt=prompt, sampling=sampling, run=info, **kw)
 
@@ -292,6 +308,7 @@ class Predictor:
             sampling = SamplingConfig(stop_tokens=generation.stop_tokens_for(tok), pad_id=int(pad))
         prompt = PromptConfig(mode=mode, max_length=int(max_length), on_overflow="raise", num_history=num_history)
         info = {"adapters": os.path.abspath(path), "weights": weights}
+        kw.setdefault("skill", read_skill(path if os.path.isdir(path) else os.path.dirname(path)))
         return cls(jax.device_put(w.params), jax.device_put(tree), w.cfg, lc, tok, labels=labels, prompt=prompt,
                    sampling=sampling, run=info, **kw)
 
@@ -368,6 +385,17 @@ class Predictor:
         idx = crowd_lib.resample_indices(u_n, seed, num_resamples)
         head = crowd_lib.summarise(probs, idx, level)
         gen = crowd_lib.summarise(gen_user, idx, level) if gen_user is not None else None
+        # The crowd's forecast leans toward the average mix by the run's measured weight w (1 - w of
+        # the way): the mean, its interval and every wording's difference are the same linear map
+        # of the users' head probabilities (each user's own probabilities are kept as they are).
+        w = float(self.skill["w"]) if self.skill else 1.0
+        prior = np.asarray(self.skill["prior"], np.float64) if self.skill and w < 1.0 else None
+        raw_mean = head.mean
+        if prior is not None:
+            head = head._replace(
+                mean=skill_lib.shrink(head.mean, prior, w),
+                interval=skill_lib.shrink(head.interval, prior[None, :, None], w),
+                diff=w * head.diff, diff_interval=w * head.diff_interval)
 
         crowds = []
         for v in range(v_n):
@@ -378,6 +406,7 @@ class Predictor:
             crowds.append(CrowdResult(
                 news=wordings[v], topic=topics[v], distribution=_dist(self.labels, head.mean[v]),
                 interval=_interval(self.labels, head.interval[v]), users=results,
+                raw_distribution=None if prior is None else _dist(self.labels, raw_mean[v]),
                 generated_distribution=None if gen is None else _dist(self.labels, gen.mean[v]),
                 generated_interval=None if gen is None else _interval(self.labels, gen.interval[v])))
         diffs = tuple(Difference(
@@ -387,7 +416,8 @@ class Predictor:
             for p, (i, j) in enumerate(head.pairs))
         return Prediction(labels=self.labels, num_users=u_n, samples=samples, seed=int(seed), level=float(level),
                           num_resamples=int(num_resamples), labeller=labeller_name, run=dict(self.run),
-                          variants=tuple(crowds), differences=diffs)
+                          variants=tuple(crowds), differences=diffs,
+                          skill=None if self.skill is None else {**self.skill, "w_applied": w})
 
     def _generate(self, examples: list[list[dict]], samples: int, seed: int, progress: bool):
         """Sample every (wording, user, sample) row in length-sorted, shape-bucketed batches.
@@ -436,6 +466,44 @@ class Predictor:
         return posts, probs
 
 
+def read_skill(directory: str) -> dict[str, Any] | None:
+    """A run's (or an export's) forecast_skill.json, or None when it has none (an older run)."""
+    import json
+
+    path = os.path.join(directory, skill_lib.SKILL_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise PredictError(f"{path}: unreadable ({e}); delete it to predict without a track record") from None
+    if not isinstance(rec, dict) or "status" not in rec:
+        raise PredictError(f"{path}: not a forecast track record (no 'status'); delete it to predict without one")
+    return rec
+
+
+def _checked_skill(rec: Mapping[str, Any] | None, labels: Sequence[str]) -> dict[str, Any] | None:
+    """The record, with w and the prior checked against the head's classes (a w without a usable prior is 1)."""
+    if rec is None:
+        return None
+    rec = dict(rec)
+    try:
+        w = float(rec.get("w", 1.0))
+    except (TypeError, ValueError):
+        raise PredictError(f"forecast track record: 'w' {rec.get('w')!r} is not a number") from None
+    if not 0.0 <= w <= 1.0:
+        raise PredictError(f"forecast track record: 'w' {w} is not in [0, 1]")
+    prior = rec.get("prior")
+    if w < 1.0 and (not isinstance(prior, list) or len(prior) != len(labels)):
+        raise PredictError(f"forecast track record: 'prior' must list {len(labels)} shares, one per class "
+                           f"({', '.join(labels)})")
+    if rec.get("labels") is not None and list(rec["labels"]) != list(labels):
+        raise PredictError(f"forecast track record: its classes {rec['labels']} are not the head's {list(labels)}")
+    rec["w"] = w
+    return rec
+
+
 def _run_dataset_metadata(cfg, run_dir: str) -> dict | None:
     """The run's built dataset's metadata (class names, num_history, pad id), when it is still there."""
     import json
@@ -448,5 +516,5 @@ def _run_dataset_metadata(cfg, run_dir: str) -> dict | None:
         return None
 
 
-__all__ = ["Predictor", "Prediction", "CrowdResult", "UserResult", "Difference", "PredictError", "default_topic",
+__all__ = ["read_skill", "Predictor", "Prediction", "CrowdResult", "UserResult", "Difference", "PredictError", "default_topic",
            "resolve_labeller", "DEFAULT_MAX_USERS"]

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 from socialalign_jax.core.errors import UserError, is_user_error, one_line
 from socialalign_jax.predict.predictor import PredictError, Predictor
+from socialalign_jax.evaluation.skill import skill_sentence
 from socialalign_jax.predict.users import User, parse_users_jsonl, parse_users_list, sample_users
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
@@ -132,7 +133,8 @@ def create_app(predictor: Predictor, *, pool: Sequence[User] | None = None, pool
     async def info(request: Request):
         return JSONResponse({"labels": list(predictor.labels), "run": predictor.run, "max_users": max_users,
                              "max_samples": max_samples, "pool_users": len(pool or ()), "pool_source": pool_source,
-                             "max_length": predictor.prompt_cfg.max_length})
+                             "max_length": predictor.prompt_cfg.max_length,
+                             "forecast_skill": skill_sentence(predictor.skill)})
 
     async def predict(request: Request):
         raw = await request.body()

@@ -26,6 +26,7 @@ from socialalign_jax.core.errors import UserError
 from socialalign_jax.data import setup
 from socialalign_jax.data.pipeline import BatchConfig, eval_batches, Subset, TrainIterator
 from socialalign_jax.data.setup import BUILD_KEYS
+from socialalign_jax.evaluation import skill
 from socialalign_jax.evaluation.head import head_metrics
 from socialalign_jax.model import axes as model_axes, decoder
 from socialalign_jax.model.config import ModelConfig
@@ -165,8 +166,9 @@ def _jitted_eval_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg, me
     return jax.jit(sharding.under_mesh(step_lib.make_eval_step(model_cfg, lora_cfg, loss_cfg), mesh, rules))
 
 
-def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[str, Any]:
-    """Held-out response CE, sentiment accuracy and cross-entropy / majority baseline, and mean event JSD."""
+def evaluate_split(job: Job, adapters, source, *, desc: str = "eval", per_event: bool = False) -> dict[str, Any]:
+    """Held-out response CE, sentiment accuracy and cross-entropy / majority baseline, and mean event JSD.
+    per_event: also return each event's forecast (the mean head distribution) under '_per_event'."""
 
     eval_step = _jitted_eval_step(job.model_cfg, job.lora_cfg, job.loss_cfg, job.mesh, job.rules)
     bs = int(job.cfg.data.eval_batch_size)
@@ -199,8 +201,31 @@ def evaluate_split(job: Job, adapters, source, *, desc: str = "eval") -> dict[st
                           {e: t for e, t in targets.items() if np.sum(t) > 0})
         res.update({k: hm[k] for k in ("sentiment_accuracy", "sentiment_macro_f1", "sentiment_ce",
                                        "majority_baseline_accuracy", "macro_jsd", "num_events")})
+        if per_event:
+            res["_per_event"] = hm["per_event"]
     res["num_examples"] = int((masks > 0).sum())
     return res
+
+
+def forecast_track_record(job: Job, per_event: dict[int, list[float]], seed: int = 0) -> dict[str, Any]:
+    """How the run's crowd forecasts (each held-out event's mean head distribution) did against the
+    training prior (the pooled mix of the training events' targets), with the shrink weight that
+    predictions will use (evaluation/skill.forecast_skill)."""
+    ds = job.data.dataset
+    splits = ds.metadata.get("targets", {})
+    train = {e: t for e, t in ds.targets("train").items() if t["count"] > 0} if "train" in splits else {}
+    test = ds.targets("test") if "test" in splits else {}
+    events = [e for e in sorted(per_event) if e in test and test[e]["count"] > 0]
+    if not train:
+        return {"num_events": len(events), "status": "none", "w": 1.0, "reason": "no training targets"}
+    es = sorted(train)
+    prior = skill.prior(np.asarray([train[e]["dist"] for e in es]), np.asarray([train[e]["count"] for e in es]))
+    floors = [np.nan if test[e].get("noise_floor") is None else test[e]["noise_floor"] for e in events]
+    rec = skill.forecast_skill(np.asarray([per_event[e] for e in events]).reshape(len(events), len(prior)),
+                               np.asarray([test[e]["dist"] for e in events]).reshape(len(events), len(prior)),
+                               prior, noise_floor=np.asarray(floors), seed=seed)
+    rec["labels"] = list(job.data.labels)
+    return rec
 
 
 # Keys that may change when a run resumes: they do not change what the steps already taken
@@ -421,9 +446,13 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
             if bar is not None:
                 bar.close()
         result = {"step": int(state["step"]), "train": {k: v for k, v in last.items() if not k.startswith("_")}}
+        track = None  # the forecast's track record on the held-out events (evaluation/skill.py)
         if cfg.train.eval_at_end and job.data.test is not None and len(job.data.test):
-            final = evaluate_split(job, state["adapters"], eval_source(cfg, job.data.test), desc="test split")
+            final = evaluate_split(job, state["adapters"], eval_source(cfg, job.data.test), desc="test split",
+                                   per_event=True)
+            track = forecast_track_record(job, final.pop("_per_event", {}), seed=int(cfg.train.seed))
             result["eval"] = final
+            result["forecast_skill"] = track
             if baseline is None and os.path.exists(os.path.join(workdir, "eval_step0.json")):
                 import json
                 baseline = json.load(open(os.path.join(workdir, "eval_step0.json")))
@@ -431,6 +460,13 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
             if is_main:
                 logger.write(result["step"], final, prefix="eval/")
                 write_json(result, os.path.join(workdir, "eval_final.json"))
+        if is_main:  # read by predict.py, the API, report.md and the page: every forecast carries this line
+            if track is None:
+                track = {"num_events": 0, "status": "none", "w": 1.0,
+                         "reason": "no test split" if job.data.test is None or not len(job.data.test)
+                         else "train.eval_at_end is off"}
+            write_json(track, os.path.join(workdir, skill.SKILL_FILE))
+            print(f"forecast skill: {skill.skill_sentence(track)}")
         logger.close()
         return result
     except BaseException:

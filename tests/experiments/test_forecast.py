@@ -12,6 +12,7 @@ from socialalign_jax.core.labels import DEFAULT_LABELS
 from socialalign_jax.experiments import features as F
 from socialalign_jax.experiments import forecast as FC
 from socialalign_jax.experiments import runner
+from socialalign_jax.evaluation import skill as SK
 
 sk_text = pytest.importorskip("sklearn.feature_extraction.text")
 sk_linear = pytest.importorskip("sklearn.linear_model")
@@ -73,17 +74,17 @@ def test_shrink_ends_and_weight_choice():
     rng = np.random.default_rng(0)
     prior = np.array([0.5, 0.3, 0.2])
     f = rng.dirichlet(np.ones(3), size=20)
-    np.testing.assert_array_equal(FC.shrink(f, prior, 0.0), np.broadcast_to(prior, f.shape))  # w = 0: the prior exactly
-    np.testing.assert_array_equal(FC.shrink(f, prior, 1.0), f)
+    np.testing.assert_array_equal(SK.shrink(f, prior, 0.0), np.broadcast_to(prior, f.shape))  # w = 0: the prior exactly
+    np.testing.assert_array_equal(SK.shrink(f, prior, 1.0), f)
     pri = np.broadcast_to(prior, f.shape)
-    assert FC.choose_weight(f, pri, pri) == 0.0  # the truth is the prior: lean on it entirely
-    assert FC.choose_weight(f, pri, f) == 1.0  # the truth is the forecast: trust it entirely
+    assert SK.choose_weight(f, pri, pri) == 0.0  # the truth is the prior: lean on it entirely
+    assert SK.choose_weight(f, pri, f) == 1.0  # the truth is the forecast: trust it entirely
     half = 0.5 * f + 0.5 * prior
-    assert FC.choose_weight(f, pri, half) == 0.5
+    assert SK.choose_weight(f, pri, half) == 0.5
     # the chosen w minimises the mean JSD over the grid (checked by brute force)
     real = rng.dirichlet(np.ones(3) * 5, size=20)
-    w = FC.choose_weight(f, pri, real)
-    losses = {v: np.mean(jensen_shannon(real, v * f + (1 - v) * prior)) for v in FC.WEIGHTS}
+    w = SK.choose_weight(f, pri, real)
+    losses = {v: np.mean(jensen_shannon(real, v * f + (1 - v) * prior)) for v in SK.WEIGHTS}
     assert losses[w] == min(losses.values())
 
 
@@ -186,8 +187,8 @@ def test_forecast_rows_inner_cv_never_sees_a_held_out_event(tmp_path, monkeypatc
 
     monkeypatch.setattr(runner.HeadContext, "_forecast", spy)
     calls = []
-    real_choice = FC.choose_weight
-    monkeypatch.setattr(FC, "choose_weight", lambda f, p, r, **kw: calls.append(len(r)) or real_choice(f, p, r, **kw))
+    real_choice = SK.choose_weight
+    monkeypatch.setattr(SK, "choose_weight", lambda f, p, r, **kw: calls.append(len(r)) or real_choice(f, p, r, **kw))
     plan, summ = _run(tmp_path, informative=True)
     assert not summ["failed"]
     outer = inner = 0

@@ -258,6 +258,56 @@ def test_api_rejects_bad_input_with_one_line(predictor):
         predictor.predict(NEWS, [{"history": []}])
 
 
+def test_the_forecast_carries_its_track_record_and_leans_on_the_prior_by_w(predictor, tmp_path):
+    """A run's forecast_skill.json: the crowd's shares, intervals and framing differences are
+    w * head + (1 - w) * prior (differences: w * head's), the head's own mean is kept, and every output
+    says how such forecasts did on held-out events."""
+    from socialalign_jax.predict import outputs
+
+    # the tiny run's own record: it skipped its final evaluation, so nothing is measured (and it says so)
+    rec = json.loads((Path(tiny_predict_run()) / "forecast_skill.json").read_text())
+    assert rec == {"num_events": 0, "status": "none", "w": 1.0, "reason": "train.eval_at_end is off"}
+    users = read_users(USERS)
+    raw = predictor.predict(NEWS, users, seed=2, variants=[NEWS2])
+    assert raw.skill_sentence.startswith("this run was not scored on held-out events")
+    assert raw.variants[0].raw_distribution is None
+    labels = list(predictor.labels)
+    prior = [0.5, 0.3, 0.2]
+    good = {"status": "better", "num_events": 40, "w": 0.25, "prior": prior, "labels": labels,
+            "skill": {"point": 0.12, "low": 0.05, "high": 0.19}}
+    shrunk_p = Predictor(predictor.params, predictor.adapters, predictor.model_cfg, predictor.lora_cfg,
+                         predictor.tokenizer, labels=predictor.labels, prompt=predictor.prompt_cfg,
+                         sampling=predictor.sampling, skill=good)
+    pred = shrunk_p.predict(NEWS, users, seed=2, variants=[NEWS2])
+    for v in range(2):
+        r, c = raw.variants[v], pred.variants[v]
+        assert c.raw_distribution == r.distribution
+        for i, k in enumerate(labels):
+            assert c.distribution[k] == pytest.approx(0.25 * r.distribution[k] + 0.75 * prior[i], abs=1e-12)
+            for j in range(2):
+                assert c.interval[k][j] == pytest.approx(0.25 * r.interval[k][j] + 0.75 * prior[i], abs=1e-12)
+        assert [u.sentiment for u in c.users] == [u.sentiment for u in r.users]  # users keep their own
+    for k in labels:
+        assert pred.differences[0].difference[k] == pytest.approx(0.25 * raw.differences[0].difference[k], abs=1e-12)
+    sentence = "on 40 held-out events these forecasts were 12% [5%, 19%] closer to the real crowd than the average mix"
+    assert pred.to_json()["forecast_skill"]["sentence"] == sentence
+    assert pred.to_json()["variants"][0]["raw_distribution"] == raw.distribution
+    table = outputs.summary_table(pred)
+    assert table.startswith(f"forecast skill: {sentence}\n") and "w = 0.25" in table
+    assert f"**Forecast skill**: {sentence}." in outputs.report_markdown(pred, chart=None)
+    # a damaged or mismatched record is refused in one line
+    (tmp_path / "forecast_skill.json").write_text("{not json", "utf-8")
+    with pytest.raises(PredictError, match="forecast_skill.json: unreadable") as e:
+        from socialalign_jax.predict.predictor import read_skill
+        read_skill(str(tmp_path))
+    assert "\n" not in str(e.value)
+    for bad, msg in (({**good, "w": 1.5}, "not in \\[0, 1\\]"), ({**good, "prior": [1.0]}, "must list 3 shares"),
+                     ({**good, "labels": ["a", "b", "c"]}, "are not the head's")):
+        with pytest.raises(PredictError, match=msg):
+            Predictor(predictor.params, predictor.adapters, predictor.model_cfg, predictor.lora_cfg,
+                      predictor.tokenizer, labels=predictor.labels, skill=bad)
+
+
 def test_users_given_as_dicts_or_objects_predict_the_same(predictor):
     users = read_users(USERS)[:2]
     a = predictor.predict(NEWS, users, seed=1)

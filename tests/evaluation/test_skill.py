@@ -81,3 +81,30 @@ def test_prior_is_the_response_weighted_mix_of_the_given_events():
     np.testing.assert_allclose(SK.prior(real, [1, 3, 4], events=[0, 2]), [0.2, 0.0, 0.8])
     with pytest.raises(ValueError):
         SK.prior(real, [0, 0, 0])
+
+
+def test_the_trainers_track_record_uses_the_training_prior_and_the_held_out_targets():
+    """train.loop.forecast_track_record: prior = response-weighted mix of the TRAIN targets; each held-out
+    event's forecast is scored against its test target (events without one are left out)."""
+    from types import SimpleNamespace
+
+    from socialalign_jax.data import targets as T
+    from socialalign_jax.data.tfds_builders import Dataset
+    from socialalign_jax.train.loop import forecast_track_record
+
+    rng = np.random.default_rng(4)
+    names = [f"e{i}" for i in range(40)]
+    train = {i: {"dist": [0.6, 0.3, 0.1], "count": 50 + i, "source": "crowd"} for i in range(20)}
+    test_real = rng.dirichlet(np.ones(3) * 2, size=20)
+    test = {20 + i: {"dist": test_real[i].tolist(), "count": 80, "source": "crowd", "noise_floor": 0.002}
+            for i in range(20)}
+    test[39] = {"dist": [0.0, 0.0, 0.0], "count": 0, "source": "none", "noise_floor": None}
+    meta = {"targets": T.to_json({"train": train, "test": test}, names)}
+    job = SimpleNamespace(data=SimpleNamespace(dataset=Dataset("d", meta, {}), labels=("negative", "neutral", "positive")))
+    per_event = {20 + i: test_real[i].tolist() for i in range(20)}  # perfect forecasts
+    rec = forecast_track_record(job, per_event, seed=0)
+    assert rec["num_events"] == 19 and rec["prior"] == pytest.approx([0.6, 0.3, 0.1])
+    assert rec["status"] == "better" and rec["skill"]["point"] == pytest.approx(1.0)
+    assert rec["noise_floor"] == pytest.approx(0.002) and rec["labels"] == ["negative", "neutral", "positive"]
+    # no held-out forecasts: nothing measured, said so
+    assert forecast_track_record(job, {}, seed=0)["status"] == "none"

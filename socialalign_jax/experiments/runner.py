@@ -140,6 +140,8 @@ def load_plan(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
             raise UserError(f"{where}: field 'shrink': expected true or false, got {r['shrink']!r}")
         if plan["kind"] != "head" and any(k in r for k in ("model", "text", "shrink")):
             raise UserError(f"{where}: fields model/text/shrink are for plans of kind 'head'")
+        if plan["kind"] != "head" and r.get("reference") == "cases":
+            raise UserError(f"{where}: field 'reference': 'cases' needs the cases' labels of a head plan")
         if plan["kind"] == "head" and r.get("reference") is None and r.get("model", "head") == "head":
             try:
                 HeadConfig.from_dict(row_settings(plan, r))
@@ -386,6 +388,8 @@ class TrainContext:
 
     def run(self, plan: dict, row: dict, fold: int, seed: int) -> dict:
         data = self.fold_data(fold)
+        if row.get("reference") is not None:
+            return self._reference(row["reference"], data, fold)
         wd = self.out / "runs" / row["name"] / f"fold{fold}" / f"seed{seed}"
         preds = wd / "predictions_test.jsonl"
         if not (wd / "eval" / "metrics.json").exists():
@@ -425,6 +429,31 @@ class TrainContext:
         real = np.asarray([targets[e]["dist"] for e in test_ids], np.float64)
         events = C.event_records([names[e] for e in test_ids], real, probs, labels, ev, rouge=rouge)
         return {"events": events, "metrics": C.cell_metrics(events, classes), "workdir": str(wd)}
+
+
+    def _reference(self, kind: str, data: Path, fold: int) -> dict:
+        """A model-free row on the fold's held-out events: the training prior, uniform, or each event's noise floor."""
+        ds = self.B.open_dataset(data)
+        classes = list(ds.metadata.get("classes"))
+        names = list(ds.metadata["events"])
+        train = {e: t for e, t in ds.targets("train").items() if t["count"] > 0}
+        test = {e: t for e, t in ds.targets("test").items() if t["count"] > 0}
+        test_ids = sorted(test)
+        real = np.asarray([test[e]["dist"] for e in test_ids], np.float64)
+        if kind == "floor":
+            events = [{"event": names[e], "n": 0, "real": test[e]["dist"], "jsd": float(test[e]["noise_floor"])}
+                      for e in test_ids]
+            return {"events": events, "metrics": C.cell_metrics(events, classes)}
+        if kind == "prior":
+            es = sorted(train)
+            p = SK.prior(np.asarray([train[e]["dist"] for e in es]), np.asarray([train[e]["count"] for e in es]))
+        elif kind == "uniform":
+            p = np.full(len(classes), 1.0 / len(classes))
+        else:
+            raise CellFailed(f"reference {kind!r} is for head plans (it needs the cases' features or labels)")
+        events = C.event_records([names[e] for e in test_ids], real, np.broadcast_to(p, real.shape),
+                                 np.full(len(test_ids), -1), np.arange(len(test_ids)), hard=False)
+        return {"events": events, "metrics": C.cell_metrics(events, classes)}
 
 
 # ----------------------------------------------------------------------------- running

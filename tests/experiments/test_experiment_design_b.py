@@ -52,6 +52,9 @@ flags = ["--config.lora.num_analyze=1", "--config.lora.num_compose=1"]
 [[rows]]
 name = "pac_token_nomacro"
 flags = ["--config.lora.routing=token", "--config.loss.lambda_macro=0"]
+[[rows]]
+name = "prior"
+reference = "prior"
 [[compare]]
 a = "lora_macro"
 b = "pac_token_nomacro"
@@ -92,9 +95,17 @@ def test_design_b_plan_runs_train_cells_on_fold_datasets(tmp_path):
     assert d["cells"] == 1 and d["jsd_mean"]["point"] == pytest.approx(
         summ["rows"]["lora_macro"]["jsd_mean"]["point"] - summ["rows"]["pac_token_nomacro"]["jsd_mean"]["point"])
     cells = [json.loads(ln) for ln in (out / "cells.jsonl").read_text().splitlines()]
-    assert {c["row"] for c in cells} == {"lora_macro", "pac_token_nomacro"}
-    assert all(sum(e["n"] for e in c["events"]) == 12 for c in cells)
+    assert {c["row"] for c in cells} == {"lora_macro", "pac_token_nomacro", "prior"}
+    trained = [c for c in cells if c["row"] != "prior"]
+    assert all(sum(e["n"] for e in c["events"]) == 12 for c in trained)
     assert all({e["event"] for e in c["events"]} <= set(folds[0]) for c in cells)
+    # the prior row: every held-out event gets the pooled mix of the fold's TRAINING targets (by hand)
+    (prior,) = [c for c in cells if c["row"] == "prior"]
+    tt = fold_ds.metadata["targets"]["train"].values()
+    want = [sum(t["dist"][k] * t["count"] for t in tt) / sum(t["count"] for t in tt) for k in range(3)]
+    assert {e["event"] for e in prior["events"]} == set(folds[0])
+    for e in prior["events"]:
+        assert e["pred"] == pytest.approx(want, abs=1e-12)
 
 
 def test_design_b_plan_file_is_valid(monkeypatch):
@@ -105,10 +116,12 @@ def test_design_b_plan_file_is_valid(monkeypatch):
     plan = runner.load_plan(REPO / "experiments" / "design_b.toml")
     assert plan["kind"] == "train" and len(plan["seeds"]) == 3
     assert {r["name"] for r in plan["rows"]} == {f"{a}_{m}" for a in ("lora", "pac_token", "pac_pooled")
-                                                 for m in ("macro", "nomacro")}
+                                                 for m in ("macro", "nomacro")} | {"prior", "floor"}
+    assert plan["baseline"] == "prior"
     steps = [f for f in plan["common_flags"] if f.startswith("--config.train.num_steps=")]
     assert steps and int(steps[0].split("=")[1]) >= 300
     assert "--config.model.weights=gguf:/x/DESIGN_B_GGUF" in plan["common_flags"]
-    assert len(runner.cell_list(plan)) == 18 and plan["parallel"] >= 18
+    trained = [c for c in runner.cell_list(plan) if c[0].get("reference") is None]
+    assert len(trained) == 18 and plan["parallel"] >= 18
     res = subprocess.run(["bash", "-n", str(REPO / "experiments" / "design_b.sh")], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

@@ -187,6 +187,7 @@ class HeadContext:
         self.identity = {"features": self.fs.key}
         self._memo: dict[str, tuple[np.ndarray, dict]] = {}
         self._doc_cache: dict[str, list] = {}
+        self._matrices: dict[tuple, tuple] = {}
         if self.fs.partial:  # a cell on a partial cache is a different cell from one on the complete cache
             self.identity["events"] = self.fs.event_names
 
@@ -270,20 +271,31 @@ class HeadContext:
         for i, e in enumerate(ev):
             first.setdefault(int(e), i)
 
+        def matrices(tr_events, tg_events):
+            """(X_train, y_train, X_target rows per target example): the vectoriser is fitted on the
+            training documents only, and reused for every C tried on the same split."""
+            key = (text, tuple(map(int, tr_events)), tuple(map(int, tg_events)))
+            if key not in self._matrices:
+                if text == "news":  # one document and one soft target per event
+                    tr_rows = [first[int(e)] for e in tr_events]
+                    y = fs.real[tr_events]
+                else:
+                    tr_rows = [i for i in np.flatnonzero(np.isin(ev, tr_events)) if fs.examples["label"][i] >= 0]
+                    y = np.eye(fs.real.shape[1])[fs.examples["label"][tr_rows]]
+                vec = FC.Tfidf.fit([docs[i] for i in tr_rows])
+                tg_rows = np.flatnonzero(np.isin(ev, tg_events))
+                if text == "news":  # the event's document for each of its cases
+                    x_tg = vec.transform([docs[first[int(ev[i])]] for i in tg_rows])
+                else:
+                    x_tg = vec.transform([docs[i] for i in tg_rows])
+                if len(self._matrices) >= 8:
+                    self._matrices.pop(next(iter(self._matrices)))
+                self._matrices[key] = (vec.transform([docs[i] for i in tr_rows]), y, x_tg)
+            return self._matrices[key]
+
         def fit_predict(tr_events, tg_events, c):
-            if text == "news":  # one document and one soft target per event
-                tr_rows = [first[int(e)] for e in tr_events]
-                y, sw = fs.real[tr_events], None
-            else:
-                tr_rows = [i for i in np.flatnonzero(np.isin(ev, tr_events)) if fs.examples["label"][i] >= 0]
-                y, sw = np.eye(fs.real.shape[1])[fs.examples["label"][tr_rows]], None
-            vec = FC.Tfidf.fit([docs[i] for i in tr_rows])
-            model = FC.Softmax.fit(vec.transform([docs[i] for i in tr_rows]), y, c, sw)
-            tg_rows = np.flatnonzero(np.isin(ev, tg_events))
-            if text == "news":  # the event's forecast for each of its cases
-                per_event = {int(e): p for e, p in zip(tg_events, model.predict(vec.transform([docs[first[int(e)]] for e in tg_events])))}
-                return np.asarray([per_event[int(ev[i])] for i in tg_rows])
-            return model.predict(vec.transform([docs[i] for i in tg_rows]))
+            x_tr, y, x_tg = matrices(tr_events, tg_events)
+            return FC.Softmax.fit(x_tr, y, c).predict(x_tg)
 
         if fixed is not None:
             c = fixed["c"]

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/socialalign_crowd}
 SHARED=${SHARED:-$(cd .. && pwd)/shared}
 LABELLER=${LABELLER:-ngram}
-CED_EVENTS=${CED_EVENTS:-600}
+CED_EVENTS=${CED_EVENTS:-500}
 CED_CASES=${CED_CASES:-3}
 ZS_CASES=${ZS_CASES:-8}
 export CROWD_FEATURES=$WORK/features

@@ -40,11 +40,11 @@ from typing import Any, Callable
 import numpy as np
 
 from socialalign_jax.core import atomic_io
+from socialalign_jax.core.divergence import jensen_shannon
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data import tfds_builders as B
 from socialalign_jax.evaluation import skill as SK
 from socialalign_jax.evaluation.predictions import load_predictions
-from socialalign_jax.core.divergence import jensen_shannon
 from socialalign_jax.experiments import cells as C, features as FE, folds as FO, forecast as FC, heads, summary as S
 from socialalign_jax.experiments.features import FeatureSet
 from socialalign_jax.experiments.heads import HeadConfig
@@ -401,7 +401,7 @@ class TrainContext:
     def run(self, plan: dict, row: dict, fold: int, seed: int) -> dict:
         data = self.fold_data(fold)
         if row.get("reference") is not None:
-            return self._reference(row["reference"], data, fold)
+            return self._reference(row["reference"], data)
         wd = self.out / "runs" / row["name"] / f"fold{fold}" / f"seed{seed}"
         preds = wd / "predictions_test.jsonl"
         if not (wd / "eval" / "metrics.json").exists():
@@ -442,8 +442,7 @@ class TrainContext:
         events = C.event_records([names[e] for e in test_ids], real, probs, labels, ev, rouge=rouge)
         return {"events": events, "metrics": C.cell_metrics(events, classes), "workdir": str(wd)}
 
-
-    def _reference(self, kind: str, data: Path, fold: int) -> dict:
+    def _reference(self, kind: str, data: Path) -> dict:
         """A model-free row on the fold's held-out events: the training prior, uniform, or each event's noise floor."""
         ds = self.B.open_dataset(data)
         classes = list(ds.metadata.get("classes"))

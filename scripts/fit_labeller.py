@@ -6,6 +6,7 @@ whose extra lists it) and snownlp (a dependency of the package) for the SnowNLP 
 itself reads the written file with numpy only.
 
     PYTHONPATH=. python scripts/fit_labeller.py [--data DIR] [--out FILE] [--boot 1000]
+    PYTHONPATH=. taskset -c 0 python scripts/fit_labeller.py --speed 500000   # labelling speed, one core
 
 DIR holds weibo2018/{train,test}.txt and smp2020_ewect/clean/*.txt (default: $SOCIALALIGN_SHARED/data,
 else ../shared/data beside the repository); without them the script stops with one line.
@@ -56,9 +57,10 @@ FILES = {"weibo2018/train": "weibo2018/train.txt", "weibo2018/test": "weibo2018/
          "ewect/usual_test": "smp2020_ewect/clean/usual_test_labeled.txt",
          "ewect/virus_test": "smp2020_ewect/clean/virus_test_labeled.txt"}
 # The hyperparameter grid searched on the eval files.
-# A (min_df, max_features) pair whose vocabulary is the same size as an earlier one's is skipped.
-GRID = {"min_df": (2, 3, 5), "max_features": (50_000, 100_000, 150_000), "C": (0.25, 0.5, 1.0, 2.0, 4.0),
-        "class_weight": (None, "balanced")}
+# Vocabularies as (min_df, max_features): the most frequent 50k/100k/150k n-grams seen in at least
+# 2 training texts, or every n-gram seen in at least 3 (~104k) or 5 (~56k) texts.
+GRID = {"vocabulary": ((2, 50_000), (2, 100_000), (2, 150_000), (3, None), (5, None)),
+        "C": (0.25, 0.5, 1.0, 2.0, 4.0), "class_weight": (None, "balanced")}
 
 
 def default_data_dir() -> Path:
@@ -151,8 +153,8 @@ def export(vectorizer, clf, path: Path, meta: dict, labels=None) -> None:
     classes = [labels[int(c)] for c in clf.classes_] if labels else [str(c) for c in clf.classes_]
     coef = np.asarray(clf.coef_, dtype=np.float64)
     intercept = np.asarray(clf.intercept_, dtype=np.float64)
-    if coef.shape[0] == 1:  # binary: scikit-learn keeps one row for classes_[1]; softmax form of the same model
-        coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+    if coef.shape[0] != len(classes):
+        raise ValueError(f"expected one coefficient row per class ({len(classes)} classes), got {coef.shape[0]}")
     arrays = {"format": np.array(NGRAM_FORMAT), "labels": np.array(classes), "vocab": np.array(vocab),
               "idf": vectorizer.idf_.astype(np.float32), "coef": coef.astype(np.float32),
               "intercept": intercept.astype(np.float32), "ngram_range": np.array(vectorizer.ngram_range),
@@ -185,16 +187,64 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def ced_texts(data: Path, n: int) -> list[str]:
+    """Up to n CED responses (their own words, as the CED converter keeps them), in archive order."""
+    import tarfile
+
+    from socialalign_jax.data.converters.ced import own_words
+    out = []
+    with tarfile.open(data / "ced" / "CED_Dataset.tar.gz") as tar:
+        for m in tar:
+            if m.isfile() and "-repost/" in m.name and m.name.endswith(".json"):
+                for r in json.load(tar.extractfile(m)):
+                    own, _ = own_words(r.get("text") or "")
+                    if own is not None:
+                        out.append(own)
+                if len(out) >= n:
+                    return out[:n]
+    return out
+
+
+def speed(data: Path, n: int) -> int:
+    """Time NgramLabeller().label on n CED responses (cycled if CED has fewer)."""
+    if not (data / "ced" / "CED_Dataset.tar.gz").is_file():
+        print(f"error: {data / 'ced' / 'CED_Dataset.tar.gz'} not found", file=sys.stderr)
+        return 2
+    texts = ced_texts(data, n)
+    texts = (texts * (n // max(len(texts), 1) + 1))[:n]
+    t0 = time.perf_counter()
+    ng = NgramLabeller()
+    t1 = time.perf_counter()
+    labels = ng.label(texts)
+    t2 = time.perf_counter()
+    share = {c: round(labels.count(c) / len(labels), 3) for c in ng.labels}
+    print(f"ngram: loaded in {t1 - t0:.2f}s; labelled {len(texts)} CED responses (mean {np.mean([len(t) for t in texts]):.1f} "
+          f"characters) in {t2 - t1:.1f}s = {len(texts) / (t2 - t1):,.0f} texts/s; shares {share}", flush=True)
+    few = texts[:5000]
+    t0 = time.perf_counter()
+    snow = LexiconLabeller().label(few)
+    t1 = time.perf_counter()
+    share = {c: round(snow.count(c) / len(snow), 3) for c in ng.labels}
+    agree = np.mean([a == b for a, b in zip(snow, labels)])
+    print(f"snownlp: labelled the first {len(few)} in {t1 - t0:.1f}s = {len(few) / (t1 - t0):,.0f} texts/s; shares {share}; "
+          f"same label as ngram on {agree:.1%} of them")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="folder with weibo2018/ and smp2020_ewect/clean/")
     ap.add_argument("--out", type=Path, default=NGRAM_MODEL, help="model file to write (default: the bundled one)")
     ap.add_argument("--boot", type=int, default=1000, help="bootstrap resamples for the intervals")
     ap.add_argument("--json", type=Path, default=None, help="also write every number as JSON here")
-    ap.add_argument("--fixed", default=None, metavar="min_df=N,max_features=N,C=X,class_weight=none|balanced",
+    ap.add_argument("--fixed", default=None, metavar="min_df=N,max_features=N|none,C=X,class_weight=none|balanced",
                     help="skip the search and fit these hyperparameters (a quick check; the docs come from the search)")
+    ap.add_argument("--speed", type=int, default=0, metavar="N",
+                    help="only time the bundled labeller on N CED responses (needs ced/CED_Dataset.tar.gz)")
     args = ap.parse_args(argv)
     data = args.data or default_data_dir()
+    if args.speed:
+        return speed(data, args.speed)
     if not data.is_dir() or missing_files(data):
         what = "not found" if not data.is_dir() else f"lacks {', '.join(missing_files(data))}"
         print(f"error: data folder {data} {what} (needs weibo2018/ and smp2020_ewect/clean/; "
@@ -219,30 +269,26 @@ def main(argv=None) -> int:
     grid = []
     fixed = dict(kv.split("=") for kv in args.fixed.split(",")) if args.fixed else None
     if fixed:
-        fixed = {"min_df": [int(fixed["min_df"])], "max_features": [int(fixed["max_features"])],
-                 "C": [float(fixed["C"])], "class_weight": [None if fixed["class_weight"] == "none" else fixed["class_weight"]]}
+        mf = None if fixed["max_features"] == "none" else int(fixed["max_features"])
+        fixed = {"vocabulary": [(int(fixed["min_df"]), mf)], "C": [float(fixed["C"])],
+                 "class_weight": [None if fixed["class_weight"] == "none" else fixed["class_weight"]]}
     g = fixed or GRID
-    for min_df in g["min_df"]:
-        sizes = set()
-        for max_features in g["max_features"]:
-            vec, _ = make_pipeline(min_df, max_features, 1.0, None)
-            xtr = vec.fit_transform(tr_x)
-            if len(vec.vocabulary_) in sizes:
-                continue
-            sizes.add(len(vec.vocabulary_))
-            xev = {s: vec.transform(sets[s][0]) for s in EVAL}
-            for C in g["C"]:
-                for cw in g["class_weight"]:
-                    _, clf = make_pipeline(min_df, max_features, C, cw)
-                    clf.fit(xtr, tr_y)
-                    f = {s: scores(sets[s][1], clf.predict(xev[s]), classes3)[0] for s in EVAL}
-                    row = dict(min_df=min_df, max_features=max_features, vocab=len(vec.vocabulary_), C=C,
-                               class_weight=cw or "none", **{s: float(v) for s, v in f.items()},
-                               mean=float(np.mean(list(f.values()))))
-                    grid.append(row)
-                    print(f"  min_df {min_df} max_features {max_features} (vocab {row['vocab']}) C {C} "
-                          f"class_weight {row['class_weight']}: eval macro-F1 "
-                          + " ".join(f"{s} {f[s]:.4f}" for s in EVAL) + f" mean {row['mean']:.4f}", flush=True)
+    for min_df, max_features in g["vocabulary"]:
+        vec, _ = make_pipeline(min_df, max_features, 1.0, None)
+        xtr = vec.fit_transform(tr_x)
+        xev = {s: vec.transform(sets[s][0]) for s in EVAL}
+        for C in g["C"]:
+            for cw in g["class_weight"]:
+                _, clf = make_pipeline(min_df, max_features, C, cw)
+                clf.fit(xtr, tr_y)
+                f = {s: scores(sets[s][1], clf.predict(xev[s]), classes3)[0] for s in EVAL}
+                row = dict(min_df=min_df, max_features=max_features, vocab=len(vec.vocabulary_), C=C,
+                           class_weight=cw or "none", **{s: float(v) for s, v in f.items()},
+                           mean=float(np.mean(list(f.values()))))
+                grid.append(row)
+                print(f"  min_df {min_df} max_features {max_features} (vocab {row['vocab']}) C {C} "
+                      f"class_weight {row['class_weight']}: eval macro-F1 "
+                      + " ".join(f"{s} {f[s]:.4f}" for s in EVAL) + f" mean {row['mean']:.4f}", flush=True)
     # best mean; ties -> the smaller vocabulary, then the smaller C (simpler model)
     best = max(grid, key=lambda r: (round(r["mean"], 6), -r["vocab"], -r["C"]))
     print(f"grid: {len(grid)} fits in {time.time() - t0:.0f}s; chosen: {best}", flush=True)
@@ -263,8 +309,11 @@ def main(argv=None) -> int:
     # 3. the numpy labeller agrees with scikit-learn
     ng = NgramLabeller(args.out)
     ev_x = [t for s in EVAL for t in sets[s][0]]
-    diff = np.abs(ng.probs(ev_x) - clf.predict_proba(vec.transform(ev_x))).max()
-    print(f"numpy vs scikit-learn predict_proba on the eval texts: max |diff| {diff:.2e} (float32 parameters)")
+    xe = vec.transform(ev_x)
+    read = np.diff(xe.indptr) > 0  # texts with no known n-gram are neutral by rule, not softmax(intercept)
+    diff = np.abs(ng.probs(ev_x) - clf.predict_proba(xe))[read].max()
+    print(f"numpy vs scikit-learn predict_proba on the {int(read.sum())} eval texts with a known n-gram: "
+          f"max |diff| {diff:.2e} (float32 parameters); {int((~read).sum())} without one are neutral", flush=True)
 
     # 4. SnowNLP: scores once, thresholds tuned on eval
     lex = LexiconLabeller()
@@ -287,22 +336,32 @@ def main(argv=None) -> int:
           + " ".join(f"{s} {v:.4f}" for s, v in tuned_eval.items()) + ")")
 
     # 5. the test table
-    results = {"chosen": best, "snownlp_tuned_thresholds": list(tuned), "tests": {}}
+    results = {"chosen": best, "grid": grid, "snownlp_tuned_thresholds": list(tuned), "tests": {}}
     print(f"\n### Test files (95% bootstrap intervals, {args.boot} resamples over texts)\n")
     print("| test file | n | labeller | macro-F1 [95% CI] | accuracy [95% CI] |")
     print("|---|---|---|---|---|")
     diffs = []
     shares = []
+    seen = {normalize_weibo(t) for t in tr_x}
+    units = []  # (row label, file, mask over its kept texts or None)
     for s in TEST:
+        unseen = np.array([normalize_weibo(t) not in seen for t in sets[s][0]])
+        units.append((s, s, None))
+        if not unseen.all():
+            units.append((f"{s}, texts not in train ({int(unseen.sum())})", s, unseen))
+    for s_label, s, mask in units:
         x, y = sets[s]
         pr = ng.probs(x)
         s_default, s_tuned = snow_pred(s, 1 / 3, 2 / 3), snow_pred(s, *tuned)
+        sb = snow[s][keep_mask[s]]
+        if mask is not None:
+            x, y, pr, s_default, s_tuned, sb = [x[i] for i in np.flatnonzero(mask)], y[mask], pr[mask], \
+                s_default[mask], s_tuned[mask], sb[mask]
         preds = {"snownlp (1/3, 2/3)": s_default, f"snownlp tuned ({tuned[0]:g}, {tuned[1]:g})": s_tuned,
                  "ngram": pr.argmax(-1)}
         binary = s.startswith("weibo2018/")
         views = [("3-class", classes3, preds)]
         if binary:  # gold is negative/positive only
-            sb = snow[s][keep_mask[s]]
             views = [("neutral counted wrong", (0, 2), preds),
                      ("binary P(pos) vs P(neg)", (0, 2), {"snownlp (s > 1/2)": np.where(sb > 0.5, 2, 0),
                                                          "ngram": np.where(pr[:, 2] > pr[:, 0], 2, 0)})]
@@ -312,16 +371,18 @@ def main(argv=None) -> int:
                 lab = name if not binary else f"{name}, {view}"
                 f_lo, f_hi = ci(r["f1_boot"])
                 a_lo, a_hi = ci(r["acc_boot"])
-                print(f"| {s} | {len(y)} | {lab} | {r['f1']:.3f} [{f_lo:.3f}, {f_hi:.3f}] | "
+                print(f"| {s_label} | {len(y)} | {lab} | {r['f1']:.3f} [{f_lo:.3f}, {f_hi:.3f}] | "
                       f"{r['acc']:.3f} [{a_lo:.3f}, {a_hi:.3f}] |")
-                results["tests"].setdefault(s, {})[lab] = {"macro_f1": r["f1"], "macro_f1_ci": [f_lo, f_hi],
-                                                          "accuracy": r["acc"], "accuracy_ci": [a_lo, a_hi], "n": len(y)}
+                results["tests"].setdefault(s_label, {})[lab] = {
+                    "macro_f1": r["f1"], "macro_f1_ci": [f_lo, f_hi], "accuracy": r["acc"], "accuracy_ci": [a_lo, a_hi],
+                    "n": len(y)}
             names = list(b)
             d = b[names[-1]]["f1_boot"] - b[names[0]]["f1_boot"]
-            diffs.append((s + ("" if not binary else f", {view}"), names[-1], names[0],
+            diffs.append((s_label + ("" if not binary else f", {view}"), names[-1], names[0],
                           b[names[-1]]["f1"] - b[names[0]]["f1"], *ci(d)))
-        gold_share = np.bincount(y, minlength=3) / len(y)
-        shares.append((s, gold_share, {n: np.bincount(p, minlength=3) / len(y) for n, p in preds.items()}))
+        if mask is None:
+            gold_share = np.bincount(y, minlength=3) / len(y)
+            shares.append((s, gold_share, {n: np.bincount(p, minlength=3) / len(y) for n, p in preds.items()}))
     print("\n### Paired difference in macro-F1 (same resamples)\n")
     print("| test file | difference | macro-F1 difference [95% CI] |")
     print("|---|---|---|")

@@ -232,20 +232,23 @@ def speed(data: Path, n: int) -> int:
     t2 = time.perf_counter()
     share = {c: round(labels.count(c) / len(labels), 3) for c in ng.labels}
     print(f"ngram: loaded in {t1 - t0:.2f}s; labelled {len(texts)} CED responses ({distinct} read from the archive, "
-          f"mean {np.mean([len(t) for t in texts]):.1f} characters) in {t2 - t1:.1f}s = {len(texts) / (t2 - t1):,.0f} texts/s; shares {share}", flush=True)
+          f"mean {np.mean([len(t) for t in texts]):.1f} characters) in {t2 - t1:.1f}s = "
+          f"{len(texts) / (t2 - t1):,.0f} texts/s; shares {share}", flush=True)
     few = texts[:5000]
     t0 = time.perf_counter()
     snow = LexiconLabeller().label(few)
     t1 = time.perf_counter()
     share = {c: round(snow.count(c) / len(snow), 3) for c in ng.labels}
     agree = np.mean([a == b for a, b in zip(snow, labels)])
-    print(f"snownlp: labelled the first {len(few)} in {t1 - t0:.1f}s = {len(few) / (t1 - t0):,.0f} texts/s; shares {share}; "
+    print(f"snownlp: labelled the first {len(few)} in {t1 - t0:.1f}s = {len(few) / (t1 - t0):,.0f} texts/s; "
+          f"shares {share}; "
           f"same label as ngram on {agree:.1%} of them")
     return 0
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="folder with weibo2018/ and smp2020_ewect/clean/")
     ap.add_argument("--out", type=Path, default=NGRAM_MODEL, help="model file to write (default: the bundled one)")
     ap.add_argument("--boot", type=int, default=1000, help="bootstrap resamples for the intervals")
@@ -312,7 +315,8 @@ def main(argv=None) -> int:
     xtr = vec.fit_transform(tr_x)
     clf.fit(xtr, tr_y)
     meta = {"hyperparameters": {k: best[k] for k in ("min_df", "max_features", "C", "class_weight")},
-            "ngram_range": [1, 3], "tfidf": "sublinear tf, smooth idf, l2 norm", "classifier": "LogisticRegression lbfgs multinomial",
+            "ngram_range": [1, 3], "tfidf": "sublinear tf, smooth idf, l2 norm",
+            "classifier": "LogisticRegression lbfgs multinomial",
             "eval_macro_f1": {s: round(best[s], 4) for s in EVAL}, "train": {s: len(sets[s][0]) for s in TRAIN},
             "files": {FILES[s]: sha256(data / FILES[s])[:16] for s in TRAIN + EVAL},
             "ewect_map": EWECT_MAP, "sklearn": sklearn.__version__, "script": "scripts/fit_labeller.py"}

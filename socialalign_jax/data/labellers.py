@@ -101,7 +101,6 @@ class LexiconLabeller(Labeller):
         return ["negative" if s < lo else "positive" if s > hi else "neutral" for s in self.scores(texts)]
 
 
-
 # ----------------------------------------------------------------------------- char n-gram labeller
 
 NGRAM_MODEL = Path(__file__).with_name("labeller_models") / "ngram.npz"
@@ -234,7 +233,7 @@ class NgramLabeller(Labeller):
 
 # ----------------------------------------------------------------------------- registry
 
-LABELLERS: dict[str, Callable[[], Labeller]] = {"snownlp": lambda: LexiconLabeller(), "ngram": lambda: NgramLabeller()}
+LABELLERS: dict[str, Callable[..., Labeller]] = {"snownlp": LexiconLabeller, "ngram": NgramLabeller}
 LABELLER_ALIASES = {"lexicon": "snownlp"}  # the name configs, CLIs and metadata already use
 
 
@@ -246,9 +245,10 @@ def _canonical(name: str) -> str:
     return key
 
 
-def make_labeller(name: str) -> Labeller:
-    """The labeller registered under `name` ("snownlp", "lexicon" = "snownlp", "ngram")."""
-    return LABELLERS[_canonical(name)]()
+def make_labeller(name: str, **kwargs) -> Labeller:
+    """The labeller registered under `name` ("snownlp", "lexicon" = "snownlp", "ngram"); keyword
+    arguments go to its class (e.g. thresholds=(lo, hi) for snownlp, path=... for ngram)."""
+    return LABELLERS[_canonical(name)](**kwargs)
 
 
 def describe(name: str) -> str:

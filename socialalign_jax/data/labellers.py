@@ -2,20 +2,31 @@
 posts, so the macro metric can also be read off the text.
 
 The head's probabilities say what the model *thinks* the crowd feels; labelling the posts it
-actually wrote checks whether the generations carry that sentiment. Both labellers share one
+actually wrote checks whether the generations carry that sentiment. All labellers share one
 interface so the evaluation code does not care which one is used.
+
+Named labellers (`LABELLERS`, `make_labeller(name)`, `describe(name)`): "snownlp" (alias
+"lexicon", the LexiconLabeller every default still uses) and "ngram" (NgramLabeller, a char
+n-gram classifier fitted on human-labelled Weibo text). docs/labellers.md compares them on
+human-labelled test files and gives the class mapping.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import unicodedata
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from socialalign_jax.data.records import DEFAULT_LABELS, visible
 
-__all__ = ["DEFAULT_LABELS", "Labeller", "LexiconLabeller", "MAX_LABEL_CHARS", "ZeroShotLabeller",
-           "ZERO_SHOT_PROMPT", "ZERO_SHOT_WORDS", "clip_text"]
+__all__ = ["DEFAULT_LABELS", "LABELLERS", "LABELLER_ALIASES", "Labeller", "LexiconLabeller", "MAX_LABEL_CHARS",
+           "NGRAM_MODEL", "NgramLabeller", "ZeroShotLabeller", "ZERO_SHOT_PROMPT", "ZERO_SHOT_WORDS", "clip_text",
+           "describe", "make_labeller", "normalize_weibo"]
 
 # Bounded work per text: a labeller reads at most this many characters of each post (SnowNLP's
 # cost grows faster than linearly: an 80k-character post once took minutes). A Weibo post is at
@@ -55,7 +66,7 @@ class LexiconLabeller(Labeller):
     SnowNLP reads its model from `marshal` files inside the package: no pickle, no network.
     """
 
-    name = "lexicon"
+    name = "lexicon"  # the name evaluation metadata has always recorded; the registry calls it "snownlp"
 
     def __init__(self, thresholds: tuple[float, float] = (1 / 3, 2 / 3)):
         try:
@@ -67,6 +78,14 @@ class LexiconLabeller(Labeller):
             raise ValueError(f"thresholds must satisfy 0 <= lo <= hi <= 1, got {thresholds}")
         self._snow = SnowNLP
         self.thresholds = (float(lo), float(hi))
+
+    @property
+    def source(self) -> str:
+        """What a dataset's metadata records about these labels."""
+        lo, hi = self.thresholds
+        cut = "1/3 and 2/3" if self.thresholds == (1 / 3, 2 / 3) else f"{lo:.4g} and {hi:.4g}"
+        return (f"snownlp: SnowNLP naive-Bayes sentiment (trained on product reviews), s = P(positive) "
+                f"cut at {cut} (docs/labellers.md)")
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         """SnowNLP's P(positive) per text, [N]."""
@@ -80,6 +99,161 @@ class LexiconLabeller(Labeller):
     def label(self, texts: Sequence[str]) -> list[str]:
         lo, hi = self.thresholds
         return ["negative" if s < lo else "positive" if s > hi else "neutral" for s in self.scores(texts)]
+
+
+# ----------------------------------------------------------------------------- char n-gram labeller
+
+NGRAM_MODEL = Path(__file__).with_name("labeller_models") / "ngram.npz"
+NGRAM_FORMAT = 1
+
+# Text cleaning shared by fitting (scripts/fit_labeller.py) and labelling. It brings raw Weibo text
+# (CED, weibo2018, generated posts) and SMP2020-EWECT's published "clean" text (HanLP CharTable:
+# full -> half width, lower case, [ ] and 【 】 -> 《 》, 、 -> ",", curly quotes -> '"') to one form:
+#   * weibo2018's encodings: {%#topic#%} -> #topic#; any other {%...%} (link, place, video
+#     title) is dropped, as a URL is;
+#   * NFKC (full-width letters, digits and punctuation -> ASCII) and lower case;
+#   * brackets [ ] 【 】 〖 〗 -> 《 》, so a Weibo emoticon code [哈哈] reads 《哈哈》 as in EWECT
+#     (emoticons are kept as text: they carry sentiment); 、 -> ","; curly quotes -> straight;
+#     zero-width characters dropped;
+#   * URLs and @mentions (with a leading // or 回复 and a trailing colon) dropped;
+#   * runs of whitespace -> one space, ends stripped; at most MAX_LABEL_CHARS characters are read.
+_WEIBO_TOPIC = re.compile(r"\{%#(.*?)#%\}")
+_WEIBO_ANCHOR = re.compile(r"\{%.*?%\}")
+_URL = re.compile(r"(?:https?|ftp)://[0-9a-z._~:/?#@!$&'()*+,;=%-]*")
+_MENTION = re.compile(r"(?:回复)?(?://)?@[^\s@:,.!?;/()\"'《》。~]{1,30}:?")
+_PUNCT = {**dict.fromkeys(map(ord, "[【〖"), "《"), **dict.fromkeys(map(ord, "]】〗"), "》"), ord("、"): ",",
+          **dict.fromkeys(map(ord, "“”「」"), '"'), **dict.fromkeys(map(ord, "‘’『』"), "'"),
+          **dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad\u180e"), None)}
+
+
+def normalize_weibo(text: str) -> str:
+    """The cleaned text the n-gram labeller reads (see the comment above for each step)."""
+    t = clip_text(text)
+    if "{%" in t:
+        t = _WEIBO_ANCHOR.sub(" ", _WEIBO_TOPIC.sub(r"#\1#", t))
+    t = unicodedata.normalize("NFKC", t).lower().translate(_PUNCT)
+    if "://" in t:
+        t = _URL.sub(" ", t)
+    if "@" in t:
+        t = _MENTION.sub(" ", t)
+    return " ".join(t.split())
+
+
+def char_ngrams(text: str, lo: int = 1, hi: int = 3) -> list[str]:
+    """All character n-grams of `text` for lo <= n <= hi, shortest first (scikit-learn's 'char' order)."""
+    return [text[i:i + n] for n in range(lo, hi + 1) for i in range(len(text) - n + 1)]
+
+
+class NgramLabeller(Labeller):
+    """Char n-gram TF-IDF + multinomial logistic regression fitted on human-labelled Weibo text.
+
+    Fitted by scripts/fit_labeller.py on weibo2018 train and SMP2020-EWECT virus_train (emotions
+    mapped to negative/neutral/positive; docs/labellers.md has the mapping, the chosen
+    hyperparameters and the scores on the test files). Inference is numpy only: the bundled
+    `labeller_models/ngram.npz` holds the vocabulary, idf, coefficients and intercepts and is
+    read with allow_pickle=False. For a text: normalize_weibo, char n-grams (ngram_range) ->
+    counts -> 1 + ln(count) -> x idf -> l2-normalised -> softmax(W x + b).
+    Texts with nothing to read (empty, whitespace or invisible characters, or no known n-gram
+    once cleaned, e.g. only an @mention) carry no sentiment and are labelled neutral (probs
+    one-hot on neutral).
+    """
+
+    name = "ngram"
+
+    def __init__(self, path: str | Path | None = None, chunk: int = 20_000):
+        self.path = Path(NGRAM_MODEL if path is None else path)
+        if not self.path.is_file():
+            raise RuntimeError(f"the ngram labeller's model file {self.path} is missing "
+                               "(scripts/fit_labeller.py writes it)")
+        self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        with np.load(self.path, allow_pickle=False) as z:
+            fmt = int(z["format"])
+            if fmt != NGRAM_FORMAT:
+                raise RuntimeError(f"{self.path}: model format {fmt}, this code reads {NGRAM_FORMAT}")
+            vocab = z["vocab"].tolist()
+            self.idf = z["idf"].astype(np.float64)
+            self.coef = z["coef"].astype(np.float64)            # [K, V]
+            self.intercept = z["intercept"].astype(np.float64)  # [K]
+            self.labels = tuple(z["labels"].tolist())
+            self.ngram_range = tuple(int(n) for n in z["ngram_range"])
+            self.meta = json.loads(str(z["meta"]))
+        k, v = self.coef.shape
+        if (len(vocab), len(self.idf), len(self.intercept), len(self.labels)) != (v, v, k, k):
+            raise RuntimeError(f"{self.path}: inconsistent shapes (vocab {len(vocab)}, idf {self.idf.shape}, "
+                               f"coef {self.coef.shape}, intercept {self.intercept.shape}, labels {len(self.labels)})")
+        if "neutral" not in self.labels:
+            raise RuntimeError(f"{self.path}: labels {list(self.labels)} have no 'neutral' for empty texts")
+        self._index = dict(zip(vocab, range(v)))
+        self._coef_t = np.ascontiguousarray(self.coef.T)        # [V, K]: one gather per n-gram
+        self.chunk = int(chunk)
+
+    @property
+    def source(self) -> str:
+        """What a dataset's metadata records about these labels."""
+        lo, hi = self.ngram_range
+        return (f"ngram: char {lo}-{hi} TF-IDF + logistic regression fitted on weibo2018 + SMP2020-EWECT "
+                f"({self.path.name} sha256 {self.sha256[:12]}; docs/labellers.md)")
+
+    def _ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(row, vocabulary id) of every known n-gram occurrence."""
+        get, (lo, hi) = self._index.get, self.ngram_range
+        ids: list[int] = []
+        lens = np.zeros(len(texts), dtype=np.int64)
+        for r, t in enumerate(texts):
+            found = [j for j in map(get, char_ngrams(normalize_weibo(t), lo, hi)) if j is not None]
+            lens[r] = len(found)
+            ids += found
+        return np.repeat(np.arange(len(texts), dtype=np.int64), lens), np.asarray(ids, dtype=np.int64)
+
+    def _logits(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        n, v = len(texts), len(self.idf)
+        rows, ids = self._ids(texts)
+        key, count = np.unique(rows * v + ids, return_counts=True)    # one entry per (text, n-gram)
+        r, c = key // v, key % v
+        x = (1.0 + np.log(count)) * self.idf[c]                      # sublinear tf x idf
+        norm = np.sqrt(np.bincount(r, weights=x * x, minlength=n))
+        x = x / norm[r]                                              # l2 per text (norm > 0 on every r)
+        contrib = self._coef_t[c] * x[:, None]                       # [nnz, K]
+        z = np.stack([np.bincount(r, weights=contrib[:, j], minlength=n) for j in range(contrib.shape[1])], -1)
+        return z + self.intercept, norm > 0
+
+    def probs(self, texts: Sequence[str]) -> np.ndarray:
+        k = len(self.labels)
+        out = np.zeros((len(texts), k))
+        for s in range(0, len(texts), self.chunk):
+            part = texts[s:s + self.chunk]
+            z, has = self._logits(part)
+            z = z - z.max(axis=-1, keepdims=True)
+            e = np.exp(z)
+            p = e / e.sum(axis=-1, keepdims=True)
+            p[~has] = np.eye(k)[self.labels.index("neutral")]        # nothing to read: neutral
+            out[s:s + len(part)] = p
+        return out
+
+
+# ----------------------------------------------------------------------------- registry
+
+LABELLERS: dict[str, Callable[..., Labeller]] = {"snownlp": LexiconLabeller, "ngram": NgramLabeller}
+LABELLER_ALIASES = {"lexicon": "snownlp"}  # the name configs, CLIs and metadata already use
+
+
+def _canonical(name: str) -> str:
+    key = LABELLER_ALIASES.get(name, name)
+    if key not in LABELLERS:
+        choices = sorted(LABELLERS) + [f"{a} (= {b})" for a, b in sorted(LABELLER_ALIASES.items())]
+        raise ValueError(f"unknown labeller {name!r}: choose from {', '.join(choices)}")
+    return key
+
+
+def make_labeller(name: str, **kwargs) -> Labeller:
+    """The labeller registered under `name` ("snownlp", "lexicon" = "snownlp", "ngram"); keyword
+    arguments go to its class (e.g. thresholds=(lo, hi) for snownlp, path=... for ngram)."""
+    return LABELLERS[_canonical(name)](**kwargs)
+
+
+def describe(name: str) -> str:
+    """The one-line source string a dataset's metadata records for labeller `name`."""
+    return make_labeller(name).source
 
 
 # One fixed instruction, so zero-shot numbers are comparable across checkpoints.

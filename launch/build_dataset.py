@@ -25,6 +25,7 @@ from socialalign_jax.core.cli_setup import parse_flags, quiet_startup  # noqa: E
 quiet_startup()  # before jax: no libtpu or TensorFlow start-up noise
 
 from socialalign_jax.core.errors import UserError, cli_main  # noqa: E402
+from socialalign_jax.data.labellers import LABELLERS  # noqa: E402
 from socialalign_jax.data.tfds_builders import CROWD_CAP, MIN_CROWD, SOURCES  # noqa: E402
 
 # Build settings whose defaults come from the config's `data` section (one place for them: the
@@ -48,8 +49,9 @@ flags.DEFINE_string("labels", None, "Comma-separated class names in id order (de
 flags.DEFINE_integer("max_events", None, "Converters: read only the first N events (0 = all)."
                      + _FROM_CONFIG.format("max_events"), flag_values=FLAGS)
 flags.DEFINE_string("labeller", "", "Sources that label their own responses (ced): the labeller, one of "
-                    "snownlp (default), ... (docs/labellers.md compares them on human labels); recorded in the "
-                    "dataset's metadata.", flag_values=FLAGS)
+                    f"{', '.join(sorted(LABELLERS))} (default: snownlp, alias lexicon; docs/labellers.md measures them "
+                    "on human-labelled Weibo posts: ngram is the better); recorded in the dataset's metadata.",
+                    flag_values=FLAGS)
 flags.DEFINE_integer("crowd_cap", None, "ced: each event's target is the labelled distribution of at most this many "
                      "of its responders (one response each, seeded sample); 0 = targets from the cases' labels "
                      f"(default {CROWD_CAP}).", flag_values=FLAGS)

@@ -308,24 +308,3 @@ class ZeroShotLabeller(Labeller):
         lp = lp - lp.max(axis=-1, keepdims=True)
         e = np.exp(lp)
         return e / e.sum(axis=-1, keepdims=True)
-
-
-# The labellers a dataset build can name (launch/build_dataset.py --labeller); the name and the
-# description are recorded in the dataset's metadata, so a table always says whose labels it used.
-LABELLERS: dict[str, Callable[[], Labeller]] = {"snownlp": LexiconLabeller}
-_ALIASES = {"lexicon": "snownlp"}
-DESCRIPTIONS = {"snownlp": "SnowNLP naive Bayes sentiment (product reviews), spread over 3 classes (LexiconLabeller)"}
-
-
-def make_labeller(name: str) -> Labeller:
-    """The labeller registered under `name` (one line listing the choices when there is none)."""
-    key = _ALIASES.get(name, name)
-    if key not in LABELLERS:
-        raise ValueError(f"unknown labeller {name!r}; choose one of {', '.join(sorted(LABELLERS))}")
-    return LABELLERS[key]()
-
-
-def describe_labeller(labeller: Labeller) -> str:
-    """What a dataset's metadata records about the labeller that made its labels."""
-    name = getattr(labeller, "name", type(labeller).__name__)
-    return DESCRIPTIONS.get(_ALIASES.get(name, name), name)

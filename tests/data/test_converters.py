@@ -247,6 +247,9 @@ def test_ced_helpers():
     assert ced.own_words("  ") == (None, "empty")
     assert ced.own_words("[泪][蜡烛]") == (None, "emoji_or_punctuation_only")
     assert ced.own_words("Repost") == (None, "repost_marker_only")
+    assert ced.own_words("转发微博。//@a: 原文") == (None, "repost_marker_only")  # 5.8% of CED's replies look like this
+    assert ced.own_words("转发微博！！") == (None, "repost_marker_only")
+    assert ced.own_words("转发微博，太可怕了") == ("转发微博，太可怕了", "")  # words of its own follow
     assert ced.own_words("真的吗//@a: b//@c: d") == ("真的吗", "")
     assert ced.derive_topic("今天#天气#不错") == "天气"
     assert ced.derive_topic("# #【标题】正文") == "标题"  # a blank tag is no topic
@@ -329,7 +332,7 @@ def test_build_dataset_cli_refuses_an_unknown_labeller_in_one_line(tmp_path):
     write_ced(tmp_path / "raw")
     r = cli("--source", "ced", "--input", tmp_path / "raw", "--out", tmp_path / "out", "--labeller", "magic")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
-    assert "--labeller" in r.stderr and "snownlp" in r.stderr
+    assert "--labeller" in r.stderr and "snownlp" in r.stderr and "ngram" in r.stderr
     r = cli("--source", "zs_csd", "--input", write_zs(tmp_path / "zs"), "--out", tmp_path / "o2", "--crowd_cap", "10")
     assert r.returncode == 2 and "does not support crowd_cap" in r.stderr and r.stderr.strip().count("\n") == 0
     assert not (tmp_path / "out").exists() and not (tmp_path / "o2").exists()

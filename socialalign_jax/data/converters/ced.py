@@ -11,7 +11,8 @@ Mapping (docs/real_data.md):
   * a response's own words are the text before the first ``//@`` (what follows is the
     repost chain: other users' words). Not usable, each skip counted by reason:
     ``empty`` (no text: a bare repost), ``repost_chain_only`` (nothing before ``//@``),
-    ``repost_marker_only`` (转发微博 / 轉發微博 / Repost), ``emoji_or_punctuation_only``
+    ``repost_marker_only`` (转发微博 / 轉發微博 / Repost, with or without trailing 。！.~),
+    ``emoji_or_punctuation_only``
     (no letter or digit once [表情] codes are removed);
   * a case = an author's first usable response to an event (later ones to the same event:
     ``duplicate_author_in_event``) whose author has at least 5 usable responses to other
@@ -43,7 +44,7 @@ import numpy as np
 from socialalign_jax.data.bm25 import is_hashtag_only
 from socialalign_jax.data.converters.common import (DEFAULT_SALT, SourceEvents, check_max_events, counts, finish,
                                                     load_json, pseudonym)
-from socialalign_jax.data.labellers import Labeller, describe_labeller, make_labeller
+from socialalign_jax.data.labellers import Labeller, make_labeller
 from socialalign_jax.data.records import DEFAULT_LABELS, Case, DataError, Event, HistoryPost
 
 MIN_OTHER = 5
@@ -51,6 +52,7 @@ CROWD_CAP = 200  # responses sampled per event for its crowd
 MIN_CROWD = 50  # fewer responses than this: the event is left out (its target would be mostly noise)
 DEFAULT_LABELLER = "snownlp"
 REPOST_MARKERS = {"转发微博", "轉發微博", "repost"}
+_TRAILING = "。.！!~～… \t"
 _EMOTICON = re.compile(r"\[[^\[\]\s]{1,10}\]")  # Weibo emoticon codes such as [哈哈]
 _WORD = re.compile(r"\w")
 _HASHTAG = re.compile(r"#([^#\n]{1,40})#")
@@ -76,7 +78,7 @@ def own_words(text: str) -> tuple[str | None, str]:
     own = text.split("//@", 1)[0].strip()
     if not own:
         return None, "repost_chain_only"
-    if own.lower() in REPOST_MARKERS:
+    if own.lower().rstrip(_TRAILING) in REPOST_MARKERS:  # 转发微博。 / Repost! as well
         return None, "repost_marker_only"
     if not _WORD.search(_EMOTICON.sub("", own)):
         return None, "emoji_or_punctuation_only"
@@ -247,5 +249,5 @@ def read_ced(path: str, max_events: int | None = None, salt: str = DEFAULT_SALT,
     return SourceEvents(finish(events, root), source="ced", records=records, events_read=len(originals),
                         events=len(events), cases=sum(len(e.cases) for e in events), silver_labels=True,
                         labeller=getattr(labeller, "name", type(labeller).__name__),
-                        label_source=describe_labeller(labeller), labels=list(DEFAULT_LABELS),
+                        label_source=getattr(labeller, "source", type(labeller).__name__), labels=list(DEFAULT_LABELS),
                         **crowd_info, skipped=counts(skipped))

@@ -21,11 +21,11 @@ tok=$WORK/tokenizer
 python launch/experiment.py features --data "$WORK/data/zs_csd" --out "$DESIGN_A_FEATURES/zs_csd" \
   --weights gguf:smollm2 --max_cases_per_event 4 --seed 0 --chunk_size 16
 
-# CED: silver (SnowNLP) labels; the 503 events with a response that fits 512 tokens; 500 of them, one response each.
+# CED: silver (SnowNLP) labels, targets from the cases alone (--crowd_cap 0: design A predates the crowds); the 503 events with a response that fits 512 tokens; 500 of them, one response each.
 if [ ! -d "$WORK/data/ced" ]; then
   [ -d "$WORK/CED_Dataset" ] || tar xzf "$SHARED/data/ced/CED_Dataset.tar.gz" -C "$WORK"
   python launch/build_dataset.py --source ced --input "$WORK/CED_Dataset" --out "$WORK/data/ced" \
-    --tokenizer "$tok" --max_length 512 --mode without_history --test_fraction 0
+    --tokenizer "$tok" --max_length 512 --mode without_history --test_fraction 0 --labeller snownlp --crowd_cap 0
 fi
 python launch/experiment.py features --data "$WORK/data/ced" --out "$DESIGN_A_FEATURES/ced" \
   --weights gguf:smollm2 --num_events 500 --max_cases_per_event 1 --seed 0 --chunk_size 32

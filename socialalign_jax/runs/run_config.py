@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.core.labels import DEFAULT_LABELS
+from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.model.sampling import SamplingConfig
 from socialalign_jax.parallel import axis_rules
@@ -33,12 +34,14 @@ from socialalign_jax.parallel import axis_rules
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
+    """config.model: which weights, and how ModelConfig runs them (its execution options, whose
+    defaults are ModelConfig's own; the architecture comes with the weights)."""
     weights: str = "random:small-qwen2"  # gguf:smollm2 | hf:/dir | gguf:/file | random:<preset>
-    dtype: str = "float32"  # compute and frozen-param dtype; adapters are always float32
-    remat: bool = False
-    remat_policy: str = "nothing_saveable"  # ModelConfig.remat_policy: what a remat layer keeps
-    scan_layers: bool = True  # False: a Python loop over layers (longer compile; see docs/training.md)
-    attention: str = "auto"  # ModelConfig.attention: auto (cuDNN on GPUs in bf16) | einsum | xla | cudnn
+    dtype: str = ModelConfig.dtype  # compute and frozen-param dtype; adapters are always float32
+    remat: bool = ModelConfig.remat
+    remat_policy: str = ModelConfig.remat_policy  # what a remat layer keeps
+    scan_layers: bool = ModelConfig.scan_layers  # False: a Python loop over layers (longer compile; docs/training.md)
+    attention: str = ModelConfig.attention  # auto (cuDNN on GPUs in bf16) | einsum | xla | cudnn
     seed: int = 0  # random weights only
     random_init: str = ""  # recorded by the trainer for random weights (decoder.RANDOM_INIT)
 

@@ -67,13 +67,15 @@ def test_no_preset_restates_a_default():
 
 def test_each_setting_is_declared_once():
     """The run config's sections are the components' own configs (not copies of their fields),
-    each class is declared once in the package, and the builder's and the prompt's settings of the
-    same names take the run's defaults instead of restating them."""
+    each class is declared once in the package, and where two configs share a setting (the
+    builder's and the prompt's data settings, the model section's execution options) one refers
+    to the other's default instead of restating it."""
     from socialalign_jax.data.prompt import PAPER_MAX_LENGTH, PromptConfig
     from socialalign_jax.data.tfds_builders import SocialConfig
+    from socialalign_jax.model.config import ModelConfig
     from socialalign_jax.model.pac_lora import LoraConfig
     from socialalign_jax.model.sampling import SamplingConfig
-    from socialalign_jax.runs.run_config import DataSection, SampleSection
+    from socialalign_jax.runs.run_config import DataSection, ModelSection, SampleSection
     from socialalign_jax.train import optim, step
 
     cfg = RunConfig()
@@ -87,20 +89,23 @@ def test_each_setting_is_declared_once():
                if isinstance(node, ast.ClassDef) and node.name in classes | {"SamplingConfig"}]
     assert sorted(defined) == sorted(classes | {"SamplingConfig"}), defined
 
-    data = DataSection()
-    for component, path in ((SocialConfig, "data/tfds_builders.py"), (PromptConfig, "data/prompt.py")):
-        shared = {f.name for f in dataclasses.fields(component)} & {f.name for f in dataclasses.fields(DataSection)}
-        assert {"max_length", "mode", "num_history"} <= shared
+    # Where two configs share a setting, one declares the default and the other refers to it:
+    # (the referring class, its file, the declaring class).
+    pairs = ((SocialConfig, "data/tfds_builders.py", DataSection), (PromptConfig, "data/prompt.py", DataSection),
+             (ModelSection, "runs/run_config.py", ModelConfig))
+    for component, path, owner in pairs:
+        shared = {f.name for f in dataclasses.fields(component)} & {f.name for f in dataclasses.fields(owner)}
+        assert len(shared) >= 3, (component, shared)
         tree = ast.parse((ROOT / "socialalign_jax" / path).read_text(encoding="utf-8"))
         (body,) = [n.body for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == component.__name__]
         # None is the builder's "not given" (the bundled vocabulary, LaMP's outputs found in the input), not a value
         literal = [n.target.id for n in body if isinstance(n, ast.AnnAssign) and n.target.id in shared
                    and isinstance(n.value, ast.Constant) and n.value.value is not None]
-        assert literal == [], f"{path}: {component.__name__} restates the run's defaults of {literal}"
+        assert literal == [], f"{path}: {component.__name__} restates {owner.__name__}'s defaults of {literal}"
         for f in dataclasses.fields(component):
             if f.name in shared and f.default is not None and (component, f.name) != (PromptConfig, "max_length"):
-                assert f.default == getattr(data, f.name), (component.__name__, f.name)
-    assert PromptConfig().max_length == PAPER_MAX_LENGTH != data.max_length  # the one documented exception
+                assert f.default == getattr(owner, f.name), (component.__name__, f.name)
+    assert PromptConfig().max_length == PAPER_MAX_LENGTH != DataSection().max_length  # the one documented exception
 
 
 def test_bad_keys_and_values_are_one_line_naming_the_key():

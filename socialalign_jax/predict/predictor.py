@@ -40,6 +40,7 @@ from socialalign_jax.model.sampling import PAPER_MAX_NEW_TOKENS, SamplingConfig
 from socialalign_jax.predict import crowd as crowd_lib
 from socialalign_jax.predict.users import User, as_users, prompt_case
 from socialalign_jax.runs.restore import restore_run
+from socialalign_jax.runs.run_config import SampleSection
 from socialalign_jax.weights import adapters as adapters_lib
 from socialalign_jax.weights.resolve import resolve_weights
 from socialalign_jax.weights.tokenizer import load_tokenizer
@@ -231,7 +232,7 @@ class Predictor:
 
     def __init__(self, params, adapters, model_cfg, lora_cfg, tokenizer, *, labels: Sequence[str] = DEFAULT_LABELS,
                  prompt: PromptConfig = PromptConfig(on_overflow="raise"), sampling: SamplingConfig | None = None,
-                 batch_size: int = 16, max_users: int = DEFAULT_MAX_USERS, run: Mapping[str, Any] | None = None,
+                 batch_size: int = SampleSection.batch_size, max_users: int = DEFAULT_MAX_USERS, run: Mapping[str, Any] | None = None,
                  skill: Mapping[str, Any] | None = None):
         if adapters is None or "head" not in adapters:
             raise PredictError("these adapters have no sentiment head (lora.num_classes = 0): the crowd's "

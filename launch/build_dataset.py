@@ -30,7 +30,8 @@ from socialalign_jax.data.tfds_builders import CROWD_CAP, MIN_CROWD, SOURCES  # 
 
 # Build settings whose defaults come from the config's `data` section (one place for them: the
 # dataset built here is the one `launch/train.py --config` with the same config would build).
-CONFIG_DEFAULTS = ("max_length", "mode", "on_overflow", "num_history", "test_fraction", "split_by", "seed", "max_events")
+CONFIG_DEFAULTS = ("max_length", "mode", "on_overflow", "num_history", "test_fraction", "split_by", "seed",
+                   "max_events")
 
 # Its own FlagValues, not absl's global FLAGS: tests call main() in-process (core/cli_setup.parse_flags).
 FLAGS = flags.FlagValues()

@@ -16,7 +16,6 @@ printed against the chip's HBM with whether it fits. Needs `pip install -e ".[tp
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys

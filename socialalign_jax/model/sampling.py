@@ -61,7 +61,7 @@ class SamplingConfig:
                                                      metadata={"run_config": False})
     pad_id: int = dataclasses.field(default=QWEN_ENDOFTEXT, metadata={"run_config": False})
     seed: int = 0
-    # decode steps: 'scan' | 'unrolled' | 'auto' (unrolled when targeting CPUs); chosen by the backend, not a run setting
+    # decode steps: 'scan' | 'unrolled' | 'auto' (unrolled when targeting CPUs); the backend's, not a run setting
     layer_loop: str = dataclasses.field(default="auto", metadata={"run_config": False})
 
     def __post_init__(self):

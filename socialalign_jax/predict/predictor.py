@@ -232,7 +232,8 @@ class Predictor:
 
     def __init__(self, params, adapters, model_cfg, lora_cfg, tokenizer, *, labels: Sequence[str] = DEFAULT_LABELS,
                  prompt: PromptConfig = PromptConfig(on_overflow="raise"), sampling: SamplingConfig | None = None,
-                 batch_size: int = SampleSection.batch_size, max_users: int = DEFAULT_MAX_USERS, run: Mapping[str, Any] | None = None,
+                 batch_size: int = SampleSection.batch_size, max_users: int = DEFAULT_MAX_USERS,
+                 run: Mapping[str, Any] | None = None,
                  skill: Mapping[str, Any] | None = None):
         if adapters is None or "head" not in adapters:
             raise PredictError("these adapters have no sentiment head (lora.num_classes = 0): the crowd's "
@@ -249,8 +250,8 @@ class Predictor:
         self.prompt_cfg = dataclasses.replace(prompt, on_overflow="raise")
         if sampling is None:  # no run config to take it from: the paper's generation length
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            sampling = SamplingConfig(max_new_tokens=PAPER_MAX_NEW_TOKENS, stop_tokens=generation.stop_tokens_for(tokenizer),
-                                      pad_id=int(pad))
+            sampling = SamplingConfig(max_new_tokens=PAPER_MAX_NEW_TOKENS,
+                                      stop_tokens=generation.stop_tokens_for(tokenizer), pad_id=int(pad))
         self.sampling = sampling
         self.batch_size = int(batch_size)
         self.max_users = int(max_users)

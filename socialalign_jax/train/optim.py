@@ -48,7 +48,8 @@ def decay_mask(params) -> Any:
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, Callable[[Any], jax.Array]]:
+def make_optimizer(cfg: OptimConfig,
+                   total_steps: int) -> tuple[optax.GradientTransformation, Callable[[Any], jax.Array]]:
     """(optimizer, schedule) for `total_steps` optimizer updates: clip_norm (<= 0: no clipping),
     AdamW with lr on the warmup + cosine schedule, and grad_accum k > 1 wrapping the chain in
     optax.MultiSteps (k micro-batch calls per update, gradients averaged, clipping applied to

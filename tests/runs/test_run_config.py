@@ -57,10 +57,10 @@ def _restated(base: RunConfig, settings: dict) -> list[str]:
 def test_no_preset_restates_a_default():
     """A preset states only what it changes (maxtext's model files over base.yml): a value equal to
     the default would be a second declaration of it, silently stale when the default moves."""
-    assert _restated(RunConfig(), {"optim": {"lr": 1.0, "warmup_frac": 0.1}, "lora": {"targets": "q,k,v,o,gate,up,down"}}) \
-        == ["optim.warmup_frac", "lora.targets"]  # the check itself sees a restated default
-    for name, settings in weibo.PRESETS.items():
-        assert _restated(RunConfig(), settings) == [], f"configs/weibo.py:{name}"
+    restating = {"optim": {"lr": 1.0, "warmup_frac": 0.1}, "lora": {"targets": "q,k,v,o,gate,up,down"}}
+    assert _restated(RunConfig(), restating) == ["optim.warmup_frac", "lora.targets"]  # the check sees one
+    for name, changes in weibo.PRESETS.items():
+        assert _restated(RunConfig(), changes) == [], f"configs/weibo.py:{name}"
     for name in weibo.PRESETS:
         assert _restated(RunConfig(), lamp.lamp_settings(name)) == [], f"configs/lamp.py:{name}"
 

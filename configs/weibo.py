@@ -12,9 +12,8 @@ every setting can be overridden with --config.a.b=value.
 """
 
 from socialalign_jax.core.cli_setup import config_dict
-from socialalign_jax.data.prompt import PAPER_MAX_LENGTH
 from socialalign_jax.model.sampling import PAPER_MAX_NEW_TOKENS
-from socialalign_jax.runs.run_config import RunConfig
+from socialalign_jax.runs.run_config import PAPER_MAX_LENGTH, RunConfig
 
 # The paper's setup (SPEC section 1): Qwen2.5-Instruct + PAC-LoRA 3x3, r 8, alpha 16 (LoraConfig's
 # defaults), AdamW lr 2e-5 with cosine decay, warmup 0.1 and weight decay 0.01 (the latter two

@@ -46,7 +46,7 @@ import numpy as np
 
 from socialalign_jax.data.bm25 import select_history
 from socialalign_jax.data.records import Case, DataError, Event, HistoryPost
-from socialalign_jax.runs.run_config import DataSection
+from socialalign_jax.runs.run_config import DataSection, PAPER_MAX_LENGTH
 from socialalign_jax.weights.tokenizer import IM_END, chat_template
 
 SYSTEM_PROMPT = "你是一个微博用户。"
@@ -82,18 +82,15 @@ class PromptTooLong(DataError):
     """The prompt plus response exceeds max_length even with history and persona cut."""
 
 
-# The paper's context length (SPEC section 1): its presets (configs/weibo.py:7b) build prompts of
-# at most this many tokens, and so does a prompt built without a run config (a Predictor on
-# exported adapters, the prompt's own tests). A run's length is data.max_length.
-PAPER_MAX_LENGTH = 1024
-
 _RUN_DATA = DataSection()
 
 
 @dataclass(frozen=True)
 class PromptConfig:
     """How one example is built: the run config's `data` settings of the same names (their
-    defaults are the run's, declared once in runs/run_config.DataSection), except max_length."""
+    defaults are the run's, declared once in runs/run_config.DataSection), except max_length: a
+    prompt built without a run config (a Predictor on exported adapters, the prompt's own tests)
+    gets the paper's length; a run passes its data.max_length."""
     mode: Literal["full", "without_persona", "without_history"] = _RUN_DATA.mode
     max_length: int = PAPER_MAX_LENGTH
     on_overflow: Literal["skip", "raise"] = _RUN_DATA.on_overflow

@@ -46,6 +46,11 @@ class ModelSection:
     random_init: str = ""  # recorded by the trainer for random weights (decoder.RANDOM_INIT)
 
 
+# The paper's context length (SPEC section 1): its presets (configs/weibo.py:7b) build prompts of
+# at most this many tokens, and so does a prompt built without a run config (data.prompt.PromptConfig).
+PAPER_MAX_LENGTH = 1024
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSection:
     source: str = "socialweibo"  # socialweibo | alpaca | lamp | ced | zs_csd | nlpcc2016

@@ -70,12 +70,12 @@ def test_each_setting_is_declared_once():
     each class is declared once in the package, and where two configs share a setting (the
     builder's and the prompt's data settings, the model section's execution options) one refers
     to the other's default instead of restating it."""
-    from socialalign_jax.data.prompt import PAPER_MAX_LENGTH, PromptConfig
+    from socialalign_jax.data.prompt import PromptConfig
     from socialalign_jax.data.tfds_builders import SocialConfig
     from socialalign_jax.model.config import ModelConfig
     from socialalign_jax.model.pac_lora import LoraConfig
     from socialalign_jax.model.sampling import SamplingConfig
-    from socialalign_jax.runs.run_config import DataSection, ModelSection, SampleSection
+    from socialalign_jax.runs.run_config import DataSection, ModelSection, PAPER_MAX_LENGTH, SampleSection
     from socialalign_jax.train import optim, step
 
     cfg = RunConfig()

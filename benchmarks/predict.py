@@ -37,7 +37,9 @@ def _config(preset: str):
     spec = importlib.util.spec_from_file_location("_weibo_cfg", REPO / "configs" / "weibo.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.get_config(preset)
+    from socialalign_jax.runs.run_config import as_run_config
+
+    return as_run_config(mod.get_config(preset), source=f"configs/weibo.py:{preset}")
 
 
 def _users(n: int):
@@ -62,17 +64,16 @@ def build_predictor(model: str, max_length: int = 0):
     from socialalign_jax.inference import generation
     from socialalign_jax.model import decoder
     from socialalign_jax.predict import Predictor
-    from socialalign_jax.runs.restore import lora_config
     from socialalign_jax.weights.resolve import resolve_weights
 
     cfg = _config("default" if model == "default" else model)
     w = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
-    lc = lora_config(cfg)
+    lc = cfg.lora
     adapters = decoder.init_adapters(jax.random.PRNGKey(0), w.cfg, lc)
     tok = w.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return Predictor(jax.device_put(w.params), jax.device_put(adapters), w.cfg, lc, tok,
-                     labels=tuple(cfg.data.labels.split(",")),
+                     labels=cfg.data.labels,
                      prompt=PromptConfig(mode=cfg.data.mode, max_length=max_length or int(cfg.data.max_length),
                                          on_overflow="raise"),
                      sampling=generation.sampling_config(cfg, tok, int(pad)), batch_size=int(cfg.sample.batch_size),

@@ -20,21 +20,25 @@ _spec = importlib.util.spec_from_file_location(
 _weibo = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_weibo)
 
+# On top of configs/weibo.py's preset of the same name: only what LaMP changes.
+LAMP = {
+    "data": {"source": "lamp",  # and --config.data.input=DIR (or a questions file): LaMP is not bundled
+             "cases_per_event": 1,  # each question is its own event
+             "events_per_batch": 16},
+    # No sentiment labels: the 3-class head exists (the pipeline stores 3-way targets) but gets no loss.
+    "loss": {"lambda_sent": 0.0, "lambda_macro": 0.0, "max_response_tokens": 64},
+    # Sentiment/crowd evaluation does not apply; use launch/generate.py.
+    "train": {"generate_at_end": False, "labeller": "none"},
+}
+
+
+def lamp_settings(preset: str) -> dict:
+    """LAMP plus the prompt length: 512 tokens on the CPU default, the paper's otherwise."""
+    max_length = 512 if (preset or "default") == "default" else _weibo.PAPER_MAX_LENGTH
+    return {**LAMP, "data": {**LAMP["data"], "max_length": max_length}}
+
 
 def get_config(preset: str = "default"):
-    c = _weibo.get_config(preset if preset in ("7b", "1.5b", "0.5b", "smollm2") else "default")
-    c.preset = preset or "default"
-    if c.preset not in ("default", "7b", "1.5b", "0.5b", "smollm2"):
-        raise ValueError(f"unknown preset {preset!r} of configs/lamp.py; known: default, 7b, 1.5b, 0.5b, smollm2")
-    c.data.source = "lamp"
-    c.data.input = ""  # required: --config.data.input=DIR (or a questions file)
-    c.data.cases_per_event = 1  # each question is its own event
-    c.data.events_per_batch = 16
-    c.data.max_length = 512 if c.preset == "default" else 1024
-    c.lora.num_classes = 3  # the head exists (the pipeline stores 3-way targets) but gets no loss: lambdas are 0
-    c.loss.lambda_sent = 0.0
-    c.loss.lambda_macro = 0.0
-    c.loss.max_response_tokens = 64
-    c.train.generate_at_end = False  # sentiment/crowd evaluation does not apply; use launch/generate.py
-    c.train.labeller = "none"
-    return c
+    if (preset or "default") not in _weibo.PRESETS:
+        raise ValueError(f"unknown preset {preset!r} of configs/lamp.py; known: {', '.join(_weibo.PRESETS)}")
+    return _weibo.config_dict(_weibo.typed_config(preset, lamp_settings(preset)).to_dict())

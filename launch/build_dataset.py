@@ -29,10 +29,9 @@ from socialalign_jax.data.labellers import LABELLERS  # noqa: E402
 from socialalign_jax.data.tfds_builders import CROWD_CAP, MIN_CROWD, SOURCES  # noqa: E402
 
 # Build settings whose defaults come from the config's `data` section (one place for them: the
-# dataset built here is the one `launch/train.py --config` with the same config would build),
-# with the type each is read as.
-CONFIG_DEFAULTS = {"max_length": int, "mode": str, "on_overflow": str, "num_history": int, "test_fraction": float,
-                   "split_by": str, "seed": int, "max_events": int}
+# dataset built here is the one `launch/train.py --config` with the same config would build).
+CONFIG_DEFAULTS = ("max_length", "mode", "on_overflow", "num_history", "test_fraction", "split_by", "seed",
+                   "max_events")
 
 # Its own FlagValues, not absl's global FLAGS: tests call main() in-process (core/cli_setup.parse_flags).
 FLAGS = flags.FlagValues()
@@ -88,9 +87,9 @@ def parse_args(argv):
 
     args = parse_flags(FLAGS, argv, "build_dataset.py", __doc__)
     data = as_run_config(load_config_file(args.config), source=args.config).data  # typed: a bad key is one line
-    for name, kind in CONFIG_DEFAULTS.items():
+    for name in CONFIG_DEFAULTS:
         if args[name].value is None:
-            setattr(args, name, kind(getattr(data, name)))
+            setattr(args, name, getattr(data, name))
     return args
 
 
@@ -112,9 +111,10 @@ def main(argv=None) -> int:
 
     from socialalign_jax.data import summary, tfds_builders as B
 
-    labels = (tuple(x.strip() for x in args.labels.split(",")) if args.labels is not None
-              else B.default_labels(args.source))
-    if len(labels) < 2 or len(set(labels)) != len(labels) or not all(labels):
+    from socialalign_jax.runs.run_config import names
+
+    labels = names(args.labels) if args.labels is not None else B.default_labels(args.source)
+    if len(labels) < 2 or len(set(labels)) != len(labels):
         raise UserError(f"--labels: {args.labels!r} must name at least 2 distinct classes")
 
     crowd = {k: getattr(args, k) for k in ("crowd_cap", "min_crowd") if getattr(args, k) is not None}

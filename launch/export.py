@@ -50,7 +50,7 @@ def main(argv):
         cfg = restore.load_run_config(_WORKDIR.value)  # fail fast (before loading weights) on what cannot work
         if _FORMAT.value in ("merged", "peft"):
             refusal = export.merge_refusal if _FORMAT.value == "merged" else export.peft_refusal
-            why = refusal(restore.lora_config(cfg))
+            why = refusal(cfg.lora)
             if why:
                 raise export.ExportError(f"--format {_FORMAT.value}: {why}")
         run = restore.restore_run(_WORKDIR.value, _STEP.value)

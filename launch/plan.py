@@ -16,7 +16,6 @@ printed against the chip's HBM with whether it fits. Needs `pip install -e ".[tp
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
@@ -107,9 +106,8 @@ def main(argv=None) -> int:
         import jax
 
         from socialalign_jax.parallel.mesh import make_mesh
-        from socialalign_jax.runs.restore import lora_config, mesh_rules
+        from socialalign_jax.runs.restore import mesh_rules
         from socialalign_jax.train import optim
-        from socialalign_jax.train.loop import loss_config
 
         if tpu is not None:
             devices = plan_lib.tpu_devices(tpu)
@@ -119,16 +117,15 @@ def main(argv=None) -> int:
                 raise UserError(f"--mesh {args.mesh} needs {n} devices but jax has {len(devices)} "
                                 "(was jax imported before XLA_FLAGS was set?)")
         from socialalign_jax.core.cli_setup import load_config_file
-
         from socialalign_jax.runs.run_config import as_run_config
 
-        cfg = as_run_config(load_config_file(args.config), source=args.config)
+        cfg = as_run_config(load_config_file(args.config), source=args.config)  # the boundary
         rules = mesh_rules(cfg)  # the config's mesh.rules, as training applies them
         mc = _model_config(cfg, args.model)
-        lc = lora_config(cfg)
-        batch = args.batch or int(cfg.data.events_per_batch) * int(cfg.data.cases_per_event)
-        seq = args.seq or int(cfg.data.max_length)
-        optimizer, _ = optim.make_optimizer(dict(dataclasses.asdict(cfg.optim), total_steps=1000))
+        lc = cfg.lora
+        batch = args.batch or cfg.data.events_per_batch * cfg.data.cases_per_event
+        seq = args.seq or cfg.data.max_length
+        optimizer, _ = optim.make_optimizer(cfg.optim, 1000)
         target = f"{tpu.name} ({tpu.topology}, {len(devices)} x {devices[0].device_kind})" if tpu else "fake CPU devices"
         print(f"model {mc.family} L={mc.num_layers} D={mc.hidden_size} F={mc.intermediate_size} "
               f"V={mc.vocab_size} dtype={mc.dtype} remat={mc.remat}; config {args.config}; target {target}", flush=True)
@@ -142,7 +139,7 @@ def main(argv=None) -> int:
         def one(mesh, b, step):
             try:
                 if step == "train":
-                    return plan_lib.plan_train_step(mc, lc, loss_config(cfg), optimizer, mesh, b, seq,
+                    return plan_lib.plan_train_step(mc, lc, cfg.loss, optimizer, mesh, b, seq,
                                                     compile_step=not args.no_compile, rules=rules)
                 return plan_lib.plan_decode(mc, lc if lc.targets else None, mesh, b, seq, args.max_new_tokens,
                                             compile_step=not args.no_compile, rules=rules)

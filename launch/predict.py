@@ -31,9 +31,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (sav
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _ADAPTERS = flags.DEFINE_string("adapters", None, "Exported adapters (launch/export.py) instead of --workdir.")
 _WEIGHTS = flags.DEFINE_string("weights", None, "With --adapters: the base weights (gguf:smollm2, hf:DIR, ...).")
-_MODE = flags.DEFINE_enum("mode", "full", ["full", "without_persona", "without_history"],
-                          "With --adapters: the prompt mode the adapters were trained with.")
-_MAX_LENGTH = flags.DEFINE_integer("max_length", 1024, "With --adapters: the longest prompt, in tokens.")
+_MODE = flags.DEFINE_enum("mode", None, ["full", "without_persona", "without_history"],
+                          "With --adapters: the prompt mode the adapters were trained with (default: full).")
+_MAX_LENGTH = flags.DEFINE_integer("max_length", None, "With --adapters: the longest prompt, in tokens "
+                                   "(default: the paper's 1024).")
 _NEWS = flags.DEFINE_multi_string("news", [], "The news text; give it several times to compare wordings.")
 _VARIANTS = flags.DEFINE_string("variants", None, "A UTF-8 file with more wordings of the news, one per line.")
 _TOPIC = flags.DEFINE_string("topic", None, "The hashtag (default: the news's #hashtag#, else its first clause).")

@@ -52,6 +52,13 @@ def tiny_config(data_dir: str | None = None, preset: str = "default", config: st
     return c
 
 
+def typed_config(data_dir: str | None = None, preset: str = "default", config: str = "weibo", **overrides):
+    """tiny_config as the typed run config: what the launchers pass below their --config."""
+    from socialalign_jax.runs.run_config import as_run_config
+
+    return as_run_config(tiny_config(data_dir, preset, config, **overrides), source=f"configs/{config}.py:{preset}")
+
+
 def set_overrides(c, overrides: dict) -> None:
     """{'train.num_steps': 5} style overrides, parsed like --config.a.b=value (strings from the CLI)."""
     for key, val in overrides.items():
@@ -78,7 +85,7 @@ def built_sample(tmp_root: str | None = None) -> str:
     resolve_weights("random:tiny-qwen2").tokenizer.save_pretrained(str(tok_dir))
     data_dir = root / "data"
     B.build(str(data_dir), B.SocialConfig(name="default", source="socialweibo", input=str(load_sample_dir()),
-                                          tokenizer=str(tok_dir), max_length=MAX_LENGTH))
+                                          tokenizer=str(tok_dir), max_length=MAX_LENGTH, test_fraction=0.1))
     _BUILT["sample"] = str(data_dir)
     return str(data_dir)
 

@@ -115,6 +115,26 @@ def load_config_file(spec: str, flag: str = "--config"):
                         else f"{flag} {spec}: {exc}") from None
 
 
+def config_dict(settings):
+    """The ml_collections view of a run config's plain dict (`RunConfig.to_dict()`, a run's
+    config.json): what a config file's get_config returns and `--config.a.b=v` overrides.
+
+    A list setting is spelled as on the command line, comma-separated ('q,k,v'), so that
+    `--config.lora.targets=q,v` is an ordinary, type-checked string override (ml_collections
+    would parse a tuple field as a Python literal); `runs.run_config.names` reads it back.
+    """
+    from ml_collections import config_dict as ml_config_dict
+
+    def cli(value):
+        if isinstance(value, dict):
+            return {k: cli(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+        return value
+
+    return ml_config_dict.ConfigDict(cli(dict(settings)))
+
+
 def define_config_flag(name: str = "config", default: str = "configs/weibo.py", help_text: str = "Config file[:preset]."):
     """config_flags.DEFINE_config_file, whose overrides are parsed at definition time: a bad one is a usage error.
 
@@ -147,7 +167,7 @@ def define_run_config_flag(default: str = "configs/weibo.py"):
     import json
     import sys
 
-    from ml_collections import config_dict, config_flags
+    from ml_collections import config_flags
 
     argv = sys.argv[1:]
     given_file = any(a == "--config" or a.startswith("--config=") for a in argv)
@@ -162,8 +182,8 @@ def define_run_config_flag(default: str = "configs/weibo.py"):
         return define_config_flag("config", default, "Config file[:preset] (default: the run's saved config.json).")
     try:
         with open(saved, encoding="utf-8") as f:
-            cfg = config_dict.ConfigDict(json.load(f))
-    except (OSError, ValueError) as e:
+            cfg = config_dict(json.load(f))  # lists as comma strings, whichever way the run wrote them
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         usage_error(f"{saved}: not a readable run config ({e}); pass --config FILE instead", sys.argv)
     try:
         return config_flags.DEFINE_config_dict("config", cfg, f"The run's saved config ({saved}); "

@@ -46,6 +46,7 @@ import numpy as np
 
 from socialalign_jax.data.bm25 import select_history
 from socialalign_jax.data.records import Case, DataError, Event, HistoryPost
+from socialalign_jax.runs.run_config import DataSection, PAPER_MAX_LENGTH
 from socialalign_jax.weights.tokenizer import IM_END, chat_template
 
 SYSTEM_PROMPT = "你是一个微博用户。"
@@ -81,12 +82,19 @@ class PromptTooLong(DataError):
     """The prompt plus response exceeds max_length even with history and persona cut."""
 
 
+_RUN_DATA = DataSection()
+
+
 @dataclass(frozen=True)
 class PromptConfig:
-    mode: Literal["full", "without_persona", "without_history"] = "full"
-    max_length: int = 1024
-    on_overflow: Literal["skip", "raise"] = "skip"
-    num_history: int = 5
+    """How one example is built: the run config's `data` settings of the same names (their
+    defaults are the run's, declared once in runs/run_config.DataSection), except max_length: a
+    prompt built without a run config (a Predictor on exported adapters, the prompt's own tests)
+    gets the paper's length; a run passes its data.max_length."""
+    mode: Literal["full", "without_persona", "without_history"] = _RUN_DATA.mode
+    max_length: int = PAPER_MAX_LENGTH
+    on_overflow: Literal["skip", "raise"] = _RUN_DATA.on_overflow
+    num_history: int = _RUN_DATA.num_history
 
     def __post_init__(self):
         if self.mode not in MODES:

@@ -16,7 +16,7 @@ from socialalign_jax.core.errors import UserError
 from socialalign_jax.core.labels import DEFAULT_LABELS
 from socialalign_jax.data import tfds_builders as B
 from socialalign_jax.data.sample import load_sample_dir
-from socialalign_jax.runs.run_config import RunConfig, as_run_config
+from socialalign_jax.runs.run_config import RunConfig
 
 
 @dataclasses.dataclass
@@ -68,10 +68,9 @@ def default_input(source: str) -> str:
     return str(load_sample_dir())
 
 
-def prepare(cfg, tokenizer, workdir: str, *, build_if_missing: bool = True) -> Datasets:
+def prepare(cfg: RunConfig, tokenizer, workdir: str, *, build_if_missing: bool = True) -> Datasets:
     """The run's dataset (built into <workdir>/data if missing), its splits and what it was built with."""
 
-    cfg = as_run_config(cfg)
     data_dir = cfg.data.data_dir or os.path.join(workdir, "data")
     found = None
     if Path(data_dir).exists():
@@ -82,14 +81,14 @@ def prepare(cfg, tokenizer, workdir: str, *, build_if_missing: bool = True) -> D
     if found is None:
         if not build_if_missing:
             raise UserError(f"{data_dir}: no built dataset; run launch/train.py or launch/build_dataset.py first")
-        labels = tuple(x.strip() for x in str(cfg.data.labels).split(","))
+        labels = cfg.data.labels
         if labels != tuple(DEFAULT_LABELS) and len(labels) != cfg.lora.num_classes:
             raise UserError(f"data.labels has {len(labels)} classes but lora.num_classes={cfg.lora.num_classes}")
         bcfg = B.SocialConfig(
             name="default", source=cfg.data.source, input=cfg.data.input or default_input(cfg.data.source),
-            tokenizer=_tokenizer_dir(tokenizer, workdir), max_length=int(cfg.data.max_length), mode=cfg.data.mode,
-            on_overflow=cfg.data.on_overflow, test_fraction=float(cfg.data.test_fraction),
-            split_by=cfg.data.split_by, seed=int(cfg.data.seed), labels=labels,
+            tokenizer=_tokenizer_dir(tokenizer, workdir), max_length=cfg.data.max_length, mode=cfg.data.mode,
+            on_overflow=cfg.data.on_overflow, test_fraction=cfg.data.test_fraction,
+            split_by=cfg.data.split_by, seed=cfg.data.seed, labels=labels,
             max_events=cfg.data.max_events, num_history=cfg.data.num_history,
             lamp_outputs=cfg.data.lamp_outputs or None, lamp_task=cfg.data.lamp_task or None)
         B.build(data_dir, bcfg)
@@ -111,7 +110,7 @@ BUILD_KEYS = ("source", "input", "max_length", "mode", "on_overflow", "test_frac
                "labels", "max_events", "num_history")
 
 
-def check_build_settings(cfg, ds, *, explicit_dir: bool) -> tuple[list[str], RunConfig]:
+def check_build_settings(cfg: RunConfig, ds, *, explicit_dir: bool) -> tuple[list[str], RunConfig]:
     """data.* settings that differ from what the existing dataset was built with.
 
     Without this the dataset on disk was used as it is while config.json recorded the
@@ -122,7 +121,6 @@ def check_build_settings(cfg, ds, *, explicit_dir: bool) -> tuple[list[str], Run
     on_overflow counts as different only if the build skipped examples; the input is compared
     as a resolved path.
     """
-    cfg = as_run_config(cfg)
     built = ds.metadata.get("config") or {}
     classes = list(ds.metadata.get("classes") or built.get("labels") or [])
     diffs, adopt = [], {}
@@ -132,8 +130,8 @@ def check_build_settings(cfg, ds, *, explicit_dir: bool) -> tuple[list[str], Run
             want = want or (default_input(cfg.data.source) if cfg.data.source == "socialweibo" else "")
             same = bool(want) and bool(have) and os.path.realpath(str(want)) == os.path.realpath(str(have))
         elif key == "labels":
-            have = ",".join(classes)
-            same = [x.strip() for x in str(want).split(",")] == classes
+            want, have = ",".join(want), ",".join(classes)  # named as the command line spells them
+            same = want == have
         elif key == "on_overflow":
             skipped = int((ds.metadata.get("stats") or {}).get("skipped_too_long", 0))
             same = want == have or skipped == 0
@@ -162,7 +160,7 @@ def _split_scan(source, field: str, reduce) -> int:
     return out
 
 
-def check_against_model(data: Datasets, cfg, model_cfg, tokenizer) -> None:
+def check_against_model(data: Datasets, cfg: RunConfig, model_cfg, tokenizer) -> None:
     """Before anything compiles: the built dataset fits the model and the loss.
 
     - every response fits loss.max_response_tokens (else step N would refuse it after compiling),
@@ -188,7 +186,7 @@ def check_against_model(data: Datasets, cfg, model_cfg, tokenizer) -> None:
                     f"loss.max_response_tokens={limit}; pass --config.loss.max_response_tokens={int(longest)} "
                     "or more (responses are never truncated)")
     classes = list(meta.get("classes") or data.labels)
-    want = [x.strip() for x in str(cfg.data.labels).split(",")]
+    want = list(cfg.data.labels)
     if classes != want:
         raise UserError(f"{where}: the dataset's classes are {','.join(classes)} but data.labels={','.join(want)}")
     n_cls = int(cfg.lora.num_classes)

@@ -47,6 +47,7 @@ from socialalign_jax.data.converters.ced import CROWD_CAP, MIN_CROWD
 from socialalign_jax.data.prompt import build_example, BuildStats, PromptConfig
 from socialalign_jax.data.records import DEFAULT_LABELS, DataError, Event, read_event_dir
 from socialalign_jax.data.sample import SAMPLE_DIR
+from socialalign_jax.runs.run_config import DataSection
 from socialalign_jax.weights.tokenizer import TokenizerFileError, load_tokenizer
 
 VERSION = "1.0.0"
@@ -129,24 +130,32 @@ def read_source(cfg: "SocialConfig") -> list[Event]:
 
 # ----------------------------------------------------------------------------- config
 
+_RUN_DATA = DataSection()
+
+
 @dataclasses.dataclass(eq=False)
 class SocialConfig(tfds.core.BuilderConfig):
-    """What to build and how; recorded in the dataset metadata."""
+    """What to build and how; recorded in the dataset metadata.
 
-    source: str = "socialweibo"
-    input: str = ""
+    The settings a run's config also has (data.source, data.max_length, ...) default to the
+    run's (runs/run_config.DataSection, their one declaration), so a dataset built without a
+    run config is the one `launch/train.py --config configs/weibo.py` would build.
+    """
+
+    source: str = _RUN_DATA.source
+    input: str = _RUN_DATA.input
     tokenizer: str | None = None  # tokenizer dir/file; None = the bundled Qwen2 vocabulary
-    max_length: int = 1024
-    mode: str = "full"
-    on_overflow: str = "skip"
-    num_history: int = 5
-    test_fraction: float = 0.1
-    split_by: str = "event"  # 'event' (held-out events) | 'user' (held-out users)
-    seed: int = 0
+    max_length: int = _RUN_DATA.max_length
+    mode: str = _RUN_DATA.mode
+    on_overflow: str = _RUN_DATA.on_overflow
+    num_history: int = _RUN_DATA.num_history
+    test_fraction: float = _RUN_DATA.test_fraction
+    split_by: str = _RUN_DATA.split_by  # 'event' (held-out events) | 'user' (held-out users)
+    seed: int = _RUN_DATA.seed
     lamp_outputs: str | None = None  # LaMP: outputs file (else taken from the input dir)
     lamp_task: str | None = None  # LaMP: 'LaMP-4' | 'LaMP-5' | 'LaMP-7'
-    labels: tuple[str, ...] = DEFAULT_LABELS  # class names, in class-id order
-    max_events: int = 0  # converters: read only the first N events (0 = all)
+    labels: tuple[str, ...] = _RUN_DATA.labels  # class names, in class-id order
+    max_events: int = _RUN_DATA.max_events  # converters: read only the first N events (0 = all)
     # Converters that label their own responses (ced): the labeller's name (data/labellers.LABELLERS;
     # "" = the converter's default) and the crowd each event's target is computed over.
     labeller: str = ""

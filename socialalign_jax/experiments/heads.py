@@ -25,6 +25,7 @@ from socialalign_jax.model import decoder
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.decoder import init_adapters
 from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.runs.run_config import OptimConfig
 from socialalign_jax.train import losses, optim
 
 
@@ -74,8 +75,8 @@ def _trainer(cfg: HeadConfig, hidden: int, num_classes: int):
     import jax
     import jax.numpy as jnp
 
-    tx, _ = optim.make_optimizer({"lr": cfg.lr, "total_steps": cfg.steps, "warmup_frac": cfg.warmup_frac,
-                                  "weight_decay": cfg.weight_decay, "clip_norm": cfg.clip_norm})
+    tx, _ = optim.make_optimizer(OptimConfig(lr=cfg.lr, warmup_frac=cfg.warmup_frac, weight_decay=cfg.weight_decay,
+                                             clip_norm=cfg.clip_norm), cfg.steps)
 
     def head_logits(head, x):  # x [B, D] -> [B, K], through the model's own head function
         ones = jnp.ones((x.shape[0],), jnp.int32)

@@ -15,6 +15,7 @@ one line naming the source, the example index and the field; nothing is skipped 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -34,7 +35,7 @@ from socialalign_jax.model.nll import response_ce_chunked
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.model.sampling import SamplingConfig
 from socialalign_jax.runs.restore import load_base, restore_adapters
-from socialalign_jax.runs.run_config import as_run_config
+from socialalign_jax.runs.run_config import RunConfig
 
 LENGTH_BUCKET = 32  # prompt and sequence lengths are rounded up to a multiple of this
 
@@ -271,21 +272,20 @@ def stop_tokens_for(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(int(t) for t in ids if t is not None))
 
 
-def sampling_config(cfg, tokenizer, pad_id: int, *, greedy: bool | None = None) -> SamplingConfig:
-    """SamplingConfig from the config's `sample` section (the --greedy flag overrides sample.greedy)."""
-    s = cfg.sample
-    return SamplingConfig(temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p),
-                          repetition_penalty=float(s.repetition_penalty), max_new_tokens=int(s.max_new_tokens),
-                          greedy=bool(s.greedy) if greedy is None else greedy,
-                          stop_tokens=stop_tokens_for(tokenizer), pad_id=int(pad_id), seed=int(s.seed))
+def sampling_config(cfg: RunConfig, tokenizer, pad_id: int, *, greedy: bool | None = None) -> SamplingConfig:
+    """The config's `sample` section with what the tokenizer decides (its stop tokens and pad id)
+    filled in; the --greedy flag overrides sample.greedy. A plain SamplingConfig (the jitted
+    `generate`'s static argument), without the section's batch size."""
+    settings = {f.name: getattr(cfg.sample, f.name) for f in dataclasses.fields(SamplingConfig)}
+    return SamplingConfig(**{**settings, "stop_tokens": stop_tokens_for(tokenizer), "pad_id": int(pad_id),
+                             "greedy": cfg.sample.greedy if greedy is None else greedy})
 
 
-def run_generate(cfg, workdir: str, *, split: str = "test", out: str, max_examples: int = 0,
+def run_generate(cfg: RunConfig, workdir: str, *, split: str = "test", out: str, max_examples: int = 0,
                  greedy: bool | None = None, gates_out: str | None = None, step: int | None = None,
                  progress: bool = True) -> int:
     """launch/generate.py: restore a run, generate for one split, write the predictions JSONL."""
 
-    cfg = as_run_config(cfg)
     base = load_base(cfg)
     data = setup.prepare(cfg, base.tokenizer, workdir, build_if_missing=False)
     if split not in data.dataset.sources:

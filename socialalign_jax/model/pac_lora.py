@@ -38,7 +38,8 @@ class LoraConfig:
     """Trainable-tree configuration: PAC-LoRA experts on `targets` plus the sentiment head.
 
     num_analyze = num_compose = 1 is plain LoRA; targets=() leaves the base model untouched
-    (only the head, if num_classes > 0, is trainable).
+    (only the head, if num_classes > 0, is trainable). Also a run's `lora` config section
+    (runs/run_config.py), so these defaults are the run's: the paper's 3x3 experts, r 8, alpha 16.
     """
     num_analyze: int = 3
     num_compose: int = 3
@@ -47,10 +48,10 @@ class LoraConfig:
     rslora: bool = False
     dropout: float = 0.1
     gate_width: int = 32
-    targets: tuple[str, ...] = ALL_TARGETS
-    routing: str = "token"
+    targets: tuple[str, ...] = ALL_TARGETS  # on the command line comma-separated; '' trains only the sentiment head
+    routing: str = "token"  # token | pooled | uniform_a | uniform_b | uniform
     num_classes: int = 3
-    fuse_base: str = "auto"  # 'auto' (fuse when the target devices are CPUs) | 'always' | 'never'
+    fuse_base: str = "auto"  # [x | u] @ [W0; B] as one matmul: 'auto' (on CPUs) | 'always' | 'never' (docs/pac_lora.md)
 
     def __post_init__(self):
         if self.routing not in ROUTING_MODES:

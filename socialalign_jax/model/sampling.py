@@ -33,10 +33,19 @@ _NEG_INF = -jnp.inf
 # Qwen2 ChatML: <|im_end|> ends an assistant turn, <|endoftext|> ends a document (and pads).
 QWEN_IM_END, QWEN_ENDOFTEXT = 151645, 151643
 
+# The paper's generation length (SPEC section 1): its presets (configs/weibo.py:7b) and a
+# Predictor that is given no run config generate this many tokens at most.
+PAPER_MAX_NEW_TOKENS = 256
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """Decoding settings; the defaults are the paper's (SPEC section 1).
+    """Decoding settings; the processing defaults are the paper's (SPEC section 1).
+
+    Also a run's `sample` config section (runs/run_config.SampleSection), so each default here is
+    the run's too: max_new_tokens is the quickstart's short posts (the paper's generation length
+    is PAPER_MAX_NEW_TOKENS). Fields marked `run_config: False` are set by the code that
+    generates (the tokenizer's stop tokens and pad id), never by a config file.
 
     Hashable, so it is a static argument of the jitted `generate`. `pad_id` fills the output
     after a row has stopped; stop tokens outside the vocabulary are simply never emitted.
@@ -46,12 +55,14 @@ class SamplingConfig:
     top_k: int = 20
     top_p: float = 0.9
     repetition_penalty: float = 1.2
-    max_new_tokens: int = 256
+    max_new_tokens: int = 64
     greedy: bool = False
-    stop_tokens: tuple[int, ...] = (QWEN_IM_END, QWEN_ENDOFTEXT)
-    pad_id: int = QWEN_ENDOFTEXT
+    stop_tokens: tuple[int, ...] = dataclasses.field(default=(QWEN_IM_END, QWEN_ENDOFTEXT),
+                                                     metadata={"run_config": False})
+    pad_id: int = dataclasses.field(default=QWEN_ENDOFTEXT, metadata={"run_config": False})
     seed: int = 0
-    layer_loop: str = "auto"  # decode steps: 'scan' | 'unrolled' | 'auto' (unrolled when targeting CPUs)
+    # decode steps: 'scan' | 'unrolled' | 'auto' (unrolled when targeting CPUs); the backend's, not a run setting
+    layer_loop: str = dataclasses.field(default="auto", metadata={"run_config": False})
 
     def __post_init__(self):
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))

@@ -36,10 +36,11 @@ from socialalign_jax.data.records import DEFAULT_LABELS, DataError, Event
 from socialalign_jax.evaluation import skill as skill_lib
 from socialalign_jax.inference import export, generation
 from socialalign_jax.model import sampling as sampling_lib
-from socialalign_jax.model.sampling import SamplingConfig
+from socialalign_jax.model.sampling import PAPER_MAX_NEW_TOKENS, SamplingConfig
 from socialalign_jax.predict import crowd as crowd_lib
 from socialalign_jax.predict.users import User, as_users, prompt_case
 from socialalign_jax.runs.restore import restore_run
+from socialalign_jax.runs.run_config import SampleSection
 from socialalign_jax.weights import adapters as adapters_lib
 from socialalign_jax.weights.resolve import resolve_weights
 from socialalign_jax.weights.tokenizer import load_tokenizer
@@ -231,7 +232,8 @@ class Predictor:
 
     def __init__(self, params, adapters, model_cfg, lora_cfg, tokenizer, *, labels: Sequence[str] = DEFAULT_LABELS,
                  prompt: PromptConfig = PromptConfig(on_overflow="raise"), sampling: SamplingConfig | None = None,
-                 batch_size: int = 16, max_users: int = DEFAULT_MAX_USERS, run: Mapping[str, Any] | None = None,
+                 batch_size: int = SampleSection.batch_size, max_users: int = DEFAULT_MAX_USERS,
+                 run: Mapping[str, Any] | None = None,
                  skill: Mapping[str, Any] | None = None):
         if adapters is None or "head" not in adapters:
             raise PredictError("these adapters have no sentiment head (lora.num_classes = 0): the crowd's "
@@ -246,9 +248,10 @@ class Predictor:
         self.labels = tuple(labels)
         # Prediction never skips a user silently: a prompt that cannot fit is an error.
         self.prompt_cfg = dataclasses.replace(prompt, on_overflow="raise")
-        if sampling is None:
+        if sampling is None:  # no run config to take it from: the paper's generation length
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            sampling = SamplingConfig(stop_tokens=generation.stop_tokens_for(tokenizer), pad_id=int(pad))
+            sampling = SamplingConfig(max_new_tokens=PAPER_MAX_NEW_TOKENS,
+                                      stop_tokens=generation.stop_tokens_for(tokenizer), pad_id=int(pad))
         self.sampling = sampling
         self.batch_size = int(batch_size)
         self.max_users = int(max_users)
@@ -266,8 +269,7 @@ class Predictor:
         run_dir = os.fspath(run_dir)
         run = restore_run(run_dir, step)
         cfg = run.cfg
-        labels = tuple(x.strip() for x in str(cfg.data.labels).split(","))
-        num_history, pad_id = 5, None
+        labels, num_history, pad_id = cfg.data.labels, cfg.data.num_history, None
         meta = _run_dataset_metadata(cfg, run_dir)
         if meta:
             labels = tuple(meta.get("classes") or labels)
@@ -275,10 +277,10 @@ class Predictor:
             pad_id = meta.get("config", {}).get("pad_id")
         if pad_id is None:
             pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
-        prompt = PromptConfig(mode=cfg.data.mode, max_length=int(cfg.data.max_length), on_overflow="raise",
+        prompt = PromptConfig(mode=cfg.data.mode, max_length=cfg.data.max_length, on_overflow="raise",
                               num_history=num_history)
         sampling = generation.sampling_config(cfg, run.tokenizer, int(pad_id))
-        kw.setdefault("batch_size", int(cfg.sample.batch_size))
+        kw.setdefault("batch_size", cfg.sample.batch_size)
         info = {"workdir": os.path.abspath(run_dir), "step": run.step, "weights": str(cfg.model.weights)}
         kw.setdefault("skill", read_skill(run_dir))
         return cls(run.params, run.adapters, run.model_cfg, run.lora_cfg, run.tokenizer, labels=labels,
@@ -286,11 +288,12 @@ class Predictor:
 
     @classmethod
     def from_adapters(cls, adapters: str | os.PathLike, weights: str, *, tokenizer: str | None = None,
-                      labels: Sequence[str] = DEFAULT_LABELS, mode: str = "full", max_length: int = 1024,
-                      num_history: int = 5, sampling: SamplingConfig | None = None, dtype: str | None = None,
+                      labels: Sequence[str] = DEFAULT_LABELS, mode: str | None = None, max_length: int | None = None,
+                      num_history: int | None = None, sampling: SamplingConfig | None = None, dtype: str | None = None,
                       **kw) -> "Predictor":
         """Exported adapters on the base model `weights` names (any layout `adapters.load_adapters` reads,
-        or an `launch/export.py --format orbax` directory); the prompt settings are the training run's."""
+        or an `launch/export.py --format orbax` directory); the prompt settings are the training run's
+        (mode, max_length, num_history: None takes PromptConfig's default, max_length the paper's 1024)."""
 
         w = resolve_weights(weights, dtype=dtype)
         tok = w.tokenizer
@@ -303,10 +306,8 @@ class Predictor:
             tree, lc = export.load_orbax_adapters(path)
         else:
             tree, lc = adapters_lib.load_adapters(path, w.cfg)
-        if sampling is None:
-            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            sampling = SamplingConfig(stop_tokens=generation.stop_tokens_for(tok), pad_id=int(pad))
-        prompt = PromptConfig(mode=mode, max_length=int(max_length), on_overflow="raise", num_history=num_history)
+        given = {"mode": mode, "max_length": max_length, "num_history": num_history}
+        prompt = PromptConfig(**{k: v for k, v in given.items() if v is not None}, on_overflow="raise")
         info = {"adapters": os.path.abspath(path), "weights": weights}
         kw.setdefault("skill", read_skill(path if os.path.isdir(path) else os.path.dirname(path)))
         return cls(jax.device_put(w.params), jax.device_put(tree), w.cfg, lc, tok, labels=labels, prompt=prompt,

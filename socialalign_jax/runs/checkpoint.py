@@ -35,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from socialalign_jax.core.errors import UserError, one_line
+from socialalign_jax.runs.run_config import respell_lists
 
 SET_ASIDE_DIR = "checkpoints-set-aside"
 
@@ -148,7 +149,7 @@ def _restore_step(manager, step, abstract_state, current_config, check, adapters
     saved_cfg = meta["config"]
     if not isinstance(saved_cfg, Mapping):
         raise ValueError(f"config item is {type(saved_cfg).__name__}, not a mapping")
-    saved_lora = saved_cfg.get("lora", {})
+    saved_lora = respell_lists(saved_cfg).get("lora", {})  # older checkpoints spell targets 'q,k,...'
     cur_lora = current_config.get("lora", {})
     shape_keys = ("num_analyze", "num_compose", "rank", "targets", "num_classes", "gate_width")
     diffs = _diff_lora({k: saved_lora.get(k) for k in shape_keys}, {k: cur_lora.get(k) for k in shape_keys})

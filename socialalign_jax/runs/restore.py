@@ -24,7 +24,7 @@ from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.parallel.axis_rules import from_config_strings
 from socialalign_jax.parallel.mesh import make_mesh
 from socialalign_jax.runs import checkpoint
-from socialalign_jax.runs.run_config import RunConfig, as_run_config
+from socialalign_jax.runs.run_config import as_run_config, RunConfig
 from socialalign_jax.runs.validation import validate_run_config
 from socialalign_jax.weights.resolve import resolve_weights
 from socialalign_jax.weights.tokenizer import load_tokenizer
@@ -36,36 +36,19 @@ class RunError(UserError):
 
 # ----------------------------------------------------------------------------- config readers
 
-def lora_config(cfg) -> LoraConfig:
-    """config.lora -> LoraConfig; a bad value (routing, targets, fuse_base, ...) is one UserError line."""
-    cfg = as_run_config(cfg)
-    targets = tuple(t.strip() for t in str(cfg.lora.targets).split(",") if t.strip())
-    try:
-        return LoraConfig(num_analyze=cfg.lora.num_analyze, num_compose=cfg.lora.num_compose, rank=cfg.lora.rank,
-                          alpha=float(cfg.lora.alpha), rslora=bool(cfg.lora.rslora),
-                          dropout=float(cfg.lora.dropout), gate_width=cfg.lora.gate_width, targets=targets,
-                          routing=cfg.lora.routing, num_classes=cfg.lora.num_classes,
-                          fuse_base=cfg.lora.fuse_base)
-    except ValueError as e:
-        raise UserError(f"config.lora: {e}") from None
-
-
-def config_to_dict(cfg) -> dict:
+def config_to_dict(cfg: RunConfig) -> dict:
     """The run config as saved in config.json and the checkpoints; a run on random base weights
     also records how they were drawn (decoder.RANDOM_INIT), which restore checks."""
 
-    cfg = as_run_config(cfg)
     d = cfg.to_dict()
-    d["lora"]["targets"] = ",".join(lora_config(cfg).targets)
     if str(d.get("model", {}).get("weights", "")).startswith("random:"):
         d["model"]["random_init"] = decoder.RANDOM_INIT
     return d
 
 
-def mesh_rules(cfg) -> tuple:
+def mesh_rules(cfg: RunConfig) -> tuple:
     """The logical axis rules of `cfg` (its `mesh.rules` section over the defaults), hashable."""
 
-    cfg = as_run_config(cfg)
     try:
         return from_config_strings(cfg.mesh.rules)
     except ValueError as e:
@@ -99,17 +82,14 @@ class Base:
     rules: tuple  # logical axis rules (config mesh.rules; parallel/axis_rules.py)
 
 
-def load_base(cfg) -> Base:
+def load_base(cfg: RunConfig) -> Base:
     """Weights, mesh and tokenizer for `cfg`, validated once before anything is loaded."""
-
-    cfg = as_run_config(cfg)
 
     if not str(cfg.model.weights) or str(cfg.model.weights) in ("hf:", "gguf:"):
         raise UserError(f"config preset {cfg.preset!r} needs the base weights: pass "
                         "--config.model.weights=hf:/path/to/checkpoint (a local Hugging Face directory)")
     # One validation pass before any weights or data are loaded (the trainer also checks the batch).
     validate_run_config(cfg, device_count=jax.device_count(), training=False)
-    lora_cfg = lora_config(cfg)
     rules = mesh_rules(cfg)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     weights = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
@@ -121,7 +101,7 @@ def load_base(cfg) -> Base:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer is None:
         raise UserError(f"weights {cfg.model.weights!r} come without a tokenizer: pass --config.data.tokenizer=DIR")
-    return Base(cfg, model_cfg, lora_cfg, params, tokenizer, mesh, rules)
+    return Base(cfg, model_cfg, cfg.lora, params, tokenizer, mesh, rules)
 
 
 # ----------------------------------------------------------------------------- adapters

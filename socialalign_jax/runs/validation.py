@@ -17,6 +17,7 @@ from socialalign_jax.model.config import DTYPE_NAMES
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.model.presets import PRESETS
 from socialalign_jax.parallel.mesh import mesh_shape
+from socialalign_jax.runs.run_config import names
 
 
 class ConfigError(ValueError):
@@ -120,18 +121,16 @@ def run_config_problems(cfg, *, device_count: int | None = None, training: bool 
     elif weights.startswith("random:"):
         if weights[len("random:"):] not in PRESETS:
             problems.append(f"model.weights={weights!r}: unknown model preset; known: {', '.join(sorted(PRESETS))}")
-    labels = [x.strip() for x in str(_get(cfg, "data.labels", ",".join(DEFAULT_LABELS))).split(",")]
-    if len(labels) < 2 or len(set(labels)) != len(labels) or not all(labels):
+    labels = names(_get(cfg, "data.labels", DEFAULT_LABELS))
+    if len(labels) < 2 or len(set(labels)) != len(labels):
         problems.append(f"data.labels={','.join(labels)!r} must name at least 2 distinct classes")
     elif _get(cfg, "lora.num_classes", 0) not in (0, len(labels)):
         problems.append(f"data.labels has {len(labels)} classes but lora.num_classes={_get(cfg, 'lora.num_classes')}")
-    lora = _get(cfg, "lora", None)
-    if lora is not None:
-        try:
-            LoraConfig(routing=_get(lora, "routing", "token"), fuse_base=_get(lora, "fuse_base", "auto"),
-                       targets=tuple(t.strip() for t in str(_get(lora, "targets", "")).split(",") if t.strip()))
-        except ValueError as e:
-            problems.append(f"lora: {e}")
+    lora = {k: _get(cfg, f"lora.{k}", _MISSING) for k in ("routing", "fuse_base", "targets")}
+    try:  # LoraConfig's own checks of the names it knows (the numbers are ranges above)
+        LoraConfig(**{k: names(v) if k == "targets" else v for k, v in lora.items() if v is not _MISSING})
+    except ValueError as e:
+        problems.append(f"lora: {e}")
     problems += mesh_problems(cfg, device_count, check_batch=training)
     return problems
 

@@ -34,7 +34,7 @@ from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.parallel import sharding
 from socialalign_jax.runs import checkpoint
 from socialalign_jax.runs.restore import config_to_dict, load_base
-from socialalign_jax.runs.run_config import RunConfig, as_run_config
+from socialalign_jax.runs.run_config import as_run_config, respell_lists, RunConfig
 from socialalign_jax.runs.validation import validate_run_config
 from socialalign_jax.train import flops, optim, step as step_lib
 from socialalign_jax.train.metrics_log import MetricLogger
@@ -42,15 +42,9 @@ from socialalign_jax.train.metrics_log import MetricLogger
 log = logging.getLogger("socialalign_jax.train")
 
 
-# ----------------------------------------------------------------------------- config readers
+# ----------------------------------------------------------------------------- distributed
 
-def loss_config(cfg) -> step_lib.LossConfig:
-    return step_lib.LossConfig(lambda_sent=float(cfg.loss.lambda_sent), lambda_macro=float(cfg.loss.lambda_macro),
-                               estimator=cfg.loss.estimator, gumbel_tau=float(cfg.loss.gumbel_tau),
-                               max_response_tokens=int(cfg.loss.max_response_tokens))
-
-
-def setup_distributed(cfg) -> None:
+def setup_distributed(cfg: RunConfig) -> None:
     """jax.distributed.initialize from the config/flags, or from the environment on a pod.
 
     "auto" initializes only when the environment describes more than one process (a bare
@@ -115,14 +109,14 @@ class Job:
     rules: tuple | None = None  # logical axis rules (config mesh.rules); None = the defaults
 
 
-def build_job(cfg, workdir: str) -> Job:
+def build_job(cfg: RunConfig, workdir: str) -> Job:
     """The base model (runs.restore.load_base, as inference reads it back) plus the data."""
 
     base = load_base(cfg)
     data = setup.prepare(base.cfg, base.tokenizer, workdir)
     cfg = data.cfg  # with the data.* values the dataset was built with
     setup.check_against_model(data, cfg, base.model_cfg, base.tokenizer)  # before anything compiles
-    return Job(cfg, base.model_cfg, base.lora_cfg, loss_config(cfg), base.params, base.tokenizer, base.mesh,
+    return Job(cfg, base.model_cfg, base.lora_cfg, cfg.loss, base.params, base.tokenizer, base.mesh,
                data, workdir, base.rules)
 
 
@@ -148,13 +142,13 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def total_steps(cfg, batches_per_epoch: int) -> int:
+def total_steps(cfg: RunConfig, batches_per_epoch: int) -> int:
     if int(cfg.train.num_steps) > 0:
         return int(cfg.train.num_steps)
     return max(1, int(cfg.train.num_epochs) * batches_per_epoch)
 
 
-def eval_source(cfg, source):
+def eval_source(cfg: RunConfig, source):
     limit = cfg.train.eval_max_examples
     return source if limit <= 0 else Subset(source, limit)
 
@@ -250,7 +244,7 @@ def resume_conflicts(saved: dict, current: dict) -> list[str]:
     """'key: checkpoint X vs config Y' for every key that differs and may not change on resume."""
     import json
 
-    saved_f, cur_f = _flat(saved), _flat(json.loads(json.dumps(current, default=str)))
+    saved_f, cur_f = _flat(respell_lists(saved)), _flat(json.loads(json.dumps(current, default=str)))
     # data.* build settings are checked against the built dataset itself (data_setup.check_build_settings)
     dataset_keys = tuple(f"data.{k}" for k in BUILD_KEYS)
     out = []
@@ -266,7 +260,7 @@ def _has_checkpoint(workdir: str) -> bool:
     return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
 
 
-def _check_resume(cfg, workdir: str, accept: bool) -> None:
+def _check_resume(cfg: RunConfig, workdir: str, accept: bool) -> None:
     """Before any weights are read: a resume must not silently change what the run is."""
     import json
 
@@ -296,7 +290,7 @@ def train(cfg, workdir: str, *, progress: bool = True, accept_config_change: boo
     check against config.json, then weights, data and its metadata checks; nothing has
     compiled when any of those refuses.
     """
-    cfg = as_run_config(cfg)  # the boundary: below here the typed config only
+    cfg = as_run_config(cfg)  # the library's entry point converts as the launchers do; below, typed only
     setup_distributed(cfg)
     validate_run_config(cfg, device_count=jax.device_count())
     os.makedirs(workdir, exist_ok=True)
@@ -309,7 +303,7 @@ def train(cfg, workdir: str, *, progress: bool = True, accept_config_change: boo
             lock.release()
 
 
-def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
+def _train(cfg: RunConfig, workdir: str, *, progress: bool) -> dict[str, Any]:
     job = build_job(cfg, workdir)
     cfg = job.cfg  # the data.* values a named dataset was built with replace the config's
     is_main = jax.process_index() == 0
@@ -320,8 +314,7 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
     sharding.check_batch_divisible(bcfg.global_batch_size, job.mesh, job.rules)
     it = TrainIterator(job.data.train, bcfg, process_index=jax.process_index(), process_count=jax.process_count())
     n_steps = total_steps(cfg, len(it.plan(0)))
-    opt_cfg = dict(dataclasses.asdict(cfg.optim), total_steps=n_steps)
-    optimizer, schedule = optim.make_optimizer(opt_cfg)
+    optimizer, schedule = optim.make_optimizer(cfg.optim, n_steps)
 
     adapters = decoder.init_adapters(jax.random.PRNGKey(int(cfg.train.seed)), job.model_cfg, job.lora_cfg)
     state = step_lib.init_train_state(adapters, optimizer)

@@ -7,8 +7,7 @@ import os
 import jax
 
 from socialalign_jax.core.atomic_io import write_json
-
-from socialalign_jax.runs.run_config import as_run_config
+from socialalign_jax.runs.run_config import RunConfig
 from socialalign_jax.train import loop, post_train
 
 
@@ -25,8 +24,7 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_training(cfg, workdir: str, *, progress: bool = True, accept_config_change: bool = False) -> int:
-    cfg = as_run_config(cfg)
+def run_training(cfg: RunConfig, workdir: str, *, progress: bool = True, accept_config_change: bool = False) -> int:
     result = loop.train(cfg, workdir, progress=progress, accept_config_change=accept_config_change)
     if "stopped_at" in result:
         return 0

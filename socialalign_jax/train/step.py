@@ -11,7 +11,6 @@ full sequence would dominate memory and FLOPs.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -23,16 +22,8 @@ from socialalign_jax.model import decoder
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.nll import response_ce, token_nll
 from socialalign_jax.model.pac_lora import LoraConfig
+from socialalign_jax.runs.run_config import LossConfig  # the run's `loss` section, declared with the run config
 from socialalign_jax.train import losses
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    lambda_sent: float = 1.0
-    lambda_macro: float = 1.0
-    estimator: str = "mean"  # 'mean' | 'gumbel'
-    gumbel_tau: float = 1.0
-    max_response_tokens: int = 64  # R: response positions scored per row (0 = every position)
 
 
 def response_positions(loss_mask, max_tokens: int):

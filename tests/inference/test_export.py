@@ -20,6 +20,7 @@ from socialalign_jax.inference import export
 from socialalign_jax.model import decoder, pac_lora
 from socialalign_jax.model.presets import get_preset
 from socialalign_jax.runs import checkpoint, restore
+from socialalign_jax.runs.run_config import as_run_config
 from socialalign_jax.train import optim, step as step_lib
 from socialalign_jax.weights import adapters as adapters_lib, hf
 
@@ -33,8 +34,9 @@ def make_run(workdir, **lora):
     cfg = tiny_config()
     for k, v in lora.items():
         cfg.lora[k] = v
-    lc = restore.lora_config(cfg)
-    optimizer, _ = optim.make_optimizer(dict(cfg.optim.to_dict(), total_steps=2))
+    cfg = as_run_config(cfg)
+    lc = cfg.lora
+    optimizer, _ = optim.make_optimizer(cfg.optim, 2)
     cfg_dict = restore.config_to_dict(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(cfg_dict, str(workdir / "config.json"))

@@ -17,6 +17,7 @@ import pytest
 from socialalign_jax.model import decoder
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.runs import restore
+from socialalign_jax.runs.run_config import as_run_config
 from socialalign_jax.weights import adapters as adapters_lib, hf as hf_lib
 
 torch = pytest.importorskip("torch", reason="torch (CPU) is needed for the stock-tool references")
@@ -134,6 +135,7 @@ def test_merged_export_generates_out_of_the_box(tmp_path):
     ad = random_adapters(mc, lc, seed=1)
     cfg = tiny_config()
     cfg.model.weights = f"hf:{ck}"
+    cfg = as_run_config(cfg)
     user = "你的用户名为小红, 现在你看到了一则新闻: \n猫咪救主"
     prompt_ids = tok(chat_prompt(user), add_special_tokens=False)["input_ids"]
     scfg = sampling_config(cfg, tok, tok.pad_token_id, greedy=True).replace(max_new_tokens=16)

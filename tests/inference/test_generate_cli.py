@@ -23,6 +23,7 @@ from socialalign_jax.model import decoder
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.runs import restore
+from socialalign_jax.runs.run_config import as_run_config
 from socialalign_jax.weights.tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -163,7 +164,7 @@ def _tiny_run_config(events_dir):
     cfg.data.input = str(events_dir)
     cfg.data.test_fraction = 0.5
     cfg.lora.rank, cfg.lora.gate_width, cfg.lora.targets = 2, 4, "q,v"
-    return cfg
+    return as_run_config(cfg)
 
 
 def _cli(args, tmp_path):
@@ -203,7 +204,7 @@ def test_cli_restores_the_checkpoint_and_writes_predictions(tmp_path):
     # A checkpoint whose head strongly prefers 'negative', so the CLI must really use it.
     ad = decoder.init_adapters(jax.random.PRNGKey(0), job.model_cfg, job.lora_cfg)
     ad["head"]["bias"] = jax.numpy.array([4.0, 0.0, -4.0])
-    optimizer, _ = optim.make_optimizer(dict(cfg.optim.to_dict(), total_steps=10))
+    optimizer, _ = optim.make_optimizer(cfg.optim, 10)
     manager = checkpoint.make_manager(str(work), save_every=1, keep=1, async_save=False)
     checkpoint.save(manager, 3, step_lib.init_train_state(ad, optimizer), {}, restore.config_to_dict(cfg), force=True)
     manager.wait_until_finished()

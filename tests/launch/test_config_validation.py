@@ -143,7 +143,7 @@ def test_every_data_key_of_the_config_reaches_the_builder(monkeypatch, tmp_path)
     keys: each must arrive in the dataset builder's config, not only in config.json."""
     from socialalign_jax.data import setup, tfds_builders as B
     from socialalign_jax.weights.resolve import resolve_weights
-    from tests.train_helpers import tiny_config
+    from tests.train_helpers import typed_config
 
     seen = []
 
@@ -153,11 +153,11 @@ def test_every_data_key_of_the_config_reaches_the_builder(monkeypatch, tmp_path)
 
     monkeypatch.setattr(B, "build", build)
     tok = resolve_weights("random:tiny-qwen2").tokenizer
-    cfg = tiny_config(None, **{"data.num_history": 2, "data.data_dir": str(tmp_path / "d")})
+    cfg = typed_config(None, **{"data.num_history": 2, "data.data_dir": str(tmp_path / "d")})
     with pytest.raises(RuntimeError, match="built"):
         setup.prepare(cfg, tok, str(tmp_path))
     assert seen[-1].num_history == 2 and seen[-1].lamp_task is None and seen[-1].lamp_outputs is None
-    cfg = tiny_config(None, config="lamp", **{"data.input": str(tmp_path / "q.json"), "data.lamp_task": "LaMP-7",
+    cfg = typed_config(None, config="lamp", **{"data.input": str(tmp_path / "q.json"), "data.lamp_task": "LaMP-7",
                                               "data.lamp_outputs": str(tmp_path / "o.json"),
                                               "data.data_dir": str(tmp_path / "l")})
     with pytest.raises(RuntimeError, match="built"):

@@ -19,6 +19,7 @@ from socialalign_jax.core.atomic_io import write_json
 from socialalign_jax.model import decoder
 from socialalign_jax.parallel.mesh import make_mesh
 from socialalign_jax.runs import checkpoint, restore
+from socialalign_jax.runs.run_config import as_run_config
 from socialalign_jax.train import optim, step as step_lib
 
 from tests.train_helpers import REPO, script_env, tiny_config
@@ -26,9 +27,9 @@ from tests.train_helpers import REPO, script_env, tiny_config
 
 def _state(cfg, seed):
     """A train state with random (non-zero) adapters and a stepped optimizer, as a numpy tree."""
-    lc = restore.lora_config(cfg)
+    lc = cfg.lora
     base = restore.load_base(cfg)
-    opt, _ = optim.make_optimizer(dict(cfg.optim.to_dict(), total_steps=4))
+    opt, _ = optim.make_optimizer(cfg.optim, 4)
     rs = np.random.default_rng(seed)
     ad = jax.tree.map(lambda x: rs.normal(0, 0.05, x.shape).astype(np.float32),
                       jax.eval_shape(lambda: decoder.init_adapters(jax.random.PRNGKey(0), base.model_cfg, lc)))
@@ -56,7 +57,7 @@ def _assert_equal(a, b):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("items_run")
-    cfg = tiny_config()
+    cfg = as_run_config(tiny_config())
     write_json(restore.config_to_dict(cfg), str(wd / "config.json"))
     manager = checkpoint.make_manager(str(wd), save_every=1, keep=3, async_save=False)
     state, _ = _state(cfg, 3)
@@ -92,13 +93,16 @@ def test_inference_restores_the_adapters_item_alone(run):
 
 
 def test_a_checkpoint_from_before_the_split_still_restores(tmp_path):
-    """The old layout is written here with Orbax directly: one `state` item {step, adapters, opt_state}."""
-    cfg = tiny_config()
+    """The old layout is written here with Orbax directly: one `state` item {step, adapters, opt_state},
+    and the config as it was then spelled (list settings as comma strings): no drift is seen in that."""
+    cfg = as_run_config(tiny_config())
     state, _ = _state(cfg, 5)
-    write_json(restore.config_to_dict(cfg), str(tmp_path / "config.json"))
+    old = restore.config_to_dict(cfg)
+    old["lora"]["targets"], old["data"]["labels"] = ",".join(cfg.lora.targets), ",".join(cfg.data.labels)
+    write_json(old, str(tmp_path / "config.json"))
     mgr = ocp.CheckpointManager(str(tmp_path / "checkpoints"), options=ocp.CheckpointManagerOptions(create=True))
     mgr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"epoch": 0, "batch": 5}),
-                                        config=ocp.args.JsonSave(restore.config_to_dict(cfg))), force=True)
+                                        config=ocp.args.JsonSave(old)), force=True)
     mgr.wait_until_finished()
     mgr.close()
     base = restore.load_base(cfg)

@@ -41,7 +41,8 @@ from socialalign_jax.runs import checkpoint, restore
 from socialalign_jax.train import optim, step as step_lib
 from socialalign_jax.train.metrics_log import MetricLogger
 
-from tests.train_helpers import MAX_LENGTH, REPO, built_sample, read_metrics, reference_run, script_env, tiny_config
+from tests.train_helpers import (MAX_LENGTH, REPO, built_sample, read_metrics, reference_run, script_env,
+                                 typed_config)
 
 N = 4  # the reference run's steps; keep_checkpoints=3 leaves steps 2, 3, 4
 
@@ -100,8 +101,8 @@ KINDS = ["truncated_blocks", "truncated_optimizer", "damaged_manifest", "damaged
 
 
 def _abstract_state(cfg):
-    lc = restore.lora_config(cfg)
-    opt, _ = optim.make_optimizer(dict(cfg.optim.to_dict(), total_steps=N))
+    lc = cfg.lora
+    opt, _ = optim.make_optimizer(cfg.optim, N)
     shapes = jax.eval_shape(lambda: step_lib.init_train_state(
         decoder.init_adapters(jax.random.PRNGKey(0), get_preset("tiny-qwen2"), lc), opt))
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -119,7 +120,7 @@ def _check_iterator_state(_, data_state):
 def test_corrupt_latest_falls_back_and_sets_it_aside(ref, tmp_path, kind):
     wd = copy_run(ref, tmp_path)
     corrupt(wd, N, kind)
-    cfg = tiny_config(built_sample())
+    cfg = typed_config(built_sample())
     manager = checkpoint.make_manager(wd, save_every=1, keep=3, async_save=False)
     lines = []
     state, data, _ = checkpoint.restore(manager, _abstract_state(cfg), restore.config_to_dict(cfg),
@@ -139,7 +140,7 @@ def test_no_checkpoint_restores_says_what_to_do(ref, tmp_path):
     wd = copy_run(ref, tmp_path)
     for s in (N - 2, N - 1, N):
         corrupt(wd, s, "truncated_blocks")
-    cfg = tiny_config(built_sample())
+    cfg = typed_config(built_sample())
     manager = checkpoint.make_manager(wd, save_every=1, keep=3, async_save=False)
     with pytest.raises(checkpoint.CheckpointError) as e:
         checkpoint.restore(manager, _abstract_state(cfg), restore.config_to_dict(cfg), report=print)
@@ -347,7 +348,7 @@ def test_data_settings_that_contradict_the_built_dataset(tmp_path):
     from socialalign_jax.data import tfds_builders as B
 
     ds = B.open_dataset(built_sample())
-    cfg = tiny_config(built_sample(), **{"data.test_fraction": 0.5, "data.mode": "without_history",
+    cfg = typed_config(built_sample(), **{"data.test_fraction": 0.5, "data.mode": "without_history",
                                          "data.num_history": 2})
     with pytest.raises(UserError) as e:  # the run's own <workdir>/data: an error
         setup.check_build_settings(cfg, ds, explicit_dir=False)
@@ -369,21 +370,21 @@ def test_metadata_checks_before_step_1():
     mc = get_preset("tiny-qwen2")
     longest = max(int(np.asarray(ds.source("train")[i]["loss_mask"]).sum()) for i in range(len(ds.source("train"))))
     assert ds.metadata["response_tokens_max"]["train"] == longest  # what the builder recorded
-    setup.check_against_model(data, tiny_config(built_sample()), mc, None)  # fits
+    setup.check_against_model(data, typed_config(built_sample()), mc, None)  # fits
     cases = [({"loss.max_response_tokens": longest - 1}, f"response of {longest} tokens"),
              ({"data.labels": "favor,against,neutral"}, "classes are negative,neutral,positive"),
              ({"lora.num_classes": 2}, "has 3 classes but lora.num_classes=2")]
     for overrides, expect in cases:
         with pytest.raises(UserError, match=expect):
-            setup.check_against_model(data, tiny_config(built_sample(), **overrides), mc, None)
+            setup.check_against_model(data, typed_config(built_sample(), **overrides), mc, None)
     with pytest.raises(UserError, match="outside the model's vocabulary"):
-        setup.check_against_model(data, tiny_config(built_sample()), mc.replace(vocab_size=512), None)
+        setup.check_against_model(data, typed_config(built_sample()), mc.replace(vocab_size=512), None)
     # a dataset built before the metadata held these: the same answer from a scan of the records
     old = dict(ds.metadata)
     old.pop("response_tokens_max"), old.pop("max_token_id")
     data.dataset = B.Dataset(ds.path, old, ds.sources)
     with pytest.raises(UserError, match=f"response of {longest} tokens"):
-        setup.check_against_model(data, tiny_config(built_sample(), **{"loss.max_response_tokens": longest - 1}),
+        setup.check_against_model(data, typed_config(built_sample(), **{"loss.max_response_tokens": longest - 1}),
                                   mc, None)
 
 

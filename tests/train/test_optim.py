@@ -1,6 +1,5 @@
 """Optimizer pieces against hand-computed values and a manual optax chain."""
 
-import dataclasses
 import math
 
 import jax
@@ -9,26 +8,18 @@ import numpy as np
 import optax
 import pytest
 
-from socialalign_jax.runs import restore
+from socialalign_jax.runs.run_config import OptimConfig
 from socialalign_jax.train import optim
 
 
-@dataclasses.dataclass
-class Cfg:
-    lr: float = 1e-3
-    warmup_frac: float = 0.1
-    total_steps: int = 100
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    clip_norm: float | None = None
-    grad_accum: int = 1
-    min_lr_ratio: float = 0.0
+def _make(total_steps: int = 100, **settings):
+    """make_optimizer on OptimConfig with these settings over a plain base: lr 1e-3, no decay, no clipping."""
+    cfg = OptimConfig(**{"lr": 1e-3, "weight_decay": 0.0, "clip_norm": 0.0, **settings})
+    return optim.make_optimizer(cfg, total_steps)
 
 
 def test_schedule_by_hand():
-    _, sched = optim.make_optimizer(Cfg(lr=1.0, warmup_frac=0.1, total_steps=100, min_lr_ratio=0.1))
+    _, sched = _make(lr=1.0, warmup_frac=0.1, total_steps=100, min_lr_ratio=0.1)
     # warmup: 10 steps, 0 -> 1 linearly
     assert float(sched(0)) == 0.0
     np.testing.assert_allclose(float(sched(5)), 0.5, rtol=1e-6)
@@ -39,7 +30,7 @@ def test_schedule_by_hand():
     np.testing.assert_allclose(float(sched(100)), 0.1, rtol=1e-6)
     np.testing.assert_allclose(float(sched(150)), 0.1, rtol=1e-6)
     # HF rounds the warmup up: ceil(0.1 * 15) = 2 steps
-    _, s2 = optim.make_optimizer(Cfg(lr=1.0, total_steps=15))
+    _, s2 = _make(lr=1.0, total_steps=15)
     np.testing.assert_allclose([float(s2(1)), float(s2(2))], [0.5, 1.0], rtol=1e-6)
 
 
@@ -58,7 +49,7 @@ def _hand_schedule(step, lr, total, warmup_frac, min_ratio):
     (2e-5, 100, 0.1, 0.0), (2e-4, 24, 0.1, 0.0), (1e-3, 15, 0.1, 0.1), (1.0, 7, 0.0, 0.0),
     (3e-4, 1000, 0.03, 0.05), (1e-4, 1, 0.5, 0.0), (5e-5, 3, 0.9, 0.2)])
 def test_schedule_equals_the_hand_written_formula(lr, total, frac, min_ratio):
-    _, sched = optim.make_optimizer(Cfg(lr=lr, total_steps=total, warmup_frac=frac, min_lr_ratio=min_ratio))
+    _, sched = _make(lr=lr, total_steps=total, warmup_frac=frac, min_lr_ratio=min_ratio)
     for step in range(0, total + 3):
         want = _hand_schedule(step, lr, total, frac, min_ratio)
         assert float(sched(step)) == pytest.approx(want, rel=2e-7, abs=2e-7 * lr), (step, want)
@@ -66,8 +57,7 @@ def test_schedule_equals_the_hand_written_formula(lr, total, frac, min_ratio):
 
 def test_clipping_by_hand():
     # eps = 1 makes Adam's first step depend on the gradient's magnitude: -lr * g / (|g| + 1)
-    cfg = Cfg(lr=0.1, warmup_frac=0.0, eps=1.0, clip_norm=1.0)
-    tx, _ = optim.make_optimizer(cfg)
+    tx, _ = _make(lr=0.1, warmup_frac=0.0, eps=1.0, clip_norm=1.0)
     params = {"w": jnp.zeros((2, 2))}
     g = {"w": jnp.array([[3.0, 0.0], [0.0, 4.0]])}  # global norm 5 -> scaled by 1/5
     upd, _ = tx.update(g, tx.init(params), params)
@@ -81,8 +71,7 @@ def test_clipping_by_hand():
 
 
 def test_weight_decay_mask():
-    cfg = Cfg(lr=0.1, warmup_frac=0.0, weight_decay=0.5)
-    tx, _ = optim.make_optimizer(cfg)
+    tx, _ = _make(lr=0.1, warmup_frac=0.0, weight_decay=0.5)
     params = {"q": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,))},
               "norm": {"scale": jnp.ones((2, 4))}, "A": jnp.full((1, 2, 4, 2), 2.0)}
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -95,8 +84,7 @@ def test_weight_decay_mask():
 
 
 def test_multisteps_equals_mean_gradient_step():
-    cfg = Cfg(lr=0.01, warmup_frac=0.0, weight_decay=0.1, clip_norm=0.5, grad_accum=2, total_steps=10)
-    tx, sched = optim.make_optimizer(cfg)
+    tx, sched = _make(lr=0.01, warmup_frac=0.0, weight_decay=0.1, clip_norm=0.5, grad_accum=2, total_steps=10)
     rng = np.random.default_rng(0)
     params = {"k": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)},
               "b": {"bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}}
@@ -122,27 +110,15 @@ def test_multisteps_equals_mean_gradient_step():
 @pytest.mark.parametrize("field,value", [("total_steps", 0), ("warmup_frac", 1.0), ("grad_accum", 0)])
 def test_bad_config_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
-        optim.make_optimizer(dataclasses.replace(Cfg(), **{field: value}))
+        _make(**{field: value})
 
 
-def test_accepts_configdict():
-    import ml_collections
+def test_the_run_configs_optim_section_is_what_make_optimizer_takes():
+    """The trainer passes cfg.optim as it is: the same schedule as the settings given by hand."""
+    from socialalign_jax.runs.run_config import as_run_config, RunConfig
 
-    cfg = ml_collections.ConfigDict(dataclasses.asdict(Cfg(lr=0.5)))
-    _, sched = optim.make_optimizer(cfg)
-    np.testing.assert_allclose(float(sched(10)), 0.5, rtol=1e-6)
-
-
-def test_bad_lora_config_value_is_one_user_error():
-    """A mistyped config.lora value reaches the user as one line naming the field, not a traceback."""
-    import pytest
-
-    from configs import weibo
-    from socialalign_jax.core.errors import UserError
-
-    for field, value, word in (("fuse_base", "sometimes", "fuse_base"), ("routing", "bogus", "routing")):
-        cfg = weibo.get_config()
-        cfg.lora[field] = value
-        with pytest.raises(UserError, match=f"config.lora: .*{word}.*{value}"):
-            restore.lora_config(cfg)
-    assert restore.lora_config(weibo.get_config()).fuse_base == "auto"
+    cfg = as_run_config({"optim": {"lr": 0.5, "warmup_frac": 0.0}})
+    assert type(cfg.optim) is OptimConfig and RunConfig().optim == OptimConfig()
+    _, sched = optim.make_optimizer(cfg.optim, 20)
+    np.testing.assert_allclose(float(sched(0)), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(10)), _hand_schedule(10, 0.5, 20, 0.0, 0.0), rtol=1e-6)

@@ -21,7 +21,8 @@ from socialalign_jax.model import axes as model_axes
 from socialalign_jax.parallel import sharding
 from socialalign_jax.parallel.mesh import make_mesh
 from socialalign_jax.runs import restore
-from socialalign_jax.train import loop, optim, step as step_lib
+from socialalign_jax.runs.run_config import as_run_config
+from socialalign_jax.train import optim, step as step_lib
 
 from tests.train_helpers import MAX_LENGTH, built_sample, tiny_config
 
@@ -30,9 +31,7 @@ N_STEPS = 3
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = tiny_config(built_sample())
-    cfg.lora.targets = "q,v,down"
-    cfg.loss.max_response_tokens = 24
+    cfg = as_run_config(tiny_config(built_sample(), **{"lora.targets": "q,v,down", "loss.max_response_tokens": 24}))
     ds = B.open_dataset(cfg.data.data_dir)
     bcfg = BatchConfig(events_per_batch=2, cases_per_event=4, seq_len=MAX_LENGTH, pad_id=ds.pad_id,
                        num_classes=3, seed=0, read_threads=1, prefetch=1)
@@ -41,7 +40,7 @@ def setup():
     mcfg = get_preset("tiny-qwen2").replace(vocab_size=512)
     batches = [dict(b, input_ids=b["input_ids"] % 512) for b in (next(it) for _ in range(N_STEPS))]
     params = decoder.init_params(mcfg, jax.random.PRNGKey(0))
-    lc = restore.lora_config(cfg)
+    lc = cfg.lora
     assert lc.dropout > 0  # dropout on: its random bits must not depend on the sharding
     adapters = decoder.init_adapters(jax.random.PRNGKey(1), mcfg, lc)
     # B = 0 at init would make the first step's A-gradients vanish: give B values.
@@ -49,8 +48,8 @@ def setup():
     adapters = jax.tree_util.tree_map_with_path(
         lambda p, x: rs.normal(0, 0.02, x.shape).astype(np.float32) if p[-1].key == "B" else np.asarray(x),
         adapters)
-    optimizer, schedule = optim.make_optimizer(dict(cfg.optim.to_dict(), total_steps=N_STEPS))
-    fn = step_lib.make_train_step(mcfg, lc, loop.loss_config(cfg), optimizer, schedule)
+    optimizer, schedule = optim.make_optimizer(cfg.optim, N_STEPS)
+    fn = step_lib.make_train_step(mcfg, lc, cfg.loss, optimizer, schedule)
     return dict(batches=batches, params=params, adapters=adapters, optimizer=optimizer, fn=fn)
 
 
@@ -120,11 +119,11 @@ def test_axis_rules_from_the_config_move_weights_and_activations(setup, single):
     fsdp, and the batch over data alone. The parameters, the batch and the activations in the
     compiled program follow those rules, and the step still equals one device."""
     cfg = tiny_config()
-    assert restore.mesh_rules(cfg) == sharding.LOGICAL_RULES  # the config's defaults are the declared table
+    assert restore.mesh_rules(as_run_config(cfg)) == sharding.LOGICAL_RULES  # the defaults are the declared table
     cfg.mesh.rules.embed = ""
     cfg.mesh.rules.mlp = "tensor,fsdp"
     cfg.mesh.rules.batch = "data"
-    rules = restore.mesh_rules(cfg)
+    rules = restore.mesh_rules(as_run_config(cfg))
     mesh = make_mesh(2, 2, 2)
     params_sh = model_axes.shardings(setup["params"], mesh, rules)
     assert tuple(params_sh["embed"]["embedding"].spec) == ("tensor", None)  # [V, D]: vocab over tensor, embed replicated
@@ -155,4 +154,4 @@ def test_bad_axis_rules_are_one_line(override, message):
         for k, v in override.items():
             cfg.mesh.rules[k] = v
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        restore.mesh_rules(cfg)
+        restore.mesh_rules(as_run_config(cfg))

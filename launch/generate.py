@@ -50,6 +50,8 @@ def main(argv):
             raise UserError(f"--out {_OUT.value}: is a directory; expected a file name (predictions JSONL)")
         from socialalign_jax.runs.run_config import as_run_config
 
+        if _GREEDY.value is not None:  # --greedy is a sample.greedy override: applied before the config is checked
+            cfg.sample.greedy = bool(_GREEDY.value)
         return run_generate(as_run_config(cfg, source="--config"), workdir, split=_SPLIT.value, out=_OUT.value, max_examples=_MAX.value,
                             greedy=_GREEDY.value, gates_out=_GATES.value, step=_STEP.value,
                             progress=not _NO_PROGRESS.value)

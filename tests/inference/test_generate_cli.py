@@ -217,8 +217,9 @@ def test_cli_restores_the_checkpoint_and_writes_predictions(tmp_path):
     saved["sample"]["max_new_tokens"], saved["sample"]["batch_size"] = 5, 2
     write_json(saved, str(work / "config.json"))
     out = tmp_path / "preds.jsonl"
+    # --greedy with temperature 0: greedy decoding reads no temperature, so the pair is accepted
     res = _cli(["--workdir", str(work), "--config.sample.max_new_tokens=3", "--no_progress", "--out", str(out),
-                "--greedy", "--gates_out", str(tmp_path / "g.json")], tmp_path)
+                "--greedy", "--config.sample.temperature=0", "--gates_out", str(tmp_path / "g.json")], tmp_path)
     assert res.returncode == 0, res.stderr
     assert "checkpoint step 3" in res.stdout
     recs = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]

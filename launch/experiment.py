@@ -123,6 +123,13 @@ def main(argv=None) -> int:
     print((Path(a.out) / "summary.md").read_text("utf-8") if summ["rows"] else "no finished cells")
     if a.eval_md and summ["rows"]:
         fill_markdown(Path(a.eval_md), plan["name"], summ["markdown"], " ".join(["python launch/experiment.py", *argv]))
+    failed = summ.get("failed") or []
+    if failed and not summ.get("finished"):  # nothing this run tried worked: not a success for a script either
+        print(f"error: all {len(failed)} cells that ran failed (first: {failed[0]}); fix that and rerun "
+              "(finished cells are kept)", file=sys.stderr)
+        return 1
+    if failed:
+        print(f"warning: {len(failed)} cells failed (first: {failed[0]}); a rerun retries them", file=sys.stderr)
     return 0
 
 

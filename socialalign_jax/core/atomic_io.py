@@ -9,6 +9,9 @@ says how much space the file needed.
 
 One implementation for every CLI (predictions, scores, personas, run summaries, reports,
 metric logs, the saved tokenizer); `atomic_dir` publishes a directory the same way.
+`os_error` recognises the same failures when a library reports them in its own exception
+type (the Rust tokenizers, array_record, TensorStore), and `output_name` keeps a name the
+user gives (a dataset, a plan row) from becoming a path outside the output directory.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Callable, Iterable, Iterator
@@ -64,6 +68,46 @@ def write_error(path: str | os.PathLike, e: OSError, needed: int | None = None) 
         return UserError(f"{path}: no space left on device{size}; free some space and rerun "
                          "(nothing partial was left under that name)")
     return UserError(f"{path}: cannot write output ({e.strerror or e})")
+
+
+# How libraries that do their own I/O report an errno: the Rust standard library ("No space
+# left on device (os error 28)", the tokenizers), TensorStore ("[os_error_code='28']") and
+# array_record ("write() failed: No space left on device").
+_OS_ERROR_CODE = re.compile(r"os[ _]error(?:_code)?[ =]'?(\d+)")
+_ERRNO_TEXT = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+               errno.EFBIG: "File too large", errno.EROFS: "Read-only file system",
+               errno.EACCES: "Permission denied"}
+
+
+def os_error(exc: BaseException | None) -> OSError | None:
+    """The OSError behind `exc`: itself, one in its cause/context chain, or one a library (which
+    raises its own exception types) reports only in its message. None when it is none of those."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        text = str(exc)
+        m = _OS_ERROR_CODE.search(text)
+        code = int(m.group(1)) if m else next((c for c, t in _ERRNO_TEXT.items() if t in text), None)
+        if code is not None:
+            return OSError(code, os.strerror(code))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+_BAD_NAME = re.compile(r"[/\\\x00-\x1f]")
+
+
+def output_name(name: str, what: str) -> str:
+    """`name` when it is one plain path component (it becomes a directory below an output
+    directory); else one UserError line naming `what` (the flag or field that gave it)."""
+    if (not isinstance(name, str) or not name.strip() or name in (".", "..") or _BAD_NAME.search(name)
+            or name != name.strip() or len(name.encode("utf-8")) > 200):
+        raise UserError(f"{what}: {name!r} is not a usable name: it becomes a directory name, so it must be "
+                        "1-200 bytes without '/', '\\', control characters or surrounding spaces, and not '.' "
+                        "or '..'")
+    return name
 
 
 class _CountingWriter:

@@ -117,6 +117,7 @@ def load_plan(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         where = f"{path}: rows[{i}]"
         if not isinstance(r.get("name"), str) or not r["name"]:
             raise UserError(f"{where}: field 'name': missing")
+        atomic_io.output_name(r["name"], f"{where}: field 'name'")  # <out>/runs/<name>: never a path out of --out
         if r["name"] in seen:
             raise UserError(f"{where}: field 'name': {r['name']!r} is used twice")
         seen.add(r["name"])
@@ -383,6 +384,7 @@ def run_plan(plan: dict, out: str | os.PathLike, *, log: Callable[[str], None] =
         writer.close()
     summ = write_summary(plan, out, list(done.values()))
     summ["failed"] = failed
+    summ["finished"] = finished[0]
     return summ
 
 

@@ -136,3 +136,14 @@ def test_defaults_are_the_configs_data_section(spec):
         assert getattr(args, key) == data[key], key
     if preset == "7b":  # --config is read, not only the default file: the preset's own length
         assert args.max_length == data.max_length != mod.get_config().data.max_length
+
+
+@pytest.mark.parametrize("name", ["../../../x", "a/b", "..", " padded"])
+def test_a_name_that_would_leave_out_is_refused(tmp_path, capsys, name):
+    """--name becomes a directory below --out: a path out of it (or into a subtree) is one line, nothing written."""
+    write_events(tmp_path / "ev")
+    out = tmp_path / "deep" / "er" / "out"
+    line = one_error_line(capsys, ["--source", "socialweibo", "--input", str(tmp_path / "ev"),
+                                   "--out", str(out), f"--name={name}"])
+    assert line.startswith("error: --name: ") and repr(name) in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]  # nothing inside or outside --out

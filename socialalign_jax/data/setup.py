@@ -51,9 +51,15 @@ def _tokenizer_dir(tokenizer, workdir: str) -> str | None:
             shutil.rmtree(path, ignore_errors=True)  # derived from the weights: rebuilt below
     elif os.path.isdir(path) and not os.listdir(path):
         os.rmdir(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, needed=lambda: _saved_size(tokenizer)) as tmp:
         tokenizer.save_pretrained(tmp)
     return path
+
+
+def _saved_size(tokenizer) -> int:
+    """About what save_pretrained writes: tokenizer.json (indented, as transformers saves it) dominates."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return len(backend.to_str(pretty=True).encode("utf-8")) if backend is not None else 0
 
 
 def _is_main() -> bool:

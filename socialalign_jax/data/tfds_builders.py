@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from socialalign_jax.core.atomic_io import write_json
+from socialalign_jax.core.atomic_io import write_failure, write_json
 from socialalign_jax.data import lamp, targets as T
 from socialalign_jax.data.alpaca import read_alpaca
 from socialalign_jax.data.converters import STANCE_LABELS, read_ced, read_nlpcc2016, read_zs_csd
@@ -447,9 +447,24 @@ def build(out_dir: str | os.PathLike, cfg: SocialConfig, *, overwrite: bool = Fa
         shutil.rmtree(target)
         builder = cls(data_dir=str(out_dir), config=cfg)  # forget the old dataset_info
     builder._prepared = prepared
-    builder.download_and_prepare(file_format="array_record", download_config=tfds.download.DownloadConfig())
-    write_json(builder.info.metadata["targets"], target / "targets.json")
+    # The directories this build creates: removed again when it fails, so a failed build (a full
+    # disk) leaves nothing a rerun would take for a dataset, not even empty folders.
+    created = [d for d in (target, *target.parents) if not d.exists()]
+    try:
+        builder.download_and_prepare(file_format="array_record", download_config=tfds.download.DownloadConfig())
+        write_json(builder.info.metadata["targets"], target / "targets.json")
+    except Exception as e:  # noqa: BLE001 - write_failure re-raises what is not an OS error
+        for d in created[-1:]:  # the outermost one holds the rest
+            shutil.rmtree(d, ignore_errors=True)
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        raise write_failure(str(target), e, lambda: _examples_bytes(prepared[0])) from None
     return target
+
+
+def _examples_bytes(examples: dict) -> int:
+    """About what the array_record files of these examples take: their arrays' bytes."""
+    return int(sum(np.asarray(v).nbytes for exs in examples.values() for ex in exs for v in ex.values()))
 
 
 @dataclasses.dataclass

@@ -433,8 +433,8 @@ def _train(cfg, workdir: str, *, progress: bool) -> dict[str, Any]:
                 write_json(result, os.path.join(workdir, "eval_final.json"))
         logger.close()
         return result
-    except BaseException:
-        checkpoint.close(manager, failing=True)  # in-flight async saves end before the error is reported
+    except BaseException as e:
+        checkpoint.close(manager, failing=e)  # in-flight async saves end before the error is reported
         if logger is not None:
-            logger.close()
+            logger.close(failing=True)
         raise

@@ -23,6 +23,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from socialalign_jax.core.cli_setup import quiet_startup  # noqa: E402
+
+quiet_startup()  # before jax and transformers: no start-up lines (e.g. "PyTorch was not found") before ours
+
 # The model shape of each configs/weibo.py preset whose weights are given at run time.
 _PRESET_MODELS = {"7b": "qwen2.5-7b", "1.5b": "qwen2.5-1.5b", "0.5b": "qwen2.5-0.5b"}
 
@@ -82,6 +86,10 @@ def main(argv=None) -> int:
     from socialalign_jax.tools import plan as plan_lib
 
     def run():
+        for name in ("batch", "seq", "max_new_tokens"):
+            if args[name].value < (0 if name != "max_new_tokens" else 1):
+                default = " (or 0 for the config's)" if name != "max_new_tokens" else ""
+                raise UserError(f"--{name}: {args[name].value}: expected a positive number{default}")
         try:
             sizes = plan_lib.parse_mesh(args.mesh or ("fsdp=-1" if args.topology else "fsdp=8"))
             tpu = plan_lib.tpu_slice(args.topology) if args.topology else None

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 FORMATS = ("orbax", "safetensors", "peft", "socialalign", "merged")
 ORBAX_DIR = "adapters"
 ORBAX_META = "adapter_config.json"
+ORBAX_FORMAT = "socialalign-orbax-adapters/1"
 GENERATION_CONFIG = "generation_config.json"
 
 
@@ -102,24 +103,44 @@ def save_orbax_adapters(adapters, lc: LoraConfig, model_cfg: ModelConfig, out: s
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(target, jax.tree.map(np.asarray, adapters))
     ckpt.wait_until_finished()
-    meta = {"format": "socialalign-orbax-adapters/1", "lora_config": json.loads(_lora_to_json(lc)),
+    meta = {"format": ORBAX_FORMAT, "lora_config": json.loads(_lora_to_json(lc)),
             "model_dims": _model_dims(model_cfg)}
     write_json(meta, out / ORBAX_META, indent=2, sort_keys=True)
     return target
 
 
+def is_orbax_export(path: str | os.PathLike) -> bool:
+    """A directory `save_orbax_adapters` wrote (its `adapters/` checkpoint): a PEFT or socialalign
+    export also has an adapter_config.json, so that file alone says nothing."""
+    return (Path(path) / ORBAX_DIR).is_dir()
+
+
 def load_orbax_adapters(path: str | os.PathLike) -> tuple[dict, LoraConfig]:
-    """Read what `save_orbax_adapters` wrote -> (adapter tree of numpy arrays, LoraConfig)."""
+    """Read what `save_orbax_adapters` wrote -> (adapter tree of numpy arrays, LoraConfig).
+    A damaged or foreign adapter_config.json is one line naming the file and field."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     meta_path = path / ORBAX_META
     if not meta_path.is_file():
         raise ExportError(f"{meta_path}: not found; not an adapter export made with --format orbax")
-    meta = json.loads(meta_path.read_text())
-    d = dict(meta["lora_config"], targets=tuple(meta["lora_config"]["targets"]))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{meta_path}: not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != ORBAX_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ExportError(f"{meta_path}: field 'format': expected {ORBAX_FORMAT!r} (an export made with "
+                          f"--format orbax), got {got!r}")
+    lc = meta.get("lora_config")
+    if not isinstance(lc, dict):
+        raise ExportError(f"{meta_path}: field 'lora_config': missing (an export made with --format orbax has it)")
+    try:
+        lora_cfg = LoraConfig(**dict(lc, targets=tuple(lc.get("targets", ()))))
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"{meta_path}: field 'lora_config': {e}") from None
     tree = ocp.StandardCheckpointer().restore(path / ORBAX_DIR)
-    return jax.tree.map(np.asarray, tree), LoraConfig(**d)
+    return jax.tree.map(np.asarray, tree), lora_cfg
 
 
 def base_model_path(cfg) -> str | None:
@@ -201,4 +222,4 @@ def hf_generation_settings(cfg, tokenizer, vocab_size: int) -> tuple[dict, dict]
 
 __all__ = ["FORMATS", "ExportError", "merge_refusal", "peft_refusal",
            "merge_adapters", "base_model_path",
-           "save_orbax_adapters", "load_orbax_adapters", "export_run"]
+           "save_orbax_adapters", "load_orbax_adapters", "is_orbax_export", "export_run"]

@@ -283,7 +283,7 @@ class Predictor:
         if tok is None:
             raise PredictError(f"weights {weights!r} come without a tokenizer: pass tokenizer=DIR")
         path = os.fspath(adapters)
-        if os.path.isfile(os.path.join(path, export.ORBAX_META)):
+        if export.is_orbax_export(path):
             tree, lc = export.load_orbax_adapters(path)
         else:
             tree, lc = adapters_lib.load_adapters(path, w.cfg)

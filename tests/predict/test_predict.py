@@ -282,6 +282,33 @@ def test_exported_adapters_on_a_weights_spec_predict_as_the_run_does(predictor, 
         assert ua.posts == ub.posts
 
 
+def test_adapter_exports_with_an_adapter_config_are_read_by_their_layout(predictor, tmp_path):
+    """A socialalign (PEFT-style) export has an adapter_config.json too: it is read as what it is, not as an
+    Orbax export; an Orbax export whose adapter_config.json lost its fields is one line naming file and field."""
+    from socialalign_jax.core.errors import UserError
+    from socialalign_jax.inference import export
+    from socialalign_jax.weights import adapters
+
+    ad = jax.device_get(predictor.adapters)
+    adapters.export_socialalign(ad, predictor.lora_cfg, predictor.model_cfg, tmp_path / "sa")
+    exported = Predictor.from_adapters(tmp_path / "sa", "random:tiny-qwen2", max_length=224,
+                                       sampling=predictor.sampling, batch_size=predictor.batch_size)
+    users = read_users(USERS)[:2]
+    a, b = predictor.predict(NEWS, users, seed=3), exported.predict(NEWS, users, seed=3)
+    for ua, ub in zip(a.users, b.users):
+        np.testing.assert_allclose(list(ua.sentiment.values()), list(ub.sentiment.values()), atol=1e-6)
+
+    export.save_orbax_adapters(ad, predictor.lora_cfg, predictor.model_cfg, tmp_path / "ob")
+    meta = tmp_path / "ob" / "adapter_config.json"
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "lora_config"}))
+    with pytest.raises(UserError) as e:
+        Predictor.from_adapters(tmp_path / "ob", "random:tiny-qwen2", max_length=224)
+    assert str(e.value) == f"{meta}: field 'lora_config': missing (an export made with --format orbax has it)"
+    meta.write_text('{"format": "socialalign-orbax-adap')
+    with pytest.raises(UserError, match=rf"^{meta}: not readable JSON \("):
+        Predictor.from_adapters(tmp_path / "ob", "random:tiny-qwen2", max_length=224)
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 

@@ -25,6 +25,7 @@ from absl import flags  # noqa: E402
 
 _CONFIG = define_run_config_flag()
 flags.declare_key_flag("config")  # defined in core/cli_setup: --help lists it with this script's own flags
+flags.declare_key_flag("config_help")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (checkpoints, built dataset).")
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split to generate for.")
 _OUT = flags.DEFINE_string("out", None, "Predictions JSONL to write.")

@@ -21,6 +21,7 @@ from absl import flags  # noqa: E402
 
 _CONFIG = define_config_flag("config", "configs/weibo.py", "Training config (file[:preset]).")
 flags.declare_key_flag("config")  # defined in core/cli_setup: --help lists it with this script's own flags
+flags.declare_key_flag("config_help")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the built dataset go "
                                "(default: runs/<config name>-<preset>).")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar.")

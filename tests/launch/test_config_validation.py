@@ -109,6 +109,30 @@ def test_train_usage_errors_are_one_line_exit_2(args, expect, tmp_path):
     assert not (tmp_path / "w").exists()  # nothing was created
 
 
+def test_a_mistyped_config_key_names_the_close_one_and_where_the_keys_are_listed(tmp_path):
+    rc, _, err = _launch("train.py", "--workdir", str(tmp_path / "w"), "--config.train.num_stepz=3")
+    assert rc == 2 and err == ["error: --config.train.num_stepz: unknown config key 'num_stepz'; did you mean "
+                               "--config.train.num_steps? (python train.py --config_help lists every key)"], err
+    # --config_help lists every leaf of the config, with the preset and overrides applied: compared
+    # against the config module's own ConfigDict.
+    rc, out, err = _launch("train.py", "--config", "configs/weibo.py:smollm2", "--config.train.num_steps=7",
+                           "--config_help")
+    assert rc == 0 and err == [], err
+    cfg = load_config_module("weibo").get_config("smollm2")
+    cfg.train.num_steps = 7
+
+    def leaves(node, prefix=""):
+        for k, v in node.items():
+            yield from leaves(v, f"{prefix}{k}.") if hasattr(v, "items") else [(f"{prefix}{k}", v)]
+
+    listed = {ln.split(" = ")[0].strip(): ln.split(" = ", 1)[1] for ln in out.splitlines()[1:]}
+    want = dict(leaves(cfg))
+    assert set(listed) == set(want)
+    assert all(listed[k].startswith(repr(v)) for k, v in want.items()), out
+    rc, out, _ = _launch("train.py", "--help")
+    assert rc == 0 and "--[no]config_help:" in out
+
+
 def test_bad_values_stop_train_before_anything_loads(tmp_path):
     rc, _, err = _launch("train.py", "--workdir", str(tmp_path / "w"), "--config.train.log_every=0",
                          "--config.train.num_steps=-5", "--config.optim.lr=-1", "--config.mesh.fsdp=-1",

@@ -320,9 +320,9 @@ class Predictor:
             try:
                 ex = build_example(case, event, self.tokenizer, self.prompt_cfg, include_response=False)
             except PromptTooLong as e:
-                raise PredictError(f"{event.source} for user {u.user_name!r}: the prompt does not fit ({e.what}); "
-                                   f"prompts must not exceed max_length {self.prompt_cfg.max_length} tokens (the run's "
-                                   "context for prompts): shorten the news") from None
+                raise PredictError(f"{event.source} for user {u.user_name!r}: the prompt does not fit: {e.what}; "
+                                   f"shorten the news (the run's prompts hold at most {self.prompt_cfg.max_length} "
+                                   "tokens)") from None
             except DataError as e:
                 raise PredictError(f"{event.source} for user {u.user_name!r}: {e.what}") from None
             n = int(ex["prompt_len"])

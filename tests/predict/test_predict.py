@@ -242,7 +242,7 @@ def test_api_rejects_bad_input_with_one_line(predictor):
         (dict(news=NEWS, users=[]), "users: the crowd is empty"),
         (dict(news=NEWS, users=users, variants=[""]), "variants[0]: empty"),
         (dict(news=NEWS, users=users, samples=0), "samples: must be an integer >= 1"),
-        (dict(news="新闻" * 400, users=users[:1]), "exceed max_length"),
+        (dict(news="新闻" * 400, users=users[:1]), "the prompt does not fit"),
         (dict(news=NEWS, users=users, labeller="nope"), "labeller: 'nope'"),
     ]
     for kw, msg in cases:
@@ -256,6 +256,20 @@ def test_api_rejects_bad_input_with_one_line(predictor):
         small.predict(NEWS, users)
     with pytest.raises(UsersError, match=r"users\[0\]: field 'user_name': missing"):
         predictor.predict(NEWS, [{"history": []}])
+
+
+def test_a_news_too_long_is_explained_in_prediction_terms(predictor):
+    """A prompt has no response and no build settings: the error says what to do at predict time."""
+    users = read_users(USERS)[:1]
+    for news, what in (("新闻" * 400, "the news alone has 400 tokens, which exceeds max_length 224 (the news is never "
+                                      "cut)"),
+                       ("新闻" * 80, "tokens exceed max_length 224 even with history and persona cut")):
+        with pytest.raises(PredictError) as e:
+            predictor.predict(news, users)
+        msg = str(e.value)
+        assert msg.startswith(f"news for user {users[0].user_name!r}: the prompt does not fit: ") and what in msg, msg
+        assert msg.endswith("; shorten the news (the run's prompts hold at most 224 tokens)"), msg
+        assert "response" not in msg and "on_overflow" not in msg and "\n" not in msg, msg
 
 
 def test_users_given_as_dicts_or_objects_predict_the_same(predictor):
@@ -371,7 +385,7 @@ def test_cli_bad_input_is_one_line_and_leaves_nothing(tmp_path):
         ([*base, "--news", NEWS, "--users", str(USERS), "--out", str(out), "--max_users", "2"],
          "4 users, more than --max_users 2"),
         ([*base, "--news", NEWS, "--users", str(USERS), "--out", str(a_file)], "is a file, expected a directory"),
-        ([*base, "--news", "新闻" * 400, "--users", str(USERS), "--out", str(out)], "exceed max_length"),
+        ([*base, "--news", "新闻" * 400, "--users", str(USERS), "--out", str(out)], "the prompt does not fit"),
     ]
     for args, msg in cases:
         r = _cli(*args)

@@ -124,7 +124,7 @@ def test_api_predicts_and_rejects_bad_input_and_keeps_serving(server):
         ({"news": NEWS, "users": [{"user_name": "a", "history": [{"txt": "x"}]}]},
          "users[0]: field 'history[0].text': missing"),
         ({"news": NEWS, "users_jsonl": '{"user_name": "a"}\n{oops'}, "users_jsonl: line 2: invalid JSON"),
-        ({"news": "新闻" * 400, "num_users": 1}, "exceed max_length"),
+        ({"news": "新闻" * 400, "num_users": 1}, "the prompt does not fit"),
         ({"news": NEWS, "num_users": 1, "colour": "red"}, "field 'colour': unknown"),
         (b"{not json", "not valid JSON"),
     ]

@@ -55,12 +55,16 @@ _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar
 def _read_variants(path: str) -> list[str]:
     from socialalign_jax.core.errors import UserError
 
+    from socialalign_jax.core.jsonl import utf8_problem
+
     try:
-        text = open(path, encoding="utf-8-sig").read()
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = raw.decode("utf-8-sig")
     except OSError as e:
         raise UserError(f"--variants {path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
-        raise UserError(f"--variants {path}: not valid UTF-8 (byte {e.start})") from None
+        raise UserError(f"--variants {path}: {utf8_problem(raw, e)}") from None
     out = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not out:
         raise UserError(f"--variants {path}: no wordings (one per line)")

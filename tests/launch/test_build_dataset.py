@@ -86,10 +86,14 @@ def test_missing_input_dir(tmp_path, capsys):
 
 def test_malformed_json_names_the_file(tmp_path, capsys):
     write_events(tmp_path / "ev")
-    (tmp_path / "ev" / "e2.json").write_text('{"topic": "t", "news": ', encoding="utf-8")
+    (tmp_path / "ev" / "e2.json").write_text('{"topic": "t", "news": }', encoding="utf-8")
     line = one_error_line(capsys, ["--source", "socialweibo", "--input", str(tmp_path / "ev"),
                                    "--out", str(tmp_path / "o")])
     assert "e2.json" in line and "malformed JSON" in line
+    (tmp_path / "ev" / "e2.json").write_text('{"topic": "t", "news": ', encoding="utf-8")  # an interrupted copy
+    line = one_error_line(capsys, ["--source", "socialweibo", "--input", str(tmp_path / "ev"),
+                                   "--out", str(tmp_path / "o")])
+    assert "e2.json: the file ends in the middle of a JSON value" in line and "cut short" in line
 
 
 def test_bad_field_names_file_record_and_field(tmp_path, capsys):

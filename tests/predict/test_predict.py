@@ -76,6 +76,19 @@ def test_users_file_is_validated_with_file_line_and_field():
     assert u.user_name == "b" and u.history[0].retweet == "r" and u.persona is None
 
 
+def test_a_users_file_cut_short_says_so(tmp_path):
+    raw = USERS.read_bytes()
+    for end, what in ((raw.index("王".encode()) + 2, "the file ends in the middle of a character"),
+                      (raw.index(b"\n") - 5, "line 1: the file ends in the middle of a record")):
+        (tmp_path / "u.jsonl").write_bytes(raw[:end])
+        with pytest.raises(UsersError) as e:
+            read_users(tmp_path / "u.jsonl")
+        assert str(e.value).startswith(f"{tmp_path / 'u.jsonl'}: {what}") and "cut short" in str(e.value), e.value
+    (tmp_path / "u.jsonl").write_bytes(raw.replace(b"}", b"}}", 1))  # damaged in the middle: not a cut
+    with pytest.raises(UsersError, match=r"u\.jsonl: line 1: invalid JSON \(Expecting ',' delimiter at column"):
+        read_users(tmp_path / "u.jsonl")
+
+
 def test_example_users_file_reads():
     users = read_users(USERS)
     assert len(users) == 4 and all(u.history and u.persona for u in users)

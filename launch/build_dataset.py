@@ -109,6 +109,9 @@ def main(argv=None) -> int:
               else B.default_labels(args.source))
     if len(labels) < 2 or len(set(labels)) != len(labels) or not all(labels):
         raise UserError(f"--labels: {args.labels!r} must name at least 2 distinct classes")
+    why = B.labels_problem(args.source, labels)
+    if why:
+        raise UserError(f"--labels {why}")
 
     cfg = B.SocialConfig(name=args.name, source=args.source, input=str(Path(args.input).resolve()),
                          tokenizer=args.tokenizer, max_length=args.max_length, mode=args.mode,

@@ -91,6 +91,9 @@ def prepare(cfg, tokenizer, workdir: str, *, build_if_missing: bool = True) -> D
         labels = tuple(x.strip() for x in str(cfg.data.labels).split(","))
         if labels != tuple(DEFAULT_LABELS) and len(labels) != cfg.lora.num_classes:
             raise UserError(f"data.labels has {len(labels)} classes but lora.num_classes={cfg.lora.num_classes}")
+        why = B.labels_problem(cfg.data.source, labels)
+        if why:
+            raise UserError(f"data.labels {why}")
         bcfg = B.SocialConfig(
             name="default", source=cfg.data.source, input=cfg.data.input or default_input(cfg.data.source),
             tokenizer=_tokenizer_dir(tokenizer, workdir), max_length=int(cfg.data.max_length), mode=cfg.data.mode,

@@ -84,8 +84,20 @@ SOURCES: dict[str, Callable[..., list[Event]]] = {
     "zs_csd": read_zs_csd,
     "nlpcc2016": read_nlpcc2016,
 }
-# The label set a source's readers emit, when it is not negative/neutral/positive.
-SOURCE_LABELS: dict[str, tuple[str, ...]] = {"zs_csd": STANCE_LABELS, "nlpcc2016": STANCE_LABELS}
+# The label set each converter's reader gives its cases (stances, or CED's silver sentiment from
+# the lexicon labeller): fixed names, of which only the order (the class ids) may be chosen.
+SOURCE_LABELS: dict[str, tuple[str, ...]] = {"ced": DEFAULT_LABELS, "zs_csd": STANCE_LABELS,
+                                             "nlpcc2016": STANCE_LABELS}
+
+
+def labels_problem(source: str, labels: Sequence[str]) -> str | None:
+    """Why `labels` cannot name a source's classes (a converter's are fixed), or None: checked before
+    any input is read, so the setting is named, not the first record that does not fit it."""
+    fixed = SOURCE_LABELS.get(source)
+    if fixed is not None and set(labels) != set(fixed):
+        return (f"{','.join(labels)!r}: source {source!r} labels its cases {','.join(fixed)}; "
+                "give those names (in the class order you want) or leave the setting out")
+    return None
 
 
 def register_source(name: str, reader: Callable[..., list[Event]], labels: Sequence[str] | None = None) -> None:

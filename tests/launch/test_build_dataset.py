@@ -151,3 +151,26 @@ def test_a_name_that_would_leave_out_is_refused(tmp_path, capsys, name):
                                    "--out", str(out), f"--name={name}"])
     assert line.startswith("error: --name: ") and repr(name) in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]  # nothing inside or outside --out
+
+
+@pytest.mark.parametrize("source, labels, fixed", [("ced", "a,b", "negative,neutral,positive"),
+                                                   ("zs_csd", "negative,neutral,positive", "favor,against,neutral")])
+def test_labels_a_converter_does_not_give_name_the_flag(tmp_path, capsys, source, labels, fixed):
+    """A converter labels its cases itself: names it never gives are the flag's fault, said before reading."""
+    (tmp_path / "in").mkdir()  # never read: the flag is checked first
+    line = one_error_line(capsys, ["--source", source, "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                                   f"--labels={labels}"])
+    assert line == (f"error: --labels '{labels}': source '{source}' labels its cases {fixed}; give those names "
+                    "(in the class order you want) or leave the setting out")
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_names_data_labels_a_converter_does_not_give(tmp_path):
+    from socialalign_jax.core.errors import UserError
+    from socialalign_jax.data import setup
+
+    from tests.train_helpers import tiny_config
+
+    cfg = tiny_config(**{"data.source": "ced", "data.input": str(tmp_path), "data.labels": "a,b,c"})
+    with pytest.raises(UserError, match=r"^data\.labels 'a,b,c': source 'ced' labels its cases negative,neutral,"):
+        setup.prepare(cfg, None, str(tmp_path / "w"))

@@ -85,7 +85,8 @@ SOURCES: dict[str, Callable[..., list[Event]]] = {
     "nlpcc2016": read_nlpcc2016,
 }
 # The label set each converter's reader gives its cases (stances, or CED's silver sentiment from
-# the lexicon labeller): fixed names, of which only the order (the class ids) may be chosen.
+# the lexicon labeller): fixed names, which the class names must include (in any order; a class
+# no case has may be added).
 SOURCE_LABELS: dict[str, tuple[str, ...]] = {"ced": DEFAULT_LABELS, "zs_csd": STANCE_LABELS,
                                              "nlpcc2016": STANCE_LABELS}
 
@@ -94,9 +95,10 @@ def labels_problem(source: str, labels: Sequence[str]) -> str | None:
     """Why `labels` cannot name a source's classes (a converter's are fixed), or None: checked before
     any input is read, so the setting is named, not the first record that does not fit it."""
     fixed = SOURCE_LABELS.get(source)
-    if fixed is not None and set(labels) != set(fixed):
-        return (f"{','.join(labels)!r}: source {source!r} labels its cases {','.join(fixed)}; "
-                "give those names (in the class order you want) or leave the setting out")
+    missing = [name for name in fixed or () if name not in labels]
+    if missing:
+        return (f"{','.join(labels)!r}: source {source!r} labels its cases {','.join(fixed)}, so the classes "
+                f"must include {','.join(missing)} (in the order you want) or leave the setting out")
     return None
 
 

@@ -153,15 +153,16 @@ def test_a_name_that_would_leave_out_is_refused(tmp_path, capsys, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]  # nothing inside or outside --out
 
 
-@pytest.mark.parametrize("source, labels, fixed", [("ced", "a,b", "negative,neutral,positive"),
-                                                   ("zs_csd", "negative,neutral,positive", "favor,against,neutral")])
-def test_labels_a_converter_does_not_give_name_the_flag(tmp_path, capsys, source, labels, fixed):
+@pytest.mark.parametrize("source, labels, fixed, missing", [
+    ("ced", "a,b", "negative,neutral,positive", "negative,neutral,positive"),
+    ("zs_csd", "negative,neutral,positive", "favor,against,neutral", "favor,against")])
+def test_labels_a_converter_does_not_give_name_the_flag(tmp_path, capsys, source, labels, fixed, missing):
     """A converter labels its cases itself: names it never gives are the flag's fault, said before reading."""
     (tmp_path / "in").mkdir()  # never read: the flag is checked first
     line = one_error_line(capsys, ["--source", source, "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
                                    f"--labels={labels}"])
-    assert line == (f"error: --labels '{labels}': source '{source}' labels its cases {fixed}; give those names "
-                    "(in the class order you want) or leave the setting out")
+    assert line == (f"error: --labels '{labels}': source '{source}' labels its cases {fixed}, so the classes must "
+                    f"include {missing} (in the order you want) or leave the setting out")
     assert not (tmp_path / "o").exists()
 
 

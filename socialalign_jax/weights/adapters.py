@@ -33,9 +33,9 @@ from typing import Any
 import jax
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as safetensors_bytes
 
-from socialalign_jax.core.atomic_io import write_json
+from socialalign_jax.core.atomic_io import write_bytes, write_json
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.model import names
 from socialalign_jax.model.config import ModelConfig
@@ -55,6 +55,13 @@ _PEFT_KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\."
     r"(lora_[AB]\d*|lora_[AB]_gate_dense[12])(\.default)?\.weight$")
 _DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
+
+
+def _write_safetensors(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
+    """safetensors' own serialisation (byte for byte what `safetensors.numpy.save_file` writes), written
+    through atomic_io: whole or not at all, with the umask's mode (save_file creates files 0600), and a
+    full disk as one line."""
+    write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
 class AdapterError(UserError):
@@ -185,7 +192,7 @@ def save_adapters(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelConfig, 
     _check_shapes(flat, expected_shapes(model_cfg, lora_cfg), path, " (adapters do not match lora_cfg/model_cfg)")
     meta = {"format": FORMAT, "lora_config": _lora_to_json(lora_cfg),
             "model_dims": json.dumps(_model_dims(model_cfg), sort_keys=True)}
-    save_file(flat, str(path), metadata=meta)
+    _write_safetensors(flat, str(path), metadata=meta)
     return path
 
 
@@ -296,7 +303,7 @@ def export_socialalign(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelCon
             for kind, gate in (("A", "gate_a"), ("B", "gate_b")):
                 put(layer, target, f"lora_{kind}_gate_dense1", ad[gate]["w1"][layer])  # [G, d_in]
                 put(layer, target, f"lora_{kind}_gate_dense2", ad[gate]["w2"][layer])  # [E, G]
-    save_file(out, str(path), metadata={"format": "pt"})
+    _write_safetensors(out, str(path), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lc.rank, "lora_alpha": lc.alpha,
         "lora_dropout": lc.dropout, "use_rslora": lc.rslora, "bias": "none",
@@ -335,7 +342,7 @@ def export_peft(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelConfig, pa
         for layer in range(model_cfg.num_layers):
             for name, arr in (("lora_A", a[layer]), ("lora_B", b[layer])):  # PyTorch [out, in]
                 out[peft_key(layer, target, name, ".weight")] = np.ascontiguousarray(arr.T).astype(_DTYPES[dtype])
-    save_file(out, str(path), metadata={"format": "pt"})
+    _write_safetensors(out, str(path), metadata={"format": "pt"})
     write_json(stock_peft_config(lora_cfg, base_model_name_or_path), str(path.parent / PEFT_CONFIG))
     if "head" in adapters:
         save_adapters_head(adapters["head"], path.parent / HEAD_FILE)
@@ -355,8 +362,8 @@ def stock_peft_config(lc: LoraConfig, base_model_name_or_path: str | None) -> di
 
 
 def save_adapters_head(head: dict, path) -> None:
-    save_file({f"head/{k}": np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in head.items()},
-              str(path), metadata={"format": FORMAT + "+head"})
+    _write_safetensors({f"head/{k}": np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in head.items()},
+                       str(path), metadata={"format": FORMAT + "+head"})
 
 
 def _parse_peft_keys(tensors: dict, where: Path, num_layers: int) -> dict[str, dict[int, dict[str, tuple]]]:

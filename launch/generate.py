@@ -33,7 +33,7 @@ _MAX = flags.DEFINE_integer("max_examples", 0, "Generate for the first N example
 _GREEDY = flags.DEFINE_bool("greedy", None, "Greedy decoding (default: config sample.greedy).")
 _GATES = flags.DEFINE_string("gates_out", None, "Also write per-layer gate statistics (launch/evaluate.py --gates).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (--noprogress: none, e.g. in a log file).")
 
 
 def main(argv):
@@ -53,7 +53,7 @@ def main(argv):
 
         return run_generate(as_run_config(cfg, source="--config"), workdir, split=_SPLIT.value, out=_OUT.value, max_examples=_MAX.value,
                             greedy=_GREEDY.value, gates_out=_GATES.value, step=_STEP.value,
-                            progress=not _NO_PROGRESS.value)
+                            progress=_PROGRESS.value)
 
     cli_main(go)
 

@@ -48,7 +48,8 @@ flags.DEFINE_string("model", "", "Model preset (model/presets.py) instead of the
 flags.DEFINE_integer("batch", 0, "Global batch (default: the config's G x M).", flag_values=FLAGS)
 flags.DEFINE_integer("seq", 0, "Sequence length (default: data.max_length); decode: the prompt's.", flag_values=FLAGS)
 flags.DEFINE_integer("max_new_tokens", 256, "Decode: tokens generated after the prompt.", flag_values=FLAGS)
-flags.DEFINE_bool("no_compile", False, "Only the exact per-tree figures.", flag_values=FLAGS)
+flags.DEFINE_bool("compile", True, "Compile the step for its memory figures (--nocompile: only the exact "
+                  "per-tree figures).", flag_values=FLAGS)
 
 
 def _args(argv):
@@ -151,9 +152,9 @@ def main(argv=None) -> int:
             try:
                 if step == "train":
                     return plan_lib.plan_train_step(mc, lc, loss_config(cfg), optimizer, mesh, b, seq,
-                                                    compile_step=not args.no_compile, rules=rules)
+                                                    compile_step=args.compile, rules=rules)
                 return plan_lib.plan_decode(mc, lc if lc.targets else None, mesh, b, seq, args.max_new_tokens,
-                                            compile_step=not args.no_compile, rules=rules)
+                                            compile_step=args.compile, rules=rules)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
 

@@ -49,7 +49,7 @@ _LABELLER_WEIGHTS = flags.DEFINE_string("labeller_weights", None, "With --labell
 _LEVEL = flags.DEFINE_float("level", 0.9, "Bootstrap interval level.")
 _RESAMPLES = flags.DEFINE_integer("resamples", 2000, "Bootstrap resamples.")
 _MAX_USERS = flags.DEFINE_integer("max_users", 10_000, "Refuse crowds larger than this.")
-_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (--noprogress: none, e.g. in a log file).")
 
 
 def _read_variants(path: str) -> list[str]:
@@ -122,7 +122,7 @@ def main(argv):
             labeller = zero_shot_labeller(_LABELLER_WEIGHTS.value)
         pred = predictor.predict(wordings[0], crowd, topic=_TOPIC.value, samples=_SAMPLES.value, seed=_SEED.value,
                                  variants=wordings[1:], labeller=labeller, level=_LEVEL.value,
-                                 num_resamples=_RESAMPLES.value, progress=not _NO_PROGRESS.value)
+                                 num_resamples=_RESAMPLES.value, progress=_PROGRESS.value)
         paths = outputs.write_outputs(pred, _OUT.value)
         print("\n" + outputs.summary_table(pred))
         print("wrote " + ", ".join(paths))

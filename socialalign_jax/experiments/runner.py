@@ -263,7 +263,7 @@ class TrainContext:
             cmd = [sys.executable, str(Path(__file__).resolve().parents[2] / "launch" / "train.py"),
                    "--config", plan["train_config"], *plan.get("common_flags", []), *row.get("flags", []),
                    f"--config.data.data_dir={data}", f"--config.train.seed={seed}", f"--config.data.seed={seed}",
-                   f"--config.sample.seed={seed}", "--workdir", str(wd), "--no_progress"]
+                   f"--config.sample.seed={seed}", "--workdir", str(wd), "--noprogress"]
             with open(wd.with_suffix(".log"), "w", encoding="utf-8") as log:
                 log.write(" ".join(cmd) + "\n")
                 log.flush()

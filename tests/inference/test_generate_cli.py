@@ -193,7 +193,7 @@ def test_cli_restores_the_checkpoint_and_writes_predictions(tmp_path):
                  "--config.model.weights=random:tiny-qwen2", f"--config.data.input={events}",
                  "--config.data.test_fraction=0.5", "--config.lora.rank=2", "--config.lora.gate_width=4",
                  "--config.lora.targets=q,v", "--config.sample.max_new_tokens=3", "--config.sample.batch_size=2",
-                 "--no_progress"]
+                 "--noprogress"]
 
     res = _cli(overrides + ["--out", str(tmp_path / "p.jsonl")], tmp_path)
     assert res.returncode == 2, res.stderr
@@ -216,7 +216,7 @@ def test_cli_restores_the_checkpoint_and_writes_predictions(tmp_path):
     saved["sample"]["max_new_tokens"], saved["sample"]["batch_size"] = 5, 2
     write_json(saved, str(work / "config.json"))
     out = tmp_path / "preds.jsonl"
-    res = _cli(["--workdir", str(work), "--config.sample.max_new_tokens=3", "--no_progress", "--out", str(out),
+    res = _cli(["--workdir", str(work), "--config.sample.max_new_tokens=3", "--noprogress", "--out", str(out),
                 "--greedy", "--gates_out", str(tmp_path / "g.json")], tmp_path)
     assert res.returncode == 0, res.stderr
     assert "checkpoint step 3" in res.stdout

@@ -352,7 +352,7 @@ def test_cli_end_to_end_writes_the_four_files(tmp_path):
     variants.write_text(NEWS2 + "\n\n", encoding="utf-8")
     out = tmp_path / "pred"
     r = _cli("--workdir", run, "--news", NEWS, "--variants", str(variants), "--users", str(USERS),
-             "--out", str(out), "--samples", "2", "--seed", "7", "--no_progress")
+             "--out", str(out), "--samples", "2", "--seed", "7", "--noprogress")
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["crowd.json", "crowd.png", "predictions.jsonl", "report.md"]
     crowd = json.loads((out / "crowd.json").read_text(encoding="utf-8"))
@@ -375,7 +375,7 @@ def test_cli_end_to_end_writes_the_four_files(tmp_path):
 
     # A rerun into the same directory replaces the previous prediction whole.
     r2 = _cli("--workdir", run, "--news", NEWS, "--users_from", run, "--num_users", "3", "--out", str(out),
-              "--no_progress")
+              "--noprogress")
     assert r2.returncode == 0, r2.stderr[-3000:]
     crowd2 = json.loads((out / "crowd.json").read_text(encoding="utf-8"))
     assert crowd2["num_users"] == 3 and len(crowd2["variants"]) == 1
@@ -390,7 +390,7 @@ def test_cli_bad_input_is_one_line_and_leaves_nothing(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     out = tmp_path / "out"
-    base = ["--workdir", run, "--no_progress"]
+    base = ["--workdir", run, "--noprogress"]
     cases = [
         ([*base, "--news", " ", "--users", str(USERS), "--out", str(out)], "wording 1 is empty"),
         ([*base, "--news", NEWS, "--users", str(bad_users), "--out", str(out)],

@@ -55,7 +55,7 @@ def test_building_a_dataset_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_pa
 
 
 def _train(workdir, *extra):
-    return [str(REPO / "launch" / "train.py"), "--workdir", str(workdir), "--no_progress",
+    return [str(REPO / "launch" / "train.py"), "--workdir", str(workdir), "--noprogress",
             "--config.model.weights=random:tiny-qwen2", f"--config.data.max_length={MAX_LENGTH}",
             "--config.data.events_per_batch=2", "--config.loss.max_response_tokens=24",
             "--config.train.num_steps=2", "--config.train.eval_at_end=false", "--config.train.generate_at_end=false",

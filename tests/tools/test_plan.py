@@ -156,7 +156,7 @@ def test_cli_errors_come_alone_without_pytorch(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
     for k in ("TRANSFORMERS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
         env.pop(k, None)
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), "--model", "nope", "--no_compile"],
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), "--model", "nope", "--nocompile"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and r.stderr.splitlines() == [
         "error: --model: unknown model preset 'nope'; known: qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b, qwen2.5-7b, "

@@ -2,7 +2,8 @@
 
     python launch/predict.py --workdir runs/weibo-default --news "某地宣布明年起延迟退休" \
         --users examples/users.jsonl --out pred/ [--topic 延迟退休] [--samples 4] [--seed 0]
-    # framing: the same crowd under two wordings, with paired differences
+    # framing: the same crowd and hashtag under two wordings, with paired differences and a verdict
+    # (which names a wording only for 30 users or more)
     python launch/predict.py --workdir RUN --news "TEXT 1" --news "TEXT 2" --users_from RUN --num_users 40 --out pred/
     # exported adapters on a base model instead of a run directory
     python launch/predict.py --adapters export/ --weights gguf:smollm2 --news ... --users ... --out pred/
@@ -12,6 +13,8 @@ checkpoint are used. Writes OUT/predictions.jsonl (per user and sample: post, se
 OUT/crowd.json (the distribution with its bootstrap interval, per wording, and the framing
 differences), OUT/report.md and OUT/crowd.png, all at once: nothing is left under --out
 when anything fails. Bad input stops with one line naming the file, line and field (exit 2).
+A run on random weights (the embedded default) says so first in every output, and report.md
+lists its posts only with --show_posts: they are not text.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ _LEVEL = flags.DEFINE_float("level", 0.9, "Bootstrap interval level.")
 _RESAMPLES = flags.DEFINE_integer("resamples", 2000, "Bootstrap resamples.")
 _MAX_USERS = flags.DEFINE_integer("max_users", 10_000, "Refuse crowds larger than this.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (--noprogress: none, e.g. in a log file).")
+_SHOW_POSTS = flags.DEFINE_bool("show_posts", None, "List a sample of the generated posts in report.md (default: yes "
+                                "for pretrained weights, no for random ones, whose posts are not text).")
 
 
 def _read_variants(path: str) -> list[str]:
@@ -123,7 +128,7 @@ def main(argv):
         pred = predictor.predict(wordings[0], crowd, topic=_TOPIC.value, samples=_SAMPLES.value, seed=_SEED.value,
                                  variants=wordings[1:], labeller=labeller, level=_LEVEL.value,
                                  num_resamples=_RESAMPLES.value, progress=_PROGRESS.value)
-        paths = outputs.write_outputs(pred, _OUT.value)
+        paths = outputs.write_outputs(pred, _OUT.value, show_posts=_SHOW_POSTS.value)
         print("\n" + outputs.summary_table(pred))
         print("wrote " + ", ".join(paths))
         return 0

@@ -85,9 +85,16 @@ class CrowdResult:
     generated_interval: dict[str, tuple[float, float]] | None = None
 
 
+# Below this many users a framing comparison names no wording: the percentile bootstrap over users
+# covers far less than its level for small crowds (with 4 users there are only 35 distinct resamples),
+# so an interval that happens to exclude 0 is no evidence (docs/prediction.md, "Framing comparison").
+MIN_USERS_FOR_VERDICT = 30
+
+
 @dataclasses.dataclass(frozen=True)
 class Difference:
-    """Wording a minus wording b (head distributions), with a paired bootstrap interval."""
+    """Wording a minus wording b (head distributions), with a paired bootstrap interval over the same
+    `num_users` users; `reading` and `verdict` say what it shows, and that it rests on those users."""
 
     a: int
     b: int
@@ -95,6 +102,40 @@ class Difference:
     interval: dict[str, tuple[float, float]]
     generated_difference: dict[str, float] | None = None
     generated_interval: dict[str, tuple[float, float]] | None = None
+    num_users: int = 0
+    level: float = crowd_lib.DEFAULT_LEVEL
+
+    @property
+    def underpowered(self) -> bool:
+        return self.num_users < MIN_USERS_FOR_VERDICT
+
+    def reading(self, label: str) -> str:
+        """One label's difference in words: which way, if its interval excludes 0 and the crowd is large enough."""
+        lo, hi = self.interval[label]
+        if self.underpowered:
+            return f"underpowered ({self.num_users} users)"
+        if lo > 0:
+            return f"more under wording {self.a + 1} (interval excludes 0)"
+        if hi < 0:
+            return f"fewer under wording {self.a + 1} (interval excludes 0)"
+        return "no clear difference (interval includes 0)"
+
+    @property
+    def verdict(self) -> str:
+        """The comparison in one sentence: the users it rests on, and a wording named only when the crowd is
+        large enough and some label's interval excludes 0."""
+        pct = int(round(self.level * 100))
+        a, b = f"wording {self.a + 1}", f"wording {self.b + 1}"
+        if self.underpowered:
+            return (f"underpowered: {self.num_users} users, fewer than the {MIN_USERS_FOR_VERDICT} a framing "
+                    f"comparison needs; no wording is named (predict for at least {MIN_USERS_FOR_VERDICT} users)")
+        clear = [(k, d, self.interval[k]) for k, d in self.difference.items()
+                 if self.interval[k][0] > 0 or self.interval[k][1] < 0]
+        if not clear:
+            return f"no clear difference on {self.num_users} users: every label's {pct}% interval includes 0"
+        parts = [f"{'more' if lo > 0 else 'fewer'} {k} ({d:+.3f}, {pct}% interval [{lo:.3f}, {hi:.3f}] excludes 0)"
+                 for k, d, (lo, hi) in clear]
+        return f"on {self.num_users} users, {a} draws " + "; ".join(parts) + f" than {b}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +152,11 @@ class Prediction:
     run: dict[str, Any]
     variants: tuple[CrowdResult, ...]
     differences: tuple[Difference, ...] = ()
+    topic_given: bool = True  # False: derived from the first wording (default_topic), for every wording
+
+    @property
+    def random_weights(self) -> bool:
+        return uses_random_weights(self.run)
 
     # The first wording is "the" prediction; the others are framing variants of it.
     @property
@@ -141,6 +187,8 @@ class Prediction:
 
         first = crowd_json(self.crowd)
         out: dict[str, Any] = {"labels": list(self.labels), "num_users": self.num_users, **first,
+                               "topic_source": "given" if self.topic_given else "derived from wording 1",
+                               "random_weights": self.random_weights,
                                "samples": self.samples, "seed": self.seed,
                                "bootstrap": {"method": "percentile", "over": "users", "level": self.level,
                                              "resamples": self.num_resamples, "paired_across_variants": True},
@@ -148,7 +196,9 @@ class Prediction:
                                "variants": [crowd_json(c) for c in self.variants], "differences": []}
         for d in self.differences:
             row = {"a": d.a, "b": d.b, "news_a": self.variants[d.a].news, "news_b": self.variants[d.b].news,
-                   "difference": d.difference, "interval": {k: list(v) for k, v in d.interval.items()}}
+                   "difference": d.difference, "interval": {k: list(v) for k, v in d.interval.items()},
+                   "num_users": d.num_users, "reading": {k: d.reading(k) for k in self.labels},
+                   "verdict": d.verdict}
             if d.generated_difference is not None:
                 row["generated"] = {"difference": d.generated_difference,
                                     "interval": {k: list(v) for k, v in d.generated_interval.items()}}
@@ -168,6 +218,12 @@ class Prediction:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def uses_random_weights(run: Mapping[str, Any]) -> bool:
+    """The base model of this run description is random (`random:<preset>`): its posts are not text and its
+    head read no language, so nothing it predicts is about real users."""
+    return str(run.get("weights", "")).startswith("random:")
 
 
 def default_topic(news: str) -> str:
@@ -239,6 +295,7 @@ class Predictor:
         self.batch_size = int(batch_size)
         self.max_users = int(max_users)
         self.run = dict(run or {})
+        self.random_weights = uses_random_weights(self.run)
         self.compiled_shapes: set[tuple[int, int]] = set()  # (rows, prompt length) buckets seen so far
         self._lock = threading.Lock()
 
@@ -350,7 +407,8 @@ class Predictor:
         self.check_request(wordings, users, samples)
         if topic is not None:
             _check_text(topic, "topic")
-        topics = [topic.strip() if topic is not None else default_topic(w) for w in wordings]
+        # One hashtag for every wording: a framing comparison changes the wording and nothing else.
+        topics = [topic.strip() if topic is not None else default_topic(news)] * len(wordings)
         labeller, labeller_name = resolve_labeller(labeller, self.labels)
         examples = [self.build_prompts(w, t, users, v) for v, (w, t) in enumerate(zip(wordings, topics))]
         with self._lock:  # one prediction at a time: no two compilations racing, no interleaved batches
@@ -383,11 +441,12 @@ class Predictor:
         diffs = tuple(Difference(
             a=i, b=j, difference=_dist(self.labels, head.diff[p]), interval=_interval(self.labels, head.diff_interval[p]),
             generated_difference=None if gen is None else _dist(self.labels, gen.diff[p]),
-            generated_interval=None if gen is None else _interval(self.labels, gen.diff_interval[p]))
+            generated_interval=None if gen is None else _interval(self.labels, gen.diff_interval[p]),
+            num_users=u_n, level=float(level))
             for p, (i, j) in enumerate(head.pairs))
         return Prediction(labels=self.labels, num_users=u_n, samples=samples, seed=int(seed), level=float(level),
                           num_resamples=int(num_resamples), labeller=labeller_name, run=dict(self.run),
-                          variants=tuple(crowds), differences=diffs)
+                          variants=tuple(crowds), differences=diffs, topic_given=topic is not None)
 
     def _generate(self, examples: list[list[dict]], samples: int, seed: int, progress: bool):
         """Sample every (wording, user, sample) row in length-sorted, shape-bucketed batches.
@@ -449,4 +508,4 @@ def _run_dataset_metadata(cfg, run_dir: str) -> dict | None:
 
 
 __all__ = ["Predictor", "Prediction", "CrowdResult", "UserResult", "Difference", "PredictError", "default_topic",
-           "resolve_labeller", "DEFAULT_MAX_USERS"]
+           "resolve_labeller", "DEFAULT_MAX_USERS", "MIN_USERS_FOR_VERDICT"]

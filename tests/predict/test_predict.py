@@ -160,6 +160,36 @@ def test_bootstrap_interval_agrees_with_the_normal_approximation():
     assert s.diff_interval[0, 0, 1] < 0  # wording 1 draws clearly fewer "negative" than wording 2
 
 
+# ----------------------------------------------------------------------------- the framing verdict
+
+
+def _difference(n, interval, diff=None):
+    from socialalign_jax.predict import Difference
+
+    labels = ("negative", "neutral", "positive")
+    return Difference(a=0, b=1, difference=dict(zip(labels, diff or (0.0, 0.0, 0.0))),
+                      interval=dict(zip(labels, interval)), num_users=n, level=0.9)
+
+
+def test_the_verdict_rests_on_enough_users_and_an_interval_that_excludes_0():
+    from socialalign_jax.predict import MIN_USERS_FOR_VERDICT
+
+    clear = [(-0.08, -0.02), (-0.01, 0.03), (0.01, 0.05)]  # negative excludes 0 (below), positive (above)
+    few = _difference(4, clear, (-0.05, 0.01, 0.03))
+    assert few.verdict == ("underpowered: 4 users, fewer than the 30 a framing comparison needs; no wording is named "
+                           "(predict for at least 30 users)")
+    assert {few.reading(k) for k in few.interval} == {"underpowered (4 users)"}
+    enough = _difference(MIN_USERS_FOR_VERDICT, clear, (-0.05, 0.01, 0.03))
+    assert enough.verdict == ("on 30 users, wording 1 draws fewer negative (-0.050, 90% interval [-0.080, -0.020] "
+                              "excludes 0); more positive (+0.030, 90% interval [0.010, 0.050] excludes 0) than "
+                              "wording 2")
+    assert [enough.reading(k) for k in ("negative", "neutral", "positive")] == [
+        "fewer under wording 1 (interval excludes 0)", "no clear difference (interval includes 0)",
+        "more under wording 1 (interval excludes 0)"]
+    none = _difference(40, [(-0.02, 0.01), (-0.01, 0.03), (-0.03, 0.0)])
+    assert none.verdict == "no clear difference on 40 users: every label's 90% interval includes 0"
+
+
 # ----------------------------------------------------------------------------- the API on a trained run
 
 
@@ -202,7 +232,7 @@ def test_api_predicts_the_crowd_as_a_direct_forward_and_numpy_do(predictor):
     probs = []
     for v, news in enumerate((NEWS, NEWS2)):
         c = pred.variants[v]
-        assert c.topic == default_topic(news)
+        assert c.topic == default_topic(NEWS)  # one hashtag for every wording: only the wording differs
         ref = _direct_head_probs(predictor, news, c.topic, users)
         got = np.array([[u.sentiment[k] for k in labels] for u in c.users])
         np.testing.assert_allclose(got, ref, atol=2e-5)
@@ -373,13 +403,31 @@ def test_cli_end_to_end_writes_the_four_files(tmp_path):
     assert "| label | predicted share | 90% interval |" in r.stdout and "framing: wording 1 minus wording 2" in r.stdout
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".pred")]  # no staging left behind
 
+    # The framing comparison holds everything but the wording fixed: one hashtag, derived once from wording 1
+    # and shown; its verdict says how many users it rests on, and 4 are too few to name a wording.
+    topic = default_topic(NEWS)
+    assert [v["topic"] for v in crowd["variants"]] == [topic, topic] and crowd["topic_source"] == "derived from wording 1"
+    assert f"hashtag #{topic}# for every wording (derived from wording 1; --topic sets it)" in r.stdout
+    (d,) = crowd["differences"]
+    assert d["num_users"] == 4 and d["verdict"].startswith("underpowered: 4 users, fewer than the 30")
+    assert f"verdict: {d['verdict']}" in r.stdout and "fewer under wording" not in r.stdout + report
+    assert "| negative | " in r.stdout and "| underpowered (4 users) |" in r.stdout
+    # Random weights: said first, in the CLI's output, report.md and crowd.json; report.md lists no posts.
+    warning = ("WARNING: random weights (random:tiny-qwen2): this model was never pretrained, so its posts are not text")
+    assert r.stdout.lstrip().startswith(warning) and crowd["random_weights"] is True
+    assert report.splitlines()[2].startswith("> **" + warning) and "| wording | user | head's label | post |" not in report
+    assert "Not shown (a random-weight model writes no text" in report
+
     # A rerun into the same directory replaces the previous prediction whole.
     r2 = _cli("--workdir", run, "--news", NEWS, "--users_from", run, "--num_users", "3", "--out", str(out),
-              "--noprogress")
+              "--noprogress", "--show_posts", "--topic", "退休")
     assert r2.returncode == 0, r2.stderr[-3000:]
     crowd2 = json.loads((out / "crowd.json").read_text(encoding="utf-8"))
     assert crowd2["num_users"] == 3 and len(crowd2["variants"]) == 1
+    assert crowd2["topic"] == "退休" and crowd2["topic_source"] == "given" and "hashtag #退休# (given)" in r2.stdout
     assert len((out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()) == 3
+    report2 = (out / "report.md").read_text(encoding="utf-8")  # posts on request, escaped as Markdown text
+    assert "| wording | user | head's label | post |" in report2 and len(report2.split("| 1 | ")) == 4
 
 
 def test_cli_bad_input_is_one_line_and_leaves_nothing(tmp_path):

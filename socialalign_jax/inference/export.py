@@ -25,7 +25,8 @@ from socialalign_jax.core.errors import UserError
 from socialalign_jax.inference.generation import sampling_config, stop_tokens_for
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import MODULE_BLOCK, LoraConfig
-from socialalign_jax.weights.adapters import _lora_to_json, _model_dims, fixed_lora, input_dependent_gates
+from socialalign_jax.weights.adapters import (_lora_to_json, _model_dims, fixed_lora, input_dependent_gates,
+                                              peft_refusal)
 from socialalign_jax.weights.tokenizer import CHATML_TEMPLATE, ENDOFTEXT, IM_END
 
 if TYPE_CHECKING:
@@ -57,15 +58,34 @@ def merge_refusal(lc: LoraConfig) -> str | None:
             "socialalign instead")
 
 
-def peft_refusal(lc: LoraConfig) -> str | None:
-    """Why these adapters cannot be written as stock PEFT LoRA (naming the format that holds them), or None."""
+# What `--format socialalign` prints: its files look like a PEFT adapter, and stock PEFT reads them
+# without an error but silently wrong (it finds none of its keys, so it runs the base model alone).
+SOCIALALIGN_NOTE = ("{out} is the original SocialAlign layout, for the authors' patched PEFT only: stock PEFT loads "
+                    "it without an error but computes other outputs (it ignores the experts and gates); for stock "
+                    "PEFT export a plain-LoRA or routing 'uniform' run with --format peft")
 
-    gated = input_dependent_gates(lc)
-    if not gated:
+
+def base_model_path(cfg) -> str | None:
+    """What a stock PEFT adapter_config.json names as its base: the run's hf: directory or GGUF file
+    (absolute), or None for random weights, which no stock loader can rebuild."""
+    from socialalign_jax.weights.resolve import parse_spec, smollm2_path
+
+    scheme, arg = parse_spec(str(cfg.model.weights))
+    if scheme == "hf":
+        return str(Path(arg).absolute())
+    if scheme == "gguf":
+        return str(Path(smollm2_path() if arg == "smollm2" else arg).absolute())
+    return None
+
+
+def peft_base_refusal(cfg, base_model: str | None) -> str | None:
+    """Why a peft export of this run cannot name its base (random weights, no --base_model), or None."""
+    if base_model or base_model_path(cfg) is not None:
         return None
-    return (f"routing {lc.routing!r}: " + " and ".join(gated) + " with weights that depend on the user/news "
-            "spans, which stock PEFT LoRA cannot hold (it would load expert 0 alone); export --format "
-            "socialalign (the original SocialAlign layout with experts and gates) instead")
+    return (f"the run's base is {cfg.model.weights} (random weights, saved nowhere a stock loader can read), so "
+            "adapter_config.json could not name it and AutoPeftModelForCausalLM would look for it on the hub; pass "
+            "--base_model DIR (a Hugging Face checkpoint of those weights), or export --format merged, which holds "
+            "the weights themselves")
 
 
 def merge_adapters(params, adapters, lc: LoraConfig, model_cfg: ModelConfig):
@@ -143,12 +163,6 @@ def load_orbax_adapters(path: str | os.PathLike) -> tuple[dict, LoraConfig]:
     return jax.tree.map(np.asarray, tree), lora_cfg
 
 
-def base_model_path(cfg) -> str | None:
-    """The run's base weights as a local HF directory (model.weights 'hf:DIR'), else None."""
-    weights = str(cfg.model.weights)
-    return str(Path(weights[3:]).absolute()) if weights.startswith("hf:") else None
-
-
 def export_run(run: Run, fmt: str, out: str | os.PathLike, *, base_model: str | None = None) -> list[Path]:
     """Write `run`'s adapters to `out` in one of FORMATS; returns the main files written.
 
@@ -167,7 +181,7 @@ def export_run(run: Run, fmt: str, out: str | os.PathLike, *, base_model: str | 
     if fmt == "socialalign":
         return [adapters.export_socialalign(run.adapters, lc, mc, out)]
     if fmt == "peft":
-        why = peft_refusal(lc)
+        why = peft_refusal(lc) or peft_base_refusal(run.cfg, base_model)
         if why:
             raise ExportError(f"--format peft: {why}")
         return [adapters.export_peft(run.adapters, lc, mc, out,
@@ -220,6 +234,6 @@ def hf_generation_settings(cfg, tokenizer, vocab_size: int) -> tuple[dict, dict]
     return {k: v for k, v in ids.items() if v is not None}, gen
 
 
-__all__ = ["FORMATS", "ExportError", "merge_refusal", "peft_refusal",
+__all__ = ["FORMATS", "ExportError", "merge_refusal", "peft_refusal", "peft_base_refusal", "SOCIALALIGN_NOTE",
            "merge_adapters", "base_model_path",
            "save_orbax_adapters", "load_orbax_adapters", "is_orbax_export", "export_run"]

@@ -9,8 +9,9 @@ Three layouts, all safetensors only (no pickle is ever read):
 - socialalign, the original fork's layout (SPEC section 2): one tensor per layer, module and
   expert, 'base_model.model.model.layers.{i}.{self_attn|mlp}.{q_proj|...}.{lora_A|lora_A1|...
   |lora_A_gate_dense1|...}.default.weight' in PyTorch [out, in] layout, plus an
-  adapter_config.json. Only the authors' patched PEFT reads it; stock PEFT would silently load
-  expert 0 alone, so it is never called 'peft' here;
+  adapter_config.json. Only the authors' patched PEFT reads it; stock PEFT loads it without an
+  error but computes other outputs (it has no experts or gates), so it is never called 'peft'
+  here, and launch/export.py says so when it writes one;
 - peft, the stock PEFT LoRA layout: '...{q_proj|...}.lora_A.weight' [r, d_in] and
   '...lora_B.weight' [d_out, r], a stock adapter_config.json (base_model_name_or_path included,
   no custom entries), loadable by stock `peft` under any adapter name. It holds a fixed rank-r
@@ -326,13 +327,9 @@ def export_peft(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelConfig, pa
     adapter_config.json. Refused, naming the 'socialalign' format, when a gate's weights
     depend on the input: stock LoRA has no experts or gates to hold them.
     """
-    gated = input_dependent_gates(lora_cfg)
-    if gated:
-        raise AdapterError(
-            f"stock PEFT LoRA cannot hold these adapters: routing {lora_cfg.routing!r}, "
-            + " and ".join(gated) + " with weights that depend on the user/news spans; export them in the "
-            "original SocialAlign layout (--format socialalign) instead, or train plain LoRA "
-            "(num_analyze = num_compose = 1) or routing 'uniform' for a stock PEFT adapter")
+    why = peft_refusal(lora_cfg)
+    if why:
+        raise AdapterError(f"stock PEFT LoRA cannot hold these adapters: {why}")
     path = _export_target(path, dtype)
     _check_shapes({k: np.asarray(v) for k, v in flatten(adapters).items()}, expected_shapes(model_cfg, lora_cfg),
                   path, " (adapters do not match lora_cfg/model_cfg)")
@@ -347,6 +344,19 @@ def export_peft(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelConfig, pa
     if "head" in adapters:
         save_adapters_head(adapters["head"], path.parent / HEAD_FILE)
     return path
+
+
+def peft_refusal(lc: LoraConfig) -> str | None:
+    """Why these adapters cannot be written as stock PEFT LoRA, or None. Stock PEFT has no layout for them
+    at all: the reason names this project's layout and the authors' one, and how to train a run that
+    stock PEFT can load."""
+    gated = input_dependent_gates(lc)
+    if not gated:
+        return None
+    return (f"routing {lc.routing!r}: " + " and ".join(gated) + " with weights that depend on the user/news "
+            "spans, which stock PEFT LoRA cannot hold; for stock PEFT train plain LoRA (--config.lora.num_analyze=1 "
+            "--config.lora.num_compose=1) or --config.lora.routing=uniform; --format safetensors keeps these "
+            "adapters for this project, --format socialalign for the authors' patched PEFT")
 
 
 def stock_peft_config(lc: LoraConfig, base_model_name_or_path: str | None) -> dict:
@@ -519,5 +529,5 @@ def import_peft(path, model_cfg: ModelConfig, lora_cfg: LoraConfig | None = None
 
 
 __all__ = ["AdapterError", "save_adapters", "load_adapters", "export_peft", "export_socialalign", "import_peft",
-           "stock_peft_config", "input_dependent_gates", "fixed_lora", "expected_shapes", "flatten", "unflatten",
+           "peft_refusal", "stock_peft_config", "input_dependent_gates", "fixed_lora", "expected_shapes", "flatten", "unflatten",
            "peft_key"]

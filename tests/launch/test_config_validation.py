@@ -206,3 +206,19 @@ def test_launchers_find_their_config_from_any_directory(tmp_path):
     rc, err = run("--config", "configs/nope.py")
     assert rc == 2 and len(err) == 1 and "configs/nope.py: no such file" in err[0], err
     assert not (tmp_path / "w").exists()
+
+
+def test_a_short_run_says_where_its_checkpoint_went(tmp_path):
+    """With evaluation and generation off there is no table to print; the run still ends saying what it did."""
+    from tests.train_helpers import MAX_LENGTH, built_sample
+
+    wd = tmp_path / "w"
+    rc, out, err = _launch("train.py", "--workdir", str(wd), "--noprogress", "--config.model.weights=random:tiny-qwen2",
+                           f"--config.data.data_dir={built_sample()}", f"--config.data.max_length={MAX_LENGTH}",
+                           "--config.data.events_per_batch=2", "--config.loss.max_response_tokens=24",
+                           "--config.train.num_steps=1", "--config.train.eval_at_end=false",
+                           "--config.train.generate_at_end=false", "--config.train.tensorboard=false", timeout=600)
+    assert rc == 0, err
+    assert out.strip().splitlines()[-1] == (f"trained to step 1: checkpoints in {wd}/checkpoints, "
+                                            f"logs in {wd}/metrics.jsonl"), out
+    assert (wd / "checkpoints" / "1").is_dir()

@@ -109,8 +109,10 @@ def main(argv):
                                            _SEED.value, _USERS_FROM.value)
         if len(crowd) > _MAX_USERS.value:
             raise UserError(f"--users {_USERS.value}: {len(crowd)} users, more than --max_users {_MAX_USERS.value}")
-        if _SAMPLES.value < 1:
-            raise UserError(f"--samples must be >= 1, got {_SAMPLES.value}")
+        from socialalign_jax.predict.predictor import check_settings
+
+        check_settings(samples=_SAMPLES.value, seed=_SEED.value, level=_LEVEL.value, num_resamples=_RESAMPLES.value,
+                       prefix="--")
         labeller = _LABELLER.value
         if labeller == "zeroshot" and not _LABELLER_WEIGHTS.value:
             raise UserError("--labeller zeroshot needs --labeller_weights SPEC (e.g. gguf:smollm2)")

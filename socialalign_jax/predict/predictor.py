@@ -89,6 +89,7 @@ class CrowdResult:
 # covers far less than its level for small crowds (with 4 users there are only 35 distinct resamples),
 # so an interval that happens to exclude 0 is no evidence (docs/prediction.md, "Framing comparison").
 MIN_USERS_FOR_VERDICT = 30
+MAX_SEED = 2**31 - 1  # the sampler's PRNG key takes 32 bits: larger seeds would alias smaller ones
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +248,24 @@ def _check_text(value: Any, field: str) -> str:
     return value
 
 
+def check_settings(*, samples: int = 1, seed: int = 0, level: float = crowd_lib.DEFAULT_LEVEL,
+                   num_resamples: int = crowd_lib.DEFAULT_RESAMPLES, prefix: str = "") -> None:
+    """The numeric settings of a prediction, checked before any model work (the CLI checks them before it
+    loads the model); `prefix` is how the caller names them ('--' for flags)."""
+    def whole(value) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    if not whole(samples) or samples < 1:
+        raise PredictError(f"{prefix}samples: must be an integer >= 1, got {samples!r}")
+    if not whole(seed) or not 0 <= seed <= MAX_SEED:
+        raise PredictError(f"{prefix}seed: must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    if not isinstance(level, (int, float)) or not 0.0 < float(level) < 1.0:
+        raise PredictError(f"{prefix}level: must be between 0 and 1 (e.g. 0.9 for 90% intervals), got {level!r}")
+    if not whole(num_resamples) or num_resamples < 1:
+        raise PredictError(f"{prefix}{'resamples' if prefix else 'num_resamples'}: must be an integer >= 1, "
+                           f"got {num_resamples!r}")
+
+
 def resolve_labeller(labeller: Any, labels: Sequence[str]):
     """None | 'none' | 'lexicon' | a Labeller object -> (labeller or None, its name)."""
     if labeller is None or labeller == "none":
@@ -363,8 +382,7 @@ class Predictor:
         if len(users) > self.max_users:
             raise PredictError(f"users: {len(users)} users, more than this predictor's limit of {self.max_users} "
                                "(split the crowd, or raise max_users / --max_users)")
-        if not isinstance(samples, int) or samples < 1:
-            raise PredictError(f"samples: must be an integer >= 1, got {samples!r}")
+        check_settings(samples=samples)
 
     def build_prompts(self, news: str, topic: str, users: Sequence[User], variant: int = 0) -> list[dict]:
         """One prompt-only example per user (token ids, prompt_len, user_end, news_end)."""
@@ -405,6 +423,7 @@ class Predictor:
         users = as_users(users)
         wordings = [news, *variants]
         self.check_request(wordings, users, samples)
+        check_settings(samples=samples, seed=seed, level=level, num_resamples=num_resamples)
         if topic is not None:
             _check_text(topic, "topic")
         # One hashtag for every wording: a framing comparison changes the wording and nothing else.
@@ -508,4 +527,4 @@ def _run_dataset_metadata(cfg, run_dir: str) -> dict | None:
 
 
 __all__ = ["Predictor", "Prediction", "CrowdResult", "UserResult", "Difference", "PredictError", "default_topic",
-           "resolve_labeller", "DEFAULT_MAX_USERS", "MIN_USERS_FOR_VERDICT"]
+           "resolve_labeller", "check_settings", "DEFAULT_MAX_USERS", "MIN_USERS_FOR_VERDICT"]

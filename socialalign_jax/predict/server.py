@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 from socialalign_jax.core.errors import UserError, is_user_error, one_line
 from socialalign_jax.predict.outputs import random_weights_warning
-from socialalign_jax.predict.predictor import MIN_USERS_FOR_VERDICT, PredictError, Predictor
+from socialalign_jax.predict.predictor import MAX_SEED, MIN_USERS_FOR_VERDICT, PredictError, Predictor
 from socialalign_jax.predict.users import User, parse_users_jsonl, parse_users_list, sample_users
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
@@ -85,7 +85,7 @@ def parse_request(body: Any, *, pool: Sequence[User] | None, pool_source: str, m
     if len(given) != 1:
         raise RequestError("request: give the crowd as exactly one of 'users' (a list), 'users_jsonl' (a file's text) "
                            f"or 'num_users' (sampled from {pool_source or 'the server dataset'})")
-    seed = _int(body, "seed", 0, 0, 2**31 - 1)
+    seed = _int(body, "seed", 0, 0, MAX_SEED)
     if given[0] == "users":
         users = parse_users_list(body["users"], "request")
     elif given[0] == "users_jsonl":

@@ -287,6 +287,9 @@ def test_api_rejects_bad_input_with_one_line(predictor):
         (dict(news=NEWS, users=users, samples=0), "samples: must be an integer >= 1"),
         (dict(news="新闻" * 400, users=users[:1]), "the prompt does not fit"),
         (dict(news=NEWS, users=users, labeller="nope"), "labeller: 'nope'"),
+        (dict(news=NEWS, users=users, level=1.5), "level: must be between 0 and 1"),
+        (dict(news=NEWS, users=users, num_resamples=0), "num_resamples: must be an integer >= 1"),
+        (dict(news=NEWS, users=users, seed=-1), "seed: must be an integer in [0, 2147483647]"),
     ]
     for kw, msg in cases:
         with pytest.raises(PredictError) as e:
@@ -447,6 +450,9 @@ def test_cli_bad_input_is_one_line_and_leaves_nothing(tmp_path):
          "4 users, more than --max_users 2"),
         ([*base, "--news", NEWS, "--users", str(USERS), "--out", str(a_file)], "is a file, expected a directory"),
         ([*base, "--news", "新闻" * 400, "--users", str(USERS), "--out", str(out)], "the prompt does not fit"),
+        ([*base, "--news", NEWS, "--users", str(USERS), "--out", str(out), "--level", "90"],
+         "--level: must be between 0 and 1"),
+        ([*base, "--news", NEWS, "--users", str(USERS), "--out", str(out), "--seed", "-1"], "--seed: must be"),
     ]
     for args, msg in cases:
         r = _cli(*args)

@@ -47,6 +47,8 @@ def main(argv):
         for name, flag in (("--workdir", _WORKDIR), ("--format", _FORMAT), ("--out", _OUT)):
             if not flag.value:
                 raise UserError(f"{name} is required")
+        if os.path.exists(_OUT.value) and not os.path.isdir(_OUT.value):
+            raise UserError(f"--out {_OUT.value}: is a file; expected a directory (the export writes several files)")
         from socialalign_jax.inference import export
         from socialalign_jax.runs import restore
 

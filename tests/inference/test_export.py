@@ -187,6 +187,17 @@ def test_cli_peft_export_names_a_base_a_stock_loader_can_read_or_refuses(tmp_pat
         assert export.base_model_path(cfg) == want, spec
 
 
+def test_cli_out_that_is_a_file_is_one_line(token_run, tmp_path):
+    wd, _, _, _ = token_run
+    (tmp_path / "f").write_text("x")
+    r = subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), "--workdir", str(wd), "--format",
+                        "safetensors", "--out", str(tmp_path / "f")], capture_output=True, text=True, env=script_env(1),
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: --out {tmp_path / 'f'}: is a file; expected a directory (the export writes several files)"], r.stderr
+    assert (tmp_path / "f").read_text() == "x"
+
+
 def test_cli_socialalign_export_says_stock_peft_misreads_it(token_run, tmp_path):
     wd, _, _, _ = token_run
     out = tmp_path / "sa"

@@ -150,6 +150,13 @@ def test_api_predicts_and_rejects_bad_input_and_keeps_serving(server):
         assert ET.fromstring(r.read()).tag == "{http://www.w3.org/2000/svg}svg"
 
 
+@pytest.mark.parametrize("flag", ["--max_users", "--max_samples"])
+def test_limits_below_one_are_one_line(flag):
+    r = subprocess.run([sys.executable, str(REPO / "launch" / "serve.py"), "--workdir", tiny_predict_run(), flag, "0"],
+                       capture_output=True, text=True, env=script_env(1), cwd=str(REPO), timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {flag} 0: expected an integer >= 1"]
+
+
 def _chromium() -> str | None:
     for path in CHROMIUM_CANDIDATES:
         if os.path.exists(path):

@@ -49,6 +49,8 @@ def main(argv):
             raise UserError("--out FILE.jsonl is required")
         if os.path.isdir(_OUT.value):
             raise UserError(f"--out {_OUT.value}: is a directory; expected a file name (predictions JSONL)")
+        if _MAX.value < 0:
+            raise UserError(f"--max_examples {_MAX.value}: expected a count >= 0 (0 = all)")
         from socialalign_jax.runs.run_config import as_run_config
 
         return run_generate(as_run_config(cfg, source="--config"), workdir, split=_SPLIT.value, out=_OUT.value, max_examples=_MAX.value,

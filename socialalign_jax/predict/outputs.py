@@ -64,9 +64,10 @@ def random_weights_warning(run: Mapping[str, Any]) -> str | None:
 
 
 def topic_line(pred: Prediction) -> str:
-    how = "given" if pred.topic_given else "derived from wording 1; --topic sets it"
-    same = " for every wording" if len(pred.variants) > 1 else ""
-    return f"hashtag #{pred.crowd.topic}#{same} ({how})"
+    """The hashtag the prompts carry: one for every wording, given or derived once from the first."""
+    several = len(pred.variants) > 1
+    how = "given" if pred.topic_given else f"derived from {'wording 1' if several else 'the news'}; --topic sets it"
+    return f"hashtag #{pred.crowd.topic}#{' for every wording' if several else ''} ({how})"
 
 
 def summary_table(pred: Prediction, *, for_markdown: bool = False) -> str:

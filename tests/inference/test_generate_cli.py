@@ -199,6 +199,9 @@ def test_cli_restores_the_checkpoint_and_writes_predictions(tmp_path):
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "no checkpoint" in lines[0] and "Traceback" not in res.stderr
+    res = _cli(overrides + ["--out", str(tmp_path / "p.jsonl"), "--max_examples", "-1"], tmp_path)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: --max_examples -1: expected a count >= 0 (0 = all)"], res.stderr  # not silently 'all'
 
     # A checkpoint whose head strongly prefers 'negative', so the CLI must really use it.
     ad = decoder.init_adapters(jax.random.PRNGKey(0), job.model_cfg, job.lora_cfg)

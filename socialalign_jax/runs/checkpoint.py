@@ -80,13 +80,19 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_state: Mapping[s
         data=ocp.args.JsonSave(dict(data_state or {})),
         config=ocp.args.JsonSave(dict(config)),
     )
-    saving = getattr(manager, "_socialalign_saving", None)
+    if force or manager.should_save(step):
+        # Orbax waits for the previous (async) save before it starts this one; waiting here first
+        # tells that save's failure, which names its own step, from this one's.
+        try:
+            manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            previous, needed = getattr(manager, "_socialalign_saving", (step, None))
+            raise _save_failed(manager, previous, e, needed) from None
     manager._socialalign_saving = (step, _tree_bytes(state))  # what close() names if this async save fails
     try:
         return manager.save(step, args=args, force=force)
-    except Exception as e:  # noqa: BLE001 - also the previous async save's error, surfaced here
-        failed_step = saving[0] if saving and manager.latest_step() != saving[0] else step
-        raise _save_failed(manager, failed_step, e, _tree_bytes(state)) from None
+    except Exception as e:  # noqa: BLE001
+        raise _save_failed(manager, step, e, _tree_bytes(state)) from None
 
 
 def close(manager: ocp.CheckpointManager, *, failing: BaseException | bool = False) -> None:

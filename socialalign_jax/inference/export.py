@@ -27,6 +27,7 @@ from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import MODULE_BLOCK, LoraConfig
 from socialalign_jax.weights.adapters import (_lora_to_json, _model_dims, fixed_lora, input_dependent_gates,
                                               peft_refusal)
+from socialalign_jax.weights.resolve import parse_spec, smollm2_path
 from socialalign_jax.weights.tokenizer import CHATML_TEMPLATE, ENDOFTEXT, IM_END
 
 if TYPE_CHECKING:
@@ -68,8 +69,6 @@ SOCIALALIGN_NOTE = ("{out} is the original SocialAlign layout, for the authors' 
 def base_model_path(cfg) -> str | None:
     """What a stock PEFT adapter_config.json names as its base: the run's hf: directory or GGUF file
     (absolute), or None for random weights, which no stock loader can rebuild."""
-    from socialalign_jax.weights.resolve import parse_spec, smollm2_path
-
     scheme, arg = parse_spec(str(cfg.model.weights))
     if scheme == "hf":
         return str(Path(arg).absolute())

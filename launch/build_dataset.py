@@ -103,6 +103,9 @@ def main(argv=None) -> int:
         raise UserError(f"{args.input}: no such file or directory (--input)")
     if args.max_events < 0:
         raise UserError(f"--max_events: {args.max_events} is negative")
+    from socialalign_jax.core.atomic_io import output_name, write_error
+
+    output_name(args.name, "--name")  # a subdirectory of --out, never a path out of it
     out = Path(args.out).absolute()
     blocker = next((p for p in (out, *out.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
@@ -116,6 +119,9 @@ def main(argv=None) -> int:
     labels = names(args.labels) if args.labels is not None else B.default_labels(args.source)
     if len(labels) < 2 or len(set(labels)) != len(labels):
         raise UserError(f"--labels: {args.labels!r} must name at least 2 distinct classes")
+    why = B.labels_problem(args.source, labels)
+    if why:
+        raise UserError(f"--labels {why}")
 
     crowd = {k: getattr(args, k) for k in ("crowd_cap", "min_crowd") if getattr(args, k) is not None}
     for k, v in crowd.items():
@@ -138,7 +144,6 @@ def main(argv=None) -> int:
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # tfds' progress chatter
             path = B.build(args.out, cfg, overwrite=args.overwrite)
     except OSError as e:  # a full disk or an unwritable --out: one line (tfds leaves only its *.incomplete* dir)
-        from socialalign_jax.core.atomic_io import write_error
         raise write_error(e.filename or args.out, e) from None
     s = summary.summarize(B.open_dataset(path).metadata)
     if args.json:

@@ -2,7 +2,7 @@
 
     python launch/build_personas.py --weights SPEC --input EVENTS_DIR --out OUT_DIR
         [--max_new_tokens 96] [--greedy] [--seed 0] [--batch_size 8] [--max_history 10]
-        [--overwrite_existing] [--no_progress]
+        [--overwrite_existing] [--noprogress]
 
 Existing personas are kept unless --overwrite_existing. Bad input stops with one line naming
 the file, the record and the field (exit status 2), before any model call.
@@ -36,7 +36,7 @@ flags.DEFINE_integer("max_history", 10, "History posts shown to the model per us
                      flag_values=FLAGS)
 flags.DEFINE_bool("overwrite_existing", False, "Replace personas already in the input.", flag_values=FLAGS)
 flags.DEFINE_string("dtype", None, "Parameter dtype (default: the checkpoint's).", flag_values=FLAGS)
-flags.DEFINE_bool("no_progress", False, "Disable the progress bar.", flag_values=FLAGS)
+flags.DEFINE_bool("progress", True, "Show a progress bar (--noprogress: none, e.g. in a log file).", flag_values=FLAGS)
 flags.mark_flags_as_required(["weights", "input", "out"], flag_values=FLAGS)
 
 
@@ -67,7 +67,7 @@ def run(argv=None) -> int:
     summary = personas.build_personas(jax.device_put(w.params), w.cfg, w.tokenizer, args.input, args.out, scfg=scfg,
                                       batch_size=args.batch_size, seed=args.seed,
                                       overwrite_existing=args.overwrite_existing, max_history=args.max_history,
-                                      progress=not args.no_progress)
+                                      progress=args.progress)
     print(summary.line())
     return 0
 

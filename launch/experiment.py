@@ -50,7 +50,7 @@ flags.DEFINE_integer("seed", 0, "Seed of the event and case samples.", flag_valu
 flags.DEFINE_integer("batch_size", 8, "Examples per forward pass.", flag_values=FEATURES)
 flags.DEFINE_integer("chunk_size", 64, "Examples per resumable chunk.", flag_values=FEATURES)
 flags.DEFINE_bool("dry_run", False, "Print the selection's size and stop.", flag_values=FEATURES)
-flags.DEFINE_bool("no_progress", False, "Disable the progress bar.", flag_values=FEATURES)
+flags.DEFINE_bool("progress", True, "Show a progress bar (--noprogress: none, e.g. in a log file).", flag_values=FEATURES)
 flags.mark_flags_as_required(["data", "out"], flag_values=FEATURES)
 
 _FEATURES_DOC = """Cache the frozen model's sentiment-head inputs for a built dataset (design A's inputs).
@@ -95,7 +95,7 @@ def features_main(argv) -> int:
             "num_events": a.num_events, "min_cases": a.min_cases, "seed": a.seed}
     out = F.compute(a.out, sel, params, w.cfg, model_digest=F.params_digest(w.params),
                     tok_digest=F.tokenizer_digest(w.tokenizer) if w.tokenizer is not None else "none",
-                    info=info, batch_size=a.batch_size, chunk_size=a.chunk_size, progress=not a.no_progress)
+                    info=info, batch_size=a.batch_size, chunk_size=a.chunk_size, progress=a.progress)
     man = json.loads((out / F.MANIFEST).read_text("utf-8"))
     print(f"features: {out} ({man['num_examples']} examples, {man['seconds']:.0f}s computing, key {man['key'][:12]})")
     return 0
@@ -125,6 +125,13 @@ def main(argv=None) -> int:
     print((Path(a.out) / "summary.md").read_text("utf-8") if summ["rows"] else "no finished cells")
     if a.eval_md and summ["rows"]:
         fill_markdown(Path(a.eval_md), plan["name"], summ["markdown"], " ".join(["python launch/experiment.py", *argv]))
+    failed = summ.get("failed") or []
+    if failed and not summ.get("finished"):  # nothing this run tried worked: not a success for a script either
+        print(f"error: all {len(failed)} cells that ran failed (first: {failed[0]}); fix that and rerun "
+              "(finished cells are kept)", file=sys.stderr)
+        return 1
+    if failed:
+        print(f"warning: {len(failed)} cells failed (first: {failed[0]}); a rerun retries them", file=sys.stderr)
     return 0
 
 

@@ -6,8 +6,10 @@
 orbax: the adapter tree alone (no optimizer state) as an Orbax checkpoint + adapter_config.json;
 safetensors: our layout (launch/score.py --adapters reads it); peft: stock PEFT LoRA
 (PeftModel.from_pretrained / AutoPeftModelForCausalLM read it; only for adapters whose gates do
-not depend on the input: plain LoRA or routing 'uniform'); socialalign: the original SocialAlign
-layout with experts and gates (the authors' patched PEFT reads it); merged: a full Hugging Face
+not depend on the input: plain LoRA or routing 'uniform'; its adapter_config.json names the run's
+hf: directory or GGUF file as the base, or --base_model); socialalign: the original SocialAlign
+layout with experts and gates, for the authors' patched PEFT only (stock PEFT would load it without
+an error and compute other outputs: the export says so in one line); merged: a full Hugging Face
 checkpoint with the adapters folded into the weights, tokenizer and generation config included
 (plain LoRA or routing 'uniform'). A format that cannot hold the run's adapters is refused with
 one line saying which one can.
@@ -32,7 +34,8 @@ _FORMAT = flags.DEFINE_enum("format", None, ["orbax", "safetensors", "peft", "so
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _BASE = flags.DEFINE_string("base_model", None, "base_model_name_or_path written into a peft export's "
-                            "adapter_config.json (default: the run's hf: weights directory).")
+                            "adapter_config.json (default: the run's hf: directory or GGUF file; required for a "
+                            "run on random weights).")
 
 
 def main(argv):
@@ -44,18 +47,25 @@ def main(argv):
         for name, flag in (("--workdir", _WORKDIR), ("--format", _FORMAT), ("--out", _OUT)):
             if not flag.value:
                 raise UserError(f"{name} is required")
+        if os.path.exists(_OUT.value) and not os.path.isdir(_OUT.value):
+            raise UserError(f"--out {_OUT.value}: is a file; expected a directory (the export writes several files)")
         from socialalign_jax.inference import export
         from socialalign_jax.runs import restore
 
         cfg = restore.load_run_config(_WORKDIR.value)  # fail fast (before loading weights) on what cannot work
-        if _FORMAT.value in ("merged", "peft"):
-            refusal = export.merge_refusal if _FORMAT.value == "merged" else export.peft_refusal
-            why = refusal(cfg.lora)
-            if why:
-                raise export.ExportError(f"--format {_FORMAT.value}: {why}")
+        if _FORMAT.value == "merged":
+            why = export.merge_refusal(cfg.lora)
+        elif _FORMAT.value == "peft":
+            why = export.peft_refusal(cfg.lora) or export.peft_base_refusal(cfg, _BASE.value)
+        else:
+            why = None
+        if why:
+            raise export.ExportError(f"--format {_FORMAT.value}: {why}")
         run = restore.restore_run(_WORKDIR.value, _STEP.value)
         files = export.export_run(run, _FORMAT.value, _OUT.value, base_model=_BASE.value)
         print(f"exported step {run.step} of {_WORKDIR.value} as {_FORMAT.value}: " + ", ".join(map(str, files)))
+        if _FORMAT.value == "socialalign":
+            print("note: " + export.SOCIALALIGN_NOTE.format(out=_OUT.value), file=sys.stderr)
         return 0
 
     cli_main(go)

@@ -25,6 +25,7 @@ from absl import flags  # noqa: E402
 
 _CONFIG = define_run_config_flag()
 flags.declare_key_flag("config")  # defined in core/cli_setup: --help lists it with this script's own flags
+flags.declare_key_flag("config_help")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (checkpoints, built dataset).")
 _SPLIT = flags.DEFINE_string("split", "test", "Dataset split to generate for.")
 _OUT = flags.DEFINE_string("out", None, "Predictions JSONL to write.")
@@ -32,7 +33,7 @@ _MAX = flags.DEFINE_integer("max_examples", 0, "Generate for the first N example
 _GREEDY = flags.DEFINE_bool("greedy", None, "Greedy decoding (default: config sample.greedy).")
 _GATES = flags.DEFINE_string("gates_out", None, "Also write per-layer gate statistics (launch/evaluate.py --gates).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (--noprogress: none, e.g. in a log file).")
 
 
 def main(argv):
@@ -48,13 +49,15 @@ def main(argv):
             raise UserError("--out FILE.jsonl is required")
         if os.path.isdir(_OUT.value):
             raise UserError(f"--out {_OUT.value}: is a directory; expected a file name (predictions JSONL)")
+        if _MAX.value < 0:
+            raise UserError(f"--max_examples {_MAX.value}: expected a count >= 0 (0 = all)")
         from socialalign_jax.runs.run_config import as_run_config
 
         if _GREEDY.value is not None:  # --greedy is a sample.greedy override: applied before the config is checked
             cfg.sample.greedy = bool(_GREEDY.value)
         return run_generate(as_run_config(cfg, source="--config"), workdir, split=_SPLIT.value, out=_OUT.value, max_examples=_MAX.value,
                             greedy=_GREEDY.value, gates_out=_GATES.value, step=_STEP.value,
-                            progress=not _NO_PROGRESS.value)
+                            progress=_PROGRESS.value)
 
     cli_main(go)
 

@@ -22,6 +22,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from socialalign_jax.core.cli_setup import quiet_startup  # noqa: E402
+
+quiet_startup()  # before jax and transformers: no start-up lines (e.g. "PyTorch was not found") before ours
+
 # The model shape of each configs/weibo.py preset whose weights are given at run time.
 _PRESET_MODELS = {"7b": "qwen2.5-7b", "1.5b": "qwen2.5-1.5b", "0.5b": "qwen2.5-0.5b"}
 
@@ -43,7 +47,8 @@ flags.DEFINE_string("model", "", "Model preset (model/presets.py) instead of the
 flags.DEFINE_integer("batch", 0, "Global batch (default: the config's G x M).", flag_values=FLAGS)
 flags.DEFINE_integer("seq", 0, "Sequence length (default: data.max_length); decode: the prompt's.", flag_values=FLAGS)
 flags.DEFINE_integer("max_new_tokens", 256, "Decode: tokens generated after the prompt.", flag_values=FLAGS)
-flags.DEFINE_bool("no_compile", False, "Only the exact per-tree figures.", flag_values=FLAGS)
+flags.DEFINE_bool("compile", True, "Compile the step for its memory figures (--nocompile: only the exact "
+                  "per-tree figures).", flag_values=FLAGS)
 
 
 def _args(argv):
@@ -81,6 +86,10 @@ def main(argv=None) -> int:
     from socialalign_jax.tools import plan as plan_lib
 
     def run():
+        for name in ("batch", "seq", "max_new_tokens"):
+            if args[name].value < (0 if name != "max_new_tokens" else 1):
+                default = " (or 0 for the config's)" if name != "max_new_tokens" else ""
+                raise UserError(f"--{name}: {args[name].value}: expected a positive number{default}")
         try:
             sizes = plan_lib.parse_mesh(args.mesh or ("fsdp=-1" if args.topology else "fsdp=8"))
             tpu = plan_lib.tpu_slice(args.topology) if args.topology else None
@@ -140,9 +149,9 @@ def main(argv=None) -> int:
             try:
                 if step == "train":
                     return plan_lib.plan_train_step(mc, lc, cfg.loss, optimizer, mesh, b, seq,
-                                                    compile_step=not args.no_compile, rules=rules)
+                                                    compile_step=args.compile, rules=rules)
                 return plan_lib.plan_decode(mc, lc if lc.targets else None, mesh, b, seq, args.max_new_tokens,
-                                            compile_step=not args.no_compile, rules=rules)
+                                            compile_step=args.compile, rules=rules)
             except ValueError as exc:
                 raise UserError(str(exc)) from None
 

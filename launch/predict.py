@@ -2,7 +2,8 @@
 
     python launch/predict.py --workdir runs/weibo-default --news "某地宣布明年起延迟退休" \
         --users examples/users.jsonl --out pred/ [--topic 延迟退休] [--samples 4] [--seed 0]
-    # framing: the same crowd under two wordings, with paired differences
+    # framing: the same crowd and hashtag under two wordings, with paired differences and a verdict
+    # (which names a wording only for 30 users or more)
     python launch/predict.py --workdir RUN --news "TEXT 1" --news "TEXT 2" --users_from RUN --num_users 40 --out pred/
     # exported adapters on a base model instead of a run directory
     python launch/predict.py --adapters export/ --weights gguf:smollm2 --news ... --users ... --out pred/
@@ -12,6 +13,8 @@ checkpoint are used. Writes OUT/predictions.jsonl (per user and sample: post, se
 OUT/crowd.json (the distribution with its bootstrap interval, per wording, and the framing
 differences), OUT/report.md and OUT/crowd.png, all at once: nothing is left under --out
 when anything fails. Bad input stops with one line naming the file, line and field (exit 2).
+A run on random weights (the embedded default) says so first in every output, and report.md
+lists its posts only with --show_posts: they are not text.
 """
 
 from __future__ import annotations
@@ -50,18 +53,24 @@ _LABELLER_WEIGHTS = flags.DEFINE_string("labeller_weights", None, "With --labell
 _LEVEL = flags.DEFINE_float("level", 0.9, "Bootstrap interval level.")
 _RESAMPLES = flags.DEFINE_integer("resamples", 2000, "Bootstrap resamples.")
 _MAX_USERS = flags.DEFINE_integer("max_users", 10_000, "Refuse crowds larger than this.")
-_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (--noprogress: none, e.g. in a log file).")
+_SHOW_POSTS = flags.DEFINE_bool("show_posts", None, "List a sample of the generated posts in report.md (default: yes "
+                                "for pretrained weights, no for random ones, whose posts are not text).")
 
 
 def _read_variants(path: str) -> list[str]:
     from socialalign_jax.core.errors import UserError
 
+    from socialalign_jax.core.jsonl import utf8_problem
+
     try:
-        text = open(path, encoding="utf-8-sig").read()
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = raw.decode("utf-8-sig")
     except OSError as e:
         raise UserError(f"--variants {path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
-        raise UserError(f"--variants {path}: not valid UTF-8 (byte {e.start})") from None
+        raise UserError(f"--variants {path}: {utf8_problem(raw, e)}") from None
     out = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not out:
         raise UserError(f"--variants {path}: no wordings (one per line)")
@@ -101,8 +110,10 @@ def main(argv):
                                            _SEED.value, _USERS_FROM.value)
         if len(crowd) > _MAX_USERS.value:
             raise UserError(f"--users {_USERS.value}: {len(crowd)} users, more than --max_users {_MAX_USERS.value}")
-        if _SAMPLES.value < 1:
-            raise UserError(f"--samples must be >= 1, got {_SAMPLES.value}")
+        from socialalign_jax.predict.predictor import check_settings
+
+        check_settings(samples=_SAMPLES.value, seed=_SEED.value, level=_LEVEL.value, num_resamples=_RESAMPLES.value,
+                       prefix="--")
         labeller = _LABELLER.value
         if labeller == "zeroshot" and not _LABELLER_WEIGHTS.value:
             raise UserError("--labeller zeroshot needs --labeller_weights SPEC (e.g. gguf:smollm2)")
@@ -119,8 +130,8 @@ def main(argv):
             labeller = zero_shot_labeller(_LABELLER_WEIGHTS.value)
         pred = predictor.predict(wordings[0], crowd, topic=_TOPIC.value, samples=_SAMPLES.value, seed=_SEED.value,
                                  variants=wordings[1:], labeller=labeller, level=_LEVEL.value,
-                                 num_resamples=_RESAMPLES.value, progress=not _NO_PROGRESS.value)
-        paths = outputs.write_outputs(pred, _OUT.value)
+                                 num_resamples=_RESAMPLES.value, progress=_PROGRESS.value)
+        paths = outputs.write_outputs(pred, _OUT.value, show_posts=_SHOW_POSTS.value)
         print("\n" + outputs.summary_table(pred))
         print("wrote " + ", ".join(paths))
         return 0

@@ -44,6 +44,9 @@ def main(argv):
             raise UserError("--workdir RUN is required (a training run directory)")
         if not 1 <= _PORT.value <= 65535:
             raise UserError(f"--port {_PORT.value}: expected 1..65535")
+        for name, flag in (("--max_users", _MAX_USERS), ("--max_samples", _MAX_SAMPLES)):
+            if flag.value < 1:
+                raise UserError(f"{name} {flag.value}: expected an integer >= 1")
         import uvicorn
 
         from socialalign_jax.runs.restore import load_run_config

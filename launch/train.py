@@ -21,9 +21,10 @@ from absl import flags  # noqa: E402
 
 _CONFIG = define_config_flag("config", "configs/weibo.py", "Training config (file[:preset]).")
 flags.declare_key_flag("config")  # defined in core/cli_setup: --help lists it with this script's own flags
+flags.declare_key_flag("config_help")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and the built dataset go "
                                "(default: runs/<config name>-<preset>).")
-_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (--noprogress: none, e.g. in a log file).")
 _ACCEPT = flags.DEFINE_bool("accept_config_change", False,
                             "Resume even though the config differs from the run's config.json in keys that change "
                             "the training (lr, loss weights, data, ...); config.json is updated to the new values.")
@@ -40,7 +41,7 @@ def main(argv):
     from socialalign_jax.runs.run_config import as_run_config
 
     # The boundary: the ConfigDict of --config becomes the typed run config here, once.
-    cli_main(lambda: run_training(as_run_config(cfg, source="--config"), workdir, progress=not _NO_PROGRESS.value,
+    cli_main(lambda: run_training(as_run_config(cfg, source="--config"), workdir, progress=_PROGRESS.value,
                                   accept_config_change=_ACCEPT.value))
 
 

@@ -54,7 +54,7 @@ for row in $ROWS; do
   echo "$row: python launch/train.py ${COMMON[*]} $flags --workdir $wd"
   mkdir -p "$wd"
   # shellcheck disable=SC2086
-  python launch/train.py "${COMMON[@]}" $flags --workdir "$wd" --no_progress > "$wd.log" 2>&1 \
+  python launch/train.py "${COMMON[@]}" $flags --workdir "$wd" --noprogress > "$wd.log" 2>&1 \
     || { echo "$row: failed, see $wd.log"; continue; }
 done
 

@@ -44,7 +44,7 @@ SLOW_FILES = {
     "launch/test_evaluate_cli.py", "launch/test_score.py", "launch/test_score_spans.py",
     "model/test_backend_paths.py", "model/test_model_cache.py", "model/test_pac_lora_decode.py",
     "tools/test_plan.py", "parallel/test_tpu_compile.py", "predict/test_predict.py",
-    "predict/test_serve.py", "runs/test_checkpoint_items.py", "runs/test_faults.py",
+    "predict/test_serve.py", "runs/test_checkpoint_items.py", "runs/test_faults.py", "runs/test_full_disk.py",
     "train/test_train_frozen.py", "train/test_train_learns.py", "train/test_train_learns_sample.py",
     "train/test_train_multiprocess.py", "train/test_train_resume.py", "train/test_train_sharding.py",
     "weights/test_adapter_io.py", "weights/test_gguf.py",
@@ -54,7 +54,7 @@ INTEGRATION_FILES = {
     "experiments/test_experiment_design_b.py", "experiments/test_experiment_resume.py",
     "inference/test_export.py", "inference/test_generate_cli.py", "launch/test_build_dataset.py",
     "launch/test_config_validation.py", "launch/test_evaluate_cli.py", "launch/test_score.py",
-    "predict/test_predict.py", "predict/test_serve.py", "runs/test_faults.py",
+    "predict/test_predict.py", "predict/test_serve.py", "runs/test_faults.py", "runs/test_full_disk.py",
     "train/test_train_multiprocess.py",
 }
 

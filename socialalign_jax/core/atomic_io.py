@@ -9,6 +9,9 @@ says how much space the file needed.
 
 One implementation for every CLI (predictions, scores, personas, run summaries, reports,
 metric logs, the saved tokenizer); `atomic_dir` publishes a directory the same way.
+`os_error` recognises the same failures when a library reports them in its own exception
+type (the Rust tokenizers, array_record, TensorStore), and `output_name` keeps a name the
+user gives (a dataset, a plan row) from becoming a path outside the output directory.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Callable, Iterable, Iterator
@@ -56,14 +60,55 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def write_error(path: str | os.PathLike, e: OSError, needed: int | None = None) -> UserError:
-    """The one-line UserError for a failed write of `path` (ENOSPC: with the space it needed)."""
+def write_error(path: str | os.PathLike, e: OSError, needed: int | None = None,
+                left: str = "nothing partial was left under that name") -> UserError:
+    """The one-line UserError for a failed write of `path` (ENOSPC: with the space it needed and
+    `left`, what the failure left behind)."""
     path = os.fspath(path)
     if e.errno == errno.ENOSPC:
         size = f"; it needs about {_human(needed)}" if needed else ""
-        return UserError(f"{path}: no space left on device{size}; free some space and rerun "
-                         "(nothing partial was left under that name)")
+        return UserError(f"{path}: no space left on device{size}; free some space and rerun ({left})")
     return UserError(f"{path}: cannot write output ({e.strerror or e})")
+
+
+# How libraries that do their own I/O report an errno: the Rust standard library ("No space
+# left on device (os error 28)", the tokenizers), TensorStore ("[os_error_code='28']") and
+# array_record ("write() failed: No space left on device").
+_OS_ERROR_CODE = re.compile(r"os[ _]error(?:_code)?[ =]'?(\d+)")
+_ERRNO_TEXT = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+               errno.EFBIG: "File too large", errno.EROFS: "Read-only file system",
+               errno.EACCES: "Permission denied"}
+
+
+def os_error(exc: BaseException | None) -> OSError | None:
+    """The OSError behind `exc`: itself, one in its cause/context chain, or one a library (which
+    raises its own exception types) reports only in its message. None when it is none of those."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        text = str(exc)
+        m = _OS_ERROR_CODE.search(text)
+        code = int(m.group(1)) if m else next((c for c, t in _ERRNO_TEXT.items() if t.lower() in text.lower()), None)
+        if code is not None:
+            return OSError(code, os.strerror(code))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+_BAD_NAME = re.compile(r"[/\\\x00-\x1f]")
+
+
+def output_name(name: str, what: str) -> str:
+    """`name` when it is one plain path component (it becomes a directory below an output
+    directory); else one UserError line naming `what` (the flag or field that gave it)."""
+    if (not isinstance(name, str) or not name.strip() or name in (".", "..") or _BAD_NAME.search(name)
+            or name != name.strip() or len(name.encode("utf-8")) > 200):
+        raise UserError(f"{what}: {name!r} is not a usable name: it becomes a directory name, so it must be "
+                        "1-200 bytes without '/', '\\', control characters or surrounding spaces, and not '.' "
+                        "or '..'")
+    return name
 
 
 class _CountingWriter:
@@ -156,39 +201,55 @@ def _fsync_files(directory: str) -> list[str]:
     return names
 
 
+def write_failure(path: str, e: Exception, needed: int | Callable[[], int] | None) -> UserError:
+    """write_error for what a writer library raised, when it is an OS error at heart; else re-raise `e`."""
+    err = None if isinstance(e, UserError) else os_error(e)
+    if err is None:
+        raise e
+    if callable(needed):
+        needed = needed() if err.errno == errno.ENOSPC else None
+    return write_error(path, err, needed)
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
+def atomic_dir(path: str | os.PathLike, *, needed: int | Callable[[], int] | None = None) -> Iterator[str]:
     """Yield a temporary directory beside `path`; on success it is renamed to `path` (which must not exist).
 
     For writers that produce several files (a tokenizer's save_pretrained): either the whole
-    directory appears under its name or nothing does. On failure the temporary is removed.
+    directory appears under its name or nothing does. On failure the temporary is removed; a
+    failed write, also one a library reports in its own exception type (os_error), is one
+    UserError line naming `path`, and on a full disk the space `needed` (bytes, or a function
+    computing them only then).
     """
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    tmp = None
     try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         _fsync_files(tmp)
         os.rename(tmp, path)
         tmp = None
         _fsync_dir(parent)
-    except OSError as e:
-        raise write_error(path, e) from None
+    except Exception as e:  # noqa: BLE001 - write_failure re-raises what is not an OS error
+        raise write_failure(path, e, needed) from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def atomic_files_into(directory: str | os.PathLike) -> Iterator[str]:
+def atomic_files_into(directory: str | os.PathLike, *,
+                      needed: int | Callable[[], int] | None = None) -> Iterator[str]:
     """Yield a temporary directory inside `directory`; on success each file written there is
     fsynced and renamed into `directory` (replacing a file of that name).
 
     For multi-file writers into a directory that already holds other outputs (a tokenizer's
     save_pretrained beside merged weights): a crash or a full disk leaves each file either
-    whole or as it was, never truncated. On failure the temporary is removed.
+    whole or as it was, never truncated. On failure the temporary is removed; failures are
+    reported as `atomic_dir` reports them.
     """
     directory = os.fspath(directory)
     tmp = None
@@ -203,8 +264,8 @@ def atomic_files_into(directory: str | os.PathLike) -> Iterator[str]:
             os.chmod(os.path.join(tmp, name), default_file_mode())
             os.replace(os.path.join(tmp, name), os.path.join(directory, name))
         _fsync_dir(directory)
-    except OSError as e:
-        raise write_error(directory, e) from None
+    except Exception as e:  # noqa: BLE001 - write_failure re-raises what is not an OS error
+        raise write_failure(directory, e, needed) from None
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -253,7 +314,8 @@ class AppendLog:
             self._f.write(line)
             self._f.flush()
         except OSError as e:
-            raise write_error(self.path, e, len(line.encode("utf-8"))) from None
+            raise write_error(self.path, e, len(line.encode("utf-8")),
+                              left="the rerun drops a row cut short") from None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

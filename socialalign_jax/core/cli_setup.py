@@ -54,21 +54,39 @@ _HELP_FLAGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "--helpfull
 EXIT_USAGE = 2  # usage errors: the conventional exit status, shared by every launcher
 
 
-def usage_error(message: str, argv) -> None:
+def usage_error(message: str, argv, see: str = "--help") -> None:
+    """`error: <message> (python PROG --help)` on stderr and exit 2; `see` names the flag that explains
+    (`--config_help` for an unknown config key)."""
     import sys
 
     prog = os.path.basename(argv[0]) if argv else "launcher"
-    print(f"error: {one_line(message)} (python {prog} --help)", file=sys.stderr)
+    print(f"error: {one_line(message)} (python {prog} {see})", file=sys.stderr)
     sys.exit(EXIT_USAGE)
+
+
+def config_usage_error(e: BaseException, argv) -> None:
+    """usage_error for what ml_collections raised (an unknown key points to --config_help)."""
+    message = _config_problem(e, argv)
+    usage_error(message, argv, "--config_help lists every key" if "unknown config key" in message else "--help")
 
 
 def _config_problem(e: BaseException, argv) -> str:
     """One line for what ml_collections raised while loading a config file or applying `--config.a.b=v`."""
+    if isinstance(e, AttributeError) and e.args and isinstance(e.args[0], KeyError):
+        e = e.args[0]  # ml_collections wraps the KeyError of an unknown attribute
     if isinstance(e, (AttributeError, KeyError)):  # an override that names no key
-        key = str(e).strip("'\" ")
+        # KeyError's str() is the repr of its message; ml_collections' message is "'key'" and, when
+        # a key is close, a second line 'Did you mean "num_steps" instead of "num_stepz"?'.
+        first, _, rest = str(e.args[0] if e.args else e).partition("\n")
+        key = first.strip("'\" ")
+        hint = re.match(r'Did you mean "([^"]+)"', rest.strip())
         bad = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
                and key in a.split("=", 1)[0].split(".")]
-        return f"{bad[0] if bad else '--config'}: unknown config key {key!r}"
+        flag = bad[0] if bad else "--config"
+        if hint:
+            near = ".".join(flag.split(".")[:-1] + [hint.group(1)]) if bad else hint.group(1)
+            return f"{flag}: unknown config key {key!r}; did you mean {near}?"
+        return f"{flag}: unknown config key {key!r}"
     text = str(e)
     # config_flags wraps get_config's own error in a traceback text: keep its last line only.
     last = [ln.strip() for ln in text.splitlines() if re.match(r"\s*\w+(Error|Exception): ", ln)]
@@ -135,6 +153,26 @@ def config_dict(settings):
     return ml_config_dict.ConfigDict(cli(dict(settings)))
 
 
+def config_keys(cfg, prefix: str = "") -> list[str]:
+    """Every leaf of a ConfigDict as `a.b = value  (type)`, in the config's order: what --config_help prints."""
+    out = []
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            out += config_keys(value, name + ".")
+        else:
+            out.append(f"  {name} = {value!r}  ({type(value).__name__})")
+    return out
+
+
+def _define_config_help() -> None:
+    from absl import flags
+
+    if "config_help" not in flags.FLAGS:
+        flags.DEFINE_bool("config_help", False, "List every config key with its value (after --config and any "
+                          "--config.a.b=v overrides) and exit; override one with --config.a.b=value.")
+
+
 def define_config_flag(name: str = "config", default: str = "configs/weibo.py", help_text: str = "Config file[:preset]."):
     """config_flags.DEFINE_config_file, whose overrides are parsed at definition time: a bad one is a usage error.
 
@@ -150,10 +188,11 @@ def define_config_flag(name: str = "config", default: str = "configs/weibo.py", 
             sys.argv[i] = flag + "=" + resolve_config_path(arg[len(flag) + 1:])
         elif arg == flag and i + 1 < len(sys.argv):
             sys.argv[i + 1] = resolve_config_path(sys.argv[i + 1])
+    _define_config_help()
     try:
         return config_flags.DEFINE_config_file(name, resolve_config_path(default), help_text)
     except Exception as e:  # noqa: BLE001 - every failure here is in the user's command line
-        usage_error(_config_problem(e, sys.argv), sys.argv)
+        config_usage_error(e, sys.argv)
 
 
 def define_run_config_flag(default: str = "configs/weibo.py"):
@@ -185,11 +224,12 @@ def define_run_config_flag(default: str = "configs/weibo.py"):
             cfg = config_dict(json.load(f))  # lists as comma strings, whichever way the run wrote them
     except (OSError, ValueError, TypeError, AttributeError) as e:
         usage_error(f"{saved}: not a readable run config ({e}); pass --config FILE instead", sys.argv)
+    _define_config_help()
     try:
         return config_flags.DEFINE_config_dict("config", cfg, f"The run's saved config ({saved}); "
                                                "--config.a.b=v overrides a value, --config FILE replaces it.")
     except Exception as e:  # noqa: BLE001 - a bad override on the command line
-        usage_error(_config_problem(e, sys.argv), sys.argv)
+        config_usage_error(e, sys.argv)
 
 
 def absl_flags_parser(argv):
@@ -213,14 +253,18 @@ def absl_flags_parser(argv):
         about_config = e.__cause__ is not None or "--config" in str(e).split(": ", 1)[0]
         if not about_config:  # an unknown or mistyped flag: absl's own first line names it
             usage_error(str(e).splitlines()[0], argv)
-        usage_error(_config_problem(e.__cause__ or e, argv), argv)
+        config_usage_error(e.__cause__ or e, argv)
     except Exception as e:  # noqa: BLE001 - ml_collections: a bad override, preset or config file
-        usage_error(_config_problem(e, argv), argv)
+        config_usage_error(e, argv)
     if "config" in flags.FLAGS:
         try:
             flags.FLAGS["config"].value.keys()  # loaded lazily: a missing file surfaces here
         except Exception as e:  # noqa: BLE001
-            usage_error(_config_problem(e, argv), argv)
+            config_usage_error(e, argv)
+        if "config_help" in flags.FLAGS and flags.FLAGS.config_help:
+            print("config keys (override with --config.KEY=VALUE):")
+            print("\n".join(config_keys(flags.FLAGS["config"].value)))
+            sys.exit(0)
     return rest
 
 

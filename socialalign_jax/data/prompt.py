@@ -369,11 +369,14 @@ def build_example(
     # Bounded work (issue 19): the news is never cut, so a news text whose tokens alone exceed the
     # budget overflows at once (tokenised once per event), without the cap searches below, each of
     # which re-tokenises the whole prompt (minutes for a 1 MB news text over an event's cases).
+    # The words of an error: a built example has a response and a build setting (on_overflow) that
+    # may skip it; a prompt alone (prediction) has neither.
+    with_response = f" + {len(resp_ids)} response" if include_response else ""
     if case.raw_prompt is None and news_token_count(tokenizer, event.news) > budget + NEWS_BOUNDARY_SLACK:
-        return overflow(PromptTooLong(
-            event.source, f"the news alone has {news_token_count(tokenizer, event.news)} tokens; with the "
-            f"{len(resp_ids)} response tokens it exceeds max_length {cfg.max_length} (the news is never cut)",
-            record, "news"), cfg, stats)
+        what = (f"the news alone has {news_token_count(tokenizer, event.news)} tokens"
+                + (f"; with the {len(resp_ids)} response tokens it" if include_response else ", which")
+                + f" exceeds max_length {cfg.max_length} (the news is never cut)")
+        return overflow(PromptTooLong(event.source, what, record, "news"), cfg, stats, include_response)
 
     def encode(h_cap: int | None, p_cap: int | None):
         if case.raw_prompt is not None:
@@ -423,12 +426,12 @@ def build_example(
     if len(ids) > budget:
         err = PromptTooLong(
             event.source,
-            f"{len(ids)} prompt + {len(resp_ids)} response tokens exceed max_length {cfg.max_length} "
+            f"{len(ids)} prompt{with_response} tokens exceed max_length {cfg.max_length} "
             f"even with history and persona cut",
             record,
             "weibo" if include_response else "news",
         )
-        return overflow(err, cfg, stats)
+        return overflow(err, cfg, stats, include_response)
 
     h_cut = sum(max(0, n - h_cap) for n in pieces) if h_cap is not None else 0
     p_cut = max(0, p_len - p_cap) if p_cap is not None else 0
@@ -450,10 +453,14 @@ def build_example(
     )
 
 
-def overflow(err: "PromptTooLong", cfg: PromptConfig, stats: "BuildStats | None"):
+def overflow(err: "PromptTooLong", cfg: PromptConfig, stats: "BuildStats | None", building: bool = True):
     """An example that cannot fit even after cutting what may be cut: raise it, or count the skip
-    (on_overflow='skip') so the build summary reports it; returns None for the caller to return."""
+    (on_overflow='skip') so the build summary reports it; returns None for the caller to return.
+    `building`: a dataset build, whose error says how to go on (a prompt alone raises `err` as is:
+    its caller knows what to advise)."""
     if cfg.on_overflow == "raise":  # say how to go on: a longer max_length, or skip and count such cases
+        if not building:
+            raise err
         raise PromptTooLong(err.file, f"{err.what} (raise max_length, or set on_overflow to skip to leave such "
                             "cases out and count them)", err.record, err.field)
     if stats is not None:

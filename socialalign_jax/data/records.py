@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from socialalign_jax.core.jsonl import json_problem, utf8_problem
 from socialalign_jax.core.labels import DEFAULT_LABELS
 
 
@@ -89,11 +90,11 @@ def load_json(path: Path) -> Any:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise DataError(path, f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})") from e
+        raise DataError(path, utf8_problem(raw, e)) from e
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(path, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+        raise DataError(path, json_problem(text, e)) from e
     if _SURROGATE_ESCAPE.search(text):  # "\ud800" escapes decode to text no tokenizer can encode
         _check_unicode(path, data)
     return data

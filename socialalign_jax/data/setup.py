@@ -51,9 +51,15 @@ def _tokenizer_dir(tokenizer, workdir: str) -> str | None:
             shutil.rmtree(path, ignore_errors=True)  # derived from the weights: rebuilt below
     elif os.path.isdir(path) and not os.listdir(path):
         os.rmdir(path)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, needed=lambda: _saved_size(tokenizer)) as tmp:
         tokenizer.save_pretrained(tmp)
     return path
+
+
+def _saved_size(tokenizer) -> int:
+    """About what save_pretrained writes: tokenizer.json (indented, as transformers saves it) dominates."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return len(backend.to_str(pretty=True).encode("utf-8")) if backend is not None else 0
 
 
 def _is_main() -> bool:
@@ -84,6 +90,9 @@ def prepare(cfg: RunConfig, tokenizer, workdir: str, *, build_if_missing: bool =
         labels = cfg.data.labels
         if labels != tuple(DEFAULT_LABELS) and len(labels) != cfg.lora.num_classes:
             raise UserError(f"data.labels has {len(labels)} classes but lora.num_classes={cfg.lora.num_classes}")
+        why = B.labels_problem(cfg.data.source, labels)
+        if why:
+            raise UserError(f"data.labels {why}")
         bcfg = B.SocialConfig(
             name="default", source=cfg.data.source, input=cfg.data.input or default_input(cfg.data.source),
             tokenizer=_tokenizer_dir(tokenizer, workdir), max_length=cfg.data.max_length, mode=cfg.data.mode,

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from socialalign_jax.core.atomic_io import write_json
+from socialalign_jax.core.atomic_io import write_failure, write_json
 from socialalign_jax.data import lamp, targets as T
 from socialalign_jax.data.alpaca import read_alpaca
 from socialalign_jax.data.converters import STANCE_LABELS, read_ced, read_nlpcc2016, read_zs_csd
@@ -86,8 +86,22 @@ SOURCES: dict[str, Callable[..., list[Event]]] = {
     "zs_csd": read_zs_csd,
     "nlpcc2016": read_nlpcc2016,
 }
-# The label set a source's readers emit, when it is not negative/neutral/positive.
-SOURCE_LABELS: dict[str, tuple[str, ...]] = {"zs_csd": STANCE_LABELS, "nlpcc2016": STANCE_LABELS}
+# The label set each converter's reader gives its cases (stances, or CED's silver sentiment from
+# the lexicon labeller): fixed names, which the class names must include (in any order; a class
+# no case has may be added).
+SOURCE_LABELS: dict[str, tuple[str, ...]] = {"ced": DEFAULT_LABELS, "zs_csd": STANCE_LABELS,
+                                             "nlpcc2016": STANCE_LABELS}
+
+
+def labels_problem(source: str, labels: Sequence[str]) -> str | None:
+    """Why `labels` cannot name a source's classes (a converter's are fixed), or None: checked before
+    any input is read, so the setting is named, not the first record that does not fit it."""
+    fixed = SOURCE_LABELS.get(source)
+    missing = [name for name in fixed or () if name not in labels]
+    if missing:
+        return (f"{','.join(labels)!r}: source {source!r} labels its cases {','.join(fixed)}, so the classes "
+                f"must include {','.join(missing)} (in the order you want) or leave the setting out")
+    return None
 
 
 def register_source(name: str, reader: Callable[..., list[Event]], labels: Sequence[str] | None = None) -> None:
@@ -485,9 +499,24 @@ def build(out_dir: str | os.PathLike, cfg: SocialConfig, *, overwrite: bool = Fa
         shutil.rmtree(target)
         builder = cls(data_dir=str(out_dir), config=cfg)  # forget the old dataset_info
     builder._prepared = prepared
-    builder.download_and_prepare(file_format="array_record", download_config=tfds.download.DownloadConfig())
-    write_json(builder.info.metadata["targets"], target / "targets.json")
+    # The directories this build creates: removed again when it fails, so a failed build (a full
+    # disk) leaves nothing a rerun would take for a dataset, not even empty folders.
+    created = [d for d in (target, *target.parents) if not d.exists()]
+    try:
+        builder.download_and_prepare(file_format="array_record", download_config=tfds.download.DownloadConfig())
+        write_json(builder.info.metadata["targets"], target / "targets.json")
+    except Exception as e:  # noqa: BLE001 - write_failure re-raises what is not an OS error
+        for d in created[-1:]:  # the outermost one holds the rest
+            shutil.rmtree(d, ignore_errors=True)
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        raise write_failure(str(target), e, lambda: _examples_bytes(prepared[0])) from None
     return target
+
+
+def _examples_bytes(examples: dict) -> int:
+    """About what the array_record files of these examples take: their arrays' bytes."""
+    return int(sum(np.asarray(v).nbytes for exs in examples.values() for ex in exs for v in ex.values()))
 
 
 @dataclasses.dataclass

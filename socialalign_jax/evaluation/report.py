@@ -72,21 +72,29 @@ def format_table(metrics: Mapping, baseline: Mapping | None = None) -> str:
     return "\n".join(lines)
 
 
+def md_text(text) -> str:
+    """Text from the data (an event's news, a user name, a generated post) as inert Markdown: '&', '<' and
+    '>' become entities, so a '<script>' or '<img onerror=...>' in a post is shown, never run, by a
+    viewer that renders HTML in Markdown."""
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def md_cell(text) -> str:
-    """Text as one Markdown table cell: line breaks (which would end the row) become spaces, '|' is escaped."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Text as one Markdown table cell (md_text): line breaks (which would end the row) become spaces, '|' is
+    escaped."""
+    return md_text(" ".join(str(text).split())).replace("|", "\\|")
 
 
 def format_event_table(per_event: list[Mapping], labels: list[str]) -> str:
     """One row per event: size, real / head / generated distributions and their JSDs."""
     has_gen = any(e.get("generated") is not None for e in per_event)
-    head = ["event_id", "event", "n", f"real ({'/'.join(labels)})", "head", "head JSD"]
+    head = ["event_id", "event", "n", f"real ({md_cell('/'.join(labels))})", "head", "head JSD"]
     if has_gen:
         head += ["generated", "gen JSD"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     dist = lambda d: "n/a" if d is None else " / ".join(f"{x:.2f}" for x in d)  # noqa: E731
     for e in per_event:
-        row = [str(e["event_id"]), md_cell(e["event"]), str(e["n"]), dist(e.get("real")),
+        row = [md_cell(e["event_id"]), md_cell(e["event"]), str(e["n"]), dist(e.get("real")),
                dist(e["head"]), _fmt(e.get("head_jsd"))]
         if has_gen:
             row += [dist(e.get("generated")), _fmt(e.get("generated_jsd"))]

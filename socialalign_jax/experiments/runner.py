@@ -127,6 +127,7 @@ def load_plan(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         where = f"{path}: rows[{i}]"
         if not isinstance(r.get("name"), str) or not r["name"]:
             raise UserError(f"{where}: field 'name': missing")
+        atomic_io.output_name(r["name"], f"{where}: field 'name'")  # <out>/runs/<name>: never a path out of --out
         if r["name"] in seen:
             raise UserError(f"{where}: field 'name': {r['name']!r} is used twice")
         seen.add(r["name"])
@@ -409,7 +410,7 @@ class TrainContext:
             cmd = [sys.executable, str(Path(__file__).resolve().parents[2] / "launch" / "train.py"),
                    "--config", plan["train_config"], *plan.get("common_flags", []), *row.get("flags", []),
                    f"--config.data.data_dir={data}", f"--config.train.seed={seed}", f"--config.data.seed={seed}",
-                   f"--config.sample.seed={seed}", "--workdir", str(wd), "--no_progress"]
+                   f"--config.sample.seed={seed}", "--workdir", str(wd), "--noprogress"]
             with open(wd.with_suffix(".log"), "w", encoding="utf-8") as log:
                 log.write(" ".join(cmd) + "\n")
                 log.flush()
@@ -555,6 +556,7 @@ def run_plan(plan: dict, out: str | os.PathLike, *, log: Callable[[str], None] =
         writer.close()
     summ = write_summary(plan, out, list(done.values()))
     summ["failed"] = failed
+    summ["finished"] = finished[0]
     return summ
 
 

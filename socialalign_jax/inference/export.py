@@ -25,7 +25,9 @@ from socialalign_jax.core.errors import UserError
 from socialalign_jax.inference.generation import sampling_config, stop_tokens_for
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import MODULE_BLOCK, LoraConfig
-from socialalign_jax.weights.adapters import _lora_to_json, _model_dims, fixed_lora, input_dependent_gates
+from socialalign_jax.weights.adapters import (_lora_to_json, _model_dims, fixed_lora, input_dependent_gates,
+                                              peft_refusal)
+from socialalign_jax.weights.resolve import parse_spec, smollm2_path
 from socialalign_jax.weights.tokenizer import CHATML_TEMPLATE, ENDOFTEXT, IM_END
 
 if TYPE_CHECKING:
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 FORMATS = ("orbax", "safetensors", "peft", "socialalign", "merged")
 ORBAX_DIR = "adapters"
 ORBAX_META = "adapter_config.json"
+ORBAX_FORMAT = "socialalign-orbax-adapters/1"
 GENERATION_CONFIG = "generation_config.json"
 
 
@@ -56,15 +59,32 @@ def merge_refusal(lc: LoraConfig) -> str | None:
             "socialalign instead")
 
 
-def peft_refusal(lc: LoraConfig) -> str | None:
-    """Why these adapters cannot be written as stock PEFT LoRA (naming the format that holds them), or None."""
+# What `--format socialalign` prints: its files look like a PEFT adapter, and stock PEFT reads them
+# without an error but silently wrong (it finds none of its keys, so it runs the base model alone).
+SOCIALALIGN_NOTE = ("{out} is the original SocialAlign layout, for the authors' patched PEFT only: stock PEFT loads "
+                    "it without an error but computes other outputs (it ignores the experts and gates); for stock "
+                    "PEFT export a plain-LoRA or routing 'uniform' run with --format peft")
 
-    gated = input_dependent_gates(lc)
-    if not gated:
+
+def base_model_path(cfg) -> str | None:
+    """What a stock PEFT adapter_config.json names as its base: the run's hf: directory or GGUF file
+    (absolute), or None for random weights, which no stock loader can rebuild."""
+    scheme, arg = parse_spec(str(cfg.model.weights))
+    if scheme == "hf":
+        return str(Path(arg).absolute())
+    if scheme == "gguf":
+        return str(Path(smollm2_path() if arg == "smollm2" else arg).absolute())
+    return None
+
+
+def peft_base_refusal(cfg, base_model: str | None) -> str | None:
+    """Why a peft export of this run cannot name its base (random weights, no --base_model), or None."""
+    if base_model or base_model_path(cfg) is not None:
         return None
-    return (f"routing {lc.routing!r}: " + " and ".join(gated) + " with weights that depend on the user/news "
-            "spans, which stock PEFT LoRA cannot hold (it would load expert 0 alone); export --format "
-            "socialalign (the original SocialAlign layout with experts and gates) instead")
+    return (f"the run's base is {cfg.model.weights} (random weights, saved nowhere a stock loader can read), so "
+            "adapter_config.json could not name it and AutoPeftModelForCausalLM would look for it on the hub; pass "
+            "--base_model DIR (a Hugging Face checkpoint of those weights), or export --format merged, which holds "
+            "the weights themselves")
 
 
 def merge_adapters(params, adapters, lc: LoraConfig, model_cfg: ModelConfig):
@@ -102,30 +122,44 @@ def save_orbax_adapters(adapters, lc: LoraConfig, model_cfg: ModelConfig, out: s
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(target, jax.tree.map(np.asarray, adapters))
     ckpt.wait_until_finished()
-    meta = {"format": "socialalign-orbax-adapters/1", "lora_config": json.loads(_lora_to_json(lc)),
+    meta = {"format": ORBAX_FORMAT, "lora_config": json.loads(_lora_to_json(lc)),
             "model_dims": _model_dims(model_cfg)}
     write_json(meta, out / ORBAX_META, indent=2, sort_keys=True)
     return target
 
 
+def is_orbax_export(path: str | os.PathLike) -> bool:
+    """A directory `save_orbax_adapters` wrote (its `adapters/` checkpoint): a PEFT or socialalign
+    export also has an adapter_config.json, so that file alone says nothing."""
+    return (Path(path) / ORBAX_DIR).is_dir()
+
+
 def load_orbax_adapters(path: str | os.PathLike) -> tuple[dict, LoraConfig]:
-    """Read what `save_orbax_adapters` wrote -> (adapter tree of numpy arrays, LoraConfig)."""
+    """Read what `save_orbax_adapters` wrote -> (adapter tree of numpy arrays, LoraConfig).
+    A damaged or foreign adapter_config.json is one line naming the file and field."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     meta_path = path / ORBAX_META
     if not meta_path.is_file():
         raise ExportError(f"{meta_path}: not found; not an adapter export made with --format orbax")
-    meta = json.loads(meta_path.read_text())
-    d = dict(meta["lora_config"], targets=tuple(meta["lora_config"]["targets"]))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{meta_path}: not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != ORBAX_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ExportError(f"{meta_path}: field 'format': expected {ORBAX_FORMAT!r} (an export made with "
+                          f"--format orbax), got {got!r}")
+    lc = meta.get("lora_config")
+    if not isinstance(lc, dict):
+        raise ExportError(f"{meta_path}: field 'lora_config': missing (an export made with --format orbax has it)")
+    try:
+        lora_cfg = LoraConfig(**dict(lc, targets=tuple(lc.get("targets", ()))))
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"{meta_path}: field 'lora_config': {e}") from None
     tree = ocp.StandardCheckpointer().restore(path / ORBAX_DIR)
-    return jax.tree.map(np.asarray, tree), LoraConfig(**d)
-
-
-def base_model_path(cfg) -> str | None:
-    """The run's base weights as a local HF directory (model.weights 'hf:DIR'), else None."""
-    weights = str(cfg.model.weights)
-    return str(Path(weights[3:]).absolute()) if weights.startswith("hf:") else None
+    return jax.tree.map(np.asarray, tree), lora_cfg
 
 
 def export_run(run: Run, fmt: str, out: str | os.PathLike, *, base_model: str | None = None) -> list[Path]:
@@ -146,7 +180,7 @@ def export_run(run: Run, fmt: str, out: str | os.PathLike, *, base_model: str | 
     if fmt == "socialalign":
         return [adapters.export_socialalign(run.adapters, lc, mc, out)]
     if fmt == "peft":
-        why = peft_refusal(lc)
+        why = peft_refusal(lc) or peft_base_refusal(run.cfg, base_model)
         if why:
             raise ExportError(f"--format peft: {why}")
         return [adapters.export_peft(run.adapters, lc, mc, out,
@@ -199,6 +233,6 @@ def hf_generation_settings(cfg, tokenizer, vocab_size: int) -> tuple[dict, dict]
     return {k: v for k, v in ids.items() if v is not None}, gen
 
 
-__all__ = ["FORMATS", "ExportError", "merge_refusal", "peft_refusal",
+__all__ = ["FORMATS", "ExportError", "merge_refusal", "peft_refusal", "peft_base_refusal", "SOCIALALIGN_NOTE",
            "merge_adapters", "base_model_path",
-           "save_orbax_adapters", "load_orbax_adapters", "export_run"]
+           "save_orbax_adapters", "load_orbax_adapters", "is_orbax_export", "export_run"]

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from socialalign_jax.core.atomic_io import write_json, write_jsonl
 from socialalign_jax.core.errors import UserError
-from socialalign_jax.predict.predictor import Prediction
+from socialalign_jax.evaluation.report import md_cell, md_text
+from socialalign_jax.predict.predictor import Prediction, uses_random_weights
 
 PREDICTIONS, CROWD, REPORT, CHART = "predictions.jsonl", "crowd.json", "report.md", "crowd.png"
 OUR_FILES = frozenset({PREDICTIONS, CROWD, REPORT, CHART})
@@ -46,14 +47,6 @@ def _iv(iv: Sequence[float]) -> str:
     return f"[{iv[0]:.3f}, {iv[1]:.3f}]"
 
 
-def _reading(lo: float, hi: float, a: int, b: int) -> str:
-    if lo > 0:
-        return f"more under wording {a + 1}"
-    if hi < 0:
-        return f"fewer under wording {a + 1}"
-    return "no clear difference"
-
-
 def _short(text: str, n: int = 60) -> str:
     text = " ".join(text.split())
     return text if len(text) <= n else text[:n - 1] + "…"
@@ -70,51 +63,87 @@ def skill_lines(pred: Prediction) -> list[str]:
     return lines
 
 
-def summary_table(pred: Prediction) -> str:
-    """The tables printed at the end of launch/predict.py (and the heart of report.md)."""
+def random_weights_warning(run: Mapping[str, Any]) -> str | None:
+    """The line every output of a prediction (CLI, report.md, crowd.json, the page) opens with when the
+    run's base model is random (None otherwise): such a model's posts are not text and its head read no
+    language, whatever the tables look like."""
+    if not uses_random_weights(run):
+        return None
+    return (f"WARNING: random weights ({run.get('weights')}): this model was never pretrained, so its posts "
+            "are not text and its distribution says nothing about real users; it only shows the mechanics "
+            "(train on pretrained weights, e.g. --config configs/weibo.py:smollm2)")
+
+
+def topic_line(pred: Prediction) -> str:
+    """The hashtag the prompts carry: one for every wording, given or derived once from the first."""
+    several = len(pred.variants) > 1
+    how = "given" if pred.topic_given else f"derived from {'wording 1' if several else 'the news'}; --topic sets it"
+    return f"hashtag #{pred.crowd.topic}#{' for every wording' if several else ''} ({how})"
+
+
+def summary_table(pred: Prediction, *, for_markdown: bool = False) -> str:
+    """What launch/predict.py prints (and the heart of report.md): the random-weights warning first, the
+    hashtag, a table per wording, and per pair of wordings the paired difference with its verdict.
+    `for_markdown`: report.md's version (the warning is above it; the news and hashtag escaped)."""
     pct = int(round(pred.level * 100))
-    lines = [*skill_lines(pred), ""]
+    text = md_text if for_markdown else str
+    warning = None if for_markdown else random_weights_warning(pred.run)
+    lines = [warning, ""] if warning else []
+    lines += [*map(text, skill_lines(pred)), "", text(topic_line(pred)), ""]
     for v, c in enumerate(pred.variants):
-        head = f"wording {v + 1}: {_short(c.news)}  (#{c.topic}#, {pred.num_users} users)"
+        head = f"wording {v + 1}: {text(_short(c.news))}  ({pred.num_users} users)"
         lines += [head, "", f"| label | predicted share | {pct}% interval |"
                   + (f" generated posts ({pred.labeller}) | {pct}% interval |" if c.generated_distribution else ""),
                   "|---|---|---|" + ("---|---|" if c.generated_distribution else "")]
         for name in pred.labels:
-            row = f"| {name} | {_fmt(c.distribution[name])} | {_iv(c.interval[name])} |"
+            row = f"| {md_cell(name)} | {_fmt(c.distribution[name])} | {_iv(c.interval[name])} |"
             if c.generated_distribution:
                 row += f" {_fmt(c.generated_distribution[name])} | {_iv(c.generated_interval[name])} |"
             lines.append(row)
         lines.append("")
     for d in pred.differences:
-        lines += [f"framing: wording {d.a + 1} minus wording {d.b + 1} (paired over the same users)", "",
+        lines += [f"framing: wording {d.a + 1} minus wording {d.b + 1} (paired over the same {d.num_users} users, "
+                  "the same hashtag)", "",
                   f"| label | difference | {pct}% interval | reading |", "|---|---|---|---|"]
         for name in pred.labels:
-            lo, hi = d.interval[name]
-            lines.append(f"| {name} | {d.difference[name]:+.3f} | {_iv((lo, hi))} | {_reading(lo, hi, d.a, d.b)} |")
-        lines.append("")
+            lines.append(f"| {md_cell(name)} | {d.difference[name]:+.3f} | {_iv(d.interval[name])} | {d.reading(name)} |")
+        lines += ["", f"verdict: {d.verdict}", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def report_markdown(pred: Prediction, chart: str | None = CHART, max_posts: int = 10) -> str:
+def report_markdown(pred: Prediction, chart: str | None = CHART, max_posts: int = 10,
+                    show_posts: bool | None = None) -> str:
+    """report.md. `show_posts`: list a sample of the generated posts (default: only when the weights are
+    pretrained; a random model's posts are not text, and shown beside the tables they read as predictions)."""
+    show_posts = (not pred.random_weights) if show_posts is None else show_posts
     run = pred.run
-    src = ", ".join(f"{k} `{v}`" for k, v in run.items())
-    out = ["# Predicted crowd response", "",
-           f"{pred.num_users} users, {pred.samples} post(s) each, seed {pred.seed}; {src}.", "",
-           f"The crowd's distribution is the mean of the sentiment head's probabilities over the users; the "
-           f"{int(round(pred.level * 100))}% intervals are percentile bootstraps over users "
-           f"({pred.num_resamples} resamples), paired across wordings (docs/prediction.md).", ""]
-    out[2:2] = [f"**Forecast skill**: {pred.skill_sentence}.", "", *[f"{line}." for line in skill_lines(pred)[1:]], ""]
+    src = ", ".join(f"{k} `{md_text(v)}`" for k, v in run.items())
+    out = ["# Predicted crowd response", ""]
+    warning = random_weights_warning(pred.run)
+    if warning:
+        out += [f"> **{md_text(warning)}**", ""]
+    out += [f"{pred.num_users} users, {pred.samples} post(s) each, seed {pred.seed}; {src}.", "",
+            f"The crowd's distribution is the mean of the sentiment head's probabilities over the users; the "
+            f"{int(round(pred.level * 100))}% intervals are percentile bootstraps over users "
+            f"({pred.num_resamples} resamples), paired across wordings (docs/prediction.md).", ""]
+    out[-1:-1] = [f"**Forecast skill**: {md_text(pred.skill_sentence)}.", "",
+                  *[f"{md_text(line)}." for line in skill_lines(pred)[1:]]]
     for v, c in enumerate(pred.variants):
-        out += [f"**Wording {v + 1}** (#{c.topic}#): {c.news}", ""]
-    out += ["## Distribution", "", summary_table(pred)]
+        out += [f"**Wording {v + 1}** (#{md_cell(c.topic)}#): {md_cell(c.news)}", ""]
+    out += ["## Distribution", "", summary_table(pred, for_markdown=True)]
     if chart:
         out += [f"![predicted distribution with intervals]({chart})", ""]
-    out += ["## Sample of generated posts", "", "| wording | user | head's label | post |", "|---|---|---|---|"]
+    out += ["## Sample of generated posts", ""]
+    if not show_posts:
+        why = "a random-weight model writes no text, so its posts are no prediction" if pred.random_weights else "asked"
+        out += [f"Not shown ({why}); {PREDICTIONS} holds them, and launch/predict.py --show_posts lists some here.", ""]
+        return "\n".join(out)
+    out += ["| wording | user | head's label | post |", "|---|---|---|---|"]
     for v, c in enumerate(pred.variants):
         for u in c.users[:max_posts]:
             top = max(u.sentiment, key=u.sentiment.get)
-            post = _short(u.posts[0], 80).replace("|", "\\|") if u.posts else ""
-            out.append(f"| {v + 1} | {u.user_name} | {top} ({u.sentiment[top]:.2f}) | {post} |")
+            post = md_cell(_short(u.posts[0], 80)) if u.posts else ""
+            out.append(f"| {v + 1} | {md_cell(u.user_name)} | {md_cell(top)} ({u.sentiment[top]:.2f}) | {post} |")
     out.append("")
     return "\n".join(out)
 
@@ -154,8 +183,9 @@ def plot_crowd(pred: Prediction, path: str) -> str:
     return path
 
 
-def write_outputs(pred: Prediction, out: str) -> list[str]:
-    """All four files into `out`, published at once (see the module docstring); returns their paths."""
+def write_outputs(pred: Prediction, out: str, *, show_posts: bool | None = None) -> list[str]:
+    """All four files into `out`, published at once (see the module docstring); returns their paths.
+    `show_posts`: report_markdown's."""
     check_out_dir(out)
     out = os.path.abspath(out)
     parent, name = os.path.split(out)
@@ -169,7 +199,7 @@ def write_outputs(pred: Prediction, out: str) -> list[str]:
         write_json(pred.to_json(), os.path.join(stage, CROWD))
         plot_crowd(pred, os.path.join(stage, CHART))
         with open(os.path.join(stage, REPORT), "w", encoding="utf-8") as f:
-            f.write(report_markdown(pred))
+            f.write(report_markdown(pred, show_posts=show_posts))
         if os.path.isdir(out):  # empty, or a previous prediction (check_out_dir): swap it out whole
             os.rename(out, old)
         os.rename(stage, out)

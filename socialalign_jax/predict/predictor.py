@@ -89,9 +89,17 @@ class CrowdResult:
     raw_distribution: dict[str, float] | None = None
 
 
+# Below this many users a framing comparison names no wording: the percentile bootstrap over users
+# covers far less than its level for small crowds (with 4 users there are only 35 distinct resamples),
+# so an interval that happens to exclude 0 is no evidence (docs/prediction.md, "Framing comparison").
+MIN_USERS_FOR_VERDICT = 30
+MAX_SEED = 2**31 - 1  # the sampler's PRNG key takes 32 bits: larger seeds would alias smaller ones
+
+
 @dataclasses.dataclass(frozen=True)
 class Difference:
-    """Wording a minus wording b (head distributions), with a paired bootstrap interval."""
+    """Wording a minus wording b (head distributions), with a paired bootstrap interval over the same
+    `num_users` users; `reading` and `verdict` say what it shows, and that it rests on those users."""
 
     a: int
     b: int
@@ -99,6 +107,40 @@ class Difference:
     interval: dict[str, tuple[float, float]]
     generated_difference: dict[str, float] | None = None
     generated_interval: dict[str, tuple[float, float]] | None = None
+    num_users: int = 0
+    level: float = crowd_lib.DEFAULT_LEVEL
+
+    @property
+    def underpowered(self) -> bool:
+        return self.num_users < MIN_USERS_FOR_VERDICT
+
+    def reading(self, label: str) -> str:
+        """One label's difference in words: which way, if its interval excludes 0 and the crowd is large enough."""
+        lo, hi = self.interval[label]
+        if self.underpowered:
+            return f"underpowered ({self.num_users} users)"
+        if lo > 0:
+            return f"more under wording {self.a + 1} (interval excludes 0)"
+        if hi < 0:
+            return f"fewer under wording {self.a + 1} (interval excludes 0)"
+        return "no clear difference (interval includes 0)"
+
+    @property
+    def verdict(self) -> str:
+        """The comparison in one sentence: the users it rests on, and a wording named only when the crowd is
+        large enough and some label's interval excludes 0."""
+        pct = int(round(self.level * 100))
+        a, b = f"wording {self.a + 1}", f"wording {self.b + 1}"
+        if self.underpowered:
+            return (f"underpowered: {self.num_users} users, fewer than the {MIN_USERS_FOR_VERDICT} a framing "
+                    f"comparison needs; no wording is named (predict for at least {MIN_USERS_FOR_VERDICT} users)")
+        clear = [(k, d, self.interval[k]) for k, d in self.difference.items()
+                 if self.interval[k][0] > 0 or self.interval[k][1] < 0]
+        if not clear:
+            return f"no clear difference on {self.num_users} users: every label's {pct}% interval includes 0"
+        parts = [f"{'more' if lo > 0 else 'fewer'} {k} ({d:+.3f}, {pct}% interval [{lo:.3f}, {hi:.3f}] excludes 0)"
+                 for k, d, (lo, hi) in clear]
+        return f"on {self.num_users} users, {a} draws " + "; ".join(parts) + f" than {b}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +157,14 @@ class Prediction:
     run: dict[str, Any]
     variants: tuple[CrowdResult, ...]
     differences: tuple[Difference, ...] = ()
+    topic_given: bool = True  # False: derived from the first wording (default_topic), for every wording
     # The run's track record on its held-out events (evaluation/skill.py) plus 'sentence' and the
     # shrink weight 'w' applied to the crowd's distribution (1 = the head's mean as it is).
     skill: dict[str, Any] | None = None
+
+    @property
+    def random_weights(self) -> bool:
+        return uses_random_weights(self.run)
 
     @property
     def skill_sentence(self) -> str:
@@ -154,6 +201,8 @@ class Prediction:
 
         first = crowd_json(self.crowd)
         out: dict[str, Any] = {"labels": list(self.labels), "num_users": self.num_users, **first,
+                               "topic_source": "given" if self.topic_given else "derived from wording 1",
+                               "random_weights": self.random_weights,
                                "samples": self.samples, "seed": self.seed,
                                "bootstrap": {"method": "percentile", "over": "users", "level": self.level,
                                              "resamples": self.num_resamples, "paired_across_variants": True},
@@ -162,7 +211,9 @@ class Prediction:
                                "variants": [crowd_json(c) for c in self.variants], "differences": []}
         for d in self.differences:
             row = {"a": d.a, "b": d.b, "news_a": self.variants[d.a].news, "news_b": self.variants[d.b].news,
-                   "difference": d.difference, "interval": {k: list(v) for k, v in d.interval.items()}}
+                   "difference": d.difference, "interval": {k: list(v) for k, v in d.interval.items()},
+                   "num_users": d.num_users, "reading": {k: d.reading(k) for k in self.labels},
+                   "verdict": d.verdict}
             if d.generated_difference is not None:
                 row["generated"] = {"difference": d.generated_difference,
                                     "interval": {k: list(v) for k, v in d.generated_interval.items()}}
@@ -184,6 +235,12 @@ class Prediction:
 # ----------------------------------------------------------------------------- helpers
 
 
+def uses_random_weights(run: Mapping[str, Any]) -> bool:
+    """The base model of this run description is random (`random:<preset>`): its posts are not text and its
+    head read no language, so nothing it predicts is about real users."""
+    return str(run.get("weights", "")).startswith("random:")
+
+
 def default_topic(news: str) -> str:
     """The hashtag when none is given: the news's own #hashtag# if it has one, else its first clause.
 
@@ -203,6 +260,24 @@ def _check_text(value: Any, field: str) -> str:
     if not value.strip():
         raise PredictError(f"{field}: empty" + ("" if field == "topic" else "; give the news text to predict the response to"))
     return value
+
+
+def check_settings(*, samples: int = 1, seed: int = 0, level: float = crowd_lib.DEFAULT_LEVEL,
+                   num_resamples: int = crowd_lib.DEFAULT_RESAMPLES, prefix: str = "") -> None:
+    """The numeric settings of a prediction, checked before any model work (the CLI checks them before it
+    loads the model); `prefix` is how the caller names them ('--' for flags)."""
+    def whole(value) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    if not whole(samples) or samples < 1:
+        raise PredictError(f"{prefix}samples: must be an integer >= 1, got {samples!r}")
+    if not whole(seed) or not 0 <= seed <= MAX_SEED:
+        raise PredictError(f"{prefix}seed: must be an integer in [0, {MAX_SEED}], got {seed!r}")
+    if not isinstance(level, (int, float)) or not 0.0 < float(level) < 1.0:
+        raise PredictError(f"{prefix}level: must be between 0 and 1 (e.g. 0.9 for 90% intervals), got {level!r}")
+    if not whole(num_resamples) or num_resamples < 1:
+        raise PredictError(f"{prefix}{'resamples' if prefix else 'num_resamples'}: must be an integer >= 1, "
+                           f"got {num_resamples!r}")
 
 
 def resolve_labeller(labeller: Any, labels: Sequence[str]):
@@ -257,6 +332,7 @@ class Predictor:
         self.max_users = int(max_users)
         self.run = dict(run or {})
         self.skill = _checked_skill(skill, self.labels)
+        self.random_weights = uses_random_weights(self.run)
         self.compiled_shapes: set[tuple[int, int]] = set()  # (rows, prompt length) buckets seen so far
         self._lock = threading.Lock()
 
@@ -302,7 +378,7 @@ class Predictor:
         if tok is None:
             raise PredictError(f"weights {weights!r} come without a tokenizer: pass tokenizer=DIR")
         path = os.fspath(adapters)
-        if os.path.isfile(os.path.join(path, export.ORBAX_META)):
+        if export.is_orbax_export(path):
             tree, lc = export.load_orbax_adapters(path)
         else:
             tree, lc = adapters_lib.load_adapters(path, w.cfg)
@@ -324,8 +400,7 @@ class Predictor:
         if len(users) > self.max_users:
             raise PredictError(f"users: {len(users)} users, more than this predictor's limit of {self.max_users} "
                                "(split the crowd, or raise max_users / --max_users)")
-        if not isinstance(samples, int) or samples < 1:
-            raise PredictError(f"samples: must be an integer >= 1, got {samples!r}")
+        check_settings(samples=samples)
 
     def build_prompts(self, news: str, topic: str, users: Sequence[User], variant: int = 0) -> list[dict]:
         """One prompt-only example per user (token ids, prompt_len, user_end, news_end)."""
@@ -338,9 +413,9 @@ class Predictor:
             try:
                 ex = build_example(case, event, self.tokenizer, self.prompt_cfg, include_response=False)
             except PromptTooLong as e:
-                raise PredictError(f"{event.source} for user {u.user_name!r}: the prompt does not fit ({e.what}); "
-                                   f"prompts must not exceed max_length {self.prompt_cfg.max_length} tokens (the run's "
-                                   "context for prompts): shorten the news") from None
+                raise PredictError(f"{event.source} for user {u.user_name!r}: the prompt does not fit: {e.what}; "
+                                   f"shorten the news (the run's prompts hold at most {self.prompt_cfg.max_length} "
+                                   "tokens)") from None
             except DataError as e:
                 raise PredictError(f"{event.source} for user {u.user_name!r}: {e.what}") from None
             n = int(ex["prompt_len"])
@@ -366,9 +441,11 @@ class Predictor:
         users = as_users(users)
         wordings = [news, *variants]
         self.check_request(wordings, users, samples)
+        check_settings(samples=samples, seed=seed, level=level, num_resamples=num_resamples)
         if topic is not None:
             _check_text(topic, "topic")
-        topics = [topic.strip() if topic is not None else default_topic(w) for w in wordings]
+        # One hashtag for every wording: a framing comparison changes the wording and nothing else.
+        topics = [topic.strip() if topic is not None else default_topic(news)] * len(wordings)
         labeller, labeller_name = resolve_labeller(labeller, self.labels)
         examples = [self.build_prompts(w, t, users, v) for v, (w, t) in enumerate(zip(wordings, topics))]
         with self._lock:  # one prediction at a time: no two compilations racing, no interleaved batches
@@ -413,11 +490,12 @@ class Predictor:
         diffs = tuple(Difference(
             a=i, b=j, difference=_dist(self.labels, head.diff[p]), interval=_interval(self.labels, head.diff_interval[p]),
             generated_difference=None if gen is None else _dist(self.labels, gen.diff[p]),
-            generated_interval=None if gen is None else _interval(self.labels, gen.diff_interval[p]))
+            generated_interval=None if gen is None else _interval(self.labels, gen.diff_interval[p]),
+            num_users=u_n, level=float(level))
             for p, (i, j) in enumerate(head.pairs))
         return Prediction(labels=self.labels, num_users=u_n, samples=samples, seed=int(seed), level=float(level),
                           num_resamples=int(num_resamples), labeller=labeller_name, run=dict(self.run),
-                          variants=tuple(crowds), differences=diffs,
+                          variants=tuple(crowds), differences=diffs, topic_given=topic is not None,
                           skill=None if self.skill is None else {**self.skill, "w_applied": w})
 
     def _generate(self, examples: list[list[dict]], samples: int, seed: int, progress: bool):
@@ -517,5 +595,5 @@ def _run_dataset_metadata(cfg, run_dir: str) -> dict | None:
         return None
 
 
-__all__ = ["read_skill", "Predictor", "Prediction", "CrowdResult", "UserResult", "Difference", "PredictError", "default_topic",
-           "resolve_labeller", "DEFAULT_MAX_USERS"]
+__all__ = ["Predictor", "Prediction", "CrowdResult", "UserResult", "Difference", "PredictError", "default_topic",
+           "read_skill", "resolve_labeller", "check_settings", "DEFAULT_MAX_USERS", "MIN_USERS_FOR_VERDICT"]

@@ -1,11 +1,12 @@
 """The local web page and its JSON API (Starlette), on one `Predictor`.
 
     GET  /           the page (plain HTML + JS, the chart drawn by hand in SVG; no build step)
-    GET  /api/info   labels, run, limits, the size of the user pool
+    GET  /favicon.ico  the page's icon (SVG)
+    GET  /api/info   labels, run, limits, the size of the user pool, the random-weights warning
     POST /predict    {"news": str, "news2"?: str, "variants"?: [str], "topic"?: str,
                       "users": [user, ...] | "users_jsonl": str | "num_users": int,
                       "samples"?: int, "seed"?: int, "labeller"?: "lexicon" | "none"}
-                     -> crowd.json's structure plus "sample_posts"
+                     -> crowd.json's structure plus "sample_posts" and "warning" (random weights, else null)
 
 Bad input is a 4xx with {"error": one line} and the server keeps serving. Predictions run
 one at a time in a worker thread (the Predictor's lock), so requests queue instead of
@@ -22,8 +23,9 @@ import traceback
 from typing import Any, Sequence
 
 from socialalign_jax.core.errors import UserError, is_user_error, one_line
-from socialalign_jax.predict.predictor import PredictError, Predictor
 from socialalign_jax.evaluation.skill import skill_sentence
+from socialalign_jax.predict.outputs import random_weights_warning
+from socialalign_jax.predict.predictor import MAX_SEED, MIN_USERS_FOR_VERDICT, PredictError, Predictor
 from socialalign_jax.predict.users import User, parse_users_jsonl, parse_users_list, sample_users
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
@@ -31,6 +33,10 @@ REQUEST_KEYS = ("news", "news2", "variants", "topic", "users", "users_jsonl", "n
                 "labeller")
 MAX_BODY_BYTES = 8 << 20
 SAMPLE_POSTS = 12  # posts per wording returned for the page
+# The page's icon: three bars, as on its chart (a browser asks for /favicon.ico on every page).
+FAVICON = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect x="1" y="6" width="4" height="9" '
+           'fill="#4c78a8"/><rect x="6" y="2" width="4" height="13" fill="#f58518"/><rect x="11" y="9" width="4" '
+           'height="6" fill="#54a24b"/></svg>')
 
 log = logging.getLogger("socialalign_jax.serve")
 
@@ -80,7 +86,7 @@ def parse_request(body: Any, *, pool: Sequence[User] | None, pool_source: str, m
     if len(given) != 1:
         raise RequestError("request: give the crowd as exactly one of 'users' (a list), 'users_jsonl' (a file's text) "
                            f"or 'num_users' (sampled from {pool_source or 'the server dataset'})")
-    seed = _int(body, "seed", 0, 0, 2**31 - 1)
+    seed = _int(body, "seed", 0, 0, MAX_SEED)
     if given[0] == "users":
         users = parse_users_list(body["users"], "request")
     elif given[0] == "users_jsonl":
@@ -104,6 +110,7 @@ def parse_request(body: Any, *, pool: Sequence[User] | None, pool_source: str, m
 
 def response_json(pred) -> dict:
     out = pred.to_json()
+    out["warning"] = random_weights_warning(pred.run)
     out["sample_posts"] = [{"variant": v, "user_name": u.user_name, "post": u.posts[0], "sentiment": u.sentiment}
                            for v, c in enumerate(pred.variants) for u in c.users[:SAMPLE_POSTS]]
     return out
@@ -115,7 +122,7 @@ def create_app(predictor: Predictor, *, pool: Sequence[User] | None = None, pool
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
-    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
     max_users = min(max_users, predictor.max_users)
@@ -130,10 +137,15 @@ def create_app(predictor: Predictor, *, pool: Sequence[User] | None = None, pool
     async def index(request: Request):
         return HTMLResponse(page)
 
+    async def favicon(request: Request):
+        return Response(FAVICON, media_type="image/svg+xml")
+
     async def info(request: Request):
         return JSONResponse({"labels": list(predictor.labels), "run": predictor.run, "max_users": max_users,
                              "max_samples": max_samples, "pool_users": len(pool or ()), "pool_source": pool_source,
                              "max_length": predictor.prompt_cfg.max_length,
+                             "warning": random_weights_warning(predictor.run),
+                             "min_users_for_verdict": MIN_USERS_FOR_VERDICT,
                              "forecast_skill": skill_sentence(predictor.skill)})
 
     async def predict(request: Request):
@@ -164,5 +176,5 @@ def create_app(predictor: Predictor, *, pool: Sequence[User] | None = None, pool
                 waiting["n"] -= 1
         return JSONResponse(response_json(pred))
 
-    return Starlette(routes=[Route("/", index), Route("/api/info", info),
+    return Starlette(routes=[Route("/", index), Route("/favicon.ico", favicon), Route("/api/info", info),
                              Route("/predict", predict, methods=["POST"])])

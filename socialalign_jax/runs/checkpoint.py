@@ -34,6 +34,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from socialalign_jax.core.atomic_io import os_error
 from socialalign_jax.core.errors import UserError, one_line
 from socialalign_jax.runs.run_config import respell_lists
 
@@ -45,15 +46,8 @@ class CheckpointError(UserError):
 
 
 def _enospc(exc: BaseException | None) -> bool:
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    err = os_error(exc)
+    return err is not None and err.errno == errno.ENOSPC
 
 
 def _tree_bytes(tree) -> int:
@@ -72,6 +66,7 @@ def _save_failed(manager, step: int, exc: BaseException, needed: int | None) -> 
 
 
 def make_manager(workdir: str, *, save_every: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    _silence_failed_writes()  # a failed save is reported once, by save() or close(), in one line
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=max(1, save_every),
         enable_async_checkpointing=async_save, create=True)
@@ -86,17 +81,28 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_state: Mapping[s
         data=ocp.args.JsonSave(dict(data_state or {})),
         config=ocp.args.JsonSave(dict(config)),
     )
+    if force or manager.should_save(step):
+        # Orbax waits for the previous (async) save before it starts this one; waiting here first
+        # tells that save's failure, which names its own step, from this one's.
+        try:
+            manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            previous, needed = getattr(manager, "_socialalign_saving", (step, None))
+            raise _save_failed(manager, previous, e, needed) from None
+    manager._socialalign_saving = (step, _tree_bytes(state))  # what close() names if this async save fails
     try:
         return manager.save(step, args=args, force=force)
-    except Exception as e:  # noqa: BLE001 - also the previous async save's error, surfaced here
+    except Exception as e:  # noqa: BLE001
         raise _save_failed(manager, step, e, _tree_bytes(state)) from None
 
 
-def close(manager: ocp.CheckpointManager, *, failing: bool = False) -> None:
+def close(manager: ocp.CheckpointManager, *, failing: BaseException | bool = False) -> None:
     """Finish (or give up on) in-flight async saves and stop Orbax's threads.
 
-    `failing`: the run is already ending in an error; a save error is then reported in one
-    line on stderr instead of raised, so the original error stays the one the user sees.
+    `failing`: the run is already ending in an error (the exception, or True); a save error is
+    then reported in one line on stderr instead of raised, so the original error stays the one
+    the user sees, and not at all when both are a full disk (that line already says to free
+    space and rerun, and the rerun resumes from the last complete step either way).
     """
     if getattr(manager, "_socialalign_closed", False):
         return
@@ -105,7 +111,8 @@ def close(manager: ocp.CheckpointManager, *, failing: bool = False) -> None:
     try:
         manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
-        err = _save_failed(manager, manager.latest_step() or 0, e, None)
+        step, needed = getattr(manager, "_socialalign_saving", None) or (manager.latest_step() or 0, None)
+        err = _save_failed(manager, step, e, needed)
     try:
         manager.close()
     except Exception:  # noqa: BLE001 - closing after a failed save may complain again; nothing to add
@@ -113,7 +120,8 @@ def close(manager: ocp.CheckpointManager, *, failing: bool = False) -> None:
     if err is not None:
         if not failing:
             raise err
-        print(f"warning: {err}", file=sys.stderr)
+        if not (isinstance(failing, BaseException) and _enospc(failing) and "no space left" in str(err)):
+            print(f"warning: {err}", file=sys.stderr)
 
 
 def describe_tree(tree) -> dict[str, list[int]]:
@@ -325,6 +333,43 @@ def _silence_orphaned_reads() -> None:
     # '... tensorstore_spec=...')"), a traceback of a read whose result nobody wanted. Only
     # those records are dropped.
     logging.getLogger("asyncio").addFilter(_orphaned_read_filter)
+
+
+def _silence_failed_writes() -> None:
+    """Drop Orbax's own reports of a failed save; save() or close() reports it once, in one line.
+
+    A save that fails (a full disk) fails in every one of Orbax's writer threads and asyncio
+    tasks at once: each thread logs its traceback through absl ("_SignalingThread.run() raised
+    an exception", "Save Finalize thread ... failed"), each task that nobody awaits any more is logged by asyncio when collected
+    ("Task exception was never retrieved ... write_fragment"), and the coroutines still pending
+    at exit print "Exception ignored in" tracebacks: hundreds of lines before and after the one
+    that says what happened. The same error reaches the caller through the save's future, so
+    exactly these records are dropped; every other log record is kept.
+    """
+    if getattr(logging.getLogger("absl"), "_socialalign_failed_writes", False):
+        return
+    logging.getLogger("absl")._socialalign_failed_writes = True
+    logging.getLogger("absl").addFilter(_failed_write_filter)
+    logging.getLogger("asyncio").addFilter(_failed_write_filter)
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)  # a coroutine collected unfinished
+        if code is not None and "orbax" in code.co_filename:
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def _failed_write_filter(record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    # Orbax's background threads log the exception that ended them (the writer threads, the
+    # commit and finalize threads) with its traceback; the save's future carries the same one.
+    exc = record.exc_info[1] if record.exc_info else None
+    thread = record.levelno >= logging.ERROR and exc is not None and os_error(exc) is not None
+    task = msg.startswith("Task exception was never retrieved") and ("write_fragment" in msg or "serialize" in msg)
+    return not (thread or task)
 
 
 def _orphaned_read_filter(record: logging.LogRecord) -> bool:

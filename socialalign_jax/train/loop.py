@@ -462,8 +462,8 @@ def _train(cfg: RunConfig, workdir: str, *, progress: bool) -> dict[str, Any]:
             print(f"forecast skill: {skill.skill_sentence(track)}")
         logger.close()
         return result
-    except BaseException:
-        checkpoint.close(manager, failing=True)  # in-flight async saves end before the error is reported
+    except BaseException as e:
+        checkpoint.close(manager, failing=e)  # in-flight async saves end before the error is reported
         if logger is not None:
-            logger.close()
+            logger.close(failing=True)
         raise

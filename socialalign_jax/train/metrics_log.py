@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from socialalign_jax.core.atomic_io import AppendLog
+from socialalign_jax.core.atomic_io import AppendLog, write_failure
 from socialalign_jax.model.pac_lora import SEGMENTS
 
 
@@ -81,8 +81,16 @@ class MetricLogger:
                 self._tb.add_scalar(k, v, int(step))
         return flat
 
-    def close(self):
+    def close(self, *, failing: bool = False):
+        """Flush and close both sinks. TensorBoard's writer flushes its event file here, so a full
+        disk may surface now: one line (write_failure), or nothing when `failing` (the run already
+        ends in an error, which stays the one the user sees)."""
         if self._jsonl:
             self._jsonl.close()
-        if self._tb is not None:
-            self._tb.close()
+        tb, self._tb = self._tb, None
+        if tb is not None:
+            try:
+                tb.close()
+            except Exception as e:  # noqa: BLE001 - write_failure re-raises what is not an OS error
+                if not failing:
+                    raise write_failure(os.path.join(tb.logdir, "events.out.tfevents.*"), e, None) from None

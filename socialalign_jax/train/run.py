@@ -29,9 +29,11 @@ def run_training(cfg: RunConfig, workdir: str, *, progress: bool = True, accept_
     if "stopped_at" in result:
         return 0
     is_main = jax.process_index() == 0
-    if is_main and result.get("eval"):
-        print("\n" + format_summary(result))
-        print(f"\ncheckpoints: {os.path.join(workdir, 'checkpoints')}   logs: {os.path.join(workdir, 'metrics.jsonl')}")
+    if is_main:  # every run says where it went, also one with evaluation and generation off
+        if result.get("eval"):
+            print("\n" + format_summary(result))
+        print(f"\ntrained to step {result['step']}: checkpoints in {os.path.join(workdir, 'checkpoints')}, "
+              f"logs in {os.path.join(workdir, 'metrics.jsonl')}")
     if cfg.train.generate_at_end:
         post_train.generate_and_evaluate(cfg, workdir, progress=progress)
     if is_main:

@@ -9,8 +9,9 @@ Three layouts, all safetensors only (no pickle is ever read):
 - socialalign, the original fork's layout (SPEC section 2): one tensor per layer, module and
   expert, 'base_model.model.model.layers.{i}.{self_attn|mlp}.{q_proj|...}.{lora_A|lora_A1|...
   |lora_A_gate_dense1|...}.default.weight' in PyTorch [out, in] layout, plus an
-  adapter_config.json. Only the authors' patched PEFT reads it; stock PEFT would silently load
-  expert 0 alone, so it is never called 'peft' here;
+  adapter_config.json. Only the authors' patched PEFT reads it; stock PEFT loads it without an
+  error but computes other outputs (it has no experts or gates), so it is never called 'peft'
+  here, and launch/export.py says so when it writes one;
 - peft, the stock PEFT LoRA layout: '...{q_proj|...}.lora_A.weight' [r, d_in] and
   '...lora_B.weight' [d_out, r], a stock adapter_config.json (base_model_name_or_path included,
   no custom entries), loadable by stock `peft` under any adapter name. It holds a fixed rank-r
@@ -33,9 +34,9 @@ from typing import Any
 import jax
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as safetensors_bytes
 
-from socialalign_jax.core.atomic_io import write_json
+from socialalign_jax.core.atomic_io import write_bytes, write_json
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.model import names
 from socialalign_jax.model.config import ModelConfig
@@ -55,6 +56,13 @@ _PEFT_KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\."
     r"(lora_[AB]\d*|lora_[AB]_gate_dense[12])(\.default)?\.weight$")
 _DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
+
+
+def _write_safetensors(tensors: dict[str, np.ndarray], path: str, metadata: dict[str, str]) -> None:
+    """safetensors' own serialisation (byte for byte what `safetensors.numpy.save_file` writes), written
+    through atomic_io: whole or not at all, with the umask's mode (save_file creates files 0600), and a
+    full disk as one line."""
+    write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
 
 
 class AdapterError(UserError):
@@ -185,7 +193,7 @@ def save_adapters(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelConfig, 
     _check_shapes(flat, expected_shapes(model_cfg, lora_cfg), path, " (adapters do not match lora_cfg/model_cfg)")
     meta = {"format": FORMAT, "lora_config": _lora_to_json(lora_cfg),
             "model_dims": json.dumps(_model_dims(model_cfg), sort_keys=True)}
-    save_file(flat, str(path), metadata=meta)
+    _write_safetensors(flat, str(path), metadata=meta)
     return path
 
 
@@ -296,7 +304,7 @@ def export_socialalign(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelCon
             for kind, gate in (("A", "gate_a"), ("B", "gate_b")):
                 put(layer, target, f"lora_{kind}_gate_dense1", ad[gate]["w1"][layer])  # [G, d_in]
                 put(layer, target, f"lora_{kind}_gate_dense2", ad[gate]["w2"][layer])  # [E, G]
-    save_file(out, str(path), metadata={"format": "pt"})
+    _write_safetensors(out, str(path), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lc.rank, "lora_alpha": lc.alpha,
         "lora_dropout": lc.dropout, "use_rslora": lc.rslora, "bias": "none",
@@ -319,13 +327,9 @@ def export_peft(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelConfig, pa
     adapter_config.json. Refused, naming the 'socialalign' format, when a gate's weights
     depend on the input: stock LoRA has no experts or gates to hold them.
     """
-    gated = input_dependent_gates(lora_cfg)
-    if gated:
-        raise AdapterError(
-            f"stock PEFT LoRA cannot hold these adapters: routing {lora_cfg.routing!r}, "
-            + " and ".join(gated) + " with weights that depend on the user/news spans; export them in the "
-            "original SocialAlign layout (--format socialalign) instead, or train plain LoRA "
-            "(num_analyze = num_compose = 1) or routing 'uniform' for a stock PEFT adapter")
+    why = peft_refusal(lora_cfg)
+    if why:
+        raise AdapterError(f"stock PEFT LoRA cannot hold these adapters: {why}")
     path = _export_target(path, dtype)
     _check_shapes({k: np.asarray(v) for k, v in flatten(adapters).items()}, expected_shapes(model_cfg, lora_cfg),
                   path, " (adapters do not match lora_cfg/model_cfg)")
@@ -335,11 +339,24 @@ def export_peft(adapters: dict, lora_cfg: LoraConfig, model_cfg: ModelConfig, pa
         for layer in range(model_cfg.num_layers):
             for name, arr in (("lora_A", a[layer]), ("lora_B", b[layer])):  # PyTorch [out, in]
                 out[peft_key(layer, target, name, ".weight")] = np.ascontiguousarray(arr.T).astype(_DTYPES[dtype])
-    save_file(out, str(path), metadata={"format": "pt"})
+    _write_safetensors(out, str(path), metadata={"format": "pt"})
     write_json(stock_peft_config(lora_cfg, base_model_name_or_path), str(path.parent / PEFT_CONFIG))
     if "head" in adapters:
         save_adapters_head(adapters["head"], path.parent / HEAD_FILE)
     return path
+
+
+def peft_refusal(lc: LoraConfig) -> str | None:
+    """Why these adapters cannot be written as stock PEFT LoRA, or None. Stock PEFT has no layout for them
+    at all: the reason names this project's layout and the authors' one, and how to train a run that
+    stock PEFT can load."""
+    gated = input_dependent_gates(lc)
+    if not gated:
+        return None
+    return (f"routing {lc.routing!r}: " + " and ".join(gated) + " with weights that depend on the user/news "
+            "spans, which stock PEFT LoRA cannot hold; for stock PEFT train plain LoRA (--config.lora.num_analyze=1 "
+            "--config.lora.num_compose=1) or --config.lora.routing=uniform; --format safetensors keeps these "
+            "adapters for this project, --format socialalign for the authors' patched PEFT")
 
 
 def stock_peft_config(lc: LoraConfig, base_model_name_or_path: str | None) -> dict:
@@ -355,8 +372,8 @@ def stock_peft_config(lc: LoraConfig, base_model_name_or_path: str | None) -> di
 
 
 def save_adapters_head(head: dict, path) -> None:
-    save_file({f"head/{k}": np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in head.items()},
-              str(path), metadata={"format": FORMAT + "+head"})
+    _write_safetensors({f"head/{k}": np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in head.items()},
+                       str(path), metadata={"format": FORMAT + "+head"})
 
 
 def _parse_peft_keys(tensors: dict, where: Path, num_layers: int) -> dict[str, dict[int, dict[str, tuple]]]:
@@ -512,5 +529,5 @@ def import_peft(path, model_cfg: ModelConfig, lora_cfg: LoraConfig | None = None
 
 
 __all__ = ["AdapterError", "save_adapters", "load_adapters", "export_peft", "export_socialalign", "import_peft",
-           "stock_peft_config", "input_dependent_gates", "fixed_lora", "expected_shapes", "flatten", "unflatten",
+           "peft_refusal", "stock_peft_config", "input_dependent_gates", "fixed_lora", "expected_shapes", "flatten", "unflatten",
            "peft_key"]

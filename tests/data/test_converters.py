@@ -288,11 +288,11 @@ def test_build_ced_silver_and_wrong_label_set_is_one_line(tmp_path):
     assert m["silver_labels"] is True and m["classes"] == ["negative", "neutral", "positive", "mixed"]
     assert m["source_info"]["skipped"]["duplicate_author_in_event"] == 7
     assert sum(len(v) for v in m["labels"].values()) == 7
-    # stance labels against the default sentiment classes: one line naming file, record, field
+    # stance labels against the default sentiment classes: one line naming the flag, before reading
     r = cli("--source", "zs_csd", "--input", write_zs(tmp_path / "zs"), "--out", tmp_path / "o2",
             "--labels", "negative,neutral,positive")
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
-    assert "record 0: field 'sentiment'" in r.stderr and "favor,against,neutral" in r.stderr
+    assert r.stderr.startswith("error: --labels 'negative,neutral,positive': ") and "favor,against,neutral" in r.stderr
     with pytest.raises(DataError, match="does not support max_events"):
         B.read_source(B.SocialConfig(name="t", source="socialweibo", input=str(tmp_path), max_events=2))
 

@@ -70,7 +70,7 @@ def test_bad_files_name_the_record_and_field(tmp_path, mutate, match):
 
 def test_malformed_json_names_the_file(tmp_path):
     qp, op = write(tmp_path)
-    qp.write_text('[{"id": "1",')
+    qp.write_text('[{"id": "1",, "input": "x"}]')
     with pytest.raises(DataError, match="dev_questions.json: malformed JSON"):
         lamp.read_lamp(qp, op)
 

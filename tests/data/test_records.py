@@ -56,9 +56,26 @@ def test_an_events_crowd_is_read_and_becomes_its_target(tmp_path):
 
 def test_malformed_json(tmp_path):
     p = tmp_path / "bad.json"
-    p.write_text('{"topic": "x",', encoding="utf-8")
-    with pytest.raises(DataError, match=r"bad\.json: malformed JSON at line 1"):
+    p.write_text('{"topic": "x",, "news": "y"}', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.json: malformed JSON at line 1 column 15"):
         read_event_file(p)
+
+
+@pytest.mark.parametrize("cut", ["mid_character", "mid_value"])
+def test_a_file_cut_short_says_so(tmp_path, cut):
+    """An interrupted copy ends inside a character or inside the JSON: that is a truncated file, not an
+    encoding or syntax problem to hunt for."""
+    raw = json.dumps(_event(_case()), ensure_ascii=False).encode("utf-8")
+    end = raw.index("微".encode()) + 1 if cut == "mid_character" else raw.index("微".encode()) + 3
+    p = tmp_path / "cut.json"
+    p.write_bytes(raw[:end])
+    with pytest.raises(DataError) as e:
+        read_event_file(p)
+    where = f"(byte {end - 1} of {end})" if cut == "mid_character" else "(line 1 column"
+    assert str(e.value).startswith(f"{p}: the file ends in the middle of a "
+                                   + ("character " if cut == "mid_character" else "JSON value ")), str(e.value)
+    assert where in str(e.value) and str(e.value).endswith("it was cut short (an interrupted copy or download?): "
+                                                           "copy it again")
 
 
 def test_non_utf8(tmp_path):

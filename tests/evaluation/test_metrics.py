@@ -144,3 +144,37 @@ def test_report_table_with_baseline():
     assert table[2] == "| micro.bleu | 30.0000 | 25.5000 | +4.5000 |"
     assert table[3] == "| micro.perplexity | n/a | n/a | n/a |"
     assert table[4] == "| macro.head.jsd_mean | 0.1000 | 0.1500 | -0.0500 |"
+
+
+def test_metrics_md_shows_markup_from_the_data_as_text(tmp_path):
+    """Event text and label names come from the data: rendered as Markdown (with HTML, as many viewers do),
+    a '<script>' or an '<img onerror>' in them is text on the page, never an element."""
+    from html.parser import HTMLParser
+
+    markdown_it = pytest.importorskip("markdown_it")
+    from socialalign_jax.evaluation.report import write_report
+
+    evil = '<script>alert(1)</script> & <img src=x onerror="alert(2)"> | 新闻'
+    metrics = {"micro": {"accuracy": 0.5}, "labels": ["neg<b>", "pos"],
+               "per_event": [{"event_id": "<i>7</i>", "event": evil, "n": 2, "real": [0.5, 0.5],
+                              "head": [0.4, 0.6], "head_jsd": 0.01}]}
+    write_report(metrics, str(tmp_path))
+    html = markdown_it.MarkdownIt("commonmark", {"html": True}).enable("table").render(
+        (tmp_path / "metrics.md").read_text(encoding="utf-8"))
+
+    class Tags(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.tags, self.text = set(), []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.add(tag)
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    parsed = Tags()
+    parsed.feed(html)
+    assert not parsed.tags & {"script", "img", "b", "i"}, parsed.tags
+    text = "".join(parsed.text)
+    assert evil in text and "neg<b>/pos" in text and "<i>7</i>" in text

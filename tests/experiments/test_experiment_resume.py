@@ -149,3 +149,48 @@ def test_set_overrides_reach_into_tables():
         runner.load_plan(plan_file, ["folds.x=1"])
     with pytest.raises(UserError, match=r"field 'defaults': expected a table of settings, got 3"):
         runner.load_plan(plan_file, ["defaults=3"])
+
+
+def test_a_row_name_that_would_leave_out_is_refused(tmp_path):
+    """A row's name becomes <out>/runs/<name>/...: a path out of --out is one line before anything runs."""
+    from socialalign_jax.core.errors import UserError
+    from socialalign_jax.experiments import runner
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text('name = "x"\nkind = "train"\ndata = "d"\ntrain_config = "configs/weibo.py"\nfolds = 2\n'
+                    'seeds = [0]\n[[rows]]\nname = "../../../../x"\n')
+    with pytest.raises(UserError, match=r"plan.toml: rows\[0\]: field 'name': '\.\./\.\./\.\./\.\./x' is not a usable"):
+        runner.load_plan(plan)
+    res = subprocess.run(_cmd(plan, tmp_path / "deep" / "out"), env=_env(), capture_output=True, text=True,
+                         timeout=120)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.toml"]
+
+
+def test_a_plan_whose_every_cell_failed_exits_non_zero(tmp_path, monkeypatch, capsys):
+    """'no finished cells' is not a success: every cell failing is one error line and exit status 1."""
+    sys.path.insert(0, str(REPO / "launch"))
+    import experiment
+
+    from socialalign_jax.experiments import runner
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text('name = "x"\nkind = "head"\nfeatures = "f"\nfolds = 2\nseeds = [0]\n[[rows]]\nname = "a"\n')
+
+    class Failing:
+        folds = [["e0"], ["e1"]]
+        identity = "i"
+
+        def __init__(self, plan):
+            pass
+
+        def run(self, plan, row, fold, seed):
+            raise runner.CellFailed(f"{row['name']} fold {fold}: the features are missing")
+
+    monkeypatch.setattr(runner, "HeadContext", Failing)
+    assert experiment.main(["--plan", str(plan), "--out", str(tmp_path / "out")]) == 1
+    out, err = capsys.readouterr()
+    assert "no finished cells" in out
+    assert err.strip().splitlines() == ["error: all 2 cells that ran failed (first: a fold 0: the features are "
+                                        "missing); fix that and rerun (finished cells are kept)"]

@@ -8,6 +8,7 @@ file must have SPEC section 2's key layout, written out here by hand.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -157,6 +158,59 @@ def test_cli_step_flag_and_merge_refusal(token_run, tmp_path):
     assert lc2 == lc
     for a, b in zip(jax.tree.leaves(ad), jax.tree.leaves(trees[1])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_cli_peft_export_names_a_base_a_stock_loader_can_read_or_refuses(tmp_path):
+    """A peft export's adapter_config.json names its base for AutoPeftModelForCausalLM: the run's hf: directory
+    or GGUF file, or --base_model; a run on random weights has none, so the export is one line, not a config
+    with base_model_name_or_path null (with which AutoPeftModelForCausalLM goes to the hub)."""
+    wd = tmp_path / "lora_run"
+    make_run(wd, num_analyze=1, num_compose=1, targets="q,v")
+    cmd = [sys.executable, str(REPO / "launch" / "export.py"), "--workdir", str(wd), "--format", "peft"]
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "p")], capture_output=True, text=True, env=script_env(1),
+                       timeout=300)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert err[0].startswith("error: --format peft: the run's base is random:tiny-qwen2 (random weights") and \
+        "pass --base_model DIR" in err[0] and "--format merged" in err[0], err
+    assert not (tmp_path / "p").exists()
+    base = tmp_path / "hf_base"  # any name the user gives is written as it is
+    r = subprocess.run(cmd + ["--out", str(tmp_path / "p"), "--base_model", str(base)], capture_output=True, text=True,
+                       env=script_env(1), timeout=300)
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+    conf = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == str(base)
+
+    # The default: the run's own source, absolute (AutoPeftModelForCausalLM resolves it from anywhere).
+    cfg = tiny_config()
+    for spec, want in (("hf:rel/ckpt", os.path.abspath("rel/ckpt")), ("gguf:/models/m.gguf", "/models/m.gguf"),
+                       ("random:tiny-qwen2", None)):
+        cfg.model.weights = spec
+        assert export.base_model_path(cfg) == want, spec
+
+
+def test_cli_out_that_is_a_file_is_one_line(token_run, tmp_path):
+    wd, _, _, _ = token_run
+    (tmp_path / "f").write_text("x")
+    r = subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), "--workdir", str(wd), "--format",
+                        "safetensors", "--out", str(tmp_path / "f")], capture_output=True, text=True, env=script_env(1),
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: --out {tmp_path / 'f'}: is a file; expected a directory (the export writes several files)"], r.stderr
+    assert (tmp_path / "f").read_text() == "x"
+
+
+def test_cli_socialalign_export_says_stock_peft_misreads_it(token_run, tmp_path):
+    wd, _, _, _ = token_run
+    out = tmp_path / "sa"
+    r = subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), "--workdir", str(wd), "--format",
+                        "socialalign", "--out", str(out)], capture_output=True, text=True, env=script_env(1), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"note: {out} is the original SocialAlign layout, for the authors' patched PEFT only: stock PEFT loads it "
+        "without an error but computes other outputs (it ignores the experts and gates); for stock PEFT export a "
+        "plain-LoRA or routing 'uniform' run with --format peft"]
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_merge_refusal_reasons():

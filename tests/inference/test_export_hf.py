@@ -104,6 +104,31 @@ def test_stock_peft_loads_the_peft_export_under_any_name(base, tmp_path, lora):
     np.testing.assert_allclose(ours(cfg, params, back, lc2), want, rtol=0, atol=1e-5)
 
 
+def test_stock_peft_never_misreads_a_socialalign_export_unnoticed(base, tmp_path, monkeypatch):
+    """The original layout looks like a PEFT adapter. AutoPeftModelForCausalLM refuses it (it names no base);
+    PeftModel.from_pretrained on a base the user gives loads it without an error and computes other outputs
+    (it has no experts or gates), which is why launch/export.py --format socialalign says so in one line
+    (tests/inference/test_export.py)."""
+    peft = pytest.importorskip("peft")
+    import huggingface_hub.constants
+
+    ck, cfg, params = base
+    lc = LoraConfig(targets=ALL, num_classes=3, rank=4, alpha=8.0)  # PAC-LoRA 3x3, token routing
+    spans = (np.array([3]), np.array([6]))
+    ad = random_adapters(cfg, lc)
+    want = ours(cfg, params, ad, lc, spans)
+    assert np.abs(want - ours(cfg, params)).max() > 1e-2
+    out = tmp_path / "sa"
+    adapters_lib.export_socialalign(ad, lc, cfg, out)
+    assert "base_model_name_or_path" not in json.loads((out / "adapter_config.json").read_text())
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no hub retries in a test
+    with pytest.raises(OSError):
+        peft.AutoPeftModelForCausalLM.from_pretrained(str(out))
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(str(ck))
+    pm = peft.PeftModel.from_pretrained(hf_base, str(out)).eval()
+    assert np.abs(hf_logits(pm) - want).max() > 1e-2  # loaded, no error, other outputs
+
+
 def test_peft_export_refuses_gated_experts(base, tmp_path):
     ck, cfg, params = base
     lc = LoraConfig(targets=("q",), num_classes=0, rank=4)  # PAC-LoRA 3x3, token routing

@@ -194,12 +194,15 @@ def test_cli_restores_the_checkpoint_and_writes_predictions(tmp_path):
                  "--config.model.weights=random:tiny-qwen2", f"--config.data.input={events}",
                  "--config.data.test_fraction=0.5", "--config.lora.rank=2", "--config.lora.gate_width=4",
                  "--config.lora.targets=q,v", "--config.sample.max_new_tokens=3", "--config.sample.batch_size=2",
-                 "--no_progress"]
+                 "--noprogress"]
 
     res = _cli(overrides + ["--out", str(tmp_path / "p.jsonl")], tmp_path)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "no checkpoint" in lines[0] and "Traceback" not in res.stderr
+    res = _cli(overrides + ["--out", str(tmp_path / "p.jsonl"), "--max_examples", "-1"], tmp_path)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: --max_examples -1: expected a count >= 0 (0 = all)"], res.stderr  # not silently 'all'
 
     # A checkpoint whose head strongly prefers 'negative', so the CLI must really use it.
     ad = decoder.init_adapters(jax.random.PRNGKey(0), job.model_cfg, job.lora_cfg)
@@ -218,7 +221,7 @@ def test_cli_restores_the_checkpoint_and_writes_predictions(tmp_path):
     write_json(saved, str(work / "config.json"))
     out = tmp_path / "preds.jsonl"
     # --greedy with temperature 0: greedy decoding reads no temperature, so the pair is accepted
-    res = _cli(["--workdir", str(work), "--config.sample.max_new_tokens=3", "--no_progress", "--out", str(out),
+    res = _cli(["--workdir", str(work), "--config.sample.max_new_tokens=3", "--noprogress", "--out", str(out),
                 "--greedy", "--config.sample.temperature=0", "--gates_out", str(tmp_path / "g.json")], tmp_path)
     assert res.returncode == 0, res.stderr
     assert "checkpoint step 3" in res.stdout

@@ -86,10 +86,14 @@ def test_missing_input_dir(tmp_path, capsys):
 
 def test_malformed_json_names_the_file(tmp_path, capsys):
     write_events(tmp_path / "ev")
-    (tmp_path / "ev" / "e2.json").write_text('{"topic": "t", "news": ', encoding="utf-8")
+    (tmp_path / "ev" / "e2.json").write_text('{"topic": "t", "news": }', encoding="utf-8")
     line = one_error_line(capsys, ["--source", "socialweibo", "--input", str(tmp_path / "ev"),
                                    "--out", str(tmp_path / "o")])
     assert "e2.json" in line and "malformed JSON" in line
+    (tmp_path / "ev" / "e2.json").write_text('{"topic": "t", "news": ', encoding="utf-8")  # an interrupted copy
+    line = one_error_line(capsys, ["--source", "socialweibo", "--input", str(tmp_path / "ev"),
+                                   "--out", str(tmp_path / "o")])
+    assert "e2.json: the file ends in the middle of a JSON value" in line and "cut short" in line
 
 
 def test_bad_field_names_file_record_and_field(tmp_path, capsys):
@@ -136,3 +140,38 @@ def test_defaults_are_the_configs_data_section(spec):
         assert getattr(args, key) == data[key], key
     if preset == "7b":  # --config is read, not only the default file: the preset's own length
         assert args.max_length == data.max_length != mod.get_config().data.max_length
+
+
+@pytest.mark.parametrize("name", ["../../../x", "a/b", "..", " padded"])
+def test_a_name_that_would_leave_out_is_refused(tmp_path, capsys, name):
+    """--name becomes a directory below --out: a path out of it (or into a subtree) is one line, nothing written."""
+    write_events(tmp_path / "ev")
+    out = tmp_path / "deep" / "er" / "out"
+    line = one_error_line(capsys, ["--source", "socialweibo", "--input", str(tmp_path / "ev"),
+                                   "--out", str(out), f"--name={name}"])
+    assert line.startswith("error: --name: ") and repr(name) in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev"]  # nothing inside or outside --out
+
+
+@pytest.mark.parametrize("source, labels, fixed, missing", [
+    ("ced", "a,b", "negative,neutral,positive", "negative,neutral,positive"),
+    ("zs_csd", "negative,neutral,positive", "favor,against,neutral", "favor,against")])
+def test_labels_a_converter_does_not_give_name_the_flag(tmp_path, capsys, source, labels, fixed, missing):
+    """A converter labels its cases itself: names it never gives are the flag's fault, said before reading."""
+    (tmp_path / "in").mkdir()  # never read: the flag is checked first
+    line = one_error_line(capsys, ["--source", source, "--input", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                                   f"--labels={labels}"])
+    assert line == (f"error: --labels '{labels}': source '{source}' labels its cases {fixed}, so the classes must "
+                    f"include {missing} (in the order you want) or leave the setting out")
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_names_data_labels_a_converter_does_not_give(tmp_path):
+    from socialalign_jax.core.errors import UserError
+    from socialalign_jax.data import setup
+
+    from tests.train_helpers import tiny_config
+
+    cfg = tiny_config(**{"data.source": "ced", "data.input": str(tmp_path), "data.labels": "a,b,c"})
+    with pytest.raises(UserError, match=r"^data\.labels 'a,b,c': source 'ced' labels its cases negative,neutral,"):
+        setup.prepare(cfg, None, str(tmp_path / "w"))

@@ -181,15 +181,14 @@ def test_help_lists_the_config_flag(script, tmp_path):
 
 
 def test_every_launcher_starts_quietly():
-    """Each launcher calls `quiet_startup()` at module level, before anything imports jax, so that a
-    host with libtpu but no TPU (the [tpu] extra) prints no libtpu start-up errors; plan.py sets
-    the platform itself (it may compile for a TPU topology) and is the one exception."""
+    """Each launcher calls `quiet_startup()` at module level, before anything imports jax or
+    transformers, so that a host with libtpu but no TPU (the [tpu] extra) prints no libtpu start-up
+    errors and a venv without PyTorch no transformers notice (plan.py sets the platform itself
+    afterwards: it may compile for a TPU topology)."""
     import ast
 
     missing = []
     for path in sorted((ROOT / "launch").glob("*.py")):
-        if path.name == "plan.py":
-            continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         calls = [n.lineno for n in tree.body if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)
                  and getattr(n.value.func, "id", None) == "quiet_startup"]
@@ -199,3 +198,20 @@ def test_every_launcher_starts_quietly():
         if not calls or (jax_imports and min(jax_imports) < calls[0]):
             missing.append(path.name)
     assert not missing, f"launchers without a module-level quiet_startup() before jax: {missing}"
+
+
+def test_no_bool_flag_is_named_as_a_negation():
+    """absl offers --noX for every bool flag X: a flag named no_progress invites --nono_progress, which
+    silently means the opposite of what it reads. Bool flags are named for what they turn on."""
+    import ast
+
+    negated = []
+    for path in sorted((ROOT / "launch").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "DEFINE_bool"
+                    and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value.startswith("no")):
+                negated.append(f"{path.name}: --{node.args[0].value}")
+    assert negated == []
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert "--[no]progress:" in r.stdout, r.stdout

@@ -109,6 +109,30 @@ def test_train_usage_errors_are_one_line_exit_2(args, expect, tmp_path):
     assert not (tmp_path / "w").exists()  # nothing was created
 
 
+def test_a_mistyped_config_key_names_the_close_one_and_where_the_keys_are_listed(tmp_path):
+    rc, _, err = _launch("train.py", "--workdir", str(tmp_path / "w"), "--config.train.num_stepz=3")
+    assert rc == 2 and err == ["error: --config.train.num_stepz: unknown config key 'num_stepz'; did you mean "
+                               "--config.train.num_steps? (python train.py --config_help lists every key)"], err
+    # --config_help lists every leaf of the config, with the preset and overrides applied: compared
+    # against the config module's own ConfigDict.
+    rc, out, err = _launch("train.py", "--config", "configs/weibo.py:smollm2", "--config.train.num_steps=7",
+                           "--config_help")
+    assert rc == 0 and err == [], err
+    cfg = load_config_module("weibo").get_config("smollm2")
+    cfg.train.num_steps = 7
+
+    def leaves(node, prefix=""):
+        for k, v in node.items():
+            yield from leaves(v, f"{prefix}{k}.") if hasattr(v, "items") else [(f"{prefix}{k}", v)]
+
+    listed = {ln.split(" = ")[0].strip(): ln.split(" = ", 1)[1] for ln in out.splitlines()[1:]}
+    want = dict(leaves(cfg))
+    assert set(listed) == set(want)
+    assert all(listed[k].startswith(repr(v)) for k, v in want.items()), out
+    rc, out, _ = _launch("train.py", "--help")
+    assert rc == 0 and "--[no]config_help:" in out
+
+
 def test_bad_values_stop_train_before_anything_loads(tmp_path):
     rc, _, err = _launch("train.py", "--workdir", str(tmp_path / "w"), "--config.train.log_every=0",
                          "--config.train.num_steps=-5", "--config.optim.lr=-1", "--config.mesh.fsdp=-1",
@@ -182,3 +206,19 @@ def test_launchers_find_their_config_from_any_directory(tmp_path):
     rc, err = run("--config", "configs/nope.py")
     assert rc == 2 and len(err) == 1 and "configs/nope.py: no such file" in err[0], err
     assert not (tmp_path / "w").exists()
+
+
+def test_a_short_run_says_where_its_checkpoint_went(tmp_path):
+    """With evaluation and generation off there is no table to print; the run still ends saying what it did."""
+    from tests.train_helpers import MAX_LENGTH, built_sample
+
+    wd = tmp_path / "w"
+    rc, out, err = _launch("train.py", "--workdir", str(wd), "--noprogress", "--config.model.weights=random:tiny-qwen2",
+                           f"--config.data.data_dir={built_sample()}", f"--config.data.max_length={MAX_LENGTH}",
+                           "--config.data.events_per_batch=2", "--config.loss.max_response_tokens=24",
+                           "--config.train.num_steps=1", "--config.train.eval_at_end=false",
+                           "--config.train.generate_at_end=false", "--config.train.tensorboard=false", timeout=600)
+    assert rc == 0, err
+    assert out.strip().splitlines()[-1] == (f"trained to step 1: checkpoints in {wd}/checkpoints, "
+                                            f"logs in {wd}/metrics.jsonl"), out
+    assert (wd / "checkpoints" / "1").is_dir()

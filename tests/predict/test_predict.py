@@ -76,6 +76,19 @@ def test_users_file_is_validated_with_file_line_and_field():
     assert u.user_name == "b" and u.history[0].retweet == "r" and u.persona is None
 
 
+def test_a_users_file_cut_short_says_so(tmp_path):
+    raw = USERS.read_bytes()
+    for end, what in ((raw.index("王".encode()) + 2, "the file ends in the middle of a character"),
+                      (raw.index(b"\n") - 5, "line 1: the file ends in the middle of a record")):
+        (tmp_path / "u.jsonl").write_bytes(raw[:end])
+        with pytest.raises(UsersError) as e:
+            read_users(tmp_path / "u.jsonl")
+        assert str(e.value).startswith(f"{tmp_path / 'u.jsonl'}: {what}") and "cut short" in str(e.value), e.value
+    (tmp_path / "u.jsonl").write_bytes(raw.replace(b"}", b"}}", 1))  # damaged in the middle: not a cut
+    with pytest.raises(UsersError, match=r"u\.jsonl: line 1: invalid JSON \(Expecting ',' delimiter at column"):
+        read_users(tmp_path / "u.jsonl")
+
+
 def test_example_users_file_reads():
     users = read_users(USERS)
     assert len(users) == 4 and all(u.history and u.persona for u in users)
@@ -147,6 +160,36 @@ def test_bootstrap_interval_agrees_with_the_normal_approximation():
     assert s.diff_interval[0, 0, 1] < 0  # wording 1 draws clearly fewer "negative" than wording 2
 
 
+# ----------------------------------------------------------------------------- the framing verdict
+
+
+def _difference(n, interval, diff=None):
+    from socialalign_jax.predict import Difference
+
+    labels = ("negative", "neutral", "positive")
+    return Difference(a=0, b=1, difference=dict(zip(labels, diff or (0.0, 0.0, 0.0))),
+                      interval=dict(zip(labels, interval)), num_users=n, level=0.9)
+
+
+def test_the_verdict_rests_on_enough_users_and_an_interval_that_excludes_0():
+    from socialalign_jax.predict import MIN_USERS_FOR_VERDICT
+
+    clear = [(-0.08, -0.02), (-0.01, 0.03), (0.01, 0.05)]  # negative excludes 0 (below), positive (above)
+    few = _difference(4, clear, (-0.05, 0.01, 0.03))
+    assert few.verdict == ("underpowered: 4 users, fewer than the 30 a framing comparison needs; no wording is named "
+                           "(predict for at least 30 users)")
+    assert {few.reading(k) for k in few.interval} == {"underpowered (4 users)"}
+    enough = _difference(MIN_USERS_FOR_VERDICT, clear, (-0.05, 0.01, 0.03))
+    assert enough.verdict == ("on 30 users, wording 1 draws fewer negative (-0.050, 90% interval [-0.080, -0.020] "
+                              "excludes 0); more positive (+0.030, 90% interval [0.010, 0.050] excludes 0) than "
+                              "wording 2")
+    assert [enough.reading(k) for k in ("negative", "neutral", "positive")] == [
+        "fewer under wording 1 (interval excludes 0)", "no clear difference (interval includes 0)",
+        "more under wording 1 (interval excludes 0)"]
+    none = _difference(40, [(-0.02, 0.01), (-0.01, 0.03), (-0.03, 0.0)])
+    assert none.verdict == "no clear difference on 40 users: every label's 90% interval includes 0"
+
+
 # ----------------------------------------------------------------------------- the API on a trained run
 
 
@@ -189,7 +232,7 @@ def test_api_predicts_the_crowd_as_a_direct_forward_and_numpy_do(predictor):
     probs = []
     for v, news in enumerate((NEWS, NEWS2)):
         c = pred.variants[v]
-        assert c.topic == default_topic(news)
+        assert c.topic == default_topic(NEWS)  # one hashtag for every wording: only the wording differs
         ref = _direct_head_probs(predictor, news, c.topic, users)
         got = np.array([[u.sentiment[k] for k in labels] for u in c.users])
         np.testing.assert_allclose(got, ref, atol=2e-5)
@@ -242,8 +285,11 @@ def test_api_rejects_bad_input_with_one_line(predictor):
         (dict(news=NEWS, users=[]), "users: the crowd is empty"),
         (dict(news=NEWS, users=users, variants=[""]), "variants[0]: empty"),
         (dict(news=NEWS, users=users, samples=0), "samples: must be an integer >= 1"),
-        (dict(news="新闻" * 400, users=users[:1]), "exceed max_length"),
+        (dict(news="新闻" * 400, users=users[:1]), "the prompt does not fit"),
         (dict(news=NEWS, users=users, labeller="nope"), "labeller: 'nope'"),
+        (dict(news=NEWS, users=users, level=1.5), "level: must be between 0 and 1"),
+        (dict(news=NEWS, users=users, num_resamples=0), "num_resamples: must be an integer >= 1"),
+        (dict(news=NEWS, users=users, seed=-1), "seed: must be an integer in [0, 2147483647]"),
     ]
     for kw, msg in cases:
         with pytest.raises(PredictError) as e:
@@ -293,7 +339,9 @@ def test_the_forecast_carries_its_track_record_and_leans_on_the_prior_by_w(predi
     assert pred.to_json()["forecast_skill"]["sentence"] == sentence
     assert pred.to_json()["variants"][0]["raw_distribution"] == raw.distribution
     table = outputs.summary_table(pred)
-    assert table.startswith(f"forecast skill: {sentence}\n") and "w = 0.25" in table
+    # after the random-weights warning (this tiny run's base is random), before the hashtag and the tables
+    assert table.startswith("WARNING: random weights") and "w = 0.25" in table
+    assert table.index(f"forecast skill: {sentence}\n") < table.index("hashtag #")
     assert f"**Forecast skill**: {sentence}." in outputs.report_markdown(pred, chart=None)
     # a damaged or mismatched record is refused in one line
     (tmp_path / "forecast_skill.json").write_text("{not json", "utf-8")
@@ -306,6 +354,20 @@ def test_the_forecast_carries_its_track_record_and_leans_on_the_prior_by_w(predi
         with pytest.raises(PredictError, match=msg):
             Predictor(predictor.params, predictor.adapters, predictor.model_cfg, predictor.lora_cfg,
                       predictor.tokenizer, labels=predictor.labels, skill=bad)
+
+
+def test_a_news_too_long_is_explained_in_prediction_terms(predictor):
+    """A prompt has no response and no build settings: the error says what to do at predict time."""
+    users = read_users(USERS)[:1]
+    for news, what in (("新闻" * 400, "the news alone has 400 tokens, which exceeds max_length 224 (the news is never "
+                                      "cut)"),
+                       ("新闻" * 80, "tokens exceed max_length 224 even with history and persona cut")):
+        with pytest.raises(PredictError) as e:
+            predictor.predict(news, users)
+        msg = str(e.value)
+        assert msg.startswith(f"news for user {users[0].user_name!r}: the prompt does not fit: ") and what in msg, msg
+        assert msg.endswith("; shorten the news (the run's prompts hold at most 224 tokens)"), msg
+        assert "response" not in msg and "on_overflow" not in msg and "\n" not in msg, msg
 
 
 def test_users_given_as_dicts_or_objects_predict_the_same(predictor):
@@ -332,6 +394,33 @@ def test_exported_adapters_on_a_weights_spec_predict_as_the_run_does(predictor, 
         assert ua.posts == ub.posts
 
 
+def test_adapter_exports_with_an_adapter_config_are_read_by_their_layout(predictor, tmp_path):
+    """A socialalign (PEFT-style) export has an adapter_config.json too: it is read as what it is, not as an
+    Orbax export; an Orbax export whose adapter_config.json lost its fields is one line naming file and field."""
+    from socialalign_jax.core.errors import UserError
+    from socialalign_jax.inference import export
+    from socialalign_jax.weights import adapters
+
+    ad = jax.device_get(predictor.adapters)
+    adapters.export_socialalign(ad, predictor.lora_cfg, predictor.model_cfg, tmp_path / "sa")
+    exported = Predictor.from_adapters(tmp_path / "sa", "random:tiny-qwen2", max_length=224,
+                                       sampling=predictor.sampling, batch_size=predictor.batch_size)
+    users = read_users(USERS)[:2]
+    a, b = predictor.predict(NEWS, users, seed=3), exported.predict(NEWS, users, seed=3)
+    for ua, ub in zip(a.users, b.users):
+        np.testing.assert_allclose(list(ua.sentiment.values()), list(ub.sentiment.values()), atol=1e-6)
+
+    export.save_orbax_adapters(ad, predictor.lora_cfg, predictor.model_cfg, tmp_path / "ob")
+    meta = tmp_path / "ob" / "adapter_config.json"
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "lora_config"}))
+    with pytest.raises(UserError) as e:
+        Predictor.from_adapters(tmp_path / "ob", "random:tiny-qwen2", max_length=224)
+    assert str(e.value) == f"{meta}: field 'lora_config': missing (an export made with --format orbax has it)"
+    meta.write_text('{"format": "socialalign-orbax-adap')
+    with pytest.raises(UserError, match=rf"^{meta}: not readable JSON \("):
+        Predictor.from_adapters(tmp_path / "ob", "random:tiny-qwen2", max_length=224)
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 
@@ -348,7 +437,7 @@ def test_cli_end_to_end_writes_the_four_files(tmp_path):
     variants.write_text(NEWS2 + "\n\n", encoding="utf-8")
     out = tmp_path / "pred"
     r = _cli("--workdir", run, "--news", NEWS, "--variants", str(variants), "--users", str(USERS),
-             "--out", str(out), "--samples", "2", "--seed", "7", "--no_progress")
+             "--out", str(out), "--samples", "2", "--seed", "7", "--noprogress")
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["crowd.json", "crowd.png", "predictions.jsonl", "report.md"]
     crowd = json.loads((out / "crowd.json").read_text(encoding="utf-8"))
@@ -369,13 +458,31 @@ def test_cli_end_to_end_writes_the_four_files(tmp_path):
     assert "| label | predicted share | 90% interval |" in r.stdout and "framing: wording 1 minus wording 2" in r.stdout
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".pred")]  # no staging left behind
 
+    # The framing comparison holds everything but the wording fixed: one hashtag, derived once from wording 1
+    # and shown; its verdict says how many users it rests on, and 4 are too few to name a wording.
+    topic = default_topic(NEWS)
+    assert [v["topic"] for v in crowd["variants"]] == [topic, topic] and crowd["topic_source"] == "derived from wording 1"
+    assert f"hashtag #{topic}# for every wording (derived from wording 1; --topic sets it)" in r.stdout
+    (d,) = crowd["differences"]
+    assert d["num_users"] == 4 and d["verdict"].startswith("underpowered: 4 users, fewer than the 30")
+    assert f"verdict: {d['verdict']}" in r.stdout and "fewer under wording" not in r.stdout + report
+    assert "| negative | " in r.stdout and "| underpowered (4 users) |" in r.stdout
+    # Random weights: said first, in the CLI's output, report.md and crowd.json; report.md lists no posts.
+    warning = ("WARNING: random weights (random:tiny-qwen2): this model was never pretrained, so its posts are not text")
+    assert r.stdout.lstrip().startswith(warning) and crowd["random_weights"] is True
+    assert report.splitlines()[2].startswith("> **" + warning) and "| wording | user | head's label | post |" not in report
+    assert "Not shown (a random-weight model writes no text" in report
+
     # A rerun into the same directory replaces the previous prediction whole.
     r2 = _cli("--workdir", run, "--news", NEWS, "--users_from", run, "--num_users", "3", "--out", str(out),
-              "--no_progress")
+              "--noprogress", "--show_posts", "--topic", "退休")
     assert r2.returncode == 0, r2.stderr[-3000:]
     crowd2 = json.loads((out / "crowd.json").read_text(encoding="utf-8"))
     assert crowd2["num_users"] == 3 and len(crowd2["variants"]) == 1
+    assert crowd2["topic"] == "退休" and crowd2["topic_source"] == "given" and "hashtag #退休# (given)" in r2.stdout
     assert len((out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()) == 3
+    report2 = (out / "report.md").read_text(encoding="utf-8")  # posts on request, escaped as Markdown text
+    assert "| wording | user | head's label | post |" in report2 and len(report2.split("| 1 | ")) == 4
 
 
 def test_cli_bad_input_is_one_line_and_leaves_nothing(tmp_path):
@@ -386,7 +493,7 @@ def test_cli_bad_input_is_one_line_and_leaves_nothing(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     out = tmp_path / "out"
-    base = ["--workdir", run, "--no_progress"]
+    base = ["--workdir", run, "--noprogress"]
     cases = [
         ([*base, "--news", " ", "--users", str(USERS), "--out", str(out)], "wording 1 is empty"),
         ([*base, "--news", NEWS, "--users", str(bad_users), "--out", str(out)],
@@ -394,7 +501,10 @@ def test_cli_bad_input_is_one_line_and_leaves_nothing(tmp_path):
         ([*base, "--news", NEWS, "--users", str(USERS), "--out", str(out), "--max_users", "2"],
          "4 users, more than --max_users 2"),
         ([*base, "--news", NEWS, "--users", str(USERS), "--out", str(a_file)], "is a file, expected a directory"),
-        ([*base, "--news", "新闻" * 400, "--users", str(USERS), "--out", str(out)], "exceed max_length"),
+        ([*base, "--news", "新闻" * 400, "--users", str(USERS), "--out", str(out)], "the prompt does not fit"),
+        ([*base, "--news", NEWS, "--users", str(USERS), "--out", str(out), "--level", "90"],
+         "--level: must be between 0 and 1"),
+        ([*base, "--news", NEWS, "--users", str(USERS), "--out", str(out), "--seed", "-1"], "--seed: must be"),
     ]
     for args, msg in cases:
         r = _cli(*args)

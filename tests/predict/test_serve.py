@@ -106,10 +106,18 @@ def test_api_predicts_and_rejects_bad_input_and_keeps_serving(server):
     assert info["labels"] == ["negative", "neutral", "positive"] and info["pool_users"] > 10
     assert info["max_users"] == 10
 
+    assert info["warning"].startswith("WARNING: random weights (random:tiny-qwen2)")  # the tiny run's base
+
     status, res = _request(url + "/predict", {"news": NEWS, "news2": NEWS2, "num_users": 3, "seed": 2})
     assert status == 200, res
     _check_crowd(res, 3, 2)
     assert res["seed"] == 2 and {p["variant"] for p in res["sample_posts"]} == {0, 1}
+    # One hashtag for both wordings; the verdict rests on 3 users, too few to name one; random weights said.
+    assert [v["topic"] for v in res["variants"]] == [res["topic"]] * 2 and res["topic_source"] == "derived from wording 1"
+    (d,) = res["differences"]
+    assert d["num_users"] == 3 and d["verdict"].startswith("underpowered: 3 users")
+    assert set(d["reading"].values()) == {"underpowered (3 users)"}
+    assert res["random_weights"] is True and res["warning"] == info["warning"]
 
     users = [json.loads(ln) for ln in USERS.read_text(encoding="utf-8").splitlines()]
     status, res = _request(url + "/predict", {"news": NEWS, "users": users[:2]})
@@ -124,7 +132,7 @@ def test_api_predicts_and_rejects_bad_input_and_keeps_serving(server):
         ({"news": NEWS, "users": [{"user_name": "a", "history": [{"txt": "x"}]}]},
          "users[0]: field 'history[0].text': missing"),
         ({"news": NEWS, "users_jsonl": '{"user_name": "a"}\n{oops'}, "users_jsonl: line 2: invalid JSON"),
-        ({"news": "新闻" * 400, "num_users": 1}, "exceed max_length"),
+        ({"news": "新闻" * 400, "num_users": 1}, "the prompt does not fit"),
         ({"news": NEWS, "num_users": 1, "colour": "red"}, "field 'colour': unknown"),
         (b"{not json", "not valid JSON"),
     ]
@@ -135,6 +143,18 @@ def test_api_predicts_and_rejects_bad_input_and_keeps_serving(server):
 
     status, res = _request(url + "/predict", {"news": NEWS, "num_users": 2})
     assert status == 200 and res["num_users"] == 2  # still serving
+
+    with urllib.request.urlopen(url + "/favicon.ico", timeout=30) as r:  # a browser asks for it on every page
+        assert r.status == 200 and r.headers["Content-Type"].startswith("image/svg+xml")
+        import xml.etree.ElementTree as ET
+        assert ET.fromstring(r.read()).tag == "{http://www.w3.org/2000/svg}svg"
+
+
+@pytest.mark.parametrize("flag", ["--max_users", "--max_samples"])
+def test_limits_below_one_are_one_line(flag):
+    r = subprocess.run([sys.executable, str(REPO / "launch" / "serve.py"), "--workdir", tiny_predict_run(), flag, "0"],
+                       capture_output=True, text=True, env=script_env(1), cwd=str(REPO), timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: {flag} 0: expected an integer >= 1"]
 
 
 def _chromium() -> str | None:
@@ -154,13 +174,18 @@ def test_page_in_a_headless_browser(server):
         pytest.skip("the Playwright client is not installed (pip install playwright; part of the [test] extra)")
     url, _ = server
     errors: list[str] = []
+    failed: list[str] = []  # responses >= 400 other than the bad request the test sends on purpose
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page()
             page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("response", lambda r: failed.append(f"{r.status} {r.url}")
+                    if r.status >= 400 and not r.url.endswith("/predict") else None)
             page.goto(url + "/")
             page.wait_for_function("document.getElementById('runinfo').textContent.startsWith('Model')")
+            # Random weights: said at the top of the page before anything is asked.
+            assert page.is_visible("#warning") and page.inner_text("#warning").startswith("WARNING: random weights")
             page.fill("#news", NEWS)
             page.fill("#news2", NEWS2)
             page.fill("#num_users", "3")
@@ -173,13 +198,24 @@ def test_page_in_a_headless_browser(server):
             assert len(shares) == 6 and all(0 <= s <= 1 for s in shares)
             assert abs(sum(shares[0::2]) - 1) < 0.01 and abs(sum(shares[1::2]) - 1) < 0.01
             assert page.is_visible("#framing") and "reading" in page.inner_text("#diff")
-            assert page.locator("#posts li").count() == 6
+            assert page.inner_text("#verdict").startswith("Verdict: underpowered: 3 users")
+            assert "(paired over the same 3 users, the same hashtag)" in page.inner_text("#framing")
+            assert page.inner_text("#hashtag").endswith("for every wording (derived from wording 1)")
+            assert page.is_visible("#result_warning")
+            # A random model's posts are listed only on request: the box is closed until clicked.
+            assert page.locator("#posts li").count() == 6 and not page.is_visible("#posts li >> nth=0")
+            page.click("#posts_summary")
+            assert page.is_visible("#posts li >> nth=0")
             assert page.inner_text("#status").startswith("Done: 3 users")
-            # Bad input shows the server's one-line message and the page keeps working.
+            # Bad input shows the server's one-line message, nothing of the previous result stays on screen,
+            # and the page keeps working.
             page.fill("#news", "")
             page.click("#submit")
             page.wait_for_function("document.getElementById('status').className === 'error'")
             assert "field 'news': empty" in page.inner_text("#status")
+            assert not page.is_visible("#result") and page.locator("#chart svg").count() == 0
+            assert page.locator("#posts li").count() == 0
         finally:
             browser.close()
     assert not errors, errors
+    assert not failed, failed  # no 404 (the favicon included)

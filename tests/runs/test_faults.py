@@ -203,7 +203,7 @@ async_path.rename = rename
 
 def tiny_args(workdir, num_steps=N, *extra):
     """launch/train.py flags equal to train_helpers.tiny_config(built_sample()) (the reference run's config)."""
-    return ["--workdir", workdir, "--no_progress", "--config.model.weights=random:tiny-qwen2",
+    return ["--workdir", workdir, "--noprogress", "--config.model.weights=random:tiny-qwen2",
             f"--config.data.data_dir={built_sample()}", f"--config.data.max_length={MAX_LENGTH}",
             "--config.data.test_fraction=0.1", "--config.data.events_per_batch=2", "--config.data.eval_batch_size=8",
             "--config.loss.max_response_tokens=24", f"--config.train.num_steps={num_steps}",

@@ -88,7 +88,7 @@ def test_cli_end_to_end(tmp_path, weights, monkeypatch, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         _cli().main(["--weights", "random:tiny-qwen2", "--input", str(tmp_path / "in"), "--out", str(out),
-                     "--max_new_tokens", "4", "--greedy", "--batch_size", "2", "--no_progress"])
+                     "--max_new_tokens", "4", "--greedy", "--batch_size", "2", "--noprogress"])
     assert e.value.code == 0
     summary = capsys.readouterr().out
     assert "2 event files, 4 cases: 2 personas generated, 1 existing kept, 1 without history" in summary
@@ -125,7 +125,7 @@ def test_cli_bad_input_is_one_line(tmp_path, weights, monkeypatch, capsys):
     monkeypatch.setattr(resolve, "resolve_weights", lambda spec, dtype=None: weights)
     with pytest.raises(SystemExit) as e:
         _cli().main(["--weights", "random:tiny-qwen2", "--input", str(tmp_path / "in"), "--out",
-                     str(tmp_path / "out"), "--no_progress"])
+                     str(tmp_path / "out"), "--noprogress"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err
     assert "b.json: record 1: field 'user_name': missing" in err

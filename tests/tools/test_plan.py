@@ -137,3 +137,27 @@ def test_cli_topology_without_libtpu_is_one_line(monkeypatch, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and 'pip install -e ".[tpu]"' in err
+
+
+@pytest.mark.parametrize("flag", ["--seq=-5", "--batch=-1", "--max_new_tokens=0"])
+def test_cli_bad_size_is_one_line(flag):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), flag], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"error: {flag.split('=')[0]}: {flag.split('=')[1]}: expected a positive number"
+        + (" (or 0 for the config's)" if "max_new" not in flag else "")], r.stderr[-2000:]
+
+
+def test_cli_errors_come_alone_without_pytorch(tmp_path):
+    """In an environment without PyTorch (pip install -e . does not bring it), transformers announces
+    "PyTorch was not found" on import; plan.py's one error line must still be all stderr holds."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import importlib.util\n_find = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda name, *a, **k: None if name == 'torch' else _find(name, *a, **k)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+    for k in ("TRANSFORMERS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plan.py"), "--model", "nope", "--nocompile"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: --model: unknown model preset 'nope'; known: qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b, qwen2.5-7b, "
+        "small-qwen2, smollm2-135m, tiny-llama, tiny-qwen2"], r.stderr[-2000:]

@@ -319,3 +319,27 @@ def test_score_cli_bad_adapters_is_one_line_error(hf_checkpoint, tmp_path, capsy
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "wrong.safetensors" in lines[0], lines
     assert "hidden_size" in lines[0] and not (tmp_path / "o.jsonl").exists()
+
+
+def test_every_adapter_file_gets_the_umask_mode(tmp_path):
+    """Under umask 022 an export is readable by others like the adapter_config.json beside it (0644), not
+    0600 (safetensors' save_file); and it is written whole or not at all (atomic_io)."""
+    import os
+    import stat
+
+    lc = LoraConfig(targets=("q", "v"), rank=R, num_classes=3, num_analyze=1, num_compose=1)
+    from socialalign_jax.model.decoder import init_adapters
+
+    ad = jax.tree.map(np.asarray, init_adapters(jax.random.PRNGKey(0), CFG, lc))
+    old = os.umask(0o022)
+    try:
+        save_adapters(ad, lc, CFG, tmp_path / "ours")
+        export_socialalign(ad, lc, CFG, tmp_path / "sa")
+        adapters_lib.export_peft(ad, lc, CFG, tmp_path / "peft", base_model_name_or_path="/x")
+    finally:
+        os.umask(old)
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert {p.name for p in files} >= {"adapters.safetensors", "adapter_model.safetensors", "sentiment_head.safetensors",
+                                       "adapter_config.json"}
+    assert {p.relative_to(tmp_path).as_posix(): oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {
+        p.relative_to(tmp_path).as_posix(): "0o644" for p in files}

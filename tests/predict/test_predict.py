@@ -339,8 +339,8 @@ def test_the_forecast_carries_its_track_record_and_leans_on_the_prior_by_w(predi
     assert pred.to_json()["forecast_skill"]["sentence"] == sentence
     assert pred.to_json()["variants"][0]["raw_distribution"] == raw.distribution
     table = outputs.summary_table(pred)
-    # after the random-weights warning (this tiny run's base is random), before the hashtag and the tables
-    assert table.startswith("WARNING: random weights") and "w = 0.25" in table
+    # first (this Predictor was built without run info, so no random-weights warning precedes it), then the hashtag
+    assert table.startswith(f"forecast skill: {sentence}\n") and "w = 0.25" in table
     assert table.index(f"forecast skill: {sentence}\n") < table.index("hashtag #")
     assert f"**Forecast skill**: {sentence}." in outputs.report_markdown(pred, chart=None)
     # a damaged or mismatched record is refused in one line

@@ -63,7 +63,8 @@ def main(argv):
             raise export.ExportError(f"--format {_FORMAT.value}: {why}")
         run = restore.restore_run(_WORKDIR.value, _STEP.value)
         files = export.export_run(run, _FORMAT.value, _OUT.value, base_model=_BASE.value)
-        print(f"exported step {run.step} of {_WORKDIR.value} as {_FORMAT.value}: " + ", ".join(map(str, files)))
+        carried = export.carry_track_record(_WORKDIR.value, run.step, _OUT.value)
+        print(f"exported step {run.step} of {_WORKDIR.value} as {_FORMAT.value}: " + ", ".join(map(str, files + carried)))
         if _FORMAT.value == "socialalign":
             print("note: " + export.SOCIALALIGN_NOTE.format(out=_OUT.value), file=sys.stderr)
         return 0

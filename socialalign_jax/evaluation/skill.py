@@ -29,7 +29,6 @@ from socialalign_jax.evaluation import bootstrap
 
 WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 21), 2).tolist())  # the shrink weights tried
 MIN_EVENTS = 10  # fewer held-out events than this: no skill figure, only a sentence saying so
-SKILL_FILE = "forecast_skill.json"  # in a training run's workdir
 
 
 def prior(real: np.ndarray, counts: np.ndarray, events: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
@@ -127,5 +126,5 @@ def is_measured(record: Mapping[str, Any] | None) -> bool:
     return bool(record) and record.get("status") in ("better", "not_better")
 
 
-__all__ = ["MIN_EVENTS", "SKILL_FILE", "WEIGHTS", "choose_weight", "forecast_skill", "is_measured", "prior", "shrink",
+__all__ = ["MIN_EVENTS", "WEIGHTS", "choose_weight", "forecast_skill", "is_measured", "prior", "shrink",
            "skill_sentence"]

@@ -25,6 +25,7 @@ from socialalign_jax.core.errors import UserError
 from socialalign_jax.inference.generation import sampling_config, stop_tokens_for
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import MODULE_BLOCK, LoraConfig
+from socialalign_jax.runs.restore import SKILL_FILE
 from socialalign_jax.weights.adapters import (_lora_to_json, _model_dims, fixed_lora, input_dependent_gates,
                                               peft_refusal)
 from socialalign_jax.weights.resolve import parse_spec, smollm2_path
@@ -205,6 +206,21 @@ def export_run(run: Run, fmt: str, out: str | os.PathLike, *, base_model: str | 
         write_json(gen, str(out / GENERATION_CONFIG), indent=2)
         written.append(out / GENERATION_CONFIG)
     return written
+
+
+def carry_track_record(workdir: str | os.PathLike, step: int, out: str | os.PathLike) -> list[Path]:
+    """Copy the run's forecast_skill.json (evaluation/skill.py) beside an export of the step it describes,
+    so `Predictor.from_adapters` prints the same track record and applies the same shrink; an export of
+    another step (or of a run without one) carries none, and its forecasts say they are unmeasured."""
+    src = Path(workdir) / SKILL_FILE
+    try:
+        rec = json.loads(src.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(rec, dict) or rec.get("step") != step:
+        return []
+    write_json(rec, str(Path(out) / SKILL_FILE))
+    return [Path(out) / SKILL_FILE]
 
 
 def hf_generation_settings(cfg, tokenizer, vocab_size: int) -> tuple[dict, dict]:

@@ -39,7 +39,7 @@ from socialalign_jax.model import sampling as sampling_lib
 from socialalign_jax.model.sampling import PAPER_MAX_NEW_TOKENS, SamplingConfig
 from socialalign_jax.predict import crowd as crowd_lib
 from socialalign_jax.predict.users import User, as_users, prompt_case
-from socialalign_jax.runs.restore import restore_run
+from socialalign_jax.runs.restore import SKILL_FILE, restore_run
 from socialalign_jax.runs.run_config import SampleSection
 from socialalign_jax.weights import adapters as adapters_lib
 from socialalign_jax.weights.resolve import resolve_weights
@@ -549,7 +549,7 @@ def read_skill(directory: str) -> dict[str, Any] | None:
     """A run's (or an export's) forecast_skill.json, or None when it has none (an older run)."""
     import json
 
-    path = os.path.join(directory, skill_lib.SKILL_FILE)
+    path = os.path.join(directory, SKILL_FILE)
     try:
         with open(path, encoding="utf-8") as f:
             rec = json.load(f)

@@ -29,6 +29,10 @@ from socialalign_jax.runs.validation import validate_run_config
 from socialalign_jax.weights.resolve import resolve_weights
 from socialalign_jax.weights.tokenizer import load_tokenizer
 
+# A run's track record on its held-out events, written by the trainer's final evaluation
+# (evaluation/skill.py), read by predict and carried beside an export of the same step.
+SKILL_FILE = "forecast_skill.json"
+
 
 class RunError(UserError):
     """A run directory that cannot be read back; the message names the file and what to do."""

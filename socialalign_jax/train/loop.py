@@ -33,7 +33,7 @@ from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.parallel import sharding
 from socialalign_jax.runs import checkpoint
-from socialalign_jax.runs.restore import config_to_dict, load_base
+from socialalign_jax.runs.restore import SKILL_FILE, config_to_dict, load_base
 from socialalign_jax.runs.run_config import as_run_config, respell_lists, RunConfig
 from socialalign_jax.runs.validation import validate_run_config
 from socialalign_jax.train import flops, optim, step as step_lib
@@ -458,7 +458,8 @@ def _train(cfg: RunConfig, workdir: str, *, progress: bool) -> dict[str, Any]:
                 track = {"num_events": 0, "status": "none", "w": 1.0,
                          "reason": "no test split" if job.data.test is None or not len(job.data.test)
                          else "train.eval_at_end is off"}
-            write_json(track, os.path.join(workdir, skill.SKILL_FILE))
+            track["step"] = result["step"]  # the adapters it describes (an export of another step carries none)
+            write_json(track, os.path.join(workdir, SKILL_FILE))
             print(f"forecast skill: {skill.skill_sentence(track)}")
         logger.close()
         return result

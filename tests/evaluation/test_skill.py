@@ -108,3 +108,21 @@ def test_the_trainers_track_record_uses_the_training_prior_and_the_held_out_targ
     assert rec["noise_floor"] == pytest.approx(0.002) and rec["labels"] == ["negative", "neutral", "positive"]
     # no held-out forecasts: nothing measured, said so
     assert forecast_track_record(job, {}, seed=0)["status"] == "none"
+
+
+def test_an_export_carries_the_record_of_its_own_step_only(tmp_path):
+    import json
+
+    from socialalign_jax.inference.export import carry_track_record
+    from socialalign_jax.predict.predictor import read_skill
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    out.mkdir()
+    assert carry_track_record(run, 3, out) == []  # a run without a record: nothing to carry
+    rec = {"status": "not_better", "num_events": 40, "w": 0.1, "prior": [0.5, 0.3, 0.2], "step": 3,
+           "skill": {"point": -0.01, "low": -0.05, "high": 0.02}}
+    (run / "forecast_skill.json").write_text(json.dumps(rec), "utf-8")
+    assert carry_track_record(run, 2, out) == [] and read_skill(str(out)) is None  # another step's adapters
+    assert carry_track_record(run, 3, out) == [out / "forecast_skill.json"]
+    assert read_skill(str(out)) == rec

@@ -312,7 +312,7 @@ def test_the_forecast_carries_its_track_record_and_leans_on_the_prior_by_w(predi
 
     # the tiny run's own record: it skipped its final evaluation, so nothing is measured (and it says so)
     rec = json.loads((Path(tiny_predict_run()) / "forecast_skill.json").read_text())
-    assert rec == {"num_events": 0, "status": "none", "w": 1.0, "reason": "train.eval_at_end is off"}
+    assert rec == {"num_events": 0, "status": "none", "w": 1.0, "reason": "train.eval_at_end is off", "step": 1}
     users = read_users(USERS)
     raw = predictor.predict(NEWS, users, seed=2, variants=[NEWS2])
     assert raw.skill_sentence.startswith("this run was not scored on held-out events")

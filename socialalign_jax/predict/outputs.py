@@ -126,8 +126,8 @@ def report_markdown(pred: Prediction, chart: str | None = CHART, max_posts: int 
             f"The crowd's distribution is the mean of the sentiment head's probabilities over the users; the "
             f"{int(round(pred.level * 100))}% intervals are percentile bootstraps over users "
             f"({pred.num_resamples} resamples), paired across wordings (docs/prediction.md).", ""]
-    out[-1:-1] = [f"**Forecast skill**: {md_text(pred.skill_sentence)}.", "",
-                  *[f"{md_text(line)}." for line in skill_lines(pred)[1:]]]
+    out += [f"**Forecast skill**: {md_text(pred.skill_sentence)}.", "",
+            *[f"{md_text(line)}.\n" for line in skill_lines(pred)[1:]]]
     for v, c in enumerate(pred.variants):
         out += [f"**Wording {v + 1}** (#{md_cell(c.topic)}#): {md_cell(c.news)}", ""]
     out += ["## Distribution", "", summary_table(pred, for_markdown=True)]

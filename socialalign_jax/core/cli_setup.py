@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import warnings
 
 from socialalign_jax.core.errors import one_line, UserError
@@ -21,6 +22,7 @@ def quiet_startup() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub: every path is local
     skip_absent_tpu()
+    use_compilation_cache()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*Explicitly requested dtype.*")
@@ -31,6 +33,41 @@ def quiet_startup() -> None:
         absl_logging.set_verbosity(absl_logging.ERROR)
     except ImportError:
         pass
+
+
+COMPILATION_CACHE_ENV = "SOCIALALIGN_COMPILATION_CACHE"  # a directory, or "off"
+
+
+def compilation_cache_dir(environ=os.environ) -> str | None:
+    """Where XLA programs compiled by a launcher are kept between runs (None: not kept).
+
+    $SOCIALALIGN_COMPILATION_CACHE (a directory, or "off"), else a JAX_COMPILATION_CACHE_DIR the
+    user set, else the user's cache directory: $XDG_CACHE_HOME/socialalign_jax/xla or
+    ~/.cache/socialalign_jax/xla. Entries are keyed by the program, the compiler flags and the jax
+    version, so a stale one is never used; delete the directory to reclaim the space.
+    """
+    chosen = environ.get(COMPILATION_CACHE_ENV)
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "off", "0", "false", "no") else chosen
+    if environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return environ["JAX_COMPILATION_CACHE_DIR"]
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "socialalign_jax", "xla")
+
+
+def use_compilation_cache() -> None:
+    """JAX's persistent compilation cache for every launcher, before jax is imported: the second
+    `predict.py` (train.py, generate.py, serve.py, ...) on the same shapes loads its programs instead
+    of compiling them again (tens of seconds on a CPU, minutes for a big model on a TPU slice).
+    Programs that compiled in under a second are not stored (JAX's own default threshold)."""
+    path = compilation_cache_dir()
+    if path is None:
+        return
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    if "jax" in sys.modules:  # a caller that imported jax first (a library user): set it on the live config
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", path)
 
 
 def skip_absent_tpu() -> None:

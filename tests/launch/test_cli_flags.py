@@ -215,3 +215,36 @@ def test_no_bool_flag_is_named_as_a_negation():
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--help"], capture_output=True, text=True,
                        timeout=120)
     assert "--[no]progress:" in r.stdout, r.stdout
+
+
+# ----------------------------------------------------------------------------- the compilation cache
+
+def test_compilation_cache_directory_precedence():
+    from socialalign_jax.core.cli_setup import compilation_cache_dir
+
+    home = os.path.expanduser("~")
+    assert compilation_cache_dir({}) == os.path.join(home, ".cache", "socialalign_jax", "xla")
+    assert compilation_cache_dir({"XDG_CACHE_HOME": "/c"}) == "/c/socialalign_jax/xla"
+    assert compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/j", "XDG_CACHE_HOME": "/c"}) == "/j"
+    assert compilation_cache_dir({"SOCIALALIGN_COMPILATION_CACHE": "/s", "JAX_COMPILATION_CACHE_DIR": "/j"}) == "/s"
+    assert compilation_cache_dir({"SOCIALALIGN_COMPILATION_CACHE": "off", "JAX_COMPILATION_CACHE_DIR": "/j"}) is None
+
+
+def test_a_launcher_start_keeps_compiled_programs_in_the_users_cache(tmp_path):
+    """quiet_startup (every launcher) points JAX's persistent cache at ~/.cache/socialalign_jax/xla: a
+    second process finds the program there; 'off' keeps nothing."""
+    code = ("from socialalign_jax.core.cli_setup import quiet_startup; quiet_startup(); import jax, jax.numpy as jnp; "
+            "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0); "
+            "print(float(jax.jit(lambda x: (x * 2 + 1).sum())(jnp.ones(7))))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME", "SOCIALALIGN_COMPILATION_CACHE")}
+    env.update(HOME=str(tmp_path), JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "21.0", r.stderr
+    cache = tmp_path / ".cache" / "socialalign_jax" / "xla"
+    assert cache.is_dir() and any(cache.iterdir())
+    off = tmp_path / "off_home"
+    off.mkdir()
+    r = subprocess.run([sys.executable, "-c", code], env=dict(env, HOME=str(off), SOCIALALIGN_COMPILATION_CACHE="off"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and not (off / ".cache").exists(), r.stderr

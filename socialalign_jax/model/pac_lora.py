@@ -85,11 +85,6 @@ def gate_probs_from_pre(pre, gate) -> jax.Array:
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def gate_probs(x, gate) -> jax.Array:
-    """Dense(d_in->G, no bias) -> exact GELU -> Dense(G->E, no bias) -> float32 softmax.  x [..., d_in]."""
-    return gate_probs_from_pre(jnp.einsum("...d,dg->...g", x, gate["w1"].astype(x.dtype)), gate)
-
-
 def segment_ids(positions, user_end, news_end, valid):
     """positions [B, S] absolute; user_end, news_end [B] -> segment ids [B, S] (padding is OTHER)."""
     seg = jnp.where(positions < user_end[:, None], USER,
@@ -101,11 +96,6 @@ def span_mean(x, seg, segment: int):
     """Mean of x [B, S, F] over the tokens of one segment of each sequence -> [B, F] (0 for an empty span)."""
     m = (seg == segment).astype(x.dtype)[..., None]
     return jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1)
-
-
-def span_means(x, seg):
-    """Mean of x over the news span and over the user span of each sequence: 2 x [B, F]."""
-    return span_mean(x, seg, NEWS), span_mean(x, seg, USER)
 
 
 def routing_weights(xd, seg, adapter, lc: LoraConfig, pooled_state=None, use_stored=False, pre=None):

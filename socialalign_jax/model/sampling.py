@@ -84,9 +84,9 @@ class SamplingConfig:
 
 
 class GenerateOutput(NamedTuple):
-    tokens: Any  # [B, max_new] int32; pad_id after a row's stop token (the stop token itself is kept)
-    lengths: Any  # [B] int32: tokens up to and including the first stop token (max_new if none)
-    last_hidden: Any  # [B, D]: final-norm hidden state at the last prompt token (sentiment head input)
+    tokens: Any  # [B*K, max_new] int32; pad_id after a row's stop token (the stop token itself is kept)
+    lengths: Any  # [B*K] int32: tokens up to and including the first stop token (max_new if none)
+    last_hidden: Any  # [B, D]: final-norm hidden state at the last prompt token (sentiment head input), per prompt
 
 
 # ------------------------------------------------------------------ logit processors
@@ -163,12 +163,25 @@ def candidates(logits, seen_mask, scfg: SamplingConfig):
     return top_p_filter(vals, scfg.top_p), ids.astype(jnp.int32)
 
 
+def per_row_keys(rng) -> bool:
+    """Whether `rng` is one key per row ([R] typed keys or [R, 2] raw) rather than one key."""
+    typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    return jnp.ndim(rng) == (1 if typed else 2)
+
+
 def next_token(logits, seen_mask, scfg: SamplingConfig, key):
-    """One token per row: logits [B, V] -> [B] int32."""
+    """One token per row: logits [B, V] -> [B] int32.
+
+    key: one key (one categorical draw over the batch: a row's noise depends on its place in
+    the batch) or one key per row [B] (row b's draw depends on key[b] alone).
+    """
     if scfg.greedy:
         return jnp.argmax(process_logits(logits, seen_mask, scfg), axis=-1).astype(jnp.int32)
     cand_logits, cand_ids = candidates(logits, seen_mask, scfg)
-    choice = jax.random.categorical(key, cand_logits, axis=-1)  # [B]
+    if per_row_keys(key):
+        choice = jax.vmap(jax.random.categorical)(key, cand_logits)  # [B]
+    else:
+        choice = jax.random.categorical(key, cand_logits, axis=-1)  # [B]
     return jnp.take_along_axis(cand_ids, choice[:, None], axis=-1)[:, 0]
 
 
@@ -192,44 +205,72 @@ def use_layer_loop(scfg: SamplingConfig) -> bool:
     return scfg.layer_loop == "unrolled"
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "scfg"))
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "scfg", "samples"))
 def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_cfg: LoraConfig | None,
-             scfg: SamplingConfig, spans, rng) -> GenerateOutput:
-    """Sample up to scfg.max_new_tokens tokens after LEFT-padded prompts.
+             scfg: SamplingConfig, spans, rng, samples: int = 1) -> GenerateOutput:
+    """Sample up to scfg.max_new_tokens tokens after LEFT-padded prompts, `samples` (K) per prompt.
 
     prompt_ids, prompt_mask [B, P] (left padding; every row needs >= 1 real token);
-    spans = (user_end [B], news_end [B]) absolute positions in the unpadded prompt; rng a
-    PRNG key (unused when greedy). adapters may be None (base model).
+    spans = (user_end [B], news_end [B]) absolute positions in the unpadded prompt; adapters may
+    be None (base model). Returns tokens, lengths [B*K, ...] (row b*K + k is sample k of prompt
+    b) and last_hidden [B, D].
+
+    The K samples of a prompt branch from ONE prefill: the prompts are run once, then the cache
+    (`decoder.repeat_cache`: k/v, positions, spans, pooled routing's stored gate weights), the
+    first logits and the seen-token mask are repeated K times before the decode loop. A row's
+    tokens are therefore those of a run on the prompt repeated K times, with a K-th of the
+    prefill's work.
+
+    rng (unused when greedy): one PRNG key, drawn from once per step for the whole batch (so a
+    row's samples depend on the batch it is in), or one key per output row [B*K] (typed keys, or
+    raw [B*K, 2]): row r's step-t draw uses fold_in(rng[r], t) only, so its sample depends on its
+    key and its prompt and on nothing else in the batch.
     """
     b, p = prompt_ids.shape
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    rows = b * samples
     max_new = scfg.max_new_tokens
+    per_row = per_row_keys(rng)
+    if per_row and rng.shape[0] != rows:
+        raise ValueError(f"per-row keys: expected {rows} (prompts {b} x samples {samples}), got {rng.shape[0]}")
     prompt_mask = prompt_mask.astype(jnp.int32)
-    cache = decoder.init_cache(cfg, b, p + max_new, lora_cfg if adapters is not None else None)
+    cache_lc = lora_cfg if adapters is not None else None
+    cache = decoder.init_cache(cfg, b, p + max_new, cache_lc)
     out = decoder.forward(params, prompt_ids, cfg, attention_mask=prompt_mask, adapters=adapters,
                           lora_cfg=lora_cfg, spans=spans, cache=cache, compute_logits=False)
     last_hidden = out.hidden[:, -1]  # [B, D]: column P-1 is every row's last prompt token
     logits = decoder.lm_logits(params, out.hidden[:, -1:], cfg)[:, 0]  # [B, V]
-    seen = seen_from_prompt(prompt_ids, prompt_mask, cfg.vocab_size)
+    seen = seen_from_prompt(prompt_ids, prompt_mask, cfg.vocab_size)  # [B, V]
+    # Branch: B prompts -> B*K rows (row b*K + k), the prefill's cache and first logits shared.
+    cache = decoder.repeat_cache(out.cache, samples, cfg, cache_lc)
+    logits = jnp.repeat(logits, samples, axis=0)  # [B*K, V]
+    seen = jnp.repeat(seen, samples, axis=0)
     stops = jnp.asarray(scfg.stop_tokens or (-1,), jnp.int32)
 
     # Decode steps on the CPU run the layers as a Python loop over weights sliced once here:
     # a scan would copy every layer's weights out of the stack for every generated token.
     unrolled = use_layer_loop(scfg)
     step_params = decoder.unstack_layers(params) if unrolled else params
-    state = dict(step=jnp.zeros((), jnp.int32), cache=out.cache, logits=logits, seen=seen,
-                 tokens=jnp.full((b, max_new), scfg.pad_id, jnp.int32),
-                 done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32))
+    state = dict(step=jnp.zeros((), jnp.int32), cache=cache, logits=logits, seen=seen,
+                 tokens=jnp.full((rows, max_new), scfg.pad_id, jnp.int32),
+                 done=jnp.zeros((rows,), bool), lengths=jnp.zeros((rows,), jnp.int32))
+
+    def step_keys(step):
+        if per_row:
+            return jax.vmap(lambda k: jax.random.fold_in(k, step))(rng)  # [B*K]
+        return jax.random.fold_in(rng, step)
 
     def cond(s):
         return (s["step"] < max_new) & ~jnp.all(s["done"])
 
     def body(s):
-        tok = next_token(s["logits"], s["seen"], scfg, jax.random.fold_in(rng, s["step"]))  # [B]
+        tok = next_token(s["logits"], s["seen"], scfg, step_keys(s["step"]))  # [B*K]
         live = ~s["done"]
         tokens = jax.lax.dynamic_update_slice(
             s["tokens"], jnp.where(live, tok, scfg.pad_id)[:, None], (0, s["step"]))
         done = s["done"] | jnp.isin(tok, stops)
-        seen = s["seen"].at[jnp.arange(b), tok].set(True)
+        seen = s["seen"].at[jnp.arange(rows), tok].set(True)
         # Finished rows keep decoding (lockstep) but their output is padding.
         step_out = decoder.forward(step_params, tok[:, None], cfg, adapters=adapters, lora_cfg=lora_cfg,
                                    cache=s["cache"], compute_logits=True)

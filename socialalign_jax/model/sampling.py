@@ -10,6 +10,9 @@ token of every row is read from the same column and new tokens are appended in l
 Positions come from the mask (real tokens count from 0), so `spans` are absolute positions in
 the unpadded prompt and routing matches a full forward over the unpadded sequence.
 
+K samples per prompt (`samples=K`) branch from one prefill: the cache is repeated K times
+(`decoder.repeat_cache`) before the decode loop, so K posts cost one prompt pass.
+
 Logit processing follows Hugging Face's order: repetition penalty, then temperature, top-k
 and top-p. Greedy mode applies the repetition penalty too (as HF does) and then argmax.
 """

@@ -125,6 +125,9 @@ def sample_keys(key, row_ids, samples: int):
     return keys.reshape((-1,) + keys.shape[2:])
 
 
+# ----------------------------------------------------------------------------- the batched sampling API
+
+
 class SampledRows(NamedTuple):
     """What `sample_rows` returns, indexed like the rows it was given."""
     texts: list[list[str]] | None  # [N][K] decoded samples (stop token dropped) when a tokenizer was given
@@ -162,6 +165,9 @@ def sample_rows(params, adapters, model_cfg: ModelConfig, lora_cfg: LoraConfig |
     row_ids = np.arange(n_rows) if row_ids is None else np.asarray(row_ids, np.int64)
     if row_ids.shape != (n_rows,):
         raise ValueError(f"row_ids: {row_ids.shape[0] if row_ids.ndim else 0} ids for {n_rows} rows")
+    if n_rows and not 0 <= row_ids.min() <= row_ids.max() < 2**32:
+        raise ValueError(f"row_ids must be in [0, 2**32) (they seed the PRNG streams), got [{row_ids.min()}, "
+                         f"{row_ids.max()}]")
     samples, pad_id = int(samples), int(scfg.pad_id)
     key = jax.random.PRNGKey(int(seed))
     tokens = np.full((n_rows, samples, scfg.max_new_tokens), pad_id, np.int32)

@@ -99,7 +99,7 @@ def bench(model: str, samples: list[int], users, repeats: int, max_length: int =
                      "max_new_tokens": predictor.sampling.max_new_tokens, "seconds": med, "first_s": first,
                      "users_per_s": len(users) / med, "posts_per_s": len(users) * k / med,
                      "compile_s": max(0.0, first - med), "shapes": shapes,
-                     "prompt_bucket": max(s[-1] for s in shapes)})  # the prompt length is each shape's last entry
+                     "prompt_bucket": max(s[-2] + s[-1] for s in shapes)})  # shared prefix + prompt slots
         print(f"{model:8s} K={k}: {rows[-1]['users_per_s']:.2f} users/s ({rows[-1]['posts_per_s']:.2f} posts/s), "
               f"steady {med:.1f} s, first call {first:.1f} s (compile ~{rows[-1]['compile_s']:.0f} s)", flush=True)
     return rows

@@ -92,17 +92,18 @@ def check_example(ex: Mapping[str, Any], where: str, vocab_size: int) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "scfg", "samples"))
-def _sample_batch(params, adapters, prompt_ids, prompt_mask, user_end, news_end, key, row_ids, *, cfg: ModelConfig,
-                  lora_cfg: LoraConfig | None, scfg: SamplingConfig, samples: int):
+def _sample_batch(params, adapters, prompt_ids, prompt_mask, user_end, news_end, key, row_ids, prefix=None, *,
+                  cfg: ModelConfig, lora_cfg: LoraConfig | None, scfg: SamplingConfig, samples: int):
     """`sample_rows`' jitted call: K samples per prompt from one prefill each, the head read off that prefill.
 
-    prompt_ids, prompt_mask [B, P] left-padded; user_end, news_end, row_ids [B]; key one PRNG key.
+    prompt_ids, prompt_mask [B, P] left-padded; user_end, news_end, row_ids [B]; key one PRNG key;
+    prefix None or (ids, mask) [G, P0], the head shared by each run of B // G rows (`sampling.generate`).
     Sample k of the prompt with id r draws from fold_in(fold_in(key, r), k) (`sample_keys`).
     Returns tokens [B, K, T], lengths [B, K], probs [B, C] | None.
     """
     b = prompt_ids.shape[0]
     out = sampling.generate(params, adapters, prompt_ids, prompt_mask, cfg, lora_cfg, scfg,
-                            (user_end, news_end), sample_keys(key, row_ids, samples), samples=samples)
+                            (user_end, news_end), sample_keys(key, row_ids, samples), samples=samples, prefix=prefix)
     probs = None
     if adapters is not None and "head" in adapters:
         ones = jnp.ones((b,), jnp.int32)
@@ -134,12 +135,14 @@ class SampledRows(NamedTuple):
     tokens: np.ndarray  # [N, K, max_new] int32; pad_id after a sample's stop token (which is kept)
     lengths: np.ndarray  # [N, K] int32: generated tokens, up to and including the first stop token
     probs: np.ndarray | None  # [N, C] float32: the head at the last prompt token (None without a head)
-    shapes: tuple[tuple[int, int, int], ...]  # (prompts, samples, prompt length) of each jitted call
+    # (prompts, samples, shared prefix length (0: none), prompt length) of each jitted call
+    shapes: tuple[tuple[int, int, int, int], ...]
 
 
 def sample_rows(params, adapters, model_cfg: ModelConfig, lora_cfg: LoraConfig | None, scfg: SamplingConfig,
                 rows: Sequence[Mapping[str, Any]], *, samples: int = 1, seed: int, row_ids: Sequence[int] | None = None,
-                batch_size: int, tokenizer=None, fixed_batch: bool = False, on_batch=None) -> SampledRows:
+                batch_size: int, tokenizer=None, fixed_batch: bool = False, group_size: int = 1,
+                on_batch=None) -> SampledRows:
     """Sample `samples` (K) continuations of each prompt row and read the sentiment head: the one batched
     sampling API (launch/generate.py's `generate_predictions` and the Predictor both call it).
 
@@ -148,20 +151,29 @@ def sample_rows(params, adapters, model_cfg: ModelConfig, lora_cfg: LoraConfig |
     prefill (`sampling.generate(samples=K)`), which the head is read off too, so the head and the
     posts describe the same forward pass and K costs one prompt pass, not K.
 
+    group_size R > 1: rows[g*R:(g+1)*R] are prompts that may share their head (one user under R
+    wordings of the news). Their longest common token prefix inside every one's user span is
+    prefilled once and each prompt continues from it (`sampling.generate(prefix=...)`). Only with
+    causal routing (`LoraConfig.causal_routing`): pooled gates give the user span the news mean,
+    so pooled rows are prefilled whole. Sharing changes no result beyond rounding.
+
     Randomness: sample k of row i draws from fold_in(fold_in(PRNGKey(seed), row_ids[i]), k)
     (row_ids default to 0..N-1), so a sample is fixed by (seed, row id, k) whatever the batching.
 
-    Batching: rows are sorted by prompt length and run max(1, batch_size // K) prompts (so about
-    batch_size decode rows; K rows when K > batch_size) per jitted call. Shapes are bucketed so a
-    process compiles a few programs: prompt length up to a multiple of LENGTH_BUCKET, prompts per
-    call up to a power of two (exactly batch_size // K with fixed_batch), filler rows discarded.
-    on_batch(n) is called after each call with the number of samples it made.
+    Batching: groups of rows are sorted by prompt length and run max(1, batch_size // (K * R))
+    groups (so about batch_size decode rows; more when K * R > batch_size) per jitted call.
+    Shapes are bucketed so a process compiles a few programs: prompt and prefix lengths up to a
+    multiple of LENGTH_BUCKET, groups per call up to a power of two (exactly that many with
+    fixed_batch), filler rows discarded. on_batch(n) is called after each call with the number of
+    samples it made.
     """
     n_rows = len(rows)
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
         raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if group_size < 1 or n_rows % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the {n_rows} rows into whole groups")
     row_ids = np.arange(n_rows) if row_ids is None else np.asarray(row_ids, np.int64)
     if row_ids.shape != (n_rows,):
         raise ValueError(f"row_ids: {row_ids.shape[0] if row_ids.ndim else 0} ids for {n_rows} rows")
@@ -169,32 +181,45 @@ def sample_rows(params, adapters, model_cfg: ModelConfig, lora_cfg: LoraConfig |
         raise ValueError(f"row_ids must be in [0, 2**32) (they seed the PRNG streams), got [{row_ids.min()}, "
                          f"{row_ids.max()}]")
     samples, pad_id = int(samples), int(scfg.pad_id)
+    causal = adapters is None or lora_cfg is None or "layers" not in adapters or lora_cfg.causal_routing
+    r = group_size if causal else 1
     key = jax.random.PRNGKey(int(seed))
     tokens = np.full((n_rows, samples, scfg.max_new_tokens), pad_id, np.int32)
     lengths = np.zeros((n_rows, samples), np.int32)
     probs = None
     shapes = []
-    per_call = max(1, batch_size // samples)
-    order = sorted(range(n_rows), key=lambda i: (int(rows[i]["prompt_len"]), i))
-    for start in range(0, n_rows, per_call):
+    prompt = [np.asarray(row["input_ids"])[:int(row["prompt_len"])] for row in rows]
+    groups = [list(range(g * r, (g + 1) * r)) for g in range(n_rows // r)]
+    per_call = max(1, batch_size // (samples * r))
+    order = sorted(range(len(groups)), key=lambda g: (max(len(prompt[i]) for i in groups[g]), g))
+    for start in range(0, len(groups), per_call):
         chunk = order[start:start + per_call]
         n = per_call if fixed_batch else min(per_call, bucket(len(chunk), pow2=True))
-        call = chunk + [chunk[0]] * (n - len(chunk))  # filler rows keep the shape bucket; discarded
-        prompts = [np.asarray(rows[i]["input_ids"])[:int(rows[i]["prompt_len"])] for i in call]
-        p_len = bucket(max(len(p) for p in prompts), multiple=LENGTH_BUCKET)
-        ids, mask = sampling.left_pad(prompts, pad_id, p_len)
-        ue = np.array([int(rows[i]["user_end"]) for i in call], np.int32)
-        ne = np.array([int(rows[i]["news_end"]) for i in call], np.int32)
+        call = [groups[g] for g in chunk + [chunk[0]] * (n - len(chunk))]  # filler groups keep the shape; discarded
+        heads = [_shared_head(prompt, rows, grp) if r > 1 else 0 for grp in call]
+        flat = [i for grp in call for i in grp]
+        cuts = [h for h in heads for _ in range(r)]
+        prefix, p0 = None, 0
+        if max(heads) > 0:  # else the call runs whole prompts: the program of unshared rows
+            p0 = bucket(max(heads), multiple=LENGTH_BUCKET)
+            prefix = sampling.left_pad([prompt[grp[0]][:h] for grp, h in zip(call, heads)], pad_id, p0,
+                                       allow_empty=True)
+        rest = [prompt[i][c:] for i, c in zip(flat, cuts)]
+        p_len = bucket(max(len(x) for x in rest), multiple=LENGTH_BUCKET)
+        ids, mask = sampling.left_pad(rest, pad_id, p_len)
+        ue = np.array([int(rows[i]["user_end"]) for i in flat], np.int32)
+        ne = np.array([int(rows[i]["news_end"]) for i in flat], np.int32)
         t, ln, pr = jax.device_get(_sample_batch(
-            params, adapters, ids, mask, ue, ne, key, row_ids[call].astype(np.uint32),
+            params, adapters, ids, mask, ue, ne, key, row_ids[flat].astype(np.uint32), prefix,
             cfg=model_cfg, lora_cfg=lora_cfg, scfg=scfg, samples=samples))
-        shapes.append((n, samples, p_len))
-        m = len(chunk)
-        tokens[chunk], lengths[chunk] = t[:m], ln[:m]
+        shapes.append((len(flat), samples, p0, p_len))
+        m = len(chunk) * r
+        real = flat[:m]
+        tokens[real], lengths[real] = t[:m], ln[:m]
         if pr is not None:
             if probs is None:
                 probs = np.zeros((n_rows, pr.shape[-1]), np.float32)
-            probs[chunk] = pr[:m]
+            probs[real] = pr[:m]
         if on_batch is not None:
             on_batch(m * samples)
     texts = None
@@ -202,6 +227,20 @@ def sample_rows(params, adapters, model_cfg: ModelConfig, lora_cfg: LoraConfig |
         texts = [[_decode(tokenizer, tokens[i, k], int(lengths[i, k]), scfg.stop_tokens) for k in range(samples)]
                  for i in range(n_rows)]
     return SampledRows(texts, tokens, lengths, probs, tuple(shapes))
+
+
+def _shared_head(prompt: Sequence[np.ndarray], rows: Sequence[Mapping[str, Any]], group: Sequence[int]) -> int:
+    """How many leading tokens a group's prompts can share: their common prefix, cut at the first
+    user_end (so every shared token is in every prompt's user span and routed alike) and one token
+    short of the shortest prompt (each prompt continues with at least its last token)."""
+    first = prompt[group[0]]
+    n = min(min(len(prompt[i]) - 1 for i in group), min(int(rows[i]["user_end"]) for i in group))
+    for i in group[1:]:
+        other = prompt[i]
+        diff = np.flatnonzero(first[:n] != other[:n])
+        if diff.size:
+            n = int(diff[0])
+    return max(n, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg"))

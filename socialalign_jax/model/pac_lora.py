@@ -77,6 +77,13 @@ class LoraConfig:
     def gated_b(self) -> bool:
         return self.routing in ("token", "pooled", "uniform_a")
 
+    @property
+    def causal_routing(self) -> bool:
+        """Whether a token's gate weights depend on nothing after it: every mode but `pooled`, whose
+        gates give every token (the user span's too) the news span's mean. A prompt prefix can be
+        computed once for prompts that continue it differently only when routing is causal."""
+        return self.routing != "pooled" or not self.targets
+
 
 def gate_probs_from_pre(pre, gate) -> jax.Array:
     """The gate after its first Dense: exact GELU -> Dense(G->E, no bias) -> float32 softmax.  pre [..., G]."""

@@ -208,9 +208,67 @@ def use_layer_loop(scfg: SamplingConfig) -> bool:
     return scfg.layer_loop == "unrolled"
 
 
+class Prefill(NamedTuple):
+    """What `prefill` returns: the state the decode loop starts from."""
+    cache: Any  # the KV cache of the B prompts, room for `extra` more tokens after them
+    last_hidden: Any  # [B, D] final-norm hidden state at each prompt's last token (the head's input)
+    logits: Any  # [B, V] float32: the next-token logits there
+    seen: Any  # [B, V] bool: the tokens of each prompt (shared prefix included), for the repetition penalty
+    gate_stats: Any  # gate-stat sums over the B prompts' tokens (a shared prefix counted once per prompt) | None
+
+
+def prefill(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_cfg: LoraConfig | None, spans,
+            extra: int, prefix=None) -> Prefill:
+    """Run LEFT-padded prompts [B, P] through the model into a fresh KV cache with `extra` free slots.
+
+    spans = (user_end [B], news_end [B]) absolute positions in each whole prompt.
+
+    prefix: None, or (prefix_ids, prefix_mask) [G, P0] left-padded, a head shared by R = B // G
+    consecutive prompts (rows g*R .. g*R+R-1 continue prefix g; one user's prompts under R
+    wordings); prompt_ids then hold each prompt's continuation (>= 1 real token). The prefix is
+    run once per group, its cache repeated R times (`decoder.repeat_cache`) and each continuation
+    run from it at its absolute positions, so the B prompts cost G prefixes + B continuations.
+    Exact when routing is causal (`LoraConfig.causal_routing`; pooled routing is refused: its
+    gates give the user span the news mean, which a prefix has not seen) and every prefix token
+    lies in the user span of every prompt of its group (prefix length <= user_end), so it is
+    routed alike in all of them.
+    """
+    b, p = prompt_ids.shape
+    prompt_mask = prompt_mask.astype(jnp.int32)
+    spans = tuple(jnp.asarray(x, jnp.int32) for x in spans)
+    cache_lc = lora_cfg if adapters is not None else None
+    seen = seen_from_prompt(prompt_ids, prompt_mask, cfg.vocab_size)  # [B, V]
+    head_stats, r = None, 1
+    if prefix is None:
+        cache = decoder.init_cache(cfg, b, p + extra, cache_lc)
+    else:
+        pre_ids, pre_mask = prefix[0], prefix[1].astype(jnp.int32)
+        g, p0 = pre_ids.shape
+        if cache_lc is not None and not cache_lc.causal_routing:
+            raise ValueError(f"a shared prefix needs causal routing; {cache_lc.routing!r} routing gives every "
+                             "token the news span's mean, which the prefix has not seen")
+        if b % g:
+            raise ValueError(f"prefix: {g} prefixes do not divide {b} prompts into equal groups")
+        r = b // g
+        cache = decoder.init_cache(cfg, g, p0 + p + extra, cache_lc)
+        head = decoder.forward(params, pre_ids, cfg, attention_mask=pre_mask, adapters=adapters, lora_cfg=lora_cfg,
+                               spans=(spans[0][::r], spans[1][::r]), cache=cache, compute_logits=False)
+        cache = decoder.repeat_cache(head.cache, r, cfg, cache_lc)  # G prefixes -> B rows (row g*R + i)
+        seen = seen | jnp.repeat(seen_from_prompt(pre_ids, pre_mask, cfg.vocab_size), r, axis=0)
+        head_stats = head.gate_stats
+    out = decoder.forward(params, prompt_ids, cfg, attention_mask=prompt_mask, adapters=adapters,
+                          lora_cfg=lora_cfg, spans=spans, cache=cache, compute_logits=False)
+    stats = out.gate_stats
+    if head_stats is not None and stats is not None:
+        stats = jax.tree.map(lambda h, c: h * r + c, head_stats, stats)
+    last_hidden = out.hidden[:, -1]  # [B, D]: column P-1 is every row's last prompt token
+    logits = decoder.lm_logits(params, out.hidden[:, -1:], cfg)[:, 0]  # [B, V]
+    return Prefill(out.cache, last_hidden, logits, seen, stats)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "scfg", "samples"))
 def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_cfg: LoraConfig | None,
-             scfg: SamplingConfig, spans, rng, samples: int = 1) -> GenerateOutput:
+             scfg: SamplingConfig, spans, rng, samples: int = 1, prefix=None) -> GenerateOutput:
     """Sample up to scfg.max_new_tokens tokens after LEFT-padded prompts, `samples` (K) per prompt.
 
     prompt_ids, prompt_mask [B, P] (left padding; every row needs >= 1 real token);
@@ -228,8 +286,11 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
     row's samples depend on the batch it is in), or one key per output row [B*K] (typed keys, or
     raw [B*K, 2]): row r's step-t draw uses fold_in(rng[r], t) only, so its sample depends on its
     key and its prompt and on nothing else in the batch.
+
+    prefix: None, or a head of the prompts shared between them (`prefill`); prompt_ids then hold
+    each row's continuation.
     """
-    b, p = prompt_ids.shape
+    b = prompt_ids.shape[0]
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     rows = b * samples
@@ -237,18 +298,13 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
     per_row = per_row_keys(rng)
     if per_row and rng.shape[0] != rows:
         raise ValueError(f"per-row keys: expected {rows} (prompts {b} x samples {samples}), got {rng.shape[0]}")
-    prompt_mask = prompt_mask.astype(jnp.int32)
     cache_lc = lora_cfg if adapters is not None else None
-    cache = decoder.init_cache(cfg, b, p + max_new, cache_lc)
-    out = decoder.forward(params, prompt_ids, cfg, attention_mask=prompt_mask, adapters=adapters,
-                          lora_cfg=lora_cfg, spans=spans, cache=cache, compute_logits=False)
-    last_hidden = out.hidden[:, -1]  # [B, D]: column P-1 is every row's last prompt token
-    logits = decoder.lm_logits(params, out.hidden[:, -1:], cfg)[:, 0]  # [B, V]
-    seen = seen_from_prompt(prompt_ids, prompt_mask, cfg.vocab_size)  # [B, V]
+    pre = prefill(params, adapters, prompt_ids, prompt_mask, cfg, lora_cfg, spans, max_new, prefix)
+    last_hidden = pre.last_hidden
     # Branch: B prompts -> B*K rows (row b*K + k), the prefill's cache and first logits shared.
-    cache = decoder.repeat_cache(out.cache, samples, cfg, cache_lc)
-    logits = jnp.repeat(logits, samples, axis=0)  # [B*K, V]
-    seen = jnp.repeat(seen, samples, axis=0)
+    cache = decoder.repeat_cache(pre.cache, samples, cfg, cache_lc)
+    logits = jnp.repeat(pre.logits, samples, axis=0)  # [B*K, V]
+    seen = jnp.repeat(pre.seen, samples, axis=0)
     stops = jnp.asarray(scfg.stop_tokens or (-1,), jnp.int32)
 
     # Decode steps on the CPU run the layers as a Python loop over weights sliced once here:
@@ -284,8 +340,11 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
     return GenerateOutput(final["tokens"], final["lengths"], last_hidden)
 
 
-def left_pad(rows, pad_id: int, length: int | None = None):
-    """List of 1-D int sequences -> (ids [B, P], mask [B, P]) numpy, LEFT-padded (host side)."""
+def left_pad(rows, pad_id: int, length: int | None = None, *, allow_empty: bool = False):
+    """List of 1-D int sequences -> (ids [B, P], mask [B, P]) numpy, LEFT-padded (host side).
+
+    allow_empty: for shared prefixes (`generate(prefix=...)`), which may be empty; a prompt may not.
+    """
     import numpy as np
 
     n = max(len(r) for r in rows)
@@ -296,6 +355,8 @@ def left_pad(rows, pad_id: int, length: int | None = None):
     mask = np.zeros((len(rows), length), np.int32)
     for i, r in enumerate(rows):
         if len(r) == 0:
+            if allow_empty:
+                continue
             raise ValueError(f"prompt {i} is empty; generation needs at least one prompt token")
         ids[i, length - len(r):] = np.asarray(r, np.int32)
         mask[i, length - len(r):] = 1

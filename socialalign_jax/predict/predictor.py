@@ -332,8 +332,8 @@ class Predictor:
         self.run = dict(run or {})
         self.skill = _checked_skill(skill, self.labels)
         self.random_weights = uses_random_weights(self.run)
-        # (prompts, samples, prompt length) of the sampler calls so far: the shapes compiled
-        self.compiled_shapes: set[tuple[int, int, int]] = set()
+        # (prompts, samples, shared prefix length, prompt length) of the sampler calls so far: the shapes compiled
+        self.compiled_shapes: set[tuple[int, int, int, int]] = set()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ constructors
@@ -502,8 +502,10 @@ class Predictor:
         """Sample every (wording, user) prompt's K posts with `generation.sample_rows`.
 
         Each prompt is prefilled once and its K samples branch from that prefill; the head's
-        probabilities come from it. Prompt (v, u) is row v*U + u, so sample k of user u under
-        wording v draws from fold_in(fold_in(PRNGKey(seed), v*U + u), k).
+        probabilities come from it. A user's V prompts are one group, so with causal routing the
+        head they have in common (up to where the wordings' prompts first differ, at most the user
+        span) is prefilled once for all V. Prompt (v, u) has row id v*U + u, so sample k of user u
+        under wording v draws from fold_in(fold_in(PRNGKey(seed), v*U + u), k) however it is batched.
         Returns posts [V][U][K] (str) and head probabilities [V, U, C] (float64).
         """
         v_n, u_n = len(examples), len(examples[0])
@@ -511,17 +513,18 @@ class Predictor:
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=v_n * u_n * samples, desc="predict", unit="post", dynamic_ncols=True)
-        try:
+        try:  # rows user-major (u, v): a user's wordings are consecutive, one group
             out = generation.sample_rows(
                 self.params, self.adapters, self.model_cfg, self.lora_cfg, self.sampling,
-                [ex for per_wording in examples for ex in per_wording], samples=samples, seed=seed,
-                batch_size=self.batch_size, tokenizer=self.tokenizer, on_batch=None if bar is None else bar.update)
+                [examples[v][u] for u in range(u_n) for v in range(v_n)], samples=samples, seed=seed,
+                row_ids=[v * u_n + u for u in range(u_n) for v in range(v_n)], batch_size=self.batch_size,
+                tokenizer=self.tokenizer, group_size=v_n, on_batch=None if bar is None else bar.update)
         finally:
             if bar is not None:
                 bar.close()
         self.compiled_shapes.update(out.shapes)
-        posts = [[out.texts[v * u_n + u] for u in range(u_n)] for v in range(v_n)]
-        probs = np.asarray(out.probs, np.float64).reshape(v_n, u_n, -1)
+        posts = [[out.texts[u * v_n + v] for u in range(u_n)] for v in range(v_n)]
+        probs = np.asarray(out.probs, np.float64).reshape(u_n, v_n, -1).transpose(1, 0, 2)
         return posts, probs
 
 

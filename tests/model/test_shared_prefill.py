@@ -234,7 +234,7 @@ def test_sample_rows_is_independent_of_batching_and_matches_single_prompt_runs(r
     run = functools.partial(generation.sample_rows, params, ad, CFG, lc, SAMPLED, rows, samples=k, seed=seed,
                             row_ids=row_ids)
     one_by_one, together = run(batch_size=3), run(batch_size=16)
-    assert one_by_one.shapes == ((1, 3, 32),) * 3 and together.shapes == ((4, 3, 32),)
+    assert one_by_one.shapes == ((1, 3, 0, 32),) * 3 and together.shapes == ((4, 3, 0, 32),)
     assert one_by_one.tokens.shape == (3, k, N_GEN) and one_by_one.texts is None
     np.testing.assert_array_equal(one_by_one.tokens, together.tokens)
     np.testing.assert_array_equal(one_by_one.lengths, np.full((3, k), N_GEN))
@@ -252,3 +252,123 @@ def test_sample_rows_is_independent_of_batching_and_matches_single_prompt_runs(r
         run(batch_size=3, samples=0)
     with pytest.raises(ValueError, match=r"row_ids must be in \[0, 2\*\*32\)"):
         run(batch_size=3, row_ids=[-1, 0, 1])
+
+
+# ----------------------------------------------------------------------------- a head shared across wordings
+# Two users x two wordings: each user's prompts share a head and differ after it. Wording 0's
+# user_end is one token before the head's end, wording 1's one after: the head's last token is
+# news for one prompt and user for the other, so sharing must stop at the first user_end.
+
+HEAD_LENS = (7, 4)
+TAIL_LENS = ((4, 6), (3, 5))  # [user][wording]
+
+
+def _wordings():
+    rng = np.random.default_rng(21)
+    prompts, ue, ne, heads = [], [], [], []
+    for u, h in enumerate(HEAD_LENS):
+        head = rng.integers(1, CFG.vocab_size, h).astype(np.int32)
+        heads.append(head)
+        for v, t in enumerate(TAIL_LENS[u]):
+            prompts.append(np.concatenate([head, rng.integers(1, CFG.vocab_size, t).astype(np.int32)]))
+            ue.append(h - 1 + 2 * v)
+            ne.append(h + 2)
+    return prompts, np.array(ue, np.int32), np.array(ne, np.int32), heads
+
+
+def _slot_of(key_pos, row, pos):
+    (slot,) = np.flatnonzero(np.asarray(key_pos)[row] == pos)
+    return slot
+
+
+@pytest.mark.parametrize("routing", ["token", "uniform_a"])
+def test_a_shared_head_prefills_as_the_whole_prompts(routing):
+    """prefill(prefix=heads) over the continuations equals prefill over the whole prompts: the
+    K/V of every prompt token (found by its absolute position), the per-row positions and spans,
+    the logits and hidden state at the last token, the seen tokens and the gate statistics; the
+    logits also equal a plain forward without cache."""
+    params, ad, _ = _model("token")
+    lc = _lora(routing)
+    prompts, ue, ne, heads = _wordings()
+    run = jax.jit(functools.partial(sampling.prefill, cfg=CFG, lora_cfg=lc, extra=N_GEN))
+    ids, mask = sampling.left_pad(prompts, 0)
+    whole = run(params, ad, ids, mask, spans=(ue, ne))
+    heads = [x[:min(ue[2 * u], ue[2 * u + 1])] for u, x in enumerate(heads)]  # up to the group's first user_end
+    cut = [len(heads[i // 2]) for i in range(len(prompts))]
+    c_ids, c_mask = sampling.left_pad([x[c:] for x, c in zip(prompts, cut)], 0)
+    shared = run(params, ad, c_ids, c_mask, spans=(ue, ne), prefix=sampling.left_pad(heads, 0))
+
+    np.testing.assert_allclose(np.asarray(shared.last_hidden), np.asarray(whole.last_hidden), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(shared.logits), np.asarray(whole.logits), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(shared.seen), np.asarray(whole.seen))
+    jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-4),
+                           shared.gate_stats, whole.gate_stats)
+    for name in ("next_pos", "user_end", "news_end"):
+        np.testing.assert_array_equal(np.asarray(shared.cache[name]), np.asarray(whole.cache[name]), err_msg=name)
+    for row, x in enumerate(prompts):
+        for pos in range(len(x)):
+            a = _slot_of(shared.cache["key_pos"], row, pos)
+            b = _slot_of(whole.cache["key_pos"], row, pos)
+            for leaf in ("k", "v"):
+                np.testing.assert_allclose(np.asarray(shared.cache[leaf])[:, row, a],
+                                           np.asarray(whole.cache[leaf])[:, row, b], rtol=0, atol=1e-5,
+                                           err_msg=f"{leaf} row {row} position {pos}")
+    # Independent reference: a plain right-padded forward over each whole prompt.
+    full_ids = np.zeros((len(prompts), max(len(x) for x in prompts)), np.int32)
+    full_mask = np.zeros_like(full_ids)
+    for i, x in enumerate(prompts):
+        full_ids[i, :len(x)], full_mask[i, :len(x)] = x, 1
+    full = decoder.forward(params, jnp.asarray(full_ids), CFG, attention_mask=jnp.asarray(full_mask), adapters=ad,
+                           lora_cfg=lc, spans=(ue, ne))
+    want = np.stack([np.asarray(full.logits)[i, len(x) - 1] for i, x in enumerate(prompts)])
+    np.testing.assert_allclose(np.asarray(shared.logits), want, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_sample_rows_sharing_a_users_head_changes_no_sample(greedy):
+    """sample_rows(group_size=2): a user's two wordings share the prefill of their common head; the
+    samples (same per-row streams) and the head's probabilities are those of whole prompts."""
+    params, ad, lc = _model("token")
+    prompts, ue, ne, _ = _wordings()
+    rows = [{"input_ids": x, "prompt_len": len(x), "user_end": int(a), "news_end": int(b)}
+            for x, a, b in zip(prompts, ue, ne)]
+    run = functools.partial(generation.sample_rows, params, ad, CFG, lc, GREEDY if greedy else SAMPLED, rows,
+                            samples=3, seed=2, row_ids=[0, 2, 1, 3], batch_size=12)
+    whole, grouped = run(group_size=1), run(group_size=2)
+    assert [s[2] for s in whole.shapes] == [0] and [s[2] for s in grouped.shapes] == [32]  # shared head slots
+    np.testing.assert_array_equal(grouped.tokens, whole.tokens)
+    np.testing.assert_array_equal(grouped.lengths, whole.lengths)
+    np.testing.assert_allclose(grouped.probs, whole.probs, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(whole.probs, _head_probs(params, ad, lc, prompts, ue, ne), atol=1e-5)
+    with pytest.raises(ValueError, match="group_size 3 does not divide the 4 rows"):
+        run(group_size=3)
+
+
+def test_pooled_routing_shares_no_head_because_the_user_span_reads_the_news():
+    """Pooled gates give every token the news span's mean, so the user span's hidden states depend on
+    the news (they do not under token routing): a head cannot be prefilled once for two wordings.
+    generate refuses a prefix under pooled routing and sample_rows prefills whole prompts."""
+    prompts, ue, ne, heads = _wordings()
+    ids, mask = sampling.left_pad(prompts[:2], 0)  # user 0 under two wordings: same head, other news
+    h = min(ue[0], ue[1])  # the head's tokens that are user tokens in both prompts
+    gap = {}
+    for routing in ("token", "pooled"):
+        params, ad, lc = _model(routing)
+        out = decoder.forward(params, jnp.asarray(ids), CFG, attention_mask=jnp.asarray(mask), adapters=ad,
+                              lora_cfg=lc, spans=(ue[:2], ne[:2]), compute_logits=False)
+        hid = np.asarray(out.hidden)
+        # The head's tokens sit at the same absolute positions, in columns that differ by the padding.
+        cols = [ids.shape[1] - len(x) + np.arange(h) for x in prompts[:2]]
+        gap[routing] = np.abs(hid[0, cols[0]] - hid[1, cols[1]]).max()
+    assert gap["token"] < 1e-5 and gap["pooled"] > 1e-3, gap
+
+    params, ad, lc = _model("pooled")
+    c_ids, c_mask = sampling.left_pad([x[h:] for x in prompts[:2]], 0)
+    with pytest.raises(ValueError, match="a shared prefix needs causal routing; 'pooled'"):
+        sampling.prefill(params, ad, c_ids, c_mask, CFG, lc, (ue[:2], ne[:2]), N_GEN,
+                         prefix=sampling.left_pad([heads[0][:h]], 0))
+    rows = [{"input_ids": x, "prompt_len": len(x), "user_end": int(a), "news_end": int(b)}
+            for x, a, b in zip(prompts, ue, ne)]
+    out = generation.sample_rows(params, ad, CFG, lc, GREEDY, rows, samples=1, seed=0, batch_size=4, group_size=2)
+    assert [s[2] for s in out.shapes] == [0]  # whole prompts
+    np.testing.assert_allclose(out.probs, _head_probs(params, ad, lc, prompts, ue, ne), atol=1e-5)

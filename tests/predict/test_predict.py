@@ -226,6 +226,9 @@ def test_api_predicts_the_crowd_as_a_direct_forward_and_numpy_do(predictor):
 
     users = read_users(USERS)
     pred = predictor.predict(NEWS, users, samples=2, seed=3, variants=[NEWS2], labeller="lexicon")
+    # Token routing: each user's two wordings prefilled their common head once (and the head's
+    # probabilities below still equal a plain forward over each whole prompt).
+    assert predictor.lora_cfg.routing == "token" and any(s[2] > 0 for s in predictor.compiled_shapes)
     labels = list(predictor.labels)
     assert pred.labels == tuple(labels) and pred.num_users == 4 and len(pred.variants) == 2
     assert [u.user_name for u in pred.users] == [u.user_name for u in users]

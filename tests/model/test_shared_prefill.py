@@ -247,7 +247,8 @@ def test_sample_rows_is_independent_of_batching_and_matches_single_prompt_runs(r
             key = jax.random.fold_in(jax.random.fold_in(base, row_ids[i]), j)
             ref = sampling.generate(params, ad, ids, mask, CFG, lc, SAMPLED, (USER_END[i:i + 1], NEWS_END[i:i + 1]),
                                     key[None])
-            np.testing.assert_array_equal(together.tokens[i, j], np.asarray(ref.tokens)[0], err_msg=f"row {i} sample {j}")
+            np.testing.assert_array_equal(together.tokens[i, j], np.asarray(ref.tokens)[0],
+                                          err_msg=f"row {i} sample {j}")
     with pytest.raises(ValueError, match="samples must be an integer >= 1"):
         run(batch_size=3, samples=0)
     with pytest.raises(ValueError, match=r"row_ids must be in \[0, 2\*\*32\)"):

@@ -51,7 +51,7 @@ def iter_jsonl(lines: Iterable[str], source: str, error: type[Exception] = UserE
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             if lineno == last and _ends_early(line, e):
-                raise error(f"{source}: line {lineno}: the file ends in the middle of a record: {CUT_SHORT}") from None
+                raise error(f"{source}: line {lineno}: invalid JSON: the file ends in the middle of a record: {CUT_SHORT}") from None
             raise error(f"{source}: line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise error(f"{source}: line {lineno}: expected a JSON object, got {type(obj).__name__}")

@@ -496,6 +496,9 @@ def run_plan(plan: dict, out: str | os.PathLike, *, log: Callable[[str], None] =
         key = _digest({"identity": ctx.identity, "kind": plan["kind"], "row": row_settings(plan, row),
                        "reference": row.get("reference"), "flags": row.get("flags"),
                        **{k: row[k] for k in ("model", "text", "shrink") if k in row},
+                       # the grids the inner cross-validation chooses from: a wider grid is another cell
+                       **({"c_grid": FC.C_GRID, "inner_folds": FC.INNER_FOLDS} if row.get("model") == "ngram" else {}),
+                       **({"weights": SK.WEIGHTS, "inner_folds": FC.INNER_FOLDS} if row.get("shrink") else {}),
                        "common": plan.get("common_flags"), "config": plan.get("train_config"),
                        "folds": plan["folds"], "fold_seed": plan["fold_seed"], "fold": fold, "seed": seed})
         if key not in done:

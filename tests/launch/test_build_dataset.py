@@ -170,8 +170,8 @@ def test_train_names_data_labels_a_converter_does_not_give(tmp_path):
     from socialalign_jax.core.errors import UserError
     from socialalign_jax.data import setup
 
-    from tests.train_helpers import tiny_config
+    from tests.train_helpers import typed_config
 
-    cfg = tiny_config(**{"data.source": "ced", "data.input": str(tmp_path), "data.labels": "a,b,c"})
+    cfg = typed_config(**{"data.source": "ced", "data.input": str(tmp_path), "data.labels": "a,b,c"})
     with pytest.raises(UserError, match=r"^data\.labels 'a,b,c': source 'ced' labels its cases negative,neutral,"):
         setup.prepare(cfg, None, str(tmp_path / "w"))

@@ -79,7 +79,7 @@ def test_users_file_is_validated_with_file_line_and_field():
 def test_a_users_file_cut_short_says_so(tmp_path):
     raw = USERS.read_bytes()
     for end, what in ((raw.index("王".encode()) + 2, "the file ends in the middle of a character"),
-                      (raw.index(b"\n") - 5, "line 1: the file ends in the middle of a record")):
+                      (raw.index(b"\n") - 5, "line 1: invalid JSON: the file ends in the middle of a record")):
         (tmp_path / "u.jsonl").write_bytes(raw[:end])
         with pytest.raises(UsersError) as e:
             read_users(tmp_path / "u.jsonl")

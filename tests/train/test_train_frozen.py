@@ -33,7 +33,7 @@ def test_step_leaves_base_bitwise_and_holds_only_adapter_state():
     params = decoder.init_params(cfg, jax.random.PRNGKey(0))
     before = jax.tree.map(np.array, params)
     adapters = decoder.init_adapters(jax.random.PRNGKey(1), cfg, lc)
-    opt, sched = optim.make_optimizer({"lr": 1e-2, "total_steps": 10})
+    opt, sched = optim.make_optimizer(optim.OptimConfig(lr=1e-2), total_steps=10)
     state = step_lib.init_train_state(adapters, opt)
     fn = jax.jit(step_lib.make_train_step(cfg, lc, step_lib.LossConfig(max_response_tokens=8), opt, sched))
     batch = _batch(cfg)

@@ -125,7 +125,9 @@ def model_score_fn(params, cfg: ModelConfig, tokenizer, *, batch_size: int = 16,
 
         Prompts go in batches of `batch_size` (fewer rows for a short last batch: a power of two),
         left-padded to a multiple of scoring.BUCKET tokens, in order of length so that a batch
-        holds prompts of similar lengths; the words are right-padded to a power of two tokens.
+        holds prompts of similar lengths. The words are right-padded to the longest one, not to a
+        bucket: a labelling job has one set of words, hence one word length, and every padded
+        column would run B*K more tokens (SmolLM2 splits 消极 / 中性 / 积极 into 5 / 3 / 4 tokens).
         """
         k = len(words)
         p_ids = [_encode_prompt(tokenizer, p, chat=chat) for p in prompts]
@@ -136,7 +138,7 @@ def model_score_fn(params, cfg: ModelConfig, tokenizer, *, batch_size: int = 16,
         out = np.zeros((len(prompts), k), np.float64)
         if not len(prompts) or not k:
             return out
-        c = bucket(max(len(w) for w in w_ids), pow2=True)
+        c = max(len(w) for w in w_ids)
         wid = np.full((k, c), pad_id, np.int32)
         wmask = np.zeros((k, c), np.int32)
         for j, w in enumerate(w_ids):

@@ -175,7 +175,7 @@ def test_cached_word_scores_equal_full_forward_pairs(routing):
     spans, so token and pooled adapters route alike; pooled still takes the cache's stored-gate branch."""
     w, params, ad, lc = _peaked(routing)
     lens = {len(w.tokenizer.encode(c, add_special_tokens=False)) for c in WORDS}
-    assert lens == {1, 2, 3, 5}, lens  # padded to 8 columns; one word is its first token only
+    assert lens == {1, 2, 3, 5}, lens  # 5 columns; one word is its first token only
     p_lens = [len(w.tokenizer.encode(p, add_special_tokens=False)) for p in PROMPTS]
     assert max(p_lens) > scoring.BUCKET > min(p_lens)
     for chat, batch_size in ((True, 4), (False, 16)):  # 7 prompts: batches of 4 and 3 (+1 filler row); 7 of 8

@@ -43,6 +43,7 @@ SLOW_FILES = {
     "model/test_sampling.py", "launch/test_build_dataset.py", "launch/test_config_validation.py",
     "launch/test_evaluate_cli.py", "launch/test_score.py", "launch/test_score_spans.py",
     "model/test_backend_paths.py", "model/test_model_cache.py", "model/test_pac_lora_decode.py",
+    "model/test_shared_prefill.py",
     "tools/test_plan.py", "parallel/test_tpu_compile.py", "predict/test_predict.py",
     "predict/test_serve.py", "runs/test_checkpoint_items.py", "runs/test_faults.py", "runs/test_full_disk.py",
     "train/test_train_frozen.py", "train/test_train_learns.py", "train/test_train_learns_sample.py",

@@ -272,7 +272,11 @@ class ZeroShotLabeller(Labeller):
 
     `score_fn(prompts, continuations)` returns the summed log-probability of each continuation
     given its prompt, shape [len(prompts)]; wiring it to a model (chat template, tokenizer)
-    is the caller's job, which keeps this class independent of model internals.
+    is the caller's job, which keeps this class independent of model internals. A scorer that
+    can do better may also offer `score_fn.score_words(prompts, words) -> [len(prompts),
+    len(words)]`, the same numbers for every (prompt, word) pair: the labeller then asks for
+    each prompt once with all its label words (a model runs the shared prompt once and only
+    the words per word, `evaluation.model_labeller`) instead of passing N*K pairs.
     probs = softmax over the label words' summed log-probs (no length normalisation: the
     three words are two characters each).
     """
@@ -293,18 +297,30 @@ class ZeroShotLabeller(Labeller):
         """One prompt per text, holding its first MAX_LABEL_CHARS characters."""
         return [self.template.format(text=clip_text(t)) for t in texts]
 
-    def probs(self, texts: Sequence[str]) -> np.ndarray:
+    def scores(self, texts: Sequence[str]) -> np.ndarray:
+        """[N, K] float64: summed log-prob of each label word (in `labels` order) after each text's prompt."""
         k = len(self.words)
         if not texts:
             return np.zeros((0, k))
-        prompts = [p for p in self.prompts(texts) for _ in range(k)]          # [N*K], text-major
-        conts = [w for _ in texts for w in self.words]
-        lp = np.asarray(self.score_fn(prompts, conts), dtype=np.float64)
-        if lp.shape != (len(prompts),):
-            raise ValueError(f"score_fn returned shape {lp.shape}, expected ({len(prompts)},)")
+        prompts = self.prompts(texts)
+        score_words = getattr(self.score_fn, "score_words", None)
+        if score_words is not None:  # one entry per prompt, all words at once
+            lp = np.asarray(score_words(prompts, list(self.words)), dtype=np.float64)
+            if lp.shape != (len(prompts), k):
+                raise ValueError(f"score_fn.score_words returned shape {lp.shape}, expected ({len(prompts)}, {k})")
+        else:
+            pairs = [p for p in prompts for _ in range(k)]          # [N*K], text-major
+            conts = [w for _ in texts for w in self.words]
+            lp = np.asarray(self.score_fn(pairs, conts), dtype=np.float64)
+            if lp.shape != (len(pairs),):
+                raise ValueError(f"score_fn returned shape {lp.shape}, expected ({len(pairs)},)")
+            lp = lp.reshape(len(texts), k)
         if not np.all(np.isfinite(lp)):
             raise ValueError("score_fn returned non-finite log-probabilities")
-        lp = lp.reshape(len(texts), k)
+        return lp
+
+    def probs(self, texts: Sequence[str]) -> np.ndarray:
+        lp = self.scores(texts)
         lp = lp - lp.max(axis=-1, keepdims=True)
         e = np.exp(lp)
         return e / e.sum(axis=-1, keepdims=True)

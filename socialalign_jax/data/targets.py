@@ -97,14 +97,6 @@ def macro_targets(splits: Mapping[str, tuple[np.ndarray, np.ndarray]], num_class
     return out
 
 
-def target_matrix(targets: Mapping[int, dict], event_ids: np.ndarray, num_classes: int) -> np.ndarray:
-    """[N, K] float32 target rows for the given event ids (one split's targets)."""
-    rows = np.zeros((len(event_ids), num_classes), np.float32)
-    for i, e in enumerate(np.asarray(event_ids)):
-        rows[i] = targets[int(e)]["dist"]
-    return rows
-
-
 def to_json(targets: Mapping[str, Mapping[int, dict]], event_names: Sequence[str]) -> dict:
     """JSON-able form (string keys, event names added) for targets.json / dataset metadata."""
     return {split: {str(e): {"event": event_names[e], **t} for e, t in sorted(per.items())}

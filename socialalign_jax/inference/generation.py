@@ -1,10 +1,13 @@
 """Batch generation over a dataset split: the predictions JSONL that launch/evaluate.py scores.
 
+Also the one batched sampling API, `sample_rows` (prompt rows in; K posts per row, their
+lengths and the sentiment head's probabilities out), which the Predictor uses too.
+
 Per batch, two jitted passes:
 
-1. `sampling.generate` on the LEFT-padded prompts: the sampled post and, from the same
-   prefill, the sentiment head's probabilities at the last prompt token (so the head and the
-   generated text describe one and the same forward pass);
+1. `sample_rows` (`sampling.generate` on the LEFT-padded prompts): the sampled post and, from
+   the same prefill, the sentiment head's probabilities at the last prompt token (so the head
+   and the generated text describe one and the same forward pass);
 2. a teacher-forced forward over prompt + real response (right padding, as in training): the
    log-probability of the real response (for perplexity) and the PAC-LoRA gate statistics.
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -88,17 +91,156 @@ def check_example(ex: Mapping[str, Any], where: str, vocab_size: int) -> dict:
 # ----------------------------------------------------------------------------- jitted passes
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "scfg"))
-def _sample_batch(params, adapters, prompt_ids, prompt_mask, user_end, news_end, rng, *, cfg: ModelConfig,
-                  lora_cfg: LoraConfig | None, scfg: SamplingConfig):
-    """Generate, and read the sentiment head off the same prefill: tokens, lengths, probs [B, K] | None."""
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "scfg", "samples"))
+def _sample_batch(params, adapters, prompt_ids, prompt_mask, user_end, news_end, key, row_ids, prefix=None, *,
+                  cfg: ModelConfig, lora_cfg: LoraConfig | None, scfg: SamplingConfig, samples: int):
+    """`sample_rows`' jitted call: K samples per prompt from one prefill each, the head read off that prefill.
+
+    prompt_ids, prompt_mask [B, P] left-padded; user_end, news_end, row_ids [B]; key one PRNG key;
+    prefix None or (ids, mask) [G, P0], the head shared by each run of B // G rows (`sampling.generate`).
+    Sample k of the prompt with id r draws from fold_in(fold_in(key, r), k) (`sample_keys`).
+    Returns tokens [B, K, T], lengths [B, K], probs [B, C] | None.
+    """
+    b = prompt_ids.shape[0]
     out = sampling.generate(params, adapters, prompt_ids, prompt_mask, cfg, lora_cfg, scfg,
-                            (user_end, news_end), rng)
+                            (user_end, news_end), sample_keys(key, row_ids, samples), samples=samples, prefix=prefix)
     probs = None
     if adapters is not None and "head" in adapters:
-        ones = jnp.ones(prompt_ids.shape[:1], jnp.int32)
+        ones = jnp.ones((b,), jnp.int32)
         probs = jax.nn.softmax(decoder.sentiment_logits(out.last_hidden[:, None], ones, adapters["head"]), axis=-1)
-    return out.tokens, out.lengths, probs
+    return out.tokens.reshape(b, samples, -1), out.lengths.reshape(b, samples), probs
+
+
+def sample_keys(key, row_ids, samples: int):
+    """The PRNG stream of each sample: row_ids [B] -> keys [B*K] (row b*K + k = sample k of prompt b).
+
+    Sample k of the prompt with id r draws from fold_in(fold_in(key, r), k), so what a sample is
+    depends on the seed, its row's id and k, never on which other rows share its batch, how the
+    rows were sorted or padded, or the batch size.
+    """
+    def per_row(r):
+        rk = jax.random.fold_in(key, r)
+        return jax.vmap(lambda k: jax.random.fold_in(rk, k))(jnp.arange(samples, dtype=jnp.uint32))
+
+    keys = jax.vmap(per_row)(jnp.asarray(row_ids, jnp.uint32))  # [B, K, ...]
+    return keys.reshape((-1,) + keys.shape[2:])
+
+
+# ----------------------------------------------------------------------------- the batched sampling API
+
+
+class SampledRows(NamedTuple):
+    """What `sample_rows` returns, indexed like the rows it was given."""
+    texts: list[list[str]] | None  # [N][K] decoded samples (stop token dropped) when a tokenizer was given
+    tokens: np.ndarray  # [N, K, max_new] int32; pad_id after a sample's stop token (which is kept)
+    lengths: np.ndarray  # [N, K] int32: generated tokens, up to and including the first stop token
+    probs: np.ndarray | None  # [N, C] float32: the head at the last prompt token (None without a head)
+    # (prompts, samples, shared prefix length (0: none), prompt length) of each jitted call
+    shapes: tuple[tuple[int, int, int, int], ...]
+
+
+def sample_rows(params, adapters, model_cfg: ModelConfig, lora_cfg: LoraConfig | None, scfg: SamplingConfig,
+                rows: Sequence[Mapping[str, Any]], *, samples: int = 1, seed: int, row_ids: Sequence[int] | None = None,
+                batch_size: int, tokenizer=None, fixed_batch: bool = False, group_size: int = 1,
+                on_batch=None) -> SampledRows:
+    """Sample `samples` (K) continuations of each prompt row and read the sentiment head: the one batched
+    sampling API (launch/generate.py's `generate_predictions` and the Predictor both call it).
+
+    rows: mappings with input_ids (at least the prompt), prompt_len, user_end, news_end (absolute
+    token positions, as the prompt builder makes them). The K samples of a row branch from one
+    prefill (`sampling.generate(samples=K)`), which the head is read off too, so the head and the
+    posts describe the same forward pass and K costs one prompt pass, not K.
+
+    group_size R > 1: rows[g*R:(g+1)*R] are prompts that may share their head (one user under R
+    wordings of the news). Their longest common token prefix inside every one's user span is
+    prefilled once and each prompt continues from it (`sampling.generate(prefix=...)`). Only with
+    causal routing (`LoraConfig.causal_routing`): pooled gates give the user span the news mean,
+    so pooled rows are prefilled whole. Sharing changes no result beyond rounding.
+
+    Randomness: sample k of row i draws from fold_in(fold_in(PRNGKey(seed), row_ids[i]), k)
+    (row_ids default to 0..N-1), so a sample is fixed by (seed, row id, k) whatever the batching.
+
+    Batching: groups of rows are sorted by prompt length and run max(1, batch_size // (K * R))
+    groups (so about batch_size decode rows; more when K * R > batch_size) per jitted call.
+    Shapes are bucketed so a process compiles a few programs: prompt and prefix lengths up to a
+    multiple of LENGTH_BUCKET, groups per call up to a power of two (exactly that many with
+    fixed_batch), filler rows discarded. on_batch(n) is called after each call with the number of
+    samples it made.
+    """
+    n_rows = len(rows)
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
+        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if group_size < 1 or n_rows % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the {n_rows} rows into whole groups")
+    row_ids = np.arange(n_rows) if row_ids is None else np.asarray(row_ids, np.int64)
+    if row_ids.shape != (n_rows,):
+        raise ValueError(f"row_ids: {row_ids.shape[0] if row_ids.ndim else 0} ids for {n_rows} rows")
+    if n_rows and not 0 <= row_ids.min() <= row_ids.max() < 2**32:
+        raise ValueError(f"row_ids must be in [0, 2**32) (they seed the PRNG streams), got [{row_ids.min()}, "
+                         f"{row_ids.max()}]")
+    samples, pad_id = int(samples), int(scfg.pad_id)
+    causal = adapters is None or lora_cfg is None or "layers" not in adapters or lora_cfg.causal_routing
+    r = group_size if causal else 1
+    key = jax.random.PRNGKey(int(seed))
+    tokens = np.full((n_rows, samples, scfg.max_new_tokens), pad_id, np.int32)
+    lengths = np.zeros((n_rows, samples), np.int32)
+    probs = None
+    shapes = []
+    prompt = [np.asarray(row["input_ids"])[:int(row["prompt_len"])] for row in rows]
+    groups = [list(range(g * r, (g + 1) * r)) for g in range(n_rows // r)]
+    per_call = max(1, batch_size // (samples * r))
+    order = sorted(range(len(groups)), key=lambda g: (max(len(prompt[i]) for i in groups[g]), g))
+    for start in range(0, len(groups), per_call):
+        chunk = order[start:start + per_call]
+        n = per_call if fixed_batch else min(per_call, bucket(len(chunk), pow2=True))
+        call = [groups[g] for g in chunk + [chunk[0]] * (n - len(chunk))]  # filler groups keep the shape; discarded
+        heads = [_shared_head(prompt, rows, grp) if r > 1 else 0 for grp in call]
+        flat = [i for grp in call for i in grp]
+        cuts = [h for h in heads for _ in range(r)]
+        prefix, p0 = None, 0
+        if max(heads) > 0:  # else the call runs whole prompts: the program of unshared rows
+            p0 = bucket(max(heads), multiple=LENGTH_BUCKET)
+            prefix = sampling.left_pad([prompt[grp[0]][:h] for grp, h in zip(call, heads)], pad_id, p0,
+                                       allow_empty=True)
+        rest = [prompt[i][c:] for i, c in zip(flat, cuts)]
+        p_len = bucket(max(len(x) for x in rest), multiple=LENGTH_BUCKET)
+        ids, mask = sampling.left_pad(rest, pad_id, p_len)
+        ue = np.array([int(rows[i]["user_end"]) for i in flat], np.int32)
+        ne = np.array([int(rows[i]["news_end"]) for i in flat], np.int32)
+        t, ln, pr = jax.device_get(_sample_batch(
+            params, adapters, ids, mask, ue, ne, key, row_ids[flat].astype(np.uint32), prefix,
+            cfg=model_cfg, lora_cfg=lora_cfg, scfg=scfg, samples=samples))
+        shapes.append((len(flat), samples, p0, p_len))
+        m = len(chunk) * r
+        real = flat[:m]
+        tokens[real], lengths[real] = t[:m], ln[:m]
+        if pr is not None:
+            if probs is None:
+                probs = np.zeros((n_rows, pr.shape[-1]), np.float32)
+            probs[real] = pr[:m]
+        if on_batch is not None:
+            on_batch(m * samples)
+    texts = None
+    if tokenizer is not None:
+        texts = [[_decode(tokenizer, tokens[i, k], int(lengths[i, k]), scfg.stop_tokens) for k in range(samples)]
+                 for i in range(n_rows)]
+    return SampledRows(texts, tokens, lengths, probs, tuple(shapes))
+
+
+def _shared_head(prompt: Sequence[np.ndarray], rows: Sequence[Mapping[str, Any]], group: Sequence[int]) -> int:
+    """How many leading tokens a group's prompts can share: their common prefix, cut at the first
+    user_end (so every shared token is in every prompt's user span and routed alike) and one token
+    short of the shortest prompt (each prompt continues with at least its last token)."""
+    first = prompt[group[0]]
+    n = min(min(len(prompt[i]) - 1 for i in group), min(int(rows[i]["user_end"]) for i in group))
+    for i in group[1:]:
+        other = prompt[i]
+        diff = np.flatnonzero(first[:n] != other[:n])
+        if diff.size:
+            n = int(diff[0])
+    return max(n, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg"))
@@ -173,32 +315,29 @@ def generate_predictions(params, adapters, model_cfg: ModelConfig, lora_cfg: Lor
 
     examples: dicts with input_ids (prompt + response, unpadded), loss_mask, prompt_len, user_end,
     news_end, and optionally label (class id, -1 = none), event, event_id, user, response,
-    case_index, target_dist. The PRNG key of batch k is fold_in(PRNGKey(scfg.seed), k), so a run
-    is reproducible. `gates`, when given, accumulates the teacher-forced pass's gate statistics.
+    case_index, target_dist. Example i's post draws from fold_in(fold_in(PRNGKey(scfg.seed), i), 0)
+    (`sample_rows`), so a run is reproducible and a post's random stream does not depend on the batch.
+    `gates`, when given, accumulates the teacher-forced pass's gate statistics.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pad_id = int(scfg.pad_id)
-    base_key = jax.random.PRNGKey(int(scfg.seed))
     labels = list(labels)
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=total, desc="generate", unit="ex", dynamic_ncols=True)
 
-    def run(batch: list[tuple[int, Mapping[str, Any], dict]], k: int) -> list[dict]:
+    def run(batch: list[tuple[int, Mapping[str, Any], dict]]) -> list[dict]:
         n_real = len(batch)
-        rows = [c for _, _, c in batch] + [batch[0][2]] * (batch_size - n_real)  # fixed batch shape
-        prompts = [c["input_ids"][:c["prompt_len"]] for c in rows]
-        p_len = bucket(max(len(p) for p in prompts), multiple=LENGTH_BUCKET)
-        ids, mask = sampling.left_pad(prompts, pad_id, p_len)
-        ue = np.array([c["user_end"] for c in rows], np.int32)
-        ne = np.array([c["news_end"] for c in rows], np.int32)
-        tokens, lengths, probs = jax.device_get(_sample_batch(
-            params, adapters, ids, mask, ue, ne, jax.random.fold_in(base_key, k),
-            cfg=model_cfg, lora_cfg=lora_cfg, scfg=scfg))
+        sampled = sample_rows(params, adapters, model_cfg, lora_cfg, scfg, [c for _, _, c in batch], samples=1,
+                              seed=int(scfg.seed), row_ids=[index for index, _, _ in batch], batch_size=batch_size,
+                              tokenizer=tokenizer, fixed_batch=True)
         nll = count = None
         if score_reference:
+            rows = [c for _, _, c in batch] + [batch[0][2]] * (batch_size - n_real)  # fixed batch shape
+            ue = np.array([c["user_end"] for c in rows], np.int32)
+            ne = np.array([c["news_end"] for c in rows], np.int32)
             s_len = bucket(max(len(c["input_ids"]) for c in rows), multiple=LENGTH_BUCKET)
             full = _right_pad([c["input_ids"] for c in rows], s_len, pad_id)
             att = _right_pad([np.ones(len(c["input_ids"]), np.int32) for c in rows], s_len, 0)
@@ -220,13 +359,13 @@ def generate_predictions(params, adapters, model_cfg: ModelConfig, lora_cfg: Lor
                 "event_id": event_id,
                 "user": _text(ex.get("user", "")),
                 "prompt_id": f"{event_id}:{int(np.asarray(case))}" if case is not None else index,
-                "generated": _decode(tokenizer, tokens[r], int(lengths[r]), scfg.stop_tokens),
+                "generated": sampled.texts[r][0],
                 "reference": _reference_text(tokenizer, ex, clean),
                 "label": labels[label] if 0 <= label < len(labels) else None,
-                "probs": None if probs is None else [float(x) for x in probs[r]],
+                "probs": None if sampled.probs is None else [float(x) for x in sampled.probs[r]],
                 "labels": labels,
                 "ref_logprob_sum": None, "ref_num_tokens": None,
-                "generated_tokens": int(lengths[r]),
+                "generated_tokens": int(sampled.lengths[r, 0]),
             }
             if nll is not None and count[r] > 0:
                 rec["ref_logprob_sum"] = -float(nll[r])
@@ -239,18 +378,17 @@ def generate_predictions(params, adapters, model_cfg: ModelConfig, lora_cfg: Lor
         return out
 
     batch: list = []
-    k = 0
     try:
         for index, ex in enumerate(examples):
             clean = check_example(ex, f"{source_name}: example {index}", model_cfg.vocab_size)
             batch.append((index, ex, clean))
             if len(batch) == batch_size:
-                yield from run(batch, k)
+                yield from run(batch)
                 if bar is not None:
                     bar.update(len(batch))
-                batch, k = [], k + 1
+                batch = []
         if batch:
-            yield from run(batch, k)
+            yield from run(batch)
             if bar is not None:
                 bar.update(len(batch))
     finally:

@@ -102,6 +102,25 @@ def cache_axes(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig 
     return jax.tree.map(lambda b: tuple(b.names), boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+def repeat_cache(cache: dict, repeats: int, cfg: ModelConfig, lora_cfg: LoraConfig | None = None) -> dict:
+    """Every row of a filled cache repeated `repeats` times: row b becomes rows b*repeats .. b*repeats+repeats-1.
+
+    Why: the K samples of one prompt share its prefill (`sampling.generate(samples=K)`); the
+    prompt is run once and the cache branches. Each leaf is repeated along the axis that
+    `modules.KVCache` declares as 'batch' (k/v, slot positions, each row's next position and
+    spans, pooled routing's stored gate weights), so a leaf added there later is repeated too;
+    the shared write index has no batch axis and is kept. lora_cfg: as given to `init_cache`.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if repeats == 1:
+        return cache
+    batch, max_len = cache["key_pos"].shape
+    axes = cache_axes(cfg, batch, max_len, lora_cfg)
+    return jax.tree.map(lambda x, ax: jnp.repeat(x, repeats, axis=ax.index("batch")) if "batch" in ax else x,
+                        cache, axes)
+
+
 _positions = modules._positions
 
 

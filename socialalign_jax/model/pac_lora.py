@@ -77,17 +77,19 @@ class LoraConfig:
     def gated_b(self) -> bool:
         return self.routing in ("token", "pooled", "uniform_a")
 
+    @property
+    def causal_routing(self) -> bool:
+        """Whether a token's gate weights depend on nothing after it: every mode but `pooled`, whose
+        gates give every token (the user span's too) the news span's mean. A prompt prefix can be
+        computed once for prompts that continue it differently only when routing is causal."""
+        return self.routing != "pooled" or not self.targets
+
 
 def gate_probs_from_pre(pre, gate) -> jax.Array:
     """The gate after its first Dense: exact GELU -> Dense(G->E, no bias) -> float32 softmax.  pre [..., G]."""
     hdn = jax.nn.gelu(pre, approximate=False)
     logits = jnp.einsum("...g,ge->...e", hdn, gate["w2"].astype(pre.dtype))
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-
-
-def gate_probs(x, gate) -> jax.Array:
-    """Dense(d_in->G, no bias) -> exact GELU -> Dense(G->E, no bias) -> float32 softmax.  x [..., d_in]."""
-    return gate_probs_from_pre(jnp.einsum("...d,dg->...g", x, gate["w1"].astype(x.dtype)), gate)
 
 
 def segment_ids(positions, user_end, news_end, valid):
@@ -101,11 +103,6 @@ def span_mean(x, seg, segment: int):
     """Mean of x [B, S, F] over the tokens of one segment of each sequence -> [B, F] (0 for an empty span)."""
     m = (seg == segment).astype(x.dtype)[..., None]
     return jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1)
-
-
-def span_means(x, seg):
-    """Mean of x over the news span and over the user span of each sequence: 2 x [B, F]."""
-    return span_mean(x, seg, NEWS), span_mean(x, seg, USER)
 
 
 def routing_weights(xd, seg, adapter, lc: LoraConfig, pooled_state=None, use_stored=False, pre=None):

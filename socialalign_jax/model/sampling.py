@@ -10,6 +10,9 @@ token of every row is read from the same column and new tokens are appended in l
 Positions come from the mask (real tokens count from 0), so `spans` are absolute positions in
 the unpadded prompt and routing matches a full forward over the unpadded sequence.
 
+K samples per prompt (`samples=K`) branch from one prefill: the cache is repeated K times
+(`decoder.repeat_cache`) before the decode loop, so K posts cost one prompt pass.
+
 Logit processing follows Hugging Face's order: repetition penalty, then temperature, top-k
 and top-p. Greedy mode applies the repetition penalty too (as HF does) and then argmax.
 """
@@ -84,9 +87,9 @@ class SamplingConfig:
 
 
 class GenerateOutput(NamedTuple):
-    tokens: Any  # [B, max_new] int32; pad_id after a row's stop token (the stop token itself is kept)
-    lengths: Any  # [B] int32: tokens up to and including the first stop token (max_new if none)
-    last_hidden: Any  # [B, D]: final-norm hidden state at the last prompt token (sentiment head input)
+    tokens: Any  # [B*K, max_new] int32; pad_id after a row's stop token (the stop token itself is kept)
+    lengths: Any  # [B*K] int32: tokens up to and including the first stop token (max_new if none)
+    last_hidden: Any  # [B, D]: final-norm hidden state at the last prompt token (sentiment head input), per prompt
 
 
 # ------------------------------------------------------------------ logit processors
@@ -163,12 +166,25 @@ def candidates(logits, seen_mask, scfg: SamplingConfig):
     return top_p_filter(vals, scfg.top_p), ids.astype(jnp.int32)
 
 
+def per_row_keys(rng) -> bool:
+    """Whether `rng` is one key per row ([R] typed keys or [R, 2] raw) rather than one key."""
+    typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    return jnp.ndim(rng) == (1 if typed else 2)
+
+
 def next_token(logits, seen_mask, scfg: SamplingConfig, key):
-    """One token per row: logits [B, V] -> [B] int32."""
+    """One token per row: logits [B, V] -> [B] int32.
+
+    key: one key (one categorical draw over the batch: a row's noise depends on its place in
+    the batch) or one key per row [B] (row b's draw depends on key[b] alone).
+    """
     if scfg.greedy:
         return jnp.argmax(process_logits(logits, seen_mask, scfg), axis=-1).astype(jnp.int32)
     cand_logits, cand_ids = candidates(logits, seen_mask, scfg)
-    choice = jax.random.categorical(key, cand_logits, axis=-1)  # [B]
+    if per_row_keys(key):
+        choice = jax.vmap(jax.random.categorical)(key, cand_logits)  # [B]
+    else:
+        choice = jax.random.categorical(key, cand_logits, axis=-1)  # [B]
     return jnp.take_along_axis(cand_ids, choice[:, None], axis=-1)[:, 0]
 
 
@@ -192,44 +208,128 @@ def use_layer_loop(scfg: SamplingConfig) -> bool:
     return scfg.layer_loop == "unrolled"
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "scfg"))
-def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_cfg: LoraConfig | None,
-             scfg: SamplingConfig, spans, rng) -> GenerateOutput:
-    """Sample up to scfg.max_new_tokens tokens after LEFT-padded prompts.
+class Prefill(NamedTuple):
+    """What `prefill` returns: the state the decode loop starts from."""
+    cache: Any  # the KV cache of the B prompts, room for `extra` more tokens after them
+    last_hidden: Any  # [B, D] final-norm hidden state at each prompt's last token (the head's input)
+    logits: Any  # [B, V] float32: the next-token logits there
+    seen: Any  # [B, V] bool: the tokens of each prompt (shared prefix included), for the repetition penalty
+    gate_stats: Any  # gate-stat sums over the B prompts' tokens (a shared prefix counted once per prompt) | None
 
-    prompt_ids, prompt_mask [B, P] (left padding; every row needs >= 1 real token);
-    spans = (user_end [B], news_end [B]) absolute positions in the unpadded prompt; rng a
-    PRNG key (unused when greedy). adapters may be None (base model).
+
+def prefill(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_cfg: LoraConfig | None, spans,
+            extra: int, prefix=None) -> Prefill:
+    """Run LEFT-padded prompts [B, P] through the model into a fresh KV cache with `extra` free slots.
+
+    spans = (user_end [B], news_end [B]) absolute positions in each whole prompt.
+
+    prefix: None, or (prefix_ids, prefix_mask) [G, P0] left-padded, a head shared by R = B // G
+    consecutive prompts (rows g*R .. g*R+R-1 continue prefix g; one user's prompts under R
+    wordings); prompt_ids then hold each prompt's continuation (>= 1 real token). The prefix is
+    run once per group, its cache repeated R times (`decoder.repeat_cache`) and each continuation
+    run from it at its absolute positions, so the B prompts cost G prefixes + B continuations.
+    Exact when routing is causal (`LoraConfig.causal_routing`; pooled routing is refused: its
+    gates give the user span the news mean, which a prefix has not seen) and every prefix token
+    lies in the user span of every prompt of its group (prefix length <= user_end), so it is
+    routed alike in all of them.
     """
     b, p = prompt_ids.shape
-    max_new = scfg.max_new_tokens
     prompt_mask = prompt_mask.astype(jnp.int32)
-    cache = decoder.init_cache(cfg, b, p + max_new, lora_cfg if adapters is not None else None)
+    spans = tuple(jnp.asarray(x, jnp.int32) for x in spans)
+    cache_lc = lora_cfg if adapters is not None else None
+    seen = seen_from_prompt(prompt_ids, prompt_mask, cfg.vocab_size)  # [B, V]
+    head_stats, r = None, 1
+    if prefix is None:
+        cache = decoder.init_cache(cfg, b, p + extra, cache_lc)
+    else:
+        pre_ids, pre_mask = prefix[0], prefix[1].astype(jnp.int32)
+        g, p0 = pre_ids.shape
+        if cache_lc is not None and not cache_lc.causal_routing:
+            raise ValueError(f"a shared prefix needs causal routing; {cache_lc.routing!r} routing gives every "
+                             "token the news span's mean, which the prefix has not seen")
+        if b % g:
+            raise ValueError(f"prefix: {g} prefixes do not divide {b} prompts into equal groups")
+        r = b // g
+        cache = decoder.init_cache(cfg, g, p0 + p + extra, cache_lc)
+        head = decoder.forward(params, pre_ids, cfg, attention_mask=pre_mask, adapters=adapters, lora_cfg=lora_cfg,
+                               spans=(spans[0][::r], spans[1][::r]), cache=cache, compute_logits=False)
+        cache = decoder.repeat_cache(head.cache, r, cfg, cache_lc)  # G prefixes -> B rows (row g*R + i)
+        seen = seen | jnp.repeat(seen_from_prompt(pre_ids, pre_mask, cfg.vocab_size), r, axis=0)
+        head_stats = head.gate_stats
     out = decoder.forward(params, prompt_ids, cfg, attention_mask=prompt_mask, adapters=adapters,
                           lora_cfg=lora_cfg, spans=spans, cache=cache, compute_logits=False)
+    stats = out.gate_stats
+    if head_stats is not None and stats is not None:
+        stats = jax.tree.map(lambda h, c: h * r + c, head_stats, stats)
     last_hidden = out.hidden[:, -1]  # [B, D]: column P-1 is every row's last prompt token
     logits = decoder.lm_logits(params, out.hidden[:, -1:], cfg)[:, 0]  # [B, V]
-    seen = seen_from_prompt(prompt_ids, prompt_mask, cfg.vocab_size)
+    return Prefill(out.cache, last_hidden, logits, seen, stats)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "scfg", "samples"))
+def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_cfg: LoraConfig | None,
+             scfg: SamplingConfig, spans, rng, samples: int = 1, prefix=None) -> GenerateOutput:
+    """Sample up to scfg.max_new_tokens tokens after LEFT-padded prompts, `samples` (K) per prompt.
+
+    prompt_ids, prompt_mask [B, P] (left padding; every row needs >= 1 real token);
+    spans = (user_end [B], news_end [B]) absolute positions in the unpadded prompt; adapters may
+    be None (base model). Returns tokens, lengths [B*K, ...] (row b*K + k is sample k of prompt
+    b) and last_hidden [B, D].
+
+    The K samples of a prompt branch from ONE prefill: the prompts are run once, then the cache
+    (`decoder.repeat_cache`: k/v, positions, spans, pooled routing's stored gate weights), the
+    first logits and the seen-token mask are repeated K times before the decode loop. A row's
+    tokens are therefore those of a run on the prompt repeated K times, with a K-th of the
+    prefill's work.
+
+    rng (unused when greedy): one PRNG key, drawn from once per step for the whole batch (so a
+    row's samples depend on the batch it is in), or one key per output row [B*K] (typed keys, or
+    raw [B*K, 2]): row r's step-t draw uses fold_in(rng[r], t) only, so its sample depends on its
+    key and its prompt and on nothing else in the batch.
+
+    prefix: None, or a head of the prompts shared between them (`prefill`); prompt_ids then hold
+    each row's continuation.
+    """
+    b = prompt_ids.shape[0]
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    rows = b * samples
+    max_new = scfg.max_new_tokens
+    per_row = per_row_keys(rng)
+    if per_row and rng.shape[0] != rows:
+        raise ValueError(f"per-row keys: expected {rows} (prompts {b} x samples {samples}), got {rng.shape[0]}")
+    cache_lc = lora_cfg if adapters is not None else None
+    pre = prefill(params, adapters, prompt_ids, prompt_mask, cfg, lora_cfg, spans, max_new, prefix)
+    last_hidden = pre.last_hidden
+    # Branch: B prompts -> B*K rows (row b*K + k), the prefill's cache and first logits shared.
+    cache = decoder.repeat_cache(pre.cache, samples, cfg, cache_lc)
+    logits = jnp.repeat(pre.logits, samples, axis=0)  # [B*K, V]
+    seen = jnp.repeat(pre.seen, samples, axis=0)
     stops = jnp.asarray(scfg.stop_tokens or (-1,), jnp.int32)
 
     # Decode steps on the CPU run the layers as a Python loop over weights sliced once here:
     # a scan would copy every layer's weights out of the stack for every generated token.
     unrolled = use_layer_loop(scfg)
     step_params = decoder.unstack_layers(params) if unrolled else params
-    state = dict(step=jnp.zeros((), jnp.int32), cache=out.cache, logits=logits, seen=seen,
-                 tokens=jnp.full((b, max_new), scfg.pad_id, jnp.int32),
-                 done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32))
+    state = dict(step=jnp.zeros((), jnp.int32), cache=cache, logits=logits, seen=seen,
+                 tokens=jnp.full((rows, max_new), scfg.pad_id, jnp.int32),
+                 done=jnp.zeros((rows,), bool), lengths=jnp.zeros((rows,), jnp.int32))
+
+    def step_keys(step):
+        if per_row:
+            return jax.vmap(lambda k: jax.random.fold_in(k, step))(rng)  # [B*K]
+        return jax.random.fold_in(rng, step)
 
     def cond(s):
         return (s["step"] < max_new) & ~jnp.all(s["done"])
 
     def body(s):
-        tok = next_token(s["logits"], s["seen"], scfg, jax.random.fold_in(rng, s["step"]))  # [B]
+        tok = next_token(s["logits"], s["seen"], scfg, step_keys(s["step"]))  # [B*K]
         live = ~s["done"]
         tokens = jax.lax.dynamic_update_slice(
             s["tokens"], jnp.where(live, tok, scfg.pad_id)[:, None], (0, s["step"]))
         done = s["done"] | jnp.isin(tok, stops)
-        seen = s["seen"].at[jnp.arange(b), tok].set(True)
+        seen = s["seen"].at[jnp.arange(rows), tok].set(True)
         # Finished rows keep decoding (lockstep) but their output is padding.
         step_out = decoder.forward(step_params, tok[:, None], cfg, adapters=adapters, lora_cfg=lora_cfg,
                                    cache=s["cache"], compute_logits=True)
@@ -240,8 +340,11 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
     return GenerateOutput(final["tokens"], final["lengths"], last_hidden)
 
 
-def left_pad(rows, pad_id: int, length: int | None = None):
-    """List of 1-D int sequences -> (ids [B, P], mask [B, P]) numpy, LEFT-padded (host side)."""
+def left_pad(rows, pad_id: int, length: int | None = None, *, allow_empty: bool = False):
+    """List of 1-D int sequences -> (ids [B, P], mask [B, P]) numpy, LEFT-padded (host side).
+
+    allow_empty: for shared prefixes (`generate(prefix=...)`), which may be empty; a prompt may not.
+    """
     import numpy as np
 
     n = max(len(r) for r in rows)
@@ -252,6 +355,8 @@ def left_pad(rows, pad_id: int, length: int | None = None):
     mask = np.zeros((len(rows), length), np.int32)
     for i, r in enumerate(rows):
         if len(r) == 0:
+            if allow_empty:
+                continue
             raise ValueError(f"prompt {i} is empty; generation needs at least one prompt token")
         ids[i, length - len(r):] = np.asarray(r, np.int32)
         mask[i, length - len(r):] = 1

@@ -14,7 +14,7 @@ import contextlib
 import contextvars
 import functools
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -188,10 +188,3 @@ def logical_constraint(x, axes: Sequence[str | None], mesh: Mesh | None = None, 
         raise ValueError(f"sharding: constraint axes {tuple(axes)} do not match an array of shape {x.shape}")
     return jax.lax.with_sharding_constraint(
         x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
-
-
-def rules_from_mapping(mapping: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """Default rules with some entries overridden, e.g. {'embed': None} for pure DP."""
-    table = _rules_dict(None)
-    table.update(mapping)
-    return tuple(table.items())

@@ -7,13 +7,15 @@ sampler (`generation`'s jitted prefill + `while_loop`) and the sentiment probabi
 head's, read off that same prefill at the last prompt token, exactly as `launch/generate.py`
 does for a test split.
 
-Speed: every (wording, user, sample) is one row; rows are sorted by prompt length and cut
-into batches whose shape is bucketed (rows: a power of two up to `batch_size`; length: a
-multiple of 32), so a prediction compiles at most a few shapes and a long-lived process
-(the web server, a notebook) compiles each shape once: the jitted sampler takes params and
-adapters as arguments and keeps the sampling settings fixed (the request's seed only
-changes the PRNG key, never a static argument). One prediction runs at a time per
-Predictor (a lock), so two requests never race to compile.
+Speed: every (wording, user) prompt is prefilled once and its K samples branch from that
+prefill (`generation.sample_rows`); with causal (token) routing a user's wordings also prefill
+their common head once. Prompts are sorted by length and cut into batches of about
+`batch_size` decode rows whose shape is bucketed (users: a power of two up to
+batch_size // (K * wordings); lengths: a multiple of 32), so a prediction compiles at most a
+few shapes and a long-lived process (the web server, a notebook) compiles each shape once:
+the jitted sampler takes params and adapters as arguments and keeps the sampling settings
+fixed (the request's seed only changes the PRNG key, never a static argument). One prediction
+runs at a time per Predictor (a lock), so two requests never race to compile.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data import tfds_builders as B
 from socialalign_jax.data.labellers import LexiconLabeller
@@ -35,7 +36,6 @@ from socialalign_jax.data.prompt import PromptConfig, PromptTooLong, build_examp
 from socialalign_jax.data.records import DEFAULT_LABELS, DataError, Event
 from socialalign_jax.evaluation import skill as skill_lib
 from socialalign_jax.inference import export, generation
-from socialalign_jax.model import sampling as sampling_lib
 from socialalign_jax.model.sampling import PAPER_MAX_NEW_TOKENS, SamplingConfig
 from socialalign_jax.predict import crowd as crowd_lib
 from socialalign_jax.predict.users import User, as_users, prompt_case
@@ -333,7 +333,8 @@ class Predictor:
         self.run = dict(run or {})
         self.skill = _checked_skill(skill, self.labels)
         self.random_weights = uses_random_weights(self.run)
-        self.compiled_shapes: set[tuple[int, int]] = set()  # (rows, prompt length) buckets seen so far
+        # (prompts, samples, shared prefix length, prompt length) of the sampler calls so far: the shapes compiled
+        self.compiled_shapes: set[tuple[int, int, int, int]] = set()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ constructors
@@ -499,49 +500,32 @@ class Predictor:
                           skill=None if self.skill is None else {**self.skill, "w_applied": w})
 
     def _generate(self, examples: list[list[dict]], samples: int, seed: int, progress: bool):
-        """Sample every (wording, user, sample) row in length-sorted, shape-bucketed batches.
+        """Sample every (wording, user) prompt's K posts with `generation.sample_rows`.
 
+        Each prompt is prefilled once and its K samples branch from that prefill; the head's
+        probabilities come from it. A user's V prompts are one group, so with causal routing the
+        head they have in common (up to where the wordings' prompts first differ, at most the user
+        span) is prefilled once for all V. Prompt (v, u) has row id v*U + u, so sample k of user u
+        under wording v draws from fold_in(fold_in(PRNGKey(seed), v*U + u), k) however it is batched.
         Returns posts [V][U][K] (str) and head probabilities [V, U, C] (float64).
         """
         v_n, u_n = len(examples), len(examples[0])
-        rows = [(v, u, k) for v in range(v_n) for u in range(u_n) for k in range(samples)]
-        lens = [int(examples[v][u]["prompt_len"]) for v, u, _ in rows]
-        order = sorted(range(len(rows)), key=lambda r: (lens[r], r))
-        bs = min(self.batch_size, bucket(len(rows), pow2=True))
-        pad_id = int(self.sampling.pad_id)
-        key = jax.random.PRNGKey(int(seed))
-        posts = [[[""] * samples for _ in range(u_n)] for _ in range(v_n)]
-        probs = np.zeros((v_n, u_n, len(self.labels)), np.float64)
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=len(rows), desc="predict", unit="post", dynamic_ncols=True)
-        try:
-            for b, start in enumerate(range(0, len(order), bs)):
-                chunk = order[start:start + bs]
-                n_rows = bs if len(chunk) == bs else bucket(len(chunk), pow2=True)
-                exs = [examples[rows[r][0]][rows[r][1]] for r in chunk]
-                exs += [exs[0]] * (n_rows - len(exs))  # filler rows keep the shape bucket; discarded
-                prompts = [ex["input_ids"][:ex["prompt_len"]] for ex in exs]
-                p_len = bucket(max(len(p) for p in prompts), multiple=generation.LENGTH_BUCKET)
-                ids, mask = sampling_lib.left_pad(prompts, pad_id, p_len)
-                ue = np.array([ex["user_end"] for ex in exs], np.int32)
-                ne = np.array([ex["news_end"] for ex in exs], np.int32)
-                tokens, lengths, p = jax.device_get(generation._sample_batch(
-                    self.params, self.adapters, ids, mask, ue, ne, jax.random.fold_in(key, b),
-                    cfg=self.model_cfg, lora_cfg=self.lora_cfg, scfg=self.sampling))
-                self.compiled_shapes.add((n_rows, p_len))
-                for i, r in enumerate(chunk):
-                    v, u, k = rows[r]
-                    posts[v][u][k] = generation._decode(self.tokenizer, tokens[i], int(lengths[i]),
-                                                            self.sampling.stop_tokens)
-                    if k == 0:  # every sample of a user shares the prompt, hence the head's reading
-                        probs[v, u] = np.asarray(p[i], np.float64)
-                if bar is not None:
-                    bar.update(len(chunk))
+            bar = tqdm(total=v_n * u_n * samples, desc="predict", unit="post", dynamic_ncols=True)
+        try:  # rows user-major (u, v): a user's wordings are consecutive, one group
+            out = generation.sample_rows(
+                self.params, self.adapters, self.model_cfg, self.lora_cfg, self.sampling,
+                [examples[v][u] for u in range(u_n) for v in range(v_n)], samples=samples, seed=seed,
+                row_ids=[v * u_n + u for u in range(u_n) for v in range(v_n)], batch_size=self.batch_size,
+                tokenizer=self.tokenizer, group_size=v_n, on_batch=None if bar is None else bar.update)
         finally:
             if bar is not None:
                 bar.close()
+        self.compiled_shapes.update(out.shapes)
+        posts = [[out.texts[u * v_n + v] for u in range(u_n)] for v in range(v_n)]
+        probs = np.asarray(out.probs, np.float64).reshape(u_n, v_n, -1).transpose(1, 0, 2)
         return posts, probs
 
 

@@ -124,12 +124,6 @@ def close(manager: ocp.CheckpointManager, *, failing: BaseException | bool = Fal
             print(f"warning: {err}", file=sys.stderr)
 
 
-def describe_tree(tree) -> dict[str, list[int]]:
-    """Flat {path: shape} of a pytree, used to explain a mismatch between checkpoint and config."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(p): list(np.shape(v)) for p, v in flat}
-
-
 def _diff_lora(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     out = []
     for key in sorted(set(saved) | set(current)):

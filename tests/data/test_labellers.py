@@ -81,6 +81,31 @@ def test_zero_shot_rejects_bad_scores():
         ZeroShotLabeller(lambda p, c: np.zeros(len(p)), template="no placeholder")
 
 
+def test_zero_shot_prefers_score_words():
+    """A scorer offering score_words(prompts, words) -> [N, K] gets each prompt once, with all words."""
+    calls = []
+
+    def score_fn(prompts, conts):
+        raise AssertionError("the pair path must not be used when score_words is offered")
+
+    def score_words(prompts, words):
+        calls.append((list(prompts), list(words)))
+        return np.array([[-1.0 if f"选{w}" in p else -5.0 for w in words] for p in prompts])
+
+    score_fn.score_words = score_words
+    zs = ZeroShotLabeller(score_fn)
+    texts = ["选积极", "选消极", "选中性"]
+    assert zs.label(texts) == ["positive", "negative", "neutral"]
+    assert calls == [([ZERO_SHOT_PROMPT.format(text=t) for t in texts], ["消极", "中性", "积极"])]
+    assert zs.probs(["选积极"])[0][2] == pytest.approx(np.exp(4) / (np.exp(4) + 2))
+    score_fn.score_words = lambda p, w: np.zeros((len(p) * len(w),))
+    with pytest.raises(ValueError, match=r"score_words returned shape \(3,\), expected \(1, 3\)"):
+        zs.probs(["a"])
+    score_fn.score_words = lambda p, w: np.full((len(p), len(w)), np.inf)
+    with pytest.raises(ValueError, match="non-finite"):
+        zs.probs(["a"])
+
+
 # ----------------------------------------------------------------------------- char n-gram labeller
 
 def _fit_script():

@@ -226,6 +226,9 @@ def test_api_predicts_the_crowd_as_a_direct_forward_and_numpy_do(predictor):
 
     users = read_users(USERS)
     pred = predictor.predict(NEWS, users, samples=2, seed=3, variants=[NEWS2], labeller="lexicon")
+    # Token routing: each user's two wordings prefilled their common head once (and the head's
+    # probabilities below still equal a plain forward over each whole prompt).
+    assert predictor.lora_cfg.routing == "token" and any(s[2] > 0 for s in predictor.compiled_shapes)
     labels = list(predictor.labels)
     assert pred.labels == tuple(labels) and pred.num_users == 4 and len(pred.variants) == 2
     assert [u.user_name for u in pred.users] == [u.user_name for u in users]
@@ -276,6 +279,23 @@ def test_api_predicts_the_crowd_as_a_direct_forward_and_numpy_do(predictor):
     assert generation._sample_batch._cache_size() == size
     assert [u.posts for u in again.users] == [u.posts for u in pred.users]
     assert [u.sentiment for u in other.users] == [u.sentiment for u in again.users]
+
+
+def test_k_posts_per_user_branch_from_one_prefill(predictor):
+    """K posts per user share the prompt's prefill: K = 3 gives 3 posts per user (each its own PRNG
+    stream, so they differ) and the head's probabilities of a plain forward, as K = 1 does; sample k
+    of a user draws from (seed, row, k) alone, so the first post is the same at K = 1 and K = 3."""
+    users = read_users(USERS)
+    one = predictor.predict(NEWS, users, samples=1, seed=5)
+    three = predictor.predict(NEWS, users, samples=3, seed=5)
+    assert all(len(u.posts) == 3 for u in three.users) and len(list(three.records())) == 3 * len(users)
+    assert any(shape[:2] == (2, 3) for shape in predictor.compiled_shapes)  # batch_size 8 // K 3 = 2 prompts a call
+    labels = list(predictor.labels)
+    got = np.array([[u.sentiment[k] for k in labels] for u in three.users])
+    np.testing.assert_allclose(got, _direct_head_probs(predictor, NEWS, three.crowd.topic, users), atol=2e-5)
+    np.testing.assert_allclose(got, [[u.sentiment[k] for k in labels] for u in one.users], atol=1e-6)
+    assert [u.posts[0] for u in three.users] == [u.posts[0] for u in one.users]
+    assert any(len(set(u.posts)) > 1 for u in three.users)
 
 
 def test_api_rejects_bad_input_with_one_line(predictor):

@@ -17,6 +17,10 @@ import tempfile  # noqa: E402
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"socialalign_jax_test_xla_cache_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Capped, JAX takes a file lock around every cache read and write (core/cli_setup.py says why):
+# the suite's subprocesses compile the same programs at the same time, and an uncapped cache let
+# one of them load another's half-written entry (a segfault, once).
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # A CI runner inside a Slurm/MPI/TPU job must not make the tests' in-process and subprocess
 # training runs try jax.distributed.initialize: the suite is one process on fake CPU devices.

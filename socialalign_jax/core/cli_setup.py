@@ -55,19 +55,32 @@ def compilation_cache_dir(environ=os.environ) -> str | None:
     return os.path.join(base, "socialalign_jax", "xla")
 
 
+COMPILATION_CACHE_MAX_BYTES = 4 << 30  # 4 GiB of compiled programs per user
+
+
 def use_compilation_cache() -> None:
     """JAX's persistent compilation cache for every launcher, before jax is imported: the second
     `predict.py` (train.py, generate.py, serve.py, ...) on the same shapes loads its programs instead
     of compiling them again (tens of seconds on a CPU, minutes for a big model on a TPU slice).
-    Programs that compiled in under a second are not stored (JAX's own default threshold)."""
+    Programs that compiled in under a second are not stored (JAX's own default threshold).
+
+    The cache is capped (COMPILATION_CACHE_MAX_BYTES, least recently used programs go first;
+    JAX_COMPILATION_CACHE_MAX_SIZE overrides) for two reasons: a user-level directory must not
+    grow without bound, and only a capped JAX cache takes its file lock around reads and writes.
+    Uncapped, JAX writes an entry in place with no lock, so a second launcher compiling the same
+    program at the same time can read half a file, and XLA crashes (a segfault, not an error)
+    loading it. (An entry a killed process left half-written is not covered: delete the directory.)
+    """
     path = compilation_cache_dir()
     if path is None:
         return
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    max_size = os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(COMPILATION_CACHE_MAX_BYTES))
     if "jax" in sys.modules:  # a caller that imported jax first (a library user): set it on the live config
         import jax
 
         jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_compilation_cache_max_size", int(max_size))
 
 
 def skip_absent_tpu() -> None:

@@ -232,17 +232,20 @@ def test_compilation_cache_directory_precedence():
 
 def test_a_launcher_start_keeps_compiled_programs_in_the_users_cache(tmp_path):
     """quiet_startup (every launcher) points JAX's persistent cache at ~/.cache/socialalign_jax/xla: a
-    second process finds the program there; 'off' keeps nothing."""
+    second process finds the program there; the cache is capped, so JAX locks it (its .lockfile) and
+    concurrent launchers never read each other's half-written entries; 'off' keeps nothing."""
     code = ("from socialalign_jax.core.cli_setup import quiet_startup; quiet_startup(); import jax, jax.numpy as jnp; "
             "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0); "
             "print(float(jax.jit(lambda x: (x * 2 + 1).sum())(jnp.ones(7))))")
     env = {k: v for k, v in os.environ.items()
-           if k not in ("JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME", "SOCIALALIGN_COMPILATION_CACHE")}
+           if k not in ("JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME", "SOCIALALIGN_COMPILATION_CACHE",
+                        "JAX_COMPILATION_CACHE_MAX_SIZE")}
     env.update(HOME=str(tmp_path), JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip() == "21.0", r.stderr
+    r = subprocess.run([sys.executable, "-c", code + "; print(jax.config.jax_compilation_cache_max_size)"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["21.0", str(4 << 30)], r.stderr
     cache = tmp_path / ".cache" / "socialalign_jax" / "xla"
-    assert cache.is_dir() and any(cache.iterdir())
+    assert any(p.name.endswith("-cache") for p in cache.iterdir()) and (cache / ".lockfile").exists()
     off = tmp_path / "off_home"
     off.mkdir()
     r = subprocess.run([sys.executable, "-c", code], env=dict(env, HOME=str(off), SOCIALALIGN_COMPILATION_CACHE="off"),

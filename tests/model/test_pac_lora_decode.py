@@ -21,6 +21,8 @@ from socialalign_jax.model import decoder, pac_lora
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 
+from tests.model_helpers import lively_adapters
+
 CFG = ModelConfig("qwen2", 89, 32, 48, 2, 4, 2, 8, rope_theta=1e4, qkv_bias=True, tie_embeddings=True)
 PROMPT_LENS = np.array([9, 6, 5])
 PADDING = ("right", "right", "left")  # one batch mixes both paddings (positions come from the mask)
@@ -31,19 +33,7 @@ N_GEN = 4
 
 
 def _adapters(lc, seed=0):
-    """init_adapters with random B (so the adapters matter) and sharper gates (so routing matters)."""
-    ad = decoder.init_adapters(jax.random.PRNGKey(seed), CFG, lc)
-    rng = np.random.default_rng(seed)
-
-    def perturb(path, leaf):
-        names = [getattr(k, "key", None) for k in path]
-        if "B" in names:
-            return jnp.asarray(rng.normal(0, 0.3, leaf.shape), jnp.float32)
-        if "w1" in names or "w2" in names:
-            return 4.0 * leaf
-        return leaf
-
-    return jax.tree_util.tree_map_with_path(perturb, ad)
+    return lively_adapters(CFG, lc, seed)
 
 
 def _inputs():

@@ -28,6 +28,8 @@ from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.model.sampling import SamplingConfig
 
+from tests.model_helpers import lively_adapters
+
 CFG = ModelConfig("qwen2", 89, 32, 48, 2, 4, 2, 8, rope_theta=1e4, qkv_bias=True, tie_embeddings=True)
 PROMPT_LENS = (9, 6, 4)  # one left-padded batch of different lengths
 USER_END = np.array([3, 2, 1], np.int32)  # absolute token positions in each unpadded prompt
@@ -49,18 +51,7 @@ def _model(routing):
     params = decoder.init_params(CFG, jax.random.PRNGKey(5))
     params = jax.tree_util.tree_map(lambda a: a * 4.0 if a.ndim >= 2 and not bool(jnp.all(a == 1)) else a, params)
     lc = _lora(routing)
-    ad = decoder.init_adapters(jax.random.PRNGKey(0), CFG, lc)
-    rng = np.random.default_rng(0)
-
-    def perturb(path, leaf):
-        names = [getattr(k, "key", None) for k in path]
-        if "B" in names:
-            return jnp.asarray(rng.normal(0, 0.3, leaf.shape), jnp.float32)
-        if "w1" in names or "w2" in names:
-            return 4.0 * leaf
-        return leaf
-
-    return params, jax.tree_util.tree_map_with_path(perturb, ad), lc
+    return params, lively_adapters(CFG, lc, 0), lc
 
 
 def _prompts():

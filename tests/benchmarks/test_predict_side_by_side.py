@@ -46,6 +46,7 @@ def test_side_by_side_greedy_tokens_agree_and_the_table_has_every_engine(tmp_pat
         assert 0 < r["roofline_fraction"] and r["roofline"]["prefill_flops"] > 0
         assert len(r["tokens"]) == 3 and all(len(u) == 1 for u in r["tokens"])
     assert by["ours"]["tokens"] == by["hf_peft"]["tokens"]
+    assert by["hf_peft"]["same_tokens_as_ours"] == 1.0 and by["hf_peft"]["first_difference"] is None
     assert by["hf_peft"]["tokens"] != by["hf_base"]["tokens"]  # the LoRA matters: the agreement covers it
 
     text = md.read_text(encoding="utf-8")
@@ -54,6 +55,7 @@ def test_side_by_side_greedy_tokens_agree_and_the_table_has_every_engine(tmp_pat
     table = [line for line in text.splitlines() if line.startswith("| tiny |")]
     assert [line.split(" | ")[1] for line in table] == ["ours", "hf_peft", "hf_base"]
     assert all(line.split(" | ")[9].split(" / ")[1] == "6" for line in table)  # new tokens (mean / max)
+    assert "tiny `hf_peft`'s tokens are ours in 100% of the sequences;" in text
 
 
 def test_side_by_side_refuses_greedy_with_several_samples():

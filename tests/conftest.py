@@ -40,7 +40,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # sample, compile whole models or start processes; `integration` when they drive the launchers
 # or a server end to end in subprocesses. One list each, here, of paths relative to tests/.
 SLOW_FILES = {
-    "benchmarks/test_device_check.py", "benchmarks/test_predict_side_by_side.py", "benchmarks/test_zeroshot_bench.py", "data/test_builders.py",
+    "benchmarks/test_device_check.py", "benchmarks/test_predict_side_by_side.py", "benchmarks/test_zeroshot_bench.py",
+    "data/test_builders.py",
     "data/test_converters.py", "evaluation/test_model_labeller.py", "experiments/test_experiment.py",
     "experiments/test_experiment_design_b.py", "experiments/test_experiment_resume.py", "experiments/test_forecast.py",
     "inference/test_export.py", "inference/test_export_hf.py", "inference/test_generate_cli.py",

@@ -15,11 +15,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tempfile  # noqa: E402
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), f"socialalign_jax_test_xla_cache_{os.getuid()}"))
+                      os.path.join(tempfile.gettempdir(), f"socialalign_jax_test_xla_cache_locked_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Capped, JAX takes a file lock around every cache read and write (core/cli_setup.py says why):
 # the suite's subprocesses compile the same programs at the same time, and an uncapped cache let
-# one of them load another's half-written entry (a segfault, once).
+# one of them load another's half-written entry. Its own directory: entries an uncapped run wrote
+# have no access-time files, and a capped cache then fails every write with a warning.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # A CI runner inside a Slurm/MPI/TPU job must not make the tests' in-process and subprocess
@@ -31,6 +32,12 @@ for _name in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "PMI_", 
 import jax  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)
+# The pytest process itself keeps its programs in memory only; the subprocesses it starts (the CLI
+# runs, which gain most) still share the persistent cache above through the environment. Twice on
+# 2026-12-07 the full suite's own process segfaulted inside JAX's cache code (reading, then writing
+# an entry of tests/model/test_shared_prefill.py's pooled-routing programs) after hundreds of tests,
+# while the file alone passes: the in-process cache is the part we can do without.
+jax.config.update("jax_enable_compilation_cache", False)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 

@@ -7,8 +7,8 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# JAX's persistent compilation cache, shared by this process and every subprocess it starts
-# (they inherit the environment): the suite compiles the same tiny train/eval/sample steps in
+# JAX's persistent compilation cache, shared by every subprocess this process starts (they
+# inherit the environment; this process itself opts out, below): the suite compiles the same tiny train/eval/sample steps in
 # dozens of runs and CLI subprocesses, and a hit skips XLA entirely (a CLI training run drops
 # from ~100 s to ~25 s on 2 cores). Keys hash the HLO, the flags and the jax version, so a
 # stale entry is never used. One directory per user, kept between runs.

@@ -7,8 +7,8 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# JAX's persistent compilation cache, shared by every subprocess this process starts (they
-# inherit the environment; this process itself opts out, below): the suite compiles the same tiny train/eval/sample steps in
+# JAX's persistent compilation cache, shared by this process and every subprocess it starts
+# (they inherit the environment): the suite compiles the same tiny train/eval/sample steps in
 # dozens of runs and CLI subprocesses, and a hit skips XLA entirely (a CLI training run drops
 # from ~100 s to ~25 s on 2 cores). Keys hash the HLO, the flags and the jax version, so a
 # stale entry is never used. One directory per user, kept between runs.
@@ -32,12 +32,6 @@ for _name in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "PMI_", 
 import jax  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)
-# The pytest process itself keeps its programs in memory only; the subprocesses it starts (the CLI
-# runs, which gain most) still share the persistent cache above through the environment. Twice on
-# 2026-12-07 the full suite's own process segfaulted inside JAX's cache code (reading, then writing
-# an entry of tests/model/test_shared_prefill.py's pooled-routing programs) after hundreds of tests,
-# while the file alone passes: the in-process cache is the part we can do without.
-jax.config.update("jax_enable_compilation_cache", False)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
@@ -55,7 +49,7 @@ SLOW_FILES = {
     "model/test_sampling.py", "launch/test_build_dataset.py", "launch/test_config_validation.py",
     "launch/test_evaluate_cli.py", "launch/test_score.py", "launch/test_score_spans.py",
     "model/test_backend_paths.py", "model/test_model_cache.py", "model/test_pac_lora_decode.py",
-    "model/test_shared_prefill.py",
+    "model/test_shared_prefill.py", "model/test_shared_prefill_isolated.py",
     "tools/test_plan.py", "parallel/test_tpu_compile.py", "predict/test_predict.py",
     "predict/test_serve.py", "runs/test_checkpoint_items.py", "runs/test_faults.py", "runs/test_full_disk.py",
     "train/test_train_frozen.py", "train/test_train_learns.py", "train/test_train_learns_sample.py",

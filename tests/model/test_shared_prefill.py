@@ -11,9 +11,15 @@ the first logits and the seen mask K times. References, independent of that path
   gate weights), and its gate statistics (prefill and every decode step).
 
 Prompts of different lengths are left-padded into one batch; routing `token` and `pooled`; K in {1, 3}.
+
+These tests run in a process of their own (test_shared_prefill_isolated.py starts it): inside the
+full suite's one long process, XLA segfaulted three times compiling their programs (2026-12-07),
+while this file alone, and tests/model as a whole, pass.
 """
 
 from __future__ import annotations
+
+import os
 
 import functools
 
@@ -29,6 +35,10 @@ from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.model.sampling import SamplingConfig
 
 from tests.model_helpers import lively_adapters
+
+ISOLATED_ENV = "SOCIALALIGN_SHARED_PREFILL_TESTS"  # set by test_shared_prefill_isolated.py
+pytestmark = pytest.mark.skipif(os.environ.get(ISOLATED_ENV) != "1", reason=(
+    f"runs in its own process (tests/model/test_shared_prefill_isolated.py; or {ISOLATED_ENV}=1 pytest THIS_FILE)"))
 
 CFG = ModelConfig("qwen2", 89, 32, 48, 2, 4, 2, 8, rope_theta=1e4, qkv_bias=True, tie_embeddings=True)
 PROMPT_LENS = (9, 6, 4)  # one left-padded batch of different lengths

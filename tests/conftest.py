@@ -19,7 +19,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Capped, JAX takes a file lock around every cache read and write (core/cli_setup.py says why):
 # the suite's subprocesses compile the same programs at the same time, and an uncapped cache let
-# one of them load another's half-written entry. Its own directory: entries an uncapped run wrote
+# one of them read another's half-written entry. Its own directory: entries an uncapped run wrote
 # have no access-time files, and a capped cache then fails every write with a warning.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

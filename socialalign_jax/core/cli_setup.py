@@ -68,8 +68,8 @@ def use_compilation_cache() -> None:
     JAX_COMPILATION_CACHE_MAX_SIZE overrides) for two reasons: a user-level directory must not
     grow without bound, and only a capped JAX cache takes its file lock around reads and writes.
     Uncapped, JAX writes an entry in place with no lock, so a second launcher compiling the same
-    program at the same time can read half a file, and XLA crashes (a segfault, not an error)
-    loading it. (An entry a killed process left half-written is not covered: delete the directory.)
+    program at the same time can read half a file and hand it to XLA, which does not check it.
+    (An entry a killed process left half-written is not covered: delete the directory.)
     """
     path = compilation_cache_dir()
     if path is None:

@@ -9,24 +9,19 @@ agree, not most; the LoRA (weights ~ N(0, 0.2)) changes the base model's tokens,
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from tests.script_loader import load_script
 
 pytest.importorskip("torch", reason="torch (CPU) runs the transformers side")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("bench_predict_sbs", REPO / "benchmarks" / "predict.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/predict.py", "bench_predict_sbs")
 
 
 def test_side_by_side_greedy_tokens_agree_and_the_table_has_every_engine(tmp_path):

@@ -3,17 +3,13 @@ with the same probabilities, and the JSON holds the figures BENCHMARKS.md quotes
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+from tests.script_loader import load_script
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_zeroshot_bench_runs_both_paths_and_they_agree(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_zeroshot", REPO / "benchmarks" / "zeroshot.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("benchmarks/zeroshot.py", "bench_zeroshot")
     out = tmp_path / "zs.json"
     assert mod.main(["--weights", "random:tiny-qwen2", "--texts", "5", "--repeats", "1", "--batch_size", "4",
                      "--json", str(out)]) == 0

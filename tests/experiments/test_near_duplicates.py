@@ -1,22 +1,17 @@
 """experiments/near_duplicates.py: trigram Jaccard by hand, the last rerun of a cell counts, and the
 table keeps only held-out events without a twin."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.script_loader import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "experiments" / "near_duplicates.py"
 
 
 @pytest.fixture(scope="module")
 def nd():
-    spec = importlib.util.spec_from_file_location("near_duplicates", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("experiments/near_duplicates.py", "near_duplicates")
 
 
 def test_max_similarity_by_hand(nd):

@@ -75,10 +75,13 @@ def main(argv=None) -> int:
     p.add_argument("--n_resamples", type=int, default=2000)
     a = p.parse_args(argv)
     rows = [r for r in a.rows.split(",") if r]
-    news = event_news(a.features)
+    try:
+        news = event_news(a.features)
+        jsd = per_event_jsd(a.cells, set(rows) | {a.baseline})
+    except (OSError, KeyError, ValueError) as e:  # a missing or foreign file: one line, not a traceback
+        sys.exit(f"error: {a.features} / {a.cells}: cannot read the feature cache or the cells ({e})")
     names = sorted(news)
     sim = dict(zip(names, max_similarity([news[n] for n in names])))
-    jsd = per_event_jsd(a.cells, set(rows) | {a.baseline})
     missing = [r for r in rows + [a.baseline] if r not in jsd]
     if missing:
         sys.exit(f"error: {a.cells}: no cells of row {missing[0]!r}")

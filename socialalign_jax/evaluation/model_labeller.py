@@ -84,8 +84,8 @@ def word_logprobs(params, adapters, prompt_ids, prompt_mask, word_ids, word_mask
     cache = decoder.repeat_cache(pre.cache, k, cfg, lora_cfg if adapters is not None else None)
     ids, mask = jnp.tile(word_ids, (b, 1)), jnp.tile(word_mask, (b, 1))                     # [B*K, C]
     out = decoder.forward(params, ids[:, :-1], cfg, attention_mask=mask[:, :-1], adapters=adapters,
-                          lora_cfg=lora_cfg, cache=cache, compute_logits=False)
-    logits = decoder.lm_logits(params, out.hidden, cfg)                                     # [B*K, C-1, V]
+                          lora_cfg=lora_cfg, cache=cache)
+    logits = out.logits                                                                     # [B*K, C-1, V]
     rest = jnp.where(mask[:, 1:] > 0, -token_nll(logits, ids[:, 1:]), 0.0).sum(-1)          # [B*K]
     return first + rest.reshape(b, k)
 

@@ -170,7 +170,7 @@ def make_feature_fn(model_cfg):
     import jax.numpy as jnp
 
     def features(params, ids, mask, prompt_len):
-        out = decoder.forward(params, ids, model_cfg, attention_mask=mask, compute_logits=False, deterministic=True)
+        out = decoder.forward(params, ids, model_cfg, attention_mask=mask, logits_at=None, deterministic=True)
         idx = jnp.clip(prompt_len - 1, 0, ids.shape[1] - 1)
         return jnp.take_along_axis(out.hidden, idx[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 

@@ -104,10 +104,7 @@ def _sample_batch(params, adapters, prompt_ids, prompt_mask, user_end, news_end,
     b = prompt_ids.shape[0]
     out = sampling.generate(params, adapters, prompt_ids, prompt_mask, cfg, lora_cfg, scfg,
                             (user_end, news_end), sample_keys(key, row_ids, samples), samples=samples, prefix=prefix)
-    probs = None
-    if adapters is not None and "head" in adapters:
-        ones = jnp.ones((b,), jnp.int32)
-        probs = jax.nn.softmax(decoder.sentiment_logits(out.last_hidden[:, None], ones, adapters["head"]), axis=-1)
+    probs = None if out.sentiment is None else jax.nn.softmax(out.sentiment, axis=-1)
     return out.tokens.reshape(b, samples, -1), out.lengths.reshape(b, samples), probs
 
 
@@ -248,7 +245,7 @@ def _score_batch(params, adapters, input_ids, attention_mask, loss_mask, user_en
                  cfg: ModelConfig, lora_cfg: LoraConfig | None):
     """Teacher-forced pass: per-row response NLL sum and token count [B], and gate-stat sums."""
     out = decoder.forward(params, input_ids, cfg, attention_mask=attention_mask, adapters=adapters,
-                          lora_cfg=lora_cfg, spans=(user_end, news_end), compute_logits=False)
+                          lora_cfg=lora_cfg, spans=(user_end, news_end), logits_at=None)
     logits_fn = functools.partial(decoder.lm_logits, params, cfg=cfg)
 
     def row(h, ids, m):  # one sequence at a time: per-example sums without [B, S, V] logits

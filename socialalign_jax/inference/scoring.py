@@ -150,7 +150,7 @@ def token_logprobs(params, input_ids, attention_mask, adapters=None, spans=None,
     """
 
     out = forward(params, input_ids, cfg, attention_mask=attention_mask, adapters=adapters,
-                  lora_cfg=lora_cfg, spans=spans, compute_logits=False)
+                  lora_cfg=lora_cfg, spans=spans, logits_at=None)
     b, s = input_ids.shape
     hidden = out.hidden[:, :-1]                               # [B, S-1, D] predicts ids[:, 1:]
     targets = input_ids[:, 1:]                                # [B, S-1]

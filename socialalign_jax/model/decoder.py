@@ -1,9 +1,13 @@
-"""The Qwen2/Llama decoder's functional entry points: (params, batch) in, logits and cache out.
+"""The Qwen2/Llama decoder's functional entry points: (params, adapters, batch) in, model outputs out.
 
 The model itself is the Flax module tree in `model.modules` (where every parameter is declared,
-with its initializer and logical axes). These wrappers keep the nested-dict interface the
-trainer, generation, scoring, export and planning use: `init_params` / `init_adapters`
-return the `params` / `lora` collections of `Decoder.init`, and `forward` is `Decoder.apply`.
+with its initializer and logical axes), and it is applied in one piece: `forward` is
+`model(cfg, lora_cfg).apply({'params': base, 'lora': adapters}, ...)`, and that one call returns
+what the trainer, the sampler, the predictor and the scorers read off it: the hidden states, the
+logits where they are asked for (everywhere, the last column, or chosen positions), the sentiment
+head's logits, the updated `cache` collection and the gate statistics the adapted maps sowed into
+`intermediates`. Gradients are taken over the `lora` tree alone. `init_params` / `init_adapters`
+return the `params` / `lora` collections of `Decoder.init`.
 
 Layers are stacked on a leading axis and run under `nn.scan`: one compiled layer body keeps
 compile time flat in depth. Routing depends on segment ids computed from absolute positions and
@@ -124,44 +128,79 @@ def repeat_cache(cache: dict, repeats: int, cfg: ModelConfig, lora_cfg: LoraConf
 _positions = modules._positions
 
 
+def model(cfg: ModelConfig, lora_cfg: LoraConfig | None = None, *, deterministic: bool = True,
+          unrolled: bool = False, remat_unrolled: bool = False) -> modules.Decoder:
+    """The one Flax module of the model; every entry point below applies it."""
+    return modules.Decoder(cfg, lora_cfg, deterministic=deterministic, unrolled=unrolled,
+                           remat_unrolled=remat_unrolled)
+
+
 def forward(params, input_ids, cfg: ModelConfig, *, attention_mask=None, positions=None, adapters=None,
             lora_cfg: LoraConfig | None = None, spans=None, cache=None, rng=None, deterministic=True,
-            compute_logits=True) -> ModelOutput:
-    """Run the decoder over input_ids [B, S].
+            logits_at="all", sentiment_at=None) -> ModelOutput:
+    """Run the decoder over input_ids [B, S]: `model(...).apply({'params': params, 'lora': adapters}, ...)`.
 
     attention_mask [B, S] (1 = real token; left or right padding); positions [B, S] absolute
     (derived from the mask and the cache when omitted); spans = (user_end [B], news_end [B]) token
     boundaries for routing (stored in the cache at prefill and reused afterwards); cache from
     `init_cache` (the chunk is written at slot cache['index']); rng for adapter dropout when
-    deterministic=False.
+    deterministic=False. adapters: the whole `lora` tree (layers and, with num_classes > 0, the
+    sentiment head); None runs the base model. logits_at / sentiment_at: what to read off the final
+    hidden states (`modules.Decoder.__call__`): logits everywhere, at the last column, at positions
+    [B, R] or nowhere; the sentiment head at prompt_len - 1.
+
+    Returns ModelOutput(logits, hidden, sentiment, cache (when one was given), gate_stats (sums
+    from the `intermediates` collection, {module: {... [L, ...]}}, with adapters; else None)).
     """
-    use_adapters = adapters is not None and lora_cfg is not None and "layers" in adapters
-    lc = lora_cfg if use_adapters else None
+    lc = lora_cfg if adapters is not None and lora_cfg is not None else None
     layer_params = params["layers"]
     if not cfg.scan_layers and not isinstance(layer_params, (list, tuple)):
         layer_params = unstack_layers(params)["layers"]
     unrolled = isinstance(layer_params, (list, tuple))
     variables = {"params": dict(params)}
-    if use_adapters:
-        variables["lora"] = {"layers": adapters["layers"]}
+    if lc is not None:
+        variables["lora"] = dict(adapters)
     if unrolled:
         # Per-layer variables {'0': ..., '1': ...} of modules.UnrolledLayers; the adapters
         # are sliced here (inside the trace), as the base layers were by `unstack_layers`.
         variables["params"]["layers"] = {str(i): lp for i, lp in enumerate(layer_params)}
-        if use_adapters:
+        if lc is not None and "layers" in adapters:
             variables["lora"]["layers"] = {str(i): jax.tree.map(lambda a, i=i: a[i], adapters["layers"])
                                            for i in range(len(layer_params))}
-    dec = modules.Decoder(cfg, lc, deterministic=deterministic, unrolled=unrolled,
-                          remat_unrolled=cfg.remat and cache is None)
-    if cache is None:
-        return dec.apply(variables, input_ids, attention_mask, positions, spans, False, rng, compute_logits)
-    if lc is not None and lc.routing == "pooled" and lc.targets and "pooled" not in cache:
-        # Without the stored prefill summaries every decoded token would silently get uniform gates.
-        raise ValueError("pooled routing with a KV cache needs init_cache(cfg, batch, max_len, lora_cfg)")
-    variables["cache"] = {"kv": cache}
-    out, updated = dec.apply(variables, input_ids, attention_mask, positions, spans, True, rng, compute_logits,
-                             mutable=["cache"])
-    return out._replace(cache=updated["cache"]["kv"])
+    dec = model(cfg, lc, deterministic=deterministic, unrolled=unrolled,
+                remat_unrolled=cfg.remat and cache is None)
+    mutable = ["intermediates"] if lc is not None and lc.targets else []
+    if cache is not None:
+        if lc is not None and lc.routing == "pooled" and lc.targets and "pooled" not in cache:
+            # Without the stored prefill summaries every decoded token would silently get uniform gates.
+            raise ValueError("pooled routing with a KV cache needs init_cache(cfg, batch, max_len, lora_cfg)")
+        variables["cache"] = {"kv": cache}
+        mutable.append("cache")
+    args = (input_ids, attention_mask, positions, spans, cache is not None, rng, logits_at, sentiment_at)
+    if mutable:
+        out, state = dec.apply(variables, *args, mutable=mutable)
+    else:
+        out, state = dec.apply(variables, *args), {}
+    return out._replace(cache=state["cache"]["kv"] if cache is not None else None,
+                        gate_stats=gate_stats_of(state.get("intermediates"), unrolled) if lc is not None else None)
+
+
+def gate_stats_of(intermediates, unrolled: bool) -> dict:
+    """The gate-statistic sums the adapted maps sowed: {module: {'a': [L, 3, Ea], ..., 'count': [L, 3]}}.
+
+    Scanned layers sow them stacked on L already; unrolled layers ('0', '1', ...) are stacked here.
+    """
+    if not intermediates or "layers" not in intermediates:
+        return {}
+    layers = intermediates["layers"]
+
+    def per_layer(tree):  # {'attn'|'mlp': {module: {GATE_STATS: (sums,)}}} -> {module: sums}
+        return {name: mod[modules.GATE_STATS][0] for block in tree.values() for name, mod in block.items()}
+
+    if not unrolled:
+        return per_layer(layers)
+    each = [per_layer(layers[str(i)]) for i in range(len(layers))]
+    return jax.tree.map(lambda *a: jnp.stack(a), *each)
 
 
 def unstack_layers(params: dict) -> dict:
@@ -175,13 +214,22 @@ def unstack_layers(params: dict) -> dict:
 
 
 def lm_logits(params, hidden, cfg: ModelConfig):
-    """hidden [B, S, D] -> logits [B, S, V] in float32 (tied: the embedding's transpose)."""
-    dec = modules.Decoder(cfg)
+    """The model's LM head alone on given hidden states: [B, S, D] -> logits [B, S, V] float32.
+
+    For scorers that read the logits of a long sequence a chunk of positions at a time
+    (`nll.response_ce_chunked`, `scoring.token_logprobs`) so that [B, S, V] never exists; a
+    forward that needs logits asks `forward(logits_at=...)` instead. Same module (`Decoder.logits`).
+    """
+    dec = model(cfg)
     head = {k: v for k, v in params.items() if k != "layers"}
     return dec.apply({"params": head}, hidden, method=dec.logits)
 
 
 def sentiment_logits(hidden, prompt_len, head):
-    """The sentiment head at the last prompt token: hidden [B, S, D], prompt_len [B] -> [B, K] float32."""
+    """The sentiment head alone on given hidden states: [B, S, D], prompt_len [B] -> [B, K] float32.
+
+    For heads fitted on cached features (experiments/: the decoder is frozen and never rerun);
+    a forward reads it with `forward(sentiment_at=prompt_len)`. Same module (`modules.SentimentHead`).
+    """
     d, k = head["kernel"].shape
     return modules.SentimentHead(d, k).apply({"lora": head}, hidden, prompt_len)

@@ -2,8 +2,8 @@
 
 This is where every parameter is declared, once: its shape, dtype, initializer and logical
 axes (`nn.with_logical_partitioning`). `model/decoder.py` keeps the functional entry points
-(`init_params`, `forward`, `lm_logits`, ...) as thin wrappers over `init` / `apply`, so the
-trainer, generation, scoring, export and planning see the same nested-dict trees as before.
+(`init_params`, `forward`, ...) as thin wrappers over `init` / `apply` of the whole `Decoder`,
+so the trainer, generation, scoring, export and planning see plain nested-dict trees.
 
 Variable collections:
   params  frozen base weights. Layers are stacked on a leading axis by `nn.scan` (logical
@@ -22,6 +22,10 @@ The maths of each piece is the one implementation in `layers` (norm, RoPE, atten
 `pac_lora` (routing, expert mixing, the fused CPU matmul with its custom VJP); the modules
 only declare parameters and wire them. An adapted linear map is adapted exactly when its
 `lora` variables are present, so one module serves the base model and every target set.
+  intermediates  what the model reports without returning it: each adapted map sows its gate
+          statistics (per-segment sums, `pac_lora.gate_stats`) under its own path as
+          `GATE_STATS`, stacked on L by the scan (flax gemma's sow pattern); applied with
+          mutable=['intermediates'] only where they are read (train and eval steps, prefill).
   cache   the KV cache of incremental decoding (`KVCache`): k, v [L, B, T, Hkv, Dh] with the
           absolute position of every slot, the write index, each row's next position and prompt
           spans, and (pooled routing) the prefill's gate weights. Declared here with its logical
@@ -62,6 +66,9 @@ REMAT_POLICIES = {
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
 
+# The name under which each adapted linear map sows its gate-statistic sums into `intermediates`.
+GATE_STATS = "gate_stats"
+
 # Logical (d_in, d_out) of each adaptable linear map.
 _LINEAR_IO = {"q": ("embed", "heads"), "k": ("embed", "kv_heads"), "v": ("embed", "kv_heads"),
               "o": ("heads", "embed"), "gate": ("embed", "mlp"), "up": ("embed", "mlp"), "down": ("mlp", "embed")}
@@ -70,11 +77,13 @@ LINEARS = {name: (pac_lora.MODULE_BLOCK[name], *_LINEAR_IO[name], i) for i, name
 
 
 class ModelOutput(NamedTuple):
-    """What `Decoder.__call__` (and `decoder.forward`) returns."""
-    logits: Any  # [B, S, V] float32, or None when compute_logits=False
+    """What `Decoder.__call__` returns (cache and gate_stats are filled in by `decoder.forward`
+    from the `cache` and `intermediates` collections the apply returns)."""
+    logits: Any  # float32 [B, S, V] (logits_at='all'), [B, 1, V] ('last'), [B, R, V] (positions) or None
     hidden: Any  # [B, S, D] after the final norm (what the LM head and sentiment head read)
-    cache: Any  # updated cache, or None
-    gate_stats: Any  # {module: {'a': [L, 3, Ea], 'b': ..., 'a_entropy': [L, 3], ..., 'count': [L, 3]}} sums
+    sentiment: Any = None  # [B, K] float32 sentiment logits at sentiment_at - 1, or None
+    cache: Any = None  # updated cache (decoder.forward), or None
+    gate_stats: Any = None  # {module: {'a': [L, 3, Ea], 'b': ..., 'a_entropy': [L, 3], ..., 'count': [L, 3]}} sums
 
 
 # ----------------------------------------------------------------------------- initializers
@@ -218,8 +227,13 @@ class AdaptedLinear(nn.Module):
                 "gate_a": Gate(self.d_in, g, ea, a_in, name="gate_a")(),
                 "gate_b": Gate(self.d_in, g, eb, a_in, name="gate_b")(),
             }
-        return pac_lora.adapted_linear(x, base, adapter, lc if adapter is not None else None, route, rng,
-                                       pooled_state)
+        y, stats, new_pooled = pac_lora.adapted_linear(x, base, adapter, lc if adapter is not None else None, route,
+                                                       rng, pooled_state)
+        if stats is not None:
+            # Per-segment sums (pac_lora.gate_stats); a no-op unless `intermediates` is mutable, so a
+            # decode step that does not ask for them computes none. Stacked [L, ...] by the scan.
+            self.sow("intermediates", GATE_STATS, stats)
+        return y, new_pooled
 
 
 class _Adapted(nn.Module):
@@ -227,8 +241,9 @@ class _Adapted(nn.Module):
     cfg: ModelConfig
     lc: LoraConfig | None = None
 
-    def lin(self, h, name, route, rng, pooled, stats, new_pooled):
-        """Apply the linear map `name` (created here, in the caller's compact scope); record its gate stats."""
+    def lin(self, h, name, route, rng, pooled, new_pooled):
+        """Apply the linear map `name` (created here, in the caller's compact scope); collect the pooled
+        gate weights it stored (pooled routing's prefill)."""
         cfg = self.cfg
         block, ax_in, ax_out, mod_idx = LINEARS[name]
         d_in, d_out = cfg.module_dims()[(block, name)]
@@ -237,9 +252,7 @@ class _Adapted(nn.Module):
                             as_dtype(cfg.param_dtype), self.lc, name in targets, name=name)
         key = None if rng is None else jax.random.fold_in(rng, mod_idx)
         prev = None if pooled is None or name not in pooled else pooled[name]
-        y, st, pst = mod(h, route, key, prev)
-        if st is not None:
-            stats[name] = st
+        y, pst = mod(h, route, key, prev)
         if pst is not None:
             new_pooled[name] = pst
         return y
@@ -287,15 +300,14 @@ class Attention(_Adapted):
 
     kv: None, or the stacked cache (k, v) [L, B, T, Hkv, Dh] into which layer i writes this
     chunk at slot ctx['index'] before attending over all of its slots.
-    Returns (out [B, S, D], kv, stats, pooled).
+    Returns (out [B, S, D], kv, pooled).
     """
 
     @nn.compact
     def __call__(self, h, route, rng, pooled, kv, i, ctx):
         cfg = self.cfg
-        stats, new_pooled = {}, {}
-        lin = lambda t, name: self.lin(t, name, route, rng, pooled, stats, new_pooled)  # noqa: E731
-        b, s, _ = h.shape
+        new_pooled = {}
+        lin = lambda t, name: self.lin(t, name, route, rng, pooled, new_pooled)  # noqa: E731
         q = constrain(rearrange(lin(h, "q"), "b s (h d) -> b s h d", d=cfg.head_dim), ACT_HEADS)
         k = constrain(rearrange(lin(h, "k"), "b s (h d) -> b s h d", d=cfg.head_dim), ACT_KV)
         v = constrain(rearrange(lin(h, "v"), "b s (h d) -> b s h d", d=cfg.head_dim), ACT_KV)
@@ -313,19 +325,19 @@ class Attention(_Adapted):
             attn = attend(cfg, q, k, v, ctx["q_pos"], ctx["k_pos"])
         attn = constrain(attn, ACT_HEADS)
         out = lin(rearrange(attn, "b s h d -> b s (h d)"), "o")
-        return out, kv, stats, new_pooled
+        return out, kv, new_pooled
 
 
 class Mlp(_Adapted):
-    """SwiGLU: down(silu(gate(h)) * up(h)), each map adaptable. Returns (out [B, S, D], stats, pooled)."""
+    """SwiGLU: down(silu(gate(h)) * up(h)), each map adaptable. Returns (out [B, S, D], pooled)."""
 
     @nn.compact
     def __call__(self, h, route, rng, pooled):
-        stats, new_pooled = {}, {}
-        lin = lambda t, name: self.lin(t, name, route, rng, pooled, stats, new_pooled)  # noqa: E731
+        new_pooled = {}
+        lin = lambda t, name: self.lin(t, name, route, rng, pooled, new_pooled)  # noqa: E731
         gate = constrain(lin(h, "gate"), ACT_MLP)
         up = constrain(lin(h, "up"), ACT_MLP)
-        return lin(jax.nn.silu(gate) * up, "down"), stats, new_pooled
+        return lin(jax.nn.silu(gate) * up, "down"), new_pooled
 
 
 class Block(nn.Module):
@@ -333,7 +345,7 @@ class Block(nn.Module):
 
     Called as a scan body: carry = (x [B, S, D], kv), xs = (pooled, rng, layer index i), ctx =
     the per-call arrays every layer reads (routing, RoPE tables, positions, cache slot).
-    Returns ((x, kv), (gate stats, pooled gate weights or None)).
+    Returns ((x, kv), pooled gate weights or None); gate statistics are sown into `intermediates`.
     """
     cfg: ModelConfig
     lc: LoraConfig | None = None
@@ -350,13 +362,13 @@ class Block(nn.Module):
             route["use_stored"] = ctx["use_stored"]
         x = constrain(x, ACT)
         h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, name="input_norm")(x)
-        a, kv, st_a, pst_a = Attention(cfg, self.lc, name="attn")(h, route, rng, pooled, kv, i, ctx)
+        a, kv, pst_a = Attention(cfg, self.lc, name="attn")(h, route, rng, pooled, kv, i, ctx)
         x = constrain(x + a, ACT)
         h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, name="post_attn_norm")(x)
-        m, st_m, pst_m = Mlp(cfg, self.lc, name="mlp")(h, route, rng, pooled)
+        m, pst_m = Mlp(cfg, self.lc, name="mlp")(h, route, rng, pooled)
         x = constrain(x + m, ACT)
         pst = {**pst_a, **pst_m}
-        return (x, kv), ({**st_a, **st_m}, pst if pst else None)
+        return (x, kv), (pst if pst else None)
 
 
 class UnrolledLayers(nn.Module):
@@ -378,14 +390,13 @@ class UnrolledLayers(nn.Module):
         block = Block
         if self.remat:
             block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat_policy])
-        stats, pooled = [], []
+        pooled = []
         for i in range(self.cfg.num_layers):
-            carry, (st, pst) = block(self.cfg, self.lc, self.deterministic, name=str(i))(
+            carry, pst = block(self.cfg, self.lc, self.deterministic, name=str(i))(
                 carry, (take(pooled_xs, i), take(rngs, i), jnp.int32(i)), ctx)
-            stats.append(st)
             pooled.append(pst)
         stack = lambda trees: None if trees[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
-        return carry, (stack(stats) if stats and stats[0] else {}, stack(pooled))
+        return carry, stack(pooled)
 
 
 def scanned_layers(cfg: ModelConfig, lc: LoraConfig | None, deterministic: bool, name: str = "layers"):
@@ -393,7 +404,7 @@ def scanned_layers(cfg: ModelConfig, lc: LoraConfig | None, deterministic: bool,
     block = Block
     if cfg.remat:
         block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy])
-    return nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True},
+    return nn.scan(block, variable_axes={"params": 0, "lora": 0, "intermediates": 0}, split_rngs={"params": True},
                    in_axes=(0, nn.broadcast), length=cfg.num_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})(cfg, lc, deterministic, name=name)
 
@@ -518,21 +529,28 @@ class Decoder(nn.Module):
         return constrain(out, ACT_VOCAB)
 
     def sentiment(self, hidden, prompt_len):
+        """hidden [B, S, D], prompt_len [B] -> sentiment logits [B, K] float32 at token prompt_len - 1."""
         return self.head(hidden, prompt_len)
 
     def init_all(self, input_ids):
-        """Touch every declared variable (init only): a forward, the LM head and the sentiment head."""
-        out = self(input_ids)
-        if self.lc is not None and self.lc.num_classes > 0:
-            self.sentiment(out.hidden, jnp.ones((input_ids.shape[0],), jnp.int32))
+        """Touch every declared variable (init only): a forward with the LM head and the sentiment head."""
+        head = self.lc is not None and self.lc.num_classes > 0
+        out = self(input_ids, sentiment_at=jnp.ones((input_ids.shape[0],), jnp.int32) if head else None)
         return out.logits
 
     def __call__(self, input_ids, attention_mask=None, positions=None, spans=None, use_cache=False, rng=None,
-                 compute_logits=True):
-        """See `decoder.forward`. Returns (logits, hidden, None, gate_stats).
+                 logits_at="all", sentiment_at=None):
+        """The whole model on input_ids [B, S]: hidden states, the logits asked for, the sentiment head.
 
+        See `decoder.forward` for the arguments. logits_at: 'all' ([B, S, V]), 'last' (the last
+        column, [B, 1, V]: a left-padded prompt's next token, a decode step), positions [B, R]
+        int (logits there only, [B, R, V]: the trainer's response positions; a 152k vocabulary
+        makes [B, S, V] the largest array of a step), or None (hidden states only).
+        sentiment_at: None, or prompt_len [B]: the sentiment head's logits [B, K] at token
+        prompt_len - 1 (needs an adapter config with num_classes > 0).
         use_cache: read the `cache` collection (declared by `make_cache`), write this chunk into
-        it and update it; apply with mutable=['cache'] to get it back.
+        it and update it; apply with mutable=['cache'] to get it back. Gate statistics are sown
+        into `intermediates` (apply with mutable=['intermediates'] to get them).
         """
         cfg, lc = self.cfg, self.lc
         cache_vars = cache = None
@@ -586,15 +604,28 @@ class Decoder(nn.Module):
             layer_rngs = jax.random.split(rng, cfg.num_layers)
 
         if self.unrolled:
-            (x, kv_out), (stats, pooled_out) = self.layers((x, kv), (pooled_xs, layer_rngs), ctx)
+            (x, kv_out), pooled_out = self.layers((x, kv), (pooled_xs, layer_rngs), ctx)
         else:
             # The stacked KV cache rides in the scan's carry and each layer writes its chunk in place:
             # as a scanned input and output it would be copied twice per decode step.
-            (x, kv_out), (stats, pooled_out) = self.layers(
+            (x, kv_out), pooled_out = self.layers(
                 (x, kv), (pooled_xs, layer_rngs, jnp.arange(cfg.num_layers, dtype=jnp.int32)), ctx)
 
         hidden = constrain(self.final_norm(x), ACT)
-        logits = self.logits(hidden) if compute_logits else None
+        if logits_at is None:
+            logits = None
+        elif isinstance(logits_at, str):
+            if logits_at not in ("all", "last"):
+                raise ValueError(f"logits_at must be 'all', 'last', None or positions [B, R], got {logits_at!r}")
+            logits = self.logits(hidden if logits_at == "all" else hidden[:, -1:])
+        else:
+            idx = jnp.asarray(logits_at, jnp.int32)  # [B, R]
+            logits = self.logits(jnp.take_along_axis(hidden, idx[..., None], axis=1))  # [B, R, V]
+        sentiment = None
+        if sentiment_at is not None:
+            if lc is None or lc.num_classes <= 0:
+                raise ValueError("sentiment_at needs an adapter config with num_classes > 0 (the sentiment head)")
+            sentiment = self.sentiment(hidden, jnp.asarray(sentiment_at, jnp.int32))
 
         if cache is not None:
             new = dict(k=kv_out[0], v=kv_out[1], key_pos=ctx["k_pos"], index=index + s,
@@ -603,7 +634,7 @@ class Decoder(nn.Module):
             if pooled_xs is not None:
                 new["pooled"] = pooled_out
             _assign(cache_vars, new)
-        return ModelOutput(logits, hidden, None, stats if lc is not None else None)
+        return ModelOutput(logits, hidden, sentiment)
 
 
 def _is_var(x) -> bool:

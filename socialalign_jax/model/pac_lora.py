@@ -246,8 +246,20 @@ def gate_stats(ga, gb, seg, valid):
     }
 
 
-def summarize_gate_stats(stats: dict) -> dict:
-    """{module: sums [L, 3, E]} -> {module: {'a': mean weights [L, 3, Ea], 'b': ..., entropies [L, 3]}}."""
+def summarize_gate_stats(stats: dict, *, pool: bool = False) -> dict:
+    """Gate-stat sums -> means: the one place a count divides a sum.
+
+    stats {module: {'a': [L, 3, Ea], 'b': [L, 3, Eb], 'a_entropy'|'b_entropy'|'count': [L, 3]}} (the
+    sums `decoder.forward` collects; they add up exactly across batches and devices). Returns
+    {module: {'a': mean weights [L, 3, Ea], 'b': ..., entropies [L, 3], 'count'}}, or with pool=True
+    one summary over every layer and module, token-weighted: {'a': [3, Ea], 'b': [3, Eb],
+    'a_entropy'|'b_entropy': [3], 'count': [3]} ({} when there are no stats).
+    """
+    if pool:
+        if not stats:
+            return {}
+        sums = [jax.tree.map(lambda x: jnp.sum(x, axis=0), st) for st in stats.values()]  # over layers
+        stats = {"all": jax.tree.map(lambda *x: sum(x), *sums)}  # over modules
     out = {}
     for name, st in stats.items():
         cnt = jnp.maximum(st["count"], 1.0)
@@ -256,7 +268,7 @@ def summarize_gate_stats(stats: dict) -> dict:
             "a_entropy": st["a_entropy"] / cnt, "b_entropy": st["b_entropy"] / cnt,
             "count": st["count"],
         }
-    return out
+    return out["all"] if pool else out
 
 
 def adapted_linear(x, base: dict, adapter: dict | None, lc: LoraConfig | None, route: dict,

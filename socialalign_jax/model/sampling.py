@@ -90,6 +90,7 @@ class GenerateOutput(NamedTuple):
     tokens: Any  # [B*K, max_new] int32; pad_id after a row's stop token (the stop token itself is kept)
     lengths: Any  # [B*K] int32: tokens up to and including the first stop token (max_new if none)
     last_hidden: Any  # [B, D]: final-norm hidden state at the last prompt token (sentiment head input), per prompt
+    sentiment: Any = None  # [B, C] float32: the sentiment head's logits there, when the adapters have a head
 
 
 # ------------------------------------------------------------------ logit processors
@@ -215,6 +216,7 @@ class Prefill(NamedTuple):
     logits: Any  # [B, V] float32: the next-token logits there
     seen: Any  # [B, V] bool: the tokens of each prompt (shared prefix included), for the repetition penalty
     gate_stats: Any  # gate-stat sums over the B prompts' tokens (a shared prefix counted once per prompt) | None
+    sentiment: Any  # [B, C] float32 sentiment logits at each prompt's last token, or None (no adapters or no head)
 
 
 def prefill(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_cfg: LoraConfig | None, spans,
@@ -252,18 +254,19 @@ def prefill(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_cf
         r = b // g
         cache = decoder.init_cache(cfg, g, p0 + p + extra, cache_lc)
         head = decoder.forward(params, pre_ids, cfg, attention_mask=pre_mask, adapters=adapters, lora_cfg=lora_cfg,
-                               spans=(spans[0][::r], spans[1][::r]), cache=cache, compute_logits=False)
+                               spans=(spans[0][::r], spans[1][::r]), cache=cache, logits_at=None)
         cache = decoder.repeat_cache(head.cache, r, cfg, cache_lc)  # G prefixes -> B rows (row g*R + i)
         seen = seen | jnp.repeat(seen_from_prompt(pre_ids, pre_mask, cfg.vocab_size), r, axis=0)
         head_stats = head.gate_stats
+    # Column P-1 is every row's last prompt token: the next-token logits and the sentiment head read it.
+    head = adapters is not None and lora_cfg is not None and lora_cfg.num_classes > 0 and "head" in adapters
     out = decoder.forward(params, prompt_ids, cfg, attention_mask=prompt_mask, adapters=adapters,
-                          lora_cfg=lora_cfg, spans=spans, cache=cache, compute_logits=False)
+                          lora_cfg=lora_cfg, spans=spans, cache=cache, logits_at="last",
+                          sentiment_at=jnp.full((b,), p, jnp.int32) if head else None)
     stats = out.gate_stats
     if head_stats is not None and stats is not None:
         stats = jax.tree.map(lambda h, c: h * r + c, head_stats, stats)
-    last_hidden = out.hidden[:, -1]  # [B, D]: column P-1 is every row's last prompt token
-    logits = decoder.lm_logits(params, out.hidden[:, -1:], cfg)[:, 0]  # [B, V]
-    return Prefill(out.cache, last_hidden, logits, seen, stats)
+    return Prefill(out.cache, out.hidden[:, -1], out.logits[:, 0], seen, stats, out.sentiment)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "scfg", "samples"))
@@ -274,7 +277,7 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
     prompt_ids, prompt_mask [B, P] (left padding; every row needs >= 1 real token);
     spans = (user_end [B], news_end [B]) absolute positions in the unpadded prompt; adapters may
     be None (base model). Returns tokens, lengths [B*K, ...] (row b*K + k is sample k of prompt
-    b) and last_hidden [B, D].
+    b), last_hidden [B, D] and the sentiment head's logits [B, C] (None without a head).
 
     The K samples of a prompt branch from ONE prefill: the prompts are run once, then the cache
     (`decoder.repeat_cache`: k/v, positions, spans, pooled routing's stored gate weights), the
@@ -300,7 +303,6 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
         raise ValueError(f"per-row keys: expected {rows} (prompts {b} x samples {samples}), got {rng.shape[0]}")
     cache_lc = lora_cfg if adapters is not None else None
     pre = prefill(params, adapters, prompt_ids, prompt_mask, cfg, lora_cfg, spans, max_new, prefix)
-    last_hidden = pre.last_hidden
     # Branch: B prompts -> B*K rows (row b*K + k), the prefill's cache and first logits shared.
     cache = decoder.repeat_cache(pre.cache, samples, cfg, cache_lc)
     logits = jnp.repeat(pre.logits, samples, axis=0)  # [B*K, V]
@@ -332,12 +334,12 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
         seen = s["seen"].at[jnp.arange(rows), tok].set(True)
         # Finished rows keep decoding (lockstep) but their output is padding.
         step_out = decoder.forward(step_params, tok[:, None], cfg, adapters=adapters, lora_cfg=lora_cfg,
-                                   cache=s["cache"], compute_logits=True)
+                                   cache=s["cache"], logits_at="last")
         return dict(step=s["step"] + 1, cache=step_out.cache, logits=step_out.logits[:, 0], seen=seen,
                     tokens=tokens, done=done, lengths=s["lengths"] + live.astype(jnp.int32))
 
     final = jax.lax.while_loop(cond, body, state)
-    return GenerateOutput(final["tokens"], final["lengths"], last_hidden)
+    return GenerateOutput(final["tokens"], final["lengths"], pre.last_hidden, pre.sentiment)
 
 
 def left_pad(rows, pad_id: int, length: int | None = None, *, allow_empty: bool = False):

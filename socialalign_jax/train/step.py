@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from socialalign_jax.core.errors import UserError
-from socialalign_jax.model import decoder
+from socialalign_jax.model import decoder, pac_lora
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.nll import response_ce, token_nll
 from socialalign_jax.model.pac_lora import LoraConfig
@@ -41,33 +41,47 @@ def response_positions(loss_mask, max_tokens: int):
     return idx.astype(jnp.int32), valid
 
 
-def response_nll(params, hidden, input_ids, loss_mask, cfg: ModelConfig, max_tokens: int):
-    """Summed next-token NLL over response tokens and their count, from final hidden states."""
+def scored_positions(batch, max_tokens: int):
+    """Where the LM logits are read: ('all', None) when max_tokens <= 0, else (positions [B, R] that
+    predict the response tokens: label t is predicted from t - 1, and (labels [B, R], valid [B, R]))."""
     if max_tokens <= 0:
-        logits = decoder.lm_logits(params, hidden, cfg)
-        return response_ce(logits, input_ids, loss_mask)
-    idx, valid = response_positions(loss_mask, max_tokens)  # label positions t
-    src = jnp.maximum(idx - 1, 0)  # predicted from t - 1
-    h = jnp.take_along_axis(hidden, src[..., None], axis=1)  # [B, R, D]
-    labels = jnp.take_along_axis(input_ids, idx, axis=1)  # [B, R]
-    logits = decoder.lm_logits(params, h, cfg)  # [B, R, V] float32
-    nll = token_nll(logits, labels)
+        return "all", None
+    idx, valid = response_positions(batch["loss_mask"], max_tokens)  # label positions t
+    labels = jnp.take_along_axis(batch["input_ids"], idx, axis=1)  # [B, R]
+    return jnp.maximum(idx - 1, 0), (labels, valid)
+
+
+def response_nll(logits, batch, targets):
+    """Summed next-token NLL over response tokens and their count, from the logits `scored_positions` asked for."""
+    if targets is None:  # logits at every position [B, S, V]
+        return response_ce(logits, batch["input_ids"], batch["loss_mask"])
+    labels, valid = targets
+    nll = token_nll(logits, labels)  # [B, R]
     w = valid.astype(jnp.float32)
     return jnp.sum(nll * w), jnp.sum(w)
+
+
+def _apply(adapters, params, batch, *, model_cfg, lora_cfg, loss_cfg, rng=None, deterministic=True):
+    """The decoder applied once for a step: logits at the scored positions, the sentiment head at the
+    prompt's last token (when the adapters have one), gate statistics. Returns (out, targets)."""
+    logits_at, targets = scored_positions(batch, loss_cfg.max_response_tokens)
+    out = decoder.forward(
+        params, batch["input_ids"], model_cfg, attention_mask=batch["attention_mask"],
+        adapters=adapters, lora_cfg=lora_cfg, spans=(batch["user_end"], batch["news_end"]),
+        rng=rng, deterministic=deterministic, logits_at=logits_at,
+        sentiment_at=batch["prompt_len"] if "head" in adapters else None)
+    return out, targets
 
 
 def compute_loss(adapters, params, batch, rng, *, model_cfg: ModelConfig, lora_cfg: LoraConfig,
                  loss_cfg: LossConfig, deterministic: bool):
     """The dual-level objective for one global batch. Returns (loss, (terms, gate_stats))."""
     drop_rng, gumbel_rng = jax.random.split(rng)
-    out = decoder.forward(
-        params, batch["input_ids"], model_cfg, attention_mask=batch["attention_mask"],
-        adapters=adapters, lora_cfg=lora_cfg, spans=(batch["user_end"], batch["news_end"]),
-        rng=drop_rng, deterministic=deterministic, compute_logits=False)
-    lm = response_nll(params, out.hidden, batch["input_ids"], batch["loss_mask"], model_cfg,
-                      loss_cfg.max_response_tokens)
-    if "head" in adapters:
-        sent_logits = decoder.sentiment_logits(out.hidden, batch["prompt_len"], adapters["head"])
+    out, targets = _apply(adapters, params, batch, model_cfg=model_cfg, lora_cfg=lora_cfg, loss_cfg=loss_cfg,
+                          rng=drop_rng, deterministic=deterministic)
+    lm = response_nll(out.logits, batch, targets)
+    if out.sentiment is not None:
+        sent_logits = out.sentiment
     else:  # no head: the sentiment and macro terms vanish
         sent_logits = jnp.zeros((batch["input_ids"].shape[0], batch["target_dist"].shape[-1]), jnp.float32)
     loss, terms = losses.total_loss(
@@ -79,19 +93,13 @@ def compute_loss(adapters, params, batch, rng, *, model_cfg: ModelConfig, lora_c
 
 
 def gate_summary(stats) -> dict[str, Any]:
-    """Token-weighted mean gate entropy per segment and mean expert weights [3, E], over layers and modules."""
+    """The step's gate metrics: token-weighted mean expert weights [3, E] and gate entropy [3] per segment,
+    over every layer and module (`pac_lora.summarize_gate_stats(pool=True)`)."""
     if not stats:
         return {}
-    summ = {"a_weights": 0.0, "b_weights": 0.0, "a_entropy": 0.0, "b_entropy": 0.0, "count": 0.0}
-    for st in stats.values():
-        summ["a_weights"] = summ["a_weights"] + jnp.sum(st["a"], axis=0)
-        summ["b_weights"] = summ["b_weights"] + jnp.sum(st["b"], axis=0)
-        summ["a_entropy"] = summ["a_entropy"] + jnp.sum(st["a_entropy"], axis=0)
-        summ["b_entropy"] = summ["b_entropy"] + jnp.sum(st["b_entropy"], axis=0)
-        summ["count"] = summ["count"] + jnp.sum(st["count"], axis=0)
-    cnt = jnp.maximum(summ.pop("count"), 1.0)
-    return {"gate_a_weights": summ["a_weights"] / cnt[:, None], "gate_b_weights": summ["b_weights"] / cnt[:, None],
-            "gate_a_entropy": summ["a_entropy"] / cnt, "gate_b_entropy": summ["b_entropy"] / cnt}
+    m = pac_lora.summarize_gate_stats(stats, pool=True)
+    return {"gate_a_weights": m["a"], "gate_b_weights": m["b"], "gate_a_entropy": m["a_entropy"],
+            "gate_b_entropy": m["b_entropy"]}
 
 
 def init_train_state(adapters, optimizer: optax.GradientTransformation) -> dict:
@@ -125,16 +133,11 @@ def make_eval_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg: LossC
     """eval_step(params, adapters, batch) -> sums for held-out metrics (deterministic, no dropout)."""
 
     def eval_step(params, adapters, batch):
-        out = decoder.forward(
-            params, batch["input_ids"], model_cfg, attention_mask=batch["attention_mask"],
-            adapters=adapters, lora_cfg=lora_cfg, spans=(batch["user_end"], batch["news_end"]),
-            deterministic=True, compute_logits=False)
-        lm_sum, lm_cnt = response_nll(params, out.hidden, batch["input_ids"], batch["loss_mask"], model_cfg,
-                                      loss_cfg.max_response_tokens)
+        out, targets = _apply(adapters, params, batch, model_cfg=model_cfg, lora_cfg=lora_cfg, loss_cfg=loss_cfg)
+        lm_sum, lm_cnt = response_nll(out.logits, batch, targets)
         res = {"lm_sum": lm_sum, "lm_count": lm_cnt}
-        if "head" in adapters:
-            logits = decoder.sentiment_logits(out.hidden, batch["prompt_len"], adapters["head"])
-            res["probs"] = jax.nn.softmax(logits, axis=-1)
+        if out.sentiment is not None:
+            res["probs"] = jax.nn.softmax(out.sentiment, axis=-1)
         if out.gate_stats:
             res["gate_stats"] = out.gate_stats
         return res

@@ -205,7 +205,7 @@ def test_feature_cache_is_what_the_head_reads_and_resumes(tiny, tmp_path):
         ids[r, :len(p)], mask[r, :len(p)] = p, 1
         ids[r, len(p):len(p) + 3], mask[r, len(p):len(p) + 3] = 5, 1  # a "response" after the prompt
     hid = decoder.forward(params, jnp.asarray(ids), tiny.cfg, attention_mask=jnp.asarray(mask),
-                          compute_logits=False, deterministic=True).hidden
+                          logits_at=None, deterministic=True).hidden
     want = np.asarray(decoder.sentiment_logits(hid, jnp.asarray(sel["examples"]["prompt_len"][idx]), head))
     got = fs.features[idx] @ np.asarray(head["kernel"]) + np.asarray(head["bias"])
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)

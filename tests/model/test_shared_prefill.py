@@ -97,13 +97,15 @@ def _generate(routing, k, greedy, shared):
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("routing", ["token", "pooled"])
 def test_shared_prefill_samples_equal_unshared_runs_with_the_same_keys(routing, k, greedy):
-    tokens, lengths, hidden = _generate(routing, k, greedy, shared=True)
-    ref_tokens, ref_lengths, ref_hidden = _generate(routing, k, greedy, shared=False)
+    tokens, lengths, hidden, sentiment = _generate(routing, k, greedy, shared=True)
+    ref_tokens, ref_lengths, ref_hidden, ref_sentiment = _generate(routing, k, greedy, shared=False)
     b = len(PROMPT_LENS)
     assert tokens.shape == (b * k, N_GEN) and hidden.shape == (b, CFG.hidden_size)
     np.testing.assert_array_equal(tokens, ref_tokens)
     np.testing.assert_array_equal(lengths, ref_lengths)
     np.testing.assert_allclose(hidden, ref_hidden[::k], rtol=0, atol=1e-5)  # one prefill per prompt
+    assert sentiment.shape == (b, 3)  # the head, read off the same prefill
+    np.testing.assert_allclose(sentiment, ref_sentiment[::k], rtol=0, atol=1e-5)
     if not greedy and k > 1:  # each of the K rows has its own stream: a prompt's samples differ
         per_prompt = tokens.reshape(b, k, N_GEN)
         assert all(len({tuple(r) for r in per_prompt[i]}) > 1 for i in range(b)), per_prompt
@@ -116,7 +118,7 @@ def test_repeated_cache_decodes_as_a_full_forward(routing, k):
     equal the unshared prefill's, and the logits and head equal a full forward without cache."""
     params, ad, lc = _model(routing)
     prompts, ids, mask = _prompts()
-    gen, _, _ = _generate(routing, k, False, shared=True)  # [B*K, N_GEN]
+    gen = _generate(routing, k, False, shared=True)[0]  # [B*K, N_GEN]
     b, p = ids.shape
     fwd = jax.jit(functools.partial(decoder.forward, cfg=CFG, lora_cfg=lc))
     stats = lambda st: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), st)  # noqa: E731
@@ -215,7 +217,7 @@ def _head_probs(params, ad, lc, prompts, ue, ne):
     for i, x in enumerate(prompts):
         ids[i, :len(x)], mask[i, :len(x)] = x, 1
     out = decoder.forward(params, jnp.asarray(ids), CFG, attention_mask=jnp.asarray(mask), adapters=ad, lora_cfg=lc,
-                          spans=(ue, ne), compute_logits=False)
+                          spans=(ue, ne), logits_at=None)
     z = np.asarray(decoder.sentiment_logits(out.hidden, jnp.asarray([len(x) for x in prompts]), ad["head"]),
                    np.float64)
     e = np.exp(z - z.max(-1, keepdims=True))
@@ -357,7 +359,7 @@ def test_pooled_routing_shares_no_head_because_the_user_span_reads_the_news():
     for routing in ("token", "pooled"):
         params, ad, lc = _model(routing)
         out = decoder.forward(params, jnp.asarray(ids), CFG, attention_mask=jnp.asarray(mask), adapters=ad,
-                              lora_cfg=lc, spans=(ue[:2], ne[:2]), compute_logits=False)
+                              lora_cfg=lc, spans=(ue[:2], ne[:2]), logits_at=None)
         hid = np.asarray(out.hidden)
         # The head's tokens sit at the same absolute positions, in columns that differ by the padding.
         cols = [ids.shape[1] - len(x) + np.arange(h) for x in prompts[:2]]

@@ -212,7 +212,7 @@ def _direct_head_probs(predictor, news, topic, users):
         mask[i, :ex["prompt_len"]] = 1
     spans = (np.array([ex["user_end"] for ex in exs]), np.array([ex["news_end"] for ex in exs]))
     res = decoder.forward(predictor.params, ids, predictor.model_cfg, attention_mask=mask, adapters=predictor.adapters,
-                          lora_cfg=predictor.lora_cfg, spans=spans, compute_logits=False)
+                          lora_cfg=predictor.lora_cfg, spans=spans, logits_at=None)
     hidden = np.asarray(res.hidden, np.float64)
     h = np.stack([hidden[i, ex["prompt_len"] - 1] for i, ex in enumerate(exs)])  # the last prompt token
     z = h @ np.asarray(predictor.adapters["head"]["kernel"], np.float64) + np.asarray(

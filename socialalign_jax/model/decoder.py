@@ -86,18 +86,52 @@ def _to_dict(tree):
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig | None = None,
                dtype=None) -> dict:
-    """An empty KV cache for `max_len` slots: the `cache` collection of `modules.KVCache`.
+    """An empty KV cache for `max_len` slots: the Decoder's `cache` collection, as one dict.
 
     {k, v [L, B, T, Hkv, Dh] in dtype (default cfg.dtype), key_pos [B, T] (-1 = empty), index [],
-    next_pos / user_end / news_end [B], and with pooled routing pooled {target: {a, b}}}.
+    next_pos / user_end / news_end [B]} (`modules.KVCache`), and with pooled routing
+    'layers': {attn|mlp: {target: {pooled_a [L, B, Ea], pooled_b [L, B, Eb]}}}, the adapted maps'
+    own stored gate weights (uniform until a prefill writes them).
     """
     return nn.unbox(cache_boxed(cfg, batch, max_len, lora_cfg, dtype))
 
 
+def _pooled(lora_cfg: LoraConfig | None) -> bool:
+    return lora_cfg is not None and lora_cfg.routing == "pooled" and bool(lora_cfg.targets)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _make_cache_jit(cfg, lora_cfg, batch, max_len, dtype):
+    # Pooled routing declares its stored gates by running the model once at init: jitted, XLA keeps
+    # only the cache's (constant) values and drops the random parameters and the pass.
+    dec = modules.Decoder(cfg, lora_cfg)
+    return dec.init({"params": jax.random.PRNGKey(0)}, batch, max_len, dtype, method=dec.make_cache)["cache"]
+
+
 def cache_boxed(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig | None = None, dtype=None):
     """The cache of `init_cache` with its `nn.LogicallyPartitioned` boxes (its declared logical axes)."""
-    dec = modules.Decoder(cfg, lora_cfg)
-    return dec.init({}, batch, max_len, dtype, method=dec.make_cache)["cache"]["kv"]
+    if _pooled(lora_cfg):
+        coll = _make_cache_jit(cfg, lora_cfg, batch, max_len, dtype)
+    else:  # the KV cache alone: no model pass
+        dec = modules.Decoder(cfg)
+        coll = dec.init({}, batch, max_len, dtype, method=dec.make_cache)["cache"]
+    return _join_cache(coll)
+
+
+def _join_cache(coll) -> dict:
+    """The `cache` collection {'kv': {...}, 'layers': {...}?} as the one dict callers hold."""
+    out = dict(coll["kv"])
+    if "layers" in coll:
+        out["layers"] = coll["layers"]
+    return out
+
+
+def _split_cache(cache: dict) -> dict:
+    """The inverse of `_join_cache`: the `cache` collection the Decoder reads."""
+    coll = {"kv": {k: v for k, v in cache.items() if k != "layers"}}
+    if "layers" in cache:
+        coll["layers"] = cache["layers"]
+    return coll
 
 
 def cache_axes(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig | None = None) -> dict:
@@ -160,29 +194,46 @@ def forward(params, input_ids, cfg: ModelConfig, *, attention_mask=None, positio
     variables = {"params": dict(params)}
     if lc is not None:
         variables["lora"] = dict(adapters)
+    if cache is not None:
+        if lc is not None and _pooled(lc) and "layers" not in cache:
+            # Without the stored prefill summaries every decoded token would silently get uniform gates.
+            raise ValueError("pooled routing with a KV cache needs init_cache(cfg, batch, max_len, lora_cfg)")
+        variables["cache"] = _split_cache(cache)
     if unrolled:
-        # Per-layer variables {'0': ..., '1': ...} of modules.UnrolledLayers; the adapters
-        # are sliced here (inside the trace), as the base layers were by `unstack_layers`.
+        # Per-layer variables {'0': ..., '1': ...} of modules.UnrolledLayers; the adapters (and
+        # stored gates) are sliced here (inside the trace), as the base layers were by `unstack_layers`.
         variables["params"]["layers"] = {str(i): lp for i, lp in enumerate(layer_params)}
-        if lc is not None and "layers" in adapters:
-            variables["lora"]["layers"] = {str(i): jax.tree.map(lambda a, i=i: a[i], adapters["layers"])
-                                           for i in range(len(layer_params))}
+        for coll in ("lora", "cache"):
+            if coll in variables and "layers" in variables[coll]:
+                variables[coll]["layers"] = _unstack(variables[coll]["layers"], len(layer_params))
     dec = model(cfg, lc, deterministic=deterministic, unrolled=unrolled,
                 remat_unrolled=cfg.remat and cache is None)
     mutable = ["intermediates"] if lc is not None and lc.targets else []
     if cache is not None:
-        if lc is not None and lc.routing == "pooled" and lc.targets and "pooled" not in cache:
-            # Without the stored prefill summaries every decoded token would silently get uniform gates.
-            raise ValueError("pooled routing with a KV cache needs init_cache(cfg, batch, max_len, lora_cfg)")
-        variables["cache"] = {"kv": cache}
         mutable.append("cache")
     args = (input_ids, attention_mask, positions, spans, cache is not None, rng, logits_at, sentiment_at)
     if mutable:
         out, state = dec.apply(variables, *args, mutable=mutable)
     else:
         out, state = dec.apply(variables, *args), {}
-    return out._replace(cache=state["cache"]["kv"] if cache is not None else None,
+    new_cache = None
+    if cache is not None:
+        coll = dict(state["cache"])
+        if unrolled and "layers" in coll:
+            coll["layers"] = _stack(coll["layers"])
+        new_cache = _join_cache(coll)
+    return out._replace(cache=new_cache,
                         gate_stats=gate_stats_of(state.get("intermediates"), unrolled) if lc is not None else None)
+
+
+def _unstack(tree, n: int) -> dict:
+    """A tree stacked on L -> {'0': layer 0's, ...} (the unrolled layers' variables)."""
+    return {str(i): jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n)}
+
+
+def _stack(per_layer: dict):
+    """{'0': ..., '1': ...} -> the tree stacked on L (the inverse of `_unstack`)."""
+    return jax.tree.map(lambda *a: jnp.stack(a), *[per_layer[str(i)] for i in range(len(per_layer))])
 
 
 def gate_stats_of(intermediates, unrolled: bool) -> dict:
@@ -199,8 +250,7 @@ def gate_stats_of(intermediates, unrolled: bool) -> dict:
 
     if not unrolled:
         return per_layer(layers)
-    each = [per_layer(layers[str(i)]) for i in range(len(layers))]
-    return jax.tree.map(lambda *a: jnp.stack(a), *each)
+    return per_layer(_stack(layers))
 
 
 def unstack_layers(params: dict) -> dict:

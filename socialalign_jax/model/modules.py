@@ -28,10 +28,11 @@ only declare parameters and wire them. An adapted linear map is adapted exactly 
           mutable=['intermediates'] only where they are read (train and eval steps, prefill).
   cache   the KV cache of incremental decoding (`KVCache`): k, v [L, B, T, Hkv, Dh] with the
           absolute position of every slot, the write index, each row's next position and prompt
-          spans, and (pooled routing) the prefill's gate weights. Declared here with its logical
-          axes like any parameter; `Decoder.__call__(use_cache=True)` reads it, runs the layers
-          with the stacked k/v in the scan's carry (each layer writes its chunk in place), and
-          writes it back, so `apply(..., mutable=['cache'])` returns the updated cache.
+          spans; with pooled routing each adapted map also keeps the prefill's gate weights as
+          its own `cache` variables (pooled_a, pooled_b; stacked on L by the scan). Declared with
+          their logical axes like any parameter; `Decoder.__call__(use_cache=True)` reads it,
+          runs the layers with the stacked k/v in the scan's carry (each layer writes its chunk
+          in place), and writes it back, so `apply(..., mutable=['cache'])` returns the update.
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ class AdaptedLinear(nn.Module):
     target: bool = False
 
     @nn.compact
-    def __call__(self, x, route, rng=None, pooled_state=None):
+    def __call__(self, x, route, rng=None):
         base = {"kernel": _param(self, "kernel", _normal002, (self.d_in, self.d_out), self.param_dtype,
                                  (self.in_axis, self.out_axis))}
         if self.use_bias:
@@ -227,13 +228,35 @@ class AdaptedLinear(nn.Module):
                 "gate_a": Gate(self.d_in, g, ea, a_in, name="gate_a")(),
                 "gate_b": Gate(self.d_in, g, eb, a_in, name="gate_b")(),
             }
-        y, stats, new_pooled = pac_lora.adapted_linear(x, base, adapter, lc if adapter is not None else None, route,
-                                                       rng, pooled_state)
+        stored = None
+        if adapter is not None and lc.routing == "pooled" and route.get("cached", False):
+            stored = self._stored_gates(x.shape[0])
+        y, stats, new_pooled = pac_lora.adapted_linear(
+            x, base, adapter, lc if adapter is not None else None, route, rng,
+            None if stored is None else {k: v.value for k, v in stored.items()})
+        if stored is not None and not self.is_initializing():
+            for k, v in stored.items():  # prefill stores its span summaries; later chunks keep them
+                v.value = new_pooled[k]
         if stats is not None:
             # Per-segment sums (pac_lora.gate_stats); a no-op unless `intermediates` is mutable, so a
             # decode step that does not ask for them computes none. Stacked [L, ...] by the scan.
             self.sow("intermediates", GATE_STATS, stats)
-        return y, new_pooled
+        return y
+
+    def _stored_gates(self, batch: int) -> dict:
+        """Pooled routing's per-sequence gate weights in the `cache` collection: {'a': pooled_a [B, Ea],
+        'b': pooled_b [B, Eb]} (uniform until a prefill writes them; stacked on L by the scan).
+
+        Declared when the cache is made (`Decoder.make_cache`); a cached apply without them would
+        silently route every decoded token uniformly, so it is refused instead.
+        """
+        lc = self.lc
+        if not self.is_initializing() and not self.has_variable("cache", "pooled_a"):
+            raise ValueError("pooled routing with a KV cache needs init_cache(cfg, batch, max_len, lora_cfg)")
+        return {"a": _cache_var(self, "pooled_a", lambda: jnp.full((batch, lc.num_analyze), 1.0 / lc.num_analyze),
+                                ("batch", None)),
+                "b": _cache_var(self, "pooled_b", lambda: jnp.full((batch, lc.num_compose), 1.0 / lc.num_compose),
+                                ("batch", None))}
 
 
 class _Adapted(nn.Module):
@@ -241,21 +264,15 @@ class _Adapted(nn.Module):
     cfg: ModelConfig
     lc: LoraConfig | None = None
 
-    def lin(self, h, name, route, rng, pooled, new_pooled):
-        """Apply the linear map `name` (created here, in the caller's compact scope); collect the pooled
-        gate weights it stored (pooled routing's prefill)."""
+    def lin(self, h, name, route, rng):
+        """Apply the linear map `name` (created here, in the caller's compact scope)."""
         cfg = self.cfg
         block, ax_in, ax_out, mod_idx = LINEARS[name]
         d_in, d_out = cfg.module_dims()[(block, name)]
         targets = self.lc.targets if self.lc is not None else ()
         mod = AdaptedLinear(d_in, d_out, ax_in, ax_out, cfg.qkv_bias and name in ("q", "k", "v"),
                             as_dtype(cfg.param_dtype), self.lc, name in targets, name=name)
-        key = None if rng is None else jax.random.fold_in(rng, mod_idx)
-        prev = None if pooled is None or name not in pooled else pooled[name]
-        y, pst = mod(h, route, key, prev)
-        if pst is not None:
-            new_pooled[name] = pst
-        return y
+        return mod(h, route, None if rng is None else jax.random.fold_in(rng, mod_idx))
 
 
 def init_linear_adapter(key, num_layers: int, d_in: int, d_out: int, lc: LoraConfig) -> dict:
@@ -300,14 +317,13 @@ class Attention(_Adapted):
 
     kv: None, or the stacked cache (k, v) [L, B, T, Hkv, Dh] into which layer i writes this
     chunk at slot ctx['index'] before attending over all of its slots.
-    Returns (out [B, S, D], kv, pooled).
+    Returns (out [B, S, D], kv).
     """
 
     @nn.compact
-    def __call__(self, h, route, rng, pooled, kv, i, ctx):
+    def __call__(self, h, route, rng, kv, i, ctx):
         cfg = self.cfg
-        new_pooled = {}
-        lin = lambda t, name: self.lin(t, name, route, rng, pooled, new_pooled)  # noqa: E731
+        lin = lambda t, name: self.lin(t, name, route, rng)  # noqa: E731
         q = constrain(rearrange(lin(h, "q"), "b s (h d) -> b s h d", d=cfg.head_dim), ACT_HEADS)
         k = constrain(rearrange(lin(h, "k"), "b s (h d) -> b s h d", d=cfg.head_dim), ACT_KV)
         v = constrain(rearrange(lin(h, "v"), "b s (h d) -> b s h d", d=cfg.head_dim), ACT_KV)
@@ -325,27 +341,27 @@ class Attention(_Adapted):
             attn = attend(cfg, q, k, v, ctx["q_pos"], ctx["k_pos"])
         attn = constrain(attn, ACT_HEADS)
         out = lin(rearrange(attn, "b s h d -> b s (h d)"), "o")
-        return out, kv, new_pooled
+        return out, kv
 
 
 class Mlp(_Adapted):
-    """SwiGLU: down(silu(gate(h)) * up(h)), each map adaptable. Returns (out [B, S, D], pooled)."""
+    """SwiGLU: down(silu(gate(h)) * up(h)), each map adaptable. Returns out [B, S, D]."""
 
     @nn.compact
-    def __call__(self, h, route, rng, pooled):
-        new_pooled = {}
-        lin = lambda t, name: self.lin(t, name, route, rng, pooled, new_pooled)  # noqa: E731
+    def __call__(self, h, route, rng):
+        lin = lambda t, name: self.lin(t, name, route, rng)  # noqa: E731
         gate = constrain(lin(h, "gate"), ACT_MLP)
         up = constrain(lin(h, "up"), ACT_MLP)
-        return lin(jax.nn.silu(gate) * up, "down"), new_pooled
+        return lin(jax.nn.silu(gate) * up, "down")
 
 
 class Block(nn.Module):
     """One pre-norm decoder layer: attention, then the MLP, each with a residual.
 
-    Called as a scan body: carry = (x [B, S, D], kv), xs = (pooled, rng, layer index i), ctx =
-    the per-call arrays every layer reads (routing, RoPE tables, positions, cache slot).
-    Returns ((x, kv), pooled gate weights or None); gate statistics are sown into `intermediates`.
+    Called as a scan body: carry = (x [B, S, D], kv), xs = (rng, layer index i), ctx = the
+    per-call arrays every layer reads (routing, RoPE tables, positions, cache slot).
+    Returns ((x, kv), None). What else a layer reports or keeps lives in Flax collections: gate
+    statistics sown into `intermediates`, pooled routing's stored gate weights in `cache`.
     """
     cfg: ModelConfig
     lc: LoraConfig | None = None
@@ -356,19 +372,19 @@ class Block(nn.Module):
         cfg = self.cfg
         pdt = as_dtype(cfg.param_dtype)
         x, kv = carry
-        pooled, rng, i = xs
-        route = {"seg": ctx["seg"], "valid": ctx["valid"], "deterministic": self.deterministic}
+        rng, i = xs
+        route = {"seg": ctx["seg"], "valid": ctx["valid"], "deterministic": self.deterministic,
+                 "cached": kv is not None}
         if "use_stored" in ctx:
             route["use_stored"] = ctx["use_stored"]
         x = constrain(x, ACT)
         h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, name="input_norm")(x)
-        a, kv, pst_a = Attention(cfg, self.lc, name="attn")(h, route, rng, pooled, kv, i, ctx)
+        a, kv = Attention(cfg, self.lc, name="attn")(h, route, rng, kv, i, ctx)
         x = constrain(x + a, ACT)
         h = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt, name="post_attn_norm")(x)
-        m, pst_m = Mlp(cfg, self.lc, name="mlp")(h, route, rng, pooled)
+        m = Mlp(cfg, self.lc, name="mlp")(h, route, rng)
         x = constrain(x + m, ACT)
-        pst = {**pst_a, **pst_m}
-        return (x, kv), (pst if pst else None)
+        return (x, kv), None
 
 
 class UnrolledLayers(nn.Module):
@@ -376,7 +392,8 @@ class UnrolledLayers(nn.Module):
 
     XLA:CPU copies each layer's weights out of the stacked arrays whenever a scan slices them;
     for a one-token decode step that copy costs more than the matmul it feeds. Same maths as
-    the scan, layer by layer; the KV cache stays stacked and is updated in place.
+    the scan, layer by layer; the KV cache stays stacked and is updated in place. Per-layer
+    `cache` and `intermediates` variables are under '0', '1', ... (`decoder.forward` converts).
     """
     cfg: ModelConfig
     lc: LoraConfig | None = None
@@ -384,19 +401,14 @@ class UnrolledLayers(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, carry, xs, ctx):
-        pooled_xs, rngs = xs
-        take = lambda tree, i: None if tree is None else jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+    def __call__(self, carry, rngs, ctx):
         block = Block
         if self.remat:
             block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat_policy])
-        pooled = []
         for i in range(self.cfg.num_layers):
-            carry, pst = block(self.cfg, self.lc, self.deterministic, name=str(i))(
-                carry, (take(pooled_xs, i), take(rngs, i), jnp.int32(i)), ctx)
-            pooled.append(pst)
-        stack = lambda trees: None if trees[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *trees)  # noqa: E731
-        return carry, stack(pooled)
+            carry, _ = block(self.cfg, self.lc, self.deterministic, name=str(i))(
+                carry, (None if rngs is None else rngs[i], jnp.int32(i)), ctx)
+        return carry, None
 
 
 def scanned_layers(cfg: ModelConfig, lc: LoraConfig | None, deterministic: bool, name: str = "layers"):
@@ -404,7 +416,8 @@ def scanned_layers(cfg: ModelConfig, lc: LoraConfig | None, deterministic: bool,
     block = Block
     if cfg.remat:
         block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy])
-    return nn.scan(block, variable_axes={"params": 0, "lora": 0, "intermediates": 0}, split_rngs={"params": True},
+    return nn.scan(block, variable_axes={"params": 0, "lora": 0, "intermediates": 0, "cache": 0},
+                   split_rngs={"params": True},
                    in_axes=(0, nn.broadcast), length=cfg.num_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})(cfg, lc, deterministic, name=name)
 
@@ -425,43 +438,16 @@ class SentimentHead(nn.Module):
         return h @ kernel.astype(jnp.float32) + bias.astype(jnp.float32)
 
 
-class _PooledGateCache(nn.Module):
-    """One target's stored prefill gate weights: a [L, B, Ea], b [L, B, Eb], uniform until prefill."""
-    num_layers: int
-    batch: int
-    num_analyze: int
-    num_compose: int
-
-    @nn.compact
-    def __call__(self):
-        l, b, ea, eb = self.num_layers, self.batch, self.num_analyze, self.num_compose
-        return {"a": _cache_var(self, "a", lambda: jnp.full((l, b, ea), 1.0 / ea), ("layers", "batch", None)),
-                "b": _cache_var(self, "b", lambda: jnp.full((l, b, eb), 1.0 / eb), ("layers", "batch", None))}
-
-
-class _PooledCache(nn.Module):
-    """{target: _PooledGateCache} for every adapted map."""
-    num_layers: int
-    batch: int
-    lc: LoraConfig
-
-    @nn.compact
-    def __call__(self):
-        lc = self.lc
-        return {t: _PooledGateCache(self.num_layers, self.batch, lc.num_analyze, lc.num_compose, name=t)()
-                for t in lc.targets}
-
-
 class KVCache(nn.Module):
     """The `cache` collection: every variable of incremental decoding, declared once.
 
     key_pos holds the absolute position of each filled slot (-1 = empty or padding), so attention
     and routing never depend on slot order or on how the tokens were chunked. batch, max_len and
     dtype matter only when the cache is created (`decoder.init_cache`); afterwards the shapes are
-    those of the cache passed in. Returns {name: nn.Variable} (pooled: {target: {'a', 'b'}}).
+    those of the cache passed in. Returns {name: nn.Variable}. (Pooled routing's stored gate
+    weights are the adapted maps' own `cache` variables: `AdaptedLinear._stored_gates`.)
     """
     cfg: ModelConfig
-    lc: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, batch: int = 0, max_len: int = 0, dtype=None):
@@ -481,9 +467,6 @@ class KVCache(nn.Module):
             "user_end": _cache_var(self, "user_end", per_row, ("batch",)),
             "news_end": _cache_var(self, "news_end", per_row, ("batch",)),
         }
-        lc = self.lc
-        if lc is not None and lc.routing == "pooled" and lc.targets:
-            out["pooled"] = _PooledCache(cfg.num_layers, batch, lc, name="pooled")()
         return out
 
 
@@ -517,11 +500,18 @@ class Decoder(nn.Module):
             self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, pdt)
         if self.lc is not None and self.lc.num_classes > 0:
             self.head = SentimentHead(cfg.hidden_size, self.lc.num_classes)
-        self.kv = KVCache(cfg, self.lc)
+        self.kv = KVCache(cfg)
 
     def make_cache(self, batch: int, max_len: int, dtype=None):
-        """Declare the `cache` collection for `batch` rows of `max_len` slots (init only)."""
+        """Declare the `cache` collection for `batch` rows of `max_len` slots (init only).
+
+        With pooled routing the adapted maps declare their stored gate weights themselves, where
+        they are used: the model runs once over one token per row (an init: nothing is written;
+        `decoder.init_cache` jits it, so only the cache's values are computed).
+        """
         self.kv(batch, max_len, dtype)
+        if self.lc is not None and self.lc.routing == "pooled" and self.lc.targets:
+            self(jnp.zeros((batch, 1), jnp.int32), use_cache=True, logits_at=None)
 
     def logits(self, hidden):
         """hidden [B, S, D] -> logits [B, S, V] float32."""
@@ -589,13 +579,8 @@ class Decoder(nn.Module):
             ctx["k_pos"] = new_pos
             kv = None
 
-        pooled_xs = None
         if lc is not None and lc.routing == "pooled" and lc.targets and cache is not None:
-            if "pooled" not in cache:
-                # Without the stored prefill summaries every decoded token would silently get uniform gates.
-                raise ValueError("pooled routing with a KV cache needs init_cache(cfg, batch, max_len, lora_cfg)")
             # Prefill (slot index 0) computes the span summaries; later chunks reuse what prefill stored.
-            pooled_xs = cache["pooled"]
             ctx["use_stored"] = index > 0
         layer_rngs = None
         if lc is not None and not self.deterministic and lc.dropout > 0.0:
@@ -604,12 +589,11 @@ class Decoder(nn.Module):
             layer_rngs = jax.random.split(rng, cfg.num_layers)
 
         if self.unrolled:
-            (x, kv_out), pooled_out = self.layers((x, kv), (pooled_xs, layer_rngs), ctx)
+            (x, kv_out), _ = self.layers((x, kv), layer_rngs, ctx)
         else:
             # The stacked KV cache rides in the scan's carry and each layer writes its chunk in place:
             # as a scanned input and output it would be copied twice per decode step.
-            (x, kv_out), pooled_out = self.layers(
-                (x, kv), (pooled_xs, layer_rngs, jnp.arange(cfg.num_layers, dtype=jnp.int32)), ctx)
+            (x, kv_out), _ = self.layers((x, kv), (layer_rngs, jnp.arange(cfg.num_layers, dtype=jnp.int32)), ctx)
 
         hidden = constrain(self.final_norm(x), ACT)
         if logits_at is None:
@@ -627,13 +611,10 @@ class Decoder(nn.Module):
                 raise ValueError("sentiment_at needs an adapter config with num_classes > 0 (the sentiment head)")
             sentiment = self.sentiment(hidden, jnp.asarray(sentiment_at, jnp.int32))
 
-        if cache is not None:
-            new = dict(k=kv_out[0], v=kv_out[1], key_pos=ctx["k_pos"], index=index + s,
-                       next_pos=jnp.maximum(start, jnp.max(jnp.where(valid, positions + 1, 0), axis=1)),
-                       user_end=user_end, news_end=news_end)
-            if pooled_xs is not None:
-                new["pooled"] = pooled_out
-            _assign(cache_vars, new)
+        if cache is not None and not self.is_initializing():  # make_cache's pass writes nothing
+            _assign(cache_vars, dict(k=kv_out[0], v=kv_out[1], key_pos=ctx["k_pos"], index=index + s,
+                                     next_pos=jnp.maximum(start, jnp.max(jnp.where(valid, positions + 1, 0), axis=1)),
+                                     user_end=user_end, news_end=news_end))
         return ModelOutput(logits, hidden, sentiment)
 
 

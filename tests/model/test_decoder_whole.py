@@ -8,6 +8,7 @@ the scan (two different wirings of the same sown statistics).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -140,3 +141,38 @@ def test_a_decode_step_without_intermediates_sows_nothing(setup):
     assert isinstance(out, modules.ModelOutput) and out.gate_stats is None
     # base model: no adapters, no statistics
     assert decoder.forward(params, ids, CFG, attention_mask=mask).gate_stats is None
+
+
+def test_pooled_gates_are_the_adapted_maps_cache_and_a_cache_without_them_is_refused(setup):
+    """Pooled routing keeps the prefill's gate weights as each adapted map's own `cache` variables; the
+    prefill writes exactly the span means' gate probabilities (recomputed here by hand in numpy), and a
+    cache made without the adapter config (no stored gates) is refused rather than decoded with uniform gates."""
+    params, ad, ids, mask = setup
+    lc = dataclasses.replace(LC, routing="pooled")
+    cache = decoder.init_cache(CFG, B, S + 2, lc)
+    assert sorted(cache["layers"]["mlp"]) == ["down"]
+    out = decoder.forward(params, ids, CFG, attention_mask=mask, adapters=ad, lora_cfg=lc,
+                          spans=(USER_END, NEWS_END), cache=cache)
+    stored = np.asarray(out.cache["layers"]["attn"]["q"]["pooled_a"])  # [L, B, Ea]
+
+    # Layer 0's q reads the first RMSNorm of the embeddings: its news-span mean through gate_a, by hand.
+    x = np.asarray(params["embed"]["embedding"], np.float64)[np.asarray(ids)]  # [B, S, D]
+    scale = np.asarray(params["layers"]["input_norm"]["scale"][0], np.float64)
+    h = x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + CFG.rms_norm_eps) * scale
+    g = jax.tree.map(lambda a: np.asarray(a[0], np.float64), ad["layers"]["attn"]["q"]["gate_a"])
+    for b in range(B):
+        news = [t for t in range(S) if mask[b, t] and USER_END[b] <= t < NEWS_END[b]]
+        mean = h[b, news].mean(0) if news else np.zeros(CFG.hidden_size)
+        pre = mean @ g["w1"]
+        z = 0.5 * pre * (1 + np.vectorize(math.erf)(pre / math.sqrt(2)))  # exact GELU
+        logits = z @ g["w2"]
+        want = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        np.testing.assert_allclose(stored[0, b], want, rtol=1e-4, atol=1e-5)
+
+    with pytest.raises(ValueError, match="needs init_cache"):
+        decoder.forward(params, ids, CFG, attention_mask=mask, adapters=ad, lora_cfg=lc,
+                        spans=(USER_END, NEWS_END), cache=decoder.init_cache(CFG, B, S + 2))
+    dec = decoder.model(CFG, lc)  # the module itself refuses too, not only the functional wrapper
+    with pytest.raises(ValueError, match="needs init_cache"):
+        dec.apply({"params": params, "lora": ad, "cache": {"kv": decoder.init_cache(CFG, B, S + 2)}}, ids, mask,
+                  None, (USER_END, NEWS_END), True, mutable=["cache"])

@@ -177,13 +177,16 @@ def test_cache_is_the_decoders_flax_cache_collection():
     assert cache["k"].shape == shape and cache["v"].shape == shape and not np.any(np.asarray(cache["k"]))
     np.testing.assert_array_equal(cache["key_pos"], -np.ones((b, t)))
     assert int(cache["index"]) == 0 and cache["next_pos"].shape == (b,)
-    assert sorted(cache["pooled"]) == ["q", "v"]
-    np.testing.assert_allclose(cache["pooled"]["q"]["a"], np.full((cfg.num_layers, b, lc.num_analyze),
-                                                                  1 / lc.num_analyze))
+    # pooled routing: each adapted map's own stored gate weights, uniform until a prefill writes them
+    assert list(cache["layers"]) == ["attn"] and sorted(cache["layers"]["attn"]) == ["q", "v"]
+    np.testing.assert_allclose(cache["layers"]["attn"]["q"]["pooled_a"],
+                               np.full((cfg.num_layers, b, lc.num_analyze), 1 / lc.num_analyze))
+    np.testing.assert_allclose(cache["layers"]["attn"]["v"]["pooled_b"],
+                               np.full((cfg.num_layers, b, lc.num_compose), 1 / lc.num_compose))
     axes = decoder.cache_axes(cfg, b, t, lc)
     assert axes["k"] == ("layers", "batch", "length", "kv_heads", None)
     assert axes["key_pos"] == ("batch", None) and axes["index"] == () and axes["user_end"] == ("batch",)
-    assert axes["pooled"]["v"]["b"] == ("layers", "batch", None)
+    assert axes["layers"]["attn"]["v"]["pooled_b"] == ("layers", "batch", None)
 
     params = random_params(cfg, 3)
     ids = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (b, 5)))

@@ -139,7 +139,7 @@ def test_repeated_cache_decodes_as_a_full_forward(routing, k):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5,
                                    err_msg=jax.tree_util.keystr(path))
     if routing == "pooled":
-        assert "pooled" in cache
+        assert "pooled_a" in cache["layers"]["attn"]["q"]
     # Prefill gate statistics: the K copies of a prompt route exactly as its single prefill (sums x K).
     want_pre = stats(unshared.gate_stats)
     got_pre = jax.tree_util.tree_map(lambda a: a * k, stats(shared.gate_stats))
@@ -190,11 +190,11 @@ def test_repeat_cache_keeps_each_prompts_samples_together():
     np.testing.assert_array_equal(np.asarray(rep["user_end"]), _rep(USER_END, 3))
     np.testing.assert_array_equal(np.asarray(rep["key_pos"]), _rep(out.cache["key_pos"], 3))
     np.testing.assert_array_equal(np.asarray(rep["k"]), np.repeat(np.asarray(out.cache["k"]), 3, axis=1))
-    np.testing.assert_array_equal(np.asarray(rep["pooled"]["q"]["a"]),
-                                  np.repeat(np.asarray(out.cache["pooled"]["q"]["a"]), 3, axis=1))
+    np.testing.assert_array_equal(np.asarray(rep["layers"]["attn"]["q"]["pooled_a"]),
+                                  np.repeat(np.asarray(out.cache["layers"]["attn"]["q"]["pooled_a"]), 3, axis=1))
     assert int(rep["index"]) == int(out.cache["index"]) == ids.shape[1]
     # The stored pooled gate weights differ between prompts, so a wrong row order would show.
-    a = np.asarray(out.cache["pooled"]["q"]["a"])
+    a = np.asarray(out.cache["layers"]["attn"]["q"]["pooled_a"])
     assert np.abs(a[:, 0] - a[:, 1]).max() > 1e-3
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         decoder.repeat_cache(out.cache, 0, CFG, lc)

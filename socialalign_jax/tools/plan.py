@@ -237,8 +237,7 @@ def plan_decode(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, mesh: Mesh,
         ad_sh = model_axes.shardings(adapters, mesh, rules, strict=False)
     slots = prompt_len + max_new_tokens
     cache = jax.eval_shape(lambda: decoder.init_cache(model_cfg, batch, slots, lora_cfg))
-    cache_sh = model_axes.shardings(cache, mesh, rules,
-                                      logical=decoder.cache_axes(model_cfg, batch, slots, lora_cfg))
+    cache_sh = sharding.shardings_for(cache, decoder.cache_axes(model_cfg, batch, slots, lora_cfg), mesh, rules)
     bsh = sharding.batch_sharding(mesh, rules)
     repl = NamedSharding(mesh, P())
     prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=bsh)

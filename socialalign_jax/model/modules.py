@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from socialalign_jax.model import layers, pac_lora
+from socialalign_jax.model import backend, layers, pac_lora
 from socialalign_jax.model.config import ModelConfig, as_dtype
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.parallel import sharding
@@ -259,27 +259,14 @@ def init_linear_adapter(key, num_layers: int, d_in: int, d_out: int, lc: LoraCon
     return {"A": out["A"], "B": out["B"], "gate_a": dict(out["gate_a"]), "gate_b": dict(out["gate_b"])}
 
 
-# What stops cuDNN's fused attention while tracing: a dtype, head size, mask or cuDNN version it
-# does not support. 'auto' then takes the einsum path instead of failing the step.
-_CUDNN_REFUSALS = (NotImplementedError, ValueError, RuntimeError, TypeError)
-
-
 def attend(cfg: ModelConfig, q, k, v, q_pos, k_pos):
-    """`layers.attention` with cfg.attention resolved for the devices being traced for.
+    """`layers.attention` with the implementation cfg.attention names.
 
-    'auto' picks cuDNN only for GPUs (`sharding.target_platform`, so a plan traced for a mesh
-    follows that mesh) in bfloat16/float16, its supported dtypes, and falls back to 'einsum'
-    if cuDNN refuses the call; an explicit 'cudnn' lets that error through.
+    The configs are resolved on the host for the devices a step is built for
+    (`backend.resolve_for_platform`); an 'auto' that reaches here unresolved takes the choice for
+    the default devices. Nothing is caught: a 'cudnn' that cuDNN refuses fails with its message.
     """
-    impl = cfg.attention
-    if impl == "auto":
-        if sharding.target_platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-            try:
-                return layers.attention(q, k, v, q_pos, k_pos, impl="cudnn")
-            except _CUDNN_REFUSALS:
-                pass
-        impl = "einsum"
-    return layers.attention(q, k, v, q_pos, k_pos, impl=impl)
+    return layers.attention(q, k, v, q_pos, k_pos, impl=backend.attention_impl(cfg))
 
 
 class Attention(_Adapted):

@@ -133,42 +133,15 @@ def activation_sharding(mesh: Mesh, rules=None):
 def under_mesh(fn, mesh: Mesh, rules=None):
     """fn traced inside `activation_sharding(mesh, rules)`: wrap a step before jax.jit.
 
-    The context is read while jit traces `fn`, so the constraints (and the backend choices of
-    `target_platform`) are baked into the compiled program for this mesh.
+    The context is read while jit traces `fn`, so the constraints are baked into the compiled
+    program for this mesh. Backend choices are not made here: the configs are resolved for the
+    mesh's platform before the step is built (model/backend.py).
     """
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         with activation_sharding(mesh, rules):
             return fn(*args, **kwargs)
     return wrapped
-
-
-def current_mesh() -> Mesh | None:
-    ctx = _ACTIVATION_MESH.get()
-    return None if ctx is None else ctx[0]
-
-
-def platform_of(mesh_or_devices) -> str:
-    """'cpu' | 'gpu' | 'tpu' of a mesh, a sharding or a device list (CUDA/ROCm devices report 'gpu')."""
-    if isinstance(mesh_or_devices, Mesh):
-        dev = mesh_or_devices.devices.flat[0]
-    elif isinstance(mesh_or_devices, jax.sharding.Sharding):
-        dev = next(iter(mesh_or_devices.device_set))
-    else:
-        dev = list(mesh_or_devices)[0]
-    plat = str(dev.platform).lower()
-    return "gpu" if plat in ("gpu", "cuda", "rocm") else plat
-
-
-def target_platform() -> str:
-    """The platform the code being traced will run on: the activation mesh's devices if a step is
-    being traced for a mesh (possibly a TPU slice described on a CPU host by `launch/plan.py`),
-    else the default backend. Backend-dependent choices (PAC-LoRA's fused base matmul, the
-    decode layer loop) read this, never `jax.default_backend()` directly."""
-    mesh = current_mesh()
-    if mesh is not None:
-        return platform_of(mesh)
-    return platform_of(jax.devices())
 
 
 def logical_constraint(x, axes: Sequence[str | None], mesh: Mesh | None = None, rules=None):

@@ -151,7 +151,10 @@ if __name__ == "__main__":
     if "--write" not in sys.argv:
         sys.exit("usage: python -m tests.parallel.test_pinned_specs --write  (run under tests/conftest.py's 8 devices)")
     specs = all_specs()
-    one = lambda v: json.dumps(v, separators=(",", ":"))  # noqa: E731
+
+    def one(v):
+        return json.dumps(v, separators=(",", ":"))
+
     lines = ['{"layouts": ' + one(specs["layouts"]) + ",", '"activations": ' + one(specs["activations"]) + ",",
              '"trees": {']
     lines += [f"{one(k)}: {one(v)}," for k, v in sorted(specs["trees"].items())]

@@ -87,7 +87,11 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig 
     {k, v [L, B, T, Hkv, Dh] in dtype (default cfg.dtype), key_pos [B, T] (-1 = empty), index [],
     next_pos / user_end / news_end [B], and with pooled routing pooled {target: {a, b}}}.
     """
-    return nn.unbox(cache_boxed(cfg, batch, max_len, lora_cfg, dtype))
+    # The boxes' values, not nn.unbox: under a step's mesh Flax's unbox would also constrain every
+    # leaf, without the divisibility fallback (modules.KVCache constrains k and v itself).
+    boxed = cache_boxed(cfg, batch, max_len, lora_cfg, dtype)
+    return jax.tree.map(lambda b: b.value if isinstance(b, nn.Partitioned) else b, boxed,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def cache_boxed(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig | None = None, dtype=None):

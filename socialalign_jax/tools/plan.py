@@ -178,7 +178,7 @@ def plan_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg: step
     if not compile_step:
         return plan
     # Backend choices (attention, fused base matmul) resolved for the target devices, not this
-    # host's backend; traced under the mesh, so the activation constraints apply.
+    # host's backend; traced under the mesh's axis rules, so the activation constraints apply.
     step = step_lib.make_train_step(*backend.resolve_for_platform(model_cfg, lora_cfg, platform_of(mesh),
                                                                   train_seq_len=seq), loss_cfg, optimizer)
     fn = jax.jit(sharding.under_mesh(step, mesh, rules),
@@ -257,11 +257,14 @@ def plan_decode(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, mesh: Mesh,
     platform = platform_of(mesh)
     scfg = backend.resolve_sampling(sampling.SamplingConfig(greedy=True, max_new_tokens=max_new_tokens), platform)
     model_cfg, lora_cfg = backend.resolve_for_platform(model_cfg, lora_cfg, platform)
-    with sharding.activation_sharding(mesh, rules):
-        lowered = sampling.generate.lower(
-            with_shardings(params, param_sh), None if adapters is None else with_shardings(adapters, ad_sh),
-            prompt, prompt, model_cfg, lora_cfg, scfg, spans,
-            jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl))
+    # A jax.jit of its own around generate's function, traced under the mesh's rules: the jitted
+    # `sampling.generate` may hold a trace for this mesh made under other rules (Flax's rules are
+    # not part of jit's cache key; the mesh is).
+    fn = jax.jit(sharding.under_mesh(sampling.generate.__wrapped__, mesh, rules),
+                 static_argnames=("cfg", "lora_cfg", "scfg", "samples"))
+    lowered = fn.lower(
+        with_shardings(params, param_sh), None if adapters is None else with_shardings(adapters, ad_sh),
+        prompt, prompt, model_cfg, lora_cfg, scfg, spans, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl))
     _compile_into(plan, lowered)
     return plan
 

@@ -181,7 +181,7 @@ def test_cache_is_the_decoders_flax_cache_collection():
     np.testing.assert_allclose(cache["pooled"]["q"]["a"], np.full((cfg.num_layers, b, lc.num_analyze),
                                                                   1 / lc.num_analyze))
     axes = decoder.cache_axes(cfg, b, t, lc)
-    assert axes["k"] == ("layers", "batch", "length", "kv_heads", None)
+    assert axes["k"] == ("layers", "batch", "length", "cache_kv_heads", None)
     assert axes["key_pos"] == ("batch", None) and axes["index"] == () and axes["user_end"] == ("batch",)
     assert axes["pooled"]["v"]["b"] == ("layers", "batch", None)
 

@@ -22,7 +22,7 @@ from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data.labellers import ZeroShotLabeller
 from socialalign_jax.inference import scoring
-from socialalign_jax.model import decoder, sampling
+from socialalign_jax.model import backend, decoder, sampling
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.nll import token_nll
 from socialalign_jax.weights.resolve import WeightsError, resolve_weights
@@ -108,6 +108,8 @@ def model_score_fn(params, cfg: ModelConfig, tokenizer, *, batch_size: int = 16,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # 'auto' backend choices made here, on the host, for the default devices (model/backend.py).
+    cfg, lora_cfg = backend.resolve_for_platform(cfg, lora_cfg)
 
     def score_fn(prompts: Sequence[str], continuations: Sequence[str]) -> np.ndarray:
         if len(prompts) != len(continuations):

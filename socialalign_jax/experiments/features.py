@@ -39,7 +39,7 @@ import numpy as np
 from socialalign_jax.core import atomic_io
 from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
-from socialalign_jax.model import decoder
+from socialalign_jax.model import backend, decoder
 
 MANIFEST = "manifest.json"
 EXAMPLES = "examples.npz"
@@ -168,6 +168,8 @@ def make_feature_fn(model_cfg):
     """
     import jax
     import jax.numpy as jnp
+
+    model_cfg, _ = backend.resolve_for_platform(model_cfg, None)  # 'auto' choices on the host, default devices
 
     def features(params, ids, mask, prompt_len):
         out = decoder.forward(params, ids, model_cfg, attention_mask=mask, logits_at=None, deterministic=True)

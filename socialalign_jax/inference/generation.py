@@ -32,7 +32,7 @@ from socialalign_jax.core.errors import UserError
 from socialalign_jax.core.labels import DEFAULT_LABELS
 from socialalign_jax.data import setup
 from socialalign_jax.data.pipeline import Subset
-from socialalign_jax.model import decoder, pac_lora, sampling
+from socialalign_jax.model import backend, decoder, pac_lora, sampling
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.nll import response_ce_chunked
 from socialalign_jax.model.pac_lora import LoraConfig
@@ -177,6 +177,9 @@ def sample_rows(params, adapters, model_cfg: ModelConfig, lora_cfg: LoraConfig |
     if n_rows and not 0 <= row_ids.min() <= row_ids.max() < 2**32:
         raise ValueError(f"row_ids must be in [0, 2**32) (they seed the PRNG streams), got [{row_ids.min()}, "
                          f"{row_ids.max()}]")
+    # 'auto' backend choices made here, on the host, for the default devices (model/backend.py).
+    model_cfg, lora_cfg = backend.resolve_for_platform(model_cfg, lora_cfg)
+    scfg = backend.resolve_sampling(scfg)
     samples, pad_id = int(samples), int(scfg.pad_id)
     causal = adapters is None or lora_cfg is None or "layers" not in adapters or lora_cfg.causal_routing
     r = group_size if causal else 1
@@ -318,6 +321,9 @@ def generate_predictions(params, adapters, model_cfg: ModelConfig, lora_cfg: Lor
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    # 'auto' backend choices made here, on the host, for the default devices (model/backend.py).
+    model_cfg, lora_cfg = backend.resolve_for_platform(model_cfg, lora_cfg)
+    scfg = backend.resolve_sampling(scfg)
     pad_id = int(scfg.pad_id)
     labels = list(labels)
     bar = None

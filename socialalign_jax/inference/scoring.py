@@ -35,6 +35,7 @@ from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.core.jsonl import read_jsonl
 from socialalign_jax.data.prompt import NEWS_MARKER, USER_MARKER, encode_with_spans, marker_offsets
+from socialalign_jax.model import backend
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.decoder import forward, lm_logits
 from socialalign_jax.model.nll import token_nll
@@ -178,6 +179,8 @@ def score_examples(params, cfg: ModelConfig, examples: Sequence[Example], *, bat
                    pad_id: int = 0, real_vocab: int | None = None, adapters=None, lora_cfg=None
                    ) -> Iterator[dict]:
     """Yield each example's record plus token_logprobs, sum_logprob, num_tokens, perplexity (in order)."""
+    # 'auto' backend choices made here, on the host, for the default devices (model/backend.py).
+    cfg, lora_cfg = backend.resolve_for_platform(cfg, lora_cfg)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         s = bucket(max(len(e.ids) for e in chunk), multiple=BUCKET)

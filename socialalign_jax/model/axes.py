@@ -37,7 +37,7 @@ def declared_axes() -> dict[tuple[str, ...], tuple]:
     """
     cfg = ModelConfig("qwen2", 8, 4, 8, 1, 2, 1, 2, qkv_bias=True, tie_embeddings=False)
     lc = LoraConfig(num_analyze=1, num_compose=1, rank=1, gate_width=1, num_classes=1)
-    with sharding.activation_sharding(None):  # the abstract init is traced without any step's mesh
+    with nn.logical_axis_rules(()):  # the abstract init carries no activation constraint
         specs = nn.get_partition_spec(decoder.init_boxed(cfg, lc))
     table = {}
     for col in specs.values():
@@ -89,5 +89,6 @@ def logical_axes(tree, *, strict: bool = True):
 
 def shardings(tree, mesh: Mesh, rules=None, *, strict: bool = True):
     """NamedSharding for every leaf of a model tree (params, adapters, optimizer state; arrays or
-    ShapeDtypeStructs): `logical_axes` mapped by the rules (`sharding.shardings_for`)."""
+    ShapeDtypeStructs): `logical_axes` mapped by the rules with Flax's `nn.logical_to_mesh_sharding`
+    and fitted to each leaf's shape (`sharding.shardings_for`)."""
     return sharding.shardings_for(tree, logical_axes(tree, strict=strict), mesh, rules)

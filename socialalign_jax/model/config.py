@@ -58,8 +58,9 @@ class ModelConfig:
     scan_layers: bool = True
     # How attention is computed (`layers.attention`): 'einsum' (our path: float32 scores, an
     # additive mask), 'xla' / 'cudnn' (jax.nn.dot_product_attention with that implementation),
-    # or 'auto': cuDNN's fused attention when the program targets GPUs in bfloat16/float16 and
-    # cuDNN accepts the shapes (checked while tracing), else 'einsum'.
+    # or 'auto': resolved on the host for the step's devices before tracing
+    # (`backend.resolve_for_platform`): cuDNN's fused attention for GPUs in bfloat16/float16 with
+    # a head size cuDNN takes, else 'einsum'.
     attention: str = "auto"
 
     def __post_init__(self):

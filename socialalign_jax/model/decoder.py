@@ -93,7 +93,11 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig 
     'layers': {attn|mlp: {target: {pooled_a [L, B, Ea], pooled_b [L, B, Eb]}}}, the adapted maps'
     own stored gate weights (uniform until a prefill writes them).
     """
-    return nn.unbox(cache_boxed(cfg, batch, max_len, lora_cfg, dtype))
+    # The boxes' values, not nn.unbox: under a step's mesh Flax's unbox would also constrain every
+    # leaf, without the divisibility fallback (modules.KVCache constrains k and v itself).
+    boxed = cache_boxed(cfg, batch, max_len, lora_cfg, dtype)
+    return jax.tree.map(lambda b: b.value if isinstance(b, nn.Partitioned) else b, boxed,
+                        is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def _pooled(lora_cfg: LoraConfig | None) -> bool:

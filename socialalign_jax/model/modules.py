@@ -45,19 +45,25 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from socialalign_jax.model import layers, pac_lora
+from socialalign_jax.model import backend, layers, pac_lora
 from socialalign_jax.model.config import ModelConfig, as_dtype
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.parallel import sharding
 
-# Logical axes of the activations at layer boundaries (sharding.LOGICAL_RULES maps them to the
-# mesh). Inside `sharding.activation_sharding(mesh)` each becomes a sharding constraint (with
-# the rules' divisibility fallback); outside it they are no-ops.
-ACT = ("batch", "length", "embed")  # residual stream [B, S, D]
-ACT_HEADS = ("batch", "length", "heads", None)  # q, attention output [B, S, H, Dh]
-ACT_KV = ("batch", "length", "kv_heads", None)  # k, v (and a layer's cache) [B, S|T, Hkv, Dh]
-ACT_MLP = ("batch", "length", "mlp")  # gate, up [B, S, F]
-ACT_VOCAB = ("batch", "length", "vocab")  # logits [B, S, V]
+# Logical axes of the activations at layer boundaries: names of their own (parallel/axis_rules.py),
+# so no weight rule decides an activation's layout. Inside a step traced by `sharding.under_mesh`
+# each becomes a sharding constraint (Flax's `nn.with_logical_constraint`, with the divisibility
+# fallback); outside it they are no-ops.
+_B, _S = "activation_batch", "activation_length"
+ACT = (_B, _S, "activation_embed")  # residual stream [B, S, D]
+ACT_HEADS = (_B, _S, "activation_heads", None)  # q, attention output [B, S, H, Dh]
+ACT_KV = (_B, _S, "activation_kv_heads", None)  # k, v, and a layer's slice of the cache [B, S|T, Hkv, Dh]
+ACT_MLP = (_B, _S, "activation_mlp")  # gate, up [B, S, F]
+ACT_VOCAB = (_B, _S, "activation_vocab")  # logits [B, S, V]
+# The KV cache's k, v [L, B, T, Hkv, Dh]: rows and slots are data ('batch', 'length', like the
+# cache's other per-row entries); the heads follow their own rule, which defaults to the k/v
+# activations' layout, so a layer's slice needs no resharding.
+CACHE_KV = ("layers", "batch", "length", "cache_kv_heads", None)
 constrain = sharding.logical_constraint
 
 REMAT_POLICIES = {
@@ -289,27 +295,14 @@ def init_linear_adapter(key, num_layers: int, d_in: int, d_out: int, lc: LoraCon
     return {"A": out["A"], "B": out["B"], "gate_a": dict(out["gate_a"]), "gate_b": dict(out["gate_b"])}
 
 
-# What stops cuDNN's fused attention while tracing: a dtype, head size, mask or cuDNN version it
-# does not support. 'auto' then takes the einsum path instead of failing the step.
-_CUDNN_REFUSALS = (NotImplementedError, ValueError, RuntimeError, TypeError)
-
-
 def attend(cfg: ModelConfig, q, k, v, q_pos, k_pos):
-    """`layers.attention` with cfg.attention resolved for the devices being traced for.
+    """`layers.attention` with the implementation cfg.attention names.
 
-    'auto' picks cuDNN only for GPUs (`sharding.target_platform`, so a plan traced for a mesh
-    follows that mesh) in bfloat16/float16, its supported dtypes, and falls back to 'einsum'
-    if cuDNN refuses the call; an explicit 'cudnn' lets that error through.
+    The configs are resolved on the host for the devices a step is built for
+    (`backend.resolve_for_platform`); an 'auto' that reaches here unresolved takes the choice for
+    the default devices. Nothing is caught: a 'cudnn' that cuDNN refuses fails with its message.
     """
-    impl = cfg.attention
-    if impl == "auto":
-        if sharding.target_platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-            try:
-                return layers.attention(q, k, v, q_pos, k_pos, impl="cudnn")
-            except _CUDNN_REFUSALS:
-                pass
-        impl = "einsum"
-    return layers.attention(q, k, v, q_pos, k_pos, impl=impl)
+    return layers.attention(q, k, v, q_pos, k_pos, impl=backend.attention_impl(cfg))
 
 
 class Attention(_Adapted):
@@ -454,12 +447,11 @@ class KVCache(nn.Module):
         cfg = self.cfg
         dt = as_dtype(dtype or cfg.dtype)
         shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        kv_axes = ("layers",) + ACT_KV
-        zeros_kv = lambda: constrain(jnp.zeros(shape, dt), kv_axes)  # noqa: E731
+        zeros_kv = lambda: constrain(jnp.zeros(shape, dt), CACHE_KV)  # noqa: E731
         per_row = lambda: jnp.zeros((batch,), jnp.int32)  # noqa: E731
         out = {
-            "k": _cache_var(self, "k", zeros_kv, kv_axes),
-            "v": _cache_var(self, "v", zeros_kv, kv_axes),
+            "k": _cache_var(self, "k", zeros_kv, CACHE_KV),
+            "v": _cache_var(self, "v", zeros_kv, CACHE_KV),
             "key_pos": _cache_var(self, "key_pos", lambda: jnp.full((batch, max_len), -1, jnp.int32),
                                   ("batch", None)),
             "index": _cache_var(self, "index", lambda: jnp.zeros((), jnp.int32), ()),

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from socialalign_jax.parallel import sharding
+from socialalign_jax.model import backend
 
 USER, NEWS, OTHER = 0, 1, 2
 SEGMENTS = ("user", "news", "other")
@@ -198,13 +198,11 @@ base_plus_lora.defvjp(_base_plus_lora_fwd, _base_plus_lora_bwd)
 
 
 def _fuse_base(lc: LoraConfig) -> bool:
-    """'auto' fuses only when the traced program targets the CPU: GPU and TPU fuse the add into
-    the matmul themselves. The target is the mesh the step is traced for
-    (`sharding.target_platform`), not the host's backend, so a TPU plan compiled on a CPU host
-    takes the TPU path."""
-    if lc.fuse_base == "auto":
-        return sharding.target_platform() == "cpu"
-    return lc.fuse_base == "always"
+    """Whether to compute [x | u] @ [W0; B] as one matmul. lc.fuse_base is resolved on the host for
+    the devices a step is built for (`backend.resolve_for_platform`: fused on CPUs only, as GPU and
+    TPU fuse the add into the matmul themselves); an 'auto' that reaches here unresolved takes the
+    choice for the default devices."""
+    return backend.fuse_base(lc) == "always"
 
 
 def dropout(x, rate: float, rng):

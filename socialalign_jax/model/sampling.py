@@ -26,10 +26,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from socialalign_jax.model import decoder
+from socialalign_jax.model import backend, decoder
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
-from socialalign_jax.parallel import sharding
 
 _NEG_INF = -jnp.inf
 
@@ -201,12 +200,10 @@ def seen_from_prompt(prompt_ids, prompt_mask, vocab_size: int):
 
 
 def use_layer_loop(scfg: SamplingConfig) -> bool:
-    """Whether decode steps run the layers as a Python loop ('auto': when the traced program
-    targets the CPU, read from the mesh it is traced for by `sharding.target_platform`, not from
-    the host's backend; accelerators keep the scan)."""
-    if scfg.layer_loop == "auto":
-        return sharding.target_platform() == "cpu"
-    return scfg.layer_loop == "unrolled"
+    """Whether decode steps run the layers as a Python loop. scfg.layer_loop is resolved on the host
+    for the devices generation is built for (`backend.resolve_sampling`: the loop on CPUs, the scan
+    on accelerators); an 'auto' that reaches here unresolved takes the choice for the default devices."""
+    return backend.layer_loop(scfg) == "unrolled"
 
 
 class Prefill(NamedTuple):

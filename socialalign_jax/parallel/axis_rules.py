@@ -2,9 +2,21 @@
 
 Pure data, importable without jax, because the config declares its `mesh.rules` from it
 (configs/weibo.py): the rules are then config data a user overrides per run, maxtext-style
-(`--config.mesh.rules.embed=` replicates the embedding dimension for pure data parallelism;
-`--config.mesh.rules.mlp=tensor,fsdp` shards the MLP width over two axes), and this table is
-their one declaration. `parallel/sharding.py` applies them.
+(`--config.mesh.rules.embed=` replicates the weights' embedding dimension for pure data
+parallelism; `--config.mesh.rules.mlp=tensor,fsdp` shards the MLP kernels' width over two
+axes), and this table is their one declaration. `parallel/sharding.py` applies them with
+Flax's logical API (`nn.logical_to_mesh_sharding`, `nn.with_logical_constraint`).
+
+Three kinds of names, each with rules of its own, so that a rule for one never moves another:
+- data: 'batch' and 'length', the rows and positions of what a step is fed and keeps between
+  calls (the input batch, `sharding.batch_sharding`; the KV cache's rows and slots);
+- activations ('activation_*', maxtext's names): what the model computes inside a step,
+  pinned at layer boundaries by model/modules.py's constraints (their defaults are the layout
+  the weight names gave them before they had their own: the batch over data x fsdp, the
+  residual stream's width replicated, heads / MLP / vocabulary over tensor);
+- weights: the declared variables of model/modules.py, and 'cache_kv_heads' for the cache.
+In Flax's order, the first rule that names a dimension of an array takes its mesh axes whole;
+a later dimension of the same array that asks for a taken axis is replicated.
 """
 
 from __future__ import annotations
@@ -15,8 +27,18 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis, tuple of mesh axes, or None (replicated)
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    # data: the input batch's rows (`sharding.batch_sharding`); the KV cache's rows and slots
     ("batch", ("data", "fsdp")),
     ("length", None),
+    # activations (model/modules.py's ACT* constraints, the KV cache's per-layer slices)
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    # weights
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("heads", "tensor"),
@@ -33,6 +55,8 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("gate", None),
     ("classes", None),
     ("norm", None),
+    # the KV cache's heads (k, v [L, B, T, Hkv, Dh]): as the k/v activations written into it
+    ("cache_kv_heads", "tensor"),
 )
 
 

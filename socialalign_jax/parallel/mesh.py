@@ -51,3 +51,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     # logical axis of 2 or 32 must be allowed to split a physical axis of 4.
     grid = mesh_utils.create_device_mesh(shape, devices=devs, allow_split_physical_axes=True)
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def platform_of(mesh_or_devices) -> str:
+    """'cpu' | 'gpu' | 'tpu' of a mesh, a sharding or a device list (CUDA/ROCm devices report 'gpu').
+
+    A mesh of TPU devices described on a CPU host (`jax.experimental.topologies`, launch/plan.py)
+    is 'tpu': this names where a program compiled for the mesh runs, not this host's backend."""
+    if isinstance(mesh_or_devices, Mesh):
+        dev = mesh_or_devices.devices.flat[0]
+    elif isinstance(mesh_or_devices, jax.sharding.Sharding):
+        dev = next(iter(mesh_or_devices.device_set))
+    else:
+        dev = list(mesh_or_devices)[0]
+    plat = str(dev.platform).lower()
+    return "gpu" if plat in ("gpu", "cuda", "rocm") else plat

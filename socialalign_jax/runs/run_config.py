@@ -128,7 +128,7 @@ class MeshSection:
     tensor: int = 1
     # Logical axis -> mesh axes ('data,fsdp'; '' = replicated), declared in parallel/axis_rules.py.
     # Override per run: --config.mesh.rules.embed= (pure data parallelism: replicate the weights)
-    # or --config.mesh.rules.mlp=tensor,fsdp. Activations and weights both follow them.
+    # or --config.mesh.rules.mlp=tensor,fsdp. Activations have rules of their own (activation_*).
     rules: Mapping[str, str] = dataclasses.field(default_factory=_default_rules)
 
 

@@ -26,7 +26,7 @@ from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data.prompt import format_post
 from socialalign_jax.data.records import Case, DataError, load_json, read_event_file
-from socialalign_jax.model import sampling
+from socialalign_jax.model import backend, sampling
 from socialalign_jax.model.sampling import SamplingConfig
 from socialalign_jax.weights.tokenizer import chat_template
 
@@ -116,6 +116,9 @@ def generate_answers(params, cfg, tokenizer, prompts: Sequence[str], scfg: Sampl
     """
     enc = [tokenizer.encode(chat_template([{"role": "user", "content": p}], add_generation_prompt=True),
                             add_special_tokens=False) for p in prompts]
+    # 'auto' backend choices made here, on the host, for the default devices (model/backend.py).
+    cfg, _ = backend.resolve_for_platform(cfg, None)
+    scfg = backend.resolve_sampling(scfg)
     key = jax.random.PRNGKey(seed)
     bar = None
     if progress:

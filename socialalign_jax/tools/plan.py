@@ -28,10 +28,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from socialalign_jax.model import axes as model_axes, decoder, sampling
+from socialalign_jax.model import axes as model_axes, backend, decoder, sampling
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.parallel import sharding
+from socialalign_jax.parallel.mesh import platform_of
 from socialalign_jax.train import step as step_lib
 
 # Batch fields of DESIGN.md "Batch": [B] or [B, S] int32 except the float32 ones.
@@ -176,9 +177,10 @@ def plan_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg: step
     _describe_target(plan, mesh)
     if not compile_step:
         return plan
-    # Traced under the mesh: activation constraints and backend choices (fused base matmul)
-    # follow the target devices, not this host's backend.
-    step = step_lib.make_train_step(model_cfg, lora_cfg, loss_cfg, optimizer)
+    # Backend choices (attention, fused base matmul) resolved for the target devices, not this
+    # host's backend; traced under the mesh's axis rules, so the activation constraints apply.
+    step = step_lib.make_train_step(*backend.resolve_for_platform(model_cfg, lora_cfg, platform_of(mesh),
+                                                                  train_seq_len=seq), loss_cfg, optimizer)
     fn = jax.jit(sharding.under_mesh(step, mesh, rules),
                  in_shardings=(param_sh, state_sh, bsh, repl), out_shardings=(state_sh, repl),
                  donate_argnums=(1,))
@@ -192,7 +194,7 @@ def plan_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg: step
 def _describe_target(plan: MemoryPlan, mesh: Mesh) -> None:
     dev = mesh.devices.flat[0]
     plan.device_kind = str(dev.device_kind)
-    if sharding.platform_of(mesh) == "tpu":
+    if platform_of(mesh) == "tpu":
         plan.hbm_bytes = tpu_hbm_bytes(plan.device_kind)
 
 
@@ -237,8 +239,7 @@ def plan_decode(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, mesh: Mesh,
         ad_sh = model_axes.shardings(adapters, mesh, rules, strict=False)
     slots = prompt_len + max_new_tokens
     cache = jax.eval_shape(lambda: decoder.init_cache(model_cfg, batch, slots, lora_cfg))
-    cache_sh = model_axes.shardings(cache, mesh, rules,
-                                      logical=decoder.cache_axes(model_cfg, batch, slots, lora_cfg))
+    cache_sh = sharding.shardings_for(cache, decoder.cache_axes(model_cfg, batch, slots, lora_cfg), mesh, rules)
     bsh = sharding.batch_sharding(mesh, rules)
     repl = NamedSharding(mesh, P())
     prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=bsh)
@@ -253,12 +254,17 @@ def plan_decode(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, mesh: Mesh,
     _describe_target(plan, mesh)
     if not compile_step:
         return plan
-    scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=max_new_tokens)
-    with sharding.activation_sharding(mesh, rules):
-        lowered = sampling.generate.lower(
-            with_shardings(params, param_sh), None if adapters is None else with_shardings(adapters, ad_sh),
-            prompt, prompt, model_cfg, lora_cfg, scfg, spans,
-            jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl))
+    platform = platform_of(mesh)
+    scfg = backend.resolve_sampling(sampling.SamplingConfig(greedy=True, max_new_tokens=max_new_tokens), platform)
+    model_cfg, lora_cfg = backend.resolve_for_platform(model_cfg, lora_cfg, platform)
+    # A jax.jit of its own around generate's function, traced under the mesh's rules: the jitted
+    # `sampling.generate` may hold a trace for this mesh made under other rules (Flax's rules are
+    # not part of jit's cache key; the mesh is).
+    fn = jax.jit(sharding.under_mesh(sampling.generate.__wrapped__, mesh, rules),
+                 static_argnames=("cfg", "lora_cfg", "scfg", "samples"))
+    lowered = fn.lower(
+        with_shardings(params, param_sh), None if adapters is None else with_shardings(adapters, ad_sh),
+        prompt, prompt, model_cfg, lora_cfg, scfg, spans, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl))
     _compile_into(plan, lowered)
     return plan
 

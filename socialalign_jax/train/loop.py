@@ -28,10 +28,11 @@ from socialalign_jax.data.pipeline import BatchConfig, eval_batches, Subset, Tra
 from socialalign_jax.data.setup import BUILD_KEYS
 from socialalign_jax.evaluation import skill
 from socialalign_jax.evaluation.head import head_metrics
-from socialalign_jax.model import axes as model_axes, decoder
+from socialalign_jax.model import axes as model_axes, backend, decoder
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.parallel import sharding
+from socialalign_jax.parallel.mesh import platform_of
 from socialalign_jax.runs import checkpoint
 from socialalign_jax.runs.restore import SKILL_FILE, config_to_dict, load_base
 from socialalign_jax.runs.run_config import as_run_config, respell_lists, RunConfig
@@ -157,6 +158,7 @@ def eval_source(cfg: RunConfig, source):
 def _jitted_eval_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg, mesh, rules):
     """One jitted eval step per (model, adapters, loss, mesh): evaluations after the first (step 0,
     the end, every split) reuse its compilation instead of building a new jax.jit each call."""
+    model_cfg, lora_cfg = backend.resolve_for_platform(model_cfg, lora_cfg, platform_of(mesh))
     return jax.jit(sharding.under_mesh(step_lib.make_eval_step(model_cfg, lora_cfg, loss_cfg), mesh, rules))
 
 
@@ -348,10 +350,13 @@ def _train(cfg: RunConfig, workdir: str, *, progress: bool) -> dict[str, Any]:
         logger = MetricLogger(workdir, enabled=is_main, tensorboard=bool(cfg.train.tensorboard),
                               resume_step=int(state["step"]))
 
-        # Traced under the mesh: model/decoder.py's activation sharding constraints apply (sharding.under_mesh).
+        # Backend choices resolved on the host for the mesh's devices; traced under the mesh's axis
+        # rules, so model/modules.py's activation constraints apply (sharding.under_mesh).
+        step_cfgs = backend.resolve_for_platform(job.model_cfg, job.lora_cfg, platform_of(job.mesh),
+                                                 train_seq_len=bcfg.seq_len)
         train_step = jax.jit(
-            sharding.under_mesh(step_lib.make_train_step(job.model_cfg, job.lora_cfg, job.loss_cfg, optimizer,
-                                                         schedule), job.mesh, job.rules),
+            sharding.under_mesh(step_lib.make_train_step(*step_cfgs, job.loss_cfg, optimizer, schedule),
+                                job.mesh, job.rules),
             in_shardings=(param_sh, state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=(1,))
         rng = jax.random.PRNGKey(int(cfg.train.seed) + 1)
 

@@ -1,10 +1,11 @@
 """Backend-dependent code paths, each forced on the CPU, in float32 and bfloat16.
 
-Two choices depend on where the program runs: PAC-LoRA's fused base matmul ([x|u] @ [W0; B],
-fuse_base) and the decode layer loop (Python loop over sliced weights vs lax.scan, layer_loop).
-'auto' follows the devices the program is traced for (`sharding.target_platform`: the
-activation mesh, else the default devices), never `jax.default_backend()`, so a TPU plan
-compiled on a CPU host takes the TPU path (tests/parallel/test_tpu_compile.py checks that with libtpu).
+Three choices depend on where the program runs: attention (cuDNN's fused kernel or ours),
+PAC-LoRA's fused base matmul ([x|u] @ [W0; B], fuse_base) and the decode layer loop (Python loop
+over sliced weights vs lax.scan, layer_loop). 'auto' is resolved on the host, before tracing, for
+the platform of the devices a step is built for (`model/backend.py`: the mesh's, else the
+default devices), never `jax.default_backend()` inside a trace, so a TPU plan compiled on a CPU
+host takes the TPU path (tests/parallel/test_tpu_compile.py checks that with libtpu).
 Here every branch runs on the CPU against the other and against float32:
 - float32: the branches agree to 1e-5 (same maths, different op order);
 - bfloat16: each branch is within 2e-2 x max|float32 value| of the float32 result (8 significant
@@ -12,18 +13,18 @@ Here every branch runs on the CPU against the other and against float32:
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from socialalign_jax.model import sampling
+from socialalign_jax.model import backend, sampling
 from socialalign_jax.model import decoder, pac_lora
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
-from socialalign_jax.parallel import sharding
-from socialalign_jax.parallel.mesh import make_mesh
+from socialalign_jax.parallel.mesh import make_mesh, platform_of
 
 F32_TOL = 1e-5
 BF16_RTOL = 2e-2
@@ -43,17 +44,64 @@ def _adapters(lc):
         ad)
 
 
-def test_auto_follows_the_traced_mesh_not_the_backend():
+def test_auto_resolves_on_the_host_for_a_platform():
+    """resolve_for_platform / resolve_sampling: 'auto' -> a concrete choice per platform and dtype;
+    an explicit setting is kept. A fake 'gpu' needs no GPU: nothing here runs on one."""
     lc = LoraConfig()
-    assert sharding.current_mesh() is None and sharding.target_platform() == "cpu"
+    bf16 = CFG.replace(dtype="bfloat16", param_dtype="bfloat16")
+    assert platform_of(make_mesh(2, 2, 2)) == "cpu" == backend.default_platform()
+    for platform, cfg, attention, fuse, loop in [("cpu", bf16, "einsum", "always", "unrolled"),
+                                                 ("tpu", bf16, "einsum", "never", "scan"),
+                                                 ("gpu", CFG, "einsum", "never", "scan"),  # float32: not cuDNN's
+                                                 ("gpu", bf16, "cudnn", "never", "scan"),
+                                                 ("gpu", bf16.replace(dtype="float16"), "cudnn", "never", "scan"),
+                                                 ("gpu", bf16.replace(head_dim=12), "einsum", "never", "scan"),
+                                                 ("gpu", bf16.replace(head_dim=256), "einsum", "never", "scan")]:
+        mc, lr = backend.resolve_for_platform(cfg, lc, platform)
+        assert (mc.attention, lr.fuse_base) == (attention, fuse), (platform, cfg)
+        assert mc.replace(attention="auto") == cfg and dataclasses.replace(lr, fuse_base="auto") == lc
+        assert backend.resolve_sampling(sampling.SamplingConfig(), platform).layer_loop == loop
+    # cuDNN refuses to differentiate masked attention over an odd length: a training step of one gets einsum
+    assert backend.resolve_for_platform(bf16, lc, "gpu", train_seq_len=63)[0].attention == "einsum"
+    assert backend.resolve_for_platform(bf16, lc, "gpu", train_seq_len=64)[0].attention == "cudnn"
+    # explicit settings are kept on every platform; no adapters: lora_cfg stays None
+    for platform in backend.PLATFORMS:
+        mc, lr = backend.resolve_for_platform(CFG.replace(attention="xla"), dataclasses.replace(lc, fuse_base="never"),
+                                              platform)
+        assert (mc.attention, lr.fuse_base) == ("xla", "never")
+        assert backend.resolve_for_platform(CFG, None, platform)[1] is None
+        assert backend.resolve_sampling(sampling.SamplingConfig(layer_loop="scan"), platform).layer_loop == "scan"
+    # unresolved, traced code takes the default devices' choice (the CPU here)
+    assert backend.resolve_for_platform(CFG, lc) == backend.resolve_for_platform(CFG, lc, "cpu")
     assert pac_lora._fuse_base(lc) and sampling.use_layer_loop(sampling.SamplingConfig())
-    mesh = make_mesh(2, 2, 2)
-    with sharding.activation_sharding(mesh):
-        assert sharding.current_mesh() is mesh and sharding.target_platform() == "cpu"
-    assert sharding.current_mesh() is None
     assert not pac_lora._fuse_base(dataclasses.replace(lc, fuse_base="never"))
-    assert pac_lora._fuse_base(dataclasses.replace(lc, fuse_base="always"))
     assert not sampling.use_layer_loop(sampling.SamplingConfig(layer_loop="scan"))
+    with pytest.raises(ValueError, match="unknown platform"):
+        backend.resolve_for_platform(CFG, lc, "METAL")
+
+
+def test_resolved_configs_are_traced_without_asking_the_platform(monkeypatch):
+    """With resolved configs the trace makes no backend decision: `default_platform` is not called
+    while the forward, a gradient or generation is traced. Unresolved, it is (and only then)."""
+    lc = LoraConfig(dropout=0.0, targets=("q", "down"))
+    params = jax.eval_shape(lambda: decoder.init_params(CFG, jax.random.PRNGKey(0)))
+    ad = jax.eval_shape(lambda: decoder.init_adapters(jax.random.PRNGKey(1), CFG, lc))
+    ids = jnp.zeros((2, 8), jnp.int32)
+    mc, lr = backend.resolve_for_platform(CFG, lc, "cpu")
+    scfg = backend.resolve_sampling(sampling.SamplingConfig(greedy=True, max_new_tokens=2, stop_tokens=()), "cpu")
+    calls = []
+    monkeypatch.setattr(backend, "default_platform", lambda: calls.append(1) or "cpu")
+
+    def loss(a, p, cfg, lcf):
+        return jnp.sum(decoder.forward(p, ids, cfg, adapters=a, lora_cfg=lcf).logits)
+
+    jax.make_jaxpr(jax.grad(loss), static_argnums=(2, 3))(ad, params, mc, lr)
+    spans = (jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32))
+    gen = functools.partial(sampling.generate.__wrapped__, cfg=mc, lora_cfg=lr, scfg=scfg)  # a fresh trace
+    jax.eval_shape(gen, params, ad, ids, jnp.ones_like(ids), spans=spans, rng=jax.random.PRNGKey(0))
+    assert calls == []
+    jax.make_jaxpr(jax.grad(loss), static_argnums=(2, 3))(ad, params, CFG, lc)
+    assert calls
 
 
 @pytest.mark.parametrize("routing", ["token", "pooled"])
@@ -174,32 +222,33 @@ def test_attention_impls_agree_with_left_padding_and_a_cache(dtype, tol):
     np.testing.assert_array_equal(auto, ref)
 
 
-def test_attention_auto_picks_cudnn_only_for_gpus(monkeypatch):
-    """The choice follows the traced platform and dtype; a refusal by cuDNN falls back to einsum."""
+def test_attend_runs_the_named_implementation_and_catches_nothing(monkeypatch):
+    """attend() passes cfg.attention through (resolved on the host); a cuDNN refusal is not caught."""
     from socialalign_jax.model import layers, modules
 
     calls = []
 
     def fake(q, k, v, q_pos, k_pos, impl="einsum"):
         calls.append(impl)
-        if impl == "cudnn" and refuse:
+        if impl == "cudnn":
             raise NotImplementedError("cuDNN: unsupported head size")
         return q
 
     monkeypatch.setattr(layers, "attention", fake)
     q = jnp.zeros((1, 2, 4, 8), jnp.bfloat16)
     pos = jnp.zeros((1, 2), jnp.int32)
-    for platform, dtype, refuse, want in [("cpu", jnp.bfloat16, False, ["einsum"]),
-                                          ("tpu", jnp.bfloat16, False, ["einsum"]),
-                                          ("gpu", jnp.float32, False, ["einsum"]),
-                                          ("gpu", jnp.bfloat16, False, ["cudnn"]),
-                                          ("gpu", jnp.bfloat16, True, ["cudnn", "einsum"])]:
+    bf16 = CFG.replace(dtype="bfloat16", param_dtype="bfloat16")
+    for platform, want in [("cpu", "einsum"), ("tpu", "einsum"), ("gpu", "cudnn")]:
         calls.clear()
-        monkeypatch.setattr(sharding, "target_platform", lambda p=platform: p)
-        modules.attend(CFG, q.astype(dtype), q, q, pos, pos)
-        assert calls == want, (platform, dtype, refuse)
+        cfg, _ = backend.resolve_for_platform(bf16, None, platform)
+        if want == "cudnn":
+            with pytest.raises(NotImplementedError, match="cuDNN"):  # an explicit or resolved 'cudnn' fails loudly
+                modules.attend(cfg, q, q, q, pos, pos)
+        else:
+            modules.attend(cfg, q, q, q, pos, pos)
+        assert calls == [want], platform
     calls.clear()
-    with pytest.raises(NotImplementedError):
-        modules.attend(CFG.replace(attention="cudnn"), q, q, q, pos, pos)
+    modules.attend(bf16, q, q, q, pos, pos)  # unresolved 'auto': the default devices (CPU)
+    assert calls == ["einsum"]
     with pytest.raises(ValueError, match="unknown attention"):
         CFG.replace(attention="flash")

@@ -184,7 +184,7 @@ def test_cache_is_the_decoders_flax_cache_collection():
     np.testing.assert_allclose(cache["layers"]["attn"]["v"]["pooled_b"],
                                np.full((cfg.num_layers, b, lc.num_compose), 1 / lc.num_compose))
     axes = decoder.cache_axes(cfg, b, t, lc)
-    assert axes["k"] == ("layers", "batch", "length", "kv_heads", None)
+    assert axes["k"] == ("layers", "batch", "length", "cache_kv_heads", None)
     assert axes["key_pos"] == ("batch", None) and axes["index"] == () and axes["user_end"] == ("batch",)
     assert axes["layers"]["attn"]["v"]["pooled_b"] == ("layers", "batch", None)
 

@@ -159,3 +159,94 @@ def test_make_mesh_validation():
         mesh_lib.make_mesh(-1, -1, 1)
     with pytest.raises(ValueError, match="positive"):
         mesh_lib.make_mesh(0, 8, 1)
+
+
+# ----------------------------------------------------------------------------- Flax's logical API
+
+
+def _rules_with(**override):
+    from socialalign_jax.parallel.axis_rules import LOGICAL_RULES
+
+    return tuple((name, override.get(name, axes)) for name, axes in LOGICAL_RULES)
+
+
+def _constraints(text: str) -> list[str]:
+    return [ln.split("sharding_constraint", 1)[1] for ln in text.splitlines() if "sharding_constraint" in ln]
+
+
+def test_specs_are_flax_logical_to_mesh_axes_fitted_to_the_shape():
+    """logical_to_spec is Flax's mapping (nn.logical_to_mesh_axes by the same rules) wherever the
+    dimensions divide their mesh axes; where they do not, only the fallback differs."""
+    import flax.linen as nn
+
+    from socialalign_jax.parallel.axis_rules import LOGICAL_RULES
+
+    mesh = mesh_lib.make_mesh(1, 4, 2)
+    for axes, shape in [(("layers", "embed", "heads"), (2, 16, 8)), (("vocab", "embed"), (64, 16)),
+                        (("experts", "rank", "lora_width"), (3, 2, 16)), (("batch", "length"), (8, 5)),
+                        (("layers", "batch", "length", "cache_kv_heads", None), (2, 4, 6, 2, 4))]:
+        assert sharding.logical_to_spec(axes, shape, mesh) == nn.logical_to_mesh_axes(axes, LOGICAL_RULES), axes
+    # not divisible: kv heads 1 on tensor 2 -> replicated; lora_width 6 on tensor x fsdp 8 -> tensor
+    assert sharding.logical_to_spec(("cache_kv_heads",), (1,), mesh) == P(None)
+    assert sharding.logical_to_spec(("lora_width",), (6,), mesh) == P("tensor")
+    assert sharding.fit_spec(P(("data", "fsdp"), "tensor"), (2, 3), {"data": 2, "fsdp": 2, "tensor": 2}) == \
+        P("data", None)
+    # Flax's priority when two dimensions of one array ask for the same mesh axis: the earlier rule wins it whole
+    rules = _rules_with(embed="tensor")
+    assert sharding.logical_to_spec(("embed", "heads"), (16, 8), mesh, rules) == P("tensor", None)
+    assert sharding.logical_to_spec(("heads", "embed"), (8, 16), mesh, rules) == P(None, "tensor")
+
+
+def test_shardings_for_maps_with_flax_and_names_no_rule_as_an_error():
+    mesh = mesh_lib.make_mesh(1, 4, 2)
+    tree = {"w": np.zeros((16, 8)), "odd": np.zeros((6, 3)), "s": np.zeros(())}
+    sh = sharding.shardings_for(tree, {"w": ("embed", "heads"), "odd": ("embed", "heads"), "s": ()}, mesh)
+    assert (sh["w"].spec, sh["odd"].spec, sh["s"].spec) == (P("fsdp", "tensor"), P(None, None), P())
+    with pytest.raises(ValueError, match="'embedding' of w has no rule"):
+        sharding.shardings_for({"w": np.zeros((4,))}, {"w": ("embedding",)}, mesh)
+
+
+def test_activations_follow_their_own_rules_not_the_weights():
+    """The residual stream is constrained by 'activation_embed', never by the kernels' 'embed': a
+    table that splits the weights' model width over tensor leaves the activations' whole, and one
+    that splits only the activations' splits them alone (lowered program and parameter specs)."""
+    from socialalign_jax.model import decoder
+    from socialalign_jax.model.config import ModelConfig
+
+    cfg = ModelConfig("llama", 64, 16, 40, 1, 4, 2, 4, qkv_bias=False)
+    mesh = mesh_lib.make_mesh(4, 1, 2)
+    params = jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.PRNGKey(0)))
+    ids = jax.ShapeDtypeStruct((8, 4), jnp.int32)
+
+    def residual(rules):
+        fwd = sharding.under_mesh(lambda p, x: decoder.forward(p, x, cfg).hidden, mesh, rules)
+        return [c for c in _constraints(jax.jit(fwd).lower(params, ids).as_text()) if "tensor<8x4x16xf32>" in c]
+
+    weights_split = _rules_with(embed="tensor", heads=None, kv_heads=None, mlp=None, vocab=None)
+    assert model_axes.shardings(params, mesh, weights_split)["embed"]["embedding"].spec == P(None, "tensor")
+    got = residual(weights_split)
+    assert got and all('[{"data", "fsdp"}, {}, {}]' in c for c in got), got
+    acts_split = _rules_with(embed=None, activation_embed="tensor")
+    assert model_axes.shardings(params, mesh, acts_split)["embed"]["embedding"].spec == P("tensor", None)
+    got = residual(acts_split)
+    assert got and all('[{"data", "fsdp"}, {}, {"tensor"}]' in c for c in got), got
+
+
+def test_logical_constraint_is_flax_with_the_fallback():
+    """Outside `mesh_rules` nothing is constrained (no mesh or no rules in context); inside, a
+    dimension that divides its axes gets Flax's constraint and one that does not the fallback."""
+    import flax.linen as nn
+
+    x = jnp.ones((8, 4, 2, 4))
+    axes = ("activation_batch", "activation_length", "activation_kv_heads", None)
+    assert sharding.logical_constraint(x, axes) is x
+    with nn.logical_axis_rules(sharding.LOGICAL_RULES):
+        assert sharding.logical_constraint(x, axes) is x  # rules but no mesh
+    for shape, want in [((2, 2, 2), '[{"data", "fsdp"}, {}, {"tensor"}, {}]'),
+                        ((1, 1, 8), '[{"data", "fsdp"}, {}, {}, {}]')]:  # 2 kv heads on tensor = 8: replicated
+        mesh = mesh_lib.make_mesh(*shape)
+        text = jax.jit(sharding.under_mesh(lambda a: sharding.logical_constraint(a * 2, axes), mesh)).lower(x).as_text()
+        assert [want in c for c in _constraints(text)] == [True], text
+    with pytest.raises(ValueError, match="'activation_embd' of activation has no rule"):
+        jax.jit(sharding.under_mesh(lambda a: sharding.logical_constraint(a, ("activation_embd",) * 4),
+                                    mesh_lib.make_mesh(8))).lower(x)

@@ -9,7 +9,8 @@ is compiled for it on a data=1, fsdp=2, tensor=2 mesh by `plan.plan_train_step`,
   [B/2, S, D], the MLP activations [B/2, S, F/2], q [B/2, S, H/2, Dh], and no full-size
   [B, S, D] or [B, S, F] buffer exists on any chip;
 - a plan for TPU takes the TPU code path (no fused [x|u]@[W0;B] matmul) although this host's
-  backend is the CPU.
+  backend is the CPU: the configs are resolved for the mesh's platform before tracing;
+- the decode plan (prefill + decode loop) compiles for the slice with the cache split as declared.
 Model dims are pairwise distinct (B 8, S 16, D 48, F 80) so a shape names one activation.
 Without libtpu the module is skipped with the install command as the reason.
 """
@@ -22,13 +23,12 @@ import numpy as np
 import optax
 import pytest
 
-from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model import backend, decoder, pac_lora
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.model import axes as model_axes
-from socialalign_jax.parallel import sharding
 from socialalign_jax.tools import plan as plan_lib
-from socialalign_jax.parallel.mesh import make_mesh
+from socialalign_jax.parallel.mesh import make_mesh, platform_of
 from socialalign_jax.train.step import LossConfig
 
 pytestmark = pytest.mark.skipif(not plan_lib.libtpu_available(), reason=plan_lib.LIBTPU_HINT)
@@ -102,7 +102,8 @@ def test_activations_are_split_as_the_constraints_say(plan):
 
 
 def test_tpu_target_takes_the_tpu_code_path(mesh):
-    """fuse_base='auto' and layer_loop='auto' follow the mesh's devices, not jax.default_backend()."""
+    """fuse_base, attention and layer_loop 'auto' are resolved on the host for the mesh's devices
+    (`backend.resolve_for_platform`), not for jax.default_backend(): TPU here on a CPU host."""
     assert jax.default_backend() == "cpu"
     lc = LoraConfig(targets=("q",))
     x = jnp.ones((2, 4, 8), jnp.float32)
@@ -112,18 +113,29 @@ def test_tpu_target_takes_the_tpu_code_path(mesh):
     adapter = jax.tree.map(lambda a: a[0], ad["layers"]["attn"]["q"])
     route = {"seg": jnp.zeros((2, 4), jnp.int32), "valid": jnp.ones((2, 4), bool), "deterministic": True}
 
-    def jaxpr_under(m):
-        with sharding.activation_sharding(m):
-            return str(jax.make_jaxpr(lambda x: pac_lora.adapted_linear(x, base, adapter, lc, route)[0])(x))
+    def jaxpr_for(m):
+        _, lcr = backend.resolve_for_platform(CFG, lc, platform_of(m))
+        return str(jax.make_jaxpr(lambda x: pac_lora.adapted_linear(x, base, adapter, lcr, route)[0])(x))
 
     from socialalign_jax.model import sampling
     cpu_mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    with sharding.activation_sharding(mesh):
-        assert sharding.target_platform() == "tpu" and not pac_lora._fuse_base(lc)
-        assert not sampling.use_layer_loop(sampling.SamplingConfig())
-    with sharding.activation_sharding(cpu_mesh):
-        assert sharding.target_platform() == "cpu" and pac_lora._fuse_base(lc)
-        assert sampling.use_layer_loop(sampling.SamplingConfig())
-    assert "custom_vjp" in jaxpr_under(cpu_mesh)  # the fused [x|u]@[W0;B] with its own backward
-    assert "custom_vjp" not in jaxpr_under(mesh)
+    assert platform_of(mesh) == "tpu" and platform_of(cpu_mesh) == "cpu"
+    mc, lr = backend.resolve_for_platform(CFG, lc, platform_of(mesh))
+    assert (mc.attention, lr.fuse_base) == ("einsum", "never")
+    assert backend.resolve_sampling(sampling.SamplingConfig(), platform_of(mesh)).layer_loop == "scan"
+    mc, lr = backend.resolve_for_platform(CFG, lc, platform_of(cpu_mesh))
+    assert (mc.attention, lr.fuse_base) == ("einsum", "always")
+    assert backend.resolve_sampling(sampling.SamplingConfig(), platform_of(cpu_mesh)).layer_loop == "unrolled"
+    assert "custom_vjp" in jaxpr_for(cpu_mesh)  # the fused [x|u]@[W0;B] with its own backward
+    assert "custom_vjp" not in jaxpr_for(mesh)
     np.testing.assert_equal(plan_lib.tpu_hbm_bytes("TPU v5 lite"), 16 * 1024 ** 3)
+
+
+def test_decode_plan_compiles_for_tpu(mesh):
+    """plan_decode: the cache's shardings from its declared axes, generate resolved for TPU and traced
+    under the mesh's rules, compiled by the TPU compiler."""
+    p = plan_lib.plan_decode(CFG, LC, mesh, batch=B, prompt_len=S, max_new_tokens=4)
+    assert p.compiled, p.error
+    assert p.kv_cache > 0 and p.fits is True
+    # k, v [L, B, T, Hkv, Dh] split over rows (data x fsdp = 2) and kv heads (tensor = 2)
+    assert f"[{L},{B // 2},{S + 4},{KV // 2},{DH}]" in p.executable.as_text()

@@ -1,7 +1,8 @@
 """The train step does not depend on the mesh: 2x2x2 and 8x1x1 match one device.
 
-The step is traced under `sharding.under_mesh`, so the activation sharding constraints of
-model/decoder.py are in the compiled program (test_activation_constraints_in_the_program checks that).
+The step is traced under `sharding.under_mesh` (Flax's axis rules and the mesh in context), so
+the activation sharding constraints of model/modules.py are in the compiled program
+(test_activation_constraints_in_the_program checks that).
 
 Three steps of the real jitted step (dropout on, same rng, event-grouped batches from the
 built sample) on each mesh; the losses and the updated adapters (and Adam moments) must
@@ -116,13 +117,18 @@ def test_activation_constraints_in_the_program(setup):
 
 def test_axis_rules_from_the_config_move_weights_and_activations(setup, single):
     """config mesh.rules is data: replicate 'embed' (no FSDP), split the MLP width over tensor and
-    fsdp, and the batch over data alone. The parameters, the batch and the activations in the
-    compiled program follow those rules, and the step still equals one device."""
+    fsdp, and the batch over data alone, for the weights and the input batch; the activations have
+    rules of their own (activation_*), moved alike here. The parameters, the batch and the
+    activations in the compiled program follow those rules, and the step still equals one device.
+    The weight rules alone leave the activations where they were."""
     cfg = tiny_config()
     assert restore.mesh_rules(as_run_config(cfg)) == sharding.LOGICAL_RULES  # the defaults are the declared table
     cfg.mesh.rules.embed = ""
     cfg.mesh.rules.mlp = "tensor,fsdp"
     cfg.mesh.rules.batch = "data"
+    weights_only = restore.mesh_rules(as_run_config(cfg))
+    cfg.mesh.rules.activation_mlp = "tensor,fsdp"
+    cfg.mesh.rules.activation_batch = "data"
     rules = restore.mesh_rules(as_run_config(cfg))
     mesh = make_mesh(2, 2, 2)
     params_sh = model_axes.shardings(setup["params"], mesh, rules)
@@ -139,6 +145,13 @@ def test_axis_rules_from_the_config_move_weights_and_activations(setup, single):
     assert '[{"data"}, {}, {}]' in joined  # residual stream [B, S, D]: batch over data only
     assert '[{"data"}, {}, {"tensor", "fsdp"}]' in joined  # mlp activations [B, S, F]
     assert '[{"data", "fsdp"}' not in joined  # the default batch rule is gone
+
+    # the weight and batch rules alone: the activations keep their default layout
+    fn = jax.jit(sharding.under_mesh(setup["fn"], mesh, weights_only))
+    joined = "\n".join(ln for ln in fn.lower(setup["params"], st, setup["batches"][0], jax.random.PRNGKey(7))
+                       .as_text().splitlines() if "sharding_constraint" in ln)
+    assert '[{"data", "fsdp"}, {}, {}]' in joined and '[{"data", "fsdp"}, {}, {"tensor"}]' in joined
+    assert '[{"data"}' not in joined and '{"tensor", "fsdp"}' not in joined
 
 
 @pytest.mark.parametrize("override, message", [

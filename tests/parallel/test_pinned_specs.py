@@ -96,7 +96,7 @@ def activation_specs(mesh_shape) -> dict:
 
     def decode(p, a, x):
         cache = decoder.init_cache(cfg, 8, CACHE_SLOTS, lc)
-        out = decoder.forward(p, x, cfg, adapters=a, lora_cfg=lc, cache=cache, compute_logits=False)
+        out = decoder.forward(p, x, cfg, adapters=a, lora_cfg=lc, cache=cache, logits_at=None)
         return decoder.forward(p, x[:, :1], cfg, adapters=a, lora_cfg=lc, cache=out.cache).logits
 
     return {name: _constraints(jax.jit(sharding.under_mesh(fn, mesh)).lower(params, adapters, ids).as_text())

@@ -42,9 +42,11 @@ def compilation_cache_dir(environ=os.environ) -> str | None:
     """Where XLA programs compiled by a launcher are kept between runs (None: not kept).
 
     $SOCIALALIGN_COMPILATION_CACHE (a directory, or "off"), else a JAX_COMPILATION_CACHE_DIR the
-    user set, else the user's cache directory: $XDG_CACHE_HOME/socialalign_jax/xla or
-    ~/.cache/socialalign_jax/xla. Entries are keyed by the program, the compiler flags and the jax
-    version, so a stale one is never used; delete the directory to reclaim the space.
+    user set, else the user's cache directory: $XDG_CACHE_HOME/socialalign_jax/xla-lru or
+    ~/.cache/socialalign_jax/xla-lru. Entries are keyed by the program, the compiler flags and the jax
+    version, so a stale one is never used; delete the directory to reclaim the space. (Not the `xla`
+    directory earlier versions filled uncapped: its entries have no access-time files, and JAX's
+    capped cache then warns on every write there.)
     """
     chosen = environ.get(COMPILATION_CACHE_ENV)
     if chosen is not None:
@@ -52,7 +54,7 @@ def compilation_cache_dir(environ=os.environ) -> str | None:
     if environ.get("JAX_COMPILATION_CACHE_DIR"):
         return environ["JAX_COMPILATION_CACHE_DIR"]
     base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "socialalign_jax", "xla")
+    return os.path.join(base, "socialalign_jax", "xla-lru")
 
 
 COMPILATION_CACHE_MAX_BYTES = 4 << 30  # 4 GiB of compiled programs per user

@@ -223,15 +223,15 @@ def test_compilation_cache_directory_precedence():
     from socialalign_jax.core.cli_setup import compilation_cache_dir
 
     home = os.path.expanduser("~")
-    assert compilation_cache_dir({}) == os.path.join(home, ".cache", "socialalign_jax", "xla")
-    assert compilation_cache_dir({"XDG_CACHE_HOME": "/c"}) == "/c/socialalign_jax/xla"
+    assert compilation_cache_dir({}) == os.path.join(home, ".cache", "socialalign_jax", "xla-lru")
+    assert compilation_cache_dir({"XDG_CACHE_HOME": "/c"}) == "/c/socialalign_jax/xla-lru"
     assert compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/j", "XDG_CACHE_HOME": "/c"}) == "/j"
     assert compilation_cache_dir({"SOCIALALIGN_COMPILATION_CACHE": "/s", "JAX_COMPILATION_CACHE_DIR": "/j"}) == "/s"
     assert compilation_cache_dir({"SOCIALALIGN_COMPILATION_CACHE": "off", "JAX_COMPILATION_CACHE_DIR": "/j"}) is None
 
 
 def test_a_launcher_start_keeps_compiled_programs_in_the_users_cache(tmp_path):
-    """quiet_startup (every launcher) points JAX's persistent cache at ~/.cache/socialalign_jax/xla: a
+    """quiet_startup (every launcher) points JAX's persistent cache at ~/.cache/socialalign_jax/xla-lru: a
     second process finds the program there; the cache is capped, so JAX locks it (its .lockfile) and
     concurrent launchers never read each other's half-written entries; 'off' keeps nothing."""
     code = ("from socialalign_jax.core.cli_setup import quiet_startup; quiet_startup(); import jax, jax.numpy as jnp; "
@@ -244,7 +244,7 @@ def test_a_launcher_start_keeps_compiled_programs_in_the_users_cache(tmp_path):
     r = subprocess.run([sys.executable, "-c", code + "; print(jax.config.jax_compilation_cache_max_size)"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.split() == ["21.0", str(4 << 30)], r.stderr
-    cache = tmp_path / ".cache" / "socialalign_jax" / "xla"
+    cache = tmp_path / ".cache" / "socialalign_jax" / "xla-lru"
     assert any(p.name.endswith("-cache") for p in cache.iterdir()) and (cache / ".lockfile").exists()
     off = tmp_path / "off_home"
     off.mkdir()

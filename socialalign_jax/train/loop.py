@@ -28,7 +28,7 @@ from socialalign_jax.data.pipeline import BatchConfig, eval_batches, Subset, Tra
 from socialalign_jax.data.setup import BUILD_KEYS
 from socialalign_jax.evaluation import skill
 from socialalign_jax.evaluation.head import head_metrics
-from socialalign_jax.model import axes as model_axes, backend, decoder
+from socialalign_jax.model import axes as model_axes, backend
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.parallel import sharding
@@ -318,13 +318,13 @@ def _train(cfg: RunConfig, workdir: str, *, progress: bool) -> dict[str, Any]:
     n_steps = total_steps(cfg, len(it.plan(0)))
     optimizer, schedule = optim.make_optimizer(cfg.optim, n_steps)
 
-    adapters = decoder.init_adapters(jax.random.PRNGKey(int(cfg.train.seed)), job.model_cfg, job.lora_cfg)
-    state = step_lib.init_train_state(adapters, optimizer)
-    state_sh = model_axes.shardings(state, job.mesh, job.rules, strict=False)
+    # Nothing is computed yet: a restored run never draws the fresh adapters it would overwrite.
+    abstract_state, create_state = step_lib.sharded_train_state(int(cfg.train.seed), job.model_cfg, job.lora_cfg,
+                                                                optimizer, job.mesh, job.rules)
+    state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
     param_sh = model_axes.shardings(job.params, job.mesh, job.rules)
     batch_sh = sharding.batch_sharding(job.mesh, job.rules)
     repl = jax.sharding.NamedSharding(job.mesh, jax.sharding.PartitionSpec())
-    state = jax.device_put(state, state_sh)
 
     cfg_dict = config_to_dict(cfg)
     manager = checkpoint.make_manager(workdir, save_every=int(cfg.train.checkpoint_every),
@@ -338,13 +338,14 @@ def _train(cfg: RunConfig, workdir: str, *, progress: bool) -> dict[str, Any]:
             it.set_state(data_state)
 
         # The newest checkpoint that restores; damaged newer ones are set aside with one line each.
-        restored = checkpoint.restore(manager, jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh), cfg_dict,
-            check=check_data, move_bad=jax.process_count() == 1)
+        restored = checkpoint.restore(manager, abstract_state, cfg_dict, check=check_data,
+                                      move_bad=jax.process_count() == 1)
         if restored is not None:
             state, _, _ = restored
             if is_main:
                 print(f"resumed from {manager.directory} at step {int(state['step'])}")
+        else:
+            state = create_state()
         if is_main:  # what this run uses (a resume may have changed the free keys, see RESUME_FREE)
             write_json(cfg_dict, os.path.join(workdir, "config.json"))
         logger = MetricLogger(workdir, enabled=is_main, tensorboard=bool(cfg.train.tensorboard),

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from socialalign_jax.core.errors import UserError
-from socialalign_jax.model import decoder, pac_lora
+from socialalign_jax.model import axes as model_axes, decoder, pac_lora
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.nll import response_ce, token_nll
 from socialalign_jax.model.pac_lora import LoraConfig
@@ -106,6 +106,31 @@ def init_train_state(adapters, optimizer: optax.GradientTransformation) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "adapters": adapters, "opt_state": optimizer.init(adapters)}
 
 
+def sharded_train_state(seed: int, model_cfg: ModelConfig, lora_cfg: LoraConfig,
+                        optimizer: optax.GradientTransformation, mesh, rules=None):
+    """The fresh train state's layout on `mesh`, and a function that creates it there: (abstract, create).
+
+    As flax's examples/lm1b sets up its state: `jax.eval_shape` of the init gives every leaf's
+    shape and dtype without computing anything, the model's logical axes (model/axes.py) give
+    each leaf's sharding, and the init jitted with those `out_shardings` writes each device's
+    shard where it lives. Initialising on one device and then `jax.device_put` would first need
+    the whole adapter and optimizer tree on that device, and moves it once more.
+
+    abstract: the state {'step', 'adapters', 'opt_state'} as ShapeDtypeStructs carrying their
+    NamedShardings; what a checkpoint restores into and the train step's in/out shardings.
+    create(): the state itself, with the adapters `decoder.init_adapters(PRNGKey(seed), ...)`
+    draws (the same bits: the init is the same computation, and the key is made inside the jit,
+    so every process of a multi-host run traces the same program from the seed alone).
+    """
+    def init():
+        return init_train_state(decoder.init_adapters(jax.random.PRNGKey(seed), model_cfg, lora_cfg), optimizer)
+
+    shapes = jax.eval_shape(init)
+    shardings = model_axes.shardings(shapes, mesh, rules, strict=False)  # optimizer scalars: replicated
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    return abstract, jax.jit(init, out_shardings=shardings)
+
+
 def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg: LossConfig,
                     optimizer: optax.GradientTransformation, schedule=None):
     """train_step(params, state, batch, rng) -> (state, metrics); jit it with the state donated."""
@@ -157,4 +182,4 @@ def check_response_lengths(batch, max_tokens: int, where: str = "batch") -> None
 
 
 __all__ = ["LossConfig", "compute_loss", "make_train_step", "make_eval_step", "init_train_state",
-           "check_response_lengths", "gate_summary"]
+           "sharded_train_state", "check_response_lengths", "gate_summary"]

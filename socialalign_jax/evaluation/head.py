@@ -1,5 +1,5 @@
 """The sentiment head's metrics over a set of examples: one implementation for the trainer's
-held-out evaluation (`train.loop.evaluate_split`) and for `launch/evaluate.py`
+held-out evaluation (`train.evaluate.evaluate_split`) and for `launch/evaluate.py`
 (`evaluation.predictions.evaluate`), so the two report the same numbers for the same examples.
 
 Micro: accuracy, macro-F1, cross-entropy and the majority-class baseline over the labelled

@@ -14,7 +14,7 @@ if, on events the model never saw, it lands closer to the real crowd than the pr
   bootstrap interval over the events. The ``w`` a user's forecasts get is fitted on all of
   them. With too few held-out events no number is given.
 
-One implementation for the trainer's final evaluation (train/loop.py), the predictor that
+One implementation for the trainer's final evaluation (train/evaluate.py), the predictor that
 applies it (predict/predictor.py) and the experiment runner's shrunk rows (experiments/runner.py).
 """
 

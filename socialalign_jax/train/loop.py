@@ -7,9 +7,6 @@ arrays with `jax.make_array_from_process_local_data`. Only process 0 logs and pr
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import logging
 import math
 import os
 import signal
@@ -21,26 +18,21 @@ import jax
 import numpy as np
 
 from socialalign_jax.core.atomic_io import write_json
-from socialalign_jax.core.buckets import bucket
 from socialalign_jax.core.errors import UserError
-from socialalign_jax.data import setup
-from socialalign_jax.data.pipeline import BatchConfig, eval_batches, Subset, TrainIterator
+from socialalign_jax.data.pipeline import BatchConfig, TrainIterator
 from socialalign_jax.data.setup import BUILD_KEYS
 from socialalign_jax.evaluation import skill
-from socialalign_jax.evaluation.head import head_metrics
 from socialalign_jax.model import axes as model_axes, backend
-from socialalign_jax.model.config import ModelConfig
-from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.parallel import sharding
 from socialalign_jax.parallel.mesh import platform_of
 from socialalign_jax.runs import checkpoint
-from socialalign_jax.runs.restore import SKILL_FILE, config_to_dict, load_base
+from socialalign_jax.runs.restore import SKILL_FILE, config_to_dict
 from socialalign_jax.runs.run_config import as_run_config, respell_lists, RunConfig
 from socialalign_jax.runs.validation import validate_run_config
 from socialalign_jax.train import flops, optim, step as step_lib
+from socialalign_jax.train.evaluate import eval_source, evaluate_split, forecast_track_record
+from socialalign_jax.train.job import build_job, global_batch
 from socialalign_jax.train.metrics_log import MetricLogger
-
-log = logging.getLogger("socialalign_jax.train")
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -93,38 +85,7 @@ def _multi_process_environment() -> bool:
     return count("OMPI_COMM_WORLD_SIZE") > 1
 
 
-# ----------------------------------------------------------------------------- the job
-
-@dataclasses.dataclass
-class Job:
-    """Everything a training run holds; built by `build_job`, consumed by `train`."""
-    cfg: RunConfig
-    model_cfg: ModelConfig
-    lora_cfg: LoraConfig
-    loss_cfg: step_lib.LossConfig
-    params: Any
-    tokenizer: Any
-    mesh: Any
-    data: Any  # data/setup.Datasets
-    workdir: str
-    rules: tuple | None = None  # logical axis rules (config mesh.rules); None = the defaults
-
-
-def build_job(cfg: RunConfig, workdir: str) -> Job:
-    """The base model (runs.restore.load_base, as inference reads it back) plus the data."""
-
-    base = load_base(cfg)
-    data = setup.prepare(base.cfg, base.tokenizer, workdir)
-    cfg = data.cfg  # with the data.* values the dataset was built with
-    setup.check_against_model(data, cfg, base.model_cfg, base.tokenizer)  # before anything compiles
-    return Job(cfg, base.model_cfg, base.lora_cfg, cfg.loss, base.params, base.tokenizer, base.mesh,
-               data, workdir, base.rules)
-
-
-def _global_batch(local: dict, mesh, rules) -> dict:
-    sh = sharding.batch_sharding(mesh, rules)
-    return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in local.items()}
-
+# ----------------------------------------------------------------------------- the run
 
 class _StopFlag:
     """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
@@ -147,81 +108,6 @@ def total_steps(cfg: RunConfig, batches_per_epoch: int) -> int:
     if int(cfg.train.num_steps) > 0:
         return int(cfg.train.num_steps)
     return max(1, int(cfg.train.num_epochs) * batches_per_epoch)
-
-
-def eval_source(cfg: RunConfig, source):
-    limit = cfg.train.eval_max_examples
-    return source if limit <= 0 else Subset(source, limit)
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted_eval_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, loss_cfg, mesh, rules):
-    """One jitted eval step per (model, adapters, loss, mesh): evaluations after the first (step 0,
-    the end, every split) reuse its compilation instead of building a new jax.jit each call."""
-    model_cfg, lora_cfg = backend.resolve_for_platform(model_cfg, lora_cfg, platform_of(mesh))
-    return jax.jit(sharding.under_mesh(step_lib.make_eval_step(model_cfg, lora_cfg, loss_cfg), mesh, rules))
-
-
-def evaluate_split(job: Job, adapters, source, *, desc: str = "eval", per_event: bool = False) -> dict[str, Any]:
-    """Held-out response CE, sentiment accuracy and cross-entropy / majority baseline, and mean event JSD.
-    per_event: also return each event's forecast (the mean head distribution) under '_per_event'."""
-
-    eval_step = _jitted_eval_step(job.model_cfg, job.lora_cfg, job.loss_cfg, job.mesh, job.rules)
-    bs = int(job.cfg.data.eval_batch_size)
-    n_dev = sharding.batch_shards(job.mesh, job.rules)
-    bs = bucket(bs, multiple=n_dev)  # every device gets the same number of rows
-    lm_sum = lm_cnt = 0.0
-    probs, labels, events, masks = [], [], [], []
-    targets = {}
-    for local in eval_batches(source, bs, job.data.seq_len, job.data.pad_id, job.lora_cfg.num_classes,
-                              process_index=jax.process_index(), process_count=jax.process_count()):
-        step_lib.check_response_lengths(local, job.loss_cfg.max_response_tokens, desc)
-        batch = _global_batch(local, job.mesh, job.rules)
-        out = eval_step(job.params, adapters, batch)
-        lm_sum += float(out["lm_sum"])
-        lm_cnt += float(out["lm_count"])
-        g = {k: np.asarray(jax.experimental.multihost_utils.process_allgather(batch[k], tiled=True))
-             for k in ("label", "event_id", "example_mask", "target_dist")}
-        if "probs" in out:
-            probs.append(np.asarray(jax.experimental.multihost_utils.process_allgather(out["probs"], tiled=True)))
-        labels.append(g["label"]), events.append(g["event_id"]), masks.append(g["example_mask"])
-        for e, t in zip(g["event_id"], g["target_dist"]):
-            targets.setdefault(int(e), t)
-    res: dict[str, Any] = {"response_ce": lm_sum / max(lm_cnt, 1.0), "response_tokens": lm_cnt}
-    labels, events, masks = np.concatenate(labels), np.concatenate(events), np.concatenate(masks)
-    real = masks > 0
-    if probs and (real & (labels >= 0)).any():
-        # The same code as launch/evaluate.py's head metrics (evaluation.head); events whose
-        # target is all zero (no labelled response anywhere) have no distribution to compare.
-        hm = head_metrics(np.concatenate(probs)[real], labels[real], events[real],
-                          {e: t for e, t in targets.items() if np.sum(t) > 0})
-        res.update({k: hm[k] for k in ("sentiment_accuracy", "sentiment_macro_f1", "sentiment_ce",
-                                       "majority_baseline_accuracy", "macro_jsd", "num_events")})
-        if per_event:
-            res["_per_event"] = hm["per_event"]
-    res["num_examples"] = int((masks > 0).sum())
-    return res
-
-
-def forecast_track_record(job: Job, per_event: dict[int, list[float]], seed: int = 0) -> dict[str, Any]:
-    """How the run's crowd forecasts (each held-out event's mean head distribution) did against the
-    training prior (the pooled mix of the training events' targets), with the shrink weight that
-    predictions will use (evaluation/skill.forecast_skill)."""
-    ds = job.data.dataset
-    splits = ds.metadata.get("targets", {})
-    train = {e: t for e, t in ds.targets("train").items() if t["count"] > 0} if "train" in splits else {}
-    test = ds.targets("test") if "test" in splits else {}
-    events = [e for e in sorted(per_event) if e in test and test[e]["count"] > 0]
-    if not train:
-        return {"num_events": len(events), "status": "none", "w": 1.0, "reason": "no training targets"}
-    es = sorted(train)
-    prior = skill.prior(np.asarray([train[e]["dist"] for e in es]), np.asarray([train[e]["count"] for e in es]))
-    floors = [np.nan if test[e].get("noise_floor") is None else test[e]["noise_floor"] for e in events]
-    rec = skill.forecast_skill(np.asarray([per_event[e] for e in events]).reshape(len(events), len(prior)),
-                               np.asarray([test[e]["dist"] for e in events]).reshape(len(events), len(prior)),
-                               prior, noise_floor=np.asarray(floors), seed=seed)
-    rec["labels"] = list(job.data.labels)
-    return rec
 
 
 # Keys that may change when a run resumes: they do not change what the steps already taken
@@ -398,7 +284,7 @@ def _train(cfg: RunConfig, workdir: str, *, progress: bool) -> dict[str, Any]:
                 except StopIteration:
                     break
                 step_lib.check_response_lengths(local, job.loss_cfg.max_response_tokens, f"train batch {step}")
-                batch = _global_batch(local, job.mesh, job.rules)
+                batch = global_batch(local, job.mesh, job.rules)
                 state, metrics = train_step(job.params, state, batch, rng)
                 # The previous step's loss is ready by now: reading it here keeps the host one step
                 # ahead of the device (a float() of this step's loss would stall every dispatch).

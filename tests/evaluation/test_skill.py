@@ -84,13 +84,13 @@ def test_prior_is_the_response_weighted_mix_of_the_given_events():
 
 
 def test_the_trainers_track_record_uses_the_training_prior_and_the_held_out_targets():
-    """train.loop.forecast_track_record: prior = response-weighted mix of the TRAIN targets; each held-out
+    """train.evaluate.forecast_track_record: prior = response-weighted mix of the TRAIN targets; each held-out
     event's forecast is scored against its test target (events without one are left out)."""
     from types import SimpleNamespace
 
     from socialalign_jax.data import targets as T
     from socialalign_jax.data.tfds_builders import Dataset
-    from socialalign_jax.train.loop import forecast_track_record
+    from socialalign_jax.train.evaluate import forecast_track_record
 
     rng = np.random.default_rng(4)
     names = [f"e{i}" for i in range(40)]

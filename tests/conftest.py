@@ -52,7 +52,8 @@ SLOW_FILES = {
     "model/test_shared_prefill.py", "model/test_shared_prefill_isolated.py",
     "tools/test_plan.py", "parallel/test_tpu_compile.py", "predict/test_predict.py",
     "predict/test_serve.py", "runs/test_checkpoint_items.py", "runs/test_faults.py", "runs/test_full_disk.py",
-    "train/test_train_frozen.py", "train/test_train_learns.py", "train/test_train_learns_sample.py",
+    "train/test_train_frozen.py", "train/test_train_hooks.py", "train/test_train_learns.py",
+    "train/test_train_learns_sample.py",
     "train/test_train_multiprocess.py", "train/test_train_resume.py", "train/test_train_sharding.py",
     "weights/test_adapter_io.py", "weights/test_gguf.py",
 }

@@ -1,7 +1,7 @@
 """The trainer's held-out evaluation: response CE and the sentiment head's metrics on a split, and
 how the run's crowd forecasts did against the training prior (the forecast skill).
 
-Run by the trainer (train/loop.py) at step 0 and at the end of a run.
+Run by the evaluation hook (train/hooks.py `EvalHook`) at step 0 and at the end of a run.
 """
 
 from __future__ import annotations

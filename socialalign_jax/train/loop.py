@@ -3,6 +3,11 @@
 Runs unchanged from one CPU to a multi-host TPU slice: every process builds the same mesh
 over the global devices, reads only its rows of each global batch, and assembles global
 arrays with `jax.make_array_from_process_local_data`. Only process 0 logs and prints.
+
+`train` is the entry point; the run itself is a `TrainLoop` in three parts, `init` (the job,
+the data iterator, the optimizer, the state restored or created on the mesh, the logger, the
+jitted step), `run` (the steps) and `finish` (what the run returns), and everything done with
+a step's result (logging, checkpoints, evaluation) is a hook of train/hooks.py.
 """
 
 from __future__ import annotations
@@ -12,25 +17,23 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
-import numpy as np
 
 from socialalign_jax.core.atomic_io import write_json
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data.pipeline import BatchConfig, TrainIterator
 from socialalign_jax.data.setup import BUILD_KEYS
-from socialalign_jax.evaluation import skill
 from socialalign_jax.model import axes as model_axes, backend
 from socialalign_jax.parallel import sharding
 from socialalign_jax.parallel.mesh import platform_of
 from socialalign_jax.runs import checkpoint
-from socialalign_jax.runs.restore import SKILL_FILE, config_to_dict
+from socialalign_jax.runs.restore import config_to_dict
 from socialalign_jax.runs.run_config import as_run_config, respell_lists, RunConfig
 from socialalign_jax.runs.validation import validate_run_config
-from socialalign_jax.train import flops, optim, step as step_lib
-from socialalign_jax.train.evaluate import eval_source, evaluate_split, forecast_track_record
+from socialalign_jax.train import optim, step as step_lib
+from socialalign_jax.train.hooks import default_hooks, Hook
 from socialalign_jax.train.job import build_job, global_batch
 from socialalign_jax.train.metrics_log import MetricLogger
 
@@ -85,30 +88,7 @@ def _multi_process_environment() -> bool:
     return count("OMPI_COMM_WORLD_SIZE") > 1
 
 
-# ----------------------------------------------------------------------------- the run
-
-class _StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
-
-    def __init__(self):
-        self.signum = None
-        self._old = {}
-        for s in (signal.SIGTERM, signal.SIGINT):
-            self._old[s] = signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):  # noqa: ARG002
-        self.signum = signum
-
-    def restore(self):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def total_steps(cfg: RunConfig, batches_per_epoch: int) -> int:
-    if int(cfg.train.num_steps) > 0:
-        return int(cfg.train.num_steps)
-    return max(1, int(cfg.train.num_epochs) * batches_per_epoch)
-
+# ----------------------------------------------------------------------------- resuming
 
 # Keys that may change when a run resumes: they do not change what the steps already taken
 # meant (logging, checkpoint cadence, the length of the run, evaluation, decoding, layout).
@@ -116,7 +96,8 @@ def total_steps(cfg: RunConfig, batches_per_epoch: int) -> int:
 RESUME_FREE = ("train.num_steps", "train.num_epochs", "train.log_every", "train.checkpoint_every",
                "train.keep_checkpoints", "train.async_checkpoint", "train.eval_at_end", "train.eval_max_examples",
                "train.tensorboard", "train.generate_at_end", "train.labeller", "data.eval_batch_size",
-               "model.remat", "model.remat_policy", "model.scan_layers", "model.attention", "lora.fuse_base", "mesh.", "distributed.", "sample.", "hardware.")
+               "model.remat", "model.remat_policy", "model.scan_layers", "model.attention", "lora.fuse_base",
+               "mesh.", "distributed.", "sample.", "hardware.")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -159,7 +140,7 @@ def _check_resume(cfg: RunConfig, workdir: str, accept: bool) -> None:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
     except (OSError, ValueError):
-        return  # config.json is rewritten below; the checkpoint's own config is checked on restore
+        return  # TrainLoop.init rewrites config.json; the checkpoint's own config is checked on restore
     diffs = resume_conflicts(saved, config_to_dict(cfg))
     if not diffs:
         return
@@ -171,12 +152,192 @@ def _check_resume(cfg: RunConfig, workdir: str, accept: bool) -> None:
         print("note: resuming with changed settings (config.json updated): " + "; ".join(diffs))
 
 
-def train(cfg, workdir: str, *, progress: bool = True, accept_config_change: bool = False) -> dict[str, Any]:
+# ----------------------------------------------------------------------------- the loop
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):  # noqa: ARG002
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def total_steps(cfg: RunConfig, batches_per_epoch: int) -> int:
+    """train.num_steps, or (when it is -1) train.num_epochs passes over the training batches."""
+    if int(cfg.train.num_steps) > 0:
+        return int(cfg.train.num_steps)
+    return max(1, int(cfg.train.num_epochs) * batches_per_epoch)
+
+
+class TrainLoop:
+    """One training run: `init()`, `run()`, `finish()` (and `abort(error)` when any of them raises).
+
+    The loop takes the steps, reading each step's loss one step late so that the host stays a
+    step ahead of the device (`confirm_finite`); the hooks
+    (train/hooks.py: `default_hooks()` then `hooks`) do the rest. What they read, set by `init`:
+    cfg (the run config, with the data.* values the dataset was built with), job (train/job.py),
+    workdir, is_main (process 0: the only one that logs and prints), batch_config, it (this
+    process's TrainIterator), n_steps, start_step (the restored step, 0 when fresh), state
+    ({'step': int32 [], 'adapters': tree, 'opt_state': tree}, sharded on job.mesh), manager (the
+    Orbax CheckpointManager), cfg_dict (the config saved with each checkpoint), logger; and by
+    `run`: run_started (perf_counter() before the first step), batch (this process's rows of the
+    last step's batch), bar (the progress bar, None when off or outside `run`), stop_signal (the
+    signal that stopped the run, else None).
+    """
+
+    def __init__(self, cfg: RunConfig, workdir: str, *, progress: bool = True, hooks: Sequence[Hook] = ()):
+        self.cfg, self.workdir, self.progress = cfg, workdir, progress
+        self.hooks: list[Hook] = default_hooks() + list(hooks)
+        self.manager = self.logger = self.bar = self.stop_signal = None
+        self._pending = None  # (index of a step, its metrics) whose loss the host has not read yet
+
+    def init(self) -> None:
+        """Everything before the first step; ends with every hook's on_start."""
+        self.job = job = build_job(self.cfg, self.workdir)
+        self.cfg = cfg = job.cfg  # the data.* values a named dataset was built with replace the config's
+        self.is_main = jax.process_index() == 0
+        self.batch_config = bcfg = BatchConfig(
+            events_per_batch=int(cfg.data.events_per_batch), cases_per_event=int(cfg.data.cases_per_event),
+            seq_len=job.data.seq_len, pad_id=job.data.pad_id, num_classes=job.lora_cfg.num_classes,
+            seed=int(cfg.data.seed), read_threads=2, prefetch=2)
+        sharding.check_batch_divisible(bcfg.global_batch_size, job.mesh, job.rules)
+        self.it = TrainIterator(job.data.train, bcfg, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+        self.n_steps = total_steps(cfg, len(self.it.plan(0)))
+        optimizer, schedule = optim.make_optimizer(cfg.optim, self.n_steps)
+
+        # Nothing is computed yet: a restored run never draws the fresh adapters it would overwrite.
+        abstract_state, create_state = step_lib.sharded_train_state(int(cfg.train.seed), job.model_cfg, job.lora_cfg,
+                                                                    optimizer, job.mesh, job.rules)
+        self.cfg_dict = config_to_dict(cfg)
+        self.manager = checkpoint.make_manager(self.workdir, save_every=int(cfg.train.checkpoint_every),
+                                               keep=int(cfg.train.keep_checkpoints),
+                                               async_save=bool(cfg.train.async_checkpoint))
+        # The newest checkpoint that restores; damaged newer ones are set aside with one line each.
+        restored = checkpoint.restore(self.manager, abstract_state, self.cfg_dict, check=self._set_data_position,
+                                      move_bad=jax.process_count() == 1)
+        if restored is not None:
+            self.state = restored[0]
+            if self.is_main:
+                print(f"resumed from {self.manager.directory} at step {int(self.state['step'])}")
+        else:
+            self.state = create_state()
+        if self.is_main:  # what this run uses (a resume may have changed the free keys, see RESUME_FREE)
+            write_json(self.cfg_dict, os.path.join(self.workdir, "config.json"))
+        self.start_step = int(self.state["step"])
+        self.logger = MetricLogger(self.workdir, enabled=self.is_main, tensorboard=bool(cfg.train.tensorboard),
+                                   resume_step=self.start_step)
+
+        state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
+        repl = jax.sharding.NamedSharding(job.mesh, jax.sharding.PartitionSpec())
+        # Backend choices resolved on the host for the mesh's devices; traced under the mesh's axis
+        # rules, so model/modules.py's activation constraints apply (sharding.under_mesh).
+        step_cfgs = backend.resolve_for_platform(job.model_cfg, job.lora_cfg, platform_of(job.mesh),
+                                                 train_seq_len=bcfg.seq_len)
+        self._train_step = jax.jit(
+            sharding.under_mesh(step_lib.make_train_step(*step_cfgs, job.loss_cfg, optimizer, schedule),
+                                job.mesh, job.rules),
+            in_shardings=(model_axes.shardings(job.params, job.mesh, job.rules), state_sh,
+                          sharding.batch_sharding(job.mesh, job.rules), repl),
+            out_shardings=(state_sh, repl), donate_argnums=(1,))
+        self._rng = jax.random.PRNGKey(int(cfg.train.seed) + 1)  # folded with the step inside the step
+        for hook in self.hooks:
+            hook.on_start(self)
+
+    def _set_data_position(self, _, data_state) -> None:
+        """checkpoint.restore's check: a garbage iterator state rejects the step (restore tries an older one)."""
+        pos = {k: data_state.get(k) for k in ("epoch", "batch")}
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pos.values()):
+            raise ValueError(f"data-iterator position {pos} is not two counts")
+        self.it.set_state(data_state)
+
+    def run(self) -> None:
+        """The steps from start_step to n_steps (fewer when the data ends), each followed by every
+        hook's on_step_end; a SIGTERM/SIGINT stops it at the next step boundary (stop_signal)."""
+        stop = _StopFlag()  # only while stepping: a signal during evaluation ends the process as usual
+        if self.is_main and self.progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.n_steps, initial=self.start_step, desc="train", unit="step",
+                            dynamic_ncols=True)
+        self.run_started = time.perf_counter()
+        try:
+            for step in range(self.start_step, self.n_steps):
+                try:
+                    self.batch = next(self.it)  # {name: [local rows, ...] numpy}
+                except StopIteration:
+                    break
+                step_lib.check_response_lengths(self.batch, self.job.loss_cfg.max_response_tokens,
+                                                f"train batch {step}")
+                batch = global_batch(self.batch, self.job.mesh, self.job.rules)
+                self.state, metrics = self._train_step(self.job.params, self.state, batch, self._rng)
+                # The previous step's loss is ready by now: reading it here keeps the host one step
+                # ahead of the device (a float() of this step's loss would stall every dispatch).
+                self.confirm_finite()
+                self._pending = (step, metrics)
+                for hook in self.hooks:
+                    hook.on_step_end(self, step + 1, metrics)
+                if self.bar is not None:  # after the hooks: the bar shows this step's logged numbers
+                    self.bar.update(1)
+                if stop.signum is not None:
+                    self.stop_signal = stop.signum
+                    return
+        finally:
+            stop.restore()
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    def confirm_finite(self) -> None:
+        """Read the newest step's loss if the host has not yet; a non-finite one ends the run in one
+        line naming the step, its loss terms and the last good checkpoint."""
+        if self._pending is None:
+            return
+        step, metrics = self._pending
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            self.manager.wait_until_finished()
+            raise UserError(
+                f"step {step}: loss is {loss} (terms: " + ", ".join(
+                    f"{k}={float(metrics[k]):.4g}" for k in ("lm", "sent", "macro"))
+                + f"); stopped; the last good checkpoint is step {self.manager.latest_step()} in "
+                + f"{self.manager.directory}")
+        self._pending = None
+
+    def finish(self) -> dict[str, Any]:
+        """The run's result: {"step": n, ...what the hooks add} or, after a signal, {"stopped_at": n}."""
+        self.confirm_finite()
+        step = int(self.state["step"])
+        result: dict[str, Any] = {"stopped_at": step} if self.stop_signal is not None else {"step": step}
+        for hook in self.hooks:
+            hook.on_finish(self, result)
+        self.logger.close()
+        return result
+
+    def abort(self, error: BaseException) -> None:
+        """The run ends in `error`: in-flight async saves end and the logs close before it is reported."""
+        if self.manager is not None:
+            checkpoint.close(self.manager, failing=error)
+        if self.logger is not None:
+            self.logger.close(failing=True)
+
+
+def train(cfg, workdir: str, *, progress: bool = True, accept_config_change: bool = False,
+          hooks: Sequence[Hook] = ()) -> dict[str, Any]:
     """Run (or resume) training; returns the final metrics dict.
 
     Startup order: distributed init, one config validation, the workdir lock, the resume
     check against config.json, then weights, data and its metadata checks; nothing has
-    compiled when any of those refuses.
+    compiled when any of those refuses. `hooks` run after the trainer's own at each point
+    (train/hooks.py: subclass `Hook`).
     """
     cfg = as_run_config(cfg)  # the library's entry point converts as the launchers do; below, typed only
     setup_distributed(cfg)
@@ -185,178 +346,14 @@ def train(cfg, workdir: str, *, progress: bool = True, accept_config_change: boo
     lock = checkpoint.WorkdirLock(workdir) if jax.process_index() == 0 else None
     try:
         _check_resume(cfg, workdir, accept_config_change)
-        return _train(cfg, workdir, progress=progress)
+        loop = TrainLoop(cfg, workdir, progress=progress, hooks=hooks)
+        try:
+            loop.init()
+            loop.run()
+            return loop.finish()
+        except BaseException as e:
+            loop.abort(e)
+            raise
     finally:
         if lock is not None:
             lock.release()
-
-
-def _train(cfg: RunConfig, workdir: str, *, progress: bool) -> dict[str, Any]:
-    job = build_job(cfg, workdir)
-    cfg = job.cfg  # the data.* values a named dataset was built with replace the config's
-    is_main = jax.process_index() == 0
-
-    bcfg = BatchConfig(events_per_batch=int(cfg.data.events_per_batch), cases_per_event=int(cfg.data.cases_per_event),
-                       seq_len=job.data.seq_len, pad_id=job.data.pad_id, num_classes=job.lora_cfg.num_classes,
-                       seed=int(cfg.data.seed), read_threads=2, prefetch=2)
-    sharding.check_batch_divisible(bcfg.global_batch_size, job.mesh, job.rules)
-    it = TrainIterator(job.data.train, bcfg, process_index=jax.process_index(), process_count=jax.process_count())
-    n_steps = total_steps(cfg, len(it.plan(0)))
-    optimizer, schedule = optim.make_optimizer(cfg.optim, n_steps)
-
-    # Nothing is computed yet: a restored run never draws the fresh adapters it would overwrite.
-    abstract_state, create_state = step_lib.sharded_train_state(int(cfg.train.seed), job.model_cfg, job.lora_cfg,
-                                                                optimizer, job.mesh, job.rules)
-    state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
-    param_sh = model_axes.shardings(job.params, job.mesh, job.rules)
-    batch_sh = sharding.batch_sharding(job.mesh, job.rules)
-    repl = jax.sharding.NamedSharding(job.mesh, jax.sharding.PartitionSpec())
-
-    cfg_dict = config_to_dict(cfg)
-    manager = checkpoint.make_manager(workdir, save_every=int(cfg.train.checkpoint_every),
-                                      keep=int(cfg.train.keep_checkpoints), async_save=bool(cfg.train.async_checkpoint))
-    logger = None
-    try:
-        def check_data(_, data_state):  # a garbage iterator state rejects the step
-            pos = {k: data_state.get(k) for k in ("epoch", "batch")}
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pos.values()):
-                raise ValueError(f"data-iterator position {pos} is not two counts")
-            it.set_state(data_state)
-
-        # The newest checkpoint that restores; damaged newer ones are set aside with one line each.
-        restored = checkpoint.restore(manager, abstract_state, cfg_dict, check=check_data,
-                                      move_bad=jax.process_count() == 1)
-        if restored is not None:
-            state, _, _ = restored
-            if is_main:
-                print(f"resumed from {manager.directory} at step {int(state['step'])}")
-        else:
-            state = create_state()
-        if is_main:  # what this run uses (a resume may have changed the free keys, see RESUME_FREE)
-            write_json(cfg_dict, os.path.join(workdir, "config.json"))
-        logger = MetricLogger(workdir, enabled=is_main, tensorboard=bool(cfg.train.tensorboard),
-                              resume_step=int(state["step"]))
-
-        # Backend choices resolved on the host for the mesh's devices; traced under the mesh's axis
-        # rules, so model/modules.py's activation constraints apply (sharding.under_mesh).
-        step_cfgs = backend.resolve_for_platform(job.model_cfg, job.lora_cfg, platform_of(job.mesh),
-                                                 train_seq_len=bcfg.seq_len)
-        train_step = jax.jit(
-            sharding.under_mesh(step_lib.make_train_step(*step_cfgs, job.loss_cfg, optimizer, schedule),
-                                job.mesh, job.rules),
-            in_shardings=(param_sh, state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=(1,))
-        rng = jax.random.PRNGKey(int(cfg.train.seed) + 1)
-
-        peak = float(cfg.hardware.peak_flops_per_device) or (flops.peak_flops_for(jax.devices()[0].device_kind) or 0.0)
-        step_flops = flops.train_step_flops(job.model_cfg, job.lora_cfg, bcfg.global_batch_size, bcfg.seq_len,
-                                            job.loss_cfg.max_response_tokens or None, job.lora_cfg.num_classes)
-
-        baseline = None
-        if cfg.train.eval_at_end and int(state["step"]) == 0 and job.data.test is not None and len(job.data.test):
-            baseline = evaluate_split(job, state["adapters"], eval_source(cfg, job.data.test),
-                                      desc="test split (step 0)")
-            if is_main:
-                logger.write(0, baseline, prefix="eval/")
-                write_json(baseline, os.path.join(workdir, "eval_step0.json"))
-
-        stop = _StopFlag()
-        start_step = int(state["step"])
-        bar = None
-        if is_main and progress:
-            from tqdm import tqdm
-            bar = tqdm(total=n_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-        last = {}
-        t_last, tok_last = time.perf_counter(), 0.0
-        pending = None  # (step, metrics) whose loss the host has not looked at yet
-
-        def check_loss(step_i, mets):
-            loss = float(mets["loss"])
-            if not math.isfinite(loss):
-                manager.wait_until_finished()
-                raise UserError(
-                    f"step {step_i}: loss is {loss} (terms: " + ", ".join(
-                        f"{k}={float(mets[k]):.4g}" for k in ("lm", "sent", "macro"))
-                    + f"); stopped; the last good checkpoint is step {manager.latest_step()} in {manager.directory}")
-        try:
-            for step in range(start_step, n_steps):
-                try:
-                    local = next(it)
-                except StopIteration:
-                    break
-                step_lib.check_response_lengths(local, job.loss_cfg.max_response_tokens, f"train batch {step}")
-                batch = global_batch(local, job.mesh, job.rules)
-                state, metrics = train_step(job.params, state, batch, rng)
-                # The previous step's loss is ready by now: reading it here keeps the host one step
-                # ahead of the device (a float() of this step's loss would stall every dispatch).
-                if pending is not None:
-                    check_loss(*pending)
-                pending = (step, metrics)
-                tok_last += float(np.asarray(local["attention_mask"]).sum()) * jax.process_count()
-                done = step + 1
-                if done % int(cfg.train.log_every) == 0 or done == n_steps:
-                    check_loss(*pending)  # synced here anyway: a non-finite step is never logged
-                    dt = time.perf_counter() - t_last
-                    m = jax.device_get(metrics)
-                    m["tokens_per_s"] = tok_last / max(dt, 1e-9)
-                    steps_done = done - (start_step if not last else last.get("_step", start_step))
-                    m["step_time_s"] = dt / max(steps_done, 1)
-                    m["tflops_per_s"] = step_flops / max(m["step_time_s"], 1e-9) / 1e12
-                    if peak > 0:
-                        m["mfu"] = step_flops / m["step_time_s"] / (peak * jax.device_count())
-                    last = logger.write(done, m, prefix="train/")
-                    last["_step"] = done
-                    t_last, tok_last = time.perf_counter(), 0.0
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{m['loss']:.3f}", lm=f"{m['lm']:.3f}", macro=f"{m['macro']:.3f}")
-                if bar is not None:
-                    bar.update(1)
-                if stop.signum is not None or done == n_steps or manager.should_save(done):
-                    check_loss(*pending)  # a state is saved only after its loss was seen to be finite
-                checkpoint.save(manager, done, state, it.get_state(), cfg_dict)
-                if stop.signum is not None:
-                    if manager.latest_step() != done:  # the periodic save above may already hold this step
-                        checkpoint.save(manager, done, state, it.get_state(), cfg_dict, force=True)
-                    checkpoint.close(manager)
-                    if is_main:
-                        print(f"\nreceived signal {stop.signum}: saved checkpoint at step {done} in {manager.directory}; exiting")
-                    return {"stopped_at": done}
-            if pending is not None:
-                check_loss(*pending)
-            final_step = int(state["step"])
-            if manager.latest_step() != final_step:
-                checkpoint.save(manager, final_step, state, it.get_state(), cfg_dict, force=True)
-            checkpoint.close(manager)
-        finally:
-            stop.restore()
-            if bar is not None:
-                bar.close()
-        result = {"step": int(state["step"]), "train": {k: v for k, v in last.items() if not k.startswith("_")}}
-        track = None  # the forecast's track record on the held-out events (evaluation/skill.py)
-        if cfg.train.eval_at_end and job.data.test is not None and len(job.data.test):
-            final = evaluate_split(job, state["adapters"], eval_source(cfg, job.data.test), desc="test split",
-                                   per_event=True)
-            track = forecast_track_record(job, final.pop("_per_event", {}), seed=int(cfg.train.seed))
-            result["eval"] = final
-            result["forecast_skill"] = track
-            if baseline is None and os.path.exists(os.path.join(workdir, "eval_step0.json")):
-                import json
-                baseline = json.load(open(os.path.join(workdir, "eval_step0.json")))
-            result["eval_step0"] = baseline
-            if is_main:
-                logger.write(result["step"], final, prefix="eval/")
-                write_json(result, os.path.join(workdir, "eval_final.json"))
-        if is_main:  # read by predict.py, the API, report.md and the page: every forecast carries this line
-            if track is None:
-                track = {"num_events": 0, "status": "none", "w": 1.0,
-                         "reason": "no test split" if job.data.test is None or not len(job.data.test)
-                         else "train.eval_at_end is off"}
-            track["step"] = result["step"]  # the adapters it describes (an export of another step carries none)
-            write_json(track, os.path.join(workdir, SKILL_FILE))
-            print(f"forecast skill: {skill.skill_sentence(track)}")
-        logger.close()
-        return result
-    except BaseException as e:
-        checkpoint.close(manager, failing=e)  # in-flight async saves end before the error is reported
-        if logger is not None:
-            logger.close(failing=True)
-        raise

@@ -111,7 +111,7 @@ def _abstract_state(cfg):
 
 
 def _check_iterator_state(_, data_state):
-    """What the trainer checks (loop._train): two non-negative counts."""
+    """What the trainer checks (loop.TrainLoop._set_data_position): two non-negative counts."""
     if not all(isinstance(data_state.get(k), int) and data_state[k] >= 0 for k in ("epoch", "batch")):
         raise ValueError(f"bad iterator position {data_state}")
 

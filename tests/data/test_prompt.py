@@ -16,12 +16,6 @@ def tok():
     return load_tokenizer()
 
 
-def _example(persona="喜欢猫的大学生", history=None, weibo="太感人了！"):
-    history = history or [HistoryPost("今天好开心"), HistoryPost("说得对", retweet="原微博内容")]
-    case = Case("小红", weibo, history, persona=persona, history_is_selected=True)
-    return case, Event("e1", "猫咪", "猫咪救主的故事", [case], "e1.json")
-
-
 RAW_CASE = {  # the raw event format of SPEC section 4, with the authors' quirks exercised
     "user_name": "小红",
     "weibo": "太感人了！",

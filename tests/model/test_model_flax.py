@@ -144,7 +144,7 @@ def test_every_variable_declares_its_logical_axes(name):
 
 def test_declared_shardings_on_a_mesh():
     """NamedShardings from the declarations equal the rules applied to the hand-written axes."""
-    cfg, lc = CFGS["qwen2_untied_bf16"], pac_lora.LoraConfig(rank=2)
+    cfg = CFGS["qwen2_untied_bf16"]
     mesh = mesh_lib.make_mesh(1, 4, 2)
     shapes = jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.PRNGKey(0)))
     sh = _flat(model_axes.shardings(shapes, mesh), is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))

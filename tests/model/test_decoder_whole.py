@@ -134,13 +134,20 @@ def test_one_summariser_means_per_module_and_pooled(setup):
     assert pac_lora.summarize_gate_stats({}, pool=True) == {} and gate_summary({}) == {}
 
 
-def test_a_decode_step_without_intermediates_sows_nothing(setup):
+def test_statistics_come_only_from_adapted_maps_and_only_when_asked_for(setup):
     params, ad, ids, mask = setup
-    dec = decoder.model(CFG, LC)
-    out = dec.apply({"params": params, "lora": ad}, ids, mask, None, (USER_END, NEWS_END))
-    assert isinstance(out, modules.ModelOutput) and out.gate_stats is None
-    # base model: no adapters, no statistics
+    args = (ids, mask, None, (USER_END, NEWS_END))
+    out = decoder.model(CFG, LC).apply({"params": params, "lora": ad}, *args)
+    assert isinstance(out, modules.ModelOutput) and out.gate_stats is None  # the module returns none itself
+    # The base model's maps are not adapted: a mutable `intermediates` stays empty, and forward reports None.
+    _, state = decoder.model(CFG).apply({"params": params}, *args, mutable=["intermediates"])
+    assert not state.get("intermediates")
     assert decoder.forward(params, ids, CFG, attention_mask=mask).gate_stats is None
+    # Adapters without targets (the head only): no map sows.
+    head_only = dataclasses.replace(LC, targets=())
+    _, state = decoder.model(CFG, head_only).apply({"params": params, "lora": {"head": ad["head"]}}, *args,
+                                                   mutable=["intermediates"])
+    assert not state.get("intermediates")
 
 
 def test_pooled_gates_are_the_adapted_maps_cache_and_a_cache_without_them_is_refused(setup):

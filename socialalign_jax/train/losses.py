@@ -154,7 +154,8 @@ def total_loss(lm_logits, sent_logits, batch: Mapping[str, jax.Array], *,
                rng=None, tau: float = 1.0, lm_nll=None):
     """L = L_lm + lambda_sent L_sent + lambda_macro L_macro over one global batch.
 
-    lm_logits [B, S, V], or None with lm_nll = (sum, count) (the step's `response_nll` over the logits at the response positions);
+    lm_logits [B, S, V], or None with lm_nll = (sum, count) (train/step.py's `response_nll`, from
+    the logits at the response positions);
     sent_logits [B, K] from the sentiment head; batch as in DESIGN.md "Batch". A term with
     no contributing element (no labels, no response tokens) is 0. Returns (loss, terms).
     """

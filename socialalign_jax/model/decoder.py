@@ -198,10 +198,7 @@ def forward(params, input_ids, cfg: ModelConfig, *, attention_mask=None, positio
     variables = {"params": dict(params)}
     if lc is not None:
         variables["lora"] = dict(adapters)
-    if cache is not None:
-        if lc is not None and _pooled(lc) and "layers" not in cache:
-            # Without the stored prefill summaries every decoded token would silently get uniform gates.
-            raise ValueError("pooled routing with a KV cache needs init_cache(cfg, batch, max_len, lora_cfg)")
+    if cache is not None:  # a pooled-routing cache without its stored gates is refused by the module
         variables["cache"] = _split_cache(cache)
     if unrolled:
         # Per-layer variables {'0': ..., '1': ...} of modules.UnrolledLayers; the adapters (and

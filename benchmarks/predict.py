@@ -140,7 +140,8 @@ def bench(model: str, samples: list[int], users, repeats: int, max_length: int =
                          "max_new_tokens": predictor.sampling.max_new_tokens, "seconds": med, "first_s": first,
                          "users_per_s": len(users) / med, "posts_per_s": len(users) * k * w / med,
                          "compile_s": max(0.0, first - med), "shapes": shapes,
-                         "prompt_bucket": max(s[-2] + s[-1] for s in shapes)})  # shared prefix + prompt slots
+                         "prompt_bucket": max(s[-2] + s[-1] for s in shapes),  # shared prefix + prompt slots
+                         "decode_rows": max(s[0] * s[1] for s in shapes)})  # prompts x K of the largest call
             print(f"{model:8s} K={k} W={w}: {rows[-1]['users_per_s']:.2f} users/s "
                   f"({rows[-1]['posts_per_s']:.2f} posts/s), steady {med:.1f} s, first call {first:.1f} s "
                   f"(compile ~{rows[-1]['compile_s']:.0f} s)", flush=True)
@@ -334,8 +335,9 @@ class SideBySide:
         return [np.asarray(e["input_ids"])[:int(e["prompt_len"])] for e in ex]
 
     def batches(self, prompt_lens, k: int) -> list[list[int]]:
-        """The Predictor's batches (generation.sample_rows): users sorted by prompt length, batch_size // K a call."""
-        per_call = max(1, self.batch_size // k)
+        """The Predictor's batches (generation.sample_rows): users sorted by prompt length, batch_size a call
+        (generate's num_return_sequences = K makes K rows of each)."""
+        per_call = self.batch_size
         order = sorted(range(len(prompt_lens)), key=lambda i: (prompt_lens[i], i))
         return [order[s:s + per_call] for s in range(0, len(order), per_call)]
 
@@ -456,7 +458,7 @@ def render_side_by_side(rows: list[dict], meta: dict) -> str:
              "Predictor's prompts (the authors' template), float32 on both sides, a plain LoRA (r 8 on the "
              "preset's targets) exported with `--format peft` and loaded by stock `peft.PeftModel.from_pretrained` "
              "onto transformers' model of the same weights; `hf_base` is that model without the LoRA (the floor of "
-             "what the original costs). Same batches (users sorted by prompt length, batch_size // K users a call, "
+             "what the original costs). Same batches (users sorted by prompt length, batch_size users a call, "
              "left padding), max_new_tokens, temperature/top-k/top-p/repetition penalty and K posts per user "
              "(`num_return_sequences`). Engines alternate, a warm-up call each; steady = the median timed call "
              "(prompt building, sampling and decoding to text, for every engine); first answer = from the call's "
@@ -478,8 +480,8 @@ def render_side_by_side(rows: list[dict], meta: dict) -> str:
                  f"{r['roofline_s']:.2f}", f"{100 * r['roofline_fraction']:.1f}%", vs]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "`vs ours`: ours' users/s over the engine's (above 1: ours is faster). Prompt tokens per user "
-              f"(mean): {r0['prompt_tokens_mean']:.0f}; max new tokens {r0['max_new_tokens']}; batch rows "
-              f"{r0['batch_size']}. Engines: " + "; ".join(f"`{e}` = {ENGINE_NAMES[e]}" for e in ENGINES) + "."]
+              f"(mean): {r0['prompt_tokens_mean']:.0f}; max new tokens {r0['max_new_tokens']}; users (prompts) "
+              f"per call {r0['batch_size']}, K rows each. Engines: " + "; ".join(f"`{e}` = {ENGINE_NAMES[e]}" for e in ENGINES) + "."]
     same = [r for r in rows if "same_tokens_as_ours" in r]
     if same:
         lines += ["", "Greedy decoding, the reference check: " + "; ".join(
@@ -519,7 +521,7 @@ def render(rows: list[dict], meta: dict, baseline: dict | None = None) -> str:
             "first call (s)", "compile (s)"]
     if base:
         head += ["users/s before", "steady before (s)", "compile before (s)"]
-    head += ["prompt tokens (padded)", "new tokens (max)", "batch rows"]
+    head += ["prompt tokens (padded)", "new tokens (max)", "prompts per call (batch_size)", "decode rows (max)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cost = r.get("cost_vs_k1")
@@ -530,13 +532,14 @@ def render(rows: list[dict], meta: dict, baseline: dict | None = None) -> str:
             b = base.get((r["model"], r["samples"], r.get("wordings", 1)))
             cells += ["-", "-", "-"] if b is None else [f"{b['users_per_s']:.2f}", f"{b['seconds']:.1f}",
                                                         f"{b['compile_s']:.0f}"]
-        cells += [r["prompt_bucket"], r["max_new_tokens"], r["batch_size"]]
+        cells += [r["prompt_bucket"], r["max_new_tokens"], r["batch_size"], r.get("decode_rows", "-")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "`default` is the embedded quickstart model (random small-qwen2, prompts with five history "
               "posts, 64 new tokens); `smollm2` is SmolLM2-135M-Instruct from its GGUF with the `smollm2` "
               "preset's prompts (no history; SmolLM2 spends ~2 tokens per Chinese character) and 48 new tokens. "
-              "A user's K posts branch from one prefill of the prompt (`generation.sample_rows`: the KV cache "
-              "is repeated K times), and a call runs batch_size // K prompts, so about batch_size decode rows; "
+              "A user's K posts branch from one prefill of the prompt (`generation.sample_rows`: K decode rows "
+              "that read the prompt's KV cache once, `decoder.branch_cache`), and a call runs batch_size prompts "
+              "(K decode rows each, as `generate(num_return_sequences=K)` does); "
               "under W wordings a user's prompt up to the news is prefilled once and each wording continues "
               "from it (causal routing).",
               END]

@@ -68,8 +68,9 @@ def word_logprobs(params, adapters, prompt_ids, prompt_mask, word_ids, word_mask
     prompt_ids/prompt_mask [B, P] LEFT-padded (every row's last token in column P-1);
     word_ids/word_mask [K, C] RIGHT-padded, each word >= 1 token. The B prompts are prefilled
     into a KV cache once (`sampling.prefill`): the logits at their last token give every word's
-    first token. The cache is then repeated K times (`decoder.repeat_cache`, row b*K + k) and
-    the K words' tokens but their last run through it at their absolute positions; the logits
+    first token. The cache then branches into K rows per prompt (`decoder.branch_cache`, row
+    b*K + k, the prompt's slots stored and read once) and the K words' tokens but their last run
+    through it at their absolute positions; the logits
     there give the words' later tokens. So a prompt costs one pass and each word C-1 tokens,
     where a full forward per pair costs K passes over the prompt. Routing reads no spans (as
     `model_score_fn`'s full forward: every token is 'other'). Full-vocabulary softmax.
@@ -77,11 +78,11 @@ def word_logprobs(params, adapters, prompt_ids, prompt_mask, word_ids, word_mask
     b = prompt_ids.shape[0]
     k, c = word_ids.shape
     none = jnp.zeros((b,), jnp.int32)
-    pre = sampling.prefill(params, adapters, prompt_ids, prompt_mask, cfg, lora_cfg, (none, none), c - 1)
+    pre = sampling.prefill(params, adapters, prompt_ids, prompt_mask, cfg, lora_cfg, (none, none), 0)
     first = jax.nn.log_softmax(pre.logits.astype(jnp.float32), axis=-1)[:, word_ids[:, 0]]   # [B, K]
     if c == 1:
         return first
-    cache = decoder.repeat_cache(pre.cache, k, cfg, lora_cfg if adapters is not None else None)
+    cache = decoder.branch_cache(pre.cache, k, c - 1, cfg, lora_cfg if adapters is not None else None)
     ids, mask = jnp.tile(word_ids, (b, 1)), jnp.tile(word_mask, (b, 1))                     # [B*K, C]
     out = decoder.forward(params, ids[:, :-1], cfg, attention_mask=mask[:, :-1], adapters=adapters,
                           lora_cfg=lora_cfg, cache=cache)

@@ -157,8 +157,12 @@ def sample_rows(params, adapters, model_cfg: ModelConfig, lora_cfg: LoraConfig |
     Randomness: sample k of row i draws from fold_in(fold_in(PRNGKey(seed), row_ids[i]), k)
     (row_ids default to 0..N-1), so a sample is fixed by (seed, row id, k) whatever the batching.
 
-    Batching: groups of rows are sorted by prompt length and run max(1, batch_size // (K * R))
-    groups (so about batch_size decode rows; more when K * R > batch_size) per jitted call.
+    Batching: groups of rows are sorted by prompt length and run max(1, batch_size // R) groups
+    (so about batch_size prompts; more when R > batch_size) per jitted call. batch_size counts
+    prompts, as Hugging Face's `generate(num_return_sequences=K)` does: a call decodes K rows per
+    prompt, which share the prompt's cache (`sampling.generate`) and add only their own slots
+    (max_new_tokens each), so more rows per decode step cost little memory and, on every
+    backend, raise the step's arithmetic intensity.
     Shapes are bucketed so a process compiles a few programs: prompt and prefix lengths up to a
     multiple of LENGTH_BUCKET, groups per call up to a power of two (exactly that many with
     fixed_batch), filler rows discarded. on_batch(n) is called after each call with the number of
@@ -190,7 +194,7 @@ def sample_rows(params, adapters, model_cfg: ModelConfig, lora_cfg: LoraConfig |
     shapes = []
     prompt = [np.asarray(row["input_ids"])[:int(row["prompt_len"])] for row in rows]
     groups = [list(range(g * r, (g + 1) * r)) for g in range(n_rows // r)]
-    per_call = max(1, batch_size // (samples * r))
+    per_call = max(1, batch_size // r)
     order = sorted(range(len(groups)), key=lambda g: (max(len(prompt[i]) for i in groups[g]), g))
     for start in range(0, len(groups), per_call):
         chunk = order[start:start + per_call]

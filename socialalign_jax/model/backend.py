@@ -73,11 +73,12 @@ def attention_impl(cfg: ModelConfig, platform: str | None = None, *, train_seq_l
 
 
 def fuse_base(lc: LoraConfig, platform: str | None = None) -> str:
-    """lc.fuse_base with 'auto' resolved: 'always' on CPUs (XLA:CPU does not fuse the add of two
-    matmul outputs), 'never' on GPUs and TPUs (they fuse it themselves)."""
+    """lc.fuse_base with 'auto' resolved: 'by_size' on CPUs (XLA:CPU does not fuse the add of two
+    matmul outputs; fused where the saved delta outweighs the weight copy, `pac_lora._fuse_base`),
+    'never' on GPUs and TPUs (they fuse it themselves)."""
     if lc.fuse_base != "auto":
         return lc.fuse_base
-    return "always" if _platform(platform) == "cpu" else "never"
+    return "by_size" if _platform(platform) == "cpu" else "never"
 
 
 def layer_loop(scfg: Any, platform: str | None = None) -> str:

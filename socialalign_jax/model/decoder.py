@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from socialalign_jax.model import modules
+from socialalign_jax.model import modules, pac_lora
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import LoraConfig
 
@@ -85,17 +85,18 @@ def _to_dict(tree):
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig | None = None,
-               dtype=None) -> dict:
+               dtype=None, shared: tuple[int, int] = (0, 0)) -> dict:
     """An empty KV cache for `max_len` slots: the Decoder's `cache` collection, as one dict.
 
-    {k, v [L, B, T, Hkv, Dh] in dtype (default cfg.dtype), key_pos [B, T] (-1 = empty), index [],
+    {k, v [L, B, Hkv, T, Dh] in dtype (default cfg.dtype), key_pos [B, T] (-1 = empty), index [],
     next_pos / user_end / news_end [B]} (`modules.KVCache`), and with pooled routing
     'layers': {attn|mlp: {target: {pooled_a [L, B, Ea], pooled_b [L, B, Eb]}}}, the adapted maps'
-    own stored gate weights (uniform until a prefill writes them).
+    own stored gate weights (uniform until a prefill writes them). shared = (prompts, slots) with
+    slots > 0 adds a branched cache's shared block (shared_k, shared_v, shared_pos: `branch_cache`).
     """
     # The boxes' values, not nn.unbox: under a step's mesh Flax's unbox would also constrain every
     # leaf, without the divisibility fallback (modules.KVCache constrains k and v itself).
-    boxed = cache_boxed(cfg, batch, max_len, lora_cfg, dtype)
+    boxed = cache_boxed(cfg, batch, max_len, lora_cfg, dtype, shared)
     return jax.tree.map(lambda b: b.value if isinstance(b, nn.Partitioned) else b, boxed,
                         is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
@@ -104,21 +105,24 @@ def _pooled(lora_cfg: LoraConfig | None) -> bool:
     return lora_cfg is not None and lora_cfg.routing == "pooled" and bool(lora_cfg.targets)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _make_cache_jit(cfg, lora_cfg, batch, max_len, dtype):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _make_cache_jit(cfg, lora_cfg, batch, max_len, dtype, shared):
     # Pooled routing declares its stored gates by running the model once at init: jitted, XLA keeps
     # only the cache's (constant) values and drops the random parameters and the pass.
     dec = modules.Decoder(cfg, lora_cfg)
-    return dec.init({"params": jax.random.PRNGKey(0)}, batch, max_len, dtype, method=dec.make_cache)["cache"]
+    return dec.init({"params": jax.random.PRNGKey(0)}, batch, max_len, dtype, shared,
+                    method=dec.make_cache)["cache"]
 
 
-def cache_boxed(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig | None = None, dtype=None):
+def cache_boxed(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig | None = None, dtype=None,
+                shared: tuple[int, int] = (0, 0)):
     """The cache of `init_cache` with its `nn.LogicallyPartitioned` boxes (its declared logical axes)."""
+    shared = (int(shared[0]), int(shared[1]))
     if _pooled(lora_cfg):
-        coll = _make_cache_jit(cfg, lora_cfg, batch, max_len, dtype)
+        coll = _make_cache_jit(cfg, lora_cfg, batch, max_len, dtype, shared)
     else:  # the KV cache alone: no model pass
         dec = modules.Decoder(cfg)
-        coll = dec.init({}, batch, max_len, dtype, method=dec.make_cache)["cache"]
+        coll = dec.init({}, batch, max_len, dtype, shared, method=dec.make_cache)["cache"]
     return _join_cache(coll)
 
 
@@ -138,29 +142,64 @@ def _split_cache(cache: dict) -> dict:
     return coll
 
 
-def cache_axes(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig | None = None) -> dict:
+def cache_axes(cfg: ModelConfig, batch: int, max_len: int, lora_cfg: LoraConfig | None = None,
+               shared: tuple[int, int] = (0, 0)) -> dict:
     """Logical axes of every leaf of `init_cache`'s tree, as declared in `modules.KVCache`."""
-    boxed = jax.eval_shape(lambda: cache_boxed(cfg, batch, max_len, lora_cfg))
+    boxed = jax.eval_shape(lambda: cache_boxed(cfg, batch, max_len, lora_cfg, shared=shared))
     return jax.tree.map(lambda b: tuple(b.names), boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def repeat_cache(cache: dict, repeats: int, cfg: ModelConfig, lora_cfg: LoraConfig | None = None) -> dict:
     """Every row of a filled cache repeated `repeats` times: row b becomes rows b*repeats .. b*repeats+repeats-1.
 
-    Why: the K samples of one prompt share its prefill (`sampling.generate(samples=K)`); the
-    prompt is run once and the cache branches. Each leaf is repeated along the axis that
+    Why: the prompts under R wordings of one user share the head of their prompt
+    (`sampling.prefill(prefix=...)`); the head is run once and each prompt continues from a copy.
+    (The K samples of a prompt, which only decode, share one copy instead: `branch_cache`.) Each
+    leaf is repeated along the axis that
     `modules.KVCache` declares as 'batch' (k/v, slot positions, each row's next position and
     spans, pooled routing's stored gate weights), so a leaf added there later is repeated too;
     the shared write index has no batch axis and is kept. lora_cfg: as given to `init_cache`.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if "shared_k" in cache:
+        raise ValueError("repeat_cache: this cache is branched already (it has a shared block); branch the "
+                         "prompts' cache once, with all the rows it needs")
     if repeats == 1:
         return cache
     batch, max_len = cache["key_pos"].shape
     axes = cache_axes(cfg, batch, max_len, lora_cfg)
     return jax.tree.map(lambda x, ax: jnp.repeat(x, repeats, axis=ax.index("batch")) if "batch" in ax else x,
                         cache, axes)
+
+
+def branch_cache(cache: dict, repeats: int, extra: int, cfg: ModelConfig, lora_cfg: LoraConfig | None = None) -> dict:
+    """A filled cache of B prompts as the cache of B * repeats rows that share it: row b*repeats + j
+    reads prompt b's slots from the shared block and writes its own `extra` slots.
+
+    Why: the K samples of one prompt (`sampling.generate(samples=K)`) continue the same prompt.
+    Repeating its cache K times (`repeat_cache`) stores and, at every decode step, reads the
+    prompt's keys K times; branching stores them once and `layers.cached_attention` reads them
+    once per prompt for all K rows. The rows' own slots start empty (index 0); their next
+    positions, spans and pooled routing's stored gate weights are the prompt's, repeated, so each
+    row continues exactly as a row of the repeated cache would. The prompt cache's slots become
+    the shared block as they are (empty ones stay masked): prefill it with the slots it fills.
+    """
+    if repeats < 1 or extra < 1:
+        raise ValueError(f"branch_cache: repeats and extra must be >= 1, got {repeats} and {extra}")
+    if "shared_k" in cache:
+        raise ValueError("branch_cache: this cache is branched already; branch the prompts' cache once")
+    batch, slots = cache["key_pos"].shape
+    axes = cache_axes(cfg, batch, slots, lora_cfg)
+    rows = batch * repeats
+    out = init_cache(cfg, rows, extra, lora_cfg, dtype=cache["k"].dtype, shared=(batch, slots))
+    out.update(shared_k=cache["k"], shared_v=cache["v"], shared_pos=cache["key_pos"])
+    for name in ("next_pos", "user_end", "news_end"):
+        out[name] = jnp.repeat(cache[name], repeats, axis=0)
+    if "layers" in cache:  # pooled routing's stored gate weights, [L, B, E] per target
+        out["layers"] = jax.tree.map(lambda x, ax: jnp.repeat(x, repeats, axis=ax.index("batch")),
+                                     cache["layers"], axes["layers"])
+    return out
 
 
 _positions = modules._positions
@@ -192,7 +231,8 @@ def forward(params, input_ids, cfg: ModelConfig, *, attention_mask=None, positio
     """
     lc = lora_cfg if adapters is not None and lora_cfg is not None else None
     layer_params = params["layers"]
-    if not cfg.scan_layers and not isinstance(layer_params, (list, tuple)):
+    per_layer_cache = cache is not None and isinstance(cache["k"], tuple)  # `unstack_cache`: unrolled only
+    if (per_layer_cache or not cfg.scan_layers) and not isinstance(layer_params, (list, tuple)):
         layer_params = unstack_layers(params)["layers"]
     unrolled = isinstance(layer_params, (list, tuple))
     variables = {"params": dict(params)}
@@ -201,12 +241,15 @@ def forward(params, input_ids, cfg: ModelConfig, *, attention_mask=None, positio
     if cache is not None:  # a pooled-routing cache without its stored gates is refused by the module
         variables["cache"] = _split_cache(cache)
     if unrolled:
-        # Per-layer variables {'0': ..., '1': ...} of modules.UnrolledLayers; the adapters (and
-        # stored gates) are sliced here (inside the trace), as the base layers were by `unstack_layers`.
+        # Per-layer variables {'0': ..., '1': ...} of modules.UnrolledLayers; the adapters (unless
+        # `unstack_adapters` did it once) and stored gates are sliced here (inside the trace), as the
+        # base layers were by `unstack_layers`.
         variables["params"]["layers"] = {str(i): lp for i, lp in enumerate(layer_params)}
         for coll in ("lora", "cache"):
             if coll in variables and "layers" in variables[coll]:
-                variables[coll]["layers"] = _unstack(variables[coll]["layers"], len(layer_params))
+                tree = variables[coll]["layers"]
+                variables[coll]["layers"] = ({str(i): t for i, t in enumerate(tree)} if isinstance(tree, list)
+                                             else _unstack(tree, len(layer_params)))
     dec = model(cfg, lc, deterministic=deterministic, unrolled=unrolled,
                 remat_unrolled=cfg.remat and cache is None)
     mutable = ["intermediates"] if lc is not None and lc.targets else []
@@ -262,6 +305,42 @@ def unstack_layers(params: dict) -> dict:
     """
     n = jax.tree.leaves(params["layers"])[0].shape[0]
     return dict(params, layers=[jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(n)])
+
+
+def unstack_adapters(adapters: dict | None, lora_cfg: LoraConfig | None) -> dict | None:
+    """adapters with 'layers' as a list of per-layer trees in their decode form (`pac_lora.decode_form`):
+    what the unrolled layers read without slicing or rebuilding anything.
+
+    Do it once, outside the decode loop (`sampling.generate` does with the unrolled layers), as
+    `unstack_layers` does for the base weights: sliced and prepared inside the loop, every
+    adapted map's variables would be copied at every generated token.
+    """
+    if adapters is None or lora_cfg is None or "layers" not in adapters or isinstance(adapters["layers"], list):
+        return adapters
+    n = jax.tree.leaves(adapters["layers"])[0].shape[0]
+    return dict(adapters, layers=[pac_lora.decode_form(jax.tree.map(lambda a, i=i: a[i], adapters["layers"]),
+                                                       lora_cfg) for i in range(n)])
+
+
+_PER_LAYER_CACHE = ("k", "v", "shared_k", "shared_v")
+
+
+def unstack_cache(cache: dict) -> dict:
+    """The cache with its k/v (and shared block) as tuples of per-layer buffers: the form the
+    unrolled layers (`unstack_layers`) write in place and read without copying.
+
+    Do it once, outside the decode loop (`sampling.generate` does with the unrolled layers): a
+    layer's slice of the stacked [L, ...] cache is a copy, which at every decode step would copy
+    the whole cache. `stack_cache` is the inverse.
+    """
+    return {name: tuple(x) if name in _PER_LAYER_CACHE and not isinstance(x, tuple) else x
+            for name, x in cache.items()}
+
+
+def stack_cache(cache: dict) -> dict:
+    """The inverse of `unstack_cache`: k/v (and the shared block) stacked [L, ...] again."""
+    return {name: jnp.stack(x) if name in _PER_LAYER_CACHE and isinstance(x, tuple) else x
+            for name, x in cache.items()}
 
 
 def lm_logits(params, hidden, cfg: ModelConfig):

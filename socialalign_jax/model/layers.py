@@ -62,3 +62,53 @@ def attention(q, k, v, q_pos, k_pos, impl: str = "einsum"):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
     return rearrange(out, "b s k g d -> b s (k g) d")
+
+
+def cached_attention(q, k, v, q_pos, k_pos, shared=None, impl: str = "einsum"):
+    """Attention over a KV cache in its heads-major layout, with an optional shared block of keys.
+
+    q [N, S, Hq, Dh]; k, v [N, Hkv, T, Dh] (the cache's layout: for each (row, kv head) the slots
+    are contiguous, so the score and value contractions read the cache as it lies; in the
+    [N, T, Hkv, Dh] layout XLA:CPU transposes a layer's whole slice of the cache for every decode
+    step, which cost more than the rest of SmolLM2's step at 464 slots); q_pos [N, S]; k_pos
+    [N, T] (-1 = empty or padding).
+
+    shared: None, or (k_s, v_s [B, Hkv, Ts, Dh], pos_s [B, Ts]): keys every run of R = N // B
+    consecutive rows attends to besides its own (rows b*R .. b*R+R-1 share block b: the K samples
+    of one prompt, whose prompt is cached once, `decoder.branch_cache`). The shared keys are read
+    once per prompt for all R rows (one [R*G*S, Dh] x [Dh, Ts] matmul per (prompt, kv head))
+    instead of once per row. The softmax runs over the shared and own keys together, so the
+    result is that of `attention` over the concatenated keys, up to rounding.
+
+    impl: 'einsum' here; 'xla' / 'cudnn' (`attention`'s fused paths, [N, T, Hkv, Dh] layout) for a
+    chunk of several tokens without a shared block, e.g. a prefill into the cache. A decode step
+    (S = 1) always takes the einsum: one query row gains nothing from a fused kernel and the
+    layout change would copy the cache. Returns [N, S, Hq, Dh].
+    """
+    n, s, hq, dh = q.shape
+    hkv = k.shape[1]
+    if shared is None and impl != "einsum" and s > 1:
+        return attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), q_pos, k_pos, impl=impl)
+    scale = 1.0 / jnp.sqrt(jnp.float32(dh))
+
+    def bias(pos):  # [N, T] slot positions -> [N, 1, 1, S, T] additive mask (see `attention`)
+        allowed = (pos[:, None, :] >= 0) & (pos[:, None, :] <= q_pos[:, :, None])
+        return jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)[:, None, None]
+
+    qg = rearrange(q, "n s (k g) d -> n k g s d", k=hkv)
+    scores = [jnp.einsum("nkgsd,nktd->nkgst", qg, k, preferred_element_type=jnp.float32) * scale + bias(k_pos)]
+    if shared is not None:
+        k_s, v_s, pos_s = shared
+        r = n // k_s.shape[0]
+        qs = rearrange(q, "(b r) s (k g) d -> b k (r g s) d", r=r, k=hkv)
+        sc = jnp.einsum("bkmd,bktd->bkmt", qs, k_s, preferred_element_type=jnp.float32)  # m = (r g s)
+        sc = rearrange(sc, "b k (r g s) t -> (b r) k g s t", r=r, s=s)
+        scores.insert(0, sc * scale + bias(jnp.repeat(pos_s, r, axis=0)))
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(v.dtype)  # [N, Hkv, G, S, Ts + T]
+    t_own = k.shape[2]
+    out = jnp.einsum("nkgst,nktd->nskgd", probs[..., -t_own:], v)
+    if shared is not None:
+        ps = rearrange(probs[..., :-t_own], "(b r) k g s t -> b k (r g s) t", r=r)
+        os_ = jnp.einsum("bkmt,bktd->bkmd", ps, v_s)
+        out = out + rearrange(os_, "b k (r g s) d -> (b r) s k g d", r=r, s=s).astype(out.dtype)
+    return rearrange(out, "n s k g d -> n s (k g) d")

@@ -26,13 +26,16 @@ only declare parameters and wire them. An adapted linear map is adapted exactly 
           statistics (per-segment sums, `pac_lora.gate_stats`) under its own path as
           `GATE_STATS`, stacked on L by the scan (flax gemma's sow pattern); applied with
           mutable=['intermediates'] only where they are read (train and eval steps, prefill).
-  cache   the KV cache of incremental decoding (`KVCache`): k, v [L, B, T, Hkv, Dh] with the
-          absolute position of every slot, the write index, each row's next position and prompt
-          spans; with pooled routing each adapted map also keeps the prefill's gate weights as
-          its own `cache` variables (pooled_a, pooled_b; stacked on L by the scan). Declared with
-          their logical axes like any parameter; `Decoder.__call__(use_cache=True)` reads it,
-          runs the layers with the stacked k/v in the scan's carry (each layer writes its chunk
-          in place), and writes it back, so `apply(..., mutable=['cache'])` returns the update.
+  cache   the KV cache of incremental decoding (`KVCache`): k, v [L, B, Hkv, T, Dh] (heads
+          before slots: `layers.cached_attention`) with the absolute position of every slot,
+          the write index, each row's next position and prompt spans; a branched cache
+          (`decoder.branch_cache`) also holds its prompts' slots once, as a shared block; with
+          pooled routing each adapted map also keeps the prefill's gate weights as its own
+          `cache` variables (pooled_a, pooled_b; stacked on L by the scan). Declared with their
+          logical axes like any parameter; `Decoder.__call__(use_cache=True)` reads it, runs
+          the layers with the k/v in the layers' carry (each layer writes its chunk in place;
+          stacked for the scan, per layer for the unrolled loop: `decoder.unstack_cache`), and
+          writes it back, so `apply(..., mutable=['cache'])` returns the update.
 """
 
 from __future__ import annotations
@@ -57,13 +60,15 @@ from socialalign_jax.parallel import sharding
 _B, _S = "activation_batch", "activation_length"
 ACT = (_B, _S, "activation_embed")  # residual stream [B, S, D]
 ACT_HEADS = (_B, _S, "activation_heads", None)  # q, attention output [B, S, H, Dh]
-ACT_KV = (_B, _S, "activation_kv_heads", None)  # k, v, and a layer's slice of the cache [B, S|T, Hkv, Dh]
+ACT_KV = (_B, _S, "activation_kv_heads", None)  # k, v [B, S, Hkv, Dh]
+ACT_KV_CACHED = (_B, "activation_kv_heads", _S, None)  # a layer's slice of the cache [B, Hkv, T, Dh]
 ACT_MLP = (_B, _S, "activation_mlp")  # gate, up [B, S, F]
 ACT_VOCAB = (_B, _S, "activation_vocab")  # logits [B, S, V]
-# The KV cache's k, v [L, B, T, Hkv, Dh]: rows and slots are data ('batch', 'length', like the
-# cache's other per-row entries); the heads follow their own rule, which defaults to the k/v
-# activations' layout, so a layer's slice needs no resharding.
-CACHE_KV = ("layers", "batch", "length", "cache_kv_heads", None)
+# The KV cache's k, v [L, B, Hkv, T, Dh], heads before slots (`layers.cached_attention` reads a
+# layer's slice as it lies): rows and slots are data ('batch', 'length', like the cache's other
+# per-row entries); the heads follow their own rule, which defaults to the k/v activations'
+# layout, so a layer's slice needs no resharding.
+CACHE_KV = ("layers", "batch", "cache_kv_heads", "length", None)
 constrain = sharding.logical_constraint
 
 REMAT_POLICIES = {
@@ -234,6 +239,8 @@ class AdaptedLinear(nn.Module):
                 "gate_a": Gate(self.d_in, g, ea, a_in, name="gate_a")(),
                 "gate_b": Gate(self.d_in, g, eb, a_in, name="gate_b")(),
             }
+            if self.has_variable("lora", "proj"):  # made once before a decode loop (`pac_lora.decode_form`)
+                adapter["proj"] = self.get_variable("lora", "proj")
         stored = None
         if adapter is not None and lc.routing == "pooled" and route.get("cached", False):
             stored = self._stored_gates(x.shape[0])
@@ -308,8 +315,10 @@ def attend(cfg: ModelConfig, q, k, v, q_pos, k_pos):
 class Attention(_Adapted):
     """Grouped-query attention with RoPE over absolute positions; q/k/v/o adaptable (q/k/v biased in Qwen2).
 
-    kv: None, or the stacked cache (k, v) [L, B, T, Hkv, Dh] into which layer i writes this
-    chunk at slot ctx['index'] before attending over all of its slots.
+    kv: None, or the stacked cache (k, v) [L, B, Hkv, T, Dh] into which layer i writes this
+    chunk at slot ctx['index'] before attending over all of its slots, and over layer i of the
+    cache's shared block when it has one (ctx['shared_k'], ctx['shared_v'], ctx['shared_pos']:
+    a branched cache, `decoder.branch_cache`).
     Returns (out [B, S, D], kv).
     """
 
@@ -324,12 +333,27 @@ class Attention(_Adapted):
         k = layers.apply_rope(k, ctx["cos"], ctx["sin"])
         if kv is not None:
             index = ctx["index"]
-            k_c = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype)[None], (i, 0, index, 0, 0))
-            v_c = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype)[None], (i, 0, index, 0, 0))
-            k_all = constrain(jax.lax.dynamic_index_in_dim(k_c, i, 0, keepdims=False), ACT_KV)  # [B, T, Hkv, Dh]
-            v_all = constrain(jax.lax.dynamic_index_in_dim(v_c, i, 0, keepdims=False), ACT_KV)
-            kv = (k_c, v_c)
-            attn = attend(cfg, q, k_all.astype(q.dtype), v_all.astype(q.dtype), ctx["q_pos"], ctx["k_pos"])
+
+            # The cache's k/v are stacked [L, B, Hkv, T, Dh], or (unrolled layers, i a Python int) a
+            # tuple of L per-layer buffers (`decoder.unstack_cache`): written in place and read as
+            # they lie, where a slice of the stack is a copy of the layer's whole cache per step.
+            def write(stack, x):  # chunk [B, S, Hkv, Dh] into layer i's slots index..
+                x = rearrange(x, "b s h d -> b h s d")
+                if isinstance(stack, tuple):
+                    new = jax.lax.dynamic_update_slice(stack[i], x.astype(stack[i].dtype), (0, 0, index, 0))
+                    return stack[:i] + (new,) + stack[i + 1:]
+                return jax.lax.dynamic_update_slice(stack, x.astype(stack.dtype)[None], (i, 0, 0, index, 0))
+
+            def layer(stack):  # layer i's [B, Hkv, T, Dh], in the compute dtype
+                x = stack[i] if isinstance(stack, tuple) else jax.lax.dynamic_index_in_dim(stack, i, 0, keepdims=False)
+                return constrain(x, ACT_KV_CACHED).astype(q.dtype)
+
+            kv = (write(kv[0], k), write(kv[1], v))
+            shared = None
+            if "shared_k" in ctx:
+                shared = (layer(ctx["shared_k"]), layer(ctx["shared_v"]), ctx["shared_pos"])
+            attn = layers.cached_attention(q, layer(kv[0]), layer(kv[1]), ctx["q_pos"], ctx["k_pos"], shared,
+                                           impl=backend.attention_impl(cfg))
         else:
             attn = attend(cfg, q, k, v, ctx["q_pos"], ctx["k_pos"])
         attn = constrain(attn, ACT_HEADS)
@@ -400,7 +424,7 @@ class UnrolledLayers(nn.Module):
             block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat_policy])
         for i in range(self.cfg.num_layers):
             carry, _ = block(self.cfg, self.lc, self.deterministic, name=str(i))(
-                carry, (None if rngs is None else rngs[i], jnp.int32(i)), ctx)
+                carry, (None if rngs is None else rngs[i], i), ctx)
         return carry, None
 
 
@@ -443,15 +467,26 @@ class KVCache(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, batch: int = 0, max_len: int = 0, dtype=None):
+    def __call__(self, batch: int = 0, max_len: int = 0, dtype=None, shared: tuple[int, int] = (0, 0)):
         cfg = self.cfg
         dt = as_dtype(dtype or cfg.dtype)
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        zeros_kv = lambda: constrain(jnp.zeros(shape, dt), CACHE_KV)  # noqa: E731
+
+        def zeros_kv(rows, slots):
+            return lambda: constrain(jnp.zeros((cfg.num_layers, rows, cfg.num_kv_heads, slots, cfg.head_dim), dt),
+                                     CACHE_KV)
+
         per_row = lambda: jnp.zeros((batch,), jnp.int32)  # noqa: E731
-        out = {
-            "k": _cache_var(self, "k", zeros_kv, CACHE_KV),
-            "v": _cache_var(self, "v", zeros_kv, CACHE_KV),
+        out = {}
+        # A branched cache (`decoder.branch_cache`): B prompts' filled slots, read by each of their
+        # N // B rows (shared[0] = B prompts, shared[1] = Ts slots), beside the rows' own slots.
+        if shared[1] or self.has_variable("cache", "shared_k"):
+            out["shared_k"] = _cache_var(self, "shared_k", zeros_kv(*shared), CACHE_KV)
+            out["shared_v"] = _cache_var(self, "shared_v", zeros_kv(*shared), CACHE_KV)
+            out["shared_pos"] = _cache_var(self, "shared_pos", lambda: jnp.full(shared, -1, jnp.int32),
+                                           ("batch", None))
+        out |= {
+            "k": _cache_var(self, "k", zeros_kv(batch, max_len), CACHE_KV),
+            "v": _cache_var(self, "v", zeros_kv(batch, max_len), CACHE_KV),
             "key_pos": _cache_var(self, "key_pos", lambda: jnp.full((batch, max_len), -1, jnp.int32),
                                   ("batch", None)),
             "index": _cache_var(self, "index", lambda: jnp.zeros((), jnp.int32), ()),
@@ -494,14 +529,15 @@ class Decoder(nn.Module):
             self.head = SentimentHead(cfg.hidden_size, self.lc.num_classes)
         self.kv = KVCache(cfg)
 
-    def make_cache(self, batch: int, max_len: int, dtype=None):
-        """Declare the `cache` collection for `batch` rows of `max_len` slots (init only).
+    def make_cache(self, batch: int, max_len: int, dtype=None, shared: tuple[int, int] = (0, 0)):
+        """Declare the `cache` collection for `batch` rows of `max_len` slots (init only), and a
+        shared block of shared[0] prompts x shared[1] slots when shared[1] > 0 (`decoder.branch_cache`).
 
         With pooled routing the adapted maps declare their stored gate weights themselves, where
         they are used: the model runs once over one token per row (an init: nothing is written;
         `decoder.init_cache` jits it, so only the cache's values are computed).
         """
-        self.kv(batch, max_len, dtype)
+        self.kv(batch, max_len, dtype, tuple(shared))
         if self.lc is not None and self.lc.routing == "pooled" and self.lc.targets:
             self(jnp.zeros((batch, 1), jnp.int32), use_cache=True, logits_at=None)
 
@@ -566,14 +602,17 @@ class Decoder(nn.Module):
             ctx["k_pos"] = jax.lax.dynamic_update_slice(cache["key_pos"], new_pos, (0, index))
             ctx["index"] = index
             kv = (cache["k"], cache["v"])
+            if "shared_k" in cache:  # a branched cache: every layer also reads its block of shared slots
+                ctx.update(shared_k=cache["shared_k"], shared_v=cache["shared_v"], shared_pos=cache["shared_pos"])
         else:
             index = None
             ctx["k_pos"] = new_pos
             kv = None
 
         if lc is not None and lc.routing == "pooled" and lc.targets and cache is not None:
-            # Prefill (slot index 0) computes the span summaries; later chunks reuse what prefill stored.
-            ctx["use_stored"] = index > 0
+            # Prefill (slot index 0) computes the span summaries; later chunks reuse what prefill stored
+            # (so does every chunk into a branched cache: its prompt was prefilled before it branched).
+            ctx["use_stored"] = (index > 0) | ("shared_k" in cache)
         layer_rngs = None
         if lc is not None and not self.deterministic and lc.dropout > 0.0:
             if rng is None:

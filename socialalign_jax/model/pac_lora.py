@@ -51,7 +51,9 @@ class LoraConfig:
     targets: tuple[str, ...] = ALL_TARGETS  # on the command line comma-separated; '' trains only the sentiment head
     routing: str = "token"  # token | pooled | uniform_a | uniform_b | uniform
     num_classes: int = 3
-    fuse_base: str = "auto"  # [x | u] @ [W0; B] as one matmul: 'auto' (on CPUs) | 'always' | 'never' (docs/pac_lora.md)
+    # [x | u] @ [W0; B] as one matmul: 'auto' ('by_size' on CPUs, else 'never') | 'by_size' (where the
+    # [B, S, d_out] delta it saves outweighs copying the weight) | 'always' | 'never' (docs/pac_lora.md)
+    fuse_base: str = "auto"
 
     def __post_init__(self):
         if self.routing not in ROUTING_MODES:
@@ -59,8 +61,8 @@ class LoraConfig:
         bad = [t for t in self.targets if t not in MODULE_BLOCK]
         if bad:
             raise ValueError(f"unknown adapter targets {bad}; known: {ALL_TARGETS}")
-        if self.fuse_base not in ("auto", "always", "never"):
-            raise ValueError(f"fuse_base must be 'auto', 'always' or 'never', got {self.fuse_base!r}")
+        if self.fuse_base not in ("auto", "by_size", "always", "never"):
+            raise ValueError(f"fuse_base must be 'auto', 'by_size', 'always' or 'never', got {self.fuse_base!r}")
         if min(self.num_analyze, self.num_compose, self.rank) < 1:
             raise ValueError("num_analyze, num_compose and rank must be >= 1")
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -159,6 +161,34 @@ def mix_experts(z, ga, gb, lc: LoraConfig):
     return rearrange(u, "... eb r -> ... (eb r)", eb=eb)
 
 
+def projection(adapter: dict, lc: LoraConfig, dt=None):
+    """[A_cat | gate_a.w1 | gate_b.w1] [d_in, Ea*r (+ G) (+ G)]: the experts' and the gates' first
+    layers as one matrix, so x' is read once (`adapted_linear`)."""
+    dt = dt or adapter["A"].dtype
+    cols = [_a_cat(adapter["A"], dt)]
+    if lc.gated_a:
+        cols.append(adapter["gate_a"]["w1"].astype(dt))
+    if lc.gated_b:
+        cols.append(adapter["gate_b"]["w1"].astype(dt))
+    return jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0]
+
+
+def decode_form(layer_adapters, lc: LoraConfig):
+    """One layer's adapters with each map's `projection` made once, as 'proj' beside its A and gates.
+
+    Why: `adapted_linear` would otherwise build the matrix (a transposing copy of A and a
+    concatenation) at every call; in a decode loop that is every adapted map at every generated
+    token, which on the CPU cost more than the map's matmuls. Made once before the loop
+    (`decoder.unstack_adapters`), it is read as it lies. Only what `adapted_linear` reads changes.
+    """
+    def walk(tree):
+        if "A" in tree:
+            return dict(tree, proj=projection(tree, lc))
+        return {k: walk(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+    return walk(layer_adapters)
+
+
 def _a_cat(a, dt):
     """A [Ea, d_in, r] -> [d_in, Ea*r] (expert-major columns)."""
     return rearrange(a, "ea d r -> d (ea r)").astype(dt)
@@ -197,12 +227,19 @@ def _base_plus_lora_bwd(res, dy):
 base_plus_lora.defvjp(_base_plus_lora_fwd, _base_plus_lora_bwd)
 
 
-def _fuse_base(lc: LoraConfig) -> bool:
-    """Whether to compute [x | u] @ [W0; B] as one matmul. lc.fuse_base is resolved on the host for
-    the devices a step is built for (`backend.resolve_for_platform`: fused on CPUs only, as GPU and
-    TPU fuse the add into the matmul themselves); an 'auto' that reaches here unresolved takes the
-    choice for the default devices."""
-    return backend.fuse_base(lc) == "always"
+def _fuse_base(lc: LoraConfig, rows: int, d_in: int, k: int) -> bool:
+    """Whether to compute [x | u] @ [W0; B] ([d_in + k, d_out]) as one matmul for `rows` = B * S tokens.
+
+    lc.fuse_base is resolved on the host for the devices a step is built for
+    (`backend.resolve_for_platform`: 'by_size' on CPUs, 'never' on GPUs and TPUs, which fuse the
+    add into the matmul themselves); an 'auto' that reaches here unresolved takes the choice for
+    the default devices. 'by_size' fuses where the [rows, d_out] delta written and read back
+    (2 * rows) outweighs the weight copy (d_in + k): a prefill or a training step, not a decode
+    step of a few rows, where the copy (every base weight at every generated token) cost more
+    than the step's matmuls.
+    """
+    mode = backend.fuse_base(lc)
+    return mode == "always" or (mode == "by_size" and 2 * rows > d_in + k)
 
 
 def dropout(x, rate: float, rng):
@@ -284,13 +321,10 @@ def adapted_linear(x, base: dict, adapter: dict | None, lc: LoraConfig | None, r
     xd = x
     if lc.dropout > 0.0 and not route["deterministic"]:
         xd = dropout(x, lc.dropout, rng)
-    # One read of x' for the experts and both gates' first layers.
-    cols = [_a_cat(adapter["A"], dt)]
-    if lc.gated_a:
-        cols.append(adapter["gate_a"]["w1"].astype(dt))
-    if lc.gated_b:
-        cols.append(adapter["gate_b"]["w1"].astype(dt))
-    proj = jnp.einsum("bsd,dk->bsk", xd, jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0])
+    # One read of x' for the experts and both gates' first layers ([A_cat | w1_a | w1_b], or the
+    # same matrix made once before a decode loop: `decode_form`).
+    w_proj = adapter["proj"].astype(dt) if "proj" in adapter else projection(adapter, lc, dt)
+    proj = jnp.einsum("bsd,dk->bsk", xd, w_proj)
     k = lc.num_analyze * lc.rank
     g = lc.gate_width
     z = proj[..., :k]
@@ -300,7 +334,7 @@ def adapted_linear(x, base: dict, adapter: dict | None, lc: LoraConfig | None, r
                                          route.get("use_stored", False), pre=(pre_a, pre_b))
     u = mix_experts(z, ga, gb, lc)  # [B, S, Eb*r], scale included
     b_cat = _b_cat(adapter["B"], dt)
-    if _fuse_base(lc):
+    if _fuse_base(lc, x.shape[0] * x.shape[1], w.shape[0], b_cat.shape[0]):
         y = base_plus_lora(x, u, w, b_cat)
     else:
         y = jnp.einsum("bsd,de->bse", x, w) + jnp.einsum("bsk,ke->bse", u, b_cat)

@@ -10,8 +10,9 @@ token of every row is read from the same column and new tokens are appended in l
 Positions come from the mask (real tokens count from 0), so `spans` are absolute positions in
 the unpadded prompt and routing matches a full forward over the unpadded sequence.
 
-K samples per prompt (`samples=K`) branch from one prefill: the cache is repeated K times
-(`decoder.repeat_cache`) before the decode loop, so K posts cost one prompt pass.
+K samples per prompt (`samples=K`) branch from one prefill: the prompts' cache becomes the
+shared block of the K rows' cache (`decoder.branch_cache`), so K posts cost one prompt pass and
+each decode step reads a prompt's keys once for its K rows.
 
 Logit processing follows Hugging Face's order: repetition penalty, then temperature, top-k
 and top-p. Greedy mode applies the repetition penalty too (as HF does) and then argmax.
@@ -276,11 +277,12 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
     be None (base model). Returns tokens, lengths [B*K, ...] (row b*K + k is sample k of prompt
     b), last_hidden [B, D] and the sentiment head's logits [B, C] (None without a head).
 
-    The K samples of a prompt branch from ONE prefill: the prompts are run once, then the cache
-    (`decoder.repeat_cache`: k/v, positions, spans, pooled routing's stored gate weights), the
-    first logits and the seen-token mask are repeated K times before the decode loop. A row's
-    tokens are therefore those of a run on the prompt repeated K times, with a K-th of the
-    prefill's work.
+    The K samples of a prompt branch from ONE prefill: the prompts are run once and their cache
+    becomes the shared block of a branched cache (`decoder.branch_cache`: each of the B*K rows
+    reads its prompt's slots there and decodes into slots of its own; positions, spans and pooled
+    routing's stored gate weights repeated), the first logits and the seen-token mask are repeated
+    K times. A row's tokens are therefore those of a run on the prompt repeated K times, with a
+    K-th of the prefill's work and of the prompt's cache reads per decode step.
 
     rng (unused when greedy): one PRNG key, drawn from once per step for the whole batch (so a
     row's samples depend on the batch it is in), or one key per output row [B*K] (typed keys, or
@@ -299,9 +301,10 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
     if per_row and rng.shape[0] != rows:
         raise ValueError(f"per-row keys: expected {rows} (prompts {b} x samples {samples}), got {rng.shape[0]}")
     cache_lc = lora_cfg if adapters is not None else None
-    pre = prefill(params, adapters, prompt_ids, prompt_mask, cfg, lora_cfg, spans, max_new, prefix)
-    # Branch: B prompts -> B*K rows (row b*K + k), the prefill's cache and first logits shared.
-    cache = decoder.repeat_cache(pre.cache, samples, cfg, cache_lc)
+    pre = prefill(params, adapters, prompt_ids, prompt_mask, cfg, lora_cfg, spans, 0, prefix)
+    # Branch: B prompts -> B*K rows (row b*K + k). The prompts' cache becomes a block every row of
+    # its prompt reads (stored and read once per prompt); each row decodes into its own max_new slots.
+    cache = decoder.branch_cache(pre.cache, samples, max_new, cfg, cache_lc)
     logits = jnp.repeat(pre.logits, samples, axis=0)  # [B*K, V]
     seen = jnp.repeat(pre.seen, samples, axis=0)
     stops = jnp.asarray(scfg.stop_tokens or (-1,), jnp.int32)
@@ -310,6 +313,10 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
     # a scan would copy every layer's weights out of the stack for every generated token.
     unrolled = use_layer_loop(scfg)
     step_params = decoder.unstack_layers(params) if unrolled else params
+    step_adapters = adapters
+    if unrolled:  # and the adapters and the cache's k/v per layer, read (and written) without copies
+        step_adapters = decoder.unstack_adapters(adapters, lora_cfg)
+        cache = decoder.unstack_cache(cache)
     state = dict(step=jnp.zeros((), jnp.int32), cache=cache, logits=logits, seen=seen,
                  tokens=jnp.full((rows, max_new), scfg.pad_id, jnp.int32),
                  done=jnp.zeros((rows,), bool), lengths=jnp.zeros((rows,), jnp.int32))
@@ -330,7 +337,7 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
         done = s["done"] | jnp.isin(tok, stops)
         seen = s["seen"].at[jnp.arange(rows), tok].set(True)
         # Finished rows keep decoding (lockstep) but their output is padding.
-        step_out = decoder.forward(step_params, tok[:, None], cfg, adapters=adapters, lora_cfg=lora_cfg,
+        step_out = decoder.forward(step_params, tok[:, None], cfg, adapters=step_adapters, lora_cfg=lora_cfg,
                                    cache=s["cache"], logits_at="last")
         return dict(step=s["step"] + 1, cache=step_out.cache, logits=step_out.logits[:, 0], seen=seen,
                     tokens=tokens, done=done, lengths=s["lengths"] + live.astype(jnp.int32))

@@ -55,7 +55,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("gate", None),
     ("classes", None),
     ("norm", None),
-    # the KV cache's heads (k, v [L, B, T, Hkv, Dh]): as the k/v activations written into it
+    # the KV cache's heads (k, v [L, B, Hkv, T, Dh]): as the k/v activations written into it
     ("cache_kv_heads", "tensor"),
 )
 

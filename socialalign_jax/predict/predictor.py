@@ -10,8 +10,9 @@ does for a test split.
 Speed: every (wording, user) prompt is prefilled once and its K samples branch from that
 prefill (`generation.sample_rows`); with causal (token) routing a user's wordings also prefill
 their common head once. Prompts are sorted by length and cut into batches of about
-`batch_size` decode rows whose shape is bucketed (users: a power of two up to
-batch_size // (K * wordings); lengths: a multiple of 32), so a prediction compiles at most a
+`batch_size` prompts (each prompt's K samples decode as K rows sharing its cache) whose shape is
+bucketed (users: a power of two up to batch_size // wordings; lengths: a multiple of 32), so a
+prediction compiles at most a
 few shapes and a long-lived process (the web server, a notebook) compiles each shape once:
 the jitted sampler takes params and adapters as arguments and keeps the sampling settings
 fixed (the request's seed only changes the PRNG key, never a static argument). One prediction

@@ -144,7 +144,8 @@ class DistributedSection:
 class SampleSection(SamplingConfig):
     """config.sample (launch/generate.py, generation at the end of training, the predictor): the
     sampler's own config, whose stop tokens and pad id are the tokenizer's, set where a run generates
-    (inference.generation.sampling_config), plus the rows per generate call."""
+    (inference.generation.sampling_config), plus the prompts per generate call (each prompt's K
+    samples decode as K rows that share its KV cache: `inference.generation.sample_rows`)."""
     batch_size: int = 16
 
 

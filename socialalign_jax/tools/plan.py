@@ -227,8 +227,10 @@ def plan_decode(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, mesh: Mesh,
                 max_new_tokens: int, *, compile_step: bool = True, rules=None) -> MemoryPlan:
     """Plan of `sampling.generate` (prefill + the whole greedy decode loop, one program) on `mesh`.
 
-    lora_cfg None: the base model (no adapters). The KV cache holds prompt_len + max_new_tokens
-    slots; its per-device bytes are exact from its sharding.
+    lora_cfg None: the base model (no adapters). The KV cache is generate's (one sample per
+    prompt): the prompts' prompt_len slots as the shared block of a branched cache, each row's
+    max_new_tokens slots beside it (`decoder.branch_cache`); its per-device bytes are exact from
+    its sharding.
     """
     sharding.check_batch_divisible(batch, mesh, rules)
     params = abstract_params(model_cfg)
@@ -237,9 +239,10 @@ def plan_decode(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, mesh: Mesh,
     if lora_cfg is not None:
         adapters = jax.eval_shape(lambda: decoder.init_adapters(jax.random.PRNGKey(0), model_cfg, lora_cfg))
         ad_sh = model_axes.shardings(adapters, mesh, rules, strict=False)
-    slots = prompt_len + max_new_tokens
-    cache = jax.eval_shape(lambda: decoder.init_cache(model_cfg, batch, slots, lora_cfg))
-    cache_sh = sharding.shardings_for(cache, decoder.cache_axes(model_cfg, batch, slots, lora_cfg), mesh, rules)
+    shared = (batch, prompt_len)
+    cache = jax.eval_shape(lambda: decoder.init_cache(model_cfg, batch, max_new_tokens, lora_cfg, shared=shared))
+    cache_sh = sharding.shardings_for(cache, decoder.cache_axes(model_cfg, batch, max_new_tokens, lora_cfg, shared),
+                                      mesh, rules)
     bsh = sharding.batch_sharding(mesh, rules)
     repl = NamedSharding(mesh, P())
     prompt = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=bsh)

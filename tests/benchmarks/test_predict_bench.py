@@ -51,7 +51,7 @@ def test_bench_predicts_under_each_wording_and_states_cost_against_one_post_one_
             self.compiled_shapes = set()
 
         def predict(self, news, users, *, samples, seed, variants):
-            self.compiled_shapes.add((16, 0, 64))  # (rows, shared prefix, prompt slots)
+            self.compiled_shapes.add((16, samples, 0, 64))  # (prompts, K, shared prefix, prompt slots)
             calls.append((news, samples, tuple(variants)))
             clock[0] += samples * (1 + len(variants))  # a call "takes" K x W seconds
 
@@ -62,6 +62,7 @@ def test_bench_predicts_under_each_wording_and_states_cost_against_one_post_one_
     assert {c[2] for c in calls} == {(), (mod.WORDINGS[1],)} and all(c[0] == mod.NEWS for c in calls)
     assert [r["cost_vs_k1"] for r in rows] == [1.0, 2.0, 4.0, 8.0]
     assert rows[3]["posts_per_s"] == 8 * 4 * 2 / 8.0 and rows[3]["users_per_s"] == 1.0
+    assert [r["decode_rows"] for r in rows] == [16, 16, 64, 64] and rows[0]["prompt_bucket"] == 64
 
 
 def test_random_models_are_presets_on_random_weights_of_their_shape():

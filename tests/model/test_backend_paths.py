@@ -50,7 +50,7 @@ def test_auto_resolves_on_the_host_for_a_platform():
     lc = LoraConfig()
     bf16 = CFG.replace(dtype="bfloat16", param_dtype="bfloat16")
     assert platform_of(make_mesh(2, 2, 2)) == "cpu" == backend.default_platform()
-    for platform, cfg, attention, fuse, loop in [("cpu", bf16, "einsum", "always", "unrolled"),
+    for platform, cfg, attention, fuse, loop in [("cpu", bf16, "einsum", "by_size", "unrolled"),
                                                  ("tpu", bf16, "einsum", "never", "scan"),
                                                  ("gpu", CFG, "einsum", "never", "scan"),  # float32: not cuDNN's
                                                  ("gpu", bf16, "cudnn", "never", "scan"),
@@ -73,8 +73,11 @@ def test_auto_resolves_on_the_host_for_a_platform():
         assert backend.resolve_sampling(sampling.SamplingConfig(layer_loop="scan"), platform).layer_loop == "scan"
     # unresolved, traced code takes the default devices' choice (the CPU here)
     assert backend.resolve_for_platform(CFG, lc) == backend.resolve_for_platform(CFG, lc, "cpu")
-    assert pac_lora._fuse_base(lc) and sampling.use_layer_loop(sampling.SamplingConfig())
-    assert not pac_lora._fuse_base(dataclasses.replace(lc, fuse_base="never"))
+    # 'by_size' (the CPU's): fused for a prefill's 64 rows of a 64-wide map with k = 24, not for a decode step's 8
+    assert pac_lora._fuse_base(lc, 64, 64, 24) and not pac_lora._fuse_base(lc, 8, 64, 24)
+    assert sampling.use_layer_loop(sampling.SamplingConfig())
+    assert pac_lora._fuse_base(dataclasses.replace(lc, fuse_base="always"), 1, 64, 24)
+    assert not pac_lora._fuse_base(dataclasses.replace(lc, fuse_base="never"), 10**6, 64, 24)
     assert not sampling.use_layer_loop(sampling.SamplingConfig(layer_loop="scan"))
     with pytest.raises(ValueError, match="unknown platform"):
         backend.resolve_for_platform(CFG, lc, "METAL")

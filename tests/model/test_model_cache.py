@@ -173,7 +173,7 @@ def test_cache_is_the_decoders_flax_cache_collection():
     lc = LoraConfig(targets=("q", "v"), routing="pooled", num_classes=0)
     b, t = 2, 12
     cache = decoder.init_cache(cfg, b, t, lc)
-    shape = (cfg.num_layers, b, t, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, b, cfg.num_kv_heads, t, cfg.head_dim)  # heads before slots
     assert cache["k"].shape == shape and cache["v"].shape == shape and not np.any(np.asarray(cache["k"]))
     np.testing.assert_array_equal(cache["key_pos"], -np.ones((b, t)))
     assert int(cache["index"]) == 0 and cache["next_pos"].shape == (b,)
@@ -184,7 +184,7 @@ def test_cache_is_the_decoders_flax_cache_collection():
     np.testing.assert_allclose(cache["layers"]["attn"]["v"]["pooled_b"],
                                np.full((cfg.num_layers, b, lc.num_compose), 1 / lc.num_compose))
     axes = decoder.cache_axes(cfg, b, t, lc)
-    assert axes["k"] == ("layers", "batch", "length", "cache_kv_heads", None)
+    assert axes["k"] == ("layers", "batch", "cache_kv_heads", "length", None)
     assert axes["key_pos"] == ("batch", None) and axes["index"] == () and axes["user_end"] == ("batch",)
     assert axes["layers"]["attn"]["v"]["pooled_b"] == ("layers", "batch", None)
 
@@ -201,3 +201,52 @@ def test_cache_is_the_decoders_flax_cache_collection():
     # The declaration is the one the boxes carry: the same tree as init_cache, unboxed.
     boxed = decoder.cache_boxed(cfg, b, t, lc)
     assert jax.tree.structure(nn.unbox(boxed)) == jax.tree.structure(cache)
+
+
+@pytest.mark.parametrize("s", [1, 3])
+def test_cached_attention_with_a_shared_block_equals_attention_over_all_keys(s):
+    """`layers.cached_attention` (heads-major cache, a block of keys shared by each run of R rows)
+    equals `layers.attention` (tested against transformers in test_hf_parity.py) over each row's
+    shared keys followed by its own, and a float64 numpy softmax written out here; empty (-1) and
+    future slots of either block are masked."""
+    from socialalign_jax.model import layers
+
+    rng = np.random.default_rng(3)
+    b, r, hkv, g, dh, ts, t = 2, 3, 2, 2, 8, 5, 4
+    n = b * r
+    q = rng.normal(size=(n, s, hkv * g, dh)).astype(np.float32)
+    k_s, v_s = (rng.normal(size=(b, hkv, ts, dh)).astype(np.float32) for _ in range(2))
+    k_o, v_o = (rng.normal(size=(n, hkv, t, dh)).astype(np.float32) for _ in range(2))
+    pos_s = np.array([[-1, 0, 1, 2, 3], [0, 1, 2, 3, 4]], np.int32)  # prompt 0 left-padded by one slot
+    pos_o = np.full((n, t), -1, np.int32)
+    pos_o[:, :2] = np.array([4, 5])[None] + (pos_s[:, -1:] - 3).repeat(r, 0)  # two filled own slots
+    q_pos = pos_o[:, 1:2] + np.arange(s)[None] - (s - 1)  # the last query sits on the last filled slot
+    got = layers.cached_attention(jnp.asarray(q), jnp.asarray(k_o), jnp.asarray(v_o), jnp.asarray(q_pos),
+                                  jnp.asarray(pos_o), shared=(jnp.asarray(k_s), jnp.asarray(v_s), jnp.asarray(pos_s)))
+
+    rep = lambda x: np.repeat(x, r, axis=0)  # noqa: E731
+    k_all = np.concatenate([rep(k_s), k_o], axis=2).transpose(0, 2, 1, 3)  # [N, T, Hkv, Dh]
+    v_all = np.concatenate([rep(v_s), v_o], axis=2).transpose(0, 2, 1, 3)
+    pos_all = np.concatenate([rep(pos_s), pos_o], axis=1)
+    want = layers.attention(jnp.asarray(q), jnp.asarray(k_all), jnp.asarray(v_all), jnp.asarray(q_pos),
+                            jnp.asarray(pos_all))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+
+    ref = np.zeros((n, s, hkv * g, dh))
+    for row in range(n):
+        for i in range(s):
+            ok = (pos_all[row] >= 0) & (pos_all[row] <= q_pos[row, i])
+            for h in range(hkv * g):
+                sc = k_all[row, :, h // g].astype(np.float64) @ q[row, i, h] / np.sqrt(dh)
+                p = np.where(ok, np.exp(sc - sc[ok].max()), 0.0)
+                ref[row, i, h] = (p / p.sum()) @ v_all[row, :, h // g]
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-5)
+
+    # Without a shared block: the heads-major cache alone, einsum and XLA's fused attention alike.
+    plain = layers.cached_attention(jnp.asarray(q), jnp.asarray(k_all.transpose(0, 2, 1, 3)),
+                                    jnp.asarray(v_all.transpose(0, 2, 1, 3)), jnp.asarray(q_pos), jnp.asarray(pos_all))
+    np.testing.assert_allclose(np.asarray(plain), ref, rtol=0, atol=1e-5)
+    xla = layers.cached_attention(jnp.asarray(q), jnp.asarray(k_all.transpose(0, 2, 1, 3)),
+                                  jnp.asarray(v_all.transpose(0, 2, 1, 3)), jnp.asarray(q_pos), jnp.asarray(pos_all),
+                                  impl="xla")
+    np.testing.assert_allclose(np.asarray(xla), ref, rtol=0, atol=1e-5)

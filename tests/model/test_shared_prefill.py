@@ -1,7 +1,8 @@
 """Shared prefill: a prompt's K samples branch from ONE prefill and decode as K separate runs would.
 
-`sampling.generate(samples=K)` runs the B prompts once and repeats the cache (`decoder.repeat_cache`),
-the first logits and the seen mask K times. References, independent of that path:
+`sampling.generate(samples=K)` runs the B prompts once and branches their cache into K rows each
+(`decoder.branch_cache`: the prompt's slots stored and read once, each row's own slots beside them),
+the first logits and the seen mask repeated K times. References, independent of that path:
 
 - an unshared run: the same prompts repeated K times BEFORE the prefill (B*K prefills), with the
   same per-row PRNG keys: the same tokens, token for token, greedy and sampled;
@@ -177,6 +178,59 @@ def test_repeated_cache_decodes_as_a_full_forward(routing, k):
     np.testing.assert_allclose(_rep(head, k), ref_head, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("routing", ["token", "pooled"])
+def test_branched_cache_decodes_as_the_unshared_cache(routing, k):
+    """`branch_cache`: the B prompts' cache (prefilled with no spare slots) as the shared block of
+    B*K rows. Teacher-forcing the shared run's sampled tokens, every step's logits and gate statistics
+    equal those of the unshared prefill's cache (the prompts repeated K times before the prefill),
+    stacked and in the unrolled decode loop's form (`unstack_cache`, `unstack_layers`,
+    `unstack_adapters`); the rows' next positions, spans and pooled gate weights are the prompts'."""
+    params, ad, lc = _model(routing)
+    _, ids, mask = _prompts()
+    gen = _generate(routing, k, False, shared=True)[0]  # [B*K, N_GEN]
+    b, p = ids.shape
+    fwd = jax.jit(functools.partial(decoder.forward, cfg=CFG, lora_cfg=lc))
+    stats = lambda st: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), st)  # noqa: E731
+
+    shared = fwd(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask), adapters=ad, spans=(USER_END, NEWS_END),
+                 cache=decoder.init_cache(CFG, b, p, lc))
+    ref = fwd(params, jnp.asarray(_rep(ids, k)), attention_mask=jnp.asarray(_rep(mask, k)), adapters=ad,
+              spans=(_rep(USER_END, k), _rep(NEWS_END, k)), cache=decoder.init_cache(CFG, b * k, p + N_GEN, lc))
+    branched = decoder.branch_cache(shared.cache, k, N_GEN, CFG, lc)
+    assert branched["k"].shape == (CFG.num_layers, b * k, CFG.num_kv_heads, N_GEN, CFG.head_dim)
+    assert branched["shared_k"].shape == (CFG.num_layers, b, CFG.num_kv_heads, p, CFG.head_dim)
+    assert int(branched["index"]) == 0 and np.all(np.asarray(branched["key_pos"]) == -1)
+    for name in ("next_pos", "user_end", "news_end"):
+        np.testing.assert_array_equal(np.asarray(branched[name]), np.asarray(ref.cache[name]), err_msg=name)
+    if routing == "pooled":
+        np.testing.assert_allclose(np.asarray(branched["layers"]["attn"]["q"]["pooled_a"]),
+                                   np.asarray(ref.cache["layers"]["attn"]["q"]["pooled_a"]), rtol=0, atol=1e-6)
+    unrolled = (decoder.unstack_layers(params), decoder.unstack_adapters(ad, lc), decoder.unstack_cache(branched))
+    assert isinstance(unrolled[2]["k"], tuple) and "proj" in unrolled[1]["layers"][0]["attn"]["q"]
+    caches = {"stacked": (params, ad, branched), "unrolled": unrolled}
+    ref_cache = ref.cache
+    for i in range(N_GEN - 1):
+        tok = jnp.asarray(gen[:, i:i + 1])
+        want = fwd(params, tok, adapters=ad, cache=ref_cache)
+        ref_cache = want.cache
+        for form, (pp, aa, cc) in caches.items():
+            out = fwd(pp, tok, adapters=aa, cache=cc)
+            caches[form] = (pp, aa, out.cache)
+            np.testing.assert_allclose(np.asarray(out.logits), np.asarray(want.logits), rtol=0, atol=1e-5,
+                                       err_msg=f"{form} step {i}")
+            jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4),
+                                   stats(out.gate_stats), stats(want.gate_stats))
+    assert int(caches["stacked"][2]["index"]) == N_GEN - 1  # the rows' own slots, the shared block untouched
+    np.testing.assert_array_equal(np.asarray(caches["stacked"][2]["shared_k"]), np.asarray(shared.cache["k"]))
+    np.testing.assert_allclose(np.asarray(decoder.stack_cache(caches["unrolled"][2])["k"]),
+                               np.asarray(caches["stacked"][2]["k"]), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="branched already"):
+        decoder.repeat_cache(branched, 2, CFG, lc)
+    with pytest.raises(ValueError, match="branched already"):
+        decoder.branch_cache(branched, 2, 1, CFG, lc)
+
+
 def test_repeat_cache_keeps_each_prompts_samples_together():
     """Row b*K + k of the branched cache is prompt b's: tiling the batch (k*B + b) would mix prompts
     and decode other tokens, so the equality tests above can tell the two orders apart."""
@@ -190,6 +244,10 @@ def test_repeat_cache_keeps_each_prompts_samples_together():
     np.testing.assert_array_equal(np.asarray(rep["user_end"]), _rep(USER_END, 3))
     np.testing.assert_array_equal(np.asarray(rep["key_pos"]), _rep(out.cache["key_pos"], 3))
     np.testing.assert_array_equal(np.asarray(rep["k"]), np.repeat(np.asarray(out.cache["k"]), 3, axis=1))
+    br = decoder.branch_cache(out.cache, 3, 2, CFG, lc)  # the branched cache keeps the same row order
+    np.testing.assert_array_equal(np.asarray(br["next_pos"]), _rep(PROMPT_LENS, 3))
+    np.testing.assert_array_equal(np.asarray(br["layers"]["attn"]["q"]["pooled_a"]),
+                                  np.asarray(rep["layers"]["attn"]["q"]["pooled_a"]))
     np.testing.assert_array_equal(np.asarray(rep["layers"]["attn"]["q"]["pooled_a"]),
                                   np.repeat(np.asarray(out.cache["layers"]["attn"]["q"]["pooled_a"]), 3, axis=1))
     assert int(rep["index"]) == int(out.cache["index"]) == ids.shape[1]
@@ -236,7 +294,7 @@ def test_sample_rows_is_independent_of_batching_and_matches_single_prompt_runs(r
     row_ids, seed, k = [10, 3, 7], 5, 3
     run = functools.partial(generation.sample_rows, params, ad, CFG, lc, SAMPLED, rows, samples=k, seed=seed,
                             row_ids=row_ids)
-    one_by_one, together = run(batch_size=3), run(batch_size=16)
+    one_by_one, together = run(batch_size=1), run(batch_size=16)  # batch_size counts prompts (K rows each)
     assert one_by_one.shapes == ((1, 3, 0, 32),) * 3 and together.shapes == ((4, 3, 0, 32),)
     assert one_by_one.tokens.shape == (3, k, N_GEN) and one_by_one.texts is None
     np.testing.assert_array_equal(one_by_one.tokens, together.tokens)
@@ -314,8 +372,8 @@ def test_a_shared_head_prefills_as_the_whole_prompts(routing):
             a = _slot_of(shared.cache["key_pos"], row, pos)
             b = _slot_of(whole.cache["key_pos"], row, pos)
             for leaf in ("k", "v"):
-                np.testing.assert_allclose(np.asarray(shared.cache[leaf])[:, row, a],
-                                           np.asarray(whole.cache[leaf])[:, row, b], rtol=0, atol=1e-5,
+                np.testing.assert_allclose(np.asarray(shared.cache[leaf])[:, row, :, a],
+                                           np.asarray(whole.cache[leaf])[:, row, :, b], rtol=0, atol=1e-5,
                                            err_msg=f"{leaf} row {row} position {pos}")
     # Independent reference: a plain right-padded forward over each whole prompt.
     full_ids = np.zeros((len(prompts), max(len(x) for x in prompts)), np.int32)

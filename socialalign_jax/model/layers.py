@@ -80,14 +80,16 @@ def cached_attention(q, k, v, q_pos, k_pos, shared=None, impl: str = "einsum"):
     instead of once per row. The softmax runs over the shared and own keys together, so the
     result is that of `attention` over the concatenated keys, up to rounding.
 
-    impl: 'einsum' here; 'xla' / 'cudnn' (`attention`'s fused paths, [N, T, Hkv, Dh] layout) for a
-    chunk of several tokens without a shared block, e.g. a prefill into the cache. A decode step
-    (S = 1) always takes the einsum: one query row gains nothing from a fused kernel and the
-    layout change would copy the cache. Returns [N, S, Hq, Dh].
+    A chunk of several tokens without a shared block (a prefill into the cache) goes to
+    `attention` with `impl` (k/v swapped to [N, T, Hkv, Dh]: one copy of the layer's slots per
+    chunk): XLA:CPU fuses the single-batch-axis form below, scores, softmax and values, into one
+    XNNPACK graph that ran a SmolLM2 prefill's attention 3x slower than `attention`'s einsums. A
+    decode step (S = 1) or a branched cache takes the einsums below (XLA's and cuDNN's fused
+    kernels take neither a shared block nor this layout). Returns [N, S, Hq, Dh].
     """
     n, s, hq, dh = q.shape
     hkv = k.shape[1]
-    if shared is None and impl != "einsum" and s > 1:
+    if shared is None and s > 1:
         return attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), q_pos, k_pos, impl=impl)
     scale = 1.0 / jnp.sqrt(jnp.float32(dh))
 
@@ -95,20 +97,29 @@ def cached_attention(q, k, v, q_pos, k_pos, shared=None, impl: str = "einsum"):
         allowed = (pos[:, None, :] >= 0) & (pos[:, None, :] <= q_pos[:, :, None])
         return jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)[:, None, None]
 
-    qg = rearrange(q, "n s (k g) d -> n k g s d", k=hkv)
-    scores = [jnp.einsum("nkgsd,nktd->nkgst", qg, k, preferred_element_type=jnp.float32) * scale + bias(k_pos)]
+    # Every contraction has ONE batch axis, (row, kv head), with contiguous operands: XLA:CPU runs a
+    # dot with two batch axes, or operands it must transpose, at half the speed (a prefill's scores).
+    def dot(a, b, spec):
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+    own = rearrange(dot(rearrange(q, "n s (k g) d -> (n k) (g s) d", k=hkv), rearrange(k, "n k t d -> (n k) t d"),
+                        "xmd,xtd->xmt"), "(n k) (g s) t -> n k g s t", n=n, s=s)
+    scores = [own * scale + bias(k_pos)]
     if shared is not None:
         k_s, v_s, pos_s = shared
         r = n // k_s.shape[0]
-        qs = rearrange(q, "(b r) s (k g) d -> b k (r g s) d", r=r, k=hkv)
-        sc = jnp.einsum("bkmd,bktd->bkmt", qs, k_s, preferred_element_type=jnp.float32)  # m = (r g s)
-        sc = rearrange(sc, "b k (r g s) t -> (b r) k g s t", r=r, s=s)
+        sc = dot(rearrange(q, "(b r) s (k g) d -> (b k) (r g s) d", r=r, k=hkv),
+                 rearrange(k_s, "b k t d -> (b k) t d"), "xmd,xtd->xmt")
+        sc = rearrange(sc, "(b k) (r g s) t -> (b r) k g s t", k=hkv, r=r, s=s)
         scores.insert(0, sc * scale + bias(jnp.repeat(pos_s, r, axis=0)))
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(v.dtype)  # [N, Hkv, G, S, Ts + T]
+    probs = jax.nn.softmax(scores[0] if len(scores) == 1 else jnp.concatenate(scores, axis=-1),
+                           axis=-1).astype(v.dtype)  # [N, Hkv, G, S, (Ts +) T]
     t_own = k.shape[2]
-    out = jnp.einsum("nkgst,nktd->nskgd", probs[..., -t_own:], v)
+    p_own = probs if shared is None else probs[..., -t_own:]
+    out = rearrange(jnp.einsum("xmt,xtd->xmd", rearrange(p_own, "n k g s t -> (n k) (g s) t"),
+                               rearrange(v, "n k t d -> (n k) t d")), "(n k) (g s) d -> n s (k g) d", n=n, s=s)
     if shared is not None:
-        ps = rearrange(probs[..., :-t_own], "(b r) k g s t -> b k (r g s) t", r=r)
-        os_ = jnp.einsum("bkmt,bktd->bkmd", ps, v_s)
-        out = out + rearrange(os_, "b k (r g s) d -> (b r) s k g d", r=r, s=s).astype(out.dtype)
-    return rearrange(out, "n s k g d -> n s (k g) d")
+        ps = rearrange(probs[..., :-t_own], "(b r) k g s t -> (b k) (r g s) t", r=r)
+        os_ = jnp.einsum("xmt,xtd->xmd", ps, rearrange(v_s, "b k t d -> (b k) t d"))
+        out = out + rearrange(os_, "(b k) (r g s) d -> (b r) s (k g) d", k=hkv, r=r, s=s).astype(out.dtype)
+    return out

@@ -88,7 +88,10 @@ def _users(n: int):
     return users[:n]
 
 
-def build_predictor(model: str, max_length: int = 0):
+def build_predictor(model: str, max_length: int = 0, prompt_mode: str = ""):
+    """The Predictor of a preset (`_config`) on untrained adapters; max_length / prompt_mode override the
+    preset's data.max_length / data.mode when given (e.g. the authors' full template, history included,
+    for a preset that leaves it out)."""
     import jax
 
     from socialalign_jax.data.prompt import PromptConfig
@@ -105,21 +108,21 @@ def build_predictor(model: str, max_length: int = 0):
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     return Predictor(jax.device_put(w.params), jax.device_put(adapters), w.cfg, lc, tok,
                      labels=cfg.data.labels,
-                     prompt=PromptConfig(mode=cfg.data.mode, max_length=max_length or int(cfg.data.max_length),
-                                         on_overflow="raise"),
+                     prompt=PromptConfig(mode=prompt_mode or cfg.data.mode,
+                                         max_length=max_length or int(cfg.data.max_length), on_overflow="raise"),
                      sampling=generation.sampling_config(cfg, tok, int(pad)), batch_size=int(cfg.sample.batch_size),
                      run={"weights": str(cfg.model.weights), "adapters": "untrained PAC-LoRA 3x3"})
 
 
 def bench(model: str, samples: list[int], users, repeats: int, max_length: int = 0,
-          wordings: list[int] = (1,)) -> list[dict]:
+          wordings: list[int] = (1,), prompt_mode: str = "") -> list[dict]:
     """For each K and each number of wordings W: a compiling first call, then `repeats` timed calls.
 
     A user answered under W wordings counts once in users/s (the user's prompt prefix is shared by
     the wordings when routing is causal: `Predictor.predict(variants=...)`); `cost` is a call's
     steady time over that of K = 1 under one wording, the figure issue #30's goals are stated in.
     """
-    predictor = build_predictor(model, max_length)
+    predictor = build_predictor(model, max_length, prompt_mode)
     rows = []
     for k in samples:
         for w in wordings:
@@ -136,6 +139,7 @@ def bench(model: str, samples: list[int], users, repeats: int, max_length: int =
             shapes = sorted(predictor.compiled_shapes)
             predictor.compiled_shapes.clear()  # the next call's shapes are its own
             rows.append({"model": model, "samples": k, "wordings": w, "users": len(users),
+                         "prompt_mode": predictor.prompt_cfg.mode,
                          "batch_size": predictor.batch_size,
                          "max_new_tokens": predictor.sampling.max_new_tokens, "seconds": med, "first_s": first,
                          "users_per_s": len(users) / med, "posts_per_s": len(users) * k * w / med,
@@ -580,6 +584,9 @@ def main(argv=None) -> int:
     p.add_argument("--users", type=int, default=16)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--max_length", type=int, default=0, help="prompt token budget (0 = each preset's data.max_length)")
+    p.add_argument("--prompt_mode", default="", choices=("", "full", "without_persona", "without_history"),
+                   help="prompt template mode ('' = each preset's data.mode; 'full' = the authors' template with the "
+                   "user's history posts, which the smollm2 preset leaves out)")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None, help="update this file's section (e.g. BENCHMARKS.md)")
     p.add_argument("--baseline", default=None, help="a --json file of an earlier run (e.g. before a change) to "
@@ -622,7 +629,7 @@ def main(argv=None) -> int:
                                  max_new_tokens=args.max_new_tokens, adapter_scale=args.adapter_scale, rates=rates,
                                  keep_tokens=args.greedy, torch_threads=args.torch_threads)
         else:
-            rows += bench(m.strip(), samples, users, args.repeats, args.max_length, wordings)
+            rows += bench(m.strip(), samples, users, args.repeats, args.max_length, wordings, args.prompt_mode)
     meta = {"command": "python benchmarks/predict.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores visible",

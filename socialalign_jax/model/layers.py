@@ -53,14 +53,16 @@ def attention(q, k, v, q_pos, k_pos, impl: str = "einsum"):
                                             implementation=impl)
     dh = q.shape[-1]
     qg = rearrange(q, "b s (k g) d -> b s k g d", k=k.shape[2])  # query heads grouped by their kv head
-    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
+    # Scores as [B, Hkv, S, G, T]: the (s, g) rows of one kv head are contiguous in the layout the
+    # query already has, and a select masks them. On XLA:CPU this ran a SmolLM2 prefill's attention
+    # (8 x 416 tokens) ~20% faster than [B, Hkv, G, S, T] with an additive bias, with the same
+    # forward + backward time and temporaries within 2% at Qwen2.5-0.5B's training shapes. A fully
+    # masked row (a padding query) gets -1e30 everywhere, so its softmax is uniform and finite.
+    scores = jnp.einsum("bskgd,btkd->bksgt", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(dh)))
-    # An additive bias rather than a select: its backward is the identity, where a select's
-    # materialises a zero tensor of the scores' size. -1e30 + score rounds to -1e30, so the
-    # probabilities are the same as with the select.
-    scores = scores + jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)[:, None, None]
+    scores = jnp.where(allowed[:, None, :, None, :], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    out = jnp.einsum("bksgt,btkd->bskgd", probs, v)
     return rearrange(out, "b s k g d -> b s (k g) d")
 
 

@@ -46,6 +46,7 @@ def test_bench_predicts_under_each_wording_and_states_cost_against_one_post_one_
     class FakePredictor:
         batch_size = 16
         sampling = type("S", (), {"max_new_tokens": 48})()
+        prompt_cfg = type("P", (), {"mode": "full"})()
 
         def __init__(self):
             self.compiled_shapes = set()
@@ -55,9 +56,11 @@ def test_bench_predicts_under_each_wording_and_states_cost_against_one_post_one_
             calls.append((news, samples, tuple(variants)))
             clock[0] += samples * (1 + len(variants))  # a call "takes" K x W seconds
 
-    monkeypatch.setattr(mod, "build_predictor", lambda model, max_length=0: FakePredictor())
+    built = []
+    monkeypatch.setattr(mod, "build_predictor", lambda *a: built.append(a) or FakePredictor())
     monkeypatch.setattr(mod.time, "perf_counter", lambda: clock[0])
-    rows = mod.bench("tiny", [1, 4], ["u"] * 8, repeats=2, wordings=[1, 2])
+    rows = mod.bench("tiny", [1, 4], ["u"] * 8, repeats=2, wordings=[1, 2], prompt_mode="full")
+    assert built == [("tiny", 0, "full")] and {r["prompt_mode"] for r in rows} == {"full"}
     assert [(r["samples"], r["wordings"]) for r in rows] == [(1, 1), (1, 2), (4, 1), (4, 2)]
     assert {c[2] for c in calls} == {(), (mod.WORDINGS[1],)} and all(c[0] == mod.NEWS for c in calls)
     assert [r["cost_vs_k1"] for r in rows] == [1.0, 2.0, 4.0, 8.0]

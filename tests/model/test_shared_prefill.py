@@ -82,6 +82,17 @@ def _rep(x, k):
 
 
 @functools.lru_cache(maxsize=None)
+def _forward(lc):
+    """`decoder.forward` of the tiny model, jitted, for teacher-forcing a cache step by step."""
+    return jax.jit(functools.partial(decoder.forward, cfg=CFG, lora_cfg=lc))
+
+
+def _assert_stats_close(got, want):
+    """Gate statistics (a pytree of sums) equal, compared in float64."""
+    jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64),
+                                                                   rtol=1e-5, atol=1e-4), got, want)
+
+
 def _generate(routing, k, greedy, shared):
     params, ad, lc = _model(routing)
     _, ids, mask = _prompts()
@@ -121,8 +132,7 @@ def test_repeated_cache_decodes_as_a_full_forward(routing, k):
     prompts, ids, mask = _prompts()
     gen = _generate(routing, k, False, shared=True)[0]  # [B*K, N_GEN]
     b, p = ids.shape
-    fwd = jax.jit(functools.partial(decoder.forward, cfg=CFG, lora_cfg=lc))
-    stats = lambda st: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), st)  # noqa: E731
+    fwd = _forward(lc)
 
     def prefill(ids_, mask_, ue, ne):
         cache = decoder.init_cache(CFG, ids_.shape[0], p + N_GEN, lc)
@@ -142,9 +152,8 @@ def test_repeated_cache_decodes_as_a_full_forward(routing, k):
     if routing == "pooled":
         assert "pooled_a" in cache["layers"]["attn"]["q"]
     # Prefill gate statistics: the K copies of a prompt route exactly as its single prefill (sums x K).
-    want_pre = stats(unshared.gate_stats)
-    got_pre = jax.tree_util.tree_map(lambda a: a * k, stats(shared.gate_stats))
-    jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4), got_pre, want_pre)
+    _assert_stats_close(jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64) * k, shared.gate_stats),
+                        unshared.gate_stats)
 
     logits = [_rep(np.asarray(shared.logits)[:, -1], k)]
     ref_logits = [np.asarray(unshared.logits)[:, -1]]
@@ -155,8 +164,7 @@ def test_repeated_cache_decodes_as_a_full_forward(routing, k):
         cache, ref_cache = out.cache, ref.cache
         logits.append(np.asarray(out.logits)[:, 0])
         ref_logits.append(np.asarray(ref.logits)[:, 0])
-        jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4),
-                               stats(out.gate_stats), stats(ref.gate_stats))
+        _assert_stats_close(out.gate_stats, ref.gate_stats)
     for i, (got, want) in enumerate(zip(logits, ref_logits)):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=f"step {i}")
 
@@ -190,8 +198,7 @@ def test_branched_cache_decodes_as_the_unshared_cache(routing, k):
     _, ids, mask = _prompts()
     gen = _generate(routing, k, False, shared=True)[0]  # [B*K, N_GEN]
     b, p = ids.shape
-    fwd = jax.jit(functools.partial(decoder.forward, cfg=CFG, lora_cfg=lc))
-    stats = lambda st: jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), st)  # noqa: E731
+    fwd = _forward(lc)
 
     shared = fwd(params, jnp.asarray(ids), attention_mask=jnp.asarray(mask), adapters=ad, spans=(USER_END, NEWS_END),
                  cache=decoder.init_cache(CFG, b, p, lc))
@@ -219,8 +226,7 @@ def test_branched_cache_decodes_as_the_unshared_cache(routing, k):
             caches[form] = (pp, aa, out.cache)
             np.testing.assert_allclose(np.asarray(out.logits), np.asarray(want.logits), rtol=0, atol=1e-5,
                                        err_msg=f"{form} step {i}")
-            jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4),
-                                   stats(out.gate_stats), stats(want.gate_stats))
+            _assert_stats_close(out.gate_stats, want.gate_stats)
     assert int(caches["stacked"][2]["index"]) == N_GEN - 1  # the rows' own slots, the shared block untouched
     np.testing.assert_array_equal(np.asarray(caches["stacked"][2]["shared_k"]), np.asarray(shared.cache["k"]))
     np.testing.assert_allclose(np.asarray(decoder.stack_cache(caches["unrolled"][2])["k"]),
@@ -363,8 +369,7 @@ def test_a_shared_head_prefills_as_the_whole_prompts(routing):
     np.testing.assert_allclose(np.asarray(shared.last_hidden), np.asarray(whole.last_hidden), rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(shared.logits), np.asarray(whole.logits), rtol=0, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(shared.seen), np.asarray(whole.seen))
-    jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-4),
-                           shared.gate_stats, whole.gate_stats)
+    _assert_stats_close(shared.gate_stats, whole.gate_stats)
     for name in ("next_pos", "user_end", "news_end"):
         np.testing.assert_array_equal(np.asarray(shared.cache[name]), np.asarray(whole.cache[name]), err_msg=name)
     for row, x in enumerate(prompts):

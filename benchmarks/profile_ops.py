@@ -45,12 +45,12 @@ def _category(name: str, shape: str, op: str, vocab: int) -> str:
     if "ynn" in name or name.startswith("dot"):
         if str(vocab) in shape or "vd->" in op or "bsv" in op:
             return "matmul: LM head"
-        if "bkgst" in op or "bskgd" in op:
+        if any(t in op for t in ("bkgst", "bksgt", "bskgd", "xmd,xtd", "xmt,xtd")):
             return "matmul: attention"
         return "matmul: linear maps"
     if shape.startswith("u32"):
         return "random bits (dropout)"
-    if "bkgst" in op or "bskgd" in op or "softmax" in op:
+    if any(t in op for t in ("bkgst", "bksgt", "bskgd", "softmax", "attn")):
         return "attention, other"
     if "dynamic-slice" in name or "dynamic_slice" in op:
         return "slices out of stacked layers"

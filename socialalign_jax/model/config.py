@@ -56,8 +56,8 @@ class ModelConfig:
     # False: the layers run as a Python loop: compile time grows with depth, but XLA:CPU no
     # longer copies each layer's weights and saved activations in and out of stacks.
     scan_layers: bool = True
-    # How attention is computed (`layers.attention`): 'einsum' (our path: float32 scores, an
-    # additive mask), 'xla' / 'cudnn' (jax.nn.dot_product_attention with that implementation),
+    # How attention is computed (`layers.attention`): 'einsum' (our path: float32 scores, masked
+    # by a select), 'xla' / 'cudnn' (jax.nn.dot_product_attention with that implementation),
     # or 'auto': resolved on the host for the step's devices before tracing
     # (`backend.resolve_for_platform`): cuDNN's fused attention for GPUs in bfloat16/float16 with
     # a head size cuDNN takes, else 'einsum'.

@@ -250,7 +250,7 @@ class SideBySide:
     without it. The same prompts (the Predictor's builder), batches, sampling settings, float32 on both."""
 
     def __init__(self, model: str, workdir: str, *, greedy: bool = False, max_new_tokens: int = 0,
-                 adapter_scale: float = 0.0, engines=ENGINES, torch_threads: int = 0):
+                 adapter_scale: float = 0.0, engines=ENGINES, torch_threads: int = 0, hf_batch_size: int = 0):
         import dataclasses
 
         import jax
@@ -279,6 +279,7 @@ class SideBySide:
         if max_new_tokens:
             scfg = scfg.replace(max_new_tokens=max_new_tokens)
         self.scfg, self.batch_size = scfg, int(cfg.sample.batch_size)
+        self.hf_batch_size = hf_batch_size or self.batch_size
         self.predictor = Predictor(
             jax.device_put(w.params), jax.device_put(ad), w.cfg, self.lc, self.tok, labels=cfg.data.labels,
             prompt=PromptConfig(mode=cfg.data.mode, max_length=int(cfg.data.max_length), on_overflow="raise"),
@@ -338,10 +339,14 @@ class SideBySide:
         ex = self.predictor.build_prompts(NEWS, default_topic(NEWS), users)
         return [np.asarray(e["input_ids"])[:int(e["prompt_len"])] for e in ex]
 
-    def batches(self, prompt_lens, k: int) -> list[list[int]]:
-        """The Predictor's batches (generation.sample_rows): users sorted by prompt length, batch_size a call
-        (generate's num_return_sequences = K makes K rows of each)."""
-        per_call = self.batch_size
+    def per_call(self, engine: str) -> int:
+        """Users (prompts) per call: the Predictor's batch_size for ours, --hf_batch_size (default the same)
+        for transformers'."""
+        return self.batch_size if engine == "ours" else self.hf_batch_size
+
+    def batches(self, prompt_lens, per_call: int) -> list[list[int]]:
+        """The Predictor's batching (generation.sample_rows): users sorted by prompt length, per_call users a
+        call (generate's num_return_sequences = K makes K rows of each)."""
         order = sorted(range(len(prompt_lens)), key=lambda i: (prompt_lens[i], i))
         return [order[s:s + per_call] for s in range(0, len(order), per_call)]
 
@@ -369,7 +374,7 @@ class SideBySide:
         first = None
         torch.manual_seed(seed)
         kw = self.generate_kwargs(k)
-        for b in self.batches([len(p) for p in prompts], k):
+        for b in self.batches([len(p) for p in prompts], self.hf_batch_size):
             width = max(len(prompts[i]) for i in b)
             ids = np.full((len(b), width), self.scfg.pad_id, np.int64)
             mask = np.zeros((len(b), width), np.int64)
@@ -394,7 +399,7 @@ class SideBySide:
 
 def side_by_side(model: str, samples: list[int], users, repeats: int, engines=ENGINES, *, greedy: bool = False,
                  max_new_tokens: int = 0, adapter_scale: float = 0.0, rates: dict | None = None,
-                 keep_tokens: bool = False, torch_threads: int = 0) -> list[dict]:
+                 keep_tokens: bool = False, torch_threads: int = 0, hf_batch_size: int = 0) -> list[dict]:
     """Each K: a warm-up call per engine, then `repeats` rounds of one call per engine, alternating (ours,
     hf_peft, hf_base, ours, ...), so load that comes and goes hits every engine alike. One row per engine."""
     import statistics as st
@@ -405,7 +410,7 @@ def side_by_side(model: str, samples: list[int], users, repeats: int, engines=EN
     rates = rates or machine_rates()
     with tempfile.TemporaryDirectory(prefix="sbs-") as tmp:
         sbs = SideBySide(model, tmp, greedy=greedy, max_new_tokens=max_new_tokens, adapter_scale=adapter_scale,
-                         engines=engines, torch_threads=torch_threads)
+                         engines=engines, torch_threads=torch_threads, hf_batch_size=hf_batch_size)
     prompt_lens = [len(p) for p in sbs.prompts(users)]
     rows = []
     for k in samples:
@@ -417,10 +422,11 @@ def side_by_side(model: str, samples: list[int], users, repeats: int, engines=EN
             warm, timed = calls[e][0], calls[e][1:]
             med = st.median(c["seconds"] for c in timed)
             lengths = np.stack([c["lengths"] for c in timed])
-            roof = [roofline(sbs.mc, prompt_lens, sbs.batches(prompt_lens, k), c["lengths"], rates) for c in timed]
+            batches = sbs.batches(prompt_lens, sbs.per_call(e))
+            roof = [roofline(sbs.mc, prompt_lens, batches, c["lengths"], rates) for c in timed]
             roof_s = st.median(x["seconds"] for x in roof)
             row = {"model": model, "engine": e, "samples": k, "users": len(users), "greedy": greedy,
-                   "batch_size": sbs.batch_size, "max_new_tokens": sbs.scfg.max_new_tokens,
+                   "batch_size": sbs.per_call(e), "max_new_tokens": sbs.scfg.max_new_tokens,
                    "seconds": med, "first_s": warm["seconds"], "users_per_s": len(users) / med,
                    "posts_per_s": len(users) * k / med,
                    "first_answer_s": st.median(c["first_answer_s"] for c in timed),
@@ -462,8 +468,8 @@ def render_side_by_side(rows: list[dict], meta: dict) -> str:
              "Predictor's prompts (the authors' template), float32 on both sides, a plain LoRA (r 8 on the "
              "preset's targets) exported with `--format peft` and loaded by stock `peft.PeftModel.from_pretrained` "
              "onto transformers' model of the same weights; `hf_base` is that model without the LoRA (the floor of "
-             "what the original costs). Same batches (users sorted by prompt length, batch_size users a call, "
-             "left padding), max_new_tokens, temperature/top-k/top-p/repetition penalty and K posts per user "
+             "what the original costs). Same batching (users sorted by prompt length, the table's users per "
+             "call, left padding), max_new_tokens, temperature/top-k/top-p/repetition penalty and K posts per user "
              "(`num_return_sequences`). Engines alternate, a warm-up call each; steady = the median timed call "
              "(prompt building, sampling and decoding to text, for every engine); first answer = from the call's "
              "start to the first batch's answers being complete. Roofline: the least time for the work at "
@@ -472,7 +478,8 @@ def render_side_by_side(rows: list[dict], meta: dict) -> str:
              "each prompt prefilled once (2 x params x tokens), then per batch one read of the weights (or "
              "2 x params x rows FLOPs, whichever is slower) per decode step up to its longest answer.", ""]
     head = ["model", "engine", "K", "users", "users/s", "posts/s", "steady (s)", "first call (s)",
-            "first answer (s)", "new tokens (mean / max)", "roofline (s)", "of roofline", "vs ours"]
+            "first answer (s)", "new tokens (mean / max)", "users per call", "roofline (s)", "of roofline",
+            "vs ours"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ours = {(r["model"], r["samples"]): r for r in rows if r["engine"] == "ours"}
     for r in rows:
@@ -481,11 +488,11 @@ def render_side_by_side(rows: list[dict], meta: dict) -> str:
         cells = [r["model"], r["engine"], r["samples"], r["users"], f"{r['users_per_s']:.3f}",
                  f"{r['posts_per_s']:.3f}", f"{r['seconds']:.2f}", f"{r['first_s']:.2f}",
                  f"{r['first_answer_s']:.2f}", f"{r['mean_new_tokens']:.1f} / {r['max_new_tokens_seen']}",
-                 f"{r['roofline_s']:.2f}", f"{100 * r['roofline_fraction']:.1f}%", vs]
+                 r["batch_size"], f"{r['roofline_s']:.2f}", f"{100 * r['roofline_fraction']:.1f}%", vs]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "`vs ours`: ours' users/s over the engine's (above 1: ours is faster). Prompt tokens per user "
-              f"(mean): {r0['prompt_tokens_mean']:.0f}; max new tokens {r0['max_new_tokens']}; users (prompts) "
-              f"per call {r0['batch_size']}, K rows each. Engines: " + "; ".join(f"`{e}` = {ENGINE_NAMES[e]}" for e in ENGINES) + "."]
+              f"(mean): {r0['prompt_tokens_mean']:.0f}; max new tokens {r0['max_new_tokens']}; K rows per user "
+              "in a call. Engines: " + "; ".join(f"`{e}` = {ENGINE_NAMES[e]}" for e in ENGINES) + "."]
     same = [r for r in rows if "same_tokens_as_ours" in r]
     if same:
         lines += ["", "Greedy decoding, the reference check: " + "; ".join(
@@ -599,6 +606,8 @@ def main(argv=None) -> int:
     p.add_argument("--max_new_tokens", type=int, default=0, help="side-by-side: override the preset's")
     p.add_argument("--adapter_scale", type=float, default=0.0, help="side-by-side: LoRA weights ~ N(0, this) "
                    "instead of the initialisation (B = 0: the posts are the base model's), so the LoRA matters")
+    p.add_argument("--hf_batch_size", type=int, default=0, help="side-by-side: users per transformers generate "
+                   "call (0 = the preset's sample.batch_size, as ours)")
     p.add_argument("--torch_threads", type=int, default=0, help="side-by-side: torch's threads (0 = the cores)")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -627,7 +636,8 @@ def main(argv=None) -> int:
         if engines:
             rows += side_by_side(m.strip(), samples, users, args.repeats, engines, greedy=args.greedy,
                                  max_new_tokens=args.max_new_tokens, adapter_scale=args.adapter_scale, rates=rates,
-                                 keep_tokens=args.greedy, torch_threads=args.torch_threads)
+                                 keep_tokens=args.greedy, torch_threads=args.torch_threads,
+                                 hf_batch_size=args.hf_batch_size)
         else:
             rows += bench(m.strip(), samples, users, args.repeats, args.max_length, wordings, args.prompt_mode)
     meta = {"command": "python benchmarks/predict.py " + " ".join(sys.argv[1:] if argv is None else argv),

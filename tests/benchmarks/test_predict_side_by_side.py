@@ -31,7 +31,7 @@ def test_side_by_side_greedy_tokens_agree_and_the_table_has_every_engine(tmp_pat
     out = tmp_path / "sbs.json"
     assert mod.main(["--models", "tiny", "--engines", "ours,hf_peft,hf_base", "--samples", "1", "--users", "3",
                      "--max_new_tokens", "6", "--greedy", "--adapter_scale", "0.2", "--repeats", "1",
-                     "--json", str(out), "--markdown", str(md)]) == 0
+                     "--hf_batch_size", "2", "--json", str(out), "--markdown", str(md)]) == 0
     rows = json.loads(out.read_text())["rows"]
     by = {r["engine"]: r for r in rows}
     assert set(by) == {"ours", "hf_peft", "hf_base"}
@@ -40,7 +40,9 @@ def test_side_by_side_greedy_tokens_agree_and_the_table_has_every_engine(tmp_pat
         assert 1 <= r["mean_new_tokens"] <= 6 and r["max_new_tokens_seen"] <= 6
         assert 0 < r["roofline_fraction"] and r["roofline"]["prefill_flops"] > 0
         assert len(r["tokens"]) == 3 and all(len(u) == 1 for u in r["tokens"])
-    assert by["ours"]["tokens"] == by["hf_peft"]["tokens"]
+    assert by["ours"]["tokens"] == by["hf_peft"]["tokens"]  # one call of 3 users vs transformers' 2 + 1
+    assert by["hf_peft"]["batch_size"] == by["hf_base"]["batch_size"] == 2 and by["ours"]["batch_size"] > 2
+    assert by["hf_peft"]["first_answer_s"] < by["hf_peft"]["seconds"]  # its first batch answers before the second
     assert by["hf_peft"]["same_tokens_as_ours"] == 1.0 and by["hf_peft"]["first_difference"] is None
     assert by["hf_peft"]["tokens"] != by["hf_base"]["tokens"]  # the LoRA matters: the agreement covers it
 
@@ -50,6 +52,7 @@ def test_side_by_side_greedy_tokens_agree_and_the_table_has_every_engine(tmp_pat
     table = [line for line in text.splitlines() if line.startswith("| tiny |")]
     assert [line.split(" | ")[1] for line in table] == ["ours", "hf_peft", "hf_base"]
     assert all(line.split(" | ")[9].split(" / ")[1] == "6" for line in table)  # new tokens (mean / max)
+    assert [line.split(" | ")[10] for line in table] == [str(by["ours"]["batch_size"]), "2", "2"]  # users per call
     assert "tiny `hf_peft`'s tokens are ours in 100% of the sequences;" in text
 
 

@@ -176,3 +176,31 @@ def test_activation_shardings_in_the_compiled_forward():
     assert "f32[2,4,32]" in constrained  # logits [B/4, S, V/tensor]
     plain = jax.jit(fwd).lower(params, ids).compile().as_text()
     assert local_mlp not in plain
+
+
+@pytest.mark.parametrize("batch,seq", [(8, 1), (4, 8), (5, 9)])  # 8 and 32 rows vocab-major; 45 rows the plain form
+def test_tied_head_logits_and_gradients_equal_numpy(batch, seq):
+    """`Embed.attend` (the tied LM head) against float64 numpy on both sides of ATTEND_ROWS_VOCAB_MAJOR:
+    logits = h E^T; for a loss sum(logits * c), dL/dh = c E and dL/dE = c^T h."""
+    from socialalign_jax.model.modules import ATTEND_ROWS_VOCAB_MAJOR, Embed
+
+    rng = np.random.default_rng(0)
+    vocab, dim = 97, 24
+    emb = rng.normal(size=(vocab, dim)).astype(np.float32)
+    h = rng.normal(size=(batch, seq, dim)).astype(np.float32)
+    c = rng.normal(size=(batch, seq, vocab)).astype(np.float32)
+    mod = Embed(vocab, dim, jnp.float32)
+    variables = {"params": {"embedding": jnp.asarray(emb)}}
+    assert (batch * seq <= ATTEND_ROWS_VOCAB_MAJOR) == (batch * seq in (8, 32))
+
+    def loss(e, x):
+        out = mod.apply({"params": {"embedding": e}}, x, method=Embed.attend)
+        return jnp.sum(out * c), out
+
+    (_, out), (g_e, g_h) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
+        variables["params"]["embedding"], jnp.asarray(h))
+    e64, h64, c64 = emb.astype(np.float64), h.astype(np.float64), c.astype(np.float64)
+    assert out.shape == (batch, seq, vocab) and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), h64 @ e64.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(g_h), c64 @ e64, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g_e), np.einsum("bsv,bsd->vd", c64, h64), rtol=1e-5, atol=1e-4)

@@ -19,7 +19,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 
-
 def _module():
     return load_script("benchmarks/predict.py", "bench_predict_sbs")
 

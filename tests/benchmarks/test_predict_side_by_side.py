@@ -61,3 +61,7 @@ def test_side_by_side_refuses_greedy_with_several_samples():
         mod.main(["--models", "tiny", "--engines", "ours,hf_peft", "--samples", "2", "--greedy", "--users", "2"])
     with pytest.raises(SystemExit):
         mod.main(["--models", "tiny", "--engines", "ours,vllm", "--users", "2"])
+    for bad in (["--engines", "ours,hf_peft", "--prompt_mode", "full"], ["--hf_batch_size", "4"],
+                ["--engines", "ours,hf_peft", "--hf_batch_size", "-1"]):
+        with pytest.raises(SystemExit):
+            mod.main(["--models", "tiny", "--users", "2", *bad])

@@ -190,15 +190,14 @@ def test_tied_head_logits_and_gradients_equal_numpy(batch, seq):
     h = rng.normal(size=(batch, seq, dim)).astype(np.float32)
     c = rng.normal(size=(batch, seq, vocab)).astype(np.float32)
     mod = Embed(vocab, dim, jnp.float32)
-    variables = {"params": {"embedding": jnp.asarray(emb)}}
     assert (batch * seq <= ATTEND_ROWS_VOCAB_MAJOR) == (batch * seq in (8, 32))
 
     def loss(e, x):
         out = mod.apply({"params": {"embedding": e}}, x, method=Embed.attend)
         return jnp.sum(out * c), out
 
-    (_, out), (g_e, g_h) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
-        variables["params"]["embedding"], jnp.asarray(h))
+    (_, out), (g_e, g_h) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(jnp.asarray(emb),
+                                                                                           jnp.asarray(h))
     e64, h64, c64 = emb.astype(np.float64), h.astype(np.float64), c.astype(np.float64)
     assert out.shape == (batch, seq, vocab) and out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out), h64 @ e64.T, rtol=1e-5, atol=1e-5)

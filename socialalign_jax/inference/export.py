@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from socialalign_jax.core.atomic_io import atomic_files_into, write_json
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.inference.generation import sampling_config, stop_tokens_for
+from socialalign_jax.model import pac_lora
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.pac_lora import MODULE_BLOCK, LoraConfig
 from socialalign_jax.runs.restore import SKILL_FILE
-from socialalign_jax.weights.adapters import (_lora_to_json, _model_dims, fixed_lora, input_dependent_gates,
+from socialalign_jax.weights.adapters import (_lora_to_json, _model_dims, input_dependent_gates,
                                               peft_refusal)
 from socialalign_jax.weights.resolve import parse_spec, smollm2_path
 from socialalign_jax.weights.tokenizer import CHATML_TEMPLATE, ENDOFTEXT, IM_END
@@ -92,7 +92,8 @@ def merge_adapters(params, adapters, lc: LoraConfig, model_cfg: ModelConfig):
     """Base params with W' = W0 + s mean_i(A_i) mean_j(B_j) per layer and target (float32 sum, base dtype out).
 
     The mean is the fixed gate weight: 1/E for an ungated side, and 1 (E = 1) for a gated
-    single expert whose softmax is constant (adapters.fixed_lora).
+    single expert whose softmax is constant (`pac_lora.merged_kernel`, which the CPU decode loop
+    also uses).
     """
 
     why = merge_refusal(lc)
@@ -101,10 +102,8 @@ def merge_adapters(params, adapters, lc: LoraConfig, model_cfg: ModelConfig):
     out = jax.tree.map(lambda x: x, params)  # new dict containers; untouched leaves are shared
     for target in lc.targets:
         block = MODULE_BLOCK[target]
-        a, b = fixed_lora(adapters["layers"][block][target])  # [L, d_in, r], [L, r, d_out]
-        kernel = out["layers"][block][target]["kernel"]
-        delta = jnp.einsum("ldr,lre->lde", a, b, precision=jax.lax.Precision.HIGHEST) * lc.scale
-        out["layers"][block][target]["kernel"] = (jnp.asarray(kernel, jnp.float32) + delta).astype(kernel.dtype)
+        lin = out["layers"][block][target]
+        lin["kernel"] = pac_lora.merged_kernel(lin["kernel"], adapters["layers"][block][target], lc)  # [L, d_in, d_out]
     return out
 
 

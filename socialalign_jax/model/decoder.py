@@ -322,6 +322,50 @@ def unstack_adapters(adapters: dict | None, lora_cfg: LoraConfig | None) -> dict
                                                        lora_cfg) for i in range(n)])
 
 
+def decode_form(params: dict, adapters: dict | None, lora_cfg: LoraConfig | None):
+    """(params, adapters, lora_cfg) as the CPU decode loop reads them, made once before the loop.
+
+    - Per layer (`unstack_layers`), so no step slices the stacked weights.
+    - Adapters merged into the base kernels (`pac_lora.merged_kernel`) where every generated token's
+      gates are fixed (`pac_lora.decode_gates_fixed`: every routing but pooled; a generated token lies
+      after its prompt, outside both spans): the step then runs the base model alone, and the
+      returned adapters and lora_cfg are None. Pooled routing keeps its adapters per layer
+      (`unstack_adapters`). Up to float rounding the step computes what the unmerged step does.
+    - Every linear kernel (and an untied LM head) stored transposed, as 'kernel_t' [d_out, d_in],
+      so that a step's few rows take the weight-major product (`pac_lora.base_matmul`).
+
+    What it cost on 2 cores, a SmolLM2-135M step with PAC-LoRA 3x3 on every map: docs/benchmarks.md.
+    Only the unrolled decode loop reads this form (`sampling.generate` on CPUs); the scan on
+    accelerators keeps the stacked weights and the adapters as they are (no second copy of the
+    weights in device memory).
+    """
+    lc = lora_cfg if adapters is not None and lora_cfg is not None else None
+    merge = lc is not None and bool(lc.targets) and "layers" in adapters and pac_lora.decode_gates_fixed(lc)
+    layer_params = params["layers"]
+    if merge:
+        layer_params = {block: dict(maps) for block, maps in layer_params.items()}
+        for target in lc.targets:
+            block = pac_lora.MODULE_BLOCK[target]
+            lin = dict(layer_params[block][target])
+            lin["kernel"] = pac_lora.merged_kernel(lin["kernel"], adapters["layers"][block][target], lc)
+            layer_params[block][target] = lin
+    out = unstack_layers(dict(params, layers=layer_params))
+    out["layers"] = [_transposed_kernels(layer) for layer in out["layers"]]
+    if "lm_head" in out:
+        out["lm_head"] = {"kernel_t": jnp.transpose(out["lm_head"]["kernel"])}
+    if merge or lc is None:
+        return out, None, None
+    return out, unstack_adapters(adapters, lc), lc
+
+
+def _transposed_kernels(tree):
+    """Every linear map's {'kernel': [d_in, d_out], ...} as {'kernel_t': [d_out, d_in], ...}."""
+    if "kernel" in tree:
+        return {("kernel_t" if k == "kernel" else k): (jnp.transpose(v) if k == "kernel" else v)
+                for k, v in tree.items()}
+    return {k: _transposed_kernels(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
 _PER_LAYER_CACHE = ("k", "v", "shared_k", "shared_v")
 
 

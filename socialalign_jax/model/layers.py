@@ -37,6 +37,20 @@ def apply_rope(x, cos, sin):
     return out.astype(x.dtype)
 
 
+def weight_major_dot(x, w_t, preferred_element_type=None):
+    """x [B, S, D] times a weight stored [E, D] -> [B, S, E], formed weight-major: [E, D] x [D, B*S].
+
+    Why: for a few rows (a decode step) XLA:CPU's GEMM runs 1.3-2x faster with the weight as the
+    left-hand operand than as the right-hand one ([B*S, D] x [D, E]), whether the weight is the
+    tied LM head's [V, D] table (`modules.Embed.attend`) or a linear map stored transposed for the
+    decode loop (`decoder.decode_form`); docs/benchmarks.md has the measurements. The [E, B, S]
+    result is transposed after an optimization barrier, which keeps XLA from folding the transpose
+    back into the dot (and so back into the slow form).
+    """
+    out = jnp.einsum("ed,bsd->ebs", w_t, x, preferred_element_type=preferred_element_type)
+    return jnp.transpose(jax.lax.optimization_barrier(out), (1, 2, 0))
+
+
 def allowed_keys(q_pos, k_pos):
     """q_pos [B, S], k_pos [B, T] (-1 = empty or padding) -> [B, S, T] bool: a query sees every valid
     key at a position <= its own (the causal mask by absolute position, for a forward and a cache)."""

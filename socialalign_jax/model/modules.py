@@ -162,8 +162,7 @@ class Embed(nn.Module):
         """hidden [B, S, D] -> logits [B, S, V] float32 (the embedding's transpose).
 
         For a few rows (a decode step, a prefill's last tokens: B*S <= ATTEND_ROWS_VOCAB_MAJOR) the
-        product is formed vocab-major, [V, D] x [D, B*S], and transposed after an optimization
-        barrier (which keeps XLA from folding the transpose back into the dot): XLA:CPU's GEMM with
+        product is formed vocab-major (`layers.weight_major_dot`): XLA:CPU's GEMM with
         the [V, D] table as the right-hand operand ran 1.5-1.9x slower at 8 rows, which made the tied
         head most of a decode step (Qwen2.5-0.5B's 151,936 x 896 table at 8 rows: 42 -> 27 ms;
         SmolLM2's 49,152 x 576: 12.5 -> 6.7 ms; at 64 rows and more the plain form is faster).
@@ -171,8 +170,7 @@ class Embed(nn.Module):
         b, s, _ = hidden.shape
         emb = self.embedding.astype(hidden.dtype)
         if b * s <= ATTEND_ROWS_VOCAB_MAJOR:
-            out = jnp.einsum("vd,bsd->vbs", emb, hidden, preferred_element_type=jnp.float32)
-            return jnp.transpose(jax.lax.optimization_barrier(out), (1, 2, 0))
+            return layers.weight_major_dot(hidden, emb, preferred_element_type=jnp.float32)
         return jnp.einsum("bsd,vd->bsv", hidden, emb, preferred_element_type=jnp.float32)
 
 
@@ -188,15 +186,20 @@ class RMSNorm(nn.Module):
 
 
 class LMHead(nn.Module):
-    """Untied LM head kernel [D, V]."""
+    """Untied LM head kernel [D, V] (stored [V, D] as 'kernel_t' in the decode loop's form, which makes
+    its product for a decode step weight-major, as the tied head's is: `pac_lora.base_matmul`)."""
     dim: int
     vocab: int
     param_dtype: Any
 
     @nn.compact
     def __call__(self, hidden):
-        w = _param(self, "kernel", _normal002, (self.dim, self.vocab), self.param_dtype, ("embed", "vocab"))
-        return jnp.einsum("bsd,dv->bsv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        if self.has_variable("params", "kernel_t"):  # the decode loop's form, [V, D] (`decoder.decode_form`)
+            base = {"kernel_t": self.get_variable("params", "kernel_t")}
+        else:
+            base = {"kernel": _param(self, "kernel", _normal002, (self.dim, self.vocab), self.param_dtype,
+                                     ("embed", "vocab"))}
+        return pac_lora.base_matmul(hidden, base, preferred_element_type=jnp.float32)
 
 
 def _adapter_axis(base_axis: str) -> str:
@@ -239,8 +242,11 @@ class AdaptedLinear(nn.Module):
 
     @nn.compact
     def __call__(self, x, route, rng=None):
-        base = {"kernel": _param(self, "kernel", _normal002, (self.d_in, self.d_out), self.param_dtype,
-                                 (self.in_axis, self.out_axis))}
+        if self.has_variable("params", "kernel_t"):  # the decode loop's form, [d_out, d_in] (`decoder.decode_form`)
+            base = {"kernel_t": self.get_variable("params", "kernel_t")}
+        else:
+            base = {"kernel": _param(self, "kernel", _normal002, (self.d_in, self.d_out), self.param_dtype,
+                                     (self.in_axis, self.out_axis))}
         if self.use_bias:
             base["bias"] = _param(self, "bias", _normal002, (self.d_out,), self.param_dtype, (self.out_axis,))
         adapter = None

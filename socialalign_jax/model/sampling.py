@@ -264,7 +264,13 @@ def prefill(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_cf
     stats = out.gate_stats
     if head_stats is not None and stats is not None:
         stats = jax.tree.map(lambda h, c: h * r + c, head_stats, stats)
-    return Prefill(out.cache, out.hidden[:, -1], out.logits[:, 0], seen, stats, out.sentiment)
+    # Spans clipped to each prompt: what is generated after it is in neither span, however far the
+    # given spans reach (the prompt's own routing is unchanged: its positions are all below the end).
+    # So every generated token's gates are those of `pac_lora.decode_gates_fixed`.
+    end = out.cache["next_pos"]
+    cache = dict(out.cache, user_end=jnp.minimum(out.cache["user_end"], end),
+                 news_end=jnp.minimum(out.cache["news_end"], end))
+    return Prefill(cache, out.hidden[:, -1], out.logits[:, 0], seen, stats, out.sentiment)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lora_cfg", "scfg", "samples"))
@@ -309,13 +315,14 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
     seen = jnp.repeat(pre.seen, samples, axis=0)
     stops = jnp.asarray(scfg.stop_tokens or (-1,), jnp.int32)
 
-    # Decode steps on the CPU run the layers as a Python loop over weights sliced once here:
-    # a scan would copy every layer's weights out of the stack for every generated token.
+    # Decode steps on the CPU run the layers as a Python loop over weights prepared once here
+    # (`decoder.decode_form`: per layer, since a scan would copy every layer's weights out of the
+    # stack for every generated token; the adapters merged in where a generated token's gates are
+    # fixed; kernels transposed for the weight-major product), and the cache's k/v per layer too.
     unrolled = use_layer_loop(scfg)
-    step_params = decoder.unstack_layers(params) if unrolled else params
-    step_adapters = adapters
-    if unrolled:  # and the adapters and the cache's k/v per layer, read (and written) without copies
-        step_adapters = decoder.unstack_adapters(adapters, lora_cfg)
+    step_params, step_adapters, step_lc = params, adapters, lora_cfg
+    if unrolled:
+        step_params, step_adapters, step_lc = decoder.decode_form(params, adapters, lora_cfg)
         cache = decoder.unstack_cache(cache)
     state = dict(step=jnp.zeros((), jnp.int32), cache=cache, logits=logits, seen=seen,
                  tokens=jnp.full((rows, max_new), scfg.pad_id, jnp.int32),
@@ -337,7 +344,7 @@ def generate(params, adapters, prompt_ids, prompt_mask, cfg: ModelConfig, lora_c
         done = s["done"] | jnp.isin(tok, stops)
         seen = s["seen"].at[jnp.arange(rows), tok].set(True)
         # Finished rows keep decoding (lockstep) but their output is padding.
-        step_out = decoder.forward(step_params, tok[:, None], cfg, adapters=step_adapters, lora_cfg=lora_cfg,
+        step_out = decoder.forward(step_params, tok[:, None], cfg, adapters=step_adapters, lora_cfg=step_lc,
                                    cache=s["cache"], logits_at="last")
         return dict(step=s["step"] + 1, cache=step_out.cache, logits=step_out.logits[:, 0], seen=seen,
                     tokens=tokens, done=done, lengths=s["lengths"] + live.astype(jnp.int32))

@@ -38,7 +38,7 @@ from safetensors.numpy import save as safetensors_bytes
 
 from socialalign_jax.core.atomic_io import write_bytes, write_json
 from socialalign_jax.core.errors import UserError
-from socialalign_jax.model import names
+from socialalign_jax.model import names, pac_lora
 from socialalign_jax.model.config import ModelConfig
 from socialalign_jax.model.decoder import init_adapters
 from socialalign_jax.model.pac_lora import ALL_TARGETS, MODULE_BLOCK, LoraConfig
@@ -93,10 +93,8 @@ def fixed_lora(module_adapter: dict) -> tuple[np.ndarray, np.ndarray]:
     expert mean either way: delta = s x mean_i(A_i) mean_j(B_j). Callers check
     input_dependent_gates first.
     """
-    a = np.asarray(module_adapter["A"], np.float32)
-    b = np.asarray(module_adapter["B"], np.float32)
-    return (a[:, 0] if a.shape[1] == 1 else a.mean(axis=1, dtype=np.float32),
-            b[:, 0] if b.shape[1] == 1 else b.mean(axis=1, dtype=np.float32))
+    a, b = pac_lora.fixed_factors(module_adapter)
+    return np.asarray(a), np.asarray(b)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -141,7 +141,8 @@ def test_fuse_base_branches_in_float32_and_bfloat16(routing):
 
 @pytest.mark.parametrize("dtype,tol", [("float32", F32_TOL), ("bfloat16", BF16_RTOL)])
 def test_layer_loop_branches_prefill_and_decode(dtype, tol):
-    """The decode step through the stacked scan (cache in the carry) and the unrolled loop."""
+    """The decode step through the stacked scan (cache in the carry) and the unrolled loop, over sliced
+    weights and over `decoder.decode_form`'s (kernels transposed; pooled routing keeps its adapters)."""
     lc = LoraConfig(routing="pooled", dropout=0.0, targets=("q", "v", "up"))
     cfg = CFG.replace(dtype=dtype, param_dtype=dtype)
     params = decoder.init_params(CFG, jax.random.PRNGKey(0))
@@ -159,28 +160,48 @@ def test_layer_loop_branches_prefill_and_decode(dtype, tol):
         out2 = decoder.forward(p, nxt, cfg, adapters=ad, lora_cfg=lc, cache=out.cache)
         return out.logits, out2.logits, out2.cache["k"]
 
+    @jax.jit
+    def run_decode_form(p, form):  # prefill stacked, then a step over `decoder.decode_form`'s weights
+        cache = decoder.init_cache(cfg, 2, 16, lc)
+        out = decoder.forward(p, ids, cfg, attention_mask=mask, adapters=ad, lora_cfg=lc, spans=spans, cache=cache)
+        out2 = decoder.forward(form[0], nxt, cfg, adapters=form[1], lora_cfg=lc, cache=out.cache)
+        return out.logits, out2.logits, out2.cache["k"]
+
+    form = decoder.decode_form(params, ad, lc)  # pooled: adapters kept (per layer), kernels transposed
+    assert form[2] == lc and "kernel_t" in form[0]["layers"][0]["attn"]["q"]
+    assert form[0]["layers"][0]["attn"]["q"]["kernel_t"].dtype == jnp.dtype(dtype)
     scan = run(params)
-    unrolled = run(decoder.unstack_layers(params))
-    for a, b in zip(scan, unrolled):  # prefill logits, decode logits, the written cache
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                   atol=tol * float(np.abs(np.asarray(b, np.float32)).max()), rtol=0)
+    others = (run(decoder.unstack_layers(params)), run_decode_form(params, form[:2]))
+    for other in others:
+        for a, b in zip(scan, other):  # prefill logits, decode logits, the written cache
+            np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                       atol=tol * float(np.abs(np.asarray(b, np.float32)).max()), rtol=0)
     # and against a cache-free full forward over prompt + token in float32
     full = jnp.concatenate([ids, nxt], axis=1)
     fmask = jnp.concatenate([mask, jnp.ones((2, 1), jnp.int32)], axis=1)
     params32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
     want = decoder.forward(params32, full, CFG, attention_mask=fmask, adapters=ad, lora_cfg=lc,
                            spans=spans).logits[:, -1]
-    for got in (scan[1], unrolled[1]):
+    for got in (scan[1], *(o[1] for o in others)):
         assert _rel(got[:, 0], want) <= tol
 
 
 def test_generate_layer_loops_emit_the_same_tokens():
+    """The scan decodes with the adapters as they are, the CPU loop with them merged into the kernels
+    (`decoder.decode_form`): the same greedy tokens, also where a given span reaches past the prompt
+    (row 1's news ends at 12 of 8 tokens: `sampling.prefill` clips it, so no generated token is news)."""
     lc = LoraConfig(dropout=0.0, targets=("q", "o", "down"))
     params = decoder.init_params(CFG, jax.random.PRNGKey(0))
     ad = _adapters(lc)
     ids = np.asarray(jax.random.randint(jax.random.PRNGKey(4), (2, 8), 1, CFG.vocab_size), np.int32)
     mask = np.ones_like(ids)
-    spans = (np.array([2, 3], np.int32), np.array([5, 6], np.int32))
+    mask[0, :2] = 0  # row 0: 6 real tokens, left-padded
+    spans = (np.array([2, 3], np.int32), np.array([5, 12], np.int32))
+    pre = sampling.prefill(params, ad, jnp.asarray(ids), jnp.asarray(mask), CFG, lc, spans, 4)
+    np.testing.assert_array_equal(np.asarray(pre.cache["news_end"]), [5, 8])
+    np.testing.assert_array_equal(np.asarray(pre.cache["user_end"]), [2, 3])
+    clipped = sampling.prefill(params, ad, jnp.asarray(ids), jnp.asarray(mask), CFG, lc, (spans[0], np.array([5, 8])), 4)
+    np.testing.assert_array_equal(np.asarray(pre.logits), np.asarray(clipped.logits))  # the prompt's routing is kept
     toks = {}
     for loop in ("scan", "unrolled"):
         scfg = sampling.SamplingConfig(greedy=True, max_new_tokens=6, stop_tokens=(), layer_loop=loop)

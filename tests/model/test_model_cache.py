@@ -78,13 +78,21 @@ def _batch(rng, vocab, padding=PADDING):
     return p_ids, p_mask, f_ids, f_mask, gen, col0
 
 
-@pytest.mark.parametrize("family,layout", [("qwen2", "stacked"), ("llama", "stacked"), ("qwen2", "unstacked")])
+@pytest.mark.parametrize("family,layout", [("qwen2", "stacked"), ("llama", "stacked"), ("qwen2", "unstacked"),
+                                           ("qwen2", "decode_form"), ("llama", "decode_form")])
 def test_cached_decode_equals_full_forward(family, layout):
-    """`unstacked`: the decode steps run the layers as a Python loop (decoder.unstack_layers, what
-    sampling.generate does on the CPU) and update the stacked cache in place."""
+    """`unstacked`: the decode steps run the layers as a Python loop (decoder.unstack_layers) and
+    update the stacked cache in place; `decode_form`: over the weights sampling.generate's CPU loop
+    reads (decoder.decode_form: per layer, kernels and the untied LM head stored transposed)."""
     cfg = CONFIGS[family]
     params = random_params(cfg, seed=3)
-    step_params = decoder.unstack_layers(params) if layout == "unstacked" else params
+    step_params = {"stacked": params, "unstacked": decoder.unstack_layers(params)}.get(layout)
+    if layout == "decode_form":
+        step_params, no_adapters, no_lc = decoder.decode_form(params, None, None)
+        assert no_adapters is None and no_lc is None
+        down = step_params["layers"][0]["mlp"]["down"]
+        assert "kernel_t" in down and "kernel" not in down
+        assert ("lm_head" in step_params) == (not cfg.tie_embeddings)
     rng = np.random.default_rng(7)
     p_ids, p_mask, f_ids, f_mask, gen, col0 = _batch(rng, cfg.vocab_size)
     assert {"left", "right"} <= {pad for pad, n in zip(PADDING, PROMPT_LENS) if n < MAX_PROMPT}

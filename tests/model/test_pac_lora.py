@@ -220,6 +220,29 @@ def test_token_mode_gates_are_exactly_uniform_outside_their_span():
     assert np.abs(gb[seg == USER] - ub).max() > 1e-3
 
 
+@pytest.mark.parametrize("rows", [3, 70])  # the weight-major product (<= WEIGHT_MAJOR_ROWS) and the plain one
+@pytest.mark.parametrize("mode", [m for m in pac_lora.ROUTING_MODES if m != "pooled"])
+def test_merged_decode_form_equals_reference_after_the_prompt(mode, rows):
+    """A generated token lies outside both spans; there every non-pooled gate is fixed, so the decode
+    loop runs the map as one merged kernel stored transposed (`pac_lora.merged_kernel`, 'kernel_t',
+    `decoder.decode_form`). It equals the float64 SPEC reference of the adapted map on such tokens."""
+    assert rows > 1 and (rows <= pac_lora.WEIGHT_MAJOR_ROWS) == (rows == 3)
+    rng = np.random.default_rng(7)
+    p = _params(rng)
+    lc = _lc(mode)
+    assert pac_lora.decode_gates_fixed(lc)
+    x = rng.normal(0, 1.0, (rows, 1, D_IN))
+    seg = np.full((rows, 1), OTHER)
+    want = ref_layer(x, p, seg, mode, lc.scale)
+    base, adapter = _to_jax(p)
+    form = {"kernel_t": jnp.transpose(pac_lora.merged_kernel(base["kernel"], adapter, lc)), "bias": base["bias"]}
+    route = {"seg": jnp.asarray(seg, jnp.int32), "valid": jnp.ones((rows, 1), bool), "deterministic": True}
+    got, stats, _ = pac_lora.adapted_linear(jnp.asarray(x, jnp.float32), form, None, None, route)
+    assert stats is None
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    assert np.abs(want - (x @ p["W0"] + p["b0"])).max() > 1e-2  # the adapter changes the output
+
+
 def _walk_shapes(jaxpr, out):
     for eqn in jaxpr.eqns:
         for v in eqn.outvars:

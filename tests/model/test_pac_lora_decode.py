@@ -141,6 +141,37 @@ def test_cached_decode_matches_full_forward(mode):
             np.testing.assert_array_equal(st[name]["count"], np.tile([0, 0, len(PROMPT_LENS)], (CFG.num_layers, 1)))
 
 
+@pytest.mark.parametrize("mode", pac_lora.ROUTING_MODES)
+def test_decode_form_matches_full_forward(mode):
+    """The weights the CPU decode loop reads (`decoder.decode_form`: the adapters merged into the
+    kernels wherever a generated token's gates are fixed, every mode but pooled; kernels stored
+    transposed) decode as the full forward does, token by token, with gates that are far from
+    uniform inside the spans (so merging with the experts' mean is right only outside them)."""
+    lc = LoraConfig(num_analyze=3, num_compose=2, rank=4, alpha=8.0, dropout=0.1, gate_width=16,
+                    routing=mode, num_classes=0, targets=("q", "v", "o", "down"))
+    adapters = _adapters(lc)
+    p_ids, p_mask, _, gen, _ = _inputs()
+    fwd = jax.jit(decoder.forward, static_argnames=("cfg", "lora_cfg"))
+    cache = decoder.init_cache(CFG, len(PROMPT_LENS), MAX_PROMPT + N_GEN, lc)
+    cache = fwd(CFG_PARAMS, jnp.asarray(p_ids), CFG, attention_mask=jnp.asarray(p_mask), adapters=adapters,
+                lora_cfg=lc, spans=(jnp.asarray(USER_END), jnp.asarray(NEWS_END)), cache=cache).cache
+    step_params, step_adapters, step_lc = decoder.decode_form(CFG_PARAMS, adapters, lc)
+    merged = mode != "pooled"
+    assert (step_adapters is None and step_lc is None) == merged
+    q = step_params["layers"][1]["attn"]["q"]
+    assert q["kernel_t"].shape == (CFG.num_heads * CFG.head_dim, CFG.hidden_size) and "bias" in q
+    # merged: W0 + s mean(A) mean(B), which differs from W0 (B is random): the adapters are in the weights
+    w0 = np.asarray(CFG_PARAMS["layers"]["attn"]["q"]["kernel"][1]).T
+    assert (np.abs(np.asarray(q["kernel_t"]) - w0).max() > 1e-3) == merged
+    full_logits = _run(mode)[0]
+    for i in range(N_GEN):
+        out = fwd(step_params, jnp.asarray(gen[:, i:i + 1]), CFG, adapters=step_adapters, lora_cfg=step_lc,
+                  cache=cache)
+        cache = out.cache
+        np.testing.assert_allclose(np.asarray(out.logits)[:, 0], full_logits[i], rtol=0, atol=2e-5,
+                                   err_msg=f"{mode} step {i}")
+
+
 def test_pooled_decode_uses_prompt_summaries_not_uniform():
     """In pooled mode the decoded tokens must carry the prompt's routing, which is not uniform."""
     _, _, _, dec_tok, _, _ = _run("pooled")

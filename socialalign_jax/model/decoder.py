@@ -341,16 +341,17 @@ def decode_form(params: dict, adapters: dict | None, lora_cfg: LoraConfig | None
     """
     lc = lora_cfg if adapters is not None and lora_cfg is not None else None
     merge = lc is not None and bool(lc.targets) and "layers" in adapters and pac_lora.decode_gates_fixed(lc)
-    layer_params = params["layers"]
-    if merge:
-        layer_params = {block: dict(maps) for block, maps in layer_params.items()}
-        for target in lc.targets:
+    out = unstack_layers(params)
+    layers = []
+    for i, layer in enumerate(out["layers"]):  # layer by layer: no second stacked copy of the weights
+        layer = {block: dict(maps) for block, maps in layer.items()}
+        for target in lc.targets if merge else ():
             block = pac_lora.MODULE_BLOCK[target]
-            lin = dict(layer_params[block][target])
-            lin["kernel"] = pac_lora.merged_kernel(lin["kernel"], adapters["layers"][block][target], lc)
-            layer_params[block][target] = lin
-    out = unstack_layers(dict(params, layers=layer_params))
-    out["layers"] = [_transposed_kernels(layer) for layer in out["layers"]]
+            adapter = jax.tree.map(lambda a, i=i: a[i], adapters["layers"][block][target])
+            layer[block][target] = dict(layer[block][target],
+                                        kernel=pac_lora.merged_kernel(layer[block][target]["kernel"], adapter, lc))
+        layers.append(_transposed_kernels(layer))
+    out["layers"] = layers
     if "lm_head" in out:
         out["lm_head"] = {"kernel_t": jnp.transpose(out["lm_head"]["kernel"])}
     if merge or lc is None:

@@ -300,8 +300,8 @@ def gate_stats_of(intermediates, unrolled: bool) -> dict:
 def unstack_layers(params: dict) -> dict:
     """params with 'layers' as a list of per-layer trees: the form `forward` runs as a Python loop.
 
-    Do it once, outside the decode loop (`sampling.generate` does on the CPU): the slices are
-    copies, made once instead of once per generated token.
+    Do it once, outside the decode loop (`decode_form` does, for `sampling.generate` on the CPU):
+    the slices are copies, made once instead of once per generated token.
     """
     n = jax.tree.leaves(params["layers"])[0].shape[0]
     return dict(params, layers=[jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(n)])
@@ -311,8 +311,8 @@ def unstack_adapters(adapters: dict | None, lora_cfg: LoraConfig | None) -> dict
     """adapters with 'layers' as a list of per-layer trees in their decode form (`pac_lora.decode_form`):
     what the unrolled layers read without slicing or rebuilding anything.
 
-    Do it once, outside the decode loop (`sampling.generate` does with the unrolled layers), as
-    `unstack_layers` does for the base weights: sliced and prepared inside the loop, every
+    Do it once, outside the decode loop (`decode_form` does for pooled routing, whose adapters are
+    not merged), as `unstack_layers` does for the base weights: sliced and prepared inside the loop, every
     adapted map's variables would be copied at every generated token.
     """
     if adapters is None or lora_cfg is None or "layers" not in adapters or isinstance(adapters["layers"], list):

@@ -347,7 +347,7 @@ def decode_form(params: dict, adapters: dict | None, lora_cfg: LoraConfig | None
         layer = {block: dict(maps) for block, maps in layer.items()}
         for target in lc.targets if merge else ():
             block = pac_lora.MODULE_BLOCK[target]
-            adapter = jax.tree.map(lambda a, i=i: a[i], adapters["layers"][block][target])
+            adapter = {k: adapters["layers"][block][target][k][i] for k in ("A", "B")}  # all merging reads
             layer[block][target] = dict(layer[block][target],
                                         kernel=pac_lora.merged_kernel(layer[block][target]["kernel"], adapter, lc))
         layers.append(_transposed_kernels(layer))

@@ -141,7 +141,8 @@ def _cache_var(mod: nn.Module, name: str, make, axes):
 # ----------------------------------------------------------------------------- base modules
 
 
-# Tied LM head: up to this many rows (batch x tokens) the logits are formed vocab-major (Embed.attend).
+# LM head: up to this many rows (batch x tokens) the logits are formed vocab-major (Embed.attend for the
+# tied head; LMHead in the decode loop's form, whose untied kernel is stored [V, D] like the table).
 ATTEND_ROWS_VOCAB_MAJOR = 32
 
 
@@ -199,7 +200,8 @@ class LMHead(nn.Module):
         else:
             base = {"kernel": _param(self, "kernel", _normal002, (self.dim, self.vocab), self.param_dtype,
                                      ("embed", "vocab"))}
-        return pac_lora.base_matmul(hidden, base, preferred_element_type=jnp.float32)
+        return pac_lora.base_matmul(hidden, base, preferred_element_type=jnp.float32,
+                                    weight_major_rows=ATTEND_ROWS_VOCAB_MAJOR)
 
 
 def _adapter_axis(base_axis: str) -> str:

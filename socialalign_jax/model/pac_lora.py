@@ -342,16 +342,17 @@ def summarize_gate_stats(stats: dict, *, pool: bool = False) -> dict:
 WEIGHT_MAJOR_ROWS = 64
 
 
-def base_matmul(x, base: dict, preferred_element_type=None):
+def base_matmul(x, base: dict, preferred_element_type=None, weight_major_rows: int = WEIGHT_MAJOR_ROWS):
     """x [B, S, d_in] @ the frozen kernel -> [B, S, d_out] (no bias).
 
     base holds 'kernel' [d_in, d_out] (as declared), or in the decode loop's form 'kernel_t'
     [d_out, d_in] (`decoder.decode_form`, stored transposed once before the loop), whose product
-    is formed weight-major for a few rows (`layers.weight_major_dot`).
+    is formed weight-major up to `weight_major_rows` rows (`layers.weight_major_dot`; an LM head
+    passes its own crossover, `modules.ATTEND_ROWS_VOCAB_MAJOR`).
     """
     if "kernel_t" in base:
         w_t = base["kernel_t"].astype(x.dtype)
-        if x.shape[0] * x.shape[1] <= WEIGHT_MAJOR_ROWS:
+        if x.shape[0] * x.shape[1] <= weight_major_rows:
             return layers.weight_major_dot(x, w_t, preferred_element_type)
         return jnp.einsum("bsd,ed->bse", x, w_t, preferred_element_type=preferred_element_type)
     return jnp.einsum("bsd,de->bse", x, base["kernel"].astype(x.dtype), preferred_element_type=preferred_element_type)

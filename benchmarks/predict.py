@@ -339,7 +339,7 @@ class SideBySide:
         from socialalign_jax.predict.predictor import default_topic
 
         import numpy as np
-        ex = self.predictor.build_prompts(NEWS, default_topic(NEWS), users)
+        ex = self.predictor.build_prompts([NEWS], default_topic(NEWS), users)[0]
         return [np.asarray(e["input_ids"])[:int(e["prompt_len"])] for e in ex]
 
     def per_call(self, engine: str) -> int:

@@ -93,7 +93,7 @@ def post_document(post: HistoryPost) -> str:
 
 def select_history(
     posts: Sequence[HistoryPost],
-    news: str,
+    news: str | Sequence[str],
     k: int = 5,
     exclude_text: str | None = None,
     k1: float = K1,
@@ -101,16 +101,21 @@ def select_history(
 ) -> list[HistoryPost]:
     """Top-``k`` posts by BM25 against ``news``, best first (ties keep timeline order).
 
-    Dropped before ranking: hashtag-only posts, and every post whose text equals
-    ``exclude_text`` (the target post must never appear in its own history). Fewer than
-    ``k`` survivors are all returned. Reads at most MAX_QUERY_CHARS of the news and
-    MAX_DOC_CHARS of each post (see the module docstring).
+    ``news`` may be several wordings of one news item: a post's score is then the sum of its
+    scores against each wording, so one history serves every wording and no wording (nor
+    their order) is favoured; one wording is the plain BM25 ranking. Dropped before ranking:
+    hashtag-only posts, and every post whose text equals ``exclude_text`` (the target post
+    must never appear in its own history). Fewer than ``k`` survivors are all returned.
+    Reads at most MAX_QUERY_CHARS of each wording and MAX_DOC_CHARS of each post (see the
+    module docstring).
     """
+    wordings = [news] if isinstance(news, str) else list(news)
     target = exclude_text.strip() if exclude_text is not None else None
     kept = [p for p in posts if not is_hashtag_only(p) and (target is None or p.text.strip() != target)]
     if not kept:
         return []
     docs = [_tokenize_cached(post_document(p)[:MAX_DOC_CHARS]) for p in kept]
-    scores = BM25(docs, k1, b).scores(_tokenize_cached(news[:MAX_QUERY_CHARS]))
+    index = BM25(docs, k1, b)
+    scores = sum(index.scores(_tokenize_cached(w[:MAX_QUERY_CHARS])) for w in wordings)
     order = sorted(range(len(kept)), key=lambda i: (-scores[i], i))
     return [kept[i] for i in order[:k]]

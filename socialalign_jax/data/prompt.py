@@ -327,11 +327,14 @@ def _case_index(case: Case, event: Event) -> int | None:
     return next((i for i, c in enumerate(event.cases) if c is case), None)
 
 
-def select_case_history(case: Case, event: Event, num_history: int) -> list[HistoryPost]:
-    """The posts the prompt shows: as given when pre-selected, else BM25 against the news."""
+def select_case_history(case: Case, event: Event | Sequence[Event], num_history: int) -> list[HistoryPost]:
+    """The posts the prompt shows: as given when pre-selected, else BM25 against the news (against
+    every wording's news when given several events: `bm25.select_history`'s summed score)."""
     if case.history_is_selected:
         return list(case.history[:num_history])
-    return select_history(case.history, event.news, k=num_history, exclude_text=case.weibo)
+    events = [event] if isinstance(event, Event) else list(event)
+    news = events[0].news if len(events) == 1 else [e.news for e in events]
+    return select_history(case.history, news, k=num_history, exclude_text=case.weibo)
 
 
 def build_example(
@@ -350,16 +353,46 @@ def build_example(
     example raises ``PromptTooLong`` or, with ``on_overflow="skip"``, returns None and is
     counted in ``stats``. ``include_response=False`` gives the prompt alone (generation).
     """
-    record = _case_index(case, event)
+    out = build_examples(case, [event], tokenizer, cfg, stats, include_response)
+    return None if out is None else out[0]
+
+
+def build_examples(
+    case: Case,
+    events: Sequence[Event],
+    tokenizer,
+    cfg: PromptConfig = PromptConfig(),
+    stats: BuildStats | None = None,
+    include_response: bool = True,
+) -> list[dict] | None:
+    """One example per event for one user, every one with the same user span: `build_example`
+    for W wordings of one news item (a framing comparison: each `Event` holds one wording).
+
+    Why one user span: the wordings' crowds should differ by the wording alone, so the user's
+    history is chosen once (BM25 against all wordings, summed) and cut once, to the tightest cut
+    that lets every wording fit (the largest caps under which all of them fit). The prompts are
+    then equal token for token up to the news marker, so a generator can prefill that head once
+    for all W (`generation.sample_rows(group_size=W)`). A user's prompts fit together or not at
+    all: an overflow raises for the wording that does not fit, or (``on_overflow="skip"``)
+    returns None and counts one skip per wording. One event is exactly `build_example`.
+    """
+    events = list(events)
+    if not events:
+        raise ValueError("build_examples needs at least one event")
     if case.raw_prompt is not None:
+        if len(events) > 1:
+            raise ValueError("a record's own prompt has one wording; give one event")
         if cfg.mode != "full":
-            raise DataError(event.source, f"mode {cfg.mode!r} needs a prompt that parses into fields", record, "instruction")
+            event = events[0]
+            raise DataError(event.source, f"mode {cfg.mode!r} needs a prompt that parses into fields",
+                            _case_index(case, event), "instruction")
         posts, persona = [], None
     else:
         if case.prompt_mode is not None and cfg.mode not in _RENDERABLE_FROM[case.prompt_mode]:
+            event = events[0]
             raise DataError(event.source, f"the record's prompt is in mode {case.prompt_mode!r}, which lacks what mode "
-                            f"{cfg.mode!r} shows", record, "instruction")
-        posts = [] if cfg.mode == "without_history" else select_case_history(case, event, cfg.num_history)
+                            f"{cfg.mode!r} shows", _case_index(case, event), "instruction")
+        posts = [] if cfg.mode == "without_history" else select_case_history(case, events, cfg.num_history)
         persona = None if cfg.mode == "without_persona" else case.persona
 
     resp_ids: list[int] = []
@@ -372,18 +405,20 @@ def build_example(
     # The words of an error: a built example has a response and a build setting (on_overflow) that
     # may skip it; a prompt alone (prediction) has neither.
     with_response = f" + {len(resp_ids)} response" if include_response else ""
-    if case.raw_prompt is None and news_token_count(tokenizer, event.news) > budget + NEWS_BOUNDARY_SLACK:
-        what = (f"the news alone has {news_token_count(tokenizer, event.news)} tokens"
-                + (f"; with the {len(resp_ids)} response tokens it" if include_response else ", which")
-                + f" exceeds max_length {cfg.max_length} (the news is never cut)")
-        return overflow(PromptTooLong(event.source, what, record, "news"), cfg, stats, include_response)
+    for event in events:
+        if case.raw_prompt is None and news_token_count(tokenizer, event.news) > budget + NEWS_BOUNDARY_SLACK:
+            what = (f"the news alone has {news_token_count(tokenizer, event.news)} tokens"
+                    + (f"; with the {len(resp_ids)} response tokens it" if include_response else ", which")
+                    + f" exceeds max_length {cfg.max_length} (the news is never cut)")
+            err = PromptTooLong(event.source, what, _case_index(case, event), "news")
+            return overflow(err, cfg, stats, include_response, count=len(events))
 
-    def encode(h_cap: int | None, p_cap: int | None):
+    def encode(event: Event, h_cap: int | None, p_cap: int | None):
         if case.raw_prompt is not None:
             chars = marker_offsets(case.raw_prompt)
             if chars is None:
                 raise DataError(event.source, f"prompt lacks the markers {USER_MARKER!r} and {NEWS_MARKER!r} "
-                                "(in that order)", record, "instruction")
+                                "(in that order)", _case_index(case, event), "instruction")
             r = RenderedPrompt(case.raw_prompt, *chars)
         else:
             r = render_user_prompt(case.user_name, posts, persona, event.news, event.topic, cfg.mode, h_cap, p_cap)
@@ -391,13 +426,13 @@ def build_example(
         base = full.rindex(r.text + IM_END)  # where the user turn starts (not a copy in the system turn)
         return encode_with_spans(tokenizer, full, base + r.user_char, base + r.news_char)
 
-    ids, user_end, news_end = encode(None, None)
+    encoded = [encode(e, None, None) for e in events]
     pieces = [len(s) for p in posts for s in (p.text, p.retweet) if s]
     p_len = len(clean_persona(persona)) if cfg.mode != "without_persona" else 0
     h_cap = p_cap = None
 
-    def fits(h, p) -> bool:
-        return len(encode(h, p)[0]) <= budget
+    def fits(h, p) -> bool:  # every wording fits under these caps
+        return all(len(encode(e, h, p)[0]) <= budget for e in events)
 
     def largest_fitting(hi: int, probe) -> int | None:
         """Largest cap in [0, hi) that fits (binary search); None if even 0 does not."""
@@ -412,7 +447,7 @@ def build_example(
                 hi = mid - 1
         return lo
 
-    need_persona_cut = len(ids) > budget
+    need_persona_cut = any(len(ids) > budget for ids, _, _ in encoded)
     if need_persona_cut and pieces:
         h_cap = largest_fitting(max(pieces), lambda c: fits(c, None))
         need_persona_cut = h_cap is None
@@ -421,49 +456,51 @@ def build_example(
         p_cap = largest_fitting(p_len, lambda c: fits(h_cap, c))
         p_cap = 0 if p_cap is None else p_cap
     if h_cap is not None or p_cap is not None:
-        ids, user_end, news_end = encode(h_cap, p_cap)
+        encoded = [encode(e, h_cap, p_cap) for e in events]
 
-    if len(ids) > budget:
-        err = PromptTooLong(
-            event.source,
-            f"{len(ids)} prompt{with_response} tokens exceed max_length {cfg.max_length} "
-            f"even with history and persona cut",
-            record,
-            "weibo" if include_response else "news",
-        )
-        return overflow(err, cfg, stats, include_response)
+    for event, (ids, _, _) in zip(events, encoded):
+        if len(ids) > budget:
+            err = PromptTooLong(
+                event.source,
+                f"{len(ids)} prompt{with_response} tokens exceed max_length {cfg.max_length} "
+                f"even with history and persona cut",
+                _case_index(case, event),
+                "weibo" if include_response else "news",
+            )
+            return overflow(err, cfg, stats, include_response, count=len(events))
 
     h_cut = sum(max(0, n - h_cap) for n in pieces) if h_cap is not None else 0
     p_cut = max(0, p_len - p_cap) if p_cap is not None else 0
     if stats is not None:
-        stats.built += 1
-        stats.history_truncated += int(h_cut > 0)
-        stats.history_chars_cut += h_cut
-        stats.persona_truncated += int(p_cut > 0)
-        stats.persona_chars_cut += p_cut
+        n_ex = len(events)
+        stats.built += n_ex
+        stats.history_truncated += n_ex * int(h_cut > 0)
+        stats.history_chars_cut += n_ex * h_cut
+        stats.persona_truncated += n_ex * int(p_cut > 0)
+        stats.persona_chars_cut += n_ex * p_cut
 
-    n_prompt = len(ids)
-    return dict(
+    return [dict(
         input_ids=np.asarray(list(ids) + list(resp_ids), dtype=np.int32),  # [n]
-        loss_mask=np.asarray([0] * n_prompt + [1] * len(resp_ids), dtype=np.int32),  # [n]
+        loss_mask=np.asarray([0] * len(ids) + [1] * len(resp_ids), dtype=np.int32),  # [n]
         user_end=user_end,
         news_end=news_end,
-        prompt_len=n_prompt,
+        prompt_len=len(ids),
         n_truncated_history_chars=h_cut,
-    )
+    ) for ids, user_end, news_end in encoded]
 
 
-def overflow(err: "PromptTooLong", cfg: PromptConfig, stats: "BuildStats | None", building: bool = True):
+def overflow(err: "PromptTooLong", cfg: PromptConfig, stats: "BuildStats | None", building: bool = True,
+             count: int = 1):
     """An example that cannot fit even after cutting what may be cut: raise it, or count the skip
-    (on_overflow='skip') so the build summary reports it; returns None for the caller to return.
-    `building`: a dataset build, whose error says how to go on (a prompt alone raises `err` as is:
-    its caller knows what to advise)."""
+    (on_overflow='skip'; `count` examples, a user's wordings skipped together) so the build summary
+    reports it; returns None for the caller to return. `building`: a dataset build, whose error says
+    how to go on (a prompt alone raises `err` as is: its caller knows what to advise)."""
     if cfg.on_overflow == "raise":  # say how to go on: a longer max_length, or skip and count such cases
         if not building:
             raise err
         raise PromptTooLong(err.file, f"{err.what} (raise max_length, or set on_overflow to skip to leave such "
                             "cases out and count them)", err.record, err.field)
     if stats is not None:
-        stats.skipped_too_long += 1
+        stats.skipped_too_long += count
         stats.skipped.append(str(err))
     return None

@@ -308,8 +308,8 @@ def unstack_layers(params: dict) -> dict:
 
 
 def unstack_adapters(adapters: dict | None, lora_cfg: LoraConfig | None) -> dict | None:
-    """adapters with 'layers' as a list of per-layer trees in their decode form (`pac_lora.decode_form`):
-    what the unrolled layers read without slicing or rebuilding anything.
+    """adapters with 'layers' as a list of per-layer trees, each map's projection made once
+    (`pac_lora.with_projections`): what the unrolled layers read without slicing or rebuilding anything.
 
     Do it once, outside the decode loop (`decode_form` does for pooled routing, whose adapters are
     not merged), as `unstack_layers` does for the base weights: sliced and prepared inside the loop, every
@@ -318,8 +318,8 @@ def unstack_adapters(adapters: dict | None, lora_cfg: LoraConfig | None) -> dict
     if adapters is None or lora_cfg is None or "layers" not in adapters or isinstance(adapters["layers"], list):
         return adapters
     n = jax.tree.leaves(adapters["layers"])[0].shape[0]
-    return dict(adapters, layers=[pac_lora.decode_form(jax.tree.map(lambda a, i=i: a[i], adapters["layers"]),
-                                                       lora_cfg) for i in range(n)])
+    return dict(adapters, layers=[pac_lora.with_projections(jax.tree.map(lambda a, i=i: a[i], adapters["layers"]),
+                                                            lora_cfg) for i in range(n)])
 
 
 def decode_form(params: dict, adapters: dict | None, lora_cfg: LoraConfig | None):

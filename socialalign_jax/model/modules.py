@@ -263,7 +263,7 @@ class AdaptedLinear(nn.Module):
                 "gate_a": Gate(self.d_in, g, ea, a_in, name="gate_a")(),
                 "gate_b": Gate(self.d_in, g, eb, a_in, name="gate_b")(),
             }
-            if self.has_variable("lora", "proj"):  # made once before a decode loop (`pac_lora.decode_form`)
+            if self.has_variable("lora", "proj"):  # made once before a decode loop (`pac_lora.with_projections`)
                 adapter["proj"] = self.get_variable("lora", "proj")
         stored = None
         if adapter is not None and lc.routing == "pooled" and route.get("cached", False):

@@ -173,7 +173,7 @@ def projection(adapter: dict, lc: LoraConfig, dt=None):
     return jnp.concatenate(cols, axis=1) if len(cols) > 1 else cols[0]
 
 
-def decode_form(layer_adapters, lc: LoraConfig):
+def with_projections(layer_adapters, lc: LoraConfig):
     """One layer's adapters with each map's `projection` made once, as 'proj' beside its A and gates.
 
     Why: `adapted_linear` would otherwise build the matrix (a transposing copy of A and a
@@ -373,7 +373,7 @@ def adapted_linear(x, base: dict, adapter: dict | None, lc: LoraConfig | None, r
     if lc.dropout > 0.0 and not route["deterministic"]:
         xd = dropout(x, lc.dropout, rng)
     # One read of x' for the experts and both gates' first layers ([A_cat | w1_a | w1_b], or the
-    # same matrix made once before a decode loop: `decode_form`).
+    # same matrix made once before a decode loop: `with_projections`).
     w_proj = adapter["proj"].astype(dt) if "proj" in adapter else projection(adapter, lc, dt)
     proj = jnp.einsum("bsd,dk->bsk", xd, w_proj)
     k = lc.num_analyze * lc.rank

@@ -1,15 +1,17 @@
 """`Predictor`: how will the public respond to THIS news, per user and as a crowd.
 
 The same code as training and evaluation, end to end: the prompt is the prompt builder's
-(`data.prompt.build_example(..., include_response=False)`, BM25 history against the new news,
+(`data.prompt.build_examples(..., include_response=False)`: BM25 history against the new news,
 the span boundaries user_end/news_end that PAC-LoRA routes by), posts come from the KV-cache
 sampler (`generation`'s jitted prefill + `while_loop`) and the sentiment probabilities are the
 head's, read off that same prefill at the last prompt token, exactly as `launch/generate.py`
-does for a test split.
+does for a test split. Under several wordings a user's history is chosen (against all of
+them) and cut once, so each user's prompts are the same up to the news and the wordings'
+crowds differ by the wording alone.
 
 Speed: every (wording, user) prompt is prefilled once and its K samples branch from that
 prefill (`generation.sample_rows`); with causal (token) routing a user's wordings also prefill
-their common head once. Prompts are sorted by length and cut into batches of about
+their common head, the whole user span, once. Prompts are sorted by length and cut into batches of about
 `batch_size` prompts (each prompt's K samples decode as K rows sharing its cache) whose shape is
 bucketed (users: a power of two up to batch_size // wordings; lengths: a multiple of 32), so a
 prediction compiles at most a
@@ -33,7 +35,7 @@ import numpy as np
 from socialalign_jax.core.errors import UserError
 from socialalign_jax.data import tfds_builders as B
 from socialalign_jax.data.labellers import LexiconLabeller
-from socialalign_jax.data.prompt import PromptConfig, PromptTooLong, build_example
+from socialalign_jax.data.prompt import PromptConfig, PromptTooLong, build_examples
 from socialalign_jax.data.records import DEFAULT_LABELS, DataError, Event
 from socialalign_jax.evaluation import skill as skill_lib
 from socialalign_jax.inference import export, generation
@@ -404,28 +406,36 @@ class Predictor:
                                "(split the crowd, or raise max_users / --max_users)")
         check_settings(samples=samples)
 
-    def build_prompts(self, news: str, topic: str, users: Sequence[User], variant: int = 0) -> list[dict]:
-        """One prompt-only example per user (token ids, prompt_len, user_end, news_end)."""
-        event = Event(event_id="predict", topic=topic, news=news, source="news" if variant == 0 else f"variants[{variant - 1}]")
-        out = []
+    def build_prompts(self, wordings: Sequence[str], topic: str, users: Sequence[User]) -> list[list[dict]]:
+        """Prompt-only examples [V][U] (token ids, prompt_len, user_end, news_end), wording v of user u.
+
+        A user's W prompts share one user span (`data.prompt.build_examples`: history chosen by BM25
+        against all the wordings and cut once to fit the longest), so the wordings' crowds differ by
+        the wording alone and a user's prompts are prefilled together up to the news.
+        """
+        events = [Event(event_id="predict", topic=topic, news=w, source="news" if v == 0 else f"variants[{v - 1}]")
+                  for v, w in enumerate(wordings)]
+        out: list[list[dict]] = [[] for _ in events]
         limit = int(self.model_cfg.max_position_embeddings)
         for u in users:
             case = prompt_case(u)
-            event.cases = [case]
+            for event in events:
+                event.cases = [case]
             try:
-                ex = build_example(case, event, self.tokenizer, self.prompt_cfg, include_response=False)
+                exs = build_examples(case, events, self.tokenizer, self.prompt_cfg, include_response=False)
             except PromptTooLong as e:
-                raise PredictError(f"{event.source} for user {u.user_name!r}: the prompt does not fit: {e.what}; "
+                raise PredictError(f"{e.file} for user {u.user_name!r}: the prompt does not fit: {e.what}; "
                                    f"shorten the news (the run's prompts hold at most {self.prompt_cfg.max_length} "
                                    "tokens)") from None
             except DataError as e:
-                raise PredictError(f"{event.source} for user {u.user_name!r}: {e.what}") from None
-            n = int(ex["prompt_len"])
-            if n + self.sampling.max_new_tokens > limit:
-                raise PredictError(f"{event.source} for user {u.user_name!r}: {n} prompt + "
-                                   f"{self.sampling.max_new_tokens} new tokens exceed the model's "
-                                   f"{limit} positions; shorten the news")
-            out.append(ex)
+                raise PredictError(f"{e.file} for user {u.user_name!r}: {e.what}") from None
+            for event, ex, column in zip(events, exs, out):
+                n = int(ex["prompt_len"])
+                if n + self.sampling.max_new_tokens > limit:
+                    raise PredictError(f"{event.source} for user {u.user_name!r}: {n} prompt + "
+                                       f"{self.sampling.max_new_tokens} new tokens exceed the model's "
+                                       f"{limit} positions; shorten the news")
+                column.append(ex)
         return out
 
     # ------------------------------------------------------------------ predicting
@@ -449,7 +459,7 @@ class Predictor:
         # One hashtag for every wording: a framing comparison changes the wording and nothing else.
         topics = [topic.strip() if topic is not None else default_topic(news)] * len(wordings)
         labeller, labeller_name = resolve_labeller(labeller, self.labels)
-        examples = [self.build_prompts(w, t, users, v) for v, (w, t) in enumerate(zip(wordings, topics))]
+        examples = self.build_prompts(wordings, topics[0], users)
         with self._lock:  # one prediction at a time: no two compilations racing, no interleaved batches
             posts, probs = self._generate(examples, samples, seed, progress)
         # probs [V, U, C]; posts [V][U][K]

@@ -54,3 +54,23 @@ def test_select_history_cleaning_and_order():
     assert out[2].text == "今天吃了火锅"               # score 0: ties keep timeline order
     assert len(select_history(posts, "地震", k=10, exclude_text="我的目标微博：地震")) == 4
     assert is_hashtag_only(HistoryPost("#a##b#")) and not is_hashtag_only(HistoryPost("#a# 真的"))
+
+
+def test_several_wordings_rank_by_the_summed_score_whatever_their_order():
+    docs = ["apple banana apple", "banana cherry", "cherry durian egg fig"]
+    posts = [HistoryPost(d) for d in docs]
+    # The hand computation of test_scores_match_hand_computation: apple reaches doc 0 only,
+    # cherry docs 1 and 2 (N = 3, avgdl = 3, k1 = 1.5, b = 0.75).
+    idf_apple, idf_cherry = math.log(2.5 / 1.5 + 1), math.log(1.5 / 2.5 + 1)
+    apple = [idf_apple * 2 * 2.5 / (2 + 1.5), 0.0, 0.0]
+    cherry = [0.0, idf_cherry * 2.5 / (1 + 1.5 * 0.75), idf_cherry * 2.5 / (1 + 1.5 * 1.25)]
+    assert cherry[1] < apple[0] < 3 * cherry[1]
+    # One wording: plain BM25. Against "cherry cherry cherry" and "apple" the sums are
+    # doc 0: apple[0], doc 1: 3 cherry[1], doc 2: 3 cherry[2] -> doc 1, then doc 0, then doc 2.
+    totals = [apple[i] + 3 * cherry[i] for i in range(3)]
+    want = [docs[i] for i in sorted(range(3), key=lambda i: -totals[i])]
+    assert want == ["banana cherry", "apple banana apple", "cherry durian egg fig"]
+    for wordings in (["cherry cherry cherry", "apple"], ["apple", "cherry cherry cherry"]):
+        assert [p.text for p in select_history(posts, wordings, k=3)] == want
+    assert [p.text for p in select_history(posts, "apple", k=1)] == ["apple banana apple"]
+    assert [p.text for p in select_history(posts, ["apple"], k=2)] == [p.text for p in select_history(posts, "apple", k=2)]

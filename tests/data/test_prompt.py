@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from socialalign_jax.data.prompt import (MODES, BuildStats, PromptConfig, PromptTooLong, build_example,
-                                         marker_offsets, parse_user_prompt, render_user_prompt)
+                                         build_examples, marker_offsets, parse_user_prompt, render_user_prompt)
 from socialalign_jax.data.records import Case, DataError, Event, HistoryPost
 from socialalign_jax.weights.tokenizer import load_tokenizer
 
@@ -152,3 +152,57 @@ def test_persona_cut_after_history_and_response_never(tok):
     stats = BuildStats()
     assert build_example(case, ev, tok, PromptConfig(max_length=len(resp) + 40), stats) is None
     assert stats.skipped_too_long == 1 and stats.built == 0 and "e1.json: record 0" in stats.skipped[0]
+
+
+def test_wordings_share_one_user_span_chosen_and_cut_once(tok):
+    """Several wordings of one news (a framing comparison): one history for all (BM25 summed over
+    the wordings) and one cut, the largest that lets every wording fit, so the prompts agree token
+    for token up to the news marker. Reference: the authors' template over capped posts, the cap
+    found by a linear search here."""
+    from socialalign_jax.data.bm25 import select_history
+
+    posts = [HistoryPost("周末去爬山看日出，山顶的风景真美" * 2), HistoryPost("地震预警系统又一次提前响了"),
+             HistoryPost("今天的火锅特别好吃，推荐给大家" * 2), HistoryPost("暴雨导致地铁停运，上班迟到了"),
+             HistoryPost("学校门口新开了一家书店"), HistoryPost("猫咪今天学会了开门")]
+    short = Event("e", "地震", "某地发生地震", source="news")
+    long = Event("e", "地震", "某地今晨发生5级地震，地铁暂时停运，预警系统提前响起，目前没有人员伤亡的报告" * 2,
+                 source="variants[0]")
+    case = Case("小红", "", posts, persona="喜欢旅行的上班族")
+    chosen = select_history(posts, [short.news, long.news], k=5)
+    assert chosen != select_history(posts, short.news, k=5)  # the long wording's words change the choice
+
+    def reference(event, cap):  # the authors' prompt with every post capped at `cap` characters
+        raw = {"user_name": "小红", "user_persona": "喜欢旅行的上班族",
+               "history": [{"text": p.text if len(p.text) <= cap else p.text[:cap] + "…"} for p in chosen]}
+        return tok(authors_chat(authors_instruction(raw, event.topic, event.news, "full")))["input_ids"]
+
+    longest = max(len(p.text) for p in chosen)
+    budget = len(reference(long, longest)) - 30  # the long wording needs a cut; the short one alone does not
+    assert len(reference(short, longest)) <= budget
+    cfg = PromptConfig(max_length=budget, on_overflow="raise")
+    cap = next(c for c in range(longest, -1, -1) if len(reference(long, c)) <= budget)
+    assert cap < longest
+    stats = BuildStats()
+    exs = build_examples(case, [short, long], tok, cfg, stats, include_response=False)
+    for ex, event in zip(exs, (short, long)):
+        assert ex["input_ids"].tolist() == reference(event, cap)
+        assert ex["n_truncated_history_chars"] == sum(max(0, len(p.text) - cap) for p in chosen)
+    assert exs[0]["user_end"] == exs[1]["user_end"]
+    u = exs[0]["user_end"]
+    assert exs[0]["input_ids"][:u].tolist() == exs[1]["input_ids"][:u].tolist()
+    assert tok.decode(exs[0]["input_ids"][u:u + 1]).startswith("现")
+    assert stats.built == 2 and stats.history_truncated == 2
+    # Built alone, the short wording keeps every post whole (so a separate cut would differ), and
+    # the order of the wordings changes nothing.
+    alone = build_example(case, short, tok, cfg, include_response=False)
+    assert alone["n_truncated_history_chars"] == 0 and alone["user_end"] > u
+    swapped = build_examples(case, [long, short], tok, cfg, include_response=False)
+    assert [e["input_ids"].tolist() for e in swapped] == [exs[1]["input_ids"].tolist(), exs[0]["input_ids"].tolist()]
+    # One wording that cannot fit even fully cut: the user's prompts fit together or not at all.
+    huge = Event("e", "地震", "新闻" * 400, source="variants[1]")
+    with pytest.raises(PromptTooLong, match=r"^variants\[1\]: field 'news': the news alone has"):
+        build_examples(case, [short, huge], tok, cfg, include_response=False)
+    stats = BuildStats()
+    skip = PromptConfig(max_length=budget, on_overflow="skip")
+    assert build_examples(case, [short, huge], tok, skip, stats, include_response=False) is None
+    assert stats.skipped_too_long == 2 and stats.built == 0

@@ -193,17 +193,21 @@ def test_the_verdict_rests_on_enough_users_and_an_interval_that_excludes_0():
 # ----------------------------------------------------------------------------- the API on a trained run
 
 
-def _direct_head_probs(predictor, news, topic, users):
-    """Head probabilities from one plain forward over the prompts (right padding, no KV cache)."""
-    from socialalign_jax.data.prompt import build_example
+def _direct_head_probs(predictor, news, topic, users, wordings=None):
+    """Head probabilities from one plain forward over the prompts (right padding, no KV cache).
+    wordings: every wording of the request: a user's prompts are built together (`build_examples`,
+    checked against the authors' template in tests/data/test_prompt.py: one history, one cut)."""
+    from socialalign_jax.data.prompt import build_examples
     from socialalign_jax.data.records import Case, Event
     from socialalign_jax.model import decoder
 
+    wordings = list(wordings or [news])
     exs = []
     for u in users:
         case = Case(user_name=u.user_name, weibo="", history=list(u.history), persona=u.persona)
-        exs.append(build_example(case, Event("e", topic, news, [case]), predictor.tokenizer, predictor.prompt_cfg,
-                                 include_response=False))
+        events = [Event("e", topic, w, [case]) for w in wordings]
+        exs.append(build_examples(case, events, predictor.tokenizer, predictor.prompt_cfg,
+                                  include_response=False)[wordings.index(news)])
     n = max(ex["prompt_len"] for ex in exs)
     ids = np.zeros((len(exs), n), np.int32)
     mask = np.zeros((len(exs), n), np.int32)
@@ -229,6 +233,10 @@ def test_api_predicts_the_crowd_as_a_direct_forward_and_numpy_do(predictor):
     # Token routing: each user's two wordings prefilled their common head once (and the head's
     # probabilities below still equal a plain forward over each whole prompt).
     assert predictor.lora_cfg.routing == "token" and any(s[2] > 0 for s in predictor.compiled_shapes)
+    # Both wordings of a user carry one user span (history chosen and cut once), token for token.
+    prompts = predictor.build_prompts([NEWS, NEWS2], default_topic(NEWS), users)
+    for a, b in zip(*prompts):
+        assert a["user_end"] == b["user_end"] and a["input_ids"][:a["user_end"]].tolist() == b["input_ids"][:b["user_end"]].tolist()
     labels = list(predictor.labels)
     assert pred.labels == tuple(labels) and pred.num_users == 4 and len(pred.variants) == 2
     assert [u.user_name for u in pred.users] == [u.user_name for u in users]
@@ -236,7 +244,7 @@ def test_api_predicts_the_crowd_as_a_direct_forward_and_numpy_do(predictor):
     for v, news in enumerate((NEWS, NEWS2)):
         c = pred.variants[v]
         assert c.topic == default_topic(NEWS)  # one hashtag for every wording: only the wording differs
-        ref = _direct_head_probs(predictor, news, c.topic, users)
+        ref = _direct_head_probs(predictor, news, c.topic, users, wordings=(NEWS, NEWS2))
         got = np.array([[u.sentiment[k] for k in labels] for u in c.users])
         np.testing.assert_allclose(got, ref, atol=2e-5)
         np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-6)

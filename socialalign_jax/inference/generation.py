@@ -200,7 +200,7 @@ def sample_rows(params, adapters, model_cfg: ModelConfig, lora_cfg: LoraConfig |
         chunk = order[start:start + per_call]
         n = per_call if fixed_batch else min(per_call, bucket(len(chunk), pow2=True))
         call = [groups[g] for g in chunk + [chunk[0]] * (n - len(chunk))]  # filler groups keep the shape; discarded
-        heads = [_shared_head(prompt, rows, grp) if r > 1 else 0 for grp in call]
+        heads = [shared_head(prompt, rows, grp) if r > 1 else 0 for grp in call]
         flat = [i for grp in call for i in grp]
         cuts = [h for h in heads for _ in range(r)]
         prefix, p0 = None, 0
@@ -233,7 +233,7 @@ def sample_rows(params, adapters, model_cfg: ModelConfig, lora_cfg: LoraConfig |
     return SampledRows(texts, tokens, lengths, probs, tuple(shapes))
 
 
-def _shared_head(prompt: Sequence[np.ndarray], rows: Sequence[Mapping[str, Any]], group: Sequence[int]) -> int:
+def shared_head(prompt: Sequence[np.ndarray], rows: Sequence[Mapping[str, Any]], group: Sequence[int]) -> int:
     """How many leading tokens a group's prompts can share: their common prefix, cut at the first
     user_end (so every shared token is in every prompt's user span and routed alike) and one token
     short of the shortest prompt (each prompt continues with at least its last token)."""

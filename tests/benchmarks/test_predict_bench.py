@@ -32,9 +32,18 @@ def test_the_table_puts_each_rows_baseline_beside_it():
     # two wordings: 8 users x 4 posts x 2 wordings in 10 s; no baseline row for W=2
     assert table[2].split(" | ")[1:13] == ["4", "2", "8", "0.80", "6.40", "10.0", "2.50x", "40.0", "30", "-", "-",
                                            "-"]
-    assert "at commit old" in text and "after: commit abc" in text and "shared" in text
+    assert "at commit old" in text and "after: commit abc" in text and "cores were shared" in text
+    head = [line for line in text.splitlines() if line.startswith("| model")][0].split(" | ")
+    at = head.index("prefill tokens (real)")
+    assert head[at + 1] == "prefill vs 1 wording" and table[2].split(" | ")[at:at + 2] == ["-", "-"]
+    rows = [dict(_row("smollm2", 1, 4.0, 30.0, cost=1.0), prefill_tokens=3000, prefill_vs_w1=1.0),
+            dict(_row("smollm2", 1, 7.0, 30.0, w=2, cost=1.75), prefill_tokens=5280, prefill_vs_w1=1.76)]
+    lines = mod.render(rows, meta).splitlines()
+    at = [line for line in lines if line.startswith("| model")][0].split(" | ").index("prefill tokens (real)")
+    cells = [line.split(" | ")[at:at + 2] for line in lines if line.startswith("| smollm2")]
+    assert cells == [["3000", "1.00x"], ["5280", "1.76x"]]
     idle = mod.render([_row("smollm2", 1, 4.0, 30.0)], {**meta, "load_start": (0.1,)})
-    assert "users/s before" not in idle and "shared" not in idle and "(idle)" in idle
+    assert "users/s before" not in idle and "cores were shared" not in idle and "(idle)" in idle
 
 
 def test_bench_predicts_under_each_wording_and_states_cost_against_one_post_one_wording(monkeypatch):
@@ -48,8 +57,14 @@ def test_bench_predicts_under_each_wording_and_states_cost_against_one_post_one_
         sampling = type("S", (), {"max_new_tokens": 48})()
         prompt_cfg = type("P", (), {"mode": "full"})()
 
+        lora_cfg = None  # causal: a user's wordings share their head
+
         def __init__(self):
             self.compiled_shapes = set()
+
+        def build_prompts(self, wordings, topic, users):  # [W][U]: 3 shared tokens (the user span), 2 of wording
+            return [[{"input_ids": [1, 2, 3, 10 + v, 11 + v, 0], "prompt_len": 5, "user_end": 3} for _ in users]
+                    for v in range(len(wordings))]
 
         def predict(self, news, users, *, samples, seed, variants):
             self.compiled_shapes.add((16, samples, 0, 64))  # (prompts, K, shared prefix, prompt slots)
@@ -66,6 +81,9 @@ def test_bench_predicts_under_each_wording_and_states_cost_against_one_post_one_
     assert [r["cost_vs_k1"] for r in rows] == [1.0, 2.0, 4.0, 8.0]
     assert rows[3]["posts_per_s"] == 8 * 4 * 2 / 8.0 and rows[3]["users_per_s"] == 1.0
     assert [r["decode_rows"] for r in rows] == [16, 16, 64, 64] and rows[0]["prompt_bucket"] == 64
+    # Prefill tokens without padding: 8 users x 5 under one wording; 8 x (3 shared + 2 + 2) under two.
+    assert [r["prefill_tokens"] for r in rows] == [40, 56, 40, 56]
+    assert [r["prefill_vs_w1"] for r in rows] == [1.0, 1.4, 1.0, 1.4]
 
 
 def test_random_models_are_presets_on_random_weights_of_their_shape():

@@ -78,6 +78,9 @@ def test_bench_predicts_under_each_wording_and_states_cost_against_one_post_one_
     assert built == [("tiny", 0, "full")] and {r["prompt_mode"] for r in rows} == {"full"}
     assert [(r["samples"], r["wordings"]) for r in rows] == [(1, 1), (1, 2), (4, 1), (4, 2)]
     assert {c[2] for c in calls} == {(), (mod.WORDINGS[1],)} and all(c[0] == mod.NEWS for c in calls)
+    # A compiling call per (K, W), then the timed calls round-robin: (1,1) (1,2) (4,1) (4,2), twice.
+    order = [(c[1], len(c[2]) + 1) for c in calls]
+    assert order == [(1, 1), (1, 2), (4, 1), (4, 2)] * 3
     assert [r["cost_vs_k1"] for r in rows] == [1.0, 2.0, 4.0, 8.0]
     assert rows[3]["posts_per_s"] == 8 * 4 * 2 / 8.0 and rows[3]["users_per_s"] == 1.0
     assert [r["decode_rows"] for r in rows] == [16, 16, 64, 64] and rows[0]["prompt_bucket"] == 64

@@ -158,10 +158,13 @@ def bench(model: str, samples: list[int], users, repeats: int, max_length: int =
               f"({rows[-1]['posts_per_s']:.2f} posts/s), steady {med:.1f} s (calls "
               f"{', '.join(f'{t:.1f}' for t in times[k, w])}), first call {first[k, w]:.1f} s "
               f"(compile ~{rows[-1]['compile_s']:.0f} s)", flush=True)
-    one = {r["model"]: r["seconds"] for r in rows if r["samples"] == 1 and r["wordings"] == 1}
+    # cost: the median over rounds of a call's time over that of K = 1, one wording, in the same round
+    # (paired: a ratio of calls made seconds apart, not of medians taken minutes apart).
+    one = times.get((1, 1))
     single = {r["model"]: r["prefill_tokens"] for r in rows if r["wordings"] == 1}
     for r in rows:
-        r["cost_vs_k1"] = r["seconds"] / one[r["model"]] if r["model"] in one else None
+        r["cost_vs_k1"] = (statistics.median(t / t1 for t, t1 in zip(r["times"], one)) if one and r["times"]
+                           else None)
         r["prefill_vs_w1"] = r["prefill_tokens"] / single[r["model"]] if r["model"] in single else None
     return rows
 
@@ -551,8 +554,8 @@ def render(rows: list[dict], meta: dict, baseline: dict | None = None) -> str:
              "untrained PAC-LoRA 3x3 adapters (throughput does not depend on their values); steady = the "
              "median timed call after a compiling first call (the timed calls taken round-robin over the "
              "table's rows, so the cost ratios compare calls made side by side), users/s = N / steady (a user answered under W "
-             "wordings counts once); compile = first call minus steady; cost = steady over that of K = 1 under "
-             "one wording.", ""]
+             "wordings counts once); compile = first call minus steady; cost = the median over rounds of a "
+             "call's time over that of K = 1 under one wording in the same round.", ""]
     base = {}
     if baseline is not None:
         base = {(r["model"], r["samples"], r.get("wordings", 1)): r for r in baseline["rows"]}

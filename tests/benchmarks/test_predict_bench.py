@@ -89,6 +89,34 @@ def test_bench_predicts_under_each_wording_and_states_cost_against_one_post_one_
     assert [r["prefill_vs_w1"] for r in rows] == [1.0, 1.4, 1.0, 1.4]
 
 
+def test_cost_is_the_median_of_ratios_of_calls_made_in_the_same_round(monkeypatch):
+    """A machine that slows down between rounds: the cost pairs each call with K = 1's of its round."""
+    mod = _module()
+    clock = [0.0]
+    # first calls (W = 1, W = 2), then rounds of (W = 1, W = 2): (10, 20), (11, 40), (30, 33)
+    durations = iter([100.0, 100.0, 10.0, 20.0, 11.0, 40.0, 30.0, 33.0])
+
+    class FakePredictor:
+        batch_size, lora_cfg = 16, None
+        sampling = type("S", (), {"max_new_tokens": 48})()
+        prompt_cfg = type("P", (), {"mode": "without_history"})()
+        compiled_shapes = set()
+
+        def build_prompts(self, wordings, topic, users):
+            return [[{"input_ids": [1, 2], "prompt_len": 2, "user_end": 1} for _ in users] for _ in wordings]
+
+        def predict(self, news, users, *, samples, seed, variants):
+            self.compiled_shapes.add((16, samples, 0, 64))
+            clock[0] += next(durations)
+
+    monkeypatch.setattr(mod, "build_predictor", lambda *a: FakePredictor())
+    monkeypatch.setattr(mod.time, "perf_counter", lambda: clock[0])
+    rows = mod.bench("tiny", [1], ["u"] * 8, repeats=3, wordings=[1, 2])
+    assert [r["times"] for r in rows] == [[10.0, 11.0, 30.0], [20.0, 40.0, 33.0]]
+    assert [r["seconds"] for r in rows] == [11.0, 33.0]  # medians: their ratio would say 3x
+    assert [r["cost_vs_k1"] for r in rows] == [1.0, 2.0]  # the rounds' ratios 2, 40/11, 1.1: median 2
+
+
 def test_random_models_are_presets_on_random_weights_of_their_shape():
     """`tiny` and `random-0.5b` (what a lent GPU runs: no weight file there) resolve to a preset of
     configs/weibo.py with random weights of the named shape; a preset name is itself."""

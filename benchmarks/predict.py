@@ -123,8 +123,9 @@ def bench(model: str, samples: list[int], users, repeats: int, max_length: int =
     taken round-robin over the (K, W) pairs.
 
     A user answered under W wordings counts once in users/s (the user's prompt prefix is shared by
-    the wordings when routing is causal: `Predictor.predict(variants=...)`); `cost` is a call's
-    steady time over that of K = 1 under one wording, the figure issue #30's goals are stated in.
+    the wordings when routing is causal: `Predictor.predict(variants=...)`); `cost` is the median over
+    rounds of a call's time over that of K = 1 under one wording in the same round, the figure issue
+    #30's goals are stated in; `prefill_tokens` / `prefill_vs_w1` its floor (`prefilled_tokens`).
     """
     predictor = build_predictor(model, max_length, prompt_mode)
     configs = [(k, w) for k in samples for w in wordings]

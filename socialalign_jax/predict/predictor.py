@@ -75,6 +75,9 @@ class UserResult:
     sentiment: dict[str, float]
     post_labels: tuple[str, ...] | None = None  # the labeller's label of each post, when one was chosen
     prompt_tokens: int = 0
+    # History characters the prompt budget cut (the same under every wording: a user's history is cut
+    # once, to fit the longest wording; `data.prompt.build_examples`).
+    history_chars_cut: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +232,8 @@ class Prediction:
             for u in c.users:
                 for k, post in enumerate(u.posts):
                     rec = {"variant": v, "user_name": u.user_name, "sample": k, "post": post,
-                           "sentiment": u.sentiment}
+                           "sentiment": u.sentiment, "prompt_tokens": u.prompt_tokens,
+                           "history_chars_cut": u.history_chars_cut}
                     if u.post_labels is not None:
                         rec["post_label"] = u.post_labels[k]
                     yield rec
@@ -492,7 +496,8 @@ class Predictor:
             results = tuple(UserResult(
                 user_name=users[u].user_name, posts=tuple(posts[v][u]), sentiment=_dist(self.labels, probs[v, u]),
                 post_labels=None if post_labels is None else tuple(post_labels[v, u]),
-                prompt_tokens=int(examples[v][u]["prompt_len"])) for u in range(u_n))
+                prompt_tokens=int(examples[v][u]["prompt_len"]),
+                history_chars_cut=int(examples[v][u]["n_truncated_history_chars"])) for u in range(u_n))
             crowds.append(CrowdResult(
                 news=wordings[v], topic=topics[v], distribution=_dist(self.labels, head.mean[v]),
                 interval=_interval(self.labels, head.interval[v]), users=results,

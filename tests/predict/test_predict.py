@@ -278,6 +278,14 @@ def test_api_predicts_the_crowd_as_a_direct_forward_and_numpy_do(predictor):
     assert j["run"]["step"] == 1 and j["seed"] == 3 and j["generated"]["distribution"]
     recs = list(pred.records())
     assert len(recs) == 2 * 4 * 2 and set(recs[0]) >= {"user_name", "post", "sentiment", "variant", "sample"}
+    # Each record states its prompt's length and the history characters the budget cut: one cut per
+    # user for both wordings (224 tokens cut each of these users' histories).
+    for r in recs:
+        ex = prompts[r["variant"]][[u.user_name for u in users].index(r["user_name"])]
+        assert r["prompt_tokens"] == ex["prompt_len"] and r["history_chars_cut"] == ex["n_truncated_history_chars"]
+    cuts = {(r["user_name"], r["variant"]): r["history_chars_cut"] for r in recs}
+    assert all(cuts[u.user_name, 0] == cuts[u.user_name, 1] for u in users)
+    assert all(cuts[u.user_name, 0] > 0 for u in users)
 
     # Same shapes again, another seed: no new compilation (the seed is a key, not a static argument),
     # and the same seed gives the same posts.

@@ -143,6 +143,7 @@ def bench(model: str, samples: list[int], users, repeats: int, max_length: int =
             t0 = time.perf_counter()
             predictor.predict(NEWS, users, samples=k, seed=r + 1, variants=WORDINGS[1:w])
             times[k, w].append(time.perf_counter() - t0)
+    floor = {w: prefilled_tokens(predictor, users, w) for w in wordings}
     rows = []
     for k, w in configs:
         med, sh = statistics.median(times[k, w]), shapes[k, w]
@@ -153,7 +154,7 @@ def bench(model: str, samples: list[int], users, repeats: int, max_length: int =
                      "times": times[k, w], "users_per_s": len(users) / med, "posts_per_s": len(users) * k * w / med,
                      "compile_s": max(0.0, first[k, w] - med), "shapes": sh,
                      "prompt_bucket": max(s[-2] + s[-1] for s in sh),  # shared prefix + prompt slots
-                     "prefill_tokens": prefilled_tokens(predictor, users, w),
+                     "prefill_tokens": floor[w],
                      "decode_rows": max(s[0] * s[1] for s in sh)})  # prompts x K of the largest call
         print(f"{model:8s} K={k} W={w}: {rows[-1]['users_per_s']:.2f} users/s "
               f"({rows[-1]['posts_per_s']:.2f} posts/s), steady {med:.1f} s (calls "

@@ -327,14 +327,12 @@ def _case_index(case: Case, event: Event) -> int | None:
     return next((i for i, c in enumerate(event.cases) if c is case), None)
 
 
-def select_case_history(case: Case, event: Event | Sequence[Event], num_history: int) -> list[HistoryPost]:
-    """The posts the prompt shows: as given when pre-selected, else BM25 against the news (against
-    every wording's news when given several events: `bm25.select_history`'s summed score)."""
+def select_case_history(case: Case, events: Sequence[Event], num_history: int) -> list[HistoryPost]:
+    """The posts the prompt shows: as given when pre-selected, else BM25 against the news of the
+    events, the wordings of one news item (`bm25.select_history`'s summed score; one event: plain BM25)."""
     if case.history_is_selected:
         return list(case.history[:num_history])
-    events = [event] if isinstance(event, Event) else list(event)
-    news = events[0].news if len(events) == 1 else [e.news for e in events]
-    return select_history(case.history, news, k=num_history, exclude_text=case.weibo)
+    return select_history(case.history, [e.news for e in events], k=num_history, exclude_text=case.weibo)
 
 
 def build_example(

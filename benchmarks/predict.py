@@ -97,24 +97,35 @@ def build_predictor(model: str, max_length: int = 0, prompt_mode: str = ""):
     for a preset that leaves it out)."""
     import jax
 
-    from socialalign_jax.data.prompt import PromptConfig
-    from socialalign_jax.inference import generation
     from socialalign_jax.model import decoder
-    from socialalign_jax.predict import Predictor
     from socialalign_jax.weights.resolve import resolve_weights
 
     cfg = _config(model)
     w = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
-    lc = cfg.lora
-    adapters = decoder.init_adapters(jax.random.PRNGKey(0), w.cfg, lc)
+    adapters = decoder.init_adapters(jax.random.PRNGKey(0), w.cfg, cfg.lora)
+    return make_predictor(cfg, w, cfg.lora, adapters, "untrained PAC-LoRA 3x3", max_length=max_length,
+                          prompt_mode=prompt_mode)
+
+
+def make_predictor(cfg, w, lc, adapters, label: str, *, scfg=None, max_length: int = 0, prompt_mode: str = ""):
+    """The benchmark's one way to make a Predictor: weights `w` (resolve_weights) with adapters for `lc`,
+    the preset's labels, batch size and sampling settings (or `scfg`), prompts in the preset's mode
+    and budget unless overridden, and refused (not cut) when they overflow."""
+    import jax
+
+    from socialalign_jax.data.prompt import PromptConfig
+    from socialalign_jax.inference import generation
+    from socialalign_jax.predict import Predictor
+
     tok = w.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return Predictor(jax.device_put(w.params), jax.device_put(adapters), w.cfg, lc, tok,
-                     labels=cfg.data.labels,
+    if scfg is None:
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        scfg = generation.sampling_config(cfg, tok, int(pad))
+    return Predictor(jax.device_put(w.params), jax.device_put(adapters), w.cfg, lc, tok, labels=cfg.data.labels,
                      prompt=PromptConfig(mode=prompt_mode or cfg.data.mode,
                                          max_length=max_length or int(cfg.data.max_length), on_overflow="raise"),
-                     sampling=generation.sampling_config(cfg, tok, int(pad)), batch_size=int(cfg.sample.batch_size),
-                     run={"weights": str(cfg.model.weights), "adapters": "untrained PAC-LoRA 3x3"})
+                     sampling=scfg, batch_size=int(cfg.sample.batch_size),
+                     run={"weights": str(cfg.model.weights), "adapters": label})
 
 
 def bench(model: str, samples: list[int], users, repeats: int, max_length: int = 0,
@@ -294,10 +305,8 @@ class SideBySide:
         import torch
         import transformers
 
-        from socialalign_jax.data.prompt import PromptConfig
         from socialalign_jax.inference import generation
         from socialalign_jax.model import decoder
-        from socialalign_jax.predict import Predictor
         from socialalign_jax.weights import adapters as adapters_lib, hf as hf_lib
         from socialalign_jax.weights.resolve import resolve_weights
 
@@ -316,11 +325,7 @@ class SideBySide:
             scfg = scfg.replace(max_new_tokens=max_new_tokens)
         self.scfg, self.batch_size = scfg, int(cfg.sample.batch_size)
         self.hf_batch_size = hf_batch_size or self.batch_size
-        self.predictor = Predictor(
-            jax.device_put(w.params), jax.device_put(ad), w.cfg, self.lc, self.tok, labels=cfg.data.labels,
-            prompt=PromptConfig(mode=cfg.data.mode, max_length=int(cfg.data.max_length), on_overflow="raise"),
-            sampling=scfg, batch_size=self.batch_size,
-            run={"weights": str(cfg.model.weights), "adapters": "plain LoRA"})
+        self.predictor = make_predictor(cfg, w, self.lc, ad, "plain LoRA", scfg=scfg)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         self.threads = torch_threads or cores
         torch.set_num_threads(self.threads)

@@ -37,7 +37,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # ----------------------------------------------------------------------------- markers
 # `pytest -m "not slow"` is the inner loop (unit tests against their references, a few minutes
-# on 2 cores); `pytest` (CI, .ci/run) runs everything. A file is `slow` when its tests train,
+# on 2 cores); `pytest -n 2` (CI, .ci/run) runs everything. A file is `slow` when its tests train,
 # sample, compile whole models or start processes; `integration` when they drive the launchers
 # or a server end to end in subprocesses. One list each, here, of paths relative to tests/.
 SLOW_FILES = {
@@ -67,11 +67,29 @@ INTEGRATION_FILES = {
 }
 
 
+# The suite's command (README, .ci/run) is `pytest -q -n 2`: two pytest-xdist workers, which hand out
+# whole files (`--dist loadfile` in pyproject.toml, so a file's module fixtures are built once) in
+# collection order (`--no-loadscope-reorder`). Files start heaviest first, so the long ones run side
+# by side from the start and the many short unit files fill in at the end, where they keep both
+# workers busy until the last one: these files (each over ~40 s, `pytest --durations=0`, 2 cores,
+# 2026-12-08), then the rest of SLOW_FILES, then every other file, each group in pytest's order.
+# On 2 cores one process left ~45% of the CPU idle (compiles and single-threaded steps): the suite
+# took 35.0 min in one process and 24.5 min in two workers, both from an empty compilation cache.
+HEAVIEST_FILES = (
+    "model/test_shared_prefill_isolated.py", "runs/test_faults.py", "predict/test_predict.py",
+    "train/test_train_learns_sample.py", "model/test_backend_paths.py", "benchmarks/test_device_check.py",
+    "inference/test_generate_cli.py", "evaluation/test_model_labeller.py", "train/test_losses.py",
+    "train/test_train_frozen.py", "experiments/test_experiment_design_b.py", "model/test_model_cache.py",
+    "train/test_train_multiprocess.py", "train/test_train_sharding.py",
+)
+
+
 def pytest_collection_modifyitems(config, items):
     import pytest
 
     here = os.path.dirname(os.path.abspath(__file__))
-    stale = sorted(p for p in SLOW_FILES | INTEGRATION_FILES if not os.path.isfile(os.path.join(here, p)))
+    stale = sorted(p for p in SLOW_FILES | INTEGRATION_FILES | set(HEAVIEST_FILES)
+                   if not os.path.isfile(os.path.join(here, p)))
     if stale:  # a moved or renamed file would otherwise silently lose its markers
         raise pytest.UsageError(f"tests/conftest.py marks files that do not exist: {', '.join(stale)}")
     for item in items:
@@ -80,6 +98,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if name in INTEGRATION_FILES:
             item.add_marker(pytest.mark.integration)
+    rank = {name: i for i, name in enumerate(HEAVIEST_FILES)}
+
+    def weight(item):  # heaviest files first; a stable sort keeps pytest's order inside each group and file
+        name = os.path.relpath(str(item.path), here).replace(os.sep, "/")
+        return rank.get(name, len(rank) + (0 if name in SLOW_FILES else 1))
+
+    items[:] = sorted(items, key=weight)
 
 
 import pytest  # noqa: E402

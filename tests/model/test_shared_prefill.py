@@ -331,13 +331,13 @@ HEAD_LENS = (7, 4)
 TAIL_LENS = ((4, 6), (3, 5))  # [user][wording]
 
 
-def _wordings():
+def _wordings(head_lens=HEAD_LENS, tail_lens=TAIL_LENS):
     rng = np.random.default_rng(21)
     prompts, ue, ne, heads = [], [], [], []
-    for u, h in enumerate(HEAD_LENS):
+    for u, h in enumerate(head_lens):
         head = rng.integers(1, CFG.vocab_size, h).astype(np.int32)
         heads.append(head)
-        for v, t in enumerate(TAIL_LENS[u]):
+        for v, t in enumerate(tail_lens[u]):
             prompts.append(np.concatenate([head, rng.integers(1, CFG.vocab_size, t).astype(np.int32)]))
             ue.append(h - 1 + 2 * v)
             ne.append(h + 2)
@@ -391,18 +391,31 @@ def test_a_shared_head_prefills_as_the_whole_prompts(routing):
     np.testing.assert_allclose(np.asarray(shared.logits), want, rtol=0, atol=2e-5)
 
 
-@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
-def test_sample_rows_sharing_a_users_head_changes_no_sample(greedy):
-    """sample_rows(group_size=2): a user's two wordings share the prefill of their common head; the
-    samples (same per-row streams) and the head's probabilities are those of whole prompts."""
+# (head lengths, tail lengths, the prefix slots and continuation slots generation.plan_prefix picks: the
+# fewest prefilled slots, hand-computed from the shared heads h - 1 = (39, 35) and (59, 57)).
+LAYOUTS = {
+    # whole prompts 4 x 64 = 256 slots; cut every prompt at 32 (below both heads): 2 x 32 + 4 x 32 = 192;
+    # share each whole head: 2 x 64 + 4 x 32 = 256
+    "cut_below_heads": ((40, 36), ((4, 6), (3, 5)), 32, 32),
+    # whole 4 x 128 = 512; cut at 32: 2 x 32 + 4 x 96 = 448; each whole head: 2 x 64 + 4 x 64 = 384
+    "whole_heads": ((60, 58), ((30, 40), (31, 40)), 64, 64),
+}
+
+
+@pytest.mark.parametrize("layout,greedy", [("cut_below_heads", True), ("whole_heads", False)])
+def test_sample_rows_sharing_a_users_head_changes_no_sample(layout, greedy):
+    """sample_rows(group_size=2): a user's two wordings share the prefill of their common head, cut where
+    the fewest slots are prefilled (below both heads, or at each one's end); the samples (same per-row
+    streams) and the head's probabilities are those of whole prompts."""
     params, ad, lc = _model("token")
-    prompts, ue, ne, _ = _wordings()
+    head_lens, tail_lens, p0, p_len = LAYOUTS[layout]
+    prompts, ue, ne, _ = _wordings(head_lens, tail_lens)
     rows = [{"input_ids": x, "prompt_len": len(x), "user_end": int(a), "news_end": int(b)}
             for x, a, b in zip(prompts, ue, ne)]
     run = functools.partial(generation.sample_rows, params, ad, CFG, lc, GREEDY if greedy else SAMPLED, rows,
                             samples=3, seed=2, row_ids=[0, 2, 1, 3], batch_size=12)
     whole, grouped = run(group_size=1), run(group_size=2)
-    assert [s[2] for s in whole.shapes] == [0] and [s[2] for s in grouped.shapes] == [32]  # shared head slots
+    assert [s[2] for s in whole.shapes] == [0] and [s[2:] for s in grouped.shapes] == [(p0, p_len)]
     np.testing.assert_array_equal(grouped.tokens, whole.tokens)
     np.testing.assert_array_equal(grouped.lengths, whole.lengths)
     np.testing.assert_allclose(grouped.probs, whole.probs, rtol=0, atol=1e-6)

@@ -149,8 +149,9 @@ def sample_rows(params, adapters, model_cfg: ModelConfig, lora_cfg: LoraConfig |
     posts describe the same forward pass and K costs one prompt pass, not K.
 
     group_size R > 1: rows[g*R:(g+1)*R] are prompts that may share their head (one user under R
-    wordings of the news). Their longest common token prefix inside every one's user span is
-    prefilled once and each prompt continues from it (`sampling.generate(prefix=...)`). Only with
+    wordings of the news). Their longest common token prefix inside every one's user span
+    (`shared_head`), or as much of it as `plan_prefix` finds cheapest for the call, is prefilled
+    once and each prompt continues from it (`sampling.generate(prefix=...)`). Only with
     causal routing (`LoraConfig.causal_routing`): pooled gates give the user span the news mean,
     so pooled rows are prefilled whole. Sharing changes no result beyond rounding.
 

@@ -92,19 +92,16 @@ def pytest_collection_modifyitems(config, items):
                    if not os.path.isfile(os.path.join(here, p)))
     if stale:  # a moved or renamed file would otherwise silently lose its markers
         raise pytest.UsageError(f"tests/conftest.py marks files that do not exist: {', '.join(stale)}")
-    for item in items:
-        name = os.path.relpath(str(item.path), here).replace(os.sep, "/")
+    names = {item: os.path.relpath(str(item.path), here).replace(os.sep, "/") for item in items}
+    for item, name in names.items():
         if name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
         if name in INTEGRATION_FILES:
             item.add_marker(pytest.mark.integration)
     rank = {name: i for i, name in enumerate(HEAVIEST_FILES)}
 
-    def weight(item):  # heaviest files first; a stable sort keeps pytest's order inside each group and file
-        name = os.path.relpath(str(item.path), here).replace(os.sep, "/")
-        return rank.get(name, len(rank) + (0 if name in SLOW_FILES else 1))
-
-    items[:] = sorted(items, key=weight)
+    # Heaviest files first; a stable sort keeps pytest's order inside each group and each file.
+    items[:] = sorted(items, key=lambda it: rank.get(names[it], len(rank) + (names[it] not in SLOW_FILES)))
 
 
 import pytest  # noqa: E402
@@ -112,7 +109,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True, scope="module")
 def _drop_compiled_programs_after_each_module():
-    """jax.clear_caches() after every test file. The suite is one long process, and every compiled
+    """jax.clear_caches() after every test file. Each worker is one long process, and every compiled
     XLA:CPU program keeps its own memory mappings; in the full suite XLA segfaulted inside a compile
     after ~650 tests (four times, 2026-12-07, in different tests). Our unconfirmed guess: the
     process runs out of the kernel's per-process map count (vm.max_map_count, 65530 here); this

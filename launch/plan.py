@@ -75,9 +75,7 @@ def _model_config(cfg, name: str):
             mc = presets.get_preset(name)
         except ValueError as exc:
             raise UserError(f"--model: {exc}") from None
-    return mc.replace(param_dtype=cfg.model.dtype, dtype=cfg.model.dtype, remat=cfg.model.remat,
-                      remat_policy=cfg.model.remat_policy, scan_layers=cfg.model.scan_layers,
-                      attention=cfg.model.attention)
+    return cfg.model.apply_to(mc)
 
 
 def main(argv=None) -> int:

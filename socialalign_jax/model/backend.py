@@ -1,8 +1,9 @@
 """Backend choices, made on the host for the devices a program will run on, before it is traced.
 
-Three settings default to 'auto': `ModelConfig.attention` (cuDNN's fused attention or ours),
-`LoraConfig.fuse_base` (PAC-LoRA's [x | u] @ [W0; B] as one matmul) and
-`SamplingConfig.layer_loop` (the decode layers as a Python loop or a scan). Where a step is
+Four settings default to 'auto': `ModelConfig.attention` (cuDNN's fused attention or ours),
+`ModelConfig.matmul_out` (what a half-precision matmul's dot returns), `LoraConfig.fuse_base`
+(PAC-LoRA's [x | u] @ [W0; B] as one matmul) and `SamplingConfig.layer_loop` (the decode layers
+as a Python loop or a scan). Where a step is
 built for its devices (the train and eval steps, `tools/plan.py`, generation, scoring), the
 configs go through `resolve_for_platform` / `resolve_sampling` first, with the platform of the
 mesh the step is compiled for: `parallel.mesh.platform_of(mesh)`, which for a TPU slice
@@ -72,6 +73,22 @@ def attention_impl(cfg: ModelConfig, platform: str | None = None, *, train_seq_l
     return "cudnn" if _platform(platform) == "gpu" and cudnn_accepts(cfg, train_seq_len) else "einsum"
 
 
+def matmul_out(cfg: ModelConfig, platform: str | None = None) -> str:
+    """cfg.matmul_out with 'auto' resolved: 'float32' on CPUs (XLA:CPU runs a bf16 x bf16 dot about
+    twice as fast when it returns float32 as when it returns bf16, on a CPU with AVX512-BF16:
+    benchmarks/gemm_dtype.py), 'dtype' on GPUs and TPUs (whose bf16 dots accumulate in float32 and
+    round in their epilogue already)."""
+    if cfg.matmul_out != "auto":
+        return cfg.matmul_out
+    return "float32" if _platform(platform) == "cpu" else "dtype"
+
+
+def matmul_out32(cfg: ModelConfig) -> bool:
+    """Whether the model's matmuls ask for a float32 result (`layers.matmul`): traced code's reading
+    of `matmul_out` (a config resolved for its platform, or 'auto' for the default devices)."""
+    return matmul_out(cfg) == "float32"
+
+
 def fuse_base(lc: LoraConfig, platform: str | None = None) -> str:
     """lc.fuse_base with 'auto' resolved: 'by_size' on CPUs (XLA:CPU does not fuse the add of two
     matmul outputs; fused where the saved delta outweighs the weight copy, `pac_lora._fuse_base`),
@@ -91,9 +108,10 @@ def layer_loop(scfg: Any, platform: str | None = None) -> str:
 
 def resolve_for_platform(model_cfg: ModelConfig, lora_cfg: LoraConfig | None, platform: str | None = None, *,
                          train_seq_len: int | None = None) -> tuple[ModelConfig, LoraConfig | None]:
-    """(model_cfg, lora_cfg) with attention and fuse_base concrete for `platform` ('cpu' | 'gpu' |
+    """(model_cfg, lora_cfg) with attention, matmul_out and fuse_base concrete for `platform` ('cpu' | 'gpu' |
     'tpu'; None: the default devices). Call it where a step is built, before jit traces it."""
-    model_cfg = model_cfg.replace(attention=attention_impl(model_cfg, platform, train_seq_len=train_seq_len))
+    model_cfg = model_cfg.replace(attention=attention_impl(model_cfg, platform, train_seq_len=train_seq_len),
+                                  matmul_out=matmul_out(model_cfg, platform))
     if lora_cfg is not None:
         lora_cfg = dataclasses.replace(lora_cfg, fuse_base=fuse_base(lora_cfg, platform))
     return model_cfg, lora_cfg

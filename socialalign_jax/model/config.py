@@ -31,6 +31,7 @@ def as_dtype(name_or_dtype: Any):
 
 
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
+MATMUL_OUTS = ("auto", "float32", "dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,13 @@ class ModelConfig:
     # (`backend.resolve_for_platform`): cuDNN's fused attention for GPUs in bfloat16/float16 with
     # a head size cuDNN takes, else 'einsum'.
     attention: str = "auto"
+    # What the linear maps of a half-precision (bfloat16/float16) model ask their dots to return:
+    # 'float32' (rounded once to the compute dtype after: `layers.matmul`), 'dtype' (the compute
+    # dtype), or 'auto': resolved on the host (`backend.matmul_out`): 'float32' on CPUs, where XLA:CPU
+    # runs bf16 x bf16 -> f32 ~2x faster than float32 on a CPU with AVX512-BF16 but computes a
+    # bf16 -> bf16 dot in float32 after converting its operands (benchmarks/gemm_dtype.py), 'dtype'
+    # on GPUs and TPUs. The products accumulate in float32 either way; a float32 model is unaffected.
+    matmul_out: str = "auto"
 
     def __post_init__(self):
         if self.family not in ("qwen2", "llama"):
@@ -73,6 +81,8 @@ class ModelConfig:
         as_dtype(self.dtype)
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"unknown attention {self.attention!r}; expected one of {ATTENTION_IMPLS}")
+        if self.matmul_out not in MATMUL_OUTS:
+            raise ValueError(f"unknown matmul_out {self.matmul_out!r}; expected one of {MATMUL_OUTS}")
         policies = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
         if self.remat_policy not in policies:
             raise ValueError(f"unknown remat_policy {self.remat_policy!r}; expected one of {policies}")

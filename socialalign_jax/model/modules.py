@@ -241,6 +241,7 @@ class AdaptedLinear(nn.Module):
     param_dtype: Any
     lc: LoraConfig | None = None
     target: bool = False
+    out32: bool = False  # ModelConfig.matmul_out resolved: half-precision products returned in float32
 
     @nn.compact
     def __call__(self, x, route, rng=None):
@@ -270,7 +271,7 @@ class AdaptedLinear(nn.Module):
             stored = self._stored_gates(x.shape[0])
         y, stats, new_pooled = pac_lora.adapted_linear(
             x, base, adapter, lc if adapter is not None else None, route, rng,
-            None if stored is None else {k: v.value for k, v in stored.items()})
+            None if stored is None else {k: v.value for k, v in stored.items()}, out32=self.out32)
         if stored is not None and not self.is_initializing():
             for k, v in stored.items():  # prefill stores its span summaries; later chunks keep them
                 v.value = new_pooled[k]
@@ -308,7 +309,7 @@ class _Adapted(nn.Module):
         d_in, d_out = cfg.module_dims()[(block, name)]
         targets = self.lc.targets if self.lc is not None else ()
         mod = AdaptedLinear(d_in, d_out, ax_in, ax_out, cfg.qkv_bias and name in ("q", "k", "v"),
-                            as_dtype(cfg.param_dtype), self.lc, name in targets, name=name)
+                            as_dtype(cfg.param_dtype), self.lc, name in targets, backend.matmul_out32(cfg), name=name)
         return mod(h, route, None if rng is None else jax.random.fold_in(rng, mod_idx))
 
 

@@ -17,6 +17,7 @@ routes every token exactly as the full forward does (the original code does not)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -230,28 +231,29 @@ def _b_cat(b, dt):
     return rearrange(b, "eb r o -> (eb r) o").astype(dt)
 
 
-@jax.custom_vjp
-def base_plus_lora(x, u, w, b_cat):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def base_plus_lora(x, u, w, b_cat, out32: bool = False):
     """x @ w + u @ b_cat as ONE matmul [x | u] @ [w; b_cat]: x [B, S, d_in], u [B, S, k] -> [B, S, d_out].
 
     XLA:CPU does not fuse the add of two matmul outputs, so the separate form writes and
     re-reads a [B, S, d_out] delta; concatenating along the contraction axis costs one copy
     of w instead. The backward is written out so the concatenation is not differentiated
-    (which would compute a [d_in + k, d_out] weight gradient and slice it).
+    (which would compute a [d_in + k, d_out] weight gradient and slice it). out32: every
+    product asks for float32 (`layers.matmul`).
     """
-    return jnp.einsum("bsk,ke->bse", jnp.concatenate([x, u], axis=-1), jnp.concatenate([w, b_cat], axis=0))
+    return layers.matmul("bsk,ke->bse", jnp.concatenate([x, u], axis=-1), jnp.concatenate([w, b_cat], axis=0), out32)
 
 
-def _base_plus_lora_fwd(x, u, w, b_cat):
-    return base_plus_lora(x, u, w, b_cat), (x, u, w, b_cat)
+def _base_plus_lora_fwd(x, u, w, b_cat, out32):
+    return base_plus_lora(x, u, w, b_cat, out32), (x, u, w, b_cat)
 
 
-def _base_plus_lora_bwd(res, dy):
+def _base_plus_lora_bwd(out32, res, dy):
     x, u, w, b_cat = res
-    dx = jnp.einsum("bse,de->bsd", dy, w)
-    du = jnp.einsum("bse,ke->bsk", dy, b_cat)
-    dw = jnp.einsum("bsd,bse->de", x, dy)  # dead code (removed by XLA) unless the base is trained
-    db = jnp.einsum("bsk,bse->ke", u, dy)
+    dx = layers.matmul("bse,de->bsd", dy, w, out32)
+    du = layers.matmul("bse,ke->bsk", dy, b_cat, out32)
+    dw = layers.matmul("bsd,bse->de", x, dy, out32)  # dead code (removed by XLA) unless the base is trained
+    db = layers.matmul("bsk,bse->ke", u, dy, out32)
     return dx, du, dw, db
 
 
@@ -342,14 +344,20 @@ def summarize_gate_stats(stats: dict, *, pool: bool = False) -> dict:
 WEIGHT_MAJOR_ROWS = 64
 
 
-def base_matmul(x, base: dict, preferred_element_type=None, weight_major_rows: int = WEIGHT_MAJOR_ROWS):
+def base_matmul(x, base: dict, preferred_element_type=None, weight_major_rows: int = WEIGHT_MAJOR_ROWS,
+                out32: bool = False):
     """x [B, S, d_in] @ the frozen kernel -> [B, S, d_out] (no bias).
+
+    The result is preferred_element_type's, else x's; with out32 a half-precision product asks the
+    dot for float32 and is rounded to x's dtype after (`layers.matmul`).
 
     base holds 'kernel' [d_in, d_out] (as declared), or in the decode loop's form 'kernel_t'
     [d_out, d_in] (`decoder.decode_form`, stored transposed once before the loop), whose product
     is formed weight-major up to `weight_major_rows` rows (`layers.weight_major_dot`; an LM head
     passes its own crossover, `modules.ATTEND_ROWS_VOCAB_MAJOR`).
     """
+    if out32 and preferred_element_type is None and x.dtype != jnp.float32:
+        return base_matmul(x, base, jnp.float32, weight_major_rows).astype(x.dtype)
     if "kernel_t" in base:
         w_t = base["kernel_t"].astype(x.dtype)
         if x.shape[0] * x.shape[1] <= weight_major_rows:
@@ -359,14 +367,17 @@ def base_matmul(x, base: dict, preferred_element_type=None, weight_major_rows: i
 
 
 def adapted_linear(x, base: dict, adapter: dict | None, lc: LoraConfig | None, route: dict,
-                   rng=None, pooled_state=None):
+                   rng=None, pooled_state=None, *, out32: bool = False):
     """y = x W0 (+ b) + PAC-LoRA delta.  x [B, S, d_in] -> (y [B, S, d_out], stats, pooled_state).
+
+    out32: the products of a half-precision x ask their dots for float32 (ModelConfig.matmul_out;
+    `layers.matmul`), the base's, the experts' and the gates' first layers'.
 
     route: {'seg': [B, S] segment ids, 'valid': [B, S] bool, 'deterministic': bool,
             'use_stored': traced bool, pooled decoding only}.
     """
     if adapter is None:
-        y = base_matmul(x, base)
+        y = base_matmul(x, base, out32=out32)
         return (y + base["bias"].astype(x.dtype) if "bias" in base else y), None, None
     dt = x.dtype
     xd = x
@@ -375,7 +386,7 @@ def adapted_linear(x, base: dict, adapter: dict | None, lc: LoraConfig | None, r
     # One read of x' for the experts and both gates' first layers ([A_cat | w1_a | w1_b], or the
     # same matrix made once before a decode loop: `with_projections`).
     w_proj = adapter["proj"].astype(dt) if "proj" in adapter else projection(adapter, lc, dt)
-    proj = jnp.einsum("bsd,dk->bsk", xd, w_proj)
+    proj = layers.matmul("bsd,dk->bsk", xd, w_proj, out32)
     k = lc.num_analyze * lc.rank
     g = lc.gate_width
     z = proj[..., :k]
@@ -386,9 +397,9 @@ def adapted_linear(x, base: dict, adapter: dict | None, lc: LoraConfig | None, r
     u = mix_experts(z, ga, gb, lc)  # [B, S, Eb*r], scale included
     b_cat = _b_cat(adapter["B"], dt)
     if "kernel" in base and _fuse_base(lc, x.shape[0] * x.shape[1], base["kernel"].shape[0], b_cat.shape[0]):
-        y = base_plus_lora(x, u, base["kernel"].astype(dt), b_cat)
+        y = base_plus_lora(x, u, base["kernel"].astype(dt), b_cat, out32)
     else:
-        y = base_matmul(x, base) + jnp.einsum("bsk,ke->bse", u, b_cat)
+        y = base_matmul(x, base, out32=out32) + layers.matmul("bsk,ke->bse", u, b_cat, out32)
     if "bias" in base:
         y = y + base["bias"].astype(dt)
     return y, gate_stats(ga, gb, route["seg"], route["valid"]), new_pooled

@@ -347,11 +347,14 @@ class Predictor:
     # ------------------------------------------------------------------ constructors
 
     @classmethod
-    def from_run(cls, run_dir: str | os.PathLike, step: int | None = None, **kw) -> "Predictor":
-        """A training run directory: its saved config.json (nothing to repeat), base weights, latest checkpoint."""
+    def from_run(cls, run_dir: str | os.PathLike, step: int | None = None, *, dtype: str | None = None,
+                 **kw) -> "Predictor":
+        """A training run directory: its saved config.json (nothing to repeat), base weights, latest checkpoint.
+
+        dtype: compute in this dtype instead of the run's (`runs.restore.restore_run`), e.g. 'bfloat16'."""
 
         run_dir = os.fspath(run_dir)
-        run = restore_run(run_dir, step)
+        run = restore_run(run_dir, step, dtype=dtype)
         cfg = run.cfg
         labels, num_history, pad_id = cfg.data.labels, cfg.data.num_history, None
         meta = _run_dataset_metadata(cfg, run_dir)
@@ -365,7 +368,8 @@ class Predictor:
                               num_history=num_history)
         sampling = generation.sampling_config(cfg, run.tokenizer, int(pad_id))
         kw.setdefault("batch_size", cfg.sample.batch_size)
-        info = {"workdir": os.path.abspath(run_dir), "step": run.step, "weights": str(cfg.model.weights)}
+        info = {"workdir": os.path.abspath(run_dir), "step": run.step, "weights": str(cfg.model.weights),
+                "dtype": run.model_cfg.dtype}
         kw.setdefault("skill", read_skill(run_dir))
         return cls(run.params, run.adapters, run.model_cfg, run.lora_cfg, run.tokenizer, labels=labels,
                    prompt=prompt, sampling=sampling, run=info, **kw)
@@ -392,7 +396,7 @@ class Predictor:
             tree, lc = adapters_lib.load_adapters(path, w.cfg)
         given = {"mode": mode, "max_length": max_length, "num_history": num_history}
         prompt = PromptConfig(**{k: v for k, v in given.items() if v is not None}, on_overflow="raise")
-        info = {"adapters": os.path.abspath(path), "weights": weights}
+        info = {"adapters": os.path.abspath(path), "weights": weights, "dtype": w.cfg.dtype}
         kw.setdefault("skill", read_skill(path if os.path.isdir(path) else os.path.dirname(path)))
         return cls(jax.device_put(w.params), jax.device_put(tree), w.cfg, lc, tok, labels=labels, prompt=prompt,
                    sampling=sampling, run=info, **kw)

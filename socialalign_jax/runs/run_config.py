@@ -42,8 +42,16 @@ class ModelSection:
     remat_policy: str = ModelConfig.remat_policy  # what a remat layer keeps
     scan_layers: bool = ModelConfig.scan_layers  # False: a Python loop over layers (longer compile; docs/training.md)
     attention: str = ModelConfig.attention  # auto (cuDNN on GPUs in bf16) | einsum | xla | cudnn
+    # what a bf16/f16 matmul's dot returns: auto (float32 on CPUs, 2x faster there; dtype elsewhere) | float32 | dtype
+    matmul_out: str = ModelConfig.matmul_out
     seed: int = 0  # random weights only
     random_init: str = ""  # recorded by the trainer for random weights (decoder.RANDOM_INIT)
+
+    def apply_to(self, model_cfg: ModelConfig) -> ModelConfig:
+        """The weights' ModelConfig with this section's execution options (the architecture is the weights')."""
+        return model_cfg.replace(param_dtype=self.dtype, dtype=self.dtype, remat=self.remat,
+                                 remat_policy=self.remat_policy, scan_layers=self.scan_layers,
+                                 attention=self.attention, matmul_out=self.matmul_out)
 
 
 # The paper's context length (SPEC section 1): its presets (configs/weibo.py:7b) build prompts of

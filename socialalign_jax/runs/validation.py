@@ -13,7 +13,7 @@ import dataclasses
 import math
 
 from socialalign_jax.core.labels import DEFAULT_LABELS
-from socialalign_jax.model.config import DTYPE_NAMES
+from socialalign_jax.model.config import DTYPE_NAMES, MATMUL_OUTS
 from socialalign_jax.model.pac_lora import LoraConfig
 from socialalign_jax.model.presets import PRESETS
 from socialalign_jax.parallel.mesh import mesh_shape
@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 
 _CHOICES = {
     "model.dtype": DTYPE_NAMES,
+    "model.matmul_out": MATMUL_OUTS,
     "loss.estimator": ("mean", "gumbel"),
     "data.mode": ("full", "without_persona", "without_history"),
     "data.on_overflow": ("raise", "skip"),

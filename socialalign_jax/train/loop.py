@@ -96,7 +96,8 @@ def _multi_process_environment() -> bool:
 RESUME_FREE = ("train.num_steps", "train.num_epochs", "train.log_every", "train.checkpoint_every",
                "train.keep_checkpoints", "train.async_checkpoint", "train.eval_at_end", "train.eval_max_examples",
                "train.tensorboard", "train.generate_at_end", "train.labeller", "data.eval_batch_size",
-               "model.remat", "model.remat_policy", "model.scan_layers", "model.attention", "lora.fuse_base",
+               "model.remat", "model.remat_policy", "model.scan_layers", "model.attention", "model.matmul_out",
+               "lora.fuse_base",
                "mesh.", "distributed.", "sample.", "hardware.")
 
 

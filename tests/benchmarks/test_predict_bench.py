@@ -125,3 +125,19 @@ def test_random_models_are_presets_on_random_weights_of_their_shape():
     assert big.model.weights == "random:qwen2.5-0.5b" and big.data.max_length == mod._config("0.5b").data.max_length
     assert mod._config("tiny").model.weights == "random:tiny-qwen2"
     assert mod._config("smollm2").model.weights == "gguf:smollm2"
+
+
+def test_a_model_named_with_a_dtype_is_the_preset_computed_in_it():
+    """`--models smollm2@bfloat16`: configs/weibo.py:smollm2 with model.dtype bfloat16 (what launch/predict.py
+    --dtype gives a run), everything else the preset's; a bad dtype is the run config's one-line error."""
+    import pytest
+
+    from socialalign_jax.runs.validation import validate_run_config
+
+    mod = _module()
+    plain, bf16 = mod._config("smollm2"), mod._config("smollm2@bfloat16")
+    assert plain.model.dtype == "float32" and bf16.model.dtype == "bfloat16"
+    assert bf16.replace(model={"dtype": "float32"}) == plain
+    assert mod._config("tiny@bfloat16").model.weights == "random:tiny-qwen2"
+    with pytest.raises(ValueError, match="model.dtype"):
+        validate_run_config(mod._config("smollm2@int8"), device_count=1, training=False)

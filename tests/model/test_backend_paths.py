@@ -1,6 +1,7 @@
 """Backend-dependent code paths, each forced on the CPU, in float32 and bfloat16.
 
-Three choices depend on where the program runs: attention (cuDNN's fused kernel or ours),
+Four choices depend on where the program runs: attention (cuDNN's fused kernel or ours), what a
+half-precision matmul's dot returns (matmul_out: float32 rounded after, or the compute dtype),
 PAC-LoRA's fused base matmul ([x|u] @ [W0; B], fuse_base) and the decode layer loop (Python loop
 over sliced weights vs lax.scan, layer_loop). 'auto' is resolved on the host, before tracing, for
 the platform of the devices a step is built for (`model/backend.py`: the mesh's, else the
@@ -50,25 +51,27 @@ def test_auto_resolves_on_the_host_for_a_platform():
     lc = LoraConfig()
     bf16 = CFG.replace(dtype="bfloat16", param_dtype="bfloat16")
     assert platform_of(make_mesh(2, 2, 2)) == "cpu" == backend.default_platform()
-    for platform, cfg, attention, fuse, loop in [("cpu", bf16, "einsum", "by_size", "unrolled"),
-                                                 ("tpu", bf16, "einsum", "never", "scan"),
-                                                 ("gpu", CFG, "einsum", "never", "scan"),  # float32: not cuDNN's
-                                                 ("gpu", bf16, "cudnn", "never", "scan"),
-                                                 ("gpu", bf16.replace(dtype="float16"), "cudnn", "never", "scan"),
-                                                 ("gpu", bf16.replace(head_dim=12), "einsum", "never", "scan"),
-                                                 ("gpu", bf16.replace(head_dim=256), "einsum", "never", "scan")]:
+    for platform, cfg, attention, fuse, loop, out in [
+            ("cpu", bf16, "einsum", "by_size", "unrolled", "float32"),
+            ("cpu", CFG, "einsum", "by_size", "unrolled", "float32"),  # (a float32 model's dots are float32 anyway)
+            ("tpu", bf16, "einsum", "never", "scan", "dtype"),
+            ("gpu", CFG, "einsum", "never", "scan", "dtype"),  # float32: not cuDNN's
+            ("gpu", bf16, "cudnn", "never", "scan", "dtype"),
+            ("gpu", bf16.replace(dtype="float16"), "cudnn", "never", "scan", "dtype"),
+            ("gpu", bf16.replace(head_dim=12), "einsum", "never", "scan", "dtype"),
+            ("gpu", bf16.replace(head_dim=256), "einsum", "never", "scan", "dtype")]:
         mc, lr = backend.resolve_for_platform(cfg, lc, platform)
-        assert (mc.attention, lr.fuse_base) == (attention, fuse), (platform, cfg)
-        assert mc.replace(attention="auto") == cfg and dataclasses.replace(lr, fuse_base="auto") == lc
+        assert (mc.attention, mc.matmul_out, lr.fuse_base) == (attention, out, fuse), (platform, cfg)
+        assert mc.replace(attention="auto", matmul_out="auto") == cfg and dataclasses.replace(lr, fuse_base="auto") == lc
         assert backend.resolve_sampling(sampling.SamplingConfig(), platform).layer_loop == loop
     # cuDNN refuses to differentiate masked attention over an odd length: a training step of one gets einsum
     assert backend.resolve_for_platform(bf16, lc, "gpu", train_seq_len=63)[0].attention == "einsum"
     assert backend.resolve_for_platform(bf16, lc, "gpu", train_seq_len=64)[0].attention == "cudnn"
     # explicit settings are kept on every platform; no adapters: lora_cfg stays None
     for platform in backend.PLATFORMS:
-        mc, lr = backend.resolve_for_platform(CFG.replace(attention="xla"), dataclasses.replace(lc, fuse_base="never"),
-                                              platform)
-        assert (mc.attention, lr.fuse_base) == ("xla", "never")
+        mc, lr = backend.resolve_for_platform(CFG.replace(attention="xla", matmul_out="dtype"),
+                                              dataclasses.replace(lc, fuse_base="never"), platform)
+        assert (mc.attention, mc.matmul_out, lr.fuse_base) == ("xla", "dtype", "never")
         assert backend.resolve_for_platform(CFG, None, platform)[1] is None
         assert backend.resolve_sampling(sampling.SamplingConfig(layer_loop="scan"), platform).layer_loop == "scan"
     # unresolved, traced code takes the default devices' choice (the CPU here)
@@ -81,6 +84,8 @@ def test_auto_resolves_on_the_host_for_a_platform():
     assert not sampling.use_layer_loop(sampling.SamplingConfig(layer_loop="scan"))
     with pytest.raises(ValueError, match="unknown platform"):
         backend.resolve_for_platform(CFG, lc, "METAL")
+    with pytest.raises(ValueError, match="unknown matmul_out"):
+        CFG.replace(matmul_out="bfloat16")
 
 
 def test_resolved_configs_are_traced_without_asking_the_platform(monkeypatch):

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -297,6 +298,26 @@ def test_api_predicts_the_crowd_as_a_direct_forward_and_numpy_do(predictor):
     assert [u.sentiment for u in other.users] == [u.sentiment for u in again.users]
 
 
+def test_a_run_predicts_in_bfloat16_within_rounding_of_float32(predictor):
+    """from_run(dtype='bfloat16') (launch/predict.py --dtype): the run's weights rounded to bf16 once, the
+    adapters float32, the prediction recorded as bf16, and each user's head probabilities within bf16
+    rounding of a plain float32 forward (an independent path: no cache, no sampler)."""
+    from socialalign_jax.runs.validation import ConfigError
+
+    p16 = Predictor.from_run(tiny_predict_run(), dtype="bfloat16")
+    assert p16.model_cfg.dtype == p16.model_cfg.param_dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(p16.params)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(p16.adapters)} == {jnp.dtype(jnp.float32)}
+    users = read_users(USERS)
+    pred = p16.predict(NEWS, users, samples=1, seed=3)
+    assert pred.to_json()["run"]["dtype"] == "bfloat16" and predictor.run["dtype"] == "float32"
+    ref = _direct_head_probs(predictor, NEWS, pred.variants[0].topic, users)
+    got = np.array([[u.sentiment[k] for k in p16.labels] for u in pred.variants[0].users])
+    assert 0 < np.abs(got - ref).max() <= 2e-2  # > 0: bf16 really ran
+    with pytest.raises(ConfigError, match="model.dtype"):
+        Predictor.from_run(tiny_predict_run(), dtype="int8")
+
+
 def test_k_posts_per_user_branch_from_one_prefill(predictor):
     """K posts per user share the prompt's prefill: K = 3 gives 3 posts per user (each its own PRNG
     stream, so they differ) and the head's probabilities of a plain forward, as K = 1 does; sample k
@@ -514,10 +535,11 @@ def test_cli_end_to_end_writes_the_four_files(tmp_path):
 
     # A rerun into the same directory replaces the previous prediction whole.
     r2 = _cli("--workdir", run, "--news", NEWS, "--users_from", run, "--num_users", "3", "--out", str(out),
-              "--noprogress", "--show_posts", "--topic", "退休")
+              "--noprogress", "--show_posts", "--topic", "退休", "--dtype", "bfloat16")
     assert r2.returncode == 0, r2.stderr[-3000:]
     crowd2 = json.loads((out / "crowd.json").read_text(encoding="utf-8"))
     assert crowd2["num_users"] == 3 and len(crowd2["variants"]) == 1
+    assert crowd["run"]["dtype"] == "float32" and crowd2["run"]["dtype"] == "bfloat16"  # --dtype
     assert crowd2["topic"] == "退休" and crowd2["topic_source"] == "given" and "hashtag #退休# (given)" in r2.stdout
     assert len((out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()) == 3
     report2 = (out / "report.md").read_text(encoding="utf-8")  # posts on request, escaped as Markdown text

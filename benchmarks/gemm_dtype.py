@@ -110,11 +110,12 @@ def render(gemms: list[dict], prefill: dict, meta: dict) -> str:
              f"start, {meta['load_end']} at end. GFLOP/s of the best of {meta['repeats']} calls of one jitted "
              "[rows, k] x [k, n] product, formed as the model forms it for that many rows (`pac_lora.base_matmul`: "
              "weight-major for a decode step's rows, the declared kernel for a prefill's).", "",
-             "| model | map | rows (form) | " + " | ".join(f"{k} GFLOP/s" for k in KINDS) + " | float32-out speed-up over float32 |",
-             "|---|---|---|" + "---|" * (len(KINDS) + 1)]
+             "| model | map | rows (form) | " + " | ".join(f"{k} GFLOP/s" for k in KINDS) + " | float32-out over float32 | float32-out over dtype |",
+             "|---|---|---|" + "---|" * (len(KINDS) + 2)]
     for r in gemms:
         lines.append(f"| {r['model']} | {r['map']} [{r['k']} x {r['n']}] | {r['rows']} ({r['form']}) | "
-                     + " | ".join(f"{r[k]:.0f}" for k in KINDS) + f" | {r[KINDS[2]] / r[KINDS[0]]:.2f}x |")
+                     + " | ".join(f"{r[k]:.0f}" for k in KINDS)
+                     + f" | {r[KINDS[2]] / r[KINDS[0]]:.2f}x | {r[KINDS[2]] / r[KINDS[1]]:.2f}x |")
     base = prefill["float32"]
     lines += ["", "Prefill of 8 prompts x 416 slots on SmolLM2-135M's shapes (random weights, untrained PAC-LoRA "
               f"3x3 on all seven maps; `sampling.prefill`, jitted; alternating, best of {meta['repeats']}):", "",

@@ -134,14 +134,16 @@ def make_predictor(cfg, w, lc, adapters, label: str, *, scfg=None, max_length: i
 
 
 def bench(model: str, samples: list[int], users, repeats: int, max_length: int = 0,
-          wordings: list[int] = (1,), prompt_mode: str = "") -> list[dict]:
+          wordings: list[int] = (1,), prompt_mode: str = "", rates: dict | None = None) -> list[dict]:
     """For each K and each number of wordings W: a compiling first call, then `repeats` timed calls,
     taken round-robin over the (K, W) pairs.
 
     A user answered under W wordings counts once in users/s (the user's prompt prefix is shared by
     the wordings when routing is causal: `Predictor.predict(variants=...)`); `cost` is the median over
     rounds of a call's time over that of K = 1 under one wording in the same round, the figure issue
-    #30's goals are stated in; `prefill_tokens` / `prefill_vs_w1` its floor (`prefilled_tokens`).
+    #30's goals are stated in; `prefill_tokens` / `prefill_vs_w1` its floor (`prefilled_tokens`);
+    with the machine's `rates`, `roofline_cost` the same ratio for the least time the work needs
+    (`roofline`: what a perfect implementation's cost would be on this machine).
     """
     predictor = build_predictor(model, max_length, prompt_mode)
     configs = [(k, w) for k in samples for w in wordings]
@@ -184,7 +186,25 @@ def bench(model: str, samples: list[int], users, repeats: int, max_length: int =
         r["cost_vs_k1"] = (statistics.median(t / t1 for t, t1 in zip(r["times"], one)) if one and r["times"]
                            else None)
         r["prefill_vs_w1"] = r["prefill_tokens"] / single[r["model"]] if r["model"] in single else None
+    if rates:
+        for r in rows:
+            r["roofline_s"] = call_roofline(predictor.model_cfg, r, rates)
+        ref = {r["model"]: r["roofline_s"] for r in rows if r["samples"] == 1 and r["wordings"] == 1}
+        for r in rows:
+            r["roofline_cost"] = r["roofline_s"] / ref[r["model"]] if r["model"] in ref else None
     return rows
+
+
+def call_roofline(mc, row: dict, rates: dict) -> float:
+    """`roofline` seconds of one timed call of a bench() row: its real prefill tokens (a shared user span
+    once), then its prompts in calls of batch_size, each decoding K rows a prompt for max_new_tokens
+    (every answer charged the full length: the decode's upper bound)."""
+    import numpy as np
+
+    n = row["users"] * row["wordings"]
+    lengths = np.full((n, row["samples"]), row["max_new_tokens"])
+    batches = [np.arange(i, min(n, i + row["batch_size"])) for i in range(0, n, row["batch_size"])]
+    return roofline(mc, [row["prefill_tokens"]] + [0] * (n - 1), batches, lengths, rates)["seconds"]
 
 
 def prefilled_tokens(predictor, users, w: int) -> int:
@@ -580,7 +600,7 @@ def render(rows: list[dict], meta: dict, baseline: dict | None = None) -> str:
     if base:
         head += ["users/s before", "steady before (s)", "compile before (s)"]
     head += ["prompt tokens (padded)", "prefill tokens (real)", "prefill vs 1 wording", "new tokens (max)",
-             "prompts per call (batch_size)", "decode rows (max)"]
+             "prompts per call (batch_size)", "decode rows (max)", "roofline cost"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cost = r.get("cost_vs_k1")
@@ -593,7 +613,8 @@ def render(rows: list[dict], meta: dict, baseline: dict | None = None) -> str:
                                                         f"{b['compile_s']:.0f}"]
         pv = r.get("prefill_vs_w1")
         cells += [r["prompt_bucket"], r.get("prefill_tokens", "-"), "-" if pv is None else f"{pv:.2f}x",
-                  r["max_new_tokens"], r["batch_size"], r.get("decode_rows", "-")]
+                  r["max_new_tokens"], r["batch_size"], r.get("decode_rows", "-"),
+                  "-" if r.get("roofline_cost") is None else f"{r['roofline_cost']:.2f}x"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "`default` is the embedded quickstart model (random small-qwen2, prompts with five history "
               "posts, 64 new tokens); `smollm2` is SmolLM2-135M-Instruct from its GGUF with the `smollm2` "
@@ -604,7 +625,13 @@ def render(rows: list[dict], meta: dict, baseline: dict | None = None) -> str:
               "under W wordings a user's prompt up to the news (the user span, chosen and cut once for all "
               "wordings) is prefilled once and each wording continues from it (causal routing). Prefill tokens "
               "(real): the prompt tokens one call prefills, padding left out and a shared user span counted "
-              "once; over one wording's it is the floor of the cost of W wordings.",
+              "once; over one wording's it is the floor of the cost of W wordings. Roofline cost: the cost "
+              "a perfect implementation would have on this machine: the least time for the row's work (its real "
+              "prefill tokens at the measured float32 matmul rate, then max_new_tokens decode steps each reading "
+              "every weight once or doing its rows' FLOPs, whichever is slower: `roofline`) over that of K = 1 "
+              "under one wording" + (f" ({meta['rates']['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+                                     f"{meta['rates']['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)."
+                                     if meta.get("rates") else "."),
               END]
     return "\n".join(lines) + "\n"
 
@@ -686,11 +713,11 @@ def main(argv=None) -> int:
             p.error(f"--models {args.models!r}: the side-by-side runs both engines in float32; drop @DTYPE or --engines")
     if args.hf_batch_size < 0 or (args.hf_batch_size and not engines):
         p.error(f"--hf_batch_size {args.hf_batch_size}: transformers' users per call, >= 1, with --engines")
-    rows, rates = [], None
-    if engines:
-        rates = machine_rates()
-        print(f"machine: {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s f32 matmul, "
-              f"{rates['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+    rows = []
+    # Both modes state a roofline: the side-by-side the fraction of it reached, bench() its roofline cost.
+    rates = machine_rates()
+    print(f"machine: {rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s f32 matmul, "
+          f"{rates['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
     for m in args.models.split(","):
         if engines:
             rows += side_by_side(m.strip(), samples, users, args.repeats, engines, greedy=args.greedy,
@@ -698,14 +725,15 @@ def main(argv=None) -> int:
                                  keep_tokens=args.greedy, torch_threads=args.torch_threads,
                                  hf_batch_size=args.hf_batch_size)
         else:
-            rows += bench(m.strip(), samples, users, args.repeats, args.max_length, wordings, args.prompt_mode)
+            rows += bench(m.strip(), samples, users, args.repeats, args.max_length, wordings, args.prompt_mode,
+                          rates=rates)
     meta = {"command": "python benchmarks/predict.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores visible",
             "load_start": load_start, "load_end": tuple(round(x, 1) for x in os.getloadavg()),
             "commit": _commit()}
+    meta["rates"] = rates
     if engines:
-        meta["rates"] = rates
         section = render_side_by_side(rows, meta)
     else:
         baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None

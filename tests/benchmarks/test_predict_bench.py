@@ -141,3 +141,23 @@ def test_a_model_named_with_a_dtype_is_the_preset_computed_in_it():
     assert mod._config("tiny@bfloat16").model.weights == "random:tiny-qwen2"
     with pytest.raises(ValueError, match="model.dtype"):
         validate_run_config(mod._config("smollm2@int8"), device_count=1, training=False)
+
+
+def test_roofline_cost_is_the_least_time_of_a_rows_work_hand_counted():
+    """call_roofline: prefill FLOPs of the real tokens (2 x layer params each, one LM-head row a prompt), then
+    per call of batch_size prompts max_new_tokens - 1 steps of max(FLOPs / rate, weight bytes / bandwidth);
+    counted here by hand from the config's dimensions."""
+    from socialalign_jax.model.config import ModelConfig
+
+    mod = _module()
+    mc = ModelConfig("llama", vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=16)
+    layer = 2 * (64 * 64 + 64 * 64 + 64 * 32 + 64 * 32 + 3 * 64 * 128)  # q, o, k, v (2 kv heads x 16), mlp
+    head = 1000 * 64
+    rates = {"matmul_flops_per_s": 1e9, "bandwidth_bytes_per_s": 2e8}
+    row = {"users": 3, "wordings": 2, "samples": 4, "batch_size": 4, "max_new_tokens": 11, "prefill_tokens": 500}
+    prefill = (2 * layer * 500 + 2 * head * 6) / 1e9
+    step = lambda rows: max(2 * (layer + head) * rows / 1e9, 4 * (layer + head) / 2e8)  # noqa: E731
+    want = prefill + 10 * (step(4 * 4) + step(2 * 4))  # 6 prompts: calls of 4 and 2, K = 4 rows each
+    assert abs(mod.call_roofline(mc, row, rates) - want) < 1e-12 * want
+    assert 2 * (layer + head) * 16 / 1e9 > 4 * (layer + head) / 2e8 > 2 * (layer + head) * 8 / 1e9  # both roofs bind

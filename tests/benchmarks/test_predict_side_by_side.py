@@ -62,6 +62,6 @@ def test_side_by_side_refuses_greedy_with_several_samples():
     with pytest.raises(SystemExit):
         mod.main(["--models", "tiny", "--engines", "ours,vllm", "--users", "2"])
     for bad in (["--engines", "ours,hf_peft", "--prompt_mode", "full"], ["--hf_batch_size", "4"],
-                ["--engines", "ours,hf_peft", "--hf_batch_size", "-1"]):
+                ["--engines", "ours,hf_peft", "--hf_batch_size", "-1"], ["--models", "tiny@bfloat16", "--engines", "ours"]):
         with pytest.raises(SystemExit):
             mod.main(["--models", "tiny", "--users", "2", *bad])

@@ -10,6 +10,9 @@
 2. The crowd benchmark's prefill on SmolLM2-135M's shapes (random weights: the time does not depend on
    them; untrained PAC-LoRA 3x3 on all seven maps; 8 prompts x 416 slots, `sampling.prefill`) in float32
    and in bfloat16 with each matmul_out, alternating, best of --repeats.
+3. The adapters' gradient (forward + backward of a loss on the final hidden states, `jax.value_and_grad`
+   over the PAC-LoRA tree) on 6 of SmolLM2-135M's layers, batch 4 x 256: what a CPU training step
+   in bfloat16 spends in the model, the same three ways.
 
 Why: XLA:CPU gives a bf16 x bf16 -> f32 dot to YNNPACK's bf16 kernels (AVX512-BF16 here), but
 computes a bf16 x bf16 -> bf16 dot in float32 after converting its operands, so on a CPU a bfloat16
@@ -71,39 +74,69 @@ def gemm_rates(repeats: int) -> list[dict]:
     return rows
 
 
+def _three_ways(cfg32, params):
+    """{name: (config, weights)}: float32, and bfloat16 weights with each matmul_out."""
+    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    runs = {"float32": (cfg32, params)}
+    for out in ("dtype", "float32"):
+        runs[f"bfloat16, matmul_out {out}"] = (cfg32.replace(dtype="bfloat16", param_dtype="bfloat16", matmul_out=out), p16)
+    return runs
+
+
+def _alternating(fns: dict, args: dict, repeats: int, what: str) -> dict:
+    """Best of `repeats` of each jitted fn, compiled first, then called in turn (a slow spell falls on all)."""
+    for name, fn in fns.items():
+        jax.block_until_ready(fn(*args[name]))
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args[name]))
+            times[name].append(time.perf_counter() - t0)
+    out = {name: min(t) for name, t in times.items()}
+    for name, t in out.items():
+        print(f"{what}, {name}: {t:.2f} s", flush=True)
+    return out
+
+
 def prefill_times(repeats: int) -> dict:
     from socialalign_jax.model import decoder, presets, sampling
     from socialalign_jax.model.pac_lora import LoraConfig
 
     cfg32 = presets.get_preset("smollm2-135m")
     lc = LoraConfig(dropout=0.0)
-    params = decoder.init_params(cfg32, jax.random.PRNGKey(0))
     ad = decoder.init_adapters(jax.random.PRNGKey(1), cfg32, lc)
-    rng = np.random.default_rng(0)
-    ids = jnp.asarray(rng.integers(1, cfg32.vocab_size, (8, 416)), jnp.int32)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, cfg32.vocab_size, (8, 416)), jnp.int32)
     mask = jnp.ones_like(ids)
     spans = (jnp.full((8,), 100, jnp.int32), jnp.full((8,), 160, jnp.int32))
-    runs = {"float32": (cfg32, params)}
-    p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    for out in ("dtype", "float32"):
-        runs[f"bfloat16, matmul_out {out}"] = (cfg32.replace(dtype="bfloat16", param_dtype="bfloat16", matmul_out=out), p16)
+    runs = _three_ways(cfg32, decoder.init_params(cfg32, jax.random.PRNGKey(0)))
     fns = {name: jax.jit(lambda p, a, c=c: sampling.prefill(p, a, ids, mask, c, lc, spans, 48).last_hidden)
            for name, (c, _) in runs.items()}
-    for name, (_, p) in runs.items():  # compile each first
-        jax.block_until_ready(fns[name](p, ad))
-    times = {name: [] for name in runs}
-    for _ in range(repeats):  # alternating, so a slow spell falls on every variant
-        for name, (_, p) in runs.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fns[name](p, ad))
-            times[name].append(time.perf_counter() - t0)
-    out = {name: min(t) for name, t in times.items()}
-    for name, t in out.items():
-        print(f"prefill 8 x 416, {name}: {t:.2f} s", flush=True)
-    return out
+    return _alternating(fns, {name: (p, ad) for name, (_, p) in runs.items()}, repeats, "prefill 8 x 416")
 
 
-def render(gemms: list[dict], prefill: dict, meta: dict) -> str:
+def grad_times(repeats: int) -> dict:
+    from socialalign_jax.model import decoder, presets
+    from socialalign_jax.model.pac_lora import LoraConfig
+
+    cfg32 = presets.get_preset("smollm2-135m", num_layers=6)
+    lc = LoraConfig(dropout=0.0)
+    ad = decoder.init_adapters(jax.random.PRNGKey(1), cfg32, lc)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, cfg32.vocab_size, (4, 256)), jnp.int32)
+    spans = (jnp.full((4,), 60, jnp.int32), jnp.full((4,), 120, jnp.int32))
+    runs = _three_ways(cfg32, decoder.init_params(cfg32, jax.random.PRNGKey(0)))
+
+    def grad_fn(c):
+        def loss(a, p):
+            out = decoder.forward(p, ids, c, adapters=a, lora_cfg=lc, spans=spans, logits_at=None)
+            return jnp.mean(out.hidden.astype(jnp.float32) ** 2)
+        return jax.jit(jax.value_and_grad(loss))
+
+    fns = {name: grad_fn(c) for name, (c, _) in runs.items()}
+    return _alternating(fns, {name: (ad, p) for name, (_, p) in runs.items()}, repeats, "adapter gradient 4 x 256")
+
+
+def render(gemms: list[dict], prefill: dict, meta: dict, grad: dict | None = None) -> str:
     lines = [BEGIN, "## bfloat16 on the CPU: what a matmul's dot returns (model.matmul_out)", "",
              f"Generated by `{meta['command']}` on {meta['date']} ({meta['cpu']}, {meta['cores']} cores; "
              f"AVX512-BF16: {meta['avx512_bf16']}) at commit {meta['commit']}; load average {meta['load_start']} at "
@@ -121,6 +154,11 @@ def render(gemms: list[dict], prefill: dict, meta: dict) -> str:
               f"3x3 on all seven maps; `sampling.prefill`, jitted; alternating, best of {meta['repeats']}):", "",
               "| compute | seconds | vs float32 |", "|---|---|---|"]
     lines += [f"| {name} | {t:.2f} | {base / t:.2f}x |" for name, t in prefill.items()]
+    if grad:
+        lines += ["", "The adapters' gradient (forward + backward, `jax.value_and_grad` over the PAC-LoRA 3x3 tree) on "
+                  "6 of SmolLM2-135M's layers, batch 4 x 256 (alternating, best of "
+                  f"{meta['repeats']}):", "", "| compute | seconds | vs float32 |", "|---|---|---|"]
+        lines += [f"| {name} | {t:.2f} | {grad['float32'] / t:.2f}x |" for name, t in grad.items()]
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -146,11 +184,13 @@ def main(argv=None) -> int:
             "load_start": tuple(round(x, 1) for x in os.getloadavg()), "commit": _commit()}
     gemms = gemm_rates(args.repeats)
     prefill = prefill_times(args.repeats)
+    grad = grad_times(args.repeats)
     meta["load_end"] = tuple(round(x, 1) for x in os.getloadavg())
-    section = render(gemms, prefill, meta)
+    section = render(gemms, prefill, meta, grad)
     print("\n" + section)
     if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "gemms": gemms, "prefill": prefill}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"meta": meta, "gemms": gemms, "prefill": prefill, "grad": grad},
+                                              indent=1) + "\n")
     if args.markdown:
         update_markdown(args.markdown, section, BEGIN, END)
     return 0

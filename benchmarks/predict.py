@@ -600,7 +600,7 @@ def render(rows: list[dict], meta: dict, baseline: dict | None = None) -> str:
     if base:
         head += ["users/s before", "steady before (s)", "compile before (s)"]
     head += ["prompt tokens (padded)", "prefill tokens (real)", "prefill vs 1 wording", "new tokens (max)",
-             "prompts per call (batch_size)", "decode rows (max)", "roofline cost"]
+             "prompts per call (batch_size)", "decode rows (max)", "roofline cost (float32)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cost = r.get("cost_vs_k1")
@@ -629,7 +629,8 @@ def render(rows: list[dict], meta: dict, baseline: dict | None = None) -> str:
               "a perfect implementation would have on this machine: the least time for the row's work (its real "
               "prefill tokens at the measured float32 matmul rate, then max_new_tokens decode steps each reading "
               "every weight once or doing its rows' FLOPs, whichever is slower: `roofline`) over that of K = 1 "
-              "under one wording" + (f" ({meta['rates']['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+              "under one wording, for float32 weights and the float32 rates measured at the start (a bfloat16 row "
+              "shows the same ratio: halving the weight bytes and doubling the matmul rate leaves it unchanged)" + (f" ({meta['rates']['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
                                      f"{meta['rates']['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)."
                                      if meta.get("rates") else "."),
               END]

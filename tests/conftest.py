@@ -42,13 +42,14 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # or a server end to end in subprocesses. One list each, here, of paths relative to tests/.
 SLOW_FILES = {
     "benchmarks/test_device_check.py", "benchmarks/test_predict_side_by_side.py", "benchmarks/test_zeroshot_bench.py",
-    "data/test_builders.py",
+    "benchmarks/test_dtype_agreement.py", "data/test_builders.py",
     "data/test_converters.py", "evaluation/test_model_labeller.py", "experiments/test_experiment.py",
     "experiments/test_experiment_design_b.py", "experiments/test_experiment_resume.py", "experiments/test_forecast.py",
     "inference/test_export.py", "inference/test_export_hf.py", "inference/test_generate_cli.py",
     "model/test_sampling.py", "launch/test_build_dataset.py", "launch/test_config_validation.py",
     "launch/test_evaluate_cli.py", "launch/test_score.py", "launch/test_score_spans.py",
-    "model/test_backend_paths.py", "model/test_model_cache.py", "model/test_pac_lora_decode.py",
+    "model/test_backend_paths.py", "model/test_matmul_out.py", "model/test_model_cache.py",
+    "model/test_pac_lora_decode.py",
     "model/test_shared_prefill.py", "model/test_shared_prefill_isolated.py",
     "tools/test_plan.py", "parallel/test_tpu_compile.py", "predict/test_predict.py",
     "predict/test_serve.py", "runs/test_checkpoint_items.py", "runs/test_faults.py", "runs/test_full_disk.py",

@@ -16,7 +16,7 @@
 
 Why: XLA:CPU gives a bf16 x bf16 -> f32 dot to YNNPACK's bf16 kernels (AVX512-BF16 here), but
 computes a bf16 x bf16 -> bf16 dot in float32 after converting its operands, so on a CPU a bfloat16
-model is only faster when its dots return float32 (`ModelConfig.matmul_out` 'auto' is 'float32' on CPUs).
+model is only faster when its dots return float32 (`ModelConfig.matmul_out` 'auto' is 'float32' for bfloat16 on CPUs).
 """
 
 from __future__ import annotations

@@ -74,13 +74,15 @@ def attention_impl(cfg: ModelConfig, platform: str | None = None, *, train_seq_l
 
 
 def matmul_out(cfg: ModelConfig, platform: str | None = None) -> str:
-    """cfg.matmul_out with 'auto' resolved: 'float32' on CPUs (XLA:CPU runs a bf16 x bf16 dot about
-    twice as fast when it returns float32 as when it returns bf16, on a CPU with AVX512-BF16:
-    benchmarks/gemm_dtype.py), 'dtype' on GPUs and TPUs (whose bf16 dots accumulate in float32 and
-    round in their epilogue already)."""
+    """cfg.matmul_out with 'auto' resolved: 'float32' for a bfloat16 model on CPUs (XLA:CPU runs a
+    bf16 x bf16 dot about twice as fast when it returns float32 as when it returns bf16, on a CPU
+    with AVX512-BF16: benchmarks/gemm_dtype.py), else 'dtype': on GPUs and TPUs (whose bf16 dots
+    accumulate in float32 and round in their epilogue already), for float16 (XLA:CPU has no fast
+    float16 kernel either way; not measured) and for float32 (the same program either way)."""
     if cfg.matmul_out != "auto":
         return cfg.matmul_out
-    return "float32" if _platform(platform) == "cpu" else "dtype"
+    cpu_bf16 = _platform(platform) == "cpu" and as_dtype(cfg.dtype) == jnp.bfloat16
+    return "float32" if cpu_bf16 else "dtype"
 
 
 def matmul_out32(cfg: ModelConfig) -> bool:

@@ -65,10 +65,10 @@ class ModelConfig:
     attention: str = "auto"
     # What the linear maps of a half-precision (bfloat16/float16) model ask their dots to return:
     # 'float32' (rounded once to the compute dtype after: `layers.matmul`), 'dtype' (the compute
-    # dtype), or 'auto': resolved on the host (`backend.matmul_out`): 'float32' on CPUs, where XLA:CPU
-    # runs bf16 x bf16 -> f32 ~2x faster than float32 on a CPU with AVX512-BF16 but computes a
-    # bf16 -> bf16 dot in float32 after converting its operands (benchmarks/gemm_dtype.py), 'dtype'
-    # on GPUs and TPUs. The products accumulate in float32 either way; a float32 model is unaffected.
+    # dtype), or 'auto': resolved on the host (`backend.matmul_out`): 'float32' for bfloat16 on CPUs,
+    # where XLA:CPU runs bf16 x bf16 -> f32 ~2x faster than float32 on a CPU with AVX512-BF16 but
+    # computes a bf16 -> bf16 dot in float32 after converting its operands (benchmarks/gemm_dtype.py),
+    # else 'dtype'. The products accumulate in float32 either way; a float32 model is unaffected.
     matmul_out: str = "auto"
 
     def __post_init__(self):

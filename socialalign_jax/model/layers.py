@@ -40,12 +40,14 @@ def apply_rope(x, cos, sin):
 def matmul(spec: str, a, b, out32: bool = False):
     """jnp.einsum(spec, a, b) in a's dtype.
 
-    out32 (`ModelConfig.matmul_out` 'float32', the CPU default): a half-precision product is asked
-    of the dot in float32 and rounded to a's dtype once after. Why: XLA:CPU runs bf16 x bf16 -> f32
+    out32 (`ModelConfig.matmul_out` 'float32', the default for bfloat16 on CPUs): a half-precision
+    product is asked of the dot in float32 and rounded to a's dtype once after. Why: XLA:CPU runs bf16 x bf16 -> f32
     at about twice its float32 rate on a CPU with AVX512-BF16, but bf16 x bf16 -> bf16 at no more
     than the float32 rate (`benchmarks/gemm_dtype.py`). Used for the linear maps' products (row-major
     operands, the contraction last in x), which XLA:CPU gives to YNNPACK; its fallback dot kernel
-    refuses bf16 x bf16 -> f32 at run time, which a transposed operand (attention's values) can reach.
+    refuses bf16 x bf16 -> f32 at run time, which a transposed operand can reach (attention's values;
+    a decode-form weight transposed in the same program as a lone decode step: tests/model/
+    test_matmul_out.py; generation's loop, which reads the weights the decode form made before it, runs).
     """
     if out32 and a.dtype != jnp.float32:
         return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(a.dtype)

@@ -42,7 +42,7 @@ class ModelSection:
     remat_policy: str = ModelConfig.remat_policy  # what a remat layer keeps
     scan_layers: bool = ModelConfig.scan_layers  # False: a Python loop over layers (longer compile; docs/training.md)
     attention: str = ModelConfig.attention  # auto (cuDNN on GPUs in bf16) | einsum | xla | cudnn
-    # what a bf16/f16 matmul's dot returns: auto (float32 on CPUs, 2x faster there; dtype elsewhere) | float32 | dtype
+    # what a bf16/f16 matmul's dot returns: auto (float32 for bf16 on CPUs, 2x faster there; else dtype) | float32 | dtype
     matmul_out: str = ModelConfig.matmul_out
     seed: int = 0  # random weights only
     random_init: str = ""  # recorded by the trainer for random weights (decoder.RANDOM_INIT)

@@ -53,7 +53,8 @@ def test_auto_resolves_on_the_host_for_a_platform():
     assert platform_of(make_mesh(2, 2, 2)) == "cpu" == backend.default_platform()
     for platform, cfg, attention, fuse, loop, out in [
             ("cpu", bf16, "einsum", "by_size", "unrolled", "float32"),
-            ("cpu", CFG, "einsum", "by_size", "unrolled", "float32"),  # (a float32 model's dots are float32 anyway)
+            ("cpu", CFG, "einsum", "by_size", "unrolled", "dtype"),  # float32: the same program either way
+            ("cpu", bf16.replace(dtype="float16"), "einsum", "by_size", "unrolled", "dtype"),  # no fast f16 kernel
             ("tpu", bf16, "einsum", "never", "scan", "dtype"),
             ("gpu", CFG, "einsum", "never", "scan", "dtype"),  # float32: not cuDNN's
             ("gpu", bf16, "cudnn", "never", "scan", "dtype"),

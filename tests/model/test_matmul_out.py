@@ -2,7 +2,7 @@
 
 Why it exists: XLA:CPU runs bf16 x bf16 -> f32 about twice as fast as float32 on a CPU with
 AVX512-BF16, and bf16 x bf16 -> bf16 no faster than float32 (benchmarks/gemm_dtype.py), so 'auto'
-is 'float32' on CPUs. References here are independent of the code under test: numpy's float64
+is 'float32' for bfloat16 on CPUs. References here are independent of the code under test: numpy's float64
 products of the same bf16 operands, rounded to bf16 by ml_dtypes; the float32 model; and the
 compiled program's own dots (what XLA was asked for).
 """
@@ -88,7 +88,7 @@ def _linear_dot_types(hlo: str) -> set[tuple[str, str, str]]:
 
 def test_linear_maps_ask_for_float32_only_when_matmul_out_says_so():
     """The compiled prefill of a bf16 model (all seven maps adapted, fused and plain base products) and its
-    decode-form step: with matmul_out='float32' (the CPU's 'auto') every linear map's dot reads its bf16
+    decode-form step: with matmul_out='float32' ('auto' for bfloat16 on CPUs) every linear map's dot reads its bf16
     operands as they are and returns f32 (the form XLA:CPU gives its bf16 kernels); with 'dtype' none
     does (XLA:CPU computes such a bf16 dot in float32, converting its operands first); a float32 model's
     are float32 dots either way."""

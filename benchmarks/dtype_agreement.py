@@ -22,20 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def predict_greedy(model: str, users) -> dict:
     """Head probabilities, posts and crowd distribution of `model` (benchmarks/predict.py's NAME[@DTYPE])."""
-    import jax
-
     from benchmarks import predict as bench
-    from socialalign_jax.inference import generation
-    from socialalign_jax.model import decoder
-    from socialalign_jax.weights.resolve import resolve_weights
 
-    cfg = bench._config(model)
-    w = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
-    adapters = decoder.init_adapters(jax.random.PRNGKey(0), w.cfg, cfg.lora)
-    tok = w.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    scfg = generation.sampling_config(cfg, tok, int(pad), greedy=True)
-    pred = bench.make_predictor(cfg, w, cfg.lora, adapters, "untrained PAC-LoRA 3x3", scfg=scfg)
+    pred = bench.build_predictor(model, greedy=True)
     crowd = pred.predict(bench.NEWS, users, samples=1, seed=0).variants[0]
     labels = list(pred.labels)
     return {"labels": labels, "probs": [[u.sentiment[k] for k in labels] for u in crowd.users],

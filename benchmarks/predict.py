@@ -96,19 +96,24 @@ def _users(n: int):
     return users[:n]
 
 
-def build_predictor(model: str, max_length: int = 0, prompt_mode: str = ""):
+def build_predictor(model: str, max_length: int = 0, prompt_mode: str = "", *, greedy: bool = False):
     """The Predictor of a preset (`_config`) on untrained adapters; max_length / prompt_mode override the
     preset's data.max_length / data.mode when given (e.g. the authors' full template, history included,
-    for a preset that leaves it out)."""
+    for a preset that leaves it out); greedy: greedy decoding instead of the preset's sampling."""
     import jax
 
+    from socialalign_jax.inference import generation
     from socialalign_jax.model import decoder
     from socialalign_jax.weights.resolve import resolve_weights
 
     cfg = _config(model)
     w = resolve_weights(str(cfg.model.weights), dtype=cfg.model.dtype, seed=int(cfg.model.seed))
     adapters = decoder.init_adapters(jax.random.PRNGKey(0), w.cfg, cfg.lora)
-    return make_predictor(cfg, w, cfg.lora, adapters, "untrained PAC-LoRA 3x3", max_length=max_length,
+    scfg = None
+    if greedy:
+        pad = w.tokenizer.pad_token_id if w.tokenizer.pad_token_id is not None else w.tokenizer.eos_token_id
+        scfg = generation.sampling_config(cfg, w.tokenizer, int(pad), greedy=True)
+    return make_predictor(cfg, w, cfg.lora, adapters, "untrained PAC-LoRA 3x3", scfg=scfg, max_length=max_length,
                           prompt_mode=prompt_mode)
 
 
@@ -616,6 +621,9 @@ def render(rows: list[dict], meta: dict, baseline: dict | None = None) -> str:
                   r["max_new_tokens"], r["batch_size"], r.get("decode_rows", "-"),
                   "-" if r.get("roofline_cost") is None else f"{r['roofline_cost']:.2f}x"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    rates = meta.get("rates")
+    rates_note = (f" ({rates['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, {rates['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)"
+                  if rates else "")
     lines += ["", "`default` is the embedded quickstart model (random small-qwen2, prompts with five history "
               "posts, 64 new tokens); `smollm2` is SmolLM2-135M-Instruct from its GGUF with the `smollm2` "
               "preset's prompts (no history; SmolLM2 spends ~2 tokens per Chinese character) and 48 new tokens. "
@@ -630,9 +638,8 @@ def render(rows: list[dict], meta: dict, baseline: dict | None = None) -> str:
               "prefill tokens at the measured float32 matmul rate, then max_new_tokens decode steps each reading "
               "every weight once or doing its rows' FLOPs, whichever is slower: `roofline`) over that of K = 1 "
               "under one wording, for float32 weights and the float32 rates measured at the start (a bfloat16 row "
-              "shows the same ratio: halving the weight bytes and doubling the matmul rate leaves it unchanged)" + (f" ({meta['rates']['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
-                                     f"{meta['rates']['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)."
-                                     if meta.get("rates") else "."),
+              "shows the same ratio: halving the weight bytes and doubling the matmul rate leaves it unchanged)"
+              + rates_note + ".",
               END]
     return "\n".join(lines) + "\n"
 

@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from socialalign_jax.core.cli_setup import quiet_startup, run_absl  # noqa: E402
+from socialalign_jax.core.cli_setup import define_dtype_flag, quiet_startup, run_absl  # noqa: E402
 
 quiet_startup()
 
@@ -46,10 +46,8 @@ _USERS_FROM = flags.DEFINE_string("users_from", None, "Sample the crowd from thi
 _NUM_USERS = flags.DEFINE_integer("num_users", 0, "With --users_from: how many users to sample.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (predictions.jsonl, crowd.json, report.md, crowd.png).")
 _SAMPLES = flags.DEFINE_integer("samples", 1, "Posts sampled per user (K).")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
-                           "Compute in this dtype instead of the run's (--workdir) or the weights' own (--adapters): "
-                           "bfloat16 predicts ~1.4x faster on a CPU with AVX512-BF16 (BENCHMARKS.md), "
-                           "within bf16 rounding of float32.")
+_DTYPE = define_dtype_flag()
+flags.declare_key_flag("dtype")  # defined in core/cli_setup: --help lists it with this script's own flags
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampler, the user draw and the bootstrap.")
 _LABELLER = flags.DEFINE_enum("labeller", "none", ["none", "lexicon", "zeroshot"],
                               "Also label the generated posts and report their distribution.")

@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from socialalign_jax.core.cli_setup import quiet_startup, run_absl  # noqa: E402
+from socialalign_jax.core.cli_setup import define_dtype_flag, quiet_startup, run_absl  # noqa: E402
 
 quiet_startup()
 
@@ -26,9 +26,8 @@ from absl import flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (saved config + checkpoints).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
-                           "Compute in this dtype instead of the run's saved model.dtype: bfloat16 predicts ~1.4x faster "
-                           "on a CPU with AVX512-BF16 (BENCHMARKS.md), within bf16 rounding of float32.")
+_DTYPE = define_dtype_flag()
+flags.declare_key_flag("dtype")  # defined in core/cli_setup: --help lists it with this script's own flags
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (127.0.0.1: this machine only).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
 _USERS_FROM = flags.DEFINE_string("users_from", None, "Dataset (or run) directory that 'num_users' requests sample "

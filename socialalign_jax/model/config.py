@@ -11,14 +11,9 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
-_DTYPES = {
-    "float32": jnp.float32,
-    "bfloat16": jnp.bfloat16,
-    "float16": jnp.float16,
-}
+from socialalign_jax.core.dtypes import DTYPE_NAMES
 
-
-DTYPE_NAMES = tuple(_DTYPES)  # the names a config may give for model.dtype
+_DTYPES = {name: getattr(jnp, name) for name in DTYPE_NAMES}  # DTYPE_NAMES: the names a config may give
 
 
 def as_dtype(name_or_dtype: Any):

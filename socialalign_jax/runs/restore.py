@@ -150,7 +150,7 @@ def restore_run(workdir: str, step: int | None = None, *, dtype: str | None = No
     """Base weights from the run's own config and the adapters of its latest (or given) checkpoint.
 
     dtype: compute in this dtype instead of the run's model.dtype (the frozen weights rounded to it
-    once, at load; the adapters stay float32): e.g. 'bfloat16' to predict ~1.4x faster on a CPU
+    once, at load; the adapters stay float32): e.g. 'bfloat16' to predict 1.3-1.6x faster on a CPU
     with AVX512-BF16 from a run trained in float32 (BENCHMARKS.md), its outputs within bf16 rounding.
     """
     cfg = load_run_config(workdir)
